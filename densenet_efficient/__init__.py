@@ -1,0 +1,40 @@
+"""Memory-efficient DenseNets with torchvision's exact ``state_dict`` layout.
+
+>>> import densenet_efficient as de
+>>> model = de.densenet121(memory_efficient=True)   # torchvision's weights load unchanged
+"""
+
+from .engine import MODES
+from .models import (
+    DenseNet,
+    create_model,
+    densenet121,
+    densenet161,
+    densenet169,
+    densenet201,
+    densenet_bc,
+    densenet_bc_100,
+)
+from .registry import ARCHITECTURES, ArchConfig, densenet_bc_config, get_config, list_architectures
+from .state_dict import StateDictMismatchError, remap_keys
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ARCHITECTURES",
+    "ArchConfig",
+    "DenseNet",
+    "MODES",
+    "StateDictMismatchError",
+    "create_model",
+    "densenet121",
+    "densenet161",
+    "densenet169",
+    "densenet201",
+    "densenet_bc",
+    "densenet_bc_100",
+    "densenet_bc_config",
+    "get_config",
+    "list_architectures",
+    "remap_keys",
+]

@@ -1,0 +1,104 @@
+"""State-dict key remapping and strict checking shared by the model, the weights loader and conversion.
+
+Checkpoints in the wild name DenseNet tensors in a few ways. This module maps all of them to
+torchvision's current layout, and explains a mismatch in one sentence instead of a wall of keys.
+
+>>> remap_keys({"module.features.denseblock1.denselayer1.norm.1.weight": 0})
+{'features.denseblock1.denselayer1.norm1.weight': 0}
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+# torchvision's 2017 files (and the LuaTorch ports) name layer modules 'norm.1', 'conv.2', ...
+_OLD_LAYER_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$"
+)
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+class StateDictMismatchError(RuntimeError):
+    """A checkpoint's tensors do not fit the model (missing, unexpected or mis-shaped keys)."""
+
+
+def remap_keys(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """Rename legacy keys to torchvision's layout, keeping the order of the source.
+
+    Handles ``denselayerN.norm.1.weight`` -> ``denselayerN.norm1.weight``, the ``module.`` prefix
+    DataParallel/DDP add and the ``_orig_mod.`` prefix of ``torch.compile``.
+    """
+    out: dict[str, Any] = {}
+    for key, value in state_dict.items():
+        new = key
+        stripped = True
+        while stripped:
+            stripped = False
+            for prefix in _WRAPPER_PREFIXES:
+                if new.startswith(prefix):
+                    new, stripped = new[len(prefix) :], True
+        m = _OLD_LAYER_KEY.match(new)
+        if m:
+            new = m.group(1) + m.group(2)
+        if new in out:
+            raise StateDictMismatchError(f"two checkpoint keys map to {new!r} (the second is {key!r})")
+        out[new] = value
+    return out
+
+
+def fill_legacy_batch_counters(state_dict: dict[str, Any], model: torch.nn.Module) -> dict[str, Any]:
+    """Add ``num_batches_tracked`` (0) where a pre-2018 checkpoint has none at all.
+
+    Such files predate the counter; BatchNorm itself fills it for them, but only when the file
+    carries no version metadata, which plain dicts from conversion or safetensors never do.
+    """
+    if any(k.endswith("num_batches_tracked") for k in state_dict):
+        return state_dict
+    for key, buf in model.state_dict().items():
+        if key.endswith("num_batches_tracked") and key not in state_dict:
+            state_dict[key] = torch.zeros_like(buf)
+    return state_dict
+
+
+def _first(keys: list[str], n: int = 5) -> str:
+    shown = ", ".join(keys[:n])
+    return shown + (f" ... (+{len(keys) - n} more)" if len(keys) > n else "")
+
+
+def check_compatible(
+    model: torch.nn.Module, state_dict: Mapping[str, Any], ignore: tuple[str, ...] = ()
+) -> None:
+    """Raise :class:`StateDictMismatchError` naming the first missing, unexpected or mis-shaped keys.
+
+    ``ignore`` lists key prefixes that may be absent or differently shaped (e.g. the classifier when
+    fine-tuning to another number of classes).
+    """
+    expected = model.state_dict()
+
+    def ignored(k: str) -> bool:
+        return any(k.startswith(p) for p in ignore)
+
+    missing = [k for k in expected if k not in state_dict and not ignored(k)]
+    unexpected = [k for k in state_dict if k not in expected and not ignored(k)]
+    shapes = [
+        f"{k} (checkpoint {tuple(v.shape)}, model {tuple(expected[k].shape)})"
+        for k, v in state_dict.items()
+        if k in expected
+        and not ignored(k)
+        and hasattr(v, "shape")
+        and tuple(v.shape) != tuple(expected[k].shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_first(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_first(unexpected)}")
+    if shapes:
+        problems.append(f"shape mismatch: {_first(shapes, 3)}")
+    if problems:
+        arch = getattr(model, "arch_summary", lambda: type(model).__name__)()
+        raise StateDictMismatchError(f"checkpoint does not fit {arch}: " + "; ".join(problems))
