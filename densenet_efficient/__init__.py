@@ -5,6 +5,7 @@
 """
 
 from .engine import MODES
+from .hub import from_pretrained, save_hub_folder
 from .models import (
     DenseNet,
     create_model,
@@ -27,7 +28,6 @@ from .weights import (
     get_weights,
     list_weights,
 )
-from .hub import from_pretrained, save_hub_folder  # noqa: E402  (hub imports models)
 
 __version__ = "0.1.0"
 

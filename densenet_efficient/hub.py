@@ -118,7 +118,10 @@ def model_card(
         "|---|---|",
     ]
     lines += [f"| {k} | `{json.dumps(v)}` |" for k, v in hub_config(model).items()]
-    lines += [f"| parameters | {params:,} |", f"| minimum input size | {model.min_input_size()}x{model.min_input_size()} |"]
+    lines += [
+        f"| parameters | {params:,} |",
+        f"| minimum input size | {model.min_input_size()}x{model.min_input_size()} |",
+    ]
     if provenance:
         lines += ["", "## Provenance", ""]
         for key, value in provenance.items():
@@ -215,7 +218,9 @@ def _timm_kwargs(config: Mapping[str, Any], arch: str, source: str) -> dict[str,
     BatchNormAct2d is a BatchNorm2d with the ReLU fused in, so its state_dict keys are the same."""
     if arch not in ARCHITECTURES or ARCHITECTURES[arch].small_inputs:
         supported = ", ".join(n for n, c in ARCHITECTURES.items() if not c.small_inputs)
-        raise ValueError(f"{source}: timm architecture {arch!r} is not supported; expected one of {supported}")
+        raise ValueError(
+            f"{source}: timm architecture {arch!r} is not supported; expected one of {supported}"
+        )
     model_args = dict(config.get("model_args") or {})
     unsupported = {
         k: v
@@ -361,5 +366,7 @@ def from_pretrained(
     try:
         load_checkpoint(model, state_dict, source=source)
     except StateDictMismatchError as e:
-        raise StateDictMismatchError(f"{source}: {weights_path.name} does not match its {CONFIG_NAME}: {e}") from None
+        raise StateDictMismatchError(
+            f"{source}: {weights_path.name} does not match its {CONFIG_NAME}: {e}"
+        ) from None
     return model.to(map_location).eval()

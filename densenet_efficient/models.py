@@ -330,7 +330,9 @@ class DenseNet(
         from . import hub
 
         if config is not None:
-            raise ValueError("config.json is derived from the model's architecture; save_pretrained takes no config")
+            raise ValueError(
+                "config.json is derived from the model's architecture; save_pretrained takes no config"
+            )
         card = dict(model_card_kwargs or {})
         hub.save_hub_folder(self, save_directory, overwrite=overwrite, **card)
         if push_to_hub:
@@ -338,7 +340,9 @@ class DenseNet(
             return self.push_to_hub(repo_id, model_card_kwargs=card, **push_to_hub_kwargs)
         return None
 
-    def push_to_hub(self, repo_id: str, *, model_card_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> str:
+    def push_to_hub(
+        self, repo_id: str, *, model_card_kwargs: dict[str, Any] | None = None, **kwargs: Any
+    ) -> str:
         """Upload the folder :meth:`save_pretrained` writes; the model card's usage snippet names ``repo_id``."""
         card = {"repo_id": repo_id, **(model_card_kwargs or {})}
         return super().push_to_hub(repo_id, model_card_kwargs=card, **kwargs)

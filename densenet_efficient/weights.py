@@ -29,7 +29,6 @@ import json
 import os
 import pickle
 import re
-import sys
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -62,6 +61,7 @@ __all__ = [
     "load_state_dict_from_registry",
     "load_weights",
     "manifest",
+    "manifest_json",
     "resolve_weights",
 ]
 
@@ -100,7 +100,7 @@ def _torchvision_imagenet(filename: str, acc1: float, acc5: float, params: int, 
 
 
 # The built-in registry, as data (values copied from torchvision/models/densenet.py, 0.29).
-# weights/manifest.json is this dict written out (`python -m densenet_efficient.weights`); a test
+# weights/manifest.json is this dict written out (:func:`manifest_json`); a test
 # keeps the two identical.
 _BUILTIN: dict[str, Any] = {
     "format": MANIFEST_FORMAT,
@@ -188,7 +188,9 @@ def _read_manifest(path: Path) -> dict[str, Any]:
         raise ValueError(f"{MANIFEST_ENV}: {path} is not valid JSON ({e})") from None
     if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
-        raise ValueError(f"{path}: expected a weights manifest with format {MANIFEST_FORMAT!r}, found {found!r}")
+        raise ValueError(
+            f"{path}: expected a weights manifest with format {MANIFEST_FORMAT!r}, found {found!r}"
+        )
     if not isinstance(data.get("architectures"), dict):
         raise ValueError(f"{path}: expected an 'architectures' object mapping names to weights")
     return data
@@ -298,7 +300,9 @@ def get_weights(arch: str, name: str = "DEFAULT") -> WeightsSpec:
     archs = manifest()["architectures"]
     if arch not in archs:
         if arch in ARCHITECTURES:
-            raise WeightsNotAvailableError(f"no pretrained weights are published for {arch} yet; {_TRAIN_HINT}")
+            raise WeightsNotAvailableError(
+                f"no pretrained weights are published for {arch} yet; {_TRAIN_HINT}"
+            )
         raise ValueError(
             f"unknown architecture {arch!r} for pretrained weights; expected one of {', '.join(sorted(archs))}"
         )
@@ -380,7 +384,9 @@ def resolve_weights(arch: str | None, weights: Any, pretrained: bool) -> Weights
     if not isinstance(pretrained, bool):
         raise TypeError(f"pretrained must be True or False, got {pretrained!r}")
     if isinstance(weights, bool):
-        raise TypeError(f"weights must be a weights name or enum member, got {weights!r}; use pretrained=True")
+        raise TypeError(
+            f"weights must be a weights name or enum member, got {weights!r}; use pretrained=True"
+        )
     if weights is None and not pretrained:
         return None
     if weights is None:
@@ -540,7 +546,9 @@ def load_checkpoint(model: nn.Module, state_dict: Mapping[str, Any], *, source: 
         and ckpt_head.dim() == 2
         and ckpt_head.shape[1] == head.in_features
     ):
-        body = fill_legacy_batch_counters({k: v for k, v in sd.items() if not k.startswith("classifier.")}, model)
+        body = fill_legacy_batch_counters(
+            {k: v for k, v in sd.items() if not k.startswith("classifier.")}, model
+        )
         check_compatible(model, body, ignore=("classifier.",))
         model.load_state_dict(body, strict=False)
         reinit = [k for k in model.state_dict() if k.startswith("classifier.")]
@@ -559,12 +567,11 @@ def load_weights(model: nn.Module, spec: WeightsSpec, progress: bool = True) -> 
     load_checkpoint(model, spec.get_state_dict(progress=progress), source=f"weights {spec}")
 
 
-def _main(argv: list[str]) -> int:
-    """``python -m densenet_efficient.weights``: print the built-in manifest (weights/manifest.json)."""
-    json.dump(builtin_manifest(), sys.stdout, indent=2)
-    sys.stdout.write("\n")
-    return 0
+def manifest_json() -> str:
+    """The built-in registry as the text of ``weights/manifest.json``.
 
+    Regenerate the file with::
 
-if __name__ == "__main__":
-    raise SystemExit(_main(sys.argv[1:]))
+        python -c "import densenet_efficient.weights as w; print(w.manifest_json(), end='')" > weights/manifest.json
+    """
+    return json.dumps(builtin_manifest(), indent=2) + "\n"
