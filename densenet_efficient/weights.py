@@ -537,6 +537,9 @@ def load_checkpoint(model: nn.Module, state_dict: Mapping[str, Any], *, source: 
     Any other mismatch raises :class:`~densenet_efficient.state_dict.StateDictMismatchError`.
     """
     sd = remap_keys(state_dict)
+    # Model order first (safetensors files come back sorted), so errors name the earliest mismatch.
+    order = {k: i for i, k in enumerate(model.state_dict())}
+    sd = dict(sorted(sd.items(), key=lambda kv: order.get(kv[0], len(order))))
     head = getattr(model, "classifier", None)
     ckpt_head = sd.get("classifier.weight")
     if (

@@ -108,7 +108,9 @@ def registry_override(path: Path, entries: dict[str, str]) -> Path:
     return path
 
 
-def make_hf_cache(cache_dir: Path, repo_id: str, folder: Path, commit: str = "0123456789abcdef" * 2 + "01234567") -> Path:
+def make_hf_cache(
+    cache_dir: Path, repo_id: str, folder: Path, commit: str = "0123456789abcdef" * 2 + "01234567"
+) -> Path:
     """Lay ``folder``'s files out as ``hf_hub_download`` caches repo ``repo_id`` at ``commit`` (on main)."""
     repo = cache_dir / ("models--" + repo_id.replace("/", "--"))
     (repo / "blobs").mkdir(parents=True, exist_ok=True)

@@ -45,7 +45,9 @@ def hub_env(tmp_path, monkeypatch):
         ctx = serve(folder)
         base = ctx.__enter__()
         stack.append(ctx)
-        manifest = registry_override(tmp_path / "manifest.json", {a: f"{base}/{f}" for a, f in entries.items()})
+        manifest = registry_override(
+            tmp_path / "manifest.json", {a: f"{base}/{f}" for a, f in entries.items()}
+        )
         monkeypatch.setenv(W.MANIFEST_ENV, str(manifest))
         return tmp_path / "torch_home" / "hub" / "checkpoints"
 
@@ -57,7 +59,9 @@ def hub_env(tmp_path, monkeypatch):
 def _torchvision_from_url(url: str) -> torchvision.models.DenseNet:
     """torchvision's own loading path (regex remap, strict load) for a file at ``url``."""
     model = torchvision.models.densenet121()
-    local = tv_api.WeightsEnum("LocalDenseNet121_Weights", {"V1": tv_api.Weights(url=url, transforms=None, meta={})})
+    local = tv_api.WeightsEnum(
+        "LocalDenseNet121_Weights", {"V1": tv_api.Weights(url=url, transforms=None, meta={})}
+    )
     tv_densenet._load_state_dict(model, local.V1, progress=False)
     return model.eval()
 
@@ -74,7 +78,9 @@ def test_registry_matches_torchvision_metadata(arch):
     m = ours.meta
     assert m["acc@1"] == tv.meta["_metrics"]["ImageNet-1K"]["acc@1"]
     assert m["acc@5"] == tv.meta["_metrics"]["ImageNet-1K"]["acc@5"]
-    assert m["num_params"] == tv.meta["num_params"] == sum(p.numel() for p in de.create_model(arch).parameters())
+    assert (
+        m["num_params"] == tv.meta["num_params"] == sum(p.numel() for p in de.create_model(arch).parameters())
+    )
     assert m["GFLOPS"] == tv.meta["_ops"] and m["file_size"] == tv.meta["_file_size"]
     assert m["categories"] == tv.meta["categories"] and m["min_size"] == tv.meta["min_size"]
     assert ours.sha256_prefix == ours.filename.split("-")[1].split(".")[0] and len(ours.sha256_prefix) == 8
@@ -137,7 +143,10 @@ def test_bad_weights_arguments_say_what_was_expected():
         de.densenet121(weights=torchvision.models.DenseNet161_Weights.IMAGENET1K_V1)
     with pytest.raises(ValueError, match="are for densenet169, not densenet121"):
         de.densenet121(weights="DenseNet169_Weights.IMAGENET1K_V1")
-    with pytest.raises(ValueError, match=r"unknown weights 'IMAGENET1K_V9' for densenet121; expected one of DEFAULT, IMAGENET1K_V1"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown weights 'IMAGENET1K_V9' for densenet121; expected one of DEFAULT, IMAGENET1K_V1",
+    ):
         de.densenet121(weights="IMAGENET1K_V9")
     with pytest.raises(ValueError, match="are not DenseNet weights"):
         de.densenet121(weights=torchvision.models.ResNet18_Weights.IMAGENET1K_V1)
@@ -160,7 +169,9 @@ def test_bad_weights_arguments_say_what_was_expected():
     ],
 )
 def test_densenet_bc_has_no_weights_and_says_how_to_train(build):
-    with pytest.raises(de.WeightsNotAvailableError, match=r"no pretrained weights are published .*densenet-efficient train"):
+    with pytest.raises(
+        de.WeightsNotAvailableError, match=r"no pretrained weights are published .*densenet-efficient train"
+    ):
         build()
 
 
@@ -204,7 +215,9 @@ def test_pretrained_equals_torchvision_on_the_same_file(tv_file, hub_env):
     for (ka, a), (kb, b) in zip(ours.state_dict().items(), ref.state_dict().items(), strict=True):
         assert ka == kb and torch.equal(a, b), ka
     # The other accepted forms load the same (now cached, re-verified) file.
-    again = de.densenet121(weights=torchvision.models.DenseNet121_Weights.IMAGENET1K_V1, progress=False).eval()
+    again = de.densenet121(
+        weights=torchvision.models.DenseNet121_Weights.IMAGENET1K_V1, progress=False
+    ).eval()
     with torch.no_grad():
         assert torch.equal(again(X32), ref(X32))
 
