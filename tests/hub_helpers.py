@@ -23,6 +23,9 @@ from collections import OrderedDict
 from pathlib import Path
 
 import torch
+import torchvision
+from torchvision.models import _api as tv_api
+from torchvision.models import densenet as tv_densenet
 
 from densenet_efficient import weights as weights_mod
 from densenet_efficient.registry import get_config
@@ -131,3 +134,13 @@ def make_hf_cache(
         link.symlink_to(Path("..", "..", "blobs", etag))
     (repo / "refs" / "main").write_text(commit)
     return snapshot
+
+
+def torchvision_from_url(url: str) -> torchvision.models.DenseNet:
+    """torchvision's densenet121 loaded through torchvision's own path (hash check, regex remap, strict)."""
+    model = torchvision.models.densenet121()
+    local = tv_api.WeightsEnum(
+        "LocalDenseNet121_Weights", {"V1": tv_api.Weights(url=url, transforms=None, meta={})}
+    )
+    tv_densenet._load_state_dict(model, local.V1, progress=False)
+    return model.eval()

@@ -15,14 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from torchvision.models import _api as tv_api
-from torchvision.models import densenet as tv_densenet
 
 import densenet_efficient as de
 from densenet_efficient import weights as W
 from densenet_efficient.state_dict import StateDictMismatchError
 
-from .hub_helpers import legacy_checkpoint, registry_override, serve, sha256
+from .hub_helpers import legacy_checkpoint, registry_override, serve, sha256, torchvision_from_url
 from .reference import IMAGENET_ARCHS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,16 +52,6 @@ def hub_env(tmp_path, monkeypatch):
     yield point
     for ctx in stack:
         ctx.__exit__(None, None, None)
-
-
-def _torchvision_from_url(url: str) -> torchvision.models.DenseNet:
-    """torchvision's own loading path (regex remap, strict load) for a file at ``url``."""
-    model = torchvision.models.densenet121()
-    local = tv_api.WeightsEnum(
-        "LocalDenseNet121_Weights", {"V1": tv_api.Weights(url=url, transforms=None, meta={})}
-    )
-    tv_densenet._load_state_dict(model, local.V1, progress=False)
-    return model.eval()
 
 
 # -- registry data ---------------------------------------------------------------------------------
@@ -209,7 +197,7 @@ def test_pretrained_equals_torchvision_on_the_same_file(tv_file, hub_env):
     cache = hub_env(tv_file.parent, {"densenet121": tv_file.name})
     ours = de.densenet121(pretrained=True, progress=False).eval()
     assert (cache / tv_file.name).is_file() and sha256(cache / tv_file.name) == sha256(tv_file)
-    ref = _torchvision_from_url(de.get_weights("densenet121").url)
+    ref = torchvision_from_url(de.get_weights("densenet121").url)
     with torch.no_grad():
         assert torch.equal(ours(X32), ref(X32))
     for (ka, a), (kb, b) in zip(ours.state_dict().items(), ref.state_dict().items(), strict=True):
@@ -282,7 +270,7 @@ def test_corrupted_file_already_in_the_cache_is_detected(tv_file, hub_env, tmp_p
         model = de.densenet121(pretrained=True, progress=False).eval()
     assert sha256(cache / tv_file.name) == sha256(tv_file)
     with torch.no_grad():
-        assert torch.equal(model(X32), _torchvision_from_url(de.get_weights("densenet121").url)(X32))
+        assert torch.equal(model(X32), torchvision_from_url(de.get_weights("densenet121").url)(X32))
 
 
 def test_corrupted_cache_with_a_bad_server_leaves_nothing(tv_file, hub_env, tmp_path):
