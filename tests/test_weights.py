@@ -202,12 +202,6 @@ def test_pretrained_equals_torchvision_on_the_same_file(tv_file, hub_env):
         assert torch.equal(ours(X32), ref(X32))
     for (ka, a), (kb, b) in zip(ours.state_dict().items(), ref.state_dict().items(), strict=True):
         assert ka == kb and torch.equal(a, b), ka
-    # The other accepted forms load the same (now cached, re-verified) file.
-    again = de.densenet121(
-        weights=torchvision.models.DenseNet121_Weights.IMAGENET1K_V1, progress=False
-    ).eval()
-    with torch.no_grad():
-        assert torch.equal(again(X32), ref(X32))
 
 
 def test_load_state_dict_from_registry_remaps_keys(tv_file, hub_env, tmp_path):
@@ -269,8 +263,9 @@ def test_corrupted_file_already_in_the_cache_is_detected(tv_file, hub_env, tmp_p
     with pytest.warns(UserWarning, match="fail their sha256 check.*downloading it again"):
         model = de.densenet121(pretrained=True, progress=False).eval()
     assert sha256(cache / tv_file.name) == sha256(tv_file)
-    with torch.no_grad():
-        assert torch.equal(model(X32), torchvision_from_url(de.get_weights("densenet121").url)(X32))
+    expected = de.remap_keys(torch.load(tv_file, weights_only=True))
+    for k, v in expected.items():
+        assert torch.equal(model.state_dict()[k], v), k
 
 
 def test_corrupted_cache_with_a_bad_server_leaves_nothing(tv_file, hub_env, tmp_path):
