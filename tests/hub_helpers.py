@@ -82,10 +82,27 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
+class _CutShortHandler(_QuietHandler):
+    """Announces the whole file (Content-Length) but drops the connection after a third of it."""
+
+    def do_GET(self) -> None:
+        path = Path(self.translate_path(self.path))
+        data = path.read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data[: len(data) // 3])
+        self.wfile.flush()
+        self.close_connection = True
+
+
 @contextlib.contextmanager
-def serve(directory: Path):
-    """Serve ``directory`` on 127.0.0.1 (a free port); yields the base URL."""
-    handler = functools.partial(_QuietHandler, directory=str(directory))
+def serve(directory: Path, cut_short: bool = False):
+    """Serve ``directory`` on 127.0.0.1 (a free port); yields the base URL.
+
+    ``cut_short=True`` simulates a dropped connection: every response stops after a third of the file.
+    """
+    handler = functools.partial(_CutShortHandler if cut_short else _QuietHandler, directory=str(directory))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()

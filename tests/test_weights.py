@@ -39,8 +39,8 @@ def hub_env(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     stack = []
 
-    def point(folder: Path, entries: dict[str, str]) -> Path:
-        ctx = serve(folder)
+    def point(folder: Path, entries: dict[str, str], cut_short: bool = False) -> Path:
+        ctx = serve(folder, cut_short=cut_short)
         base = ctx.__enter__()
         stack.append(ctx)
         manifest = registry_override(
@@ -252,6 +252,16 @@ def test_truncated_download_is_refused_and_not_cached(tv_file, hub_env, tmp_path
     (served / tv_file.name).write_bytes(tv_file.read_bytes()[: tv_file.stat().st_size // 3])
     cache = hub_env(served, {"densenet121": tv_file.name})
     with pytest.raises(W.WeightsIntegrityError, match="cut short"):
+        de.densenet121(pretrained=True, progress=False)
+    assert _no_trusted_file(cache, tv_file.name)
+
+
+def test_dropped_connection_is_refused_and_not_cached(tv_file, hub_env):
+    # urllib reports a short body as a normal end of file: only the hash check notices.
+    cache = hub_env(tv_file.parent, {"densenet121": tv_file.name}, cut_short=True)
+    with pytest.raises(
+        W.WeightsIntegrityError, match="failed its sha256 check.*cut short.*nothing was cached"
+    ):
         de.densenet121(pretrained=True, progress=False)
     assert _no_trusted_file(cache, tv_file.name)
 
