@@ -33,7 +33,7 @@ import tempfile
 import urllib.error
 import urllib.parse
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -282,14 +282,6 @@ def _describe(config: ArchConfig) -> str:
     )
 
 
-def _registry_name(config: ArchConfig) -> str | None:
-    """The registered architecture with this body (the classifier width may differ)."""
-    for name, entry in ARCHITECTURES.items():
-        if entry.with_classes(config.num_classes) == config:
-            return name
-    return None
-
-
 def _check_against(config: ArchConfig, arch: str | None, num_classes: int | None) -> None:
     """Refuse a --arch/--num-classes that contradicts the tensors, naming each disagreement."""
     problems = []
@@ -335,10 +327,17 @@ def _download(url: str, workdir: Path, progress: bool) -> Path:
 
 
 def _registry_file(arch: str, progress: bool, model_dir: str | None) -> Path:
-    """torchvision's checkpoint for a registered architecture, downloaded with the hash check."""
+    """The published checkpoint of a registered architecture, downloaded with the hash check."""
     from . import weights
 
-    return Path(weights.download_registry_file(arch, progress=progress, model_dir=model_dir))
+    spec = weights.get_weights(arch)  # no published weights (densenet_bc_100): a clear ValueError
+    # downloads into the cache (or re-hashes the cached copy) and checks the sha256 prefix
+    weights.load_state_dict_from_registry(arch, progress=progress, model_dir=model_dir)
+    cache = Path(model_dir) if model_dir is not None else Path(torch.hub.get_dir()) / "checkpoints"
+    path = cache / spec.filename
+    if not path.is_file():
+        raise ConversionError(f"{arch}: the registry download did not leave {path} in the cache")
+    return path
 
 
 def _fetch(src: str | os.PathLike, workdir: Path, progress: bool, model_dir: str | None) -> Path:
@@ -389,8 +388,38 @@ def _torchvision_loadable(ckpt: Checkpoint, prefix: str) -> bool:
 # -- verification ----------------------------------------------------------------------------------
 
 
+def _uninitialised(build: Callable[[], nn.Module]) -> nn.Module:
+    """``build()`` on CPU without running its weight init, for a loader that overwrites every tensor.
+
+    Kaiming-initialising a densenet161 only to overwrite it costs about a second per model.
+    """
+    with torch.device("meta"):
+        model = build()
+    return model.to_empty(device="cpu")
+
+
+def _assigned(build: Callable[[], nn.Module], state_dict: Mapping[str, Any]) -> nn.Module:
+    """``build()`` holding exactly ``state_dict``'s tensors (float32; no init, no copy when already float32).
+
+    The module is built on the meta device and the tensors are assigned, strictly. Checkpoints that
+    predate ``num_batches_tracked`` get zero counters, as BatchNorm itself would give them.
+    """
+    with torch.device("meta"):
+        model = build()
+    sd = {
+        k: (torch.zeros(v.shape, dtype=v.dtype) if v.is_meta else v.float() if v.is_floating_point() else v)
+        for k, v in fill_legacy_batch_counters(dict(state_dict), model).items()
+    }
+    nn.Module.load_state_dict(model, sd, strict=True, assign=True)
+    return model
+
+
 def _torchvision_densenet(config: ArchConfig) -> nn.Module:
     """torchvision's DenseNet for ``config``; CIFAR configs get the 3x3 stem with no norm0/pool0."""
+    return _uninitialised(lambda: _torchvision_module(config))
+
+
+def _torchvision_module(config: ArchConfig) -> nn.Module:
     import torchvision
 
     model = torchvision.models.DenseNet(
@@ -440,24 +469,39 @@ def _reference(
             loader(model, _GivenWeights(raw), progress=False)
             return model, "torchvision.models.DenseNet loaded by torchvision's own loader"
         except TypeError:  # a torchvision whose private loader changed shape: map names ourselves
-            model.load_state_dict(fill_legacy_batch_counters(dict(mapped), model), strict=True)
-            return model, "torchvision.models.DenseNet"
-    model = DenseNet(**config.to_kwargs(), memory_efficient=False)
-    model.load_state_dict(mapped, strict=True)
-    return model, "densenet_efficient.DenseNet (naive path) on the source tensors mapped by name"
+            return _assigned(lambda: _torchvision_module(config), mapped), "torchvision.models.DenseNet"
+    return _assigned(
+        lambda: _our_model(config), mapped
+    ), "densenet_efficient.DenseNet (naive path) on the source tensors mapped by name"
+
+
+def _our_model(config: ArchConfig) -> DenseNet:
+    return DenseNet(**config.to_kwargs(), memory_efficient=False)
 
 
 def _verification_batch(model: DenseNet) -> torch.Tensor:
     # Large enough that every block sees a real feature map (not 1x1), small enough to be quick.
     size = max(model.min_input_size(), 32 if model.arch_config.small_inputs else 64)
     gen = torch.Generator().manual_seed(0)
-    return torch.randn(2, 3, size, size, generator=gen, dtype=torch.float64)
+    return torch.randn(2, 3, size, size, generator=gen)
 
 
 @torch.no_grad()
 def _outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    # float64 so the comparison measures the conversion, not float32 rounding noise
-    return model.to(torch.float64).eval()(x)
+    """One eval-mode forward for verification.
+
+    Both sides run the naive computation in float32 (the same kernels in the same order), so a
+    correct conversion differs by rounding at most; a wrong tensor shows up orders of magnitude above.
+    oneDNN is switched off for it: every DenseNet convolution has a new input width, and oneDNN
+    compiles a kernel per shape on first use (13 s instead of 2 s for one densenet161 forward on
+    a 2-core CPU), which a single forward never earns back.
+    """
+    enabled = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        return model.eval()(x)
+    finally:
+        torch.backends.mkldnn.enabled = enabled
 
 
 # -- the conversion --------------------------------------------------------------------------------
@@ -484,7 +528,7 @@ def convert(
             renamed into place, so an error leaves nothing behind.
         arch: expected registry architecture; an error names each way the tensors disagree.
         num_classes: expected classifier width; an error if the tensors disagree.
-        verify: compare source and converted models on one random batch (eval mode, float64) and
+        verify: compare source and converted models on one random batch (eval mode, float32) and
             fail above :data:`TOLERANCE` max abs difference.
         checkpoint_key: where the weights sit in a training checkpoint (``"state_dict_ema"``);
             default: the first of :data:`~densenet_efficient.checkpoint.WRAPPER_KEYS` found.
@@ -517,9 +561,7 @@ def convert(
         torchvision_file = _torchvision_loadable(ckpt, prefix)
 
     # The converted model: the source tensors under torchvision's names, float32, with batch counters.
-    model = DenseNet(**config.to_kwargs(), memory_efficient=False)
-    model.load_state_dict(sd, strict=True)
-    model.eval()
+    model = _assigned(lambda: _our_model(config), sd).eval()
 
     reference_name = None
     max_diff = None
@@ -534,7 +576,7 @@ def convert(
             ) from None
         x = _verification_batch(model)
         ref_out = _outputs(reference, x)
-        converted_out = _outputs(_clone(model, config), x)
+        converted_out = _outputs(model, x)
         max_diff = (ref_out - converted_out).abs().max().item()
         if not max_diff <= TOLERANCE:
             raise ConversionError(
@@ -549,7 +591,7 @@ def convert(
         "converted_at": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "converted_with": f"densenet_efficient {_version()} (densenet-efficient convert)",
         "verification": (
-            f"max abs diff {max_diff:.3g} vs {reference_name} on a {'x'.join(map(str, x.shape))} float64 "
+            f"max abs diff {max_diff:.3g} vs {reference_name} on a {'x'.join(map(str, x.shape))} float32 "
             f"random batch, eval mode (tolerance {TOLERANCE:g})"
             if verify
             else "skipped (--no-verify)"
@@ -565,8 +607,7 @@ def convert(
         folder = hub.save_hub_folder(model, staging / out_dir.name, provenance=provenance)
         if verify:
             # The recorded difference must be the one of the folder as users will load it.
-            loaded = hub.from_pretrained(folder)
-            loaded.set_memory_efficient(False)
+            loaded = hub.from_pretrained(folder, memory_efficient=False)
             reloaded_out = _outputs(loaded, x)
             if not torch.equal(reloaded_out, converted_out):
                 diff = (reloaded_out - converted_out).abs().max().item()
@@ -587,7 +628,7 @@ def convert(
     return ConvertResult(
         out_dir=out_dir,
         config=config,
-        arch=_registry_name(config),
+        arch=hub.architecture_name(config),
         source=os.fspath(src),
         source_file=path.name,
         sha256=ckpt.sha256,
@@ -597,13 +638,6 @@ def convert(
         input_shape=tuple(x.shape) if x is not None else None,
         provenance=provenance,
     )
-
-
-def _clone(model: DenseNet, config: ArchConfig) -> DenseNet:
-    """A float copy to run in float64 without touching the float32 model that gets saved."""
-    copy = DenseNet(**config.to_kwargs(), memory_efficient=False)
-    copy.load_state_dict(model.state_dict())
-    return copy
 
 
 def _version() -> str:
@@ -630,10 +664,10 @@ def _rmdir_quiet(d: Path) -> None:
 
 
 def torchvision_architectures() -> list[str]:
-    """The registered architectures torchvision publishes ImageNet checkpoints for."""
+    """The ImageNet architectures whose registry weights are torchvision's files."""
     from . import weights
 
-    return list(weights.torchvision_architectures())
+    return [a for a, c in ARCHITECTURES.items() if not c.small_inputs and weights.list_weights(a)]
 
 
 def convert_all_torchvision(
@@ -699,6 +733,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``densenet-efficient convert``; user errors raise and exit with code 2."""
     from .cli import CLIError
+    from .weights import WeightsIntegrityError
 
     progress = not args.quiet
     try:
@@ -731,7 +766,8 @@ def run(args: argparse.Namespace) -> int:
                     model_dir=args.model_dir,
                 )
             ]
-    except (StateDictMismatchError, IsADirectoryError) as err:  # RuntimeError/OSError: still user errors
+    except (StateDictMismatchError, WeightsIntegrityError, OSError) as err:
+        # RuntimeError/OSError subclasses the dispatcher does not map: a bad or unreachable input all the same
         raise CLIError(str(err)) from None
     for result in results:
         print(result.summary())
