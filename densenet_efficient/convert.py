@@ -322,7 +322,11 @@ def _download(url: str, workdir: Path, progress: bool) -> Path:
     except urllib.error.URLError as err:
         raise ConversionError(f"cannot download {url}: {getattr(err, 'reason', err)}") from None
     except RuntimeError as err:  # torch.hub's hash mismatch
-        raise ConversionError(f"download of {url} failed its integrity check: {err}") from None
+        raise ConversionError(
+            f"download of {url} failed its integrity check: {err}; by torch.hub's convention its name "
+            f"ends in the first hex digits of its sha256 ({m.group(1)}); if that part of the name is not "
+            "a hash, download the file yourself and pass its path"
+        ) from None
     return dst
 
 

@@ -12,6 +12,7 @@ import functools
 import hashlib
 import http.server
 import importlib
+import importlib.util
 import json
 import os
 import re
@@ -24,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import densenet_efficient as de
 from densenet_efficient import cli
@@ -399,6 +400,16 @@ def test_failed_verification_writes_nothing(tmp_path, monkeypatch):
     assert os.listdir(tmp_path / "out") == []
 
 
+def test_folder_loads_through_torch_hub_entrypoint(tmp_path):
+    src, model, config, _ = efficient_densenet_pytorch(tmp_path)
+    de.convert(src, tmp_path / "out")
+    hub_model = torch.hub.load(
+        str(REPO), "densenet_bc", source="local", depth=16, growth_rate=6, num_classes=5, trust_repo=True
+    )
+    hub_model.load_state_dict(load_file(str(tmp_path / "out" / "model.safetensors")))
+    assert torch.equal(_outputs(hub_model, config), _outputs(model, config))
+
+
 def test_no_verify(tmp_path):
     src, model, config, _ = efficient_densenet_pytorch(tmp_path)
     result = de.convert(src, tmp_path / "out", verify=False)
@@ -485,7 +496,8 @@ def test_all_torchvision_from_local_server(tmp_path, http_root, monkeypatch, cap
     monkeypatch.setenv("DENSENET_EFFICIENT_WEIGHTS_MANIFEST", str(_manifest(tmp_path, base, files)))
     cache, hub_root = tmp_path / "cache", tmp_path / "hub"
 
-    code = cli.main(["convert", "--all-torchvision", str(hub_root), "--model-dir", str(cache), "--quiet"])
+    # through the maintainer script, which wraps `densenet-efficient convert --all-torchvision`
+    code = _script().main([str(hub_root), "--model-dir", str(cache), "--quiet"])
     assert code == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
     assert sorted(os.listdir(hub_root)) == archs
@@ -508,7 +520,16 @@ def test_all_torchvision_from_local_server(tmp_path, http_root, monkeypatch, cap
     assert sorted(os.listdir(hub_root)) == archs
 
 
-def test_registry_name_source(tmp_path, http_root, monkeypatch):
+def _script():
+    spec = importlib.util.spec_from_file_location(
+        "convert_torchvision", REPO / "scripts" / "convert_torchvision.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_registry_name_source(tmp_path, http_root, monkeypatch, capsys):
     root, base = http_root
     model = _torchvision_model(TINY)
     name = _publish(model.state_dict(), root, "densenet121")
@@ -525,4 +546,7 @@ def test_registry_name_source(tmp_path, http_root, monkeypatch):
         de.convert("densenet121", tmp_path / "checked", arch="densenet121", model_dir=tmp_path / "cache")
     with pytest.raises(ValueError, match="densenet_bc_100"):
         de.convert("densenet_bc_100", tmp_path / "none", model_dir=tmp_path / "cache")
+    # the maintainer script checks each file is the architecture it is published as
+    code = _script().main([str(tmp_path / "script"), "densenet121", "--model-dir", str(tmp_path / "cache")])
+    assert code == 2 and "growth rate 32 but the checkpoint's tensors say 8" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["cache", "manifest.json", "out", "www"]
