@@ -40,6 +40,9 @@ __all__ = [
 ]
 
 
+_IMAGENET_STEM = ("conv0", "norm0", "relu0", "pool0")
+
+
 class _DenseLayer(nn.Module):
     def __init__(self, num_input_features: int, growth_rate: int, bn_size: int, drop_rate: float) -> None:
         super().__init__()
@@ -229,7 +232,15 @@ class DenseNet(
     def forward_features(self, x: Tensor) -> Tensor:
         """The feature map after ``norm5`` (before the final ReLU and pooling), as timm names it."""
         self._check_input(x)
-        return self.features(x)
+        if self._mode == engine.NAIVE or self.arch_config.small_inputs:
+            return self.features(x)
+        # ImageNet stem: conv0 as usual, then norm0-relu0-pool0 storing only conv0's output.
+        f = self.features
+        x = engine.stem(f.norm0, f.pool0, f.conv0(x))
+        for name, module in f.named_children():
+            if name not in _IMAGENET_STEM:
+                x = module(x)
+        return x
 
     def forward_head(self, features: Tensor, pre_logits: bool = False) -> Tensor:
         out = F.relu(features)

@@ -10,7 +10,7 @@ re-hashed before it is trusted, so a file corrupted after download is caught too
 >>> spec = weights.get_weights("densenet121")
 >>> spec.url, spec.meta["acc@1"]
 ('https://download.pytorch.org/models/densenet121-a639ec97.pth', 74.434)
->>> model = densenet121(weights="IMAGENET1K_V1")          # doctest: +SKIP (downloads)
+>>> model = densenet121(weights="IMAGENET1K_V1")          # downloads  # doctest: +SKIP
 
 Overrides (for mirrors and tests), read on every lookup:
 
@@ -141,7 +141,6 @@ _BUILTIN: dict[str, Any] = {
     },
 }
 
-_HASH_IN_NAME = re.compile(r"-([a-f0-9]{8,})\.")  # torch.hub.HASH_REGEX, with a minimum length
 _TV_ENUM_NAME = re.compile(r"^DenseNet(\d+)_Weights$")
 _TRAIN_HINT = (
     "train them with `densenet-efficient train` (see `densenet-efficient train --help`) and load the "
@@ -220,7 +219,7 @@ class WeightsSpec:
     @property
     def sha256_prefix(self) -> str:
         """The sha256 prefix carried by the file name (``densenet121-a639ec97.pth`` -> ``a639ec97``)."""
-        return _HASH_IN_NAME.search(self.filename).group(1)
+        return _hash_prefix(self.filename)
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -236,7 +235,7 @@ class WeightsSpec:
         """The preprocessing these weights expect (torchvision's ``ImageClassification`` preset).
 
         >>> preprocess = get_weights("densenet121").transforms()
-        >>> batch = preprocess(image).unsqueeze(0)           # doctest: +SKIP (PIL image or uint8 tensor)
+        >>> batch = preprocess(image).unsqueeze(0)           # PIL image or uint8 tensor  # doctest: +SKIP
         """
         from torchvision.transforms import InterpolationMode
         from torchvision.transforms._presets import ImageClassification
@@ -256,6 +255,12 @@ class WeightsSpec:
         return remap_keys(_fetch(self, progress=progress, model_dir=model_dir))
 
 
+def _hash_prefix(filename: str) -> str:
+    """The prefix torch.hub checks (its own HASH_REGEX, so both checks agree); "" when there is none."""
+    m = torch.hub.HASH_REGEX.search(filename)
+    return m.group(1) if m else ""
+
+
 @cache
 def _categories(name: str) -> tuple[str, ...]:
     if name == "imagenet-1k":
@@ -271,7 +276,7 @@ def _spec(arch: str, name: str, data: Mapping[str, Any]) -> WeightsSpec:
         if key not in data:
             raise ValueError(f"weights entry {arch}.{name} has no {key!r}")
     filename = os.path.basename(urlparse(data["url"]).path)
-    if not _HASH_IN_NAME.search(filename):
+    if len(_hash_prefix(filename)) < 8:
         raise ValueError(
             f"weights entry {arch}.{name}: file name {filename!r} carries no sha256 prefix; "
             "registry files must be named <name>-<first 8+ hex digits of sha256>.pth"
@@ -519,8 +524,8 @@ def load_state_dict_from_registry(
 
     ``model_dir`` defaults to torch.hub's cache (``$TORCH_HOME/hub/checkpoints``).
 
-    >>> sd = load_state_dict_from_registry("densenet121")     # doctest: +SKIP (downloads 31 MB)
-    >>> sd["features.denseblock1.denselayer1.norm1.weight"].shape
+    >>> sd = load_state_dict_from_registry("densenet121")     # downloads 31 MB  # doctest: +SKIP
+    >>> sd["features.denseblock1.denselayer1.norm1.weight"].shape  # doctest: +SKIP
     torch.Size([64])
     """
     return get_weights(arch, name).get_state_dict(progress=progress, model_dir=model_dir)
@@ -537,6 +542,9 @@ def load_checkpoint(model: nn.Module, state_dict: Mapping[str, Any], *, source: 
     Any other mismatch raises :class:`~densenet_efficient.state_dict.StateDictMismatchError`.
     """
     sd = remap_keys(state_dict)
+    # Model order first (safetensors files come back sorted), so errors name the earliest mismatch.
+    order = {k: i for i, k in enumerate(model.state_dict())}
+    sd = dict(sorted(sd.items(), key=lambda kv: order.get(kv[0], len(order))))
     head = getattr(model, "classifier", None)
     ckpt_head = sd.get("classifier.weight")
     if (
