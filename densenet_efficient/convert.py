@@ -68,8 +68,12 @@ TOLERANCE = 1e-5
 _LAYER_KEY = re.compile(r"^features\.denseblock(\d+)\.denselayer(\d+)\.")
 _BLOCK_KEY = re.compile(r"^features\.denseblock(\d+)\.")
 _TRANSITION_KEY = re.compile(r"^features\.transition(\d+)\.conv\.weight$")
-# torch.hub/torchvision convention: "name-<sha256 prefix>.ext" carries the first hex digits of the hash
+# torch.hub/torchvision convention: "name-<sha256 prefix>.ext" carries the first hex digits of the hash.
+# Stricter than torch.hub.HASH_REGEX (8+ digits, right before the extension): user URLs often carry
+# other dashes ("run-3.pth") that are not hashes.
 _HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.[A-Za-z0-9]+$")
+# weights files of a Hub repo folder, in the order timm's loader prefers them
+_FOLDER_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 
 
 class ConversionError(CheckpointError):
@@ -349,11 +353,16 @@ def _fetch(src: str | os.PathLike, workdir: Path, progress: bool, model_dir: str
     if re.match(r"^https?://", text):
         return _download(text, workdir, progress)
     path = Path(text)
+    if path.is_dir():
+        # a downloaded Hub repo (timm's densenet121.tv_in1k snapshot, say): take its weights file
+        for name in _FOLDER_WEIGHTS:
+            if (path / name).is_file():
+                return path / name
+        raise IsADirectoryError(
+            f"{path} is a folder without {' or '.join(_FOLDER_WEIGHTS)}; SRC must be a checkpoint file, "
+            "a Hub-style folder, an http(s) URL or a registry name"
+        )
     if path.exists():
-        if path.is_dir():
-            raise IsADirectoryError(
-                f"{path} is a directory; SRC must be a checkpoint file, URL or registry name"
-            )
         return path
     if text in ARCHITECTURES:
         return _registry_file(text, progress, model_dir)
@@ -525,7 +534,8 @@ def convert(
     """Convert a DenseNet checkpoint into a Hugging Face Hub-ready folder, verified by default.
 
     Args:
-        src: a checkpoint file (torch ``.pth``/``.pth.tar`` or ``.safetensors``), an http(s) URL
+        src: a checkpoint file (torch ``.pth``/``.pth.tar`` or ``.safetensors``), a Hub repo folder
+            holding ``model.safetensors`` or ``pytorch_model.bin`` (a timm snapshot), an http(s) URL
             (a torchvision-style ``name-<sha256 prefix>.pth`` is hash-checked) or a registry name
             such as ``"densenet121"`` (torchvision's file, hash-checked).
         out_dir: the folder to create; it must not exist. Written in a temporary sibling and

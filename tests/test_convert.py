@@ -114,6 +114,17 @@ def timm_safetensors(tmp: Path):
     return path, model, TINY, "naive path"
 
 
+def timm_hub_folder(tmp: Path):
+    # a snapshot of a timm Hub repo (timm/densenet121.tv_in1k): config.json + model.safetensors
+    path, model, config, reference = timm_safetensors(tmp)
+    (tmp / "snapshot").mkdir()
+    path.rename(tmp / "snapshot" / "model.safetensors")
+    (tmp / "snapshot" / "config.json").write_text(
+        json.dumps({"architecture": "densenet121", "num_classes": 7})
+    )
+    return tmp / "snapshot", model, config, reference
+
+
 def timm_train_checkpoint(tmp: Path):
     # timm's train.py: {'epoch', 'arch', 'state_dict', 'optimizer', 'version', 'args', 'state_dict_ema'}
     model = _randomize(de.DenseNet(**TINY.to_kwargs()))
@@ -171,6 +182,7 @@ FORMATS = [
     torchvision_legacy_old_keys,
     torchvision_zip,
     timm_safetensors,
+    timm_hub_folder,
     timm_train_checkpoint,
     efficient_densenet_pytorch,
     wrapped_training_checkpoint,
@@ -192,8 +204,9 @@ def test_convert_each_format(make, tmp_path):
 
     # provenance: file name, its sha256, verification result
     card = (out / "README.md").read_text()
-    digest = hashlib.sha256(src.read_bytes()).hexdigest()
-    assert result.sha256 == digest and digest in card and src.name in card
+    file = src / "model.safetensors" if src.is_dir() else src
+    digest = hashlib.sha256(file.read_bytes()).hexdigest()
+    assert result.sha256 == digest and digest in card and file.name in card
     assert "max abs diff" in card and "converted_at" in card
 
     loaded = de.from_pretrained(out)
@@ -342,6 +355,12 @@ def _bad_not_a_checkpoint(tmp: Path) -> Path:
     return tmp / "notes.txt"
 
 
+def _bad_folder_without_weights(tmp: Path) -> Path:
+    (tmp / "repo").mkdir()
+    (tmp / "repo" / "config.json").write_text("{}")
+    return tmp / "repo"
+
+
 BAD = [
     (_bad_resnet, r"not a DenseNet checkpoint \(its layout looks like a ResNet\)"),
     (_bad_truncated_zip, "truncated or corrupt torch file"),
@@ -350,6 +369,7 @@ BAD = [
     (_bad_shape, r"shape mismatch: features\.denseblock3\.denselayer1\.conv2\.weight"),
     (_bad_pickled_module, r"refusing to read .*DenseNet"),
     (_bad_not_a_checkpoint, "not a torch checkpoint"),
+    (_bad_folder_without_weights, "folder without model.safetensors or pytorch_model.bin"),
 ]
 
 
