@@ -100,6 +100,7 @@ class _Stats:
     mean: Tensor
     var: Tensor  # biased batch variance, or the running variance
     train: bool  # batch statistics: the backward includes the gradient through mean/var
+    invstd: Tensor | None = None  # 1/sqrt(var + eps) exactly as the forward kernel computed it
 
     def narrow(self, channels: int) -> _Stats:
         return _Stats(self.mean[:channels], self.var[:channels], self.train)
@@ -149,13 +150,30 @@ def _bn_relu(x: Tensor, bn: nn.BatchNorm2d, stats: _Stats, fmt: torch.memory_for
     return out.relu_()
 
 
+def _norm_relu(
+    x: Tensor, bn: nn.BatchNorm2d, training: bool, fmt: torch.memory_format
+) -> tuple[Tensor, _Stats]:
+    """relu(BN(x)) as a fresh forward computes it: in training one native kernel computes the batch
+    statistics, normalises and updates the running statistics. Returns the output and the stats."""
+    if not training:
+        stats = _layer_stats(bn, None)
+        return _bn_relu(x, bn, stats, fmt), stats
+    factor = _ema_factor(bn)
+    x = x.contiguous(memory_format=fmt)
+    out, mean, invstd = torch.native_batch_norm(
+        x, bn.weight, bn.bias, bn.running_mean, bn.running_var, True, factor, bn.eps
+    )
+    var = invstd.reciprocal().square_().sub_(bn.eps)  # what the recompute's inference kernel takes
+    return out.relu_(), _Stats(mean, var, True, invstd)
+
+
 def _bn_backward(
     grad: Tensor, x: Tensor, bn: nn.BatchNorm2d, stats: _Stats, fmt: torch.memory_format
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of BN w.r.t. input, weight and bias (training mode: through the batch stats)."""
     x = x.contiguous(memory_format=fmt)
     if stats.train:
-        invstd = torch.rsqrt(stats.var + bn.eps)
+        invstd = stats.invstd if stats.invstd is not None else torch.rsqrt(stats.var + bn.eps)
         return torch.ops.aten.native_batch_norm_backward(
             grad, x, bn.weight, None, None, stats.mean, invstd, True, bn.eps, [True, True, True]
         )
@@ -283,10 +301,9 @@ def _block_forward(x: Tensor, plan: _Plan) -> tuple[Tensor, dict[str, Any]]:
         if plan.training:
             _update_running(layer.norm1, s1, count)
         bottleneck = _conv(_bn_relu(buf[:, :c], layer.norm1, s1, plan.fmt), layer.conv1, plan.dtype)
-        s2 = _layer_stats(layer.norm2, _Stats(*_batch_stats(bottleneck), True) if plan.training else None)
-        if plan.training:
-            _update_running(layer.norm2, s2, count)
-        y = _conv(_bn_relu(bottleneck, layer.norm2, s2, plan.fmt), layer.conv2, plan.dtype)
+        z2, s2 = _norm_relu(bottleneck, layer.norm2, plan.training, plan.fmt)
+        y = _conv(z2, layer.conv2, plan.dtype)
+        del z2
         mask = None
         if layer.drop_rate > 0 and plan.training:
             y, mask = torch.native_dropout(y, layer.drop_rate, True)
@@ -412,14 +429,6 @@ def dense_block(block: nn.Module, x: Tensor, mode: str) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def _norm_relu_stats(x: Tensor, bn: nn.BatchNorm2d, plan: _Plan) -> _Stats:
-    if plan.training:
-        stats = _Stats(*_batch_stats(x), True)
-        _update_running(bn, stats, x.shape[0] * x.shape[2] * x.shape[3])
-        return stats
-    return _layer_stats(bn, None)
-
-
 def _tail_forward(z: Tensor, plan: _Plan) -> Tensor:
     if plan.extra["kind"] == "transition":
         return _conv(F.avg_pool2d(z, 2, 2), plan.modules[1], plan.dtype)
@@ -466,8 +475,8 @@ class _NormReluTailFunction(torch.autograd.Function):
         ctx.plan, ctx.input_dtype = plan, x.dtype
         with torch.autocast(plan.autocast[0], enabled=False):
             x = x.to(plan.dtype)
-            ctx.stats = _norm_relu_stats(x, plan.modules[0], plan)
-            out = _tail_forward(_bn_relu(x, plan.modules[0], ctx.stats, plan.fmt), plan)
+            z, ctx.stats = _norm_relu(x, plan.modules[0], plan.training, plan.fmt)
+            out = _tail_forward(z, plan)
         ctx.save_for_backward(x)
         return out
 
@@ -494,9 +503,7 @@ def _norm_relu_tail(x: Tensor, modules: list[nn.Module], kind: str, training: bo
     if not _needs_graph([x, *params]):
         with torch.no_grad(), torch.autocast(plan.autocast[0], enabled=False):
             x = x.to(plan.dtype)
-            return _tail_forward(
-                _bn_relu(x, modules[0], _norm_relu_stats(x, modules[0], plan), plan.fmt), plan
-            )
+            return _tail_forward(_norm_relu(x, modules[0], plan.training, plan.fmt)[0], plan)
     return _NormReluTailFunction.apply(x, plan, *params)
 
 
