@@ -78,19 +78,36 @@ class TransformedSubset(Dataset):
 
     Lets the training and validation parts of one split share a single underlying data set (read
     once) while using different transforms (augmentation only on the training part).
+
+    After :meth:`set_seed`, the random transform of item ``i`` draws from a generator seeded by
+    ``(seed, i)`` alone: augmentation then does not depend on the number of DataLoader workers or
+    on which worker loads an item, so a run resumed with other ``--workers`` sees the same images.
     """
 
     def __init__(self, dataset: Dataset, indices: Sequence[int], transform: Callable | None) -> None:
         self.dataset = dataset
         self.indices = list(indices)
         self.transform = transform
+        self.seed: int | None = None
+
+    def set_seed(self, seed: int | None) -> None:
+        """Seed the augmentation of the next pass (call before each epoch; None: global RNG)."""
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, i: int) -> tuple[Any, int]:
         image, target = self.dataset[self.indices[i]]
-        return (self.transform(image) if self.transform is not None else image), int(target)
+        if self.transform is None:
+            return image, int(target)
+        if self.seed is None:
+            return self.transform(image), int(target)
+        # torchvision's transforms draw from torch's global RNG: fork it so the caller's stream
+        # (dropout in the main process when workers=0) is unaffected.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + i) % 2**62)
+            return self.transform(image), int(target)
 
 
 class _TensorImages(Dataset):

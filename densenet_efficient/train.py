@@ -85,7 +85,7 @@ DEFAULT_MODE = engine.NAIVE
 # Defaults that depend on the data: the CIFAR ones are the original demo's; the digits ones give a
 # run of a few minutes on a 2-core laptop CPU; fine-tuning uses a smaller learning rate.
 _DATA_DEFAULTS: dict[str, dict[str, Any]] = {
-    "digits": {"depth": 40, "n_epochs": 12, "workers": 0},
+    "digits": {"depth": 22, "n_epochs": 15, "workers": 0},
     "cifar10": {"depth": 100, "n_epochs": 300},
     "cifar100": {"depth": 100, "n_epochs": 300},
     "imagefolder": {"n_epochs": 30},
@@ -184,7 +184,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model")
     g.add_argument("--arch", help=f"a named architecture ({', '.join(list_architectures())}); "
                                   "default: DenseNet-BC of --depth")
-    g.add_argument("--depth", type=int, help="DenseNet-BC depth, 6n+4 (default 100 for CIFAR, 40 for digits)")
+    g.add_argument("--depth", type=int, help="DenseNet-BC depth, 6n+4 (default 100 for CIFAR, 22 for digits)")
     g.add_argument("--growth-rate", type=int, default=d.growth_rate)
     g.add_argument("--drop-rate", type=float, default=d.drop_rate)
     g.add_argument("--mode", "--memory-efficient", dest="mode", choices=engine.MODES, default=d.mode,
@@ -192,7 +192,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--pretrained", action="store_true", help="start from the architecture's published weights")
     g.add_argument("--freeze-features", action="store_true", help="train only the classifier")
     g = parser.add_argument_group("optimisation")
-    g.add_argument("--n-epochs", type=int, help="default 300 for CIFAR, 12 for digits, 30 for ImageFolders")
+    g.add_argument("--n-epochs", type=int, help="default 300 for CIFAR, 15 for digits, 30 for ImageFolders")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="per process")
     g.add_argument("--lr", type=float, help="initial learning rate (default 0.1; 0.01 with --pretrained)")
     g.add_argument("--momentum", type=float, default=d.momentum)
@@ -470,13 +470,15 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 
 def _seed_epoch(seed: int, epoch: int, rank: int, loader: DataLoader) -> None:
-    """Seed every RNG from (seed, epoch, rank): augmentations and dropout of an epoch then do
-    not depend on how the run got there (resumed or not, how many workers)."""
+    """Seed every RNG from (seed, epoch, rank) and the augmentation from (seed, epoch, image): an
+    epoch then does not depend on how the run got there (resumed or not, how many workers)."""
     s = (seed * 1_000_003 + epoch * 1_009 + rank) % 2**31
     torch.manual_seed(s)
     np.random.seed(s)
     random.seed(s)
     loader.generator.manual_seed(s)  # worker base seeds
+    if isinstance(loader.dataset, TransformedSubset):
+        loader.dataset.set_seed((seed * 1_000_003 + epoch) % 2**31)
 
 
 def _batches(loader: DataLoader, device: torch.device, channels_last: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
