@@ -103,11 +103,15 @@ class TransformedSubset(Dataset):
             return image, int(target)
         if self.seed is None:
             return self.transform(image), int(target)
-        # torchvision's transforms draw from torch's global RNG: fork it so the caller's stream
-        # (dropout in the main process when workers=0) is unaffected.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + i) % 2**62)
+        # torchvision's transforms draw from torch's global CPU RNG: save and restore it so the
+        # caller's stream (dropout in the main process when workers=0) is unaffected. (Only the CPU
+        # generator: torch.manual_seed would also poke every accelerator backend, ~2 ms a call.)
+        state = torch.get_rng_state()
+        torch.default_generator.manual_seed((self.seed * 1_000_003 + i) % 2**62)
+        try:
             return self.transform(image), int(target)
+        finally:
+            torch.set_rng_state(state)
 
 
 class _TensorImages(Dataset):

@@ -284,7 +284,7 @@ def test_torchrun_two_processes_gloo_only_rank0_writes(tmp_path):
     save = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          str(launcher), "train", "--data", str(data), "--image-size", "32", "--depth", "10",
          "--growth-rate", "6", "--n-epochs", "2", "--batch-size", "4", "--workers", "0",
          "--save", str(save), "--no-progress"],
