@@ -49,7 +49,8 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from . import engine
-from .data import DATASETS, DataBundle, TransformedSubset, build_data
+from .data import DATASETS, DataBundle, TransformedSubset, build_data, detect_dataset
+from .hub import save_hub_folder
 from .models import DenseNet, create_model, densenet_bc
 from .registry import densenet_bc_config, list_architectures
 
@@ -80,7 +81,7 @@ LOG_COLUMNS = (
 _CHECKPOINT_FORMAT = "densenet_efficient.train/1"
 
 #: Execution mode of the dense blocks when none is asked for.
-DEFAULT_MODE = engine.NAIVE
+DEFAULT_MODE = engine.EFFICIENT
 
 # Defaults that depend on the data: the CIFAR ones are the original demo's; the digits ones give a
 # run of a few minutes on a 2-core laptop CPU; fine-tuning uses a smaller learning rate.
@@ -361,11 +362,8 @@ def _write_log(path: Path, history: list[dict[str, float]]) -> None:
 
 
 def _save_model_folder(model: DenseNet, out_dir: Path, provenance: dict[str, Any]) -> None:
-    """Save ``model`` as a Hugging Face-ready folder (safetensors + config.json + card)."""
-    try:
-        from .hub import save_hub_folder
-    except ImportError:  # the hub module lands on its own branch; until then only checkpoints
-        return
+    """Save ``model`` as a Hugging Face-ready folder (safetensors + config.json + model card),
+    atomically, loadable by :func:`densenet_efficient.from_pretrained`."""
     save_hub_folder(model, out_dir, provenance=provenance, overwrite=True)
 
 
@@ -546,8 +544,6 @@ def _train(config: TrainConfig, info: _Dist, device: torch.device) -> TrainResul
 
     dataset = config.dataset
     if dataset == "auto":
-        from .data import detect_dataset
-
         dataset = detect_dataset(config.data)
     c = _resolve(config, dataset)
     if c.amp == "fp16" and device.type != "cuda":
@@ -607,7 +603,7 @@ def _train(config: TrainConfig, info: _Dist, device: torch.device) -> TrainResul
     if info.main:
         where = f"{device}" + (f" x {info.world_size} processes" if info.enabled else "")
         log(f"{model.arch_summary()} mode={c.mode}, {sum(p.numel() for p in model.parameters()):,} "
-            f"parameters; {data.name}: {len(data.train)} train / "
+            f"parameters; {data.name} {data.image_size}x{data.image_size}: {len(data.train)} train / "
             f"{len(data.valid) if data.valid else 0} valid images, {data.num_classes} classes; {where}; "
             f"saving to {save_dir}" + (f" (resuming after epoch {start_epoch})" if ckpt else ""))
 

@@ -14,10 +14,12 @@ import pytest
 import torch
 
 import densenet_efficient.train as train_mod
-from densenet_efficient import cli, densenet_bc
+from densenet_efficient import cli, densenet_bc, densenet_bc_100, from_pretrained
+from densenet_efficient import weights as weights_mod
 from densenet_efficient.train import LOG_COLUMNS, NonFiniteLossError, TrainConfig, load_checkpoint, train
 
 from .fakedata import point_cifar10_at, write_fake_cifar10, write_image_folder
+from .hub_helpers import randomize_, serve, sha256
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,7 +68,7 @@ def test_cli_trains_fake_cifar10_with_the_demo_schedule(cifar, tmp_path, capsys)
               "--no-download", "--workers", "0")
     assert rc == 0
     out = capsys.readouterr().out
-    assert "cifar10: 80 train / 20 valid images, 10 classes" in out and "test (best model" in out
+    assert "cifar10 32x32: 80 train / 20 valid images, 10 classes" in out and "test (best model" in out
     rows = _read_log(save / "log.csv")
     assert [r["epoch"] for r in rows] == ["1", "2", "3", "4"] and tuple(rows[0]) == LOG_COLUMNS
     # SGD lr 0.1, x0.1 at 50% and 75% of the epochs (MultiStepLR milestones 2 and 3).
@@ -75,7 +77,7 @@ def test_cli_trains_fake_cifar10_with_the_demo_schedule(cifar, tmp_path, capsys)
     assert all(0 <= float(r[k]) <= 1 for r in rows for k in ("train_error", "valid_error"))
 
     ckpt = load_checkpoint(save / "checkpoint.pt")  # weights_only=True inside
-    assert ckpt["epoch"] == 4 and ckpt["config"]["depth"] == 10 and ckpt["config"]["mode"] == "naive"
+    assert ckpt["epoch"] == 4 and ckpt["config"]["depth"] == 10 and ckpt["config"]["mode"] == "efficient"
     group = ckpt["optimizer"]["param_groups"][0]
     assert (group["momentum"], group["nesterov"], group["weight_decay"]) == (0.9, True, 1e-4)
     model = densenet_bc(10, growth_rate=6, num_classes=10)
@@ -255,6 +257,64 @@ def test_freeze_features_trains_only_the_classifier(cifar, tmp_path):
     assert not torch.equal(initial["classifier.weight"], final["classifier.weight"])
 
 
+# -- fine-tuning and saved models -----------------------------------------------------------------
+
+
+def test_finetunes_an_imagefolder_from_locally_served_pretrained_weights(tmp_path, monkeypatch, capsys):
+    # "Published" weights: a 10-class CIFAR DenseNet-BC-100 (random here), served from localhost and
+    # registered with its own preprocessing (resize 36, crop 32) through the manifest override.
+    torch.manual_seed(1)
+    source = randomize_(densenet_bc_100()).state_dict()
+    files = tmp_path / "files"
+    files.mkdir()
+    torch.save(source, files / "w.pth")
+    name = f"densenet_bc_100-{sha256(files / 'w.pth')[:8]}.pth"
+    os.replace(files / "w.pth", files / name)
+    data = tmp_path / "flowers"
+    write_image_folder(data / "train", classes=("daisy", "rose", "tulip"), per_class=4, size=48)
+    write_image_folder(data / "val", classes=("daisy", "rose", "tulip"), per_class=2, size=48, seed=1)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    save = tmp_path / "run"
+    with serve(files) as base:
+        preprocessing = {"resize_size": 36, "crop_size": 32, "interpolation": "bilinear", "antialias": True,
+                         "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+        entry = {"url": f"{base}/{name}", "num_classes": 10, "preprocessing": preprocessing}
+        manifest = {"format": weights_mod.MANIFEST_FORMAT,
+                    "architectures": {"densenet_bc_100": {"default": "CIFAR10", "weights": {"CIFAR10": entry}}}}
+        (tmp_path / "manifest.json").write_text(__import__("json").dumps(manifest))
+        monkeypatch.setenv(weights_mod.MANIFEST_ENV, str(tmp_path / "manifest.json"))
+        with pytest.warns(UserWarning, match=r"re-initialised classifier\.weight, classifier\.bias"):
+            result = train(TrainConfig(arch="densenet_bc_100", pretrained=True, data=str(data),
+                                       freeze_features=True, n_epochs=2, batch_size=6, save=str(save),
+                                       progress=False, workers=0))
+    assert "imagefolder 32x32: 12 train / 6 valid images, 3 classes" in capsys.readouterr().out
+    model = result.model
+    assert model.classifier.weight.shape == (3, model.num_features)
+    for key, value in model.state_dict().items():
+        if key.startswith("features."):  # the pretrained features, loaded and kept (frozen)
+            assert torch.equal(value, source[key]), key
+    assert load_checkpoint(save / "checkpoint.pt")["optimizer"]["param_groups"][0]["initial_lr"] == 0.01
+
+    # The best and last models are Hub folders that from_pretrained loads as the trained model.
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    for folder in ("best", "last"):
+        loaded = from_pretrained(save / folder)
+        assert loaded.arch_config.num_classes == 3
+        assert {p.name for p in (save / folder).iterdir()} >= {"model.safetensors", "config.json", "README.md"}
+    last = from_pretrained(save / "last", memory_efficient=model.memory_efficient)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, last.state_dict()[key]), key
+    with torch.no_grad():
+        assert torch.allclose(last(x), model(x), atol=1e-5)
+    assert "daisy" in (save / "last" / "README.md").read_text()
+
+
+def test_pretrained_without_a_named_architecture_is_refused(tmp_path, capsys):
+    assert _cli("--pretrained", "--save", str(tmp_path / "run")) == 2
+    assert "--pretrained needs --arch" in capsys.readouterr().err
+
+
 # -- many processes -------------------------------------------------------------------------------
 
 
@@ -295,7 +355,7 @@ def test_torchrun_two_processes_gloo_only_rank0_writes(tmp_path):
     writes = (spy_dir / "rank0").read_text().splitlines()
     assert sum(w.endswith("checkpoint.pt") for w in writes) == 2
     assert proc.stdout.count("epoch 2/2:") == 1  # rank-0-only logging
-    assert "cpu x 2 processes" in proc.stdout and "imagefolder: 18 train / 6 valid images" in proc.stdout
+    assert "cpu x 2 processes" in proc.stdout and "imagefolder 32x32: 18 train / 6 valid images" in proc.stdout
     rows = _read_log(save / "log.csv")
     assert [r["epoch"] for r in rows] == ["1", "2"]
     assert load_checkpoint(save / "checkpoint.pt")["epoch"] == 2
