@@ -239,9 +239,7 @@ def _build_cifar(name: str, root: Path, valid_size: int | float, seed: int, down
 # -- ImageFolder ----------------------------------------------------------------------------------
 
 
-def imagenet_transforms(
-    preset: Any = None, image_size: int | None = None
-) -> tuple[Callable, Callable, int]:
+def imagenet_transforms(preset: Any = None, image_size: int | None = None) -> tuple[Callable, Callable, int]:
     """``(train_transform, eval_transform, crop_size)`` following pretrained weights' preprocessing.
 
     ``preset`` is what ``weights.transforms()`` returns (torchvision's ``ImageClassification``:

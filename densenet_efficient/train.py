@@ -172,25 +172,51 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Add the ``train`` options to ``parser`` (called by :mod:`densenet_efficient.cli`)."""
     d = TrainConfig()
     g = parser.add_argument_group("data")
-    g.add_argument("--dataset", choices=DATASETS, default=d.dataset,
-                   help="auto: digits without --data, CIFAR if DIR holds it, else an ImageFolder")
+    g.add_argument(
+        "--dataset",
+        choices=DATASETS,
+        default=d.dataset,
+        help="auto: digits without --data, CIFAR if DIR holds it, else an ImageFolder",
+    )
     g.add_argument("--data", metavar="DIR", help="data directory (none: the embedded digits set)")
-    g.add_argument("--valid-size", type=_count_or_fraction, metavar="N",
-                   help="training images held out for validation: a count or a fraction "
-                        "(default 5000 for CIFAR, 0.1 otherwise; 0 for CIFAR validates on the test set)")
-    g.add_argument("--download", action=argparse.BooleanOptionalAction, default=d.download,
-                   help="download CIFAR when missing (needs network access)")
-    g.add_argument("--image-size", type=int, metavar="PX",
-                   help="ImageFolder crop size (default: the pretrained weights' preset, else 224)")
+    g.add_argument(
+        "--valid-size",
+        type=_count_or_fraction,
+        metavar="N",
+        help="training images held out for validation: a count or a fraction "
+        "(default 5000 for CIFAR, 0.1 otherwise; 0 for CIFAR validates on the test set)",
+    )
+    g.add_argument(
+        "--download",
+        action=argparse.BooleanOptionalAction,
+        default=d.download,
+        help="download CIFAR when missing (needs network access)",
+    )
+    g.add_argument(
+        "--image-size",
+        type=int,
+        metavar="PX",
+        help="ImageFolder crop size (default: the pretrained weights' preset, else 224)",
+    )
     g = parser.add_argument_group("model")
-    g.add_argument("--arch", help=f"a named architecture ({', '.join(list_architectures())}); "
-                                  "default: DenseNet-BC of --depth")
+    g.add_argument(
+        "--arch",
+        help=f"a named architecture ({', '.join(list_architectures())}); default: DenseNet-BC of --depth",
+    )
     g.add_argument("--depth", type=int, help="DenseNet-BC depth, 6n+4 (default 100 for CIFAR, 22 for digits)")
     g.add_argument("--growth-rate", type=int, default=d.growth_rate)
     g.add_argument("--drop-rate", type=float, default=d.drop_rate)
-    g.add_argument("--mode", "--memory-efficient", dest="mode", choices=engine.MODES, default=d.mode,
-                   help=f"how dense blocks execute (default {d.mode})")
-    g.add_argument("--pretrained", action="store_true", help="start from the architecture's published weights")
+    g.add_argument(
+        "--mode",
+        "--memory-efficient",
+        dest="mode",
+        choices=engine.MODES,
+        default=d.mode,
+        help=f"how dense blocks execute (default {d.mode})",
+    )
+    g.add_argument(
+        "--pretrained", action="store_true", help="start from the architecture's published weights"
+    )
     g.add_argument("--freeze-features", action="store_true", help="train only the classifier")
     g = parser.add_argument_group("optimisation")
     g.add_argument("--n-epochs", type=int, help="default 300 for CIFAR, 15 for digits, 30 for ImageFolders")
@@ -211,8 +237,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--save", metavar="DIR", help="run directory (default runs/<dataset>-<time>)")
     g.add_argument("--resume", action="store_true", help="continue the run saved in --save")
     g.add_argument("--overwrite", action="store_true", help="start afresh over a run already in --save")
-    g.add_argument("--stop-after", type=int, metavar="N",
-                   help="stop (checkpoint kept) after N epochs of this invocation; --resume continues")
+    g.add_argument(
+        "--stop-after",
+        type=int,
+        metavar="N",
+        help="stop (checkpoint kept) after N epochs of this invocation; --resume continues",
+    )
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
@@ -309,8 +339,13 @@ def _rng_state() -> dict[str, Any]:
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
         "python": [version, list(internal), gauss_next],
     }
 
@@ -320,8 +355,9 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
     n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
+    np.random.set_state(
+        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(internal), gauss_next))
 
@@ -342,8 +378,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
             f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
         ) from None
     needed = ("format", "epoch", "model", "optimizer", "scheduler", "config", "rng", "history")
-    if not isinstance(ckpt, dict) or ckpt.get("format") != _CHECKPOINT_FORMAT or any(
-        k not in ckpt for k in needed
+    if (
+        not isinstance(ckpt, dict)
+        or ckpt.get("format") != _CHECKPOINT_FORMAT
+        or any(k not in ckpt for k in needed)
     ):
         raise ValueError(
             f"checkpoint {path} is not a densenet-efficient training checkpoint "
@@ -380,7 +418,9 @@ def _resolve(config: TrainConfig, dataset: str) -> TrainConfig:
         if c.depth is not None:
             raise ValueError(f"--arch {c.arch} and --depth {c.depth} both given; choose one")
         if c.arch not in list_architectures():
-            raise ValueError(f"unknown architecture {c.arch!r}; expected one of {', '.join(list_architectures())}")
+            raise ValueError(
+                f"unknown architecture {c.arch!r}; expected one of {', '.join(list_architectures())}"
+            )
     else:
         densenet_bc_config(c.depth, c.growth_rate)  # validates depth = 6n+4 with a clear message
         if c.pretrained:
@@ -433,8 +473,9 @@ def _loader(
     if shuffle:
         # A DistributedSampler even on one process: it reshuffles from (seed, epoch), so a resumed
         # run sees exactly the order an uninterrupted one would.
-        sampler = DistributedSampler(dataset, info.world_size, info.rank, shuffle=True, seed=c.seed,
-                                     drop_last=info.enabled)
+        sampler = DistributedSampler(
+            dataset, info.world_size, info.rank, shuffle=True, seed=c.seed, drop_last=info.enabled
+        )
     else:
         # Evaluation: each rank takes every world_size-th image, no padding, sums reduced later.
         if info.enabled:
@@ -479,7 +520,9 @@ def _seed_epoch(seed: int, epoch: int, rank: int, loader: DataLoader) -> None:
         loader.dataset.set_seed((seed * 1_000_003 + epoch) % 2**31)
 
 
-def _batches(loader: DataLoader, device: torch.device, channels_last: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _batches(
+    loader: DataLoader, device: torch.device, channels_last: bool
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     for x, y in loader:
         yield (x.to(device, non_blocking=True, memory_format=fmt), y.to(device, non_blocking=True))
@@ -508,8 +551,8 @@ def evaluate(
 def train(config: TrainConfig | None = None, **overrides: Any) -> TrainResult:
     """Run (or resume) training as ``config`` describes; see the module docstring.
 
-    >>> result = train(depth=10, n_epochs=1, save="/tmp/de-doc", overwrite=True, progress=False)
-    >>> result.epochs_completed
+    >>> result = train(depth=10, n_epochs=1, save="runs/doc", progress=False)  # doctest: +SKIP
+    >>> result.epochs_completed  # doctest: +SKIP
     1
 
     Raises ``ValueError``/``FileNotFoundError``/``FileExistsError`` for bad settings or data
@@ -525,8 +568,11 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> TrainResult:
 
 
 def _train(config: TrainConfig, info: _Dist, device: torch.device) -> TrainResult:
-    save_dir = Path(config.save or f"runs/{config.dataset if config.data is None else Path(config.data).name}-"
-                    f"{time.strftime('%Y%m%d-%H%M%S')}")
+    save_dir = Path(
+        config.save
+        or f"runs/{config.dataset if config.data is None else Path(config.data).name}-"
+        f"{time.strftime('%Y%m%d-%H%M%S')}"
+    )
     ckpt_path = save_dir / CHECKPOINT_NAME
     ckpt = None
     if config.resume:
@@ -557,8 +603,13 @@ def _train(config: TrainConfig, info: _Dist, device: torch.device) -> TrainResul
 
     torch.manual_seed(c.seed)
     data: DataBundle = build_data(
-        dataset, c.data, valid_size=c.valid_size, seed=c.seed, download=c.download and info.main,
-        preset=_weights_preset(c), image_size=c.image_size,
+        dataset,
+        c.data,
+        valid_size=c.valid_size,
+        seed=c.seed,
+        download=c.download and info.main,
+        preset=_weights_preset(c),
+        image_size=c.image_size,
     )
     if info.enabled and dataset in ("cifar10", "cifar100") and c.download:
         dist.barrier()  # rank 0 downloaded; the others can read now
@@ -571,8 +622,9 @@ def _train(config: TrainConfig, info: _Dist, device: torch.device) -> TrainResul
     if c.sync_bn and info.enabled:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, nesterov=c.momentum > 0,
-                                weight_decay=c.weight_decay)
+    optimizer = torch.optim.SGD(
+        params, lr=c.lr, momentum=c.momentum, nesterov=c.momentum > 0, weight_decay=c.weight_decay
+    )
     milestones = [int(0.5 * c.n_epochs), int(0.75 * c.n_epochs)]
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
     scaler = torch.amp.GradScaler(device.type, enabled=c.amp == "fp16")
@@ -602,13 +654,18 @@ def _train(config: TrainConfig, info: _Dist, device: torch.device) -> TrainResul
     log = print if info.main else (lambda *a, **k: None)
     if info.main:
         where = f"{device}" + (f" x {info.world_size} processes" if info.enabled else "")
-        log(f"{model.arch_summary()} mode={c.mode}, {sum(p.numel() for p in model.parameters()):,} "
+        log(
+            f"{model.arch_summary()} mode={c.mode}, {sum(p.numel() for p in model.parameters()):,} "
             f"parameters; {data.name} {data.image_size}x{data.image_size}: {len(data.train)} train / "
             f"{len(data.valid) if data.valid else 0} valid images, {data.num_classes} classes; {where}; "
-            f"saving to {save_dir}" + (f" (resuming after epoch {start_epoch})" if ckpt else ""))
+            f"saving to {save_dir}" + (f" (resuming after epoch {start_epoch})" if ckpt else "")
+        )
 
-    provenance = {"training": {k: v for k, v in c.to_dict().items() if k not in _RUNTIME_FIELDS},
-                  "dataset": data.name, "classes": data.classes}
+    provenance = {
+        "training": {k: v for k, v in c.to_dict().items() if k not in _RUNTIME_FIELDS},
+        "dataset": data.name,
+        "classes": data.classes,
+    }
     end_epoch = c.n_epochs if c.stop_after is None else min(c.n_epochs, start_epoch + c.stop_after)
     for epoch in range(start_epoch, end_epoch):
         _seed_epoch(c.seed, epoch, info.rank, train_loader)
@@ -617,27 +674,50 @@ def _train(config: TrainConfig, info: _Dist, device: torch.device) -> TrainResul
             torch.cuda.reset_peak_memory_stats(device)
         lr = optimizer.param_groups[0]["lr"]
         t0 = time.perf_counter()
-        train_loss, train_error = _train_epoch(net, model, train_loader, optimizer, scaler, c, info, device,
-                                               f"epoch {epoch + 1}/{c.n_epochs}")
+        train_loss, train_error = _train_epoch(
+            net, model, train_loader, optimizer, scaler, c, info, device, f"epoch {epoch + 1}/{c.n_epochs}"
+        )
         scheduler.step()
         valid_loss, valid_error = (
             evaluate(net, valid_loader, device, c, info) if valid_loader else (math.nan, math.nan)
         )
         seconds = time.perf_counter() - t0
-        row = {"epoch": epoch + 1, "train_loss": train_loss, "train_error": train_error,
-               "valid_loss": valid_loss, "valid_error": valid_error, "lr": lr,
-               "epoch_seconds": round(seconds, 3), "peak_memory_mb": round(_peak_memory_mb(device), 1)}
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": train_loss,
+            "train_error": train_error,
+            "valid_loss": valid_loss,
+            "valid_error": valid_error,
+            "lr": lr,
+            "epoch_seconds": round(seconds, 3),
+            "peak_memory_mb": round(_peak_memory_mb(device), 1),
+        }
         history.append(row)
         score = valid_error if valid_loader else train_error
         improved = best_error is None or score < best_error
         if improved:
             best_error, best_epoch = score, epoch + 1
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        log(f"epoch {epoch + 1}/{c.n_epochs}: train loss {train_loss:.4f} error {train_error:.4f} | "
-            f"valid loss {valid_loss:.4f} error {valid_error:.4f} | lr {lr:g} | {seconds:.1f}s")
+        log(
+            f"epoch {epoch + 1}/{c.n_epochs}: train loss {train_loss:.4f} error {train_error:.4f} | "
+            f"valid loss {valid_loss:.4f} error {valid_error:.4f} | lr {lr:g} | {seconds:.1f}s"
+        )
         if info.main:
-            _save_epoch(save_dir, model, optimizer, scheduler, scaler, c, epoch + 1, history,
-                        best_error, best_epoch, best_state, improved, provenance)
+            _save_epoch(
+                save_dir,
+                model,
+                optimizer,
+                scheduler,
+                scaler,
+                c,
+                epoch + 1,
+                history,
+                best_error,
+                best_epoch,
+                best_state,
+                improved,
+                provenance,
+            )
 
     finished = end_epoch == c.n_epochs
     result = TrainResult(save_dir, end_epoch, finished, history, best_epoch, best_error, model=model)
@@ -649,8 +729,10 @@ def _train(config: TrainConfig, info: _Dist, device: torch.device) -> TrainResul
         result.test_loss, result.test_error = evaluate(net, test_loader, device, c, info)
         if best_state is not None:
             model.load_state_dict(last)
-        log(f"test (best model, epoch {best_epoch}): loss {result.test_loss:.4f} "
-            f"error {result.test_error:.4f} (accuracy {100 * (1 - result.test_error):.2f}%)")
+        log(
+            f"test (best model, epoch {best_epoch}): loss {result.test_loss:.4f} "
+            f"error {result.test_error:.4f} (accuracy {100 * (1 - result.test_error):.2f}%)"
+        )
     elif not finished:
         log(f"stopped after epoch {end_epoch} of {c.n_epochs}; continue with --save {save_dir} --resume")
     return result
@@ -672,8 +754,14 @@ def _train_epoch(
         model.features.eval()  # frozen features keep their pretrained BN statistics too
     loss_sum = err_sum = count = 0.0
     t0 = time.perf_counter()
-    bar = tqdm(loader, desc=desc, unit="batch", leave=False, disable=not (c.progress and info.main),
-               dynamic_ncols=True)
+    bar = tqdm(
+        loader,
+        desc=desc,
+        unit="batch",
+        leave=False,
+        disable=not (c.progress and info.main),
+        dynamic_ncols=True,
+    )
     for x, y in _batches(bar, device, c.channels_last):
         with _autocast(c, device):
             out = net(x)
@@ -694,14 +782,30 @@ def _train_epoch(
         loss_sum += loss.item() * n
         err_sum += float((out.argmax(1) != y).sum())
         count += n
-        bar.set_postfix(loss=f"{loss_sum / count:.3f}", acc=f"{100 * (1 - err_sum / count):.1f}%",
-                        img_s=f"{count * info.world_size / (time.perf_counter() - t0):.0f}")
+        bar.set_postfix(
+            loss=f"{loss_sum / count:.3f}",
+            acc=f"{100 * (1 - err_sum / count):.1f}%",
+            img_s=f"{count * info.world_size / (time.perf_counter() - t0):.0f}",
+        )
     loss_sum, err_sum, count = _all_reduce([loss_sum, err_sum, count], info, device)
     return loss_sum / count, err_sum / count
 
 
-def _save_epoch(save_dir, model, optimizer, scheduler, scaler, c, epoch, history, best_error, best_epoch,
-                best_state, improved, provenance) -> None:
+def _save_epoch(
+    save_dir,
+    model,
+    optimizer,
+    scheduler,
+    scaler,
+    c,
+    epoch,
+    history,
+    best_error,
+    best_epoch,
+    best_state,
+    improved,
+    provenance,
+) -> None:
     """Rank 0, end of an epoch: model folders, the CSV log, then the checkpoint (last, so that a
     checkpoint for epoch e implies everything else of epoch e is on disk)."""
     meta = dict(provenance, epoch=epoch, valid_error=history[-1]["valid_error"])

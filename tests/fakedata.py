@@ -56,8 +56,12 @@ def write_fake_cifar10(root: Path, per_batch: int = 20, test_size: int = 20, see
             r, c = divmod(label, 4)
             data[i, label % 3, 4 + 8 * r : 12 + 8 * r, 4 + 6 * c : 12 + 6 * c] = 250
         # The official layout: (N, 3072) uint8 rows (R plane, G plane, B plane), a list of labels.
-        return {b"batch_label": name.encode(), b"labels": labels, b"data": data.reshape(n, -1),
-                b"filenames": [f"{name}_{i}.png".encode() for i in range(n)]}
+        return {
+            b"batch_label": name.encode(),
+            b"labels": labels,
+            b"data": data.reshape(n, -1),
+            b"filenames": [f"{name}_{i}.png".encode() for i in range(n)],
+        }
 
     train_list, written = [], {}
     for k in range(1, 6):
@@ -88,7 +92,11 @@ def point_cifar10_at(monkeypatch, md5s: dict) -> None:
 
 
 def write_image_folder(
-    root: Path, classes: tuple[str, ...] = ("circle", "square"), per_class: int = 8, size: int = 40, seed: int = 0
+    root: Path,
+    classes: tuple[str, ...] = ("circle", "square"),
+    per_class: int = 8,
+    size: int = 40,
+    seed: int = 0,
 ) -> Path:
     """PNG images under ``root/<class>/``; each class a differently coloured, placed square."""
     rng = np.random.default_rng(seed)

@@ -64,9 +64,7 @@ def test_digits_training_transform_augments_but_evaluation_does_not():
     assert torch.equal(bundle.valid[0][0], bundle.valid[0][0])
 
 
-@pytest.mark.parametrize(
-    ("n", "valid", "expected"), [(10, 0.2, 2), (10, 3, 3), (10, 0, 0), (5, 0.5, 2)]
-)
+@pytest.mark.parametrize(("n", "valid", "expected"), [(10, 0.2, 2), (10, 3, 3), (10, 0, 0), (5, 0.5, 2)])
 def test_split_indices_counts_and_partitions(n, valid, expected):
     train, held = split_indices(n, valid, seed=0)
     assert len(held) == expected and sorted(train + held) == list(range(n))

@@ -33,9 +33,18 @@ def cifar(tmp_path, monkeypatch) -> Path:
 
 
 def _tiny(cifar: Path, save: Path, **kw) -> TrainConfig:
-    base = {"data": str(cifar), "depth": 10, "growth_rate": 6, "batch_size": 16, "valid_size": 20,
-            "n_epochs": 3, "save": str(save), "progress": False, "download": False,
-            "workers": 0}
+    base = {
+        "data": str(cifar),
+        "depth": 10,
+        "growth_rate": 6,
+        "batch_size": 16,
+        "valid_size": 20,
+        "n_epochs": 3,
+        "save": str(save),
+        "progress": False,
+        "download": False,
+        "workers": 0,
+    }
     return TrainConfig(**{**base, **kw})
 
 
@@ -63,9 +72,26 @@ def test_embedded_default_learns(tmp_path):
 
 def test_cli_trains_fake_cifar10_with_the_demo_schedule(cifar, tmp_path, capsys):
     save = tmp_path / "run"
-    rc = _cli("--data", str(cifar), "--depth", "10", "--growth-rate", "6", "--n-epochs", "4",
-              "--batch-size", "16", "--valid-size", "20", "--save", str(save), "--no-progress",
-              "--no-download", "--workers", "0")
+    rc = _cli(
+        "--data",
+        str(cifar),
+        "--depth",
+        "10",
+        "--growth-rate",
+        "6",
+        "--n-epochs",
+        "4",
+        "--batch-size",
+        "16",
+        "--valid-size",
+        "20",
+        "--save",
+        str(save),
+        "--no-progress",
+        "--no-download",
+        "--workers",
+        "0",
+    )
     assert rc == 0
     out = capsys.readouterr().out
     assert "cifar10 32x32: 80 train / 20 valid images, 10 classes" in out and "test (best model" in out
@@ -129,8 +155,22 @@ def test_killed_and_resumed_run_ends_with_identical_weights(cifar, tmp_path, mon
 
 def test_stop_after_then_resume_via_cli(cifar, tmp_path):
     train(_tiny(cifar, tmp_path / "straight"))
-    common = ["--data", str(cifar), "--depth", "10", "--growth-rate", "6", "--n-epochs", "3",
-              "--batch-size", "16", "--valid-size", "20", "--no-progress", "--no-download"]
+    common = [
+        "--data",
+        str(cifar),
+        "--depth",
+        "10",
+        "--growth-rate",
+        "6",
+        "--n-epochs",
+        "3",
+        "--batch-size",
+        "16",
+        "--valid-size",
+        "20",
+        "--no-progress",
+        "--no-download",
+    ]
     save = str(tmp_path / "sliced")
     assert _cli(*common, "--save", save, "--stop-after", "2") == 0
     assert len(_read_log(tmp_path / "sliced" / "log.csv")) == 2
@@ -160,8 +200,22 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(cifar, tmp_pat
 
     # Through the CLI: exit code 1 and one clear line.
     calls["n"] = 0
-    args = ["--data", str(cifar), "--depth", "10", "--valid-size", "20", "--no-progress", "--no-download",
-            "--n-epochs", "3", "--batch-size", "16", "--save", str(tmp_path / "cli")]
+    args = [
+        "--data",
+        str(cifar),
+        "--depth",
+        "10",
+        "--valid-size",
+        "20",
+        "--no-progress",
+        "--no-download",
+        "--n-epochs",
+        "3",
+        "--batch-size",
+        "16",
+        "--save",
+        str(tmp_path / "cli"),
+    ]
     assert _cli(*args) == 1
     assert "the training loss became" in capsys.readouterr().err
 
@@ -178,9 +232,16 @@ def snapshot():
     ("make", "argv", "message"),
     [
         (lambda d: None, ["--data", "{d}/nowhere"], "data directory .*nowhere does not exist"),
-        (lambda d: write_image_folder(d / "one", classes=("cat",), per_class=2),
-         ["--data", "{d}/one", "--image-size", "32"], r"has 1 class folder \(cat\); a classifier needs at least 2"),
-        (lambda d: None, ["--depth", "50"], "depth must be of the form 6n\\+4 with n >= 1 \\(e.g. 46, 52\\), got 50"),
+        (
+            lambda d: write_image_folder(d / "one", classes=("cat",), per_class=2),
+            ["--data", "{d}/one", "--image-size", "32"],
+            r"has 1 class folder \(cat\); a classifier needs at least 2",
+        ),
+        (
+            lambda d: None,
+            ["--depth", "50"],
+            "depth must be of the form 6n\\+4 with n >= 1 \\(e.g. 46, 52\\), got 50",
+        ),
         (lambda d: None, ["--amp", "fp16", "--device", "cpu"], "--amp fp16 needs a CUDA GPU"),
         (lambda d: None, ["--sync-bn", "--mode", "efficient"], "--sync-bn works only with --mode naive"),
         (lambda d: None, ["--arch", "densenet999"], "unknown architecture 'densenet999'"),
@@ -221,8 +282,20 @@ def test_existing_run_is_not_overwritten_without_resume_or_overwrite(cifar, tmp_
     save = tmp_path / "run"
     train(_tiny(cifar, save, n_epochs=1))
     before = snapshot(save)
-    args = ["--data", str(cifar), "--depth", "10", "--valid-size", "20", "--n-epochs", "1",
-            "--no-progress", "--no-download", "--save", str(save)]
+    args = [
+        "--data",
+        str(cifar),
+        "--depth",
+        "10",
+        "--valid-size",
+        "20",
+        "--n-epochs",
+        "1",
+        "--no-progress",
+        "--no-download",
+        "--save",
+        str(save),
+    ]
     assert _cli(*args) == 2
     assert "already holds a training run (checkpoint.pt); pass --resume" in capsys.readouterr().err
     assert snapshot(save) == before
@@ -285,17 +358,35 @@ def test_finetunes_an_imagefolder_from_locally_served_pretrained_weights(tmp_pat
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     save = tmp_path / "run"
     with serve(files) as base:
-        preprocessing = {"resize_size": 36, "crop_size": 32, "interpolation": "bilinear", "antialias": True,
-                         "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+        preprocessing = {
+            "resize_size": 36,
+            "crop_size": 32,
+            "interpolation": "bilinear",
+            "antialias": True,
+            "mean": [0.5, 0.5, 0.5],
+            "std": [0.25, 0.25, 0.25],
+        }
         entry = {"url": f"{base}/{name}", "num_classes": 10, "preprocessing": preprocessing}
-        manifest = {"format": weights_mod.MANIFEST_FORMAT,
-                    "architectures": {"densenet_bc_100": {"default": "CIFAR10", "weights": {"CIFAR10": entry}}}}
+        manifest = {
+            "format": weights_mod.MANIFEST_FORMAT,
+            "architectures": {"densenet_bc_100": {"default": "CIFAR10", "weights": {"CIFAR10": entry}}},
+        }
         (tmp_path / "manifest.json").write_text(__import__("json").dumps(manifest))
         monkeypatch.setenv(weights_mod.MANIFEST_ENV, str(tmp_path / "manifest.json"))
         with pytest.warns(UserWarning, match=r"re-initialised classifier\.weight, classifier\.bias"):
-            result = train(TrainConfig(arch="densenet_bc_100", pretrained=True, data=str(data),
-                                       freeze_features=True, n_epochs=2, batch_size=6, save=str(save),
-                                       progress=False, workers=0))
+            result = train(
+                TrainConfig(
+                    arch="densenet_bc_100",
+                    pretrained=True,
+                    data=str(data),
+                    freeze_features=True,
+                    n_epochs=2,
+                    batch_size=6,
+                    save=str(save),
+                    progress=False,
+                    workers=0,
+                )
+            )
     assert "imagefolder 32x32: 12 train / 6 valid images, 3 classes" in capsys.readouterr().out
     model = result.model
     assert model.classifier.weight.shape == (3, model.num_features)
@@ -310,7 +401,11 @@ def test_finetunes_an_imagefolder_from_locally_served_pretrained_weights(tmp_pat
     for folder in ("best", "last"):
         loaded = from_pretrained(save / folder)
         assert loaded.arch_config.num_classes == 3
-        assert {p.name for p in (save / folder).iterdir()} >= {"model.safetensors", "config.json", "README.md"}
+        assert {p.name for p in (save / folder).iterdir()} >= {
+            "model.safetensors",
+            "config.json",
+            "README.md",
+        }
     last = from_pretrained(save / "last", memory_efficient=model.memory_efficient)
     for key, value in model.state_dict().items():
         assert torch.equal(value, last.state_dict()[key]), key
@@ -336,7 +431,8 @@ def test_torchrun_two_processes_gloo_only_rank0_writes(tmp_path):
     spy_dir.mkdir()
     # Record every file write of the training module with the rank that made it.
     launcher = tmp_path / "launch.py"
-    launcher.write_text(textwrap.dedent(f"""
+    launcher.write_text(
+        textwrap.dedent(f"""
         import os, sys
         import densenet_efficient.train as t
         from densenet_efficient import cli
@@ -349,22 +445,52 @@ def test_torchrun_two_processes_gloo_only_rank0_writes(tmp_path):
         t._atomic_write = spy(t._atomic_write, 0)
         t._save_model_folder = spy(t._save_model_folder, 1)
         sys.exit(cli.main(sys.argv[1:]))
-    """))
+    """)
+    )
     save = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(launcher), "train", "--data", str(data), "--image-size", "32", "--depth", "10",
-         "--growth-rate", "6", "--n-epochs", "2", "--batch-size", "4", "--workers", "0",
-         "--save", str(save), "--no-progress"],
-        capture_output=True, text=True, env=env, timeout=240, cwd=tmp_path,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(launcher),
+            "train",
+            "--data",
+            str(data),
+            "--image-size",
+            "32",
+            "--depth",
+            "10",
+            "--growth-rate",
+            "6",
+            "--n-epochs",
+            "2",
+            "--batch-size",
+            "4",
+            "--workers",
+            "0",
+            "--save",
+            str(save),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=240,
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.name for p in spy_dir.iterdir()) == ["rank0"]
     writes = (spy_dir / "rank0").read_text().splitlines()
     assert sum(w.endswith("checkpoint.pt") for w in writes) == 2
     assert proc.stdout.count("epoch 2/2:") == 1  # rank-0-only logging
-    assert "cpu x 2 processes" in proc.stdout and "imagefolder 32x32: 18 train / 6 valid images" in proc.stdout
+    assert (
+        "cpu x 2 processes" in proc.stdout and "imagefolder 32x32: 18 train / 6 valid images" in proc.stdout
+    )
     rows = _read_log(save / "log.csv")
     assert [r["epoch"] for r in rows] == ["1", "2"]
     assert load_checkpoint(save / "checkpoint.pt")["epoch"] == 2
