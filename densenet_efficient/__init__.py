@@ -61,3 +61,17 @@ __all__ = [
     "from_pretrained",
     "save_hub_folder",
 ]
+
+# Conversion (issue 6). Note: this binds ``densenet_efficient.convert`` to the function; the module
+# stays reachable as ``importlib.import_module("densenet_efficient.convert")`` (the CLI does that).
+from .checkpoint import CheckpointError, read_checkpoint  # noqa: E402
+from .convert import ConversionError, ConvertResult, convert, infer_config  # noqa: E402
+
+__all__ += [
+    "CheckpointError",
+    "ConversionError",
+    "ConvertResult",
+    "convert",
+    "infer_config",
+    "read_checkpoint",
+]

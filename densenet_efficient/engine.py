@@ -123,8 +123,16 @@ def _update_running(bn: nn.BatchNorm2d, stats: _Stats, count: int) -> None:
 
 
 def _batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and biased variance in one native pass."""
-    return torch.batch_norm_update_stats(x, None, None, 0.0)
+    """Per-channel mean and biased variance in one native pass.
+
+    The kernel returns statistics in the dtype of the running buffers it is given; passing float
+    buffers with momentum 0 (left unchanged) keeps bf16/fp16 activations' statistics in float32,
+    as nn.BatchNorm does.
+    """
+    stat_dtype = torch.promote_types(x.dtype, torch.float32)
+    c = x.shape[1]
+    zeros = torch.zeros(c, dtype=stat_dtype, device=x.device)
+    return torch.batch_norm_update_stats(x, zeros, torch.ones_like(zeros), 0.0)
 
 
 def _layer_stats(bn: nn.BatchNorm2d, batch: _Stats | None) -> _Stats:
@@ -305,11 +313,11 @@ def _block_backward(
 ) -> tuple[Tensor, list[Tensor]]:
     """Reverse walk over the layers; returns the input gradient and per-layer parameter gradients.
 
-    Temporaries are released as soon as they are consumed, and each layer's saved bottleneck as
-    soon as its layer is done, so the transient peak is about three ``c_l``-channel tensors.
+    Temporaries are released as soon as they are consumed, so the transient peak is about three
+    ``c_l``-channel tensors.
     """
     layers, fmt, c0, k = plan.modules, plan.fmt, saved["c0"], saved["k"]
-    bottlenecks = saved.pop("bottlenecks")
+    bottlenecks = list(saved["bottlenecks"])
     gbuf = grad.to(plan.dtype).clone(memory_format=fmt)  # the one gradient buffer, accumulated in place
     del grad
     param_grads: list[Tensor] = [None] * (6 * len(layers))  # type: ignore[list-item]
@@ -357,20 +365,33 @@ class _DenseBlockFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, plan: _Plan, *params: Tensor) -> Tensor:
         with torch.autocast(plan.autocast[0], enabled=False):
             buf, saved = _block_forward(x, plan)
-        # The buffer is an output: save_for_backward. Bottlenecks are intermediates kept on ctx so
-        # backward can release each one as soon as its layer is done.
+        # Tensors go through save_for_backward so autograd frees them right after this block's
+        # backward (and keeps them when retain_graph=True); ctx keeps only statistics and layout.
+        bottlenecks, masks = saved.pop("bottlenecks"), saved.pop("masks")
+        saved["has_bottleneck"] = [b is not None for b in bottlenecks]
+        saved["has_mask"] = [m is not None for m in masks]
         ctx.plan, ctx.saved, ctx.input_dtype = plan, saved, x.dtype
-        ctx.save_for_backward(buf)
+        ctx.save_for_backward(
+            buf, *[b for b in bottlenecks if b is not None], *[m for m in masks if m is not None]
+        )
         return buf
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):
-        buf = ctx.saved_tensors[0]
-        saved, ctx.saved = ctx.saved, None  # the graph may outlive backward: drop our references
+        buf, *rest = ctx.saved_tensors
+        saved = dict(ctx.saved)
+        saved["bottlenecks"] = _unpack(rest, saved["has_bottleneck"])
+        saved["masks"] = _unpack(rest[sum(saved["has_bottleneck"]) :], saved["has_mask"])
         with torch.autocast(ctx.plan.autocast[0], enabled=False):
             gx, param_grads = _block_backward(grad, buf, ctx.plan, saved)
         return (gx.to(ctx.input_dtype), None, *param_grads)
+
+
+def _unpack(tensors: list[Tensor], present: list[bool]) -> list[Tensor | None]:
+    """Re-insert ``None`` where a layer saved nothing (inverse of filtering before save_for_backward)."""
+    it = iter(tensors)
+    return [next(it) if p else None for p in present]
 
 
 @torch.compiler.disable

@@ -10,7 +10,7 @@ torchvision's current layout, and explains a mismatch in one sentence instead of
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -19,6 +19,8 @@ import torch
 _OLD_LAYER_KEY = re.compile(
     r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$"
 )
+# efficient_densenet_pytorch (gpleiss) names the final norm ``features.norm_final``; torchvision: ``norm5``.
+_OLD_FINAL_NORM = re.compile(r"^features\.norm_final\.")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
@@ -26,28 +28,53 @@ class StateDictMismatchError(RuntimeError):
     """A checkpoint's tensors do not fit the model (missing, unexpected or mis-shaped keys)."""
 
 
+def _strip_wrappers(key: str) -> str:
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in _WRAPPER_PREFIXES:
+            if key.startswith(prefix):
+                key, stripped = key[len(prefix) :], True
+    return key
+
+
 def remap_keys(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     """Rename legacy keys to torchvision's layout, keeping the order of the source.
 
-    Handles ``denselayerN.norm.1.weight`` -> ``denselayerN.norm1.weight``, the ``module.`` prefix
-    DataParallel/DDP add and the ``_orig_mod.`` prefix of ``torch.compile``.
+    Handles ``denselayerN.norm.1.weight`` -> ``denselayerN.norm1.weight``, efficient_densenet_pytorch's
+    ``features.norm_final`` -> ``features.norm5``, the ``module.`` prefix DataParallel/DDP add and the
+    ``_orig_mod.`` prefix of ``torch.compile``.
     """
     out: dict[str, Any] = {}
     for key, value in state_dict.items():
-        new = key
-        stripped = True
-        while stripped:
-            stripped = False
-            for prefix in _WRAPPER_PREFIXES:
-                if new.startswith(prefix):
-                    new, stripped = new[len(prefix) :], True
+        new = _strip_wrappers(key)
         m = _OLD_LAYER_KEY.match(new)
         if m:
             new = m.group(1) + m.group(2)
+        new = _OLD_FINAL_NORM.sub("features.norm5.", new)
         if new in out:
             raise StateDictMismatchError(f"two checkpoint keys map to {new!r} (the second is {key!r})")
         out[new] = value
     return out
+
+
+def legacy_key_styles(keys: Iterable[str]) -> list[str]:
+    """Which of the renamings of :func:`remap_keys` these keys need, in words (for provenance/logs).
+
+    >>> legacy_key_styles(["module.features.norm_final.weight"])
+    ["DataParallel/DDP 'module.' prefix", "efficient_densenet_pytorch 'norm_final'"]
+    """
+    keys = list(keys)
+    styles = []
+    if any(k.startswith("module.") for k in keys):
+        styles.append("DataParallel/DDP 'module.' prefix")
+    if any(k.startswith("_orig_mod.") or k.startswith("module._orig_mod.") for k in keys):
+        styles.append("torch.compile '_orig_mod.' prefix")
+    if any(_OLD_LAYER_KEY.match(_strip_wrappers(k)) for k in keys):
+        styles.append("legacy torchvision 'norm.1' layer keys")
+    if any(_OLD_FINAL_NORM.match(_strip_wrappers(k)) for k in keys):
+        styles.append("efficient_densenet_pytorch 'norm_final'")
+    return styles
 
 
 def fill_legacy_batch_counters(state_dict: dict[str, Any], model: torch.nn.Module) -> dict[str, Any]:

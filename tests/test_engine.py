@@ -164,17 +164,24 @@ def test_dropout_gradcheck():
 
 @pytest.mark.parametrize("mode", EFFICIENT_MODES)
 def test_bf16_autocast_close_to_fp32(mode):
+    """Under bf16 autocast the engine is as close to fp32 naive as naive bf16 itself is."""
     naive, eff = _twins(mode, torch.float32, **TINY_IMAGENET)
-    x = torch.randn(2, 3, 32, 32)
+    x, y = torch.randn(4, 3, 64, 64), torch.randint(0, 5, (4,))
     ref = naive(x)
+    F.cross_entropy(ref, y).backward()
+    ref_grads = torch.cat([p.grad.flatten() for p in naive.parameters()])
+    naive.zero_grad()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = eff(x)
-    assert out.dtype == torch.bfloat16
-    assert _rel(out.float(), ref) < 5e-2
-    out.float().sum().backward()
-    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in eff.parameters())
-    ref.sum().backward()
-    assert _rel(eff.features.conv0.weight.grad, naive.features.conv0.weight.grad) < 1e-1
+        out_naive, out_eff = naive(x), eff(x)
+        loss_naive, loss_eff = F.cross_entropy(out_naive, y), F.cross_entropy(out_eff, y)
+    assert out_eff.dtype == torch.bfloat16
+    assert _rel(out_eff.float(), ref) < 0.1
+    loss_naive.backward()
+    loss_eff.backward()
+    assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in eff.parameters())
+    err_eff = _rel(torch.cat([p.grad.flatten() for p in eff.parameters()]), ref_grads)
+    err_naive = _rel(torch.cat([p.grad.flatten() for p in naive.parameters()]), ref_grads)
+    assert err_eff < 2.5 * err_naive + 1e-3, (err_eff, err_naive)
 
 
 @pytest.mark.parametrize("mode", EFFICIENT_MODES)
@@ -189,9 +196,10 @@ def test_channels_last(mode):
     assert _rel(yb, ya) < 1e-5
     ya.sum().backward()
     yb.sum().backward()
-    assert _rel(xb.grad, xa.grad) < 1e-4
+    # fp32 with different reduction orders: agreement to float32 rounding, amplified by BN
+    assert _rel(xb.grad, xa.grad) < 1e-3
     for pa, pb in zip(naive.parameters(), eff.parameters(), strict=True):
-        assert _rel(pb.grad, pa.grad) < 1e-4
+        assert _rel(pb.grad, pa.grad) < 1e-3
 
 
 def test_torch_compile_matches_eager():
@@ -250,7 +258,7 @@ def test_block_never_concatenates(monkeypatch):
 # -- DistributedDataParallel: 2 gloo processes on CPU -------------------------------------------
 
 
-def _ddp_worker(rank: int, world: int, port: int, queue) -> None:
+def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -267,25 +275,25 @@ def _ddp_worker(rank: int, world: int, port: int, queue) -> None:
         F.cross_entropy(ddp(x), y).backward()
         grads[mode] = [p.grad.clone() for p in model.parameters()]
     if rank == 0:
-        queue.put(grads)
+        torch.save(grads, out)
     dist.destroy_process_group()
 
 
-def test_ddp_gloo_two_processes_same_gradients():
+def test_ddp_gloo_two_processes_same_gradients(tmp_path):
     import torch.multiprocessing as mp
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, queue)) for r in range(2)]
+    out = str(tmp_path / "grads.pt")
+    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, out)) for r in range(2)]
     for p in procs:
         p.start()
-    grads = queue.get()
     for p in procs:
-        p.join(timeout=120)
+        p.join(timeout=300)
         assert p.exitcode == 0
+    grads = torch.load(out, weights_only=True)
     for mode in ("efficient", "max_saving"):
         for ga, gb in zip(grads["naive"], grads[mode], strict=True):
             assert _rel(gb, ga) < 1e-9
