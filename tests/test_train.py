@@ -311,10 +311,9 @@ def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path, capsys):
 # -- options --------------------------------------------------------------------------------------
 
 
-def test_bf16_autocast_trains_on_cpu(cifar, tmp_path):
-    # Naive mode: the engine's bf16 training path on CPU currently fails inside the engine
-    # ("mixed dtype (CPU)" in its batch-norm call); reported to the engine's owner.
-    result = train(_tiny(cifar, tmp_path / "run", n_epochs=1, amp="bf16", mode="naive"))
+@pytest.mark.parametrize("mode", ["naive", "efficient"])
+def test_bf16_autocast_trains_on_cpu(cifar, tmp_path, mode):
+    result = train(_tiny(cifar, tmp_path / "run", n_epochs=1, amp="bf16", mode=mode))
     row = result.history[0]
     assert math.isfinite(row["train_loss"]) and math.isfinite(row["valid_loss"])
     assert result.model.features.conv0.weight.dtype == torch.float32  # autocast keeps fp32 master weights
