@@ -5,6 +5,7 @@
 """
 
 from .engine import MODES
+from .hub import from_pretrained, save_hub_folder
 from .models import (
     DenseNet,
     create_model,
@@ -17,6 +18,17 @@ from .models import (
 )
 from .registry import ARCHITECTURES, ArchConfig, densenet_bc_config, get_config, list_architectures
 from .state_dict import StateDictMismatchError, remap_keys
+from .weights import (
+    DenseNet121_Weights,
+    DenseNet161_Weights,
+    DenseNet169_Weights,
+    DenseNet201_Weights,
+    WeightsIntegrityError,
+    WeightsNotAvailableError,
+    WeightsSpec,
+    get_weights,
+    list_weights,
+)
 
 __version__ = "0.1.0"
 
@@ -37,4 +49,15 @@ __all__ = [
     "get_config",
     "list_architectures",
     "remap_keys",
+    "DenseNet121_Weights",
+    "DenseNet161_Weights",
+    "DenseNet169_Weights",
+    "DenseNet201_Weights",
+    "WeightsIntegrityError",
+    "WeightsNotAvailableError",
+    "WeightsSpec",
+    "get_weights",
+    "list_weights",
+    "from_pretrained",
+    "save_hub_folder",
 ]

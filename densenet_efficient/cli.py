@@ -19,7 +19,10 @@ from collections.abc import Sequence
 #: subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("densenet_efficient.train", "train DenseNet-BC on CIFAR/an embedded data set, or fine-tune"),
-    "convert": ("densenet_efficient.convert", "convert any DenseNet checkpoint to a verified hub-ready folder"),
+    "convert": (
+        "densenet_efficient.convert",
+        "convert any DenseNet checkpoint to a verified hub-ready folder",
+    ),
     "benchmark": ("densenet_efficient.benchmark", "measure training-step memory and time per mode"),
     "plan": ("densenet_efficient.memory", "estimate peak training memory and the largest batch that fits"),
 }

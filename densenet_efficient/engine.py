@@ -1,17 +1,81 @@
-"""The memory-efficient dense-block engine."""
+r"""The memory-efficient execution engine for dense blocks, transitions and the ImageNet stem.
+
+Why
+---
+Dense layer :math:`l` of a block computes
+
+.. math::  y_l = W^{(2)}_l * \mathrm{relu}(\mathrm{BN}^{(2)}_l(b_l)),\qquad
+           b_l = W^{(1)}_l * \mathrm{relu}(\mathrm{BN}^{(1)}_l([x_0, y_0, \dots, y_{l-1}]))
+
+A naive implementation materialises the concatenation :math:`[x_0, \dots, y_{l-1}]` (``c_l``
+channels) and its BN/ReLU output for every layer and keeps both for backward: memory quadratic
+in depth.
+
+What this engine does
+---------------------
+* One preallocated buffer ``N x C_final x H x W`` per block. The block input is copied in once;
+  layer ``l`` reads the view ``buf[:, :c_l]`` and writes its ``k`` new channels into
+  ``buf[:, c_l:c_l+k]``. No concatenation ever happens, in training or inference.
+* Batch statistics of a channel are the same for every later layer that normalises it, so they
+  are computed once, when the channel is produced (``torch.batch_norm_update_stats``); each layer
+  still applies its own affine parameters. Each BN's running statistics are updated exactly once
+  per training forward with ``nn.BatchNorm``'s rule (momentum, or the cumulative average when
+  ``momentum is None``), ``num_batches_tracked`` included.
+* One autograd Function per block saves the buffer, the per-channel statistics and, per mode,
+  each layer's bottleneck output ``b_l`` (``"efficient"``) or nothing (``"max_saving"``, which
+  recomputes the 1x1 convolution). Backward walks the layers in reverse, recomputes
+  ``relu(BN(.))`` from the buffer with the saved statistics, and accumulates every slice's
+  gradient into one gradient buffer in place: the gradient of ``y_l`` is complete when layer
+  ``l`` is reached because only later layers read it.
+* The batch-norm input gradient is linear in its upstream gradient, so each layer's BN backward
+  (``native_batch_norm_backward`` with the shared ``mean``/``invstd``) can be computed on its own
+  and summed into the gradient buffer; the sum equals the gradient of the concatenated model.
+* Transitions (BN-ReLU-conv1x1-avgpool) and the ImageNet stem (BN-ReLU-maxpool after conv0)
+  keep only their input and recompute BN+ReLU in backward. The transition pools before its 1x1
+  convolution: both are linear maps acting on different axes, so they commute, and the
+  convolution runs on a quarter of the pixels.
+
+Every kernel is a native ATen op (batch-norm statistics/elementwise/backward, convolution
+backward, pooling backward), so the engine runs at naive speed: it does the naive path's work,
+minus the concatenation copies, plus one elementwise BN+ReLU recompute per layer.
+
+Modes
+-----
+``"naive"`` (``False``): torchvision's computation. ``"efficient"`` (``True``): the default,
+keeps bottlenecks. ``"max_saving"``: keeps only the buffers and recomputes the 1x1 convolution.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 NAIVE = "naive"
 EFFICIENT = "efficient"
 MAX_SAVING = "max_saving"
 MODES = (NAIVE, EFFICIENT, MAX_SAVING)
 
-_ALIASES = {False: NAIVE, None: NAIVE, True: EFFICIENT, "default": EFFICIENT, "max": MAX_SAVING}
+_ALIASES: dict[Any, str] = {
+    False: NAIVE,
+    None: NAIVE,
+    True: EFFICIENT,
+    "default": EFFICIENT,
+    "max": MAX_SAVING,
+}
 
 
-def resolve_mode(mode) -> str:
-    """Normalise a ``memory_efficient`` value to one of :data:`MODES`."""
+def resolve_mode(mode: bool | str | None) -> str:
+    """Normalise a ``memory_efficient`` value to one of :data:`MODES`.
+
+    >>> resolve_mode(True), resolve_mode(False), resolve_mode("max")
+    ('efficient', 'naive', 'max_saving')
+    """
     if isinstance(mode, str) and mode in MODES:
         return mode
     if isinstance(mode, (bool, str)) or mode is None:
@@ -24,11 +88,404 @@ def resolve_mode(mode) -> str:
     )
 
 
-def dense_block(block, x, mode):
-    raise NotImplementedError(f"memory_efficient={mode!r} is not implemented yet; use memory_efficient=False")
+# ---------------------------------------------------------------------------------------------
+# Batch-norm pieces, each one native kernel call.
+# ---------------------------------------------------------------------------------------------
 
 
-def transition(module, x):
-    raise NotImplementedError(
-        "memory-efficient transitions are not implemented yet; use memory_efficient=False"
+@dataclass
+class _Stats:
+    """Per-channel statistics a BN applies: batch stats in training, running stats in eval."""
+
+    mean: Tensor
+    var: Tensor  # biased batch variance, or the running variance
+    train: bool  # batch statistics: the backward includes the gradient through mean/var
+
+    def narrow(self, channels: int) -> _Stats:
+        return _Stats(self.mean[:channels], self.var[:channels], self.train)
+
+
+def _ema_factor(bn: nn.BatchNorm2d) -> float:
+    """nn.BatchNorm's running-average factor for this step; counts the batch as nn.BatchNorm does."""
+    if bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+    if bn.momentum is None:
+        return 1.0 / float(bn.num_batches_tracked)
+    return float(bn.momentum)
+
+
+def _update_running(bn: nn.BatchNorm2d, stats: _Stats, count: int) -> None:
+    """One running-statistics update with the unbiased batch variance, exactly once per forward."""
+    f = _ema_factor(bn)
+    unbiased = stats.var * (count / max(count - 1, 1))
+    bn.running_mean.mul_(1 - f).add_(stats.mean.to(bn.running_mean.dtype), alpha=f)
+    bn.running_var.mul_(1 - f).add_(unbiased.to(bn.running_var.dtype), alpha=f)
+
+
+def _batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance in one native pass."""
+    return torch.batch_norm_update_stats(x, None, None, 0.0)
+
+
+def _layer_stats(bn: nn.BatchNorm2d, batch: _Stats | None) -> _Stats:
+    """What ``bn`` normalises with: the given batch stats when training, else its running stats."""
+    if batch is not None:
+        return batch
+    return _Stats(bn.running_mean.detach().clone(), bn.running_var.detach().clone(), False)
+
+
+def _bn_relu(x: Tensor, bn: nn.BatchNorm2d, stats: _Stats, fmt: torch.memory_format) -> Tensor:
+    """relu(BN(x)) with fixed statistics: the native inference kernel, then an in-place ReLU."""
+    x = x.contiguous(memory_format=fmt)  # strided buffer views take a slow path in the BN kernel
+    out = torch.native_batch_norm(x, bn.weight, bn.bias, stats.mean, stats.var, False, 0.0, bn.eps)[0]
+    return out.relu_()
+
+
+def _bn_backward(
+    grad: Tensor, x: Tensor, bn: nn.BatchNorm2d, stats: _Stats, fmt: torch.memory_format
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of BN w.r.t. input, weight and bias (training mode: through the batch stats)."""
+    x = x.contiguous(memory_format=fmt)
+    if stats.train:
+        invstd = torch.rsqrt(stats.var + bn.eps)
+        return torch.ops.aten.native_batch_norm_backward(
+            grad, x, bn.weight, None, None, stats.mean, invstd, True, bn.eps, [True, True, True]
+        )
+    return torch.ops.aten.native_batch_norm_backward(
+        grad, x, bn.weight, stats.mean, stats.var, None, None, False, bn.eps, [True, True, True]
     )
+
+
+def _conv(x: Tensor, conv: nn.Conv2d, dtype: torch.dtype) -> Tensor:
+    return F.conv2d(x, conv.weight.to(dtype), None, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def _conv_backward(
+    grad: Tensor, x: Tensor, conv: nn.Conv2d, need_input: bool = True
+) -> tuple[Tensor, Tensor]:
+    """Native convolution backward: (grad_input, grad_weight in the parameter's dtype)."""
+    w = conv.weight.to(x.dtype)
+    gx, gw, _ = torch.ops.aten.convolution_backward(
+        grad,
+        x,
+        w,
+        None,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        False,
+        [0, 0],
+        conv.groups,
+        [need_input, True, False],
+    )
+    return gx, gw.to(conv.weight.dtype)
+
+
+def _relu_backward_(grad: Tensor, out: Tensor) -> Tensor:
+    """ReLU backward written into ``grad`` itself (it is a temporary we own)."""
+    return torch.ops.aten.threshold_backward.grad_input(grad, out, 0, grad_input=grad)
+
+
+# ---------------------------------------------------------------------------------------------
+# Execution context shared by the Functions.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Plan:
+    """Everything a Function needs besides tensors: the modules, mode and execution settings."""
+
+    modules: list[nn.Module]
+    mode: str
+    training: bool
+    dtype: torch.dtype
+    fmt: torch.memory_format
+    autocast: tuple[str, bool] = ("cpu", False)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The activation dtype: autocast's low-precision type when active (convolutions run in it)."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device) and x.is_floating_point():
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+def _check_norms(norms: list[nn.Module]) -> None:
+    for bn in norms:
+        if isinstance(bn, nn.SyncBatchNorm):
+            raise NotImplementedError(
+                "SyncBatchNorm is not supported by the memory-efficient engine (its batch statistics are "
+                "per process); use memory_efficient=False with SyncBatchNorm, or plain BatchNorm with DDP"
+            )
+        if not isinstance(bn, nn.BatchNorm2d) or not bn.affine or not bn.track_running_stats:
+            raise NotImplementedError(
+                f"the memory-efficient engine expects affine nn.BatchNorm2d layers tracking running stats, "
+                f"found {bn!r}; use memory_efficient=False"
+            )
+
+
+def _needs_graph(tensors: list[Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _plan(modules: list[nn.Module], mode: str, x: Tensor, training: bool) -> _Plan:
+    dtype = _compute_dtype(x)
+    device = x.device.type
+    return _Plan(
+        modules, mode, training, dtype, _memory_format(x), (device, torch.is_autocast_enabled(device))
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Dense block.
+# ---------------------------------------------------------------------------------------------
+
+
+def _block_forward(x: Tensor, plan: _Plan) -> tuple[Tensor, dict[str, Any]]:
+    """Run a dense block into one buffer. Returns the buffer and what backward needs."""
+    layers = plan.modules
+    n, c0, h, w = x.shape
+    k = layers[0].conv2.out_channels
+    channels = c0 + k * len(layers)
+    buf = torch.empty((n, channels, h, w), dtype=plan.dtype, device=x.device, memory_format=plan.fmt)
+    buf[:, :c0].copy_(x)
+    count = n * h * w
+
+    batch: _Stats | None = None
+    if plan.training:
+        stat_dtype = torch.promote_types(plan.dtype, torch.float32)
+        mean = torch.empty(channels, dtype=stat_dtype, device=x.device)
+        var = torch.empty_like(mean)
+        m, v = _batch_stats(buf[:, :c0])
+        mean[:c0], var[:c0] = m, v
+        batch = _Stats(mean, var, True)
+
+    stats1, stats2, bottlenecks, masks = [], [], [], []
+    for i, layer in enumerate(layers):
+        c = c0 + i * k
+        s1 = _layer_stats(layer.norm1, batch.narrow(c) if batch is not None else None)
+        if plan.training:
+            _update_running(layer.norm1, s1, count)
+        bottleneck = _conv(_bn_relu(buf[:, :c], layer.norm1, s1, plan.fmt), layer.conv1, plan.dtype)
+        s2 = _layer_stats(layer.norm2, _Stats(*_batch_stats(bottleneck), True) if plan.training else None)
+        if plan.training:
+            _update_running(layer.norm2, s2, count)
+        y = _conv(_bn_relu(bottleneck, layer.norm2, s2, plan.fmt), layer.conv2, plan.dtype)
+        mask = None
+        if layer.drop_rate > 0 and plan.training:
+            y, mask = torch.native_dropout(y, layer.drop_rate, True)
+        buf[:, c : c + k].copy_(y)
+        if batch is not None and i + 1 < len(layers):  # the last layer's channels feed no later layer
+            m, v = _batch_stats(y)
+            mean[c : c + k], var[c : c + k] = m, v
+        stats1.append(s1)
+        stats2.append(s2)
+        bottlenecks.append(bottleneck if plan.mode == EFFICIENT else None)
+        masks.append(mask)
+    return buf, {
+        "stats1": stats1,
+        "stats2": stats2,
+        "bottlenecks": bottlenecks,
+        "masks": masks,
+        "c0": c0,
+        "k": k,
+    }
+
+
+def _block_backward(
+    grad: Tensor, buf: Tensor, plan: _Plan, saved: dict[str, Any]
+) -> tuple[Tensor, list[Tensor]]:
+    """Reverse walk over the layers; returns the input gradient and per-layer parameter gradients.
+
+    Temporaries are released as soon as they are consumed, and each layer's saved bottleneck as
+    soon as its layer is done, so the transient peak is about three ``c_l``-channel tensors.
+    """
+    layers, fmt, c0, k = plan.modules, plan.fmt, saved["c0"], saved["k"]
+    bottlenecks = saved.pop("bottlenecks")
+    gbuf = grad.to(plan.dtype).clone(memory_format=fmt)  # the one gradient buffer, accumulated in place
+    del grad
+    param_grads: list[Tensor] = [None] * (6 * len(layers))  # type: ignore[list-item]
+    for i in reversed(range(len(layers))):
+        layer, c = layers[i], c0 + i * k
+        s1, s2 = saved["stats1"][i], saved["stats2"][i]
+        dy = gbuf[:, c : c + k].contiguous(memory_format=fmt)
+        mask = saved["masks"][i]
+        if mask is not None:
+            dy = torch.ops.aten.native_dropout_backward(dy, mask, 1.0 / (1.0 - layer.drop_rate))
+        z1 = _bn_relu(buf[:, :c], layer.norm1, s1, fmt)
+        bottleneck, bottlenecks[i] = bottlenecks[i], None
+        if bottleneck is None:  # max_saving: recompute the 1x1 convolution too
+            bottleneck = _conv(z1, layer.conv1, plan.dtype)
+        z2 = _bn_relu(bottleneck, layer.norm2, s2, fmt)
+        dz2, dw2 = _conv_backward(dy, z2, layer.conv2)
+        del dy
+        _relu_backward_(dz2, z2)
+        del z2
+        db, dg2, dbeta2 = _bn_backward(dz2, bottleneck, layer.norm2, s2, fmt)
+        del dz2, bottleneck
+        dz1, dw1 = _conv_backward(db, z1, layer.conv1)
+        del db
+        _relu_backward_(dz1, z1)
+        del z1
+        dx, dg1, dbeta1 = _bn_backward(dz1, buf[:, :c], layer.norm1, s1, fmt)
+        del dz1
+        gbuf[:, :c].add_(dx)
+        del dx
+        param_grads[6 * i : 6 * i + 6] = [dg1, dbeta1, dw1, dg2, dbeta2, dw2]
+    return gbuf[:, :c0], param_grads
+
+
+def _layer_params(layers: list[nn.Module]) -> list[Tensor]:
+    """Parameters in the order the block Function receives (and returns gradients for) them."""
+    out: list[Tensor] = []
+    for layer in layers:
+        out += [layer.norm1.weight, layer.norm1.bias, layer.conv1.weight]
+        out += [layer.norm2.weight, layer.norm2.bias, layer.conv2.weight]
+    return out
+
+
+class _DenseBlockFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, plan: _Plan, *params: Tensor) -> Tensor:
+        with torch.autocast(plan.autocast[0], enabled=False):
+            buf, saved = _block_forward(x, plan)
+        # The buffer is an output: save_for_backward. Bottlenecks are intermediates kept on ctx so
+        # backward can release each one as soon as its layer is done.
+        ctx.plan, ctx.saved, ctx.input_dtype = plan, saved, x.dtype
+        ctx.save_for_backward(buf)
+        return buf
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        buf = ctx.saved_tensors[0]
+        saved, ctx.saved = ctx.saved, None  # the graph may outlive backward: drop our references
+        with torch.autocast(ctx.plan.autocast[0], enabled=False):
+            gx, param_grads = _block_backward(grad, buf, ctx.plan, saved)
+        return (gx.to(ctx.input_dtype), None, *param_grads)
+
+
+@torch.compiler.disable
+def dense_block(block: nn.Module, x: Tensor, mode: str) -> Tensor:
+    """Run ``block`` (a torchvision-layout ``_DenseBlock``) with the engine; returns the concatenated features."""
+    layers = list(block.values())
+    _check_norms([m for layer in layers for m in (layer.norm1, layer.norm2)])
+    plan = _plan(layers, mode, x, block.training)
+    params = _layer_params(layers)
+    if not _needs_graph([x, *params]):
+        with torch.no_grad(), torch.autocast(plan.autocast[0], enabled=False):
+            return _block_forward(x, plan)[0]
+    return _DenseBlockFunction.apply(x, plan, *params)
+
+
+# ---------------------------------------------------------------------------------------------
+# Transition (BN-ReLU-[pool, conv1x1]) and ImageNet stem (BN-ReLU-maxpool): keep only the input.
+# ---------------------------------------------------------------------------------------------
+
+
+def _norm_relu_stats(x: Tensor, bn: nn.BatchNorm2d, plan: _Plan) -> _Stats:
+    if plan.training:
+        stats = _Stats(*_batch_stats(x), True)
+        _update_running(bn, stats, x.shape[0] * x.shape[2] * x.shape[3])
+        return stats
+    return _layer_stats(bn, None)
+
+
+def _tail_forward(z: Tensor, plan: _Plan) -> Tensor:
+    if plan.extra["kind"] == "transition":
+        return _conv(F.avg_pool2d(z, 2, 2), plan.modules[1], plan.dtype)
+    pool = plan.modules[1]
+    return F.max_pool2d(z, pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode)
+
+
+def _tail_backward(grad: Tensor, z: Tensor, plan: _Plan) -> tuple[Tensor, Tensor | None]:
+    """Gradient w.r.t. the ReLU output z (and the transition conv's weight)."""
+    if plan.extra["kind"] == "transition":
+        pooled = F.avg_pool2d(z, 2, 2)
+        dpooled, dw = _conv_backward(grad.contiguous(memory_format=plan.fmt), pooled, plan.modules[1])
+        dz = torch.ops.aten.avg_pool2d_backward(dpooled, z, [2, 2], [2, 2], [0, 0], False, True, None)
+        return dz, dw
+    pool = plan.modules[1]
+    _, idx = torch.ops.aten.max_pool2d_with_indices(
+        z,
+        _pair(pool.kernel_size),
+        _pair(pool.stride),
+        _pair(pool.padding),
+        _pair(pool.dilation),
+        pool.ceil_mode,
+    )
+    dz = torch.ops.aten.max_pool2d_with_indices_backward(
+        grad,
+        z,
+        _pair(pool.kernel_size),
+        _pair(pool.stride),
+        _pair(pool.padding),
+        _pair(pool.dilation),
+        pool.ceil_mode,
+        idx,
+    )
+    return dz, None
+
+
+def _pair(v: int | tuple[int, int]) -> list[int]:
+    return list(v) if isinstance(v, (tuple, list)) else [v, v]
+
+
+class _NormReluTailFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, plan: _Plan, *params: Tensor) -> Tensor:
+        ctx.plan, ctx.input_dtype = plan, x.dtype
+        with torch.autocast(plan.autocast[0], enabled=False):
+            x = x.to(plan.dtype)
+            ctx.stats = _norm_relu_stats(x, plan.modules[0], plan)
+            out = _tail_forward(_bn_relu(x, plan.modules[0], ctx.stats, plan.fmt), plan)
+        ctx.save_for_backward(x)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        (x,) = ctx.saved_tensors
+        plan = ctx.plan
+        bn = plan.modules[0]
+        with torch.autocast(plan.autocast[0], enabled=False):
+            z = _bn_relu(x, bn, ctx.stats, plan.fmt)
+            dz, dw = _tail_backward(grad.to(plan.dtype), z, plan)
+            _relu_backward_(dz, z)
+            del z
+            dx, dg, dbeta = _bn_backward(dz, x, bn, ctx.stats, plan.fmt)
+        return (dx.to(ctx.input_dtype), None, dg, dbeta) + ((dw,) if dw is not None else ())
+
+
+def _norm_relu_tail(x: Tensor, modules: list[nn.Module], kind: str, training: bool) -> Tensor:
+    _check_norms([modules[0]])
+    plan = _plan(modules, EFFICIENT, x, training)
+    plan.extra["kind"] = kind
+    params = [modules[0].weight, modules[0].bias] + ([modules[1].weight] if kind == "transition" else [])
+    if not _needs_graph([x, *params]):
+        with torch.no_grad(), torch.autocast(plan.autocast[0], enabled=False):
+            x = x.to(plan.dtype)
+            return _tail_forward(
+                _bn_relu(x, modules[0], _norm_relu_stats(x, modules[0], plan), plan.fmt), plan
+            )
+    return _NormReluTailFunction.apply(x, plan, *params)
+
+
+@torch.compiler.disable
+def transition(module: nn.Module, x: Tensor) -> Tensor:
+    """``pool(conv(relu(norm(x))))`` of a torchvision ``_Transition``, storing only ``x`` for backward."""
+    return _norm_relu_tail(x, [module.norm, module.conv], "transition", module.training)
+
+
+@torch.compiler.disable
+def stem(norm: nn.BatchNorm2d, pool: nn.MaxPool2d, x: Tensor) -> Tensor:
+    """``pool0(relu0(norm0(x)))`` of the ImageNet stem (x is conv0's output), storing only ``x``."""
+    return _norm_relu_tail(x, [norm, pool], "stem", norm.training)

@@ -13,6 +13,7 @@ torch.Size([2, 10])
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from huggingface_hub import PyTorchModelHubMixin
 from torch import Tensor
 
 from . import engine
@@ -36,6 +38,9 @@ __all__ = [
     "densenet_bc",
     "create_model",
 ]
+
+
+_IMAGENET_STEM = ("conv0", "norm0", "relu0", "pool0")
 
 
 class _DenseLayer(nn.Module):
@@ -96,7 +101,16 @@ class _Transition(nn.Sequential):
         return super().forward(x)
 
 
-class DenseNet(nn.Module):
+class DenseNet(
+    nn.Module,
+    PyTorchModelHubMixin,
+    library_name="densenet_efficient",
+    tags=["image-classification", "densenet", "memory-efficient", "torchvision-compatible"],
+    license="mit",
+    repo_url="https://github.com/gpleiss/efficient_densenet_pytorch",
+    paper_url="https://arxiv.org/abs/1707.06990",
+    pipeline_tag="image-classification",
+):
     r"""DenseNet-BC (`Huang et al. <https://arxiv.org/abs/1608.06993>`_) with a memory-efficient engine.
 
     Args:
@@ -218,7 +232,15 @@ class DenseNet(nn.Module):
     def forward_features(self, x: Tensor) -> Tensor:
         """The feature map after ``norm5`` (before the final ReLU and pooling), as timm names it."""
         self._check_input(x)
-        return self.features(x)
+        if self._mode == engine.NAIVE or self.arch_config.small_inputs:
+            return self.features(x)
+        # ImageNet stem: conv0 as usual, then norm0-relu0-pool0 storing only conv0's output.
+        f = self.features
+        x = engine.stem(f.norm0, f.pool0, f.conv0(x))
+        for name, module in f.named_children():
+            if name not in _IMAGENET_STEM:
+                x = module(x)
+        return x
 
     def forward_head(self, features: Tensor, pre_logits: bool = False) -> Tensor:
         out = F.relu(features)
@@ -273,6 +295,76 @@ class DenseNet(nn.Module):
         if strict:
             check_compatible(self, sd)
         return super().load_state_dict(sd, strict=strict, assign=assign)
+
+    # -- Hugging Face Hub (huggingface_hub's mixin; the files are written by .hub) ---------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *,
+        memory_efficient: bool | str = False,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        **kwargs: Any,
+    ) -> DenseNet:
+        """Load a Hub repo or local folder (ours, or timm's DenseNet repos) strictly; see :func:`.hub.from_pretrained`.
+
+        >>> model = DenseNet.from_pretrained("org/densenet121", memory_efficient=True)  # doctest: +SKIP
+        """
+        from . import hub
+
+        return hub.from_pretrained(
+            pretrained_model_name_or_path,
+            memory_efficient=memory_efficient,
+            revision=revision,
+            cache_dir=cache_dir,
+            model_cls=cls,
+            **kwargs,
+        )
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        *,
+        config: Any = None,
+        repo_id: str | None = None,
+        push_to_hub: bool = False,
+        model_card_kwargs: dict[str, Any] | None = None,
+        overwrite: bool = False,
+        **push_to_hub_kwargs: Any,
+    ) -> str | None:
+        """Write ``model.safetensors`` + ``config.json`` + a model card atomically (see :func:`.hub.save_hub_folder`).
+
+        ``model_card_kwargs`` may hold ``provenance`` (a dict), ``repo_id`` and ``license``.
+        """
+        from . import hub
+
+        if config is not None:
+            raise ValueError(
+                "config.json is derived from the model's architecture; save_pretrained takes no config"
+            )
+        card = dict(model_card_kwargs or {})
+        hub.save_hub_folder(self, save_directory, overwrite=overwrite, **card)
+        if push_to_hub:
+            repo_id = repo_id or os.path.basename(os.path.abspath(save_directory))
+            return self.push_to_hub(repo_id, model_card_kwargs=card, **push_to_hub_kwargs)
+        return None
+
+    def push_to_hub(
+        self, repo_id: str, *, model_card_kwargs: dict[str, Any] | None = None, **kwargs: Any
+    ) -> str:
+        """Upload the folder :meth:`save_pretrained` writes; the model card's usage snippet names ``repo_id``."""
+        card = {"repo_id": repo_id, **(model_card_kwargs or {})}
+        return super().push_to_hub(repo_id, model_card_kwargs=card, **kwargs)
+
+    def generate_model_card(self, *args: Any, **kwargs: Any):
+        """The model card :meth:`save_pretrained` writes, as a ``huggingface_hub.ModelCard``."""
+        from huggingface_hub import ModelCard
+
+        from . import hub
+
+        return ModelCard(hub.model_card(self, **kwargs))
 
 
 def _validate_arch(growth_rate, block_config, num_init_features, bn_size, drop_rate, num_classes) -> None:

@@ -1,16 +1,585 @@
-"""Pretrained weights: registry, download with hash check, loading. (Filled in by the weights issue.)"""
+"""Published pretrained weights: the registry (as data), ``weights=`` resolution, download and loading.
+
+The ImageNet weights are torchvision's own files: the ``state_dict`` layout is identical, so the
+registry only records where each file lives (a URL whose name carries its sha256 prefix, as
+torch.hub expects) and what it is (accuracy, size, preprocessing). Loading always goes through
+``torch.hub.load_state_dict_from_url(check_hash=True, weights_only=True)``; a cached file is
+re-hashed before it is trusted, so a file corrupted after download is caught too.
+
+>>> from densenet_efficient import weights
+>>> spec = weights.get_weights("densenet121")
+>>> spec.url, spec.meta["acc@1"]
+('https://download.pytorch.org/models/densenet121-a639ec97.pth', 74.434)
+>>> model = densenet121(weights="IMAGENET1K_V1")          # downloads  # doctest: +SKIP
+
+Overrides (for mirrors and tests), read on every lookup:
+
+* ``DENSENET_EFFICIENT_WEIGHTS_URL_BASE``: serve every registry file from this base URL instead
+  (same file names, so the hash check still applies), e.g. an internal mirror.
+* ``DENSENET_EFFICIENT_WEIGHTS_MANIFEST``: path of a JSON manifest in the format of
+  ``weights/manifest.json``; its entries replace or extend the built-in ones.
+"""
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import http.client
+import json
+import os
+import pickle
+import re
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from functools import cache
+from pathlib import Path
 from typing import Any
+from urllib.error import URLError
+from urllib.parse import urlparse
+
+import torch
+import torch.nn as nn
+
+from .registry import ARCHITECTURES
+from .state_dict import check_compatible, fill_legacy_batch_counters, remap_keys
+
+__all__ = [
+    "DenseNet121_Weights",
+    "DenseNet161_Weights",
+    "DenseNet169_Weights",
+    "DenseNet201_Weights",
+    "WeightsEnum",
+    "WeightsSpec",
+    "WeightsNotAvailableError",
+    "WeightsIntegrityError",
+    "builtin_manifest",
+    "get_weights",
+    "list_weights",
+    "load_checkpoint",
+    "load_state_dict_from_registry",
+    "load_weights",
+    "manifest",
+    "manifest_json",
+    "resolve_weights",
+]
+
+URL_BASE_ENV = "DENSENET_EFFICIENT_WEIGHTS_URL_BASE"
+MANIFEST_ENV = "DENSENET_EFFICIENT_WEIGHTS_MANIFEST"
+MANIFEST_FORMAT = "densenet_efficient-weights-manifest/1"
+
+# torchvision's ImageNet preprocessing for these weights (torchvision.transforms._presets.ImageClassification).
+_IMAGENET_PREPROCESSING = {
+    "resize_size": 256,
+    "crop_size": 224,
+    "interpolation": "bilinear",
+    "antialias": True,
+    "mean": [0.485, 0.456, 0.406],
+    "std": [0.229, 0.224, 0.225],
+}
 
 
-def resolve_weights(arch: str | None, weights: Any, pretrained: bool) -> Any:
-    """The weights entry asked for, or None for a randomly initialised model."""
+def _torchvision_imagenet(filename: str, acc1: float, acc5: float, params: int, gflops: float, mb: float):
+    return {
+        "url": f"https://download.pytorch.org/models/{filename}",
+        "num_classes": 1000,
+        "dataset": "ImageNet-1K",
+        "categories": "imagenet-1k",
+        "acc@1": acc1,
+        "acc@5": acc5,
+        "num_params": params,
+        "GFLOPS": gflops,
+        "file_size": mb,
+        "min_size": [29, 29],
+        "preprocessing": _IMAGENET_PREPROCESSING,
+        "recipe": "https://github.com/pytorch/vision/pull/116",
+        "license": "BSD-3-Clause",
+        "docs": "torchvision's IMAGENET1K_V1 weights, ported from LuaTorch (torchvision.models.densenet).",
+    }
+
+
+# The built-in registry, as data (values copied from torchvision/models/densenet.py, 0.29).
+# weights/manifest.json is this dict written out (:func:`manifest_json`); a test
+# keeps the two identical.
+_BUILTIN: dict[str, Any] = {
+    "format": MANIFEST_FORMAT,
+    "architectures": {
+        "densenet121": {
+            "default": "IMAGENET1K_V1",
+            "weights": {
+                "IMAGENET1K_V1": _torchvision_imagenet(
+                    "densenet121-a639ec97.pth", 74.434, 91.972, 7978856, 2.834, 30.845
+                )
+            },
+        },
+        "densenet161": {
+            "default": "IMAGENET1K_V1",
+            "weights": {
+                "IMAGENET1K_V1": _torchvision_imagenet(
+                    "densenet161-8d451a50.pth", 77.138, 93.560, 28681000, 7.728, 110.369
+                )
+            },
+        },
+        "densenet169": {
+            "default": "IMAGENET1K_V1",
+            "weights": {
+                "IMAGENET1K_V1": _torchvision_imagenet(
+                    "densenet169-b2777c0a.pth", 75.600, 92.806, 14149480, 3.36, 54.708
+                )
+            },
+        },
+        "densenet201": {
+            "default": "IMAGENET1K_V1",
+            "weights": {
+                "IMAGENET1K_V1": _torchvision_imagenet(
+                    "densenet201-c1103571.pth", 76.896, 93.370, 20013928, 4.291, 77.373
+                )
+            },
+        },
+        "densenet_bc_100": {"default": None, "weights": {}},
+    },
+}
+
+_TV_ENUM_NAME = re.compile(r"^DenseNet(\d+)_Weights$")
+_TRAIN_HINT = (
+    "train them with `densenet-efficient train` (see `densenet-efficient train --help`) and load the "
+    "result with densenet_efficient.from_pretrained(<folder>), or build the model without weights"
+)
+
+
+class WeightsNotAvailableError(ValueError):
+    """Pretrained weights were asked for an architecture that has none published."""
+
+
+class WeightsIntegrityError(RuntimeError):
+    """A weights file failed its sha256 check, or holds something other than tensors."""
+
+
+# -- the registry -----------------------------------------------------------------------------------
+
+
+def builtin_manifest() -> dict[str, Any]:
+    """The registry shipped with the package (a deep copy; the source of ``weights/manifest.json``)."""
+    return copy.deepcopy(_BUILTIN)
+
+
+def manifest() -> dict[str, Any]:
+    """The effective registry: the built-in one, with ``$DENSENET_EFFICIENT_WEIGHTS_MANIFEST`` applied."""
+    data = builtin_manifest()
+    path = os.environ.get(MANIFEST_ENV)
+    if path:
+        extra = _read_manifest(Path(path))
+        for arch, entry in extra["architectures"].items():
+            base = data["architectures"].setdefault(arch, {"default": None, "weights": {}})
+            base["weights"].update(entry.get("weights", {}))
+            if "default" in entry:
+                base["default"] = entry["default"]
+    return data
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{MANIFEST_ENV} points at {path}, which does not exist") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{MANIFEST_ENV}: {path} is not valid JSON ({e})") from None
+    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise ValueError(
+            f"{path}: expected a weights manifest with format {MANIFEST_FORMAT!r}, found {found!r}"
+        )
+    if not isinstance(data.get("architectures"), dict):
+        raise ValueError(f"{path}: expected an 'architectures' object mapping names to weights")
+    return data
+
+
+@dataclass(frozen=True)
+class WeightsSpec:
+    """One published weights file: where it is, what it fits, and how its inputs were prepared.
+
+    ``meta`` holds ``acc@1``/``acc@5`` (ImageNet-1K, %), ``num_params``, ``GFLOPS``, ``file_size``
+    (MB), ``categories`` (class names), ``min_size``, ``preprocessing``, ``recipe``, ``license``.
+    """
+
+    arch: str
+    name: str
+    url: str
+    num_classes: int
+    data: Mapping[str, Any] = field(repr=False, compare=False)
+
+    def __str__(self) -> str:
+        return f"{self.arch}.{self.name}"
+
+    @property
+    def filename(self) -> str:
+        return os.path.basename(urlparse(self.url).path)
+
+    @property
+    def sha256_prefix(self) -> str:
+        """The sha256 prefix carried by the file name (``densenet121-a639ec97.pth`` -> ``a639ec97``)."""
+        return _hash_prefix(self.filename)
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """Metadata (a fresh dict each call, so callers cannot alter the registry)."""
+        meta = {k: copy.deepcopy(v) for k, v in self.data.items() if k not in ("url", "num_classes")}
+        if isinstance(meta.get("categories"), str):
+            meta["categories"] = list(_categories(meta["categories"]))
+        if "min_size" in meta:
+            meta["min_size"] = tuple(meta["min_size"])
+        return meta
+
+    def transforms(self) -> nn.Module:
+        """The preprocessing these weights expect (torchvision's ``ImageClassification`` preset).
+
+        >>> preprocess = get_weights("densenet121").transforms()
+        >>> batch = preprocess(image).unsqueeze(0)           # PIL image or uint8 tensor  # doctest: +SKIP
+        """
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms._presets import ImageClassification
+
+        p = self.data["preprocessing"]
+        return ImageClassification(
+            crop_size=p["crop_size"],
+            resize_size=p["resize_size"],
+            mean=tuple(p["mean"]),
+            std=tuple(p["std"]),
+            interpolation=InterpolationMode(p["interpolation"]),
+            antialias=p.get("antialias", True),
+        )
+
+    def get_state_dict(self, progress: bool = True, model_dir: str | os.PathLike | None = None) -> dict:
+        """Download (or reuse the verified cached copy of) this file; keys remapped to the current layout."""
+        return remap_keys(_fetch(self, progress=progress, model_dir=model_dir))
+
+
+def _hash_prefix(filename: str) -> str:
+    """The prefix torch.hub checks (its own HASH_REGEX, so both checks agree); "" when there is none."""
+    m = torch.hub.HASH_REGEX.search(filename)
+    return m.group(1) if m else ""
+
+
+@cache
+def _categories(name: str) -> tuple[str, ...]:
+    if name == "imagenet-1k":
+        # torchvision ships the 1000 ImageNet class names with its weights metadata.
+        from torchvision.models import DenseNet121_Weights
+
+        return tuple(DenseNet121_Weights.IMAGENET1K_V1.meta["categories"])
+    raise ValueError(f"unknown category set {name!r}; expected 'imagenet-1k' or an explicit list of names")
+
+
+def _spec(arch: str, name: str, data: Mapping[str, Any]) -> WeightsSpec:
+    for key in ("url", "num_classes"):
+        if key not in data:
+            raise ValueError(f"weights entry {arch}.{name} has no {key!r}")
+    filename = os.path.basename(urlparse(data["url"]).path)
+    if len(_hash_prefix(filename)) < 8:
+        raise ValueError(
+            f"weights entry {arch}.{name}: file name {filename!r} carries no sha256 prefix; "
+            "registry files must be named <name>-<first 8+ hex digits of sha256>.pth"
+        )
+    url = data["url"]
+    base = os.environ.get(URL_BASE_ENV)
+    if base:
+        url = base.rstrip("/") + "/" + filename
+    return WeightsSpec(arch, name, url, int(data["num_classes"]), dict(data))
+
+
+def list_weights(arch: str | None = None) -> list[str]:
+    """Qualified names of the published weights (``"densenet121.IMAGENET1K_V1"``), optionally for one arch."""
+    archs = manifest()["architectures"]
+    if arch is not None:
+        archs = {arch: archs.get(arch, {"weights": {}})}
+    return sorted(f"{a}.{n}" for a, entry in archs.items() for n in entry["weights"])
+
+
+def get_weights(arch: str, name: str = "DEFAULT") -> WeightsSpec:
+    """The registry entry ``arch``/``name`` (``"DEFAULT"`` is the architecture's recommended weights).
+
+    >>> get_weights("densenet161", "IMAGENET1K_V1").filename
+    'densenet161-8d451a50.pth'
+    """
+    archs = manifest()["architectures"]
+    if arch not in archs:
+        if arch in ARCHITECTURES:
+            raise WeightsNotAvailableError(
+                f"no pretrained weights are published for {arch} yet; {_TRAIN_HINT}"
+            )
+        raise ValueError(
+            f"unknown architecture {arch!r} for pretrained weights; expected one of {', '.join(sorted(archs))}"
+        )
+    entry = archs[arch]
+    if not entry["weights"]:
+        raise WeightsNotAvailableError(f"no pretrained weights are published for {arch} yet; {_TRAIN_HINT}")
+    wanted = entry.get("default") if name == "DEFAULT" else name
+    if wanted not in entry["weights"]:
+        raise ValueError(
+            f"unknown weights {name!r} for {arch}; expected one of DEFAULT, {', '.join(sorted(entry['weights']))}"
+        )
+    return _spec(arch, wanted, entry["weights"][wanted])
+
+
+# -- torchvision-style enums --------------------------------------------------------------------------
+
+
+class WeightsEnum(Enum):
+    """torchvision-style enum of one architecture's weights; members act like their :class:`WeightsSpec`.
+
+    >>> DenseNet121_Weights.DEFAULT is DenseNet121_Weights.IMAGENET1K_V1
+    True
+    >>> DenseNet121_Weights.IMAGENET1K_V1.meta["acc@5"]
+    91.972
+    """
+
+    @property
+    def spec(self) -> WeightsSpec:
+        arch, name = self.value
+        return get_weights(arch, name)
+
+    @property
+    def url(self) -> str:
+        return self.spec.url
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return self.spec.meta
+
+    @property
+    def num_classes(self) -> int:
+        return self.spec.num_classes
+
+    def transforms(self) -> nn.Module:
+        return self.spec.transforms()
+
+    def get_state_dict(self, progress: bool = True, model_dir: str | os.PathLike | None = None) -> dict:
+        return self.spec.get_state_dict(progress=progress, model_dir=model_dir)
+
+    def __str__(self) -> str:
+        return f"{type(self).__name__}.{self.name}"
+
+
+def _weights_enum(cls_name: str, arch: str) -> type[WeightsEnum]:
+    entry = _BUILTIN["architectures"][arch]
+    members = [(name, (arch, name)) for name in entry["weights"]]
+    members.append(("DEFAULT", (arch, entry["default"])))  # same value: an alias, as in torchvision
+    return WeightsEnum(cls_name, members, module=__name__, qualname=cls_name)
+
+
+DenseNet121_Weights = _weights_enum("DenseNet121_Weights", "densenet121")
+DenseNet161_Weights = _weights_enum("DenseNet161_Weights", "densenet161")
+DenseNet169_Weights = _weights_enum("DenseNet169_Weights", "densenet169")
+DenseNet201_Weights = _weights_enum("DenseNet201_Weights", "densenet201")
+
+
+# -- resolving the builders' ``weights=`` / ``pretrained=`` --------------------------------------------
+
+
+def resolve_weights(arch: str | None, weights: Any, pretrained: bool) -> WeightsSpec | None:
+    """The weights a builder was asked for, or None for a randomly initialised model.
+
+    ``weights`` may be a :class:`WeightsSpec`, one of this package's ``DenseNetXXX_Weights``
+    members, torchvision's ``DenseNetXXX_Weights`` members (the files are the same), or a name:
+    ``"DEFAULT"``, ``"IMAGENET1K_V1"``, ``"DenseNet121_Weights.IMAGENET1K_V1"``,
+    ``"densenet121.IMAGENET1K_V1"``. ``pretrained=True`` means ``weights="DEFAULT"``. ``arch`` is
+    None for models built from a bare config (``densenet_bc(depth)``), which have no weights.
+    """
+    if not isinstance(pretrained, bool):
+        raise TypeError(f"pretrained must be True or False, got {pretrained!r}")
+    if isinstance(weights, bool):
+        raise TypeError(
+            f"weights must be a weights name or enum member, got {weights!r}; use pretrained=True"
+        )
     if weights is None and not pretrained:
         return None
-    raise NotImplementedError("pretrained weights are not available yet")
+    if weights is None:
+        weights = "DEFAULT"
+    if arch is None:
+        raise WeightsNotAvailableError(
+            f"no pretrained weights are published for custom DenseNet-BC configurations; {_TRAIN_HINT}"
+        )
+    spec = _coerce(arch, weights)
+    if spec.arch != arch:
+        raise ValueError(f"weights {spec} are for {spec.arch}, not {arch}; use {spec.arch}(weights=...)")
+    return spec
 
 
-def load_weights(model: Any, spec: Any, progress: bool = True) -> None:
-    raise NotImplementedError("pretrained weights are not available yet")
+def _coerce(arch: str, weights: Any) -> WeightsSpec:
+    if isinstance(weights, WeightsSpec):
+        return weights
+    if isinstance(weights, WeightsEnum):
+        return weights.spec
+    if isinstance(weights, Enum) and type(weights).__module__.startswith("torchvision"):
+        return _from_torchvision(weights)
+    if isinstance(weights, str):
+        owner, dot, name = weights.rpartition(".")
+        if not dot:
+            return get_weights(arch, weights)
+        m = _TV_ENUM_NAME.match(owner)
+        owner_arch = f"densenet{m.group(1)}" if m else owner
+        if owner_arch not in ARCHITECTURES:
+            raise ValueError(
+                f"weights {weights!r} name no DenseNet architecture; expected e.g. "
+                f"'IMAGENET1K_V1', 'DenseNet121_Weights.IMAGENET1K_V1' or 'densenet121.IMAGENET1K_V1'"
+            )
+        return get_weights(owner_arch, name)
+    raise TypeError(
+        f"weights must be a name such as 'IMAGENET1K_V1', a DenseNet*_Weights member or a WeightsSpec, "
+        f"got {type(weights).__name__}"
+    )
+
+
+def _from_torchvision(member: Enum) -> WeightsSpec:
+    """Map a torchvision ``DenseNetXXX_Weights`` member onto the registry (same files)."""
+    m = _TV_ENUM_NAME.match(type(member).__name__)
+    if not m:
+        raise ValueError(f"{type(member).__name__}.{member.name} are not DenseNet weights")
+    arch = f"densenet{m.group(1)}"
+    known = manifest()["architectures"].get(arch, {"weights": {}})["weights"]
+    if member.name in known:
+        return get_weights(arch, member.name)
+    # Weights torchvision published after this registry was written: take torchvision's metadata.
+    w = member.value
+    data = {
+        "url": w.url,
+        "num_classes": len(w.meta["categories"]),
+        "categories": list(w.meta["categories"]),
+        "min_size": list(w.meta.get("min_size", (29, 29))),
+        "num_params": w.meta.get("num_params"),
+        "docs": f"torchvision's {type(member).__name__}.{member.name}",
+    }
+    return _spec(arch, member.name, data)
+
+
+# -- download ----------------------------------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fetch(spec: WeightsSpec, progress: bool, model_dir: str | os.PathLike | None) -> Mapping[str, Any]:
+    model_dir = Path(model_dir) if model_dir is not None else Path(torch.hub.get_dir()) / "checkpoints"
+    cached = model_dir / spec.filename
+    prefix = spec.sha256_prefix
+    # torch.hub trusts any file already in its cache; a file damaged after download (disk error,
+    # an interrupted copy, tampering) would load silently. Re-hash before trusting it.
+    if cached.is_file():
+        digest = _sha256(cached)
+        if not digest.startswith(prefix):
+            warnings.warn(
+                f"cached weights {cached} fail their sha256 check (expected a hash starting with {prefix}, "
+                f"found {digest[: len(prefix)]}...); deleting the file and downloading it again",
+                stacklevel=4,
+            )
+            cached.unlink()
+    try:
+        state_dict = torch.hub.load_state_dict_from_url(
+            spec.url,
+            model_dir=str(model_dir),
+            map_location="cpu",
+            progress=progress,
+            check_hash=True,
+            file_name=spec.filename,
+            weights_only=True,
+        )
+    except RuntimeError as e:
+        if "invalid hash value" not in str(e):
+            raise
+        # torch.hub downloads to a temporary file and deletes it when the hash is wrong.
+        raise WeightsIntegrityError(
+            f"the download of {spec.url} failed its sha256 check ({e}): it was cut short, corrupted, or the "
+            f"server sent a different file; it was discarded and nothing was cached in {model_dir}"
+        ) from None
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise WeightsIntegrityError(
+            f"refusing to load {cached}: it holds objects other than tensors, which torch.load(weights_only=True) "
+            f"will not unpickle ({first}); nothing in it was executed"
+        ) from None
+    except (URLError, http.client.HTTPException, ConnectionError, TimeoutError) as e:
+        raise OSError(
+            f"could not download {spec.url} ({e}); nothing was cached in {model_dir}. Check the connection, "
+            f"or place the file there yourself (its sha256 must start with {prefix})"
+        ) from None
+    if not isinstance(state_dict, Mapping):
+        raise WeightsIntegrityError(f"{cached} holds a {type(state_dict).__name__}, expected a state_dict")
+    return state_dict
+
+
+def load_state_dict_from_registry(
+    arch: str,
+    progress: bool = True,
+    model_dir: str | os.PathLike | None = None,
+    *,
+    name: str = "DEFAULT",
+) -> dict[str, torch.Tensor]:
+    """Download ``arch``'s registry weights (hash-checked, ``weights_only``) and return the remapped state_dict.
+
+    ``model_dir`` defaults to torch.hub's cache (``$TORCH_HOME/hub/checkpoints``).
+
+    >>> sd = load_state_dict_from_registry("densenet121")     # downloads 31 MB  # doctest: +SKIP
+    >>> sd["features.denseblock1.denselayer1.norm1.weight"].shape  # doctest: +SKIP
+    torch.Size([64])
+    """
+    return get_weights(arch, name).get_state_dict(progress=progress, model_dir=model_dir)
+
+
+# -- loading into a model --------------------------------------------------------------------------------
+
+
+def load_checkpoint(model: nn.Module, state_dict: Mapping[str, Any], *, source: str = "checkpoint") -> None:
+    """Load ``state_dict`` into ``model`` strictly, except for the fine-tuning case.
+
+    When the checkpoint's classifier has a different number of classes than the model's, everything
+    but the classifier is loaded (still strictly) and a warning names the re-initialised keys.
+    Any other mismatch raises :class:`~densenet_efficient.state_dict.StateDictMismatchError`.
+    """
+    sd = remap_keys(state_dict)
+    # Model order first (safetensors files come back sorted), so errors name the earliest mismatch.
+    order = {k: i for i, k in enumerate(model.state_dict())}
+    sd = dict(sorted(sd.items(), key=lambda kv: order.get(kv[0], len(order))))
+    head = getattr(model, "classifier", None)
+    ckpt_head = sd.get("classifier.weight")
+    if (
+        isinstance(head, nn.Linear)
+        and ckpt_head is not None
+        and tuple(ckpt_head.shape) != tuple(head.weight.shape)
+        and ckpt_head.dim() == 2
+        and ckpt_head.shape[1] == head.in_features
+    ):
+        body = fill_legacy_batch_counters(
+            {k: v for k, v in sd.items() if not k.startswith("classifier.")}, model
+        )
+        check_compatible(model, body, ignore=("classifier.",))
+        model.load_state_dict(body, strict=False)
+        reinit = [k for k in model.state_dict() if k.startswith("classifier.")]
+        warnings.warn(
+            f"{source} has {ckpt_head.shape[0]} classes and the model {head.out_features}: loaded everything "
+            f"but the classifier; re-initialised {', '.join(reinit)} (fine-tuning)",
+            UserWarning,
+            stacklevel=3,
+        )
+        return
+    model.load_state_dict(sd, strict=True)
+
+
+def load_weights(model: nn.Module, spec: WeightsSpec, progress: bool = True) -> None:
+    """Fetch ``spec`` and load it into ``model`` (see :func:`load_checkpoint`)."""
+    load_checkpoint(model, spec.get_state_dict(progress=progress), source=f"weights {spec}")
+
+
+def manifest_json() -> str:
+    """The built-in registry as the text of ``weights/manifest.json``.
+
+    Regenerate the file with::
+
+        python -c "import densenet_efficient.weights as w; print(w.manifest_json(), end='')" > weights/manifest.json
+    """
+    return json.dumps(builtin_manifest(), indent=2) + "\n"

@@ -1,0 +1,91 @@
+"""torch.hub entrypoints: memory-efficient DenseNets with torchvision's exact ``state_dict`` layout.
+
+    import torch
+    model = torch.hub.load("gpleiss/efficient_densenet_pytorch", "densenet121", pretrained=True)
+    model = torch.hub.load("gpleiss/efficient_densenet_pytorch", "densenet_bc", depth=250, memory_efficient=True)
+
+Every entrypoint takes the builder's arguments: ``weights=`` ("IMAGENET1K_V1", "DEFAULT" or a
+torchvision ``DenseNetXXX_Weights`` member), ``pretrained=``, ``progress=``, ``memory_efficient=``
+(False/"naive", True/"efficient", "max_saving"), ``num_classes=`` (a different count than the
+weights' loads everything but the classifier) and ``drop_rate=``. Pretrained files are
+torchvision's, downloaded into torch.hub's cache with their sha256 checked and ``weights_only=True``.
+
+The package is imported only when an entrypoint is called, so ``torch.hub.list`` and
+``torch.hub.help`` stay cheap and show nothing but these entrypoints.
+"""
+
+dependencies = ["torch", "torchvision", "huggingface_hub"]
+
+
+def densenet121(pretrained: bool = False, progress: bool = True, **kwargs):
+    """DenseNet-121 (k=32, blocks 6-12-24-16, 7,978,856 parameters); ImageNet acc@1 74.434 with pretrained=True.
+
+    Example::
+
+        model = torch.hub.load(repo, "densenet121", pretrained=True, memory_efficient=True)
+    """
+    from densenet_efficient.models import densenet121 as build
+
+    return build(pretrained=pretrained, progress=progress, **kwargs)
+
+
+def densenet161(pretrained: bool = False, progress: bool = True, **kwargs):
+    """DenseNet-161 (k=48, blocks 6-12-36-24, 96 init features, 28,681,000 parameters); acc@1 77.138 pretrained.
+
+    Example::
+
+        model = torch.hub.load(repo, "densenet161", weights="IMAGENET1K_V1", num_classes=10)  # fine-tune head
+    """
+    from densenet_efficient.models import densenet161 as build
+
+    return build(pretrained=pretrained, progress=progress, **kwargs)
+
+
+def densenet169(pretrained: bool = False, progress: bool = True, **kwargs):
+    """DenseNet-169 (k=32, blocks 6-12-32-32, 14,149,480 parameters); acc@1 75.600 with pretrained=True.
+
+    Example::
+
+        model = torch.hub.load(repo, "densenet169", pretrained=True)
+    """
+    from densenet_efficient.models import densenet169 as build
+
+    return build(pretrained=pretrained, progress=progress, **kwargs)
+
+
+def densenet201(pretrained: bool = False, progress: bool = True, **kwargs):
+    """DenseNet-201 (k=32, blocks 6-12-48-32, 20,013,928 parameters); acc@1 76.896 with pretrained=True.
+
+    Example::
+
+        model = torch.hub.load(repo, "densenet201", pretrained=True, memory_efficient="max_saving")
+    """
+    from densenet_efficient.models import densenet201 as build
+
+    return build(pretrained=pretrained, progress=progress, **kwargs)
+
+
+def densenet_bc_100(pretrained: bool = False, progress: bool = True, **kwargs):
+    """CIFAR DenseNet-BC-100 (k=12, blocks 16-16-16, 769,162 parameters, 32x32 inputs, 10 classes).
+
+    No pretrained weights are published: ``pretrained=True`` raises and says how to train them.
+
+    Example::
+
+        model = torch.hub.load(repo, "densenet_bc_100", memory_efficient=True)
+    """
+    from densenet_efficient.models import densenet_bc_100 as build
+
+    return build(pretrained=pretrained, progress=progress, **kwargs)
+
+
+def densenet_bc(depth: int = 100, growth_rate: int = 12, num_classes: int = 10, **kwargs):
+    """A CIFAR DenseNet-BC of any depth 6n+4 (3 blocks of n bottleneck layers, 2k init features).
+
+    Example::
+
+        model = torch.hub.load(repo, "densenet_bc", depth=250, growth_rate=24, memory_efficient=True)
+    """
+    from densenet_efficient.models import densenet_bc as build
+
+    return build(depth, growth_rate=growth_rate, num_classes=num_classes, **kwargs)
