@@ -319,25 +319,35 @@ def _conv_out(size: int, kernel: int, stride: int, pad: int) -> int:
     return (size + 2 * pad - kernel) // stride + 1
 
 
-def _timeline(config: ArchConfig, mode: str, n: int, height: int, width: int, e: int) -> list[_Stage]:
+def _timeline(
+    config: ArchConfig, mode: str, n: int, height: int, width: int, e: int, pe: int = 4
+) -> list[_Stage]:
     """The stages of one training step in forward order, with the bytes each keeps and needs.
 
-    ``e`` is bytes per activation element. The accounting follows what each
-    implementation hands to autograd:
+    ``e`` is bytes per activation element, ``pe`` per parameter; ``S = N*H*W`` at a block's resolution, ``c_l`` the
+    channels layer ``l`` reads, ``B = bn_size*k`` the bottleneck width. What each implementation
+    hands to autograd:
 
     * naive / torchvision: per layer the concatenated input (saved by norm1), norm1's output
       (ReLU is in place; saved by conv1), the bottleneck (saved by norm2) and norm2's output (saved
-      by conv2); the block output concatenation is saved by the next norm.
-    * torchvision ``memory_efficient``: checkpointing keeps each layer's inputs (the block input
-      and every k-channel output), the bottleneck and norm2's output; backward recomputes the
-      concatenation and norm1+ReLU of one layer at a time.
-    * efficient: one ``N x C_final x H x W`` buffer per block, which is also the block output,
-      plus each layer's bottleneck; backward recomputes BN+ReLU from saved statistics.
-    * max_saving: only the buffer; backward recomputes BN+ReLU and the 1x1 convolution too.
+      by conv2): ``(2 c_l + 2B) S``, quadratic in depth. The block's output concatenation is saved
+      by the next norm; a transition also keeps its norm output and its conv output (saved by the
+      pool); the ImageNet stem keeps conv0's and norm0's outputs and max-pool's int64 indices.
+    * torchvision ``memory_efficient``: checkpointing keeps each layer's inputs (block input and
+      every k-channel output), the bottleneck and norm2's output: ``(2B + k) S`` per layer.
+    * efficient (this package): one ``N x C_final x H x W`` buffer per block, which is also the
+      block output, plus each layer's bottleneck ``B S``; transitions and the stem keep only their
+      input (the buffer itself, or conv0's output).
+    * max_saving: only the buffers.
 
-    In backward the gradient w.r.t. a layer's input is ``C_l`` channels wide, and for the shared
-    buffer the engine accumulates every slice's gradient into one ``N x C_final x H x W`` buffer.
+    Backward needs, beyond what is saved: for the engine, the incoming gradient and the block's
+    gradient buffer (``2 C_final S``) plus one layer's recomputed norm1+ReLU and its gradients
+    (``2 c_l S``) and bottleneck-sized temporaries; for naive, the gradients of one layer's
+    concatenated input. The head keeps the final ReLU output in every implementation.
     """
+    engine = mode in (EFFICIENT, MAX_SAVING)
+    if not engine and mode not in (NAIVE, TORCHVISION, TORCHVISION_EFFICIENT):
+        raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(ESTIMABLE)}")
     k, bn = config.growth_rate, config.bn_size * config.growth_rate
     c = config.num_init_features
     stages: list[_Stage] = []
@@ -349,9 +359,8 @@ def _timeline(config: ArchConfig, mode: str, n: int, height: int, width: int, e:
         h, w = _conv_out(h, 7, 2, 3), _conv_out(w, 7, 2, 3)
         s0 = n * h * w
         h, w = _conv_out(h, 3, 2, 1), _conv_out(w, 3, 2, 1)
-        # conv0 output (saved by norm0), norm0 output (in-place ReLU; saved by max-pool), int64 indices
-        stages.append(_Stage("stem", 2 * c * s0 * e + 8 * c * n * h * w, 0, 2 * c * s0 * e))
-    nblocks = len(config.block_config)
+        saved = c * s0 * e if engine else 2 * c * s0 * e + 8 * c * n * h * w
+        stages.append(_Stage("stem", saved, 0, 2 * c * s0 * e))
     for b, layers in enumerate(config.block_config):
         s = n * h * w
         cf = c + layers * k
@@ -361,8 +370,7 @@ def _timeline(config: ArchConfig, mode: str, n: int, height: int, width: int, e:
                 stages.append(
                     _Stage(f"block{b + 1}.layer{i + 1}", (2 * cl + 2 * bn) * s * e, 0, 2 * cl * s * e)
                 )
-            # the concatenated block output (saved by the next norm), assembled while the k-channel
-            # pieces are still alive
+            # the concatenation, assembled while the k-channel pieces are still alive
             stages.append(_Stage(f"block{b + 1}.output", cf * s * e, cf * s * e, 0))
         elif mode == TORCHVISION_EFFICIENT:
             stages.append(_Stage(f"block{b + 1}.input", c * s * e, 0, 0))
@@ -371,24 +379,39 @@ def _timeline(config: ArchConfig, mode: str, n: int, height: int, width: int, e:
                 # recomputed concat + norm1 output, their gradients, the pending grads of earlier pieces
                 stages.append(_Stage(f"block{b + 1}.layer{i + 1}", (2 * bn + k) * s * e, 0, 4 * cl * s * e))
             stages.append(_Stage(f"block{b + 1}.output", cf * s * e, 0, 0))
-        elif mode in (EFFICIENT, MAX_SAVING):
-            kept = bn if mode == EFFICIENT else 0
-            stages.append(_Stage(f"block{b + 1}.buffer", cf * s * e, 0, cf * s * e))  # + its gradient buffer
-            for i in range(layers):
-                cl = c + i * k
-                # recomputed norm1+ReLU of the first c_l channels and its gradient; bottleneck-sized
-                # recompute/gradients (the 1x1 conv output too in max_saving)
-                extra = (2 * cl + (3 if mode == MAX_SAVING else 2) * bn) * s * e
-                stages.append(_Stage(f"block{b + 1}.layer{i + 1}", kept * s * e, 0, extra))
         else:
-            raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(ESTIMABLE)}")
-        if b < nblocks - 1:
-            # (norm input = block output, counted above) norm output (in-place ReLU; saved by conv), conv output (saved by pool)
-            stages.append(_Stage(f"transition{b + 1}", (cf + cf // 2) * s * e, 0, 2 * cf * s * e))
+            kept = bn if mode == EFFICIENT else 0
+            grads = 2 * cf * s * e  # incoming gradient + the gradient buffer accumulated in place
+            stages.append(_Stage(f"block{b + 1}.buffer", cf * s * e, 0, grads))
+            pending = 0  # parameter gradients the block Function returns all at once, at its end
+            layer_stages = []
+            for i in reversed(range(layers)):
+                cl = c + i * k
+                pending += (2 * cl + cl * bn + 2 * bn + 9 * bn * k) * pe
+                # Channel slices of the buffer are not contiguous, so the engine's BN calls copy
+                # them. A layer's peak is norm1's backward (gradient in, copied input, gradient
+                # out: 3 c_l) or conv2's backward: its gradient slice, norm1+ReLU and norm2+ReLU
+                # recomputed, the bottleneck gradient and about one bottleneck of convolution
+                # workspace (measured), plus the recomputed 1x1 output in max_saving.
+                temps = max(3 * cl, k + cl + (4 if mode == MAX_SAVING else 3) * bn)
+                layer_stages.append(
+                    _Stage(
+                        f"block{b + 1}.layer{i + 1}",
+                        kept * s * e,
+                        (2 * cl + bn) * s * e,
+                        grads + temps * s * e + pending,
+                    )
+                )
+            stages.extend(reversed(layer_stages))
+        if b < len(config.block_config) - 1:
+            # naive: norm output (in-place ReLU; saved by conv) and conv output (saved by the pool);
+            # engine: nothing beyond its input, the block's buffer
+            saved = 0 if engine else (cf + cf // 2) * s * e
+            stages.append(_Stage(f"transition{b + 1}", saved, cf * s * e, 2 * cf * s * e))
             c = cf // 2
             h, w = h // 2, w // 2
         else:
-            # (norm5 input = block output, counted above) the non-in-place ReLU output (saved by ReLU and avg-pool)
+            # the non-in-place final ReLU output (saved by ReLU and the average pool)
             stages.append(_Stage("head", cf * s * e, 0, 2 * cf * s * e))
     return stages
 
@@ -500,7 +523,7 @@ def estimate_memory(
     param_bytes = _DTYPE_BYTES[dtype]
     act_bytes = 2 if amp else param_bytes
     n_params = count_parameters(config)
-    stages = _timeline(config, mode, batch_size, resolution, resolution, act_bytes)
+    stages = _timeline(config, mode, batch_size, resolution, resolution, act_bytes, param_bytes)
     activations, workspace = _peak(stages)
     if amp:
         # autocast's half-precision weight copies are saved by every conv/linear for backward
