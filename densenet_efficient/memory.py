@@ -77,6 +77,29 @@ def resolve_arch(arch: str | ArchConfig, growth_rate: int | None = None) -> Arch
     return config
 
 
+def describe(config: ArchConfig) -> str:
+    """A short name: the registry's when ``config`` is registered, else DenseNet-BC/generic.
+
+    >>> describe(densenet_bc_config(250))
+    'densenet_bc_250'
+    """
+    from .registry import ARCHITECTURES
+
+    for name, known in ARCHITECTURES.items():
+        if known == config:
+            return name
+    layers = config.block_config
+    if (
+        config.small_inputs
+        and len(set(layers)) == 1
+        and len(layers) == 3
+        and config == densenet_bc_config(6 * layers[0] + 4, config.growth_rate, config.num_classes)
+    ):
+        suffix = "" if config.growth_rate == 12 else f"_k{config.growth_rate}"
+        return f"densenet_bc_{6 * layers[0] + 4}{suffix}"
+    return f"DenseNet(k={config.growth_rate}, blocks={tuple(layers)}, init={config.num_init_features})"
+
+
 def _build_model(impl: str, config: ArchConfig):
     """The model that ``impl`` names, freshly initialised from ``config``."""
     if impl in (TORCHVISION, TORCHVISION_EFFICIENT):
@@ -499,7 +522,7 @@ def estimate_memory(
     from .engine import resolve_mode
 
     config = resolve_arch(arch)
-    name = arch if isinstance(arch, str) else "custom"
+    name = arch if isinstance(arch, str) else describe(config)
     if mode not in (TORCHVISION, TORCHVISION_EFFICIENT):
         mode = resolve_mode(mode)
     batch_size = _positive_int("batch_size", batch_size)
@@ -634,3 +657,117 @@ def format_bytes(n: float) -> str:
         if abs(n) >= scale:
             return f"{n / scale:.3g} {unit}"
     return f"{int(n)} B"
+
+
+# -- the ``plan`` subcommand ----------------------------------------------------------------------
+
+
+def configure_parser(parser) -> None:
+    """Arguments of ``densenet-efficient plan``."""
+    parser.add_argument(
+        "--arch", default="densenet121", help="registry name or densenet_bc_<depth> (default densenet121)"
+    )
+    parser.add_argument("--depth", type=int, help="DenseNet-BC depth 6n+4 (overrides --arch)")
+    parser.add_argument("--growth-rate", type=int, help="DenseNet-BC growth rate k (default 12)")
+    parser.add_argument("--resolution", type=int, help="input height/width (default 224, CIFAR configs 32)")
+    parser.add_argument("--memory", required=True, help="the budget, e.g. 8GiB, 12GB, 16000MiB")
+    parser.add_argument("--amp", choices=("bf16", "fp16"), help="autocast: half-precision activations")
+    parser.add_argument(
+        "--dtype", default="fp32", choices=("fp32", "bf16", "fp16", "fp64"), help="parameter dtype"
+    )
+    parser.add_argument(
+        "--mode", action="append", choices=ESTIMABLE, help="mode(s) to plan (default: all, torchvision too)"
+    )
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="where training runs")
+    parser.add_argument("--optimizer", default="sgd", choices=tuple(OPTIMIZER_STATES), help="optimizer state")
+    parser.add_argument("--batch-size", type=int, help="also report the estimate at this batch size")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def plan(
+    arch: str | ArchConfig,
+    memory: int | str,
+    *,
+    modes: tuple[str, ...] = ESTIMABLE,
+    batch_size: int | None = None,
+    **kwargs: Any,
+) -> list[dict[str, Any]]:
+    """Per mode: the largest batch that fits ``memory``, the estimate there (and at ``batch_size``).
+
+    >>> [row["mode"] for row in plan("densenet121", "8GiB", modes=("naive", "efficient"))]
+    ['naive', 'efficient']
+    """
+    budget = parse_memory(memory)
+    rows = []
+    for mode in modes:
+        one = estimate_memory(arch, batch_size=1, mode=mode, **kwargs)
+        row: dict[str, Any] = {
+            "mode": mode,
+            "per_image": estimate_memory(arch, batch_size=2, mode=mode, **kwargs).total - one.total,
+        }
+        try:
+            best = max_batch_size(arch, budget, mode=mode, **kwargs)
+        except ValueError as err:
+            row.update(max_batch_size=0, note=str(err), minimum=one.total)
+        else:
+            row.update(
+                max_batch_size=best,
+                at_max=estimate_memory(arch, batch_size=best, mode=mode, **kwargs).to_dict(),
+            )
+        if batch_size is not None:
+            row["at_batch"] = estimate_memory(arch, batch_size=batch_size, mode=mode, **kwargs).to_dict()
+        rows.append(row)
+    return rows
+
+
+def run(args) -> int:
+    """``densenet-efficient plan``: print the largest batch per mode for a memory budget."""
+    if args.depth is not None:
+        arch = densenet_bc_config(args.depth, args.growth_rate or 12)
+    else:
+        arch = resolve_arch(args.arch, args.growth_rate)
+    name = describe(arch)
+    budget = parse_memory(args.memory)
+    modes = tuple(dict.fromkeys(args.mode or ESTIMABLE))
+    kwargs = dict(
+        resolution=args.resolution,
+        dtype=args.dtype,
+        amp=args.amp,
+        device=args.device,
+        optimizer=args.optimizer,
+    )
+    rows = plan(arch, budget, modes=modes, batch_size=args.batch_size, **kwargs)
+    if all(r["max_batch_size"] == 0 for r in rows):
+        least = min(r["minimum"] for r in rows)
+        raise ValueError(
+            f"a budget of {format_bytes(budget)} fits no batch in any mode: the smallest step "
+            f"(batch 1, {min(rows, key=lambda r: r['minimum'])['mode']}) needs {format_bytes(least)}"
+        )
+    if args.json:
+        print(json.dumps({"arch": name, "memory": budget, "rows": rows}, indent=2))
+    else:
+        res = args.resolution or (32 if arch.small_inputs else 224)
+        print(
+            f"{name} at {res}x{res}, {args.amp or args.dtype} activations, {args.device}, optimizer {args.optimizer}: "
+            f"budget {format_bytes(budget)}"
+        )
+        header = ["mode", "per image", "max batch", "peak step", "total at max"]
+        if args.batch_size:
+            header.append(f"total at batch {args.batch_size}")
+        table = []
+        for r in rows:
+            at = r.get("at_max")
+            cells = [r["mode"], format_bytes(r["per_image"]), str(r["max_batch_size"])]
+            cells += [format_bytes(at["peak"]), format_bytes(at["total"])] if at else ["-", "-"]
+            if args.batch_size:
+                cells.append(format_bytes(r["at_batch"]["total"]))
+            table.append(cells)
+        print(_format_table(header, table))
+    return 0
+
+
+def _format_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) for r in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
