@@ -120,8 +120,8 @@ def benchmark(
             row["seconds"] = statistics.median(per_round[impl])
             row["seconds_rounds"] = per_round[impl]
     base = results.get(TORCHVISION)
-    for row in results.values():
-        row["memory_ratio"] = row["peak_mb"] / base["peak_mb"] if base else None
+    for row in results.values():  # ratios only against a measurable torchvision row
+        row["memory_ratio"] = row["peak_mb"] / base["peak_mb"] if base and base["peak_mb"] > 0 else None
         row["time_ratio"] = row["seconds"] / base["seconds"] if base and speed else None
     meta = {"arch": describe(config), "batch_size": batch_size, "resolution": resolution, "device": device}
     return [{**meta, **results[i]} for i in impls]
