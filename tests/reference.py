@@ -5,7 +5,7 @@ from __future__ import annotations
 from densenet_efficient.reference import torchvision_densenet as torchvision_reference
 from densenet_efficient.registry import ARCHITECTURES, ArchConfig
 
-__all__ = ["ALL_ARCHS", "IMAGENET_ARCHS", "input_size", "torchvision_reference"]
+__all__ = ["ALL_ARCHS", "IMAGENET_ARCHS", "input_size", "torchvision_reference", "train_size"]
 
 IMAGENET_ARCHS = ["densenet121", "densenet161", "densenet169", "densenet201"]
 ALL_ARCHS = sorted(ARCHITECTURES)
