@@ -25,7 +25,7 @@ from densenet_efficient.registry import densenet_bc_config
 from .reference import ALL_ARCHS
 
 # Two architectures x two batch sizes, every mode: small enough for 2 CPU cores, large enough
-# that activations dominate the ~30 MB of one-time first-step allocations.
+# that activations dominate the one-time first-step allocations (0-37 MB, see below).
 CONFIGS = [
     ("densenet_bc_40", 16, 32),
     ("densenet_bc_40", 32, 32),
