@@ -6,6 +6,7 @@
 
 from .engine import MODES
 from .hub import from_pretrained, save_hub_folder
+from .memory import MemoryEstimate, estimate_memory, max_batch_size
 from .models import (
     DenseNet,
     create_model,
@@ -60,6 +61,9 @@ __all__ = [
     "list_weights",
     "from_pretrained",
     "save_hub_folder",
+    "MemoryEstimate",
+    "estimate_memory",
+    "max_batch_size",
 ]
 
 # Conversion (issue 6). Note: this binds ``densenet_efficient.convert`` to the function; the module
