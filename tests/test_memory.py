@@ -44,6 +44,8 @@ def measured():
         return dict(zip(CASES, pool.map(lambda s: measure(s)["peak_bytes"], specs), strict=True))
 
 
+# One xdist worker runs every test that uses the measurements, so they are made once per run.
+@pytest.mark.xdist_group("measured")
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-b{c[1]}-{c[2]}px-{c[3]}")
 def test_estimate_within_15_percent_of_measured(case, measured):
     arch, batch, res, mode = case
@@ -59,6 +61,7 @@ def test_estimate_within_15_percent_of_measured(case, measured):
     )
 
 
+@pytest.mark.xdist_group("measured")
 def test_measured_memory_ordering(measured):
     # the point of the engine: each mode keeps less than the previous
     for arch, batch, res in CONFIGS:
