@@ -43,6 +43,7 @@ import torch.nn as nn
 
 from .checkpoint import Checkpoint, CheckpointError, read_checkpoint
 from .models import DenseNet
+from .reference import torchvision_densenet
 from .registry import ARCHITECTURES, ArchConfig, get_config
 from .state_dict import (
     StateDictMismatchError,
@@ -429,28 +430,7 @@ def _assigned(build: Callable[[], nn.Module], state_dict: Mapping[str, Any]) -> 
 
 def _torchvision_densenet(config: ArchConfig) -> nn.Module:
     """torchvision's DenseNet for ``config``; CIFAR configs get the 3x3 stem with no norm0/pool0."""
-    return _uninitialised(lambda: _torchvision_module(config))
-
-
-def _torchvision_module(config: ArchConfig) -> nn.Module:
-    import torchvision
-
-    model = torchvision.models.DenseNet(
-        growth_rate=config.growth_rate,
-        block_config=tuple(config.block_config),
-        num_init_features=config.num_init_features,
-        bn_size=config.bn_size,
-        num_classes=config.num_classes,
-    )
-    if config.small_inputs:
-        rest = [
-            (n, m)
-            for n, m in model.features.named_children()
-            if n not in ("conv0", "norm0", "relu0", "pool0")
-        ]
-        conv0 = nn.Conv2d(3, config.num_init_features, kernel_size=3, stride=1, padding=1, bias=False)
-        model.features = nn.Sequential(OrderedDict([("conv0", conv0), *rest]))
-    return model
+    return _uninitialised(lambda: torchvision_densenet(config))
 
 
 class _GivenWeights:
@@ -482,7 +462,7 @@ def _reference(
             loader(model, _GivenWeights(raw), progress=False)
             return model, "torchvision.models.DenseNet loaded by torchvision's own loader"
         except TypeError:  # a torchvision whose private loader changed shape: map names ourselves
-            return _assigned(lambda: _torchvision_module(config), mapped), "torchvision.models.DenseNet"
+            return _assigned(lambda: torchvision_densenet(config), mapped), "torchvision.models.DenseNet"
     return _assigned(
         lambda: _our_model(config), mapped
     ), "densenet_efficient.DenseNet (naive path) on the source tensors mapped by name"

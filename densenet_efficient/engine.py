@@ -35,9 +35,13 @@ What this engine does
   convolution: both are linear maps acting on different axes, so they commute, and the
   convolution runs on a quarter of the pixels.
 
-Every kernel is a native ATen op (batch-norm statistics/elementwise/backward, convolution
-backward, pooling backward), so the engine runs at naive speed: it does the naive path's work,
-minus the concatenation copies, plus one elementwise BN+ReLU recompute per layer.
+Every kernel is a native ATen op: batch-norm statistics, training forward and backward
+(``batch_norm_update_stats``, ``native_batch_norm``, ``native_batch_norm_backward``), convolution
+and its backward, pooling backward, and for BN with fixed statistics the per-channel affine map as
+one ``addcmul`` on the strided buffer view (no copy). Per-layer temporaries live in one reusable
+scratch allocation. The engine does the naive path's work minus the concatenation copies and
+the per-layer statistics passes, plus one elementwise BN+ReLU recompute per layer in backward:
+naive speed or better on CPU (docs/benchmarks.md).
 
 Modes
 -----
