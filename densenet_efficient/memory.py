@@ -154,8 +154,6 @@ def _amp_dtype(amp: str | None):
 
 def _run_spec(spec: StepSpec) -> dict[str, Any]:
     """Execute ``spec`` in *this* process; call it only in a fresh one (see :func:`measure`)."""
-    import resource
-
     import torch
     import torch.nn.functional as F
 
@@ -187,10 +185,11 @@ def _run_spec(spec: StepSpec) -> dict[str, Any]:
             peak = torch.cuda.max_memory_allocated(device)
             result.update(peak_bytes=peak - before, peak_total_bytes=peak, before_bytes=before)
         else:
-            scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
-            base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+            base = _peak_rss_bytes()
             step()
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+            peak = _peak_rss_bytes()
+            if peak <= base:
+                raise RuntimeError(f"peak RSS did not move during the step ({base} -> {peak} bytes)")
             result.update(peak_bytes=peak - base, baseline_rss_bytes=base)
     elif spec.kind == "speed":
         step()  # warm-up
@@ -211,6 +210,26 @@ def _run_spec(spec: StepSpec) -> dict[str, Any]:
     else:
         raise ValueError(f"kind must be 'memory' or 'speed', got {spec.kind!r}")
     return result
+
+
+def _peak_rss_bytes() -> int:
+    """This process's peak resident set size (MEASURE.md's ``ru_maxrss``).
+
+    On Linux ``ru_maxrss`` survives fork+exec: a worker started by a large process (a pytest
+    worker, say) starts with its parent's peak and a step below it reads as zero. ``VmHWM`` is the
+    same high-water mark for this process's own address space, which exec starts afresh.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource  # POSIX only
+
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 def _worker_main() -> None:
