@@ -25,12 +25,14 @@ from densenet_efficient.registry import densenet_bc_config
 from .reference import ALL_ARCHS
 
 # Two architectures x two batch sizes, every mode: small enough for 2 CPU cores, large enough
-# that activations dominate the one-time first-step allocations (0-37 MB, see below).
+# that activations dominate the one-time first-step allocations (0-37 MB, see below). densenet121
+# at a test-sized batch is not: its oneDNN first-step allocations (~50 MB on a fresh CI machine)
+# outweigh its 18-43 MB of activations; docs/benchmarks.md checks it at full size instead.
 CONFIGS = [
     ("densenet_bc_40", 16, 32),
     ("densenet_bc_40", 32, 32),
-    ("densenet121", 2, 128),
-    ("densenet121", 4, 128),
+    ("densenet_bc_100", 16, 32),
+    ("densenet_bc_100", 32, 32),
 ]
 MODES = ["naive", "efficient", "max_saving"]
 CASES = [(a, b, r, m) for a, b, r in CONFIGS for m in MODES]
