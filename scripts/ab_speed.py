@@ -1,0 +1,50 @@
+"""Alternate several implementations step by step in one process and print median step times.
+
+A quick A/B on a noisy machine (drift hits every implementation alike); the published protocol
+is ``densenet-efficient benchmark`` (one process per row).
+
+    python scripts/ab_speed.py densenet_bc_100 64 32 5 torchvision,efficient,max_saving
+"""
+
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import densenet_efficient as de
+from densenet_efficient.reference import torchvision_densenet
+
+
+def main(arch: str, batch: int, res: int, rounds: int, impls: list[str]) -> None:
+    torch.set_num_threads(2)
+    cfg = de.get_config(arch)
+    models = {
+        impl: torchvision_densenet(cfg, memory_efficient=impl == "torchvision_efficient")
+        if impl.startswith("torchvision")
+        else de.create_model(arch, memory_efficient=impl)
+        for impl in impls
+    }
+    x, y = torch.randn(batch, 3, res, res), torch.randint(0, cfg.num_classes, (batch,))
+
+    def step(model: torch.nn.Module) -> float:
+        start = time.perf_counter()
+        F.cross_entropy(model(x), y).backward()
+        return time.perf_counter() - start
+
+    for model in models.values():
+        step(model)  # warm-up
+    times: dict[str, list[float]] = {k: [] for k in models}
+    for _ in range(rounds):
+        for k, model in models.items():
+            times[k].append(step(model))
+    base = statistics.median(times[impls[0]])
+    for k in impls:
+        med = statistics.median(times[k])
+        print(f"{k:22s} {med * 1e3:9.1f} ms  {med / base:.3f}x")
+
+
+if __name__ == "__main__":
+    a = sys.argv[1:]
+    main(a[0], int(a[1]), int(a[2]), int(a[3]), a[4].split(","))
