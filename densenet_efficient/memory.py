@@ -122,6 +122,10 @@ class StepSpec:
 
     ``kind="memory"`` records the peak of one training step, ``kind="speed"`` the median time
     of ``steps`` steps after one warm-up step. ``amp`` is ``None``, ``"bf16"`` or ``"fp16"``.
+    ``warmup=True`` (memory on CPU) runs one step first and resets the peak (Linux
+    ``/proc/self/clear_refs``) so the figure leaves out one-time allocations (oneDNN kernel
+    caches, thread pools: 0-60 MB depending on the machine); the default is MEASURE.md's
+    first-step protocol, which the published figures use.
     """
 
     impl: str
@@ -134,6 +138,7 @@ class StepSpec:
     steps: int = 5
     threads: int = 2
     seed: int = 0
+    warmup: bool = False
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -185,6 +190,9 @@ def _run_spec(spec: StepSpec) -> dict[str, Any]:
             peak = torch.cuda.max_memory_allocated(device)
             result.update(peak_bytes=peak - before, peak_total_bytes=peak, before_bytes=before)
         else:
+            if spec.warmup:
+                step()
+                _reset_peak_rss()
             base = _peak_rss_bytes()
             step()
             peak = _peak_rss_bytes()
@@ -230,6 +238,17 @@ def _peak_rss_bytes() -> int:
 
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def _reset_peak_rss() -> None:
+    """Set this process's ``VmHWM`` to its current RSS (Linux >= 4.0), or say why it cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError as err:
+        raise RuntimeError(
+            f"warmup=True needs Linux's /proc/self/clear_refs to reset the peak RSS: {err}"
+        ) from err
 
 
 def _worker_main() -> None:
@@ -296,7 +315,7 @@ _AMP = {None: None, "none": None, "bf16": "bf16", "bfloat16": "bf16", "fp16": "f
 OPTIMIZER_STATES = {"none": 0, "sgd": 0, "momentum": 1, "adam": 2, "adamw": 2}
 _MIB = 1 << 20
 #: One-time allocations of the first training step on CPU (oneDNN kernels, thread pools, autograd
-#: engine): 20-37 MiB on torch 2.14's CPU build, measured as (first step - later steps) with peak RSS.
+#: engine): 20-56 MiB on torch 2.14's CPU build (first step - warm step, peak RSS; varies by machine).
 CPU_FIRST_STEP_OVERHEAD = 30 * _MIB
 #: CUDA context + cuBLAS/cuDNN handles: device memory that ``max_memory_allocated`` never sees
 #: but a budget must leave room for (typically 300-600 MiB, depending on card and driver).
