@@ -102,40 +102,19 @@ def _torchvision_imagenet(filename: str, acc1: float, acc5: float, params: int, 
 # The built-in registry, as data (values copied from torchvision/models/densenet.py, 0.29).
 # weights/manifest.json is this dict written out (:func:`manifest_json`); a test
 # keeps the two identical.
+# torchvision's IMAGENET1K_V1 files: (filename, acc@1, acc@5, parameters, GFLOPS, file MB).
+_TORCHVISION_FILES = {
+    "densenet121": ("densenet121-a639ec97.pth", 74.434, 91.972, 7978856, 2.834, 30.845),
+    "densenet161": ("densenet161-8d451a50.pth", 77.138, 93.560, 28681000, 7.728, 110.369),
+    "densenet169": ("densenet169-b2777c0a.pth", 75.600, 92.806, 14149480, 3.36, 54.708),
+    "densenet201": ("densenet201-c1103571.pth", 76.896, 93.370, 20013928, 4.291, 77.373),
+}
 _BUILTIN: dict[str, Any] = {
     "format": MANIFEST_FORMAT,
     "architectures": {
-        "densenet121": {
-            "default": "IMAGENET1K_V1",
-            "weights": {
-                "IMAGENET1K_V1": _torchvision_imagenet(
-                    "densenet121-a639ec97.pth", 74.434, 91.972, 7978856, 2.834, 30.845
-                )
-            },
-        },
-        "densenet161": {
-            "default": "IMAGENET1K_V1",
-            "weights": {
-                "IMAGENET1K_V1": _torchvision_imagenet(
-                    "densenet161-8d451a50.pth", 77.138, 93.560, 28681000, 7.728, 110.369
-                )
-            },
-        },
-        "densenet169": {
-            "default": "IMAGENET1K_V1",
-            "weights": {
-                "IMAGENET1K_V1": _torchvision_imagenet(
-                    "densenet169-b2777c0a.pth", 75.600, 92.806, 14149480, 3.36, 54.708
-                )
-            },
-        },
-        "densenet201": {
-            "default": "IMAGENET1K_V1",
-            "weights": {
-                "IMAGENET1K_V1": _torchvision_imagenet(
-                    "densenet201-c1103571.pth", 76.896, 93.370, 20013928, 4.291, 77.373
-                )
-            },
+        **{
+            arch: {"default": "IMAGENET1K_V1", "weights": {"IMAGENET1K_V1": _torchvision_imagenet(*row)}}
+            for arch, row in _TORCHVISION_FILES.items()
         },
         "densenet_bc_100": {"default": None, "weights": {}},
     },

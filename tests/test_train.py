@@ -48,6 +48,15 @@ def _tiny(cifar: Path, save: Path, **kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
+def _tiny_argv(cifar: Path, n_epochs: int, *extra: str) -> list[str]:
+    """``_tiny``'s run as ``densenet-efficient train`` arguments (growth rate 6 unless overridden)."""
+    return [
+        *("--data", str(cifar), "--depth", "10", "--valid-size", "20", "--batch-size", "16"),
+        *("--n-epochs", str(n_epochs), "--no-progress", "--no-download"),
+        *(extra if "--growth-rate" in extra else ("--growth-rate", "6", *extra)),
+    ]
+
+
 def _read_log(path: Path) -> list[dict[str, str]]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
@@ -72,26 +81,7 @@ def test_embedded_default_learns(tmp_path):
 
 def test_cli_trains_fake_cifar10_with_the_demo_schedule(cifar, tmp_path, capsys):
     save = tmp_path / "run"
-    rc = _cli(
-        "--data",
-        str(cifar),
-        "--depth",
-        "10",
-        "--growth-rate",
-        "6",
-        "--n-epochs",
-        "4",
-        "--batch-size",
-        "16",
-        "--valid-size",
-        "20",
-        "--save",
-        str(save),
-        "--no-progress",
-        "--no-download",
-        "--workers",
-        "0",
-    )
+    rc = _cli(*_tiny_argv(cifar, 4, "--save", str(save), "--workers", "0"))
     assert rc == 0
     out = capsys.readouterr().out
     assert "cifar10 32x32: 80 train / 20 valid images, 10 classes" in out and "test (best model" in out
@@ -155,22 +145,7 @@ def test_killed_and_resumed_run_ends_with_identical_weights(cifar, tmp_path, mon
 
 def test_stop_after_then_resume_via_cli(cifar, tmp_path):
     train(_tiny(cifar, tmp_path / "straight"))
-    common = [
-        "--data",
-        str(cifar),
-        "--depth",
-        "10",
-        "--growth-rate",
-        "6",
-        "--n-epochs",
-        "3",
-        "--batch-size",
-        "16",
-        "--valid-size",
-        "20",
-        "--no-progress",
-        "--no-download",
-    ]
+    common = _tiny_argv(cifar, 3)
     save = str(tmp_path / "sliced")
     assert _cli(*common, "--save", save, "--stop-after", "2") == 0
     assert len(_read_log(tmp_path / "sliced" / "log.csv")) == 2
@@ -200,22 +175,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(cifar, tmp_pat
 
     # Through the CLI: exit code 1 and one clear line.
     calls["n"] = 0
-    args = [
-        "--data",
-        str(cifar),
-        "--depth",
-        "10",
-        "--valid-size",
-        "20",
-        "--no-progress",
-        "--no-download",
-        "--n-epochs",
-        "3",
-        "--batch-size",
-        "16",
-        "--save",
-        str(tmp_path / "cli"),
-    ]
+    args = _tiny_argv(cifar, 3, "--growth-rate", "12", "--save", str(tmp_path / "cli"))
     assert _cli(*args) == 1
     assert "the training loss became" in capsys.readouterr().err
 
@@ -282,20 +242,7 @@ def test_existing_run_is_not_overwritten_without_resume_or_overwrite(cifar, tmp_
     save = tmp_path / "run"
     train(_tiny(cifar, save, n_epochs=1))
     before = snapshot(save)
-    args = [
-        "--data",
-        str(cifar),
-        "--depth",
-        "10",
-        "--valid-size",
-        "20",
-        "--n-epochs",
-        "1",
-        "--no-progress",
-        "--no-download",
-        "--save",
-        str(save),
-    ]
+    args = _tiny_argv(cifar, 1, "--growth-rate", "12", "--save", str(save))
     assert _cli(*args) == 2
     assert "already holds a training run (checkpoint.pt); pass --resume" in capsys.readouterr().err
     assert snapshot(save) == before
