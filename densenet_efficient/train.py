@@ -629,7 +629,7 @@ def _train(config: TrainConfig, info: _Dist, device: torch.device) -> TrainResul
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
     scaler = torch.amp.GradScaler(device.type, enabled=c.amp == "fp16")
 
-    start_epoch, history, best_error, best_epoch, best_state = 0, [], None, None, None
+    start_epoch, history, best = 0, [], _Best()
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -638,8 +638,7 @@ def _train(config: TrainConfig, info: _Dist, device: torch.device) -> TrainResul
             scaler.load_state_dict(ckpt["scaler"])
         _set_rng_state(ckpt["rng"])
         start_epoch, history = int(ckpt["epoch"]), list(ckpt["history"])
-        best_error, best_epoch = ckpt.get("best_valid_error"), ckpt.get("best_epoch")
-        best_state = ckpt.get("best_model")
+        best = _Best(ckpt.get("best_valid_error"), ckpt.get("best_epoch"), ckpt.get("best_model"))
 
     net: nn.Module = model
     if info.enabled:
@@ -694,43 +693,27 @@ def _train(config: TrainConfig, info: _Dist, device: torch.device) -> TrainResul
         }
         history.append(row)
         score = valid_error if valid_loader else train_error
-        improved = best_error is None or score < best_error
-        if improved:
-            best_error, best_epoch = score, epoch + 1
-            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        improved = best.update(score, epoch + 1, model)
         log(
             f"epoch {epoch + 1}/{c.n_epochs}: train loss {train_loss:.4f} error {train_error:.4f} | "
             f"valid loss {valid_loss:.4f} error {valid_error:.4f} | lr {lr:g} | {seconds:.1f}s"
         )
         if info.main:
-            _save_epoch(
-                save_dir,
-                model,
-                optimizer,
-                scheduler,
-                scaler,
-                c,
-                epoch + 1,
-                history,
-                best_error,
-                best_epoch,
-                best_state,
-                improved,
-                provenance,
-            )
+            trainables = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
+            _save_epoch(save_dir, trainables, c, epoch + 1, history, best, improved, provenance)
 
     finished = end_epoch == c.n_epochs
-    result = TrainResult(save_dir, end_epoch, finished, history, best_epoch, best_error, model=model)
+    result = TrainResult(save_dir, end_epoch, finished, history, best.epoch, best.error, model=model)
     if finished and data.test is not None and data.test is not data.valid:
-        if best_state is not None:  # report the test figures of the model selected on validation
+        if best.state is not None:  # report the test figures of the model selected on validation
             last = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            model.load_state_dict(best_state)
+            model.load_state_dict(best.state)
         test_loader = _loader(data.test, c, info, shuffle=False, device=device)[0]
         result.test_loss, result.test_error = evaluate(net, test_loader, device, c, info)
-        if best_state is not None:
+        if best.state is not None:
             model.load_state_dict(last)
         log(
-            f"test (best model, epoch {best_epoch}): loss {result.test_loss:.4f} "
+            f"test (best model, epoch {best.epoch}): loss {result.test_loss:.4f} "
             f"error {result.test_error:.4f} (accuracy {100 * (1 - result.test_error):.2f}%)"
         )
     elif not finished:
@@ -791,23 +774,38 @@ def _train_epoch(
     return loss_sum / count, err_sum / count
 
 
+@dataclass
+class _Best:
+    """The model selected on validation error so far: its error, 1-based epoch and CPU weights."""
+
+    error: float | None = None
+    epoch: int | None = None
+    state: dict[str, torch.Tensor] | None = None
+
+    def update(self, score: float, epoch: int, model: nn.Module) -> bool:
+        """Keep ``model`` if ``score`` beats the best so far; return whether it did."""
+        if self.error is not None and score >= self.error:
+            return False
+        self.error, self.epoch = score, epoch
+        self.state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        return True
+
+
 def _save_epoch(
-    save_dir,
-    model,
-    optimizer,
-    scheduler,
-    scaler,
-    c,
-    epoch,
-    history,
-    best_error,
-    best_epoch,
-    best_state,
-    improved,
-    provenance,
+    save_dir: Path,
+    trainables: dict[str, Any],
+    c: TrainConfig,
+    epoch: int,
+    history: list[dict[str, Any]],
+    best: _Best,
+    improved: bool,
+    provenance: dict[str, Any],
 ) -> None:
     """Rank 0, end of an epoch: model folders, the CSV log, then the checkpoint (last, so that a
-    checkpoint for epoch e implies everything else of epoch e is on disk)."""
+    checkpoint for epoch e implies everything else of epoch e is on disk).
+
+    ``trainables`` holds the ``model``, ``optimizer``, ``scheduler`` and (AMP) ``scaler``."""
+    model, scaler = trainables["model"], trainables["scaler"]
     meta = dict(provenance, epoch=epoch, valid_error=history[-1]["valid_error"])
     _save_model_folder(model, save_dir / "last", meta)
     if improved:
@@ -817,14 +815,14 @@ def _save_epoch(
         "format": _CHECKPOINT_FORMAT,
         "epoch": epoch,
         "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
+        "optimizer": trainables["optimizer"].state_dict(),
+        "scheduler": trainables["scheduler"].state_dict(),
         "scaler": scaler.state_dict() if scaler.is_enabled() else None,
         "rng": _rng_state(),
         "config": c.to_dict(),
         "history": history,
-        "best_valid_error": best_error,
-        "best_epoch": best_epoch,
-        "best_model": best_state,
+        "best_valid_error": best.error,
+        "best_epoch": best.epoch,
+        "best_model": best.state,
     }
     _atomic_write(save_dir / CHECKPOINT_NAME, lambda f: torch.save(state, f))
