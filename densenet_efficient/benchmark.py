@@ -5,7 +5,9 @@ peak training-step memory, median seconds per minibatch, both as ratios to torch
 and the planner's estimate for comparison. Every figure comes from a fresh subprocess
 (:func:`densenet_efficient.memory.measure`): on CPU with the ``MEASURE.md`` protocol, on CUDA
 with ``max_memory_allocated`` and CUDA-event timing. Speed runs are interleaved over rounds
-(A B C A B C ...) and the median of the per-round medians is reported.
+(A B C A B C ...): seconds are the median of the per-round medians, and the time ratio is the
+median of the per-round ratios to torchvision naive (paired within a round, so that a shared
+machine's drifting speed cancels), with their range.
 
     densenet-efficient benchmark                                   # DenseNet-BC-100, batch 64, 32x32
     densenet-efficient benchmark --arch densenet121 --batch-size 8 --resolution 224 --markdown
@@ -122,7 +124,11 @@ def benchmark(
     base = results.get(TORCHVISION)
     for row in results.values():  # ratios only against a measurable torchvision row
         row["memory_ratio"] = row["peak_mb"] / base["peak_mb"] if base and base["peak_mb"] > 0 else None
-        row["time_ratio"] = row["seconds"] / base["seconds"] if base and speed else None
+        row["time_ratio"], row["time_ratio_range"] = None, None
+        if base and speed:
+            paired = [t / b for t, b in zip(row["seconds_rounds"], base["seconds_rounds"], strict=True)]
+            row["time_ratio"] = statistics.median(paired)
+            row["time_ratio_range"] = [min(paired), max(paired)]
     meta = {"arch": describe(config), "batch_size": batch_size, "resolution": resolution, "device": device}
     return [{**meta, **results[i]} for i in impls]
 
@@ -140,18 +146,21 @@ def _cells(row: dict[str, Any]) -> list[str]:
     def ratio(x: float | None) -> str:
         return "-" if x is None else f"{x:.3f}x"
 
-    secs = row.get("seconds")
+    secs, spread = row.get("seconds"), row.get("time_ratio_range")
+    time_ratio = ratio(row["time_ratio"])
+    if spread and spread[0] != spread[1]:
+        time_ratio += f" ({spread[0]:.2f}-{spread[1]:.2f})"
     return [
         row["implementation"],
         f"{row['peak_mb']:.0f}",
         ratio(row["memory_ratio"]),
         "-" if secs is None else f"{secs:.3f}",
-        ratio(row["time_ratio"]),
+        time_ratio,
         f"{row['estimate_mb']:.0f}",
     ]
 
 
-_HEADER = ["implementation", "peak MB", "memory vs tv", "s/batch", "time vs tv", "planner MB"]
+_HEADER = ["implementation", "peak MB", "memory vs tv", "s/batch", "time vs tv (range)", "planner MB"]
 
 
 def to_markdown(rows: list[dict[str, Any]]) -> str:

@@ -33,11 +33,16 @@ def test_benchmark_rows_and_ratios():
         assert r["peak_mb"] > 0 and r["seconds"] > 0 and len(r["seconds_rounds"]) == 2
         assert r["seconds"] == pytest.approx(sum(r["seconds_rounds"]) / 2)  # median of two rounds
         assert r["memory_ratio"] == pytest.approx(r["peak_mb"] / tv["peak_mb"])
-        assert r["time_ratio"] == pytest.approx(r["seconds"] / tv["seconds"])
+        # paired by round: the median (here the mean) of the per-round ratios, and their range
+        paired = [a / b for a, b in zip(r["seconds_rounds"], tv["seconds_rounds"], strict=True)]
+        assert r["time_ratio"] == pytest.approx(sum(paired) / 2)
+        assert r["time_ratio_range"] == [min(paired), max(paired)]
         assert r["estimate_mb"] > 0
     assert ms["estimate_mb"] < tv["estimate_mb"]
     table = to_markdown(rows)
     assert table.count("\n") == 3 and "| max_saving |" in table and "1.000x" in table
+    lo, hi = ms["time_ratio_range"]
+    assert f"{ms['time_ratio']:.3f}x ({lo:.2f}-{hi:.2f})" in table
 
 
 def test_benchmark_memory_only_and_bad_input():
