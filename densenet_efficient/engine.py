@@ -30,10 +30,13 @@ What this engine does
 * The batch-norm input gradient is linear in its upstream gradient, so each layer's BN backward
   (``native_batch_norm_backward`` with the shared ``mean``/``invstd``) can be computed on its own
   and summed into the gradient buffer; the sum equals the gradient of the concatenated model.
-* Transitions (BN-ReLU-conv1x1-avgpool) and the ImageNet stem (BN-ReLU-maxpool after conv0)
-  keep only their input and recompute BN+ReLU in backward. The transition pools before its 1x1
-  convolution: both are linear maps acting on different axes, so they commute, and the
-  convolution runs on a quarter of the pixels.
+* Transitions (BN-ReLU-conv1x1-avgpool) keep only their input and recompute BN+ReLU in backward.
+  The transition pools before its 1x1 convolution: both are linear maps acting on different
+  axes, so they commute, and the convolution runs on a quarter of the pixels. The ImageNet stem
+  (BN-ReLU-maxpool after conv0) does the same in ``"max_saving"``; in ``"efficient"`` it also
+  keeps the max-pool indices and the sign of the pooled output (a quarter-size int64 and bool
+  tensor), so its backward is one masked scatter and the BN backward, with no recompute of the
+  largest activation of the network.
 
 Every kernel is a native ATen op: batch-norm statistics, training forward and backward
 (``batch_norm_update_stats``, ``native_batch_norm``, ``native_batch_norm_backward``), convolution
@@ -478,11 +481,30 @@ def dense_block(block: nn.Module, x: Tensor, mode: str) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def _tail_forward(z: Tensor, plan: _Plan) -> Tensor:
+def _keeps_pool_indices(plan: _Plan) -> bool:
+    """The stem in ``"efficient"`` mode saves its max-pool indices instead of recomputing them."""
+    return plan.extra["kind"] == "stem" and plan.mode == EFFICIENT and plan.training
+
+
+def _pool_args(pool: nn.MaxPool2d) -> list[Any]:
+    return [
+        _pair(pool.kernel_size),
+        _pair(pool.stride),
+        _pair(pool.padding),
+        _pair(pool.dilation),
+        pool.ceil_mode,
+    ]
+
+
+def _tail_forward(z: Tensor, plan: _Plan) -> tuple[Tensor, list[Tensor]]:
+    """The tail's output, and what the stem keeps for backward besides its input (see module doc)."""
     if plan.extra["kind"] == "transition":
-        return _conv(F.avg_pool2d(z, 2, 2), plan.modules[1], plan.dtype)
+        return _conv(F.avg_pool2d(z, 2, 2), plan.modules[1], plan.dtype), []
     pool = plan.modules[1]
-    return F.max_pool2d(z, pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode)
+    if _keeps_pool_indices(plan):
+        out, idx = torch.ops.aten.max_pool2d_with_indices(z, *_pool_args(pool))
+        return out, [idx, out > 0]  # at the max position relu's mask is the pooled value's sign
+    return F.max_pool2d(z, pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode), []
 
 
 def _tail_backward(grad: Tensor, z: Tensor, plan: _Plan) -> tuple[Tensor, Tensor | None]:
@@ -492,26 +514,9 @@ def _tail_backward(grad: Tensor, z: Tensor, plan: _Plan) -> tuple[Tensor, Tensor
         dpooled, dw = _conv_backward(grad.contiguous(memory_format=plan.fmt), pooled, plan.modules[1])
         dz = torch.ops.aten.avg_pool2d_backward(dpooled, z, [2, 2], [2, 2], [0, 0], False, True, None)
         return dz, dw
-    pool = plan.modules[1]
-    _, idx = torch.ops.aten.max_pool2d_with_indices(
-        z,
-        _pair(pool.kernel_size),
-        _pair(pool.stride),
-        _pair(pool.padding),
-        _pair(pool.dilation),
-        pool.ceil_mode,
-    )
-    dz = torch.ops.aten.max_pool2d_with_indices_backward(
-        grad,
-        z,
-        _pair(pool.kernel_size),
-        _pair(pool.stride),
-        _pair(pool.padding),
-        _pair(pool.dilation),
-        pool.ceil_mode,
-        idx,
-    )
-    return dz, None
+    args = _pool_args(plan.modules[1])
+    _, idx = torch.ops.aten.max_pool2d_with_indices(z, *args)
+    return torch.ops.aten.max_pool2d_with_indices_backward(grad, z, *args, idx), None
 
 
 def _pair(v: int | tuple[int, int]) -> list[int]:
@@ -525,34 +530,44 @@ class _NormReluTailFunction(torch.autograd.Function):
         with torch.autocast(plan.autocast[0], enabled=False):
             x = x.to(plan.dtype)
             z, ctx.stats = _norm_relu(x, plan.modules[0], plan.training, plan.fmt)
-            out = _tail_forward(z, plan)
-        ctx.save_for_backward(x)
+            out, kept = _tail_forward(z, plan)
+        ctx.save_for_backward(x, *kept)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):
-        (x,) = ctx.saved_tensors
+        x, *kept = ctx.saved_tensors
         plan = ctx.plan
         bn = plan.modules[0]
         with torch.autocast(plan.autocast[0], enabled=False):
-            z = _bn_relu(x, bn, ctx.stats, plan.fmt)
-            dz, dw = _tail_backward(grad.to(plan.dtype), z, plan)
-            _relu_backward_(dz, z)
-            del z
+            grad = grad.to(plan.dtype)
+            if kept:  # stem with saved indices: mask by relu's sign, scatter to the max positions
+                idx, positive = kept
+                dz = torch.ops.aten.max_pool2d_with_indices_backward(
+                    grad * positive, x, *_pool_args(plan.modules[1]), idx
+                )
+                dw = None
+            else:
+                z = _bn_relu(x, bn, ctx.stats, plan.fmt)
+                dz, dw = _tail_backward(grad, z, plan)
+                _relu_backward_(dz, z)
+                del z
             dx, dg, dbeta = _bn_backward(dz, x, bn, ctx.stats, plan.fmt)
         return (dx.to(ctx.input_dtype), None, dg, dbeta) + ((dw,) if dw is not None else ())
 
 
-def _norm_relu_tail(x: Tensor, modules: list[nn.Module], kind: str, training: bool) -> Tensor:
+def _norm_relu_tail(
+    x: Tensor, modules: list[nn.Module], kind: str, training: bool, mode: str = EFFICIENT
+) -> Tensor:
     _check_norms([modules[0]])
-    plan = _plan(modules, EFFICIENT, x, training)
+    plan = _plan(modules, mode, x, training)
     plan.extra["kind"] = kind
     params = [modules[0].weight, modules[0].bias] + ([modules[1].weight] if kind == "transition" else [])
     if not _needs_graph([x, *params]):
         with torch.no_grad(), torch.autocast(plan.autocast[0], enabled=False):
             x = x.to(plan.dtype)
-            return _tail_forward(_norm_relu(x, modules[0], plan.training, plan.fmt)[0], plan)
+            return _tail_forward(_norm_relu(x, modules[0], plan.training, plan.fmt)[0], plan)[0]
     return _NormReluTailFunction.apply(x, plan, *params)
 
 
@@ -563,6 +578,7 @@ def transition(module: nn.Module, x: Tensor) -> Tensor:
 
 
 @torch.compiler.disable
-def stem(norm: nn.BatchNorm2d, pool: nn.MaxPool2d, x: Tensor) -> Tensor:
-    """``pool0(relu0(norm0(x)))`` of the ImageNet stem (x is conv0's output), storing only ``x``."""
-    return _norm_relu_tail(x, [norm, pool], "stem", norm.training)
+def stem(norm: nn.BatchNorm2d, pool: nn.MaxPool2d, x: Tensor, mode: str = EFFICIENT) -> Tensor:
+    """``pool0(relu0(norm0(x)))`` of the ImageNet stem (x is conv0's output) for backward storing
+    ``x`` and, in ``"efficient"`` mode, the pooling indices and the sign of the output."""
+    return _norm_relu_tail(x, [norm, pool], "stem", norm.training, resolve_mode(mode))

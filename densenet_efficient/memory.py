@@ -397,9 +397,9 @@ def _timeline(
     * torchvision ``memory_efficient``: checkpointing keeps each layer's inputs (block input and
       every k-channel output), the bottleneck and norm2's output: ``(2B + k) S`` per layer.
     * efficient (this package): one ``N x C_final x H x W`` buffer per block, which is also the
-      block output, plus each layer's bottleneck ``B S``; transitions and the stem keep only their
-      input (the buffer itself, or conv0's output).
-    * max_saving: only the buffers.
+      block output, plus each layer's bottleneck ``B S``; transitions keep only their input (the
+      buffer itself), the stem conv0's output, max-pool's indices and the pooled output's sign.
+    * max_saving: only the buffers (and conv0's output).
 
     Backward needs, beyond what is saved: for the engine, the incoming gradient and the block's
     gradient buffer (``2 C_final S``) plus one layer's recomputed norm1+ReLU and its gradients
@@ -420,7 +420,13 @@ def _timeline(
         h, w = _conv_out(h, 7, 2, 3), _conv_out(w, 7, 2, 3)
         s0 = n * h * w
         h, w = _conv_out(h, 3, 2, 1), _conv_out(w, 3, 2, 1)
-        saved = c * s0 * e if engine else 2 * c * s0 * e + 8 * c * n * h * w
+        indices = 8 * c * n * h * w  # int64, one per pooled output
+        if mode == MAX_SAVING:
+            saved = c * s0 * e
+        elif mode == EFFICIENT:  # conv0's output, the pooling indices and the output's sign (bool)
+            saved = c * s0 * e + indices + c * n * h * w
+        else:
+            saved = 2 * c * s0 * e + indices
         stages.append(_Stage("stem", saved, 0, 2 * c * s0 * e))
     for b, layers in enumerate(config.block_config):
         s = n * h * w

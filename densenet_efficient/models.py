@@ -234,9 +234,9 @@ class DenseNet(
         self._check_input(x)
         if self._mode == engine.NAIVE or self.arch_config.small_inputs:
             return self.features(x)
-        # ImageNet stem: conv0 as usual, then norm0-relu0-pool0 storing only conv0's output.
+        # ImageNet stem: conv0 as usual, then norm0-relu0-pool0 without keeping norm0's output.
         f = self.features
-        x = engine.stem(f.norm0, f.pool0, f.conv0(x))
+        x = engine.stem(f.norm0, f.pool0, f.conv0(x), self._mode)
         for name, module in f.named_children():
             if name not in _IMAGENET_STEM:
                 x = module(x)
