@@ -1,11 +1,15 @@
 """Alternate several implementations step by step in one process and print median step times.
 
 A quick A/B on a noisy machine (drift hits every implementation alike); the published protocol
-is ``densenet-efficient benchmark`` (one process per row).
+is ``densenet-efficient benchmark`` (one process per row). With one implementation it times that
+implementation's steady-state step alone. Also prints the minor page faults per step: on CPU they
+show the allocator returning memory to the kernel between steps.
 
     python scripts/ab_speed.py densenet_bc_100 64 32 5 torchvision,efficient,max_saving
+    python scripts/ab_speed.py densenet121 8 224 3 efficient
 """
 
+import resource
 import statistics
 import sys
 import time
@@ -28,21 +32,27 @@ def main(arch: str, batch: int, res: int, rounds: int, impls: list[str]) -> None
     }
     x, y = torch.randn(batch, 3, res, res), torch.randint(0, cfg.num_classes, (batch,))
 
-    def step(model: torch.nn.Module) -> float:
+    def step(model: torch.nn.Module) -> tuple[float, int]:
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         start = time.perf_counter()
         F.cross_entropy(model(x), y).backward()
-        return time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        return elapsed, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
 
-    for model in models.values():
-        step(model)  # warm-up
+    for _ in range(2):  # warm-up: kernel caches, then the allocator's steady state
+        for model in models.values():
+            step(model)
     times: dict[str, list[float]] = {k: [] for k in models}
+    faults: dict[str, list[int]] = {k: [] for k in models}
     for _ in range(rounds):
         for k, model in models.items():
-            times[k].append(step(model))
+            t, f = step(model)
+            times[k].append(t)
+            faults[k].append(f)
     base = statistics.median(times[impls[0]])
     for k in impls:
         med = statistics.median(times[k])
-        print(f"{k:22s} {med * 1e3:9.1f} ms  {med / base:.3f}x")
+        print(f"{k:22s} {med * 1e3:9.1f} ms  {med / base:.3f}x  page faults/step {faults[k]}")
 
 
 if __name__ == "__main__":
