@@ -482,8 +482,9 @@ def dense_block(block: nn.Module, x: Tensor, mode: str) -> Tensor:
 
 
 def _keeps_pool_indices(plan: _Plan) -> bool:
-    """The stem in ``"efficient"`` mode saves its max-pool indices instead of recomputing them."""
-    return plan.extra["kind"] == "stem" and plan.mode == EFFICIENT and plan.training
+    """The stem in ``"efficient"`` mode saves its max-pool indices instead of recomputing them
+    (only when a backward will come: a no-grad forward has nothing to keep them for)."""
+    return plan.extra["kind"] == "stem" and plan.mode == EFFICIENT and plan.training and plan.extra["graph"]
 
 
 def _pool_args(pool: nn.MaxPool2d) -> list[Any]:
@@ -564,7 +565,8 @@ def _norm_relu_tail(
     plan = _plan(modules, mode, x, training)
     plan.extra["kind"] = kind
     params = [modules[0].weight, modules[0].bias] + ([modules[1].weight] if kind == "transition" else [])
-    if not _needs_graph([x, *params]):
+    plan.extra["graph"] = _needs_graph([x, *params])
+    if not plan.extra["graph"]:
         with torch.no_grad(), torch.autocast(plan.autocast[0], enabled=False):
             x = x.to(plan.dtype)
             return _tail_forward(_norm_relu(x, modules[0], plan.training, plan.fmt)[0], plan)[0]

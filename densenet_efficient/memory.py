@@ -427,7 +427,9 @@ def _timeline(
             saved = c * s0 * e + indices + c * n * h * w
         else:
             saved = 2 * c * s0 * e + indices
-        stages.append(_Stage("stem", saved, 0, 2 * c * s0 * e))
+        # backward: the max-pool and BN gradients (2 c s0), plus in max_saving the recomputed
+        # indices (its recomputed ReLU output is dead by the time BN's gradient is made)
+        stages.append(_Stage("stem", saved, 0, 2 * c * s0 * e + (indices if mode == MAX_SAVING else 0)))
     for b, layers in enumerate(config.block_config):
         s = n * h * w
         cf = c + layers * k
