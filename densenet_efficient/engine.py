@@ -501,11 +501,11 @@ def _tail_forward(z: Tensor, plan: _Plan) -> tuple[Tensor, list[Tensor]]:
     """The tail's output, and what the stem keeps for backward besides its input (see module doc)."""
     if plan.extra["kind"] == "transition":
         return _conv(F.avg_pool2d(z, 2, 2), plan.modules[1], plan.dtype), []
-    pool = plan.modules[1]
+    args = _pool_args(plan.modules[1])
     if _keeps_pool_indices(plan):
-        out, idx = torch.ops.aten.max_pool2d_with_indices(z, *_pool_args(pool))
+        out, idx = torch.ops.aten.max_pool2d_with_indices(z, *args)
         return out, [idx, out > 0]  # at the max position relu's mask is the pooled value's sign
-    return F.max_pool2d(z, pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode), []
+    return torch.ops.aten.max_pool2d(z, *args), []
 
 
 def _tail_backward(grad: Tensor, z: Tensor, plan: _Plan) -> tuple[Tensor, Tensor | None]:
