@@ -1,13 +1,23 @@
 """Memory-efficient DenseNets with torchvision's exact ``state_dict`` layout.
 
 >>> import densenet_efficient as de
->>> model = de.densenet121(memory_efficient=True)   # torchvision's weights load unchanged
+>>> model = de.densenet_bc_100(memory_efficient=True)   # torchvision's weights load unchanged too
+>>> sum(p.numel() for p in model.parameters())
+769162
+
+The package reads top-down, each layer importing only the ones above it in this list:
+:mod:`.io` (files) <- :mod:`.models` (configs, modules, engine, weights, builders) <-
+:mod:`.conversion` (any checkpoint -> verified Hub folder) <- :mod:`.perf` (measurement,
+planner, benchmark) <- :mod:`.training` <- :mod:`.cli`. See docs/architecture.md.
 """
 
-from .engine import MODES
-from .hub import from_pretrained, save_hub_folder
-from .memory import MemoryEstimate, estimate_memory, max_batch_size
+from .conversion import ConversionError, ConvertResult, convert, infer_config
+from .io.checkpoint import CheckpointError, read_checkpoint
+from .io.download import WeightsIntegrityError
+from .io.state_dict import StateDictMismatchError, remap_keys
 from .models import (
+    ARCHITECTURES,
+    ArchConfig,
     DenseNet,
     create_model,
     densenet121,
@@ -16,29 +26,33 @@ from .models import (
     densenet201,
     densenet_bc,
     densenet_bc_100,
+    densenet_bc_config,
+    from_pretrained,
+    get_config,
+    list_architectures,
 )
-from .registry import ARCHITECTURES, ArchConfig, densenet_bc_config, get_config, list_architectures
-from .state_dict import StateDictMismatchError, remap_keys
-from .weights import (
+from .models.engine import MODES
+from .models.hub import save_hub_folder
+from .models.weights import (
     DenseNet121_Weights,
     DenseNet161_Weights,
     DenseNet169_Weights,
     DenseNet201_Weights,
-    WeightsIntegrityError,
     WeightsNotAvailableError,
     WeightsSpec,
     get_weights,
     list_weights,
 )
+from .perf.planner import MemoryEstimate, estimate_memory, max_batch_size
 
 __version__ = "0.1.0"
 
 __all__ = [
+    # architectures and models
     "ARCHITECTURES",
     "ArchConfig",
     "DenseNet",
     "MODES",
-    "StateDictMismatchError",
     "create_model",
     "densenet121",
     "densenet161",
@@ -49,7 +63,7 @@ __all__ = [
     "densenet_bc_config",
     "get_config",
     "list_architectures",
-    "remap_keys",
+    # weights and hubs
     "DenseNet121_Weights",
     "DenseNet161_Weights",
     "DenseNet169_Weights",
@@ -57,25 +71,21 @@ __all__ = [
     "WeightsIntegrityError",
     "WeightsNotAvailableError",
     "WeightsSpec",
+    "from_pretrained",
     "get_weights",
     "list_weights",
-    "from_pretrained",
     "save_hub_folder",
-    "MemoryEstimate",
-    "estimate_memory",
-    "max_batch_size",
-]
-
-# Conversion (issue 6). Note: this binds ``densenet_efficient.convert`` to the function; the module
-# stays reachable as ``importlib.import_module("densenet_efficient.convert")`` (the CLI does that).
-from .checkpoint import CheckpointError, read_checkpoint  # noqa: E402
-from .convert import ConversionError, ConvertResult, convert, infer_config  # noqa: E402
-
-__all__ += [
+    # checkpoints and conversion
     "CheckpointError",
     "ConversionError",
     "ConvertResult",
+    "StateDictMismatchError",
     "convert",
     "infer_config",
     "read_checkpoint",
+    "remap_keys",
+    # memory planning
+    "MemoryEstimate",
+    "estimate_memory",
+    "max_batch_size",
 ]

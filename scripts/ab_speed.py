@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import densenet_efficient as de
-from densenet_efficient.reference import torchvision_densenet
+from densenet_efficient.models.reference import torchvision_densenet
 
 
 def main(arch: str, batch: int, res: int, rounds: int, impls: list[str]) -> None:

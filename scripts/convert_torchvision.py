@@ -2,7 +2,7 @@
 """Convert torchvision's ImageNet DenseNet checkpoints into verified Hugging Face Hub folders.
 
 Maintainer script, a thin wrapper over ``densenet-efficient convert``: each file is downloaded
-from the weights registry with its sha256 checked, checked to be the architecture it is published
+from the weights manifest with its sha256 checked, checked to be the architecture it is published
 as, converted, verified against torchvision's own model, and written to ``OUT_ROOT/<arch>``.
 
     python scripts/convert_torchvision.py hub/                 # all four: hub/densenet121, ...
@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from densenet_efficient import cli  # noqa: E402
-from densenet_efficient.convert import torchvision_architectures  # noqa: E402
+from densenet_efficient.conversion import torchvision_architectures  # noqa: E402
 
 
 def main(argv: Sequence[str] | None = None) -> int:

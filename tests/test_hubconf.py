@@ -11,11 +11,11 @@ import pytest
 import torch
 
 import densenet_efficient as de
-from densenet_efficient import weights as W
+from densenet_efficient.models import weights as W
 
-from .hub_helpers import legacy_checkpoint, registry_override, serve, torchvision_from_url
+from .support import REPO
+from .support.hub_server import legacy_checkpoint, manifest_override, serve, torchvision_from_url
 
-REPO = Path(__file__).resolve().parents[1]
 ENTRYPOINTS = ["densenet121", "densenet161", "densenet169", "densenet201", "densenet_bc", "densenet_bc_100"]
 GITHUB = "gpleiss/efficient_densenet_pytorch:main"
 
@@ -95,7 +95,7 @@ def test_local_load_pretrained_equals_torchvision(tmp_path, tmp_path_factory, mo
     tv_file = legacy_checkpoint("densenet121", tmp_path_factory.getbasetemp() / "tv-files")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     with serve(tv_file.parent) as base:
-        manifest = registry_override(tmp_path / "manifest.json", {"densenet121": f"{base}/{tv_file.name}"})
+        manifest = manifest_override(tmp_path / "manifest.json", {"densenet121": f"{base}/{tv_file.name}"})
         monkeypatch.setenv(W.MANIFEST_ENV, str(manifest))
         model = torch.hub.load(str(REPO), "densenet121", source="local", pretrained=True, progress=False)
         ref = torchvision_from_url(f"{base}/{tv_file.name}")  # torchvision's own loading path

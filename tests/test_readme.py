@@ -1,9 +1,10 @@
 """The README's usage example runs as written (the other blocks need a network or a CLI run)."""
 
 import re
-from pathlib import Path
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+from .support import REPO
+
+README = REPO / "README.md"
 
 
 def _python_blocks(section: str) -> list[str]:

@@ -1,0 +1,103 @@
+"""``densenet-efficient benchmark``: training-step memory and time per implementation, side by side.
+
+densenet-efficient benchmark                                   # DenseNet-BC-100, batch 64, 32x32
+densenet-efficient benchmark --arch densenet121 --batch-size 8 --resolution 224 --markdown
+densenet-efficient benchmark --sweep depth --out docs/         # memory vs depth: PNG + CSV
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..perf.benchmark import (
+    HEADER,
+    benchmark,
+    machine_description,
+    resolve_device,
+    row_cells,
+    save_sweep,
+    sweep,
+    to_markdown,
+)
+from ..perf.measure import IMPLEMENTATIONS
+from ._common import add_arch_arguments, arch_from_args, format_table
+
+__all__ = ["configure_parser", "run"]
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``densenet-efficient benchmark``."""
+    add_arch_arguments(parser, "densenet_bc_100")
+    parser.add_argument("--batch-size", type=int, help="default 64 (CIFAR configs) or 8 (ImageNet)")
+    parser.add_argument("--resolution", type=int, help="default 32 (CIFAR configs) or 224 (ImageNet)")
+    parser.add_argument(
+        "--modes", nargs="+", choices=IMPLEMENTATIONS, default=list(IMPLEMENTATIONS), help="rows to measure"
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved speed rounds (default 3)")
+    parser.add_argument(
+        "--steps", type=int, default=3, help="timed steps per round after a warm-up (default 3)"
+    )
+    parser.add_argument("--no-speed", action="store_true", help="measure memory only")
+    parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+    parser.add_argument(
+        "--sweep", choices=("depth", "batch"), help="memory vs depth (DenseNet-BC) or vs batch"
+    )
+    parser.add_argument("--values", type=int, nargs="+", help="sweep points (depths or batch sizes)")
+    parser.add_argument("--out", default=".", help="folder for the sweep's PNG and CSV (default .)")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    """``densenet-efficient benchmark``."""
+    device = resolve_device(args.device)
+    return _run_sweep(args, device) if args.sweep else _run_rows(args, device)
+
+
+def _run_sweep(args: argparse.Namespace, device: str) -> int:
+    batch = args.batch_size if args.batch_size is not None else (64 if args.sweep == "depth" else 16)
+    arch = args.arch if args.arch != "densenet_bc_100" or args.sweep == "depth" else "densenet121"
+    rows = sweep(
+        args.sweep,
+        values=args.values,
+        arch=arch,
+        batch_size=batch,
+        resolution=args.resolution,
+        growth_rate=args.growth_rate or 12,
+        implementations=args.modes,
+        device=device,
+        progress=not args.quiet,
+    )
+    what = f"DenseNet-BC k={args.growth_rate or 12}, batch {batch}" if args.sweep == "depth" else arch
+    title = f"{what}; {machine_description(device)}"
+    csv_path, png_path = save_sweep(rows, args.sweep, Path(args.out), title)
+    print(json.dumps(rows, indent=2) if args.json else f"wrote {csv_path} and {png_path}")
+    return 0
+
+
+def _run_rows(args: argparse.Namespace, device: str) -> int:
+    config = arch_from_args(args)
+    batch = args.batch_size if args.batch_size is not None else (64 if config.small_inputs else 8)
+    rows = benchmark(
+        config,
+        batch_size=batch,
+        resolution=args.resolution,
+        implementations=args.modes,
+        rounds=args.rounds,
+        steps=args.steps,
+        device=device,
+        speed=not args.no_speed,
+        progress=not args.quiet,
+    )
+    if args.json:
+        print(json.dumps({"machine": machine_description(device), "rows": rows}, indent=2))
+        return 0
+    r0 = rows[0]
+    print(
+        f"{r0['arch']}, batch {r0['batch_size']}, {r0['resolution']}x{r0['resolution']}; {machine_description(device)}"
+    )
+    print(to_markdown(rows) if args.markdown else format_table(HEADER, [row_cells(r) for r in rows]))
+    return 0

@@ -1,0 +1,76 @@
+"""``densenet-efficient plan``: the largest batch per memory mode for a budget, from the planner.
+
+densenet-efficient plan --arch densenet121 --resolution 224 --memory 8GiB --amp bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..errors import UsageError
+from ..perf.planner import ESTIMABLE, OPTIMIZER_STATES, format_bytes, parse_memory, plan
+from ._common import add_arch_arguments, arch_from_args, format_table
+
+__all__ = ["configure_parser", "run"]
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``densenet-efficient plan``."""
+    add_arch_arguments(parser, "densenet121")
+    parser.add_argument("--resolution", type=int, help="input height/width (default 224, CIFAR configs 32)")
+    parser.add_argument("--memory", required=True, help="the budget, e.g. 8GiB, 12GB, 16000MiB")
+    parser.add_argument("--amp", choices=("bf16", "fp16"), help="autocast: half-precision activations")
+    parser.add_argument(
+        "--dtype", default="fp32", choices=("fp32", "bf16", "fp16", "fp64"), help="parameter dtype"
+    )
+    parser.add_argument(
+        "--mode", action="append", choices=ESTIMABLE, help="mode(s) to plan (default: all, torchvision too)"
+    )
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="where training runs")
+    parser.add_argument("--optimizer", default="sgd", choices=tuple(OPTIMIZER_STATES), help="optimizer state")
+    parser.add_argument("--batch-size", type=int, help="also report the estimate at this batch size")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def run(args: argparse.Namespace) -> int:
+    """``densenet-efficient plan``: print the largest batch per mode for a memory budget."""
+    arch = arch_from_args(args)
+    name = arch.name
+    budget = parse_memory(args.memory)
+    modes = tuple(dict.fromkeys(args.mode or ESTIMABLE))
+    kwargs = dict(
+        resolution=args.resolution,
+        dtype=args.dtype,
+        amp=args.amp,
+        device=args.device,
+        optimizer=args.optimizer,
+    )
+    rows = plan(arch, budget, modes=modes, batch_size=args.batch_size, **kwargs)
+    if all(r["max_batch_size"] == 0 for r in rows):
+        least = min(r["minimum"] for r in rows)
+        raise UsageError(
+            f"a budget of {format_bytes(budget)} fits no batch in any mode: the smallest step "
+            f"(batch 1, {min(rows, key=lambda r: r['minimum'])['mode']}) needs {format_bytes(least)}"
+        )
+    if args.json:
+        print(json.dumps({"arch": name, "memory": budget, "rows": rows}, indent=2))
+    else:
+        res = args.resolution or arch.default_resolution
+        print(
+            f"{name} at {res}x{res}, {args.amp or args.dtype} activations, {args.device}, optimizer {args.optimizer}: "
+            f"budget {format_bytes(budget)}"
+        )
+        header = ["mode", "per image", "max batch", "peak step", "total at max"]
+        if args.batch_size:
+            header.append(f"total at batch {args.batch_size}")
+        table = []
+        for r in rows:
+            at = r.get("at_max")
+            cells = [r["mode"], format_bytes(r["per_image"]), str(r["max_batch_size"])]
+            cells += [format_bytes(at["peak"]), format_bytes(at["total"])] if at else ["-", "-"]
+            if args.batch_size:
+                cells.append(format_bytes(r["at_batch"]["total"]))
+            table.append(cells)
+        print(format_table(header, table))
+    return 0

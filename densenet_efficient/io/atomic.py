@@ -1,0 +1,104 @@
+"""The one atomic writer: nothing a crash or a full disk interrupts is ever left half-written.
+
+A file is written to a temporary sibling, flushed to disk and renamed over its destination
+(``os.replace`` is atomic on one file system). A folder is staged as a temporary sibling and
+renamed into place only when complete; when the destination exists, only the files the writer
+produced are replaced, each atomically, and nothing else in that folder is touched.
+
+>>> from pathlib import Path
+>>> atomic_write(Path("log.csv"), b"epoch,loss\\n")                    # doctest: +SKIP
+>>> with staged_folder(Path("out/model")) as tmp:                       # doctest: +SKIP
+...     (tmp / "config.json").write_text("{}")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+__all__ = ["atomic_write", "staged_folder"]
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], object]) -> Path:
+    """Write ``data`` (bytes, or a function writing to a binary file) to ``path`` atomically.
+
+    The parent folder is created when missing. On any error the temporary file is removed and
+    ``path`` keeps its previous content.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; the file we replace was not
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def staged_folder(out: str | os.PathLike, *, replace: bool = False) -> Iterator[Path]:
+    """Yield an empty staging folder; on success its files land in ``out``, on error nothing does.
+
+    ``out`` that does not exist is created by one rename of the staging folder (so it appears
+    complete or not at all). An existing ``out`` is refused (:class:`FileExistsError`) unless
+    ``replace=True``; then each staged file replaces its namesake in ``out`` atomically and every
+    other file in ``out`` stays as it was.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file; expected a folder path")
+    if out.is_dir() and not replace:
+        raise FileExistsError(f"{out} already exists")
+    created = _make_parents(out.parent)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        yield staging
+        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it private; a saved folder is not
+        if not out.exists():
+            os.rename(staging, out)  # fails (not replaces) if a non-empty out appeared meanwhile
+            return
+        if not replace:
+            raise FileExistsError(f"{out} appeared while it was being written; not replacing it")
+        for item in sorted(staging.iterdir()):
+            os.replace(item, out / item.name)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        for d in reversed(created):
+            with contextlib.suppress(OSError):  # not empty: someone else wrote there meanwhile
+                d.rmdir()
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _make_parents(parent: Path) -> list[Path]:
+    """Create missing parent folders; return those created, outermost first."""
+    missing = []
+    p = parent.absolute()
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        d.mkdir(exist_ok=True)
+    return list(reversed(missing))
+

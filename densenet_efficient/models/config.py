@@ -1,0 +1,211 @@
+"""Architecture configurations as data: everything the package knows about an architecture.
+
+Every named architecture is one :class:`ArchConfig` in :data:`ARCHITECTURES`; builders, the
+hubs, conversion and the memory planner all read the same entries, so adding a variant means
+adding one line here, never a new builder body. An architecture's name, its smallest and default
+input size and its JSON form are methods of :class:`ArchConfig`, written once.
+
+>>> get_config("densenet121").block_config
+(6, 12, 24, 16)
+>>> densenet_bc_config(40).block_config
+(6, 6, 6)
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import MISSING, asdict, dataclass, fields, replace
+from typing import Any
+
+from ..errors import UsageError
+
+__all__ = [
+    "ARCHITECTURES",
+    "ArchConfig",
+    "densenet_bc_config",
+    "get_config",
+    "list_architectures",
+    "resolve_arch",
+]
+
+
+@dataclass(frozen=True)
+class ArchConfig:
+    """The constructor arguments of :class:`~densenet_efficient.DenseNet` that fix its tensors."""
+
+    growth_rate: int
+    block_config: tuple[int, ...]
+    num_init_features: int
+    bn_size: int = 4
+    num_classes: int = 1000
+    small_inputs: bool = False
+
+    def to_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``DenseNet(**kwargs)``."""
+        kwargs = asdict(self)
+        kwargs["block_config"] = tuple(self.block_config)
+        return kwargs
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict of the fields (``block_config`` as a list); :meth:`from_json` inverts it."""
+        data = asdict(self)
+        data["block_config"] = list(self.block_config)
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], source: str = "config") -> ArchConfig:
+        """The config a :meth:`to_json` dict describes; extra keys are ignored, missing ones named.
+
+        >>> ArchConfig.from_json(get_config("densenet121").to_json()) == get_config("densenet121")
+        True
+        """
+        names = [f.name for f in fields(cls)]
+        missing = [f.name for f in fields(cls) if f.default is MISSING and f.name not in data]
+        if missing:
+            raise UsageError(f"{source}: missing architecture fields {', '.join(missing)}")
+        kwargs = {n: data[n] for n in names if n in data}
+        if not isinstance(kwargs["block_config"], (list, tuple)):
+            raise UsageError(
+                f"{source}: block_config must be a list of ints, found {kwargs['block_config']!r}"
+            )
+        kwargs["block_config"] = tuple(kwargs["block_config"])
+        return cls(**kwargs)
+
+    def with_classes(self, num_classes: int) -> ArchConfig:
+        return replace(self, num_classes=num_classes)
+
+    @property
+    def default_resolution(self) -> int:
+        """The input size the architecture was designed for: 32 (CIFAR stem) or 224 (ImageNet)."""
+        return 32 if self.small_inputs else 224
+
+    def last_block_size(self, size: int) -> int:
+        """Spatial size entering the last dense block for an input of ``size`` pixels."""
+        if not self.small_inputs:
+            size = (size + 2 * 3 - 7) // 2 + 1  # conv0 7x7/2
+            size = (size + 2 * 1 - 3) // 2 + 1  # pool0 3x3/2
+        for _ in range(len(self.block_config) - 1):
+            size //= 2  # transition avg-pool 2x2/2
+        return size
+
+    def min_input_size(self) -> int:
+        """The smallest height/width the architecture accepts (29 for the ImageNet models).
+
+        >>> get_config("densenet121").min_input_size(), get_config("densenet_bc_100").min_input_size()
+        (29, 4)
+        """
+        size = 1
+        while self.last_block_size(size) < 1:
+            size += 1
+        return size
+
+    def architecture_name(self, ignore_classes: bool = False) -> str | None:
+        """The name of the :data:`ARCHITECTURES` entry equal to this config (any classifier width when
+        ``ignore_classes``), or None."""
+        for name, known in ARCHITECTURES.items():
+            if (self.with_classes(known.num_classes) if ignore_classes else self) == known:
+                return name
+        return None
+
+    @property
+    def name(self) -> str:
+        """A short name: the table's, ``densenet_bc_<depth>[_k<growth>]``, or a description.
+
+        >>> densenet_bc_config(250).name, get_config("densenet161").name
+        ('densenet_bc_250', 'densenet161')
+        """
+        known = self.architecture_name()
+        if known is not None:
+            return known
+        layers = self.block_config
+        if self.small_inputs and len(layers) == 3 and len(set(layers)) == 1:
+            depth = 6 * layers[0] + 4
+            if self == densenet_bc_config(depth, self.growth_rate, self.num_classes):
+                return f"densenet_bc_{depth}" + ("" if self.growth_rate == 12 else f"_k{self.growth_rate}")
+        return self.describe()
+
+    def describe(self) -> str:
+        """Every field in one line, for messages and model cards."""
+        stem = "CIFAR stem" if self.small_inputs else "ImageNet stem"
+        return (
+            f"DenseNet(k={self.growth_rate}, blocks={tuple(self.block_config)}, init={self.num_init_features}, "
+            f"bn_size={self.bn_size}, classes={self.num_classes}, {stem})"
+        )
+
+
+def densenet_bc_config(depth: int, growth_rate: int = 12, num_classes: int = 10) -> ArchConfig:
+    """The CIFAR DenseNet-BC of a given depth, as the original efficient-DenseNet demo built it.
+
+    Depth counts the convolutions and the classifier: 3 dense blocks of n bottleneck layers
+    (2 convs each), 2 transitions, the stem conv and the classifier, so depth = 6n + 4.
+    """
+    if not isinstance(depth, int) or isinstance(depth, bool):
+        raise TypeError(f"depth must be an int, got {type(depth).__name__}")
+    if depth < 10 or (depth - 4) % 6 != 0:
+        lo = max(10, (depth - 4) // 6 * 6 + 4)
+        raise UsageError(
+            f"DenseNet-BC depth must be of the form 6n+4 with n >= 1 (e.g. {lo}, {lo + 6}), got {depth}"
+        )
+    if growth_rate < 1:
+        raise UsageError(f"growth_rate must be >= 1, got {growth_rate}")
+    n = (depth - 4) // 6
+    return ArchConfig(
+        growth_rate=growth_rate,
+        block_config=(n, n, n),
+        num_init_features=2 * growth_rate,
+        bn_size=4,
+        num_classes=num_classes,
+        small_inputs=True,
+    )
+
+
+#: Named architectures. ImageNet configs are torchvision's; DenseNet-BC-100 is the CIFAR model of
+#: the original memory-efficient DenseNet report (k=12, 769,162 parameters).
+ARCHITECTURES: dict[str, ArchConfig] = {
+    "densenet121": ArchConfig(32, (6, 12, 24, 16), 64),
+    "densenet161": ArchConfig(48, (6, 12, 36, 24), 96),
+    "densenet169": ArchConfig(32, (6, 12, 32, 32), 64),
+    "densenet201": ArchConfig(32, (6, 12, 48, 32), 64),
+    "densenet_bc_100": densenet_bc_config(100),
+}
+
+
+def list_architectures() -> list[str]:
+    """The registered architecture names, sorted."""
+    return sorted(ARCHITECTURES)
+
+
+_BC_NAME = re.compile(r"^densenet_bc[_-]?(\d+)$")
+
+
+def resolve_arch(arch: str | ArchConfig, growth_rate: int | None = None) -> ArchConfig:
+    """An :class:`ArchConfig` from an architecture name, ``densenet_bc_<depth>`` or a config itself.
+
+    >>> resolve_arch("densenet_bc_250").block_config
+    (41, 41, 41)
+    """
+    if isinstance(arch, ArchConfig):
+        return arch
+    if not isinstance(arch, str):
+        raise TypeError(f"arch must be an architecture name or an ArchConfig, got {type(arch).__name__}")
+    match = _BC_NAME.match(arch)
+    if match:  # any depth; densenet_bc_100 is the same config as the table's
+        return densenet_bc_config(int(match.group(1)), growth_rate or 12)
+    config = get_config(arch)
+    if growth_rate is not None and growth_rate != config.growth_rate:
+        raise UsageError(
+            f"--growth-rate applies to DenseNet-BC (densenet_bc_<depth>) only; {arch} has k={config.growth_rate}"
+        )
+    return config
+
+
+def get_config(name: str) -> ArchConfig:
+    """The registered config called ``name`` (clear error listing the known names otherwise)."""
+    try:
+        return ARCHITECTURES[name]
+    except KeyError:
+        raise UsageError(
+            f"unknown architecture {name!r}; expected one of {', '.join(list_architectures())} "
+            "(or densenet_bc(depth) for any DenseNet-BC depth)"
+        ) from None

@@ -1,0 +1,453 @@
+"""Published pretrained weights: the manifest (as data), torchvision-style enums, ``weights=`` resolution.
+
+The ImageNet weights are torchvision's own files: the ``state_dict`` layout is identical, so the
+manifest only records where each file lives (a URL whose name carries its sha256 prefix, as
+torch.hub expects) and what it is (accuracy, size, preprocessing). Loading always goes through
+``torch.hub.load_state_dict_from_url(check_hash=True, weights_only=True)``; a cached file is
+re-hashed before it is trusted, so a file corrupted after download is caught too
+(:mod:`densenet_efficient.io.download`).
+
+>>> spec = get_weights("densenet121")
+>>> spec.url, spec.meta["acc@1"]
+('https://download.pytorch.org/models/densenet121-a639ec97.pth', 74.434)
+>>> model = densenet121(weights="IMAGENET1K_V1")          # downloads  # doctest: +SKIP
+
+Overrides (for mirrors and tests), read on every lookup:
+
+* ``DENSENET_EFFICIENT_WEIGHTS_URL_BASE``: serve every manifest file from this base URL instead
+  (same file names, so the hash check still applies), e.g. an internal mirror.
+* ``DENSENET_EFFICIENT_WEIGHTS_MANIFEST``: path of a JSON manifest in the format of
+  ``weights/manifest.json``; its entries replace or extend the built-in ones.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..errors import UsageError
+from ..io.download import WeightsIntegrityError, fetch_state_dict, hash_prefix, url_filename
+from ..io.state_dict import load_state_dict_into, remap_keys
+from .config import ARCHITECTURES
+
+__all__ = [
+    "DenseNet121_Weights",
+    "DenseNet161_Weights",
+    "DenseNet169_Weights",
+    "DenseNet201_Weights",
+    "WeightsEnum",
+    "WeightsSpec",
+    "WeightsNotAvailableError",
+    "WeightsIntegrityError",
+    "builtin_manifest",
+    "get_weights",
+    "list_weights",
+    "load_state_dict_from_manifest",
+    "load_weights",
+    "manifest",
+    "manifest_json",
+    "resolve_weights",
+]
+
+URL_BASE_ENV = "DENSENET_EFFICIENT_WEIGHTS_URL_BASE"
+MANIFEST_ENV = "DENSENET_EFFICIENT_WEIGHTS_MANIFEST"
+MANIFEST_FORMAT = "densenet_efficient-weights-manifest/1"
+
+# torchvision's ImageNet preprocessing for these weights (torchvision.transforms._presets.ImageClassification).
+_IMAGENET_PREPROCESSING = {
+    "resize_size": 256,
+    "crop_size": 224,
+    "interpolation": "bilinear",
+    "antialias": True,
+    "mean": [0.485, 0.456, 0.406],
+    "std": [0.229, 0.224, 0.225],
+}
+
+
+def _torchvision_imagenet(filename: str, acc1: float, acc5: float, params: int, gflops: float, mb: float):
+    return {
+        "url": f"https://download.pytorch.org/models/{filename}",
+        "num_classes": 1000,
+        "dataset": "ImageNet-1K",
+        "categories": "imagenet-1k",
+        "acc@1": acc1,
+        "acc@5": acc5,
+        "num_params": params,
+        "GFLOPS": gflops,
+        "file_size": mb,
+        "min_size": [29, 29],
+        "preprocessing": _IMAGENET_PREPROCESSING,
+        "recipe": "https://github.com/pytorch/vision/pull/116",
+        "license": "BSD-3-Clause",
+        "docs": "torchvision's IMAGENET1K_V1 weights, ported from LuaTorch (torchvision.models.densenet).",
+    }
+
+
+# The built-in manifest, as data (values copied from torchvision/models/densenet.py, 0.29).
+# weights/manifest.json is this dict written out (:func:`manifest_json`); a test
+# keeps the two identical.
+# torchvision's IMAGENET1K_V1 files: (filename, acc@1, acc@5, parameters, GFLOPS, file MB).
+_TORCHVISION_FILES = {
+    "densenet121": ("densenet121-a639ec97.pth", 74.434, 91.972, 7978856, 2.834, 30.845),
+    "densenet161": ("densenet161-8d451a50.pth", 77.138, 93.560, 28681000, 7.728, 110.369),
+    "densenet169": ("densenet169-b2777c0a.pth", 75.600, 92.806, 14149480, 3.36, 54.708),
+    "densenet201": ("densenet201-c1103571.pth", 76.896, 93.370, 20013928, 4.291, 77.373),
+}
+_BUILTIN: dict[str, Any] = {
+    "format": MANIFEST_FORMAT,
+    "architectures": {
+        **{
+            arch: {"default": "IMAGENET1K_V1", "weights": {"IMAGENET1K_V1": _torchvision_imagenet(*row)}}
+            for arch, row in _TORCHVISION_FILES.items()
+        },
+        "densenet_bc_100": {"default": None, "weights": {}},
+    },
+}
+
+_TV_ENUM_NAME = re.compile(r"^DenseNet(\d+)_Weights$")
+_TRAIN_HINT = (
+    "train them with `densenet-efficient train` (see `densenet-efficient train --help`) and load the "
+    "result with densenet_efficient.from_pretrained(<folder>), or build the model without weights"
+)
+
+
+class WeightsNotAvailableError(UsageError):
+    """Pretrained weights were asked for an architecture that has none published."""
+
+
+# -- the manifest -----------------------------------------------------------------------------------
+
+
+def builtin_manifest() -> dict[str, Any]:
+    """The manifest shipped with the package (a deep copy; the source of ``weights/manifest.json``)."""
+    return copy.deepcopy(_BUILTIN)
+
+
+def manifest() -> dict[str, Any]:
+    """The effective manifest: the built-in one, with ``$DENSENET_EFFICIENT_WEIGHTS_MANIFEST`` applied."""
+    data = builtin_manifest()
+    path = os.environ.get(MANIFEST_ENV)
+    if path:
+        extra = _read_manifest(Path(path))
+        for arch, entry in extra["architectures"].items():
+            base = data["architectures"].setdefault(arch, {"default": None, "weights": {}})
+            base["weights"].update(entry.get("weights", {}))
+            if "default" in entry:
+                base["default"] = entry["default"]
+    return data
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{MANIFEST_ENV} points at {path}, which does not exist") from None
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{MANIFEST_ENV}: {path} is not valid JSON ({e})") from None
+    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise UsageError(
+            f"{path}: expected a weights manifest with format {MANIFEST_FORMAT!r}, found {found!r}"
+        )
+    if not isinstance(data.get("architectures"), dict):
+        raise UsageError(f"{path}: expected an 'architectures' object mapping names to weights")
+    return data
+
+
+@dataclass(frozen=True)
+class WeightsSpec:
+    """One published weights file: where it is, what it fits, and how its inputs were prepared.
+
+    ``meta`` holds ``acc@1``/``acc@5`` (ImageNet-1K, %), ``num_params``, ``GFLOPS``, ``file_size``
+    (MB), ``categories`` (class names), ``min_size``, ``preprocessing``, ``recipe``, ``license``.
+    """
+
+    arch: str
+    name: str
+    url: str
+    num_classes: int
+    data: Mapping[str, Any] = field(repr=False, compare=False)
+
+    def __str__(self) -> str:
+        return f"{self.arch}.{self.name}"
+
+    @property
+    def filename(self) -> str:
+        return url_filename(self.url)
+
+    @property
+    def sha256_prefix(self) -> str:
+        """The sha256 prefix carried by the file name (``densenet121-a639ec97.pth`` -> ``a639ec97``)."""
+        return hash_prefix(self.filename)
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """Metadata (a fresh dict each call, so callers cannot alter the manifest)."""
+        meta = {k: copy.deepcopy(v) for k, v in self.data.items() if k not in ("url", "num_classes")}
+        if isinstance(meta.get("categories"), str):
+            meta["categories"] = list(_categories(meta["categories"]))
+        if "min_size" in meta:
+            meta["min_size"] = tuple(meta["min_size"])
+        return meta
+
+    def transforms(self) -> nn.Module:
+        """The preprocessing these weights expect (torchvision's ``ImageClassification`` preset).
+
+        >>> preprocess = get_weights("densenet121").transforms()
+        >>> batch = preprocess(image).unsqueeze(0)           # PIL image or uint8 tensor  # doctest: +SKIP
+        """
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms._presets import ImageClassification
+
+        p = self.data["preprocessing"]
+        return ImageClassification(
+            crop_size=p["crop_size"],
+            resize_size=p["resize_size"],
+            mean=tuple(p["mean"]),
+            std=tuple(p["std"]),
+            interpolation=InterpolationMode(p["interpolation"]),
+            antialias=p.get("antialias", True),
+        )
+
+    def get_state_dict(self, progress: bool = True, model_dir: str | os.PathLike | None = None) -> dict:
+        """Download (or reuse the verified cached copy of) this file; keys remapped to the current layout."""
+        return remap_keys(fetch_state_dict(self.url, self.filename, model_dir=model_dir, progress=progress))
+
+
+@cache
+def _categories(name: str) -> tuple[str, ...]:
+    if name == "imagenet-1k":
+        # torchvision ships the 1000 ImageNet class names with its weights metadata.
+        from torchvision.models import DenseNet121_Weights
+
+        return tuple(DenseNet121_Weights.IMAGENET1K_V1.meta["categories"])
+    raise UsageError(f"unknown category set {name!r}; expected 'imagenet-1k' or an explicit list of names")
+
+
+def _spec(arch: str, name: str, data: Mapping[str, Any]) -> WeightsSpec:
+    for key in ("url", "num_classes"):
+        if key not in data:
+            raise UsageError(f"weights entry {arch}.{name} has no {key!r}")
+    filename = url_filename(data["url"])
+    if not hash_prefix(filename):
+        raise UsageError(
+            f"weights entry {arch}.{name}: file name {filename!r} carries no sha256 prefix; "
+            "manifest files must be named <name>-<first 8+ hex digits of sha256>.pth"
+        )
+    url = data["url"]
+    base = os.environ.get(URL_BASE_ENV)
+    if base:
+        url = base.rstrip("/") + "/" + filename
+    return WeightsSpec(arch, name, url, int(data["num_classes"]), dict(data))
+
+
+def list_weights(arch: str | None = None) -> list[str]:
+    """Qualified names of the published weights (``"densenet121.IMAGENET1K_V1"``), optionally for one arch."""
+    archs = manifest()["architectures"]
+    if arch is not None:
+        archs = {arch: archs.get(arch, {"weights": {}})}
+    return sorted(f"{a}.{n}" for a, entry in archs.items() for n in entry["weights"])
+
+
+def get_weights(arch: str, name: str = "DEFAULT") -> WeightsSpec:
+    """The manifest entry ``arch``/``name`` (``"DEFAULT"`` is the architecture's recommended weights).
+
+    >>> get_weights("densenet161", "IMAGENET1K_V1").filename
+    'densenet161-8d451a50.pth'
+    """
+    archs = manifest()["architectures"]
+    if arch not in archs:
+        if arch in ARCHITECTURES:
+            raise WeightsNotAvailableError(
+                f"no pretrained weights are published for {arch} yet; {_TRAIN_HINT}"
+            )
+        raise UsageError(
+            f"unknown architecture {arch!r} for pretrained weights; expected one of {', '.join(sorted(archs))}"
+        )
+    entry = archs[arch]
+    if not entry["weights"]:
+        raise WeightsNotAvailableError(f"no pretrained weights are published for {arch} yet; {_TRAIN_HINT}")
+    wanted = entry.get("default") if name == "DEFAULT" else name
+    if wanted not in entry["weights"]:
+        raise UsageError(
+            f"unknown weights {name!r} for {arch}; expected one of DEFAULT, {', '.join(sorted(entry['weights']))}"
+        )
+    return _spec(arch, wanted, entry["weights"][wanted])
+
+
+# -- torchvision-style enums --------------------------------------------------------------------------
+
+
+class WeightsEnum(Enum):
+    """torchvision-style enum of one architecture's weights; members act like their :class:`WeightsSpec`.
+
+    >>> DenseNet121_Weights.DEFAULT is DenseNet121_Weights.IMAGENET1K_V1
+    True
+    >>> DenseNet121_Weights.IMAGENET1K_V1.meta["acc@5"]
+    91.972
+    """
+
+    @property
+    def spec(self) -> WeightsSpec:
+        arch, name = self.value
+        return get_weights(arch, name)
+
+    @property
+    def url(self) -> str:
+        return self.spec.url
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return self.spec.meta
+
+    @property
+    def num_classes(self) -> int:
+        return self.spec.num_classes
+
+    def transforms(self) -> nn.Module:
+        return self.spec.transforms()
+
+    def get_state_dict(self, progress: bool = True, model_dir: str | os.PathLike | None = None) -> dict:
+        return self.spec.get_state_dict(progress=progress, model_dir=model_dir)
+
+    def __str__(self) -> str:
+        return f"{type(self).__name__}.{self.name}"
+
+
+def _weights_enum(cls_name: str, arch: str) -> type[WeightsEnum]:
+    entry = _BUILTIN["architectures"][arch]
+    members = [(name, (arch, name)) for name in entry["weights"]]
+    members.append(("DEFAULT", (arch, entry["default"])))  # same value: an alias, as in torchvision
+    return WeightsEnum(cls_name, members, module=__name__, qualname=cls_name)
+
+
+DenseNet121_Weights = _weights_enum("DenseNet121_Weights", "densenet121")
+DenseNet161_Weights = _weights_enum("DenseNet161_Weights", "densenet161")
+DenseNet169_Weights = _weights_enum("DenseNet169_Weights", "densenet169")
+DenseNet201_Weights = _weights_enum("DenseNet201_Weights", "densenet201")
+
+
+# -- resolving the builders' ``weights=`` / ``pretrained=`` --------------------------------------------
+
+
+def resolve_weights(arch: str | None, weights: Any, pretrained: bool) -> WeightsSpec | None:
+    """The weights a builder was asked for, or None for a randomly initialised model.
+
+    ``weights`` may be a :class:`WeightsSpec`, one of this package's ``DenseNetXXX_Weights``
+    members, torchvision's ``DenseNetXXX_Weights`` members (the files are the same), or a name:
+    ``"DEFAULT"``, ``"IMAGENET1K_V1"``, ``"DenseNet121_Weights.IMAGENET1K_V1"``,
+    ``"densenet121.IMAGENET1K_V1"``. ``pretrained=True`` means ``weights="DEFAULT"``. ``arch`` is
+    None for models built from a bare config (``densenet_bc(depth)``), which have no weights.
+    """
+    if not isinstance(pretrained, bool):
+        raise TypeError(f"pretrained must be True or False, got {pretrained!r}")
+    if isinstance(weights, bool):
+        raise TypeError(
+            f"weights must be a weights name or enum member, got {weights!r}; use pretrained=True"
+        )
+    if weights is None and not pretrained:
+        return None
+    if weights is None:
+        weights = "DEFAULT"
+    if arch is None:
+        raise WeightsNotAvailableError(
+            f"no pretrained weights are published for custom DenseNet-BC configurations; {_TRAIN_HINT}"
+        )
+    spec = _coerce(arch, weights)
+    if spec.arch != arch:
+        raise UsageError(f"weights {spec} are for {spec.arch}, not {arch}; use {spec.arch}(weights=...)")
+    return spec
+
+
+def _coerce(arch: str, weights: Any) -> WeightsSpec:
+    if isinstance(weights, WeightsSpec):
+        return weights
+    if isinstance(weights, WeightsEnum):
+        return weights.spec
+    if isinstance(weights, Enum) and type(weights).__module__.startswith("torchvision"):
+        return _from_torchvision(weights)
+    if isinstance(weights, str):
+        owner, dot, name = weights.rpartition(".")
+        if not dot:
+            return get_weights(arch, weights)
+        m = _TV_ENUM_NAME.match(owner)
+        owner_arch = f"densenet{m.group(1)}" if m else owner
+        if owner_arch not in ARCHITECTURES:
+            raise UsageError(
+                f"weights {weights!r} name no DenseNet architecture; expected e.g. "
+                f"'IMAGENET1K_V1', 'DenseNet121_Weights.IMAGENET1K_V1' or 'densenet121.IMAGENET1K_V1'"
+            )
+        return get_weights(owner_arch, name)
+    raise TypeError(
+        f"weights must be a name such as 'IMAGENET1K_V1', a DenseNet*_Weights member or a WeightsSpec, "
+        f"got {type(weights).__name__}"
+    )
+
+
+def _from_torchvision(member: Enum) -> WeightsSpec:
+    """Map a torchvision ``DenseNetXXX_Weights`` member onto the manifest (same files)."""
+    m = _TV_ENUM_NAME.match(type(member).__name__)
+    if not m:
+        raise UsageError(f"{type(member).__name__}.{member.name} are not DenseNet weights")
+    arch = f"densenet{m.group(1)}"
+    known = manifest()["architectures"].get(arch, {"weights": {}})["weights"]
+    if member.name in known:
+        return get_weights(arch, member.name)
+    # Weights torchvision published after this manifest was written: take torchvision's metadata.
+    w = member.value
+    data = {
+        "url": w.url,
+        "num_classes": len(w.meta["categories"]),
+        "categories": list(w.meta["categories"]),
+        "min_size": list(w.meta.get("min_size", (29, 29))),
+        "num_params": w.meta.get("num_params"),
+        "docs": f"torchvision's {type(member).__name__}.{member.name}",
+    }
+    return _spec(arch, member.name, data)
+
+
+# -- download and loading -------------------------------------------------------------------------
+
+
+def load_state_dict_from_manifest(
+    arch: str,
+    progress: bool = True,
+    model_dir: str | os.PathLike | None = None,
+    *,
+    name: str = "DEFAULT",
+) -> dict[str, torch.Tensor]:
+    """Download ``arch``'s manifest weights (hash-checked, ``weights_only``) and return the remapped state_dict.
+
+    ``model_dir`` defaults to torch.hub's cache (``$TORCH_HOME/hub/checkpoints``).
+
+    >>> sd = load_state_dict_from_manifest("densenet121")     # downloads 31 MB  # doctest: +SKIP
+    >>> sd["features.denseblock1.denselayer1.norm1.weight"].shape  # doctest: +SKIP
+    torch.Size([64])
+    """
+    return get_weights(arch, name).get_state_dict(progress=progress, model_dir=model_dir)
+
+
+def load_weights(model: nn.Module, spec: WeightsSpec, progress: bool = True) -> None:
+    """Fetch ``spec`` and load it into ``model`` (see :func:`~densenet_efficient.io.state_dict.load_state_dict_into`)."""
+    load_state_dict_into(model, spec.get_state_dict(progress=progress), source=f"weights {spec}")
+
+
+def manifest_json() -> str:
+    """The built-in manifest as the text of ``weights/manifest.json``.
+
+    Regenerate the file with::
+
+        python -c "import densenet_efficient.models.weights as w; print(w.manifest_json(), end='')" > weights/manifest.json
+    """
+    return json.dumps(builtin_manifest(), indent=2) + "\n"

@@ -1,0 +1,20 @@
+"""Performance: how much memory and time a training step takes.
+
+* :mod:`.measure` - one figure per fresh process (the protocol of docs/measurement.md).
+* :mod:`.planner` - the analytic estimate: peak memory per mode, largest batch, deepest model.
+* :mod:`.benchmark` - implementations side by side, ratios to torchvision, sweeps.
+"""
+
+from .measure import IMPLEMENTATIONS, StepSpec, measure
+from .planner import MemoryEstimate, estimate_memory, format_bytes, max_batch_size, parse_memory
+
+__all__ = [
+    "IMPLEMENTATIONS",
+    "MemoryEstimate",
+    "StepSpec",
+    "estimate_memory",
+    "format_bytes",
+    "max_batch_size",
+    "measure",
+    "parse_memory",
+]

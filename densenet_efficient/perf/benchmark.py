@@ -1,0 +1,257 @@
+"""Training-step memory and time per implementation, side by side (``densenet-efficient benchmark``).
+
+Rows: torchvision naive, torchvision ``memory_efficient=True`` and each of our modes; columns:
+peak training-step memory, median seconds per minibatch, both as ratios to torchvision naive,
+and the planner's estimate for comparison. Every figure comes from a fresh subprocess
+(:func:`.measure.measure`): on CPU with the protocol of docs/measurement.md, on CUDA
+with ``max_memory_allocated`` and CUDA-event timing. Speed runs are interleaved over rounds
+(A B C A B C ...): seconds are the median of the per-round medians, and the time ratio is the
+median of the per-round ratios to torchvision naive (paired within a round, so that a shared
+machine's drifting speed cancels), with their range.
+
+    densenet-efficient benchmark                                   # DenseNet-BC-100, batch 64, 32x32
+    densenet-efficient benchmark --arch densenet121 --batch-size 8 --resolution 224 --markdown
+    densenet-efficient benchmark --sweep depth --out docs/         # memory vs depth: PNG + CSV
+
+Python::
+
+    from densenet_efficient.perf.benchmark import benchmark
+    rows = benchmark("densenet_bc_100", batch_size=64, rounds=3)
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import platform
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import UsageError
+from ..io.atomic import atomic_write
+from ..models.config import ArchConfig, densenet_bc_config, resolve_arch
+from ..models.engine import MODES
+from .measure import IMPLEMENTATIONS, TORCHVISION, StepSpec, measure
+from .planner import estimate_memory
+
+__all__ = [
+    "HEADER",
+    "benchmark",
+    "machine_description",
+    "resolve_device",
+    "row_cells",
+    "save_sweep",
+    "sweep",
+    "to_markdown",
+]
+
+_MB = 1 << 20
+
+
+def resolve_device(device: str | None) -> str:
+    if device is None:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise UsageError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    return device
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False)
+
+
+def benchmark(
+    arch: str | ArchConfig = "densenet_bc_100",
+    *,
+    batch_size: int = 64,
+    resolution: int | None = None,
+    implementations: Sequence[str] = IMPLEMENTATIONS,
+    rounds: int = 3,
+    steps: int = 3,
+    device: str | None = None,
+    threads: int = 2,
+    speed: bool = True,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Measure each implementation; one dict per row (MB are MiB, ratios to torchvision naive).
+
+    Memory: one fresh process per implementation. Speed (``speed=True``): ``rounds`` rounds, each
+    running every implementation in its own process (``steps`` timed steps after one warm-up).
+    """
+    config = resolve_arch(arch)
+    resolution = resolution or config.default_resolution
+    device = resolve_device(device)
+    impls = list(dict.fromkeys(implementations))
+    for impl in impls:
+        if impl not in IMPLEMENTATIONS:
+            raise UsageError(
+                f"unknown implementation {impl!r}; expected some of {', '.join(IMPLEMENTATIONS)}"
+            )
+    if rounds < 1 or steps < 1 or batch_size < 1:
+        raise UsageError(f"rounds, steps and batch size must be >= 1, got {rounds}, {steps}, {batch_size}")
+
+    def spec(impl: str, kind: str) -> StepSpec:
+        return StepSpec(
+            impl, config, batch_size, resolution, kind=kind, device=device, steps=steps, threads=threads
+        )
+
+    results: dict[str, dict[str, Any]] = {i: {"implementation": i} for i in impls}
+    with _progress(len(impls) * (1 + (rounds if speed else 0)), config.name, progress) as bar:
+        for impl in impls:
+            bar.set_postfix_str(f"memory {impl}")
+            r = measure(spec(impl, "memory"))
+            results[impl]["peak_mb"] = r["peak_bytes"] / _MB
+            if "peak_total_bytes" in r:
+                results[impl]["peak_total_mb"] = r["peak_total_bytes"] / _MB
+            bar.update()
+        per_round: dict[str, list[float]] = {i: [] for i in impls}
+        for k in range(rounds if speed else 0):
+            for impl in impls:  # interleaved: A B C A B C, so drifting load hits every row alike
+                bar.set_postfix_str(f"speed {impl} round {k + 1}")
+                per_round[impl].append(measure(spec(impl, "speed"))["seconds"])
+                bar.update()
+    for impl in impls:
+        row = results[impl]
+        est = estimate_memory(config, batch_size=batch_size, resolution=resolution, mode=impl, device=device)
+        row["estimate_mb"] = est.peak / _MB
+        if speed:
+            row["seconds"] = statistics.median(per_round[impl])
+            row["seconds_rounds"] = per_round[impl]
+    base = results.get(TORCHVISION)
+    for row in results.values():  # ratios only against a measurable torchvision row
+        row["memory_ratio"] = row["peak_mb"] / base["peak_mb"] if base and base["peak_mb"] > 0 else None
+        row["time_ratio"], row["time_ratio_range"] = None, None
+        if base and speed:
+            paired = [t / b for t, b in zip(row["seconds_rounds"], base["seconds_rounds"], strict=True)]
+            row["time_ratio"] = statistics.median(paired)
+            row["time_ratio_range"] = [min(paired), max(paired)]
+    meta = {"arch": config.name, "batch_size": batch_size, "resolution": resolution, "device": device}
+    return [{**meta, **results[i]} for i in impls]
+
+
+def machine_description(device: str) -> str:
+    """The machine in words, as docs must name it."""
+    import torch
+
+    if device == "cuda":
+        return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
+    return f"{os.cpu_count()}-core CPU {platform.machine()}, {torch.get_num_threads()} threads (torch {torch.__version__})"
+
+
+def row_cells(row: dict[str, Any]) -> list[str]:
+    def ratio(x: float | None) -> str:
+        return "-" if x is None else f"{x:.3f}x"
+
+    secs, spread = row.get("seconds"), row.get("time_ratio_range")
+    time_ratio = ratio(row["time_ratio"])
+    if spread and spread[0] != spread[1]:
+        time_ratio += f" ({spread[0]:.2f}-{spread[1]:.2f})"
+    return [
+        row["implementation"],
+        f"{row['peak_mb']:.0f}",
+        ratio(row["memory_ratio"]),
+        "-" if secs is None else f"{secs:.3f}",
+        time_ratio,
+        f"{row['estimate_mb']:.0f}",
+    ]
+
+
+HEADER = ["implementation", "peak MB", "memory vs tv", "s/batch", "time vs tv (range)", "planner MB"]
+
+
+def to_markdown(rows: list[dict[str, Any]]) -> str:
+    """The rows as a GitHub-flavoured Markdown table."""
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(row_cells(r)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def sweep(
+    kind: str,
+    *,
+    values: Sequence[int] | None = None,
+    arch: str = "densenet121",
+    batch_size: int = 16,
+    resolution: int | None = None,
+    growth_rate: int = 12,
+    implementations: Sequence[str] = (TORCHVISION, *MODES),
+    device: str | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Measured peak memory vs DenseNet-BC depth (``kind="depth"``) or vs batch (``kind="batch"``).
+
+    One fresh process per point; the planner's estimate is recorded next to each measurement.
+    """
+    device = resolve_device(device)
+    if batch_size < 1 or (values is not None and (not values or min(values) < 1)):
+        raise UsageError(f"batch size and sweep values must be >= 1, got batch {batch_size}, values {values}")
+    if kind == "depth":
+        values = values or (40, 64, 100, 136, 172)
+        points = [(densenet_bc_config(d, growth_rate), batch_size, d) for d in values]
+    elif kind == "batch":
+        values = values or (1, 2, 4, 8, 16)
+        points = [(resolve_arch(arch), b, b) for b in values]
+    else:
+        raise UsageError(f"sweep must be 'depth' or 'batch', got {kind!r}")
+    rows = []
+    with _progress(len(points) * len(implementations), f"sweep {kind}", progress) as bar:
+        for config, batch, x in points:
+            res = resolution or config.default_resolution
+            for impl in implementations:
+                bar.set_postfix_str(f"{kind}={x} {impl}")
+                r = measure(StepSpec(impl, config, batch, res, device=device))
+                est = estimate_memory(config, batch_size=batch, resolution=res, mode=impl, device=device)
+                rows.append(
+                    {
+                        kind: x,
+                        "implementation": impl,
+                        "peak_mb": r["peak_bytes"] / _MB,
+                        "estimate_mb": est.peak / _MB,
+                    }
+                )
+                bar.update()
+    return rows
+
+
+def save_sweep(rows: list[dict[str, Any]], kind: str, out_dir: Path, title: str) -> tuple[Path, Path]:
+    """Write ``memory_vs_<kind>.csv`` and ``.png`` (matplotlib, Agg) into ``out_dir``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path, png_path = out_dir / f"memory_vs_{kind}.csv", out_dir / f"memory_vs_{kind}.png"
+
+    text = io.StringIO()
+    writer = csv.DictWriter(
+        text, fieldnames=[kind, "implementation", "peak_mb", "estimate_mb"], lineterminator="\n"
+    )
+    writer.writeheader()
+    writer.writerows(rows)
+
+    def write_png(f) -> None:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for impl in dict.fromkeys(r["implementation"] for r in rows):
+            pts = [r for r in rows if r["implementation"] == impl]
+            line = ax.plot([r[kind] for r in pts], [r["peak_mb"] for r in pts], "o-", label=impl)[0]
+            ax.plot([r[kind] for r in pts], [r["estimate_mb"] for r in pts], ":", color=line.get_color())
+        ax.set_xlabel("depth" if kind == "depth" else "batch size")
+        ax.set_ylabel("peak training-step memory (MB)")
+        ax.set_title(title, fontsize=9)
+        ax.legend(title="measured (dotted: planner)", fontsize=8)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(f, format="png", dpi=120)
+        plt.close(fig)
+
+    atomic_write(csv_path, text.getvalue().encode())
+    atomic_write(png_path, write_png)
+    return csv_path, png_path

@@ -1,0 +1,248 @@
+"""Measuring one training step's memory and time, each figure in a fresh process (docs/measurement.md).
+
+Every figure comes from a fresh subprocess running one implementation (torchvision naive,
+torchvision ``memory_efficient=True`` or one of this package's modes). On CPU the process runs
+with ``MALLOC_MMAP_THRESHOLD_=65536`` so glibc returns every freed tensor to the OS and peak RSS
+tracks live tensors; the model, input, labels and zeroed ``.grad`` of every parameter exist
+before the baseline peak is read, and the figure is the peak after one step (forward,
+cross-entropy, backward) minus that baseline. On CUDA it is ``max_memory_allocated`` over a step
+after a warm-up, with and without the memory allocated before the step.
+
+    r = measure(StepSpec("naive", densenet_bc_config(40), batch_size=16, resolution=32))
+    print(r["peak_bytes"] / 2**20, "MiB")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch.nn as nn
+
+from ..errors import UsageError
+from ..models.config import ArchConfig
+from ..models.engine import MODES
+
+__all__ = [
+    "IMPLEMENTATIONS",
+    "TORCHVISION",
+    "TORCHVISION_EFFICIENT",
+    "StepSpec",
+    "build_implementation",
+    "measure",
+    "peak_rss_bytes",
+    "reset_peak_rss",
+]
+
+TORCHVISION = "torchvision"
+TORCHVISION_EFFICIENT = "torchvision_efficient"
+#: What can be measured: torchvision's two paths and each of our engine modes.
+IMPLEMENTATIONS = (TORCHVISION, TORCHVISION_EFFICIENT, *MODES)
+
+
+def build_implementation(impl: str, config: ArchConfig) -> nn.Module:
+    """The model that ``impl`` names, freshly initialised from ``config``."""
+    if impl in (TORCHVISION, TORCHVISION_EFFICIENT):
+        from ..models.reference import torchvision_densenet  # imports torchvision: only when asked
+
+        return torchvision_densenet(config, memory_efficient=impl == TORCHVISION_EFFICIENT)
+    if impl in MODES:
+        from ..models.densenet import DenseNet
+
+        return DenseNet(**config.to_kwargs(), memory_efficient=impl)
+    raise UsageError(f"unknown implementation {impl!r}; expected one of {', '.join(IMPLEMENTATIONS)}")
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """One measurement: which implementation, which config, what to record.
+
+    ``kind="memory"`` records the peak of one training step, ``kind="speed"`` the median time
+    of ``steps`` steps after one warm-up step. ``amp`` is ``None``, ``"bf16"`` or ``"fp16"``.
+    ``warmup=True`` (memory on CPU) runs one step first and resets the peak (Linux
+    ``/proc/self/clear_refs``) so the figure leaves out one-time allocations (oneDNN kernel
+    caches, thread pools: 0-60 MB depending on the machine); the default is the
+    first-step protocol (docs/measurement.md), which the published figures use.
+    """
+
+    impl: str
+    config: ArchConfig
+    batch_size: int
+    resolution: int
+    kind: str = "memory"
+    device: str = "cpu"
+    amp: str | None = None
+    steps: int = 5
+    threads: int = 2
+    seed: int = 0
+    warmup: bool = False
+
+    def to_json(self) -> str:
+        return json.dumps({**asdict(self), "config": self.config.to_json()})
+
+    @classmethod
+    def from_json(cls, text: str) -> StepSpec:
+        data = json.loads(text)
+        return cls(config=ArchConfig.from_json(data.pop("config")), **data)
+
+
+def _amp_dtype(amp: str | None):
+    import torch
+
+    return {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def _run_spec(spec: StepSpec) -> dict[str, Any]:
+    """Execute ``spec`` in *this* process; call it only in a fresh one (see :func:`measure`)."""
+    import torch
+    import torch.nn.functional as F
+
+    if spec.kind not in ("memory", "speed"):
+        raise UsageError(f"kind must be 'memory' or 'speed', got {spec.kind!r}")
+    torch.set_num_threads(spec.threads)
+    torch.manual_seed(spec.seed)
+    device = torch.device(spec.device)
+    model = build_implementation(spec.impl, spec.config).to(device).train()
+    x = torch.randn(spec.batch_size, 3, spec.resolution, spec.resolution, device=device)
+    y = torch.randint(0, spec.config.num_classes, (spec.batch_size,), device=device)
+    for p in model.parameters():  # gradients exist before the baseline: they are not activations
+        p.grad = torch.zeros_like(p)
+    amp_dtype = _amp_dtype(spec.amp)
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+
+    result: dict[str, Any] = {"spec": json.loads(spec.to_json()), "torch": torch.__version__}
+    measure_step = _step_memory if spec.kind == "memory" else _step_seconds
+    result.update(measure_step(step, spec, device))
+    return result
+
+
+def _step_memory(step: Callable[[], None], spec: StepSpec, device: Any) -> dict[str, Any]:
+    """CUDA: ``max_memory_allocated`` over a step after a warm-up. CPU: peak RSS over the step."""
+    import torch
+
+    if device.type == "cuda":
+        step()  # warm-up: cuDNN plans, allocator pools
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+        return {"peak_bytes": peak - before, "peak_total_bytes": peak, "before_bytes": before}
+    if spec.warmup:
+        step()
+        reset_peak_rss()
+    base = peak_rss_bytes()
+    step()
+    peak = peak_rss_bytes()
+    if peak <= base:
+        raise RuntimeError(f"peak RSS did not move during the step ({base} -> {peak} bytes)")
+    return {"peak_bytes": peak - base, "baseline_rss_bytes": base}
+
+
+def _step_seconds(step: Callable[[], None], spec: StepSpec, device: Any) -> dict[str, Any]:
+    """Median seconds of ``spec.steps`` steps after one warm-up (CUDA events on a GPU)."""
+    import torch
+
+    step()  # warm-up
+    times = []
+    for _ in range(spec.steps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1000.0)
+        else:
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+    return {"seconds": statistics.median(times), "times": times}
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size (``VmHWM``; ``ru_maxrss`` where /proc is missing).
+
+    On Linux ``ru_maxrss`` survives fork+exec: a worker started by a large process (a pytest
+    worker, say) starts with its parent's peak and a step below it reads as zero. ``VmHWM`` is the
+    same high-water mark for this process's own address space, which exec starts afresh.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource  # POSIX only
+
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def reset_peak_rss() -> None:
+    """Set this process's ``VmHWM`` to its current RSS (Linux >= 4.0), or say why it cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError as err:
+        raise RuntimeError(
+            f"warmup=True needs Linux's /proc/self/clear_refs to reset the peak RSS: {err}"
+        ) from err
+
+
+def _worker_main() -> None:
+    """Subprocess entry point: read a :class:`StepSpec` as JSON from argv, print the result."""
+    spec = StepSpec.from_json(sys.argv[1])
+    print("RESULT " + json.dumps(_run_spec(spec)), flush=True)
+
+
+def measure(spec: StepSpec, timeout: float | None = 1800) -> dict[str, Any]:
+    """Run ``spec`` in a fresh Python process with the environment docs/measurement.md prescribes.
+
+    Memory runs get ``MALLOC_MMAP_THRESHOLD_=65536`` (peak RSS then tracks live tensors); speed
+    runs keep the default allocator. Returns the worker's result dict: ``peak_bytes`` (memory)
+    or ``seconds`` (median per step). Raises RuntimeError with the worker's stderr on failure.
+
+    Example::
+
+        r = measure(StepSpec("naive", densenet_bc_config(40), batch_size=16, resolution=32))
+        print(r["peak_bytes"] / 2**20, "MiB")
+    """
+    env = dict(os.environ)
+    env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    if spec.kind == "memory" and spec.device == "cpu":
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    # The worker must import this very copy of the package, installed or not.
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
+    env.setdefault("OMP_NUM_THREADS", str(spec.threads))
+    code = "from densenet_efficient.perf.measure import _worker_main; _worker_main()"
+    proc = subprocess.run(
+        [sys.executable, "-c", code, spec.to_json()],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        raise RuntimeError(
+            f"measuring {spec.impl} ({spec.kind}) failed with exit code {proc.returncode}: "
+            + " | ".join(tail)
+        )
+    return json.loads(lines[-1][len("RESULT ") :])

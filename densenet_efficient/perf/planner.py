@@ -1,0 +1,491 @@
+"""Training-step memory, estimated analytically: no model is run.
+
+An analytic model of the tensors autograd keeps for backward in each mode, plus the transient
+workspace at the backward peak (see :func:`estimate_memory` for the accounting), and what follows
+from it: the largest batch that fits a budget, the deepest DenseNet-BC that fits. The tests keep
+it within 15% of :mod:`.measure`'s figures.
+
+    >>> est = estimate_memory("densenet121", batch_size=32, mode="efficient", amp="bf16")
+    >>> est.total < parse_memory("8GiB")
+    True
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ..errors import UsageError
+from ..models.config import ArchConfig, densenet_bc_config, resolve_arch
+from ..models.engine import EFFICIENT, MAX_SAVING, MODES, NAIVE, resolve_mode
+from .measure import TORCHVISION, TORCHVISION_EFFICIENT
+
+__all__ = [
+    "ESTIMABLE",
+    "MemoryEstimate",
+    "count_parameters",
+    "deepest_densenet_bc",
+    "estimate_memory",
+    "format_bytes",
+    "max_batch_size",
+    "parse_memory",
+    "plan",
+]
+
+# -- analytic estimate --------------------------------------------------------------------------
+
+#: What :func:`estimate_memory` can model: our modes plus torchvision's two paths.
+ESTIMABLE = (*MODES, TORCHVISION, TORCHVISION_EFFICIENT)
+
+_DTYPE_BYTES = {
+    "fp32": 4,
+    "float32": 4,
+    "bf16": 2,
+    "bfloat16": 2,
+    "fp16": 2,
+    "float16": 2,
+    "fp64": 8,
+    "float64": 8,
+}
+_AMP = {None: None, "none": None, "bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16"}
+#: Optimizer state per parameter, in parameter-sized tensors (SGD momentum: 1, Adam: 2).
+OPTIMIZER_STATES = {"none": 0, "sgd": 0, "momentum": 1, "adam": 2, "adamw": 2}
+_MIB = 1 << 20
+#: One-time allocations of the first training step on CPU (oneDNN kernels, thread pools, autograd
+#: engine): 20-56 MiB on torch 2.14's CPU build (first step - warm step, peak RSS; varies by machine).
+CPU_FIRST_STEP_OVERHEAD = 30 * _MIB
+#: CUDA context + cuBLAS/cuDNN handles: device memory that ``max_memory_allocated`` never sees
+#: but a budget must leave room for (typically 300-600 MiB, depending on card and driver).
+CUDA_CONTEXT = 512 * _MIB
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes one training step needs, split the way the budget is spent.
+
+    ``activations``: tensors autograd keeps for backward, at the end of forward.
+    ``workspace``: extra live at the peak of backward (gradient buffers, recomputed tensors).
+    ``overhead``: fixed framework allocations counted by the measurement (CPU first step).
+    ``peak``: ``activations + workspace + overhead``, the figure the measurement protocol and
+    the benchmark report. ``total`` adds parameters, gradients, optimizer state, the input batch
+    and (CUDA) the context: what must fit the device.
+    """
+
+    arch: str
+    mode: str
+    batch_size: int
+    resolution: int
+    device: str
+    activation_dtype: str
+    activations: int
+    workspace: int
+    overhead: int
+    parameters: int
+    gradients: int
+    optimizer_state: int
+    inputs: int
+    context: int
+    breakdown: dict[str, int] = field(default_factory=dict, compare=False)
+
+    @property
+    def peak(self) -> int:
+        return self.activations + self.workspace + self.overhead
+
+    @property
+    def total(self) -> int:
+        return (
+            self.parameters + self.gradients + self.optimizer_state + self.inputs + self.context + self.peak
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(peak=self.peak, total=self.total)
+        return d
+
+
+@dataclass(frozen=True)
+class _Stage:
+    """Bytes one part of the network keeps for backward, and what it needs briefly beyond that."""
+
+    name: str
+    saved: int
+    forward_extra: int
+    backward_extra: int
+
+
+def _conv_out(size: int, kernel: int, stride: int, pad: int) -> int:
+    return (size + 2 * pad - kernel) // stride + 1
+
+
+def _timeline(
+    config: ArchConfig, mode: str, n: int, height: int, width: int, e: int, pe: int = 4
+) -> list[_Stage]:
+    """The stages of one training step in forward order, with the bytes each keeps and needs.
+
+    ``e`` is bytes per activation element, ``pe`` per parameter; ``S = N*H*W`` at a block's resolution, ``c_l`` the
+    channels layer ``l`` reads, ``B = bn_size*k`` the bottleneck width. What each implementation
+    hands to autograd:
+
+    * naive / torchvision: per layer the concatenated input (saved by norm1), norm1's output
+      (ReLU is in place; saved by conv1), the bottleneck (saved by norm2) and norm2's output (saved
+      by conv2): ``(2 c_l + 2B) S``, quadratic in depth. The block's output concatenation is saved
+      by the next norm; a transition also keeps its norm output and its conv output (saved by the
+      pool); the ImageNet stem keeps conv0's and norm0's outputs and max-pool's int64 indices.
+    * torchvision ``memory_efficient``: checkpointing keeps each layer's inputs (block input and
+      every k-channel output), the bottleneck and norm2's output: ``(2B + k) S`` per layer.
+    * efficient (this package): one ``N x C_final x H x W`` buffer per block, which is also the
+      block output, plus each layer's bottleneck ``B S``; transitions keep only their input (the
+      buffer itself), the stem conv0's output, max-pool's indices and the pooled output's sign.
+    * max_saving: only the buffers (and conv0's output).
+
+    Backward needs, beyond what is saved: for the engine, the incoming gradient and the block's
+    gradient buffer (``2 C_final S``) plus one layer's recomputed norm1+ReLU and its gradients
+    (``2 c_l S``) and bottleneck-sized temporaries; for naive, the gradients of one layer's
+    concatenated input. The head keeps the final ReLU output in every implementation.
+    """
+    if mode not in ESTIMABLE:
+        raise UsageError(f"unknown mode {mode!r}; expected one of {', '.join(ESTIMABLE)}")
+    c = config.num_init_features
+    stem, (h, w) = _stem_stage(config, mode, n, height, width, e)
+    stages = [stem]
+    for b, layers in enumerate(config.block_config):
+        name, s, cf = f"block{b + 1}", n * h * w, c + layers * config.growth_rate
+        if mode in (NAIVE, TORCHVISION):
+            stages += _naive_block(config, name, c, layers, s, e)
+        elif mode == TORCHVISION_EFFICIENT:
+            stages += _checkpointed_block(config, name, c, layers, s, e)
+        else:
+            stages += _engine_block(config, mode, name, c, layers, s, e, pe)
+        if b < len(config.block_config) - 1:
+            # naive: norm output (in-place ReLU; saved by conv) and conv output (saved by the pool);
+            # engine: nothing beyond its input, the block's buffer
+            saved = 0 if mode in (EFFICIENT, MAX_SAVING) else (cf + cf // 2) * s * e
+            stages.append(_Stage(f"transition{b + 1}", saved, cf * s * e, 2 * cf * s * e))
+            c = cf // 2
+            h, w = h // 2, w // 2
+        else:
+            # the non-in-place final ReLU output (saved by ReLU and the average pool)
+            stages.append(_Stage("head", cf * s * e, 0, 2 * cf * s * e))
+    return stages
+
+
+def _stem_stage(
+    config: ArchConfig, mode: str, n: int, h: int, w: int, e: int
+) -> tuple[_Stage, tuple[int, int]]:
+    """The stem's stage and the spatial size it hands to the first block."""
+    c = config.num_init_features
+    if config.small_inputs:
+        # conv0 saves only the input batch (counted in ``inputs``); its output is block 1's input.
+        return _Stage("stem", 0, 0, 2 * c * n * h * w * e), (h, w)
+    h, w = _conv_out(h, 7, 2, 3), _conv_out(w, 7, 2, 3)
+    s0 = n * h * w
+    h, w = _conv_out(h, 3, 2, 1), _conv_out(w, 3, 2, 1)
+    indices = 8 * c * n * h * w  # int64, one per pooled output
+    if mode == MAX_SAVING:
+        saved = c * s0 * e
+    elif mode == EFFICIENT:  # conv0's output, the pooling indices and the output's sign (bool)
+        saved = c * s0 * e + indices + c * n * h * w
+    else:
+        saved = 2 * c * s0 * e + indices
+    # backward: the max-pool and BN gradients (2 c s0), plus in max_saving the recomputed
+    # indices (its recomputed ReLU output is dead by the time BN's gradient is made)
+    return _Stage("stem", saved, 0, 2 * c * s0 * e + (indices if mode == MAX_SAVING else 0)), (h, w)
+
+
+def _naive_block(config: ArchConfig, name: str, c: int, layers: int, s: int, e: int) -> list[_Stage]:
+    k, bn = config.growth_rate, config.bn_size * config.growth_rate
+    stages = []
+    for i in range(layers):
+        cl = c + i * k
+        stages.append(_Stage(f"{name}.layer{i + 1}", (2 * cl + 2 * bn) * s * e, 0, 2 * cl * s * e))
+    # the concatenation, assembled while the k-channel pieces are still alive
+    cf = c + layers * k
+    stages.append(_Stage(f"{name}.output", cf * s * e, cf * s * e, 0))
+    return stages
+
+
+def _checkpointed_block(config: ArchConfig, name: str, c: int, layers: int, s: int, e: int) -> list[_Stage]:
+    k, bn = config.growth_rate, config.bn_size * config.growth_rate
+    stages = [_Stage(f"{name}.input", c * s * e, 0, 0)]
+    for i in range(layers):
+        cl = c + i * k
+        # recomputed concat + norm1 output, their gradients, the pending grads of earlier pieces
+        stages.append(_Stage(f"{name}.layer{i + 1}", (2 * bn + k) * s * e, 0, 4 * cl * s * e))
+    stages.append(_Stage(f"{name}.output", (c + layers * k) * s * e, 0, 0))
+    return stages
+
+
+def _engine_block(
+    config: ArchConfig, mode: str, name: str, c: int, layers: int, s: int, e: int, pe: int
+) -> list[_Stage]:
+    k, bn = config.growth_rate, config.bn_size * config.growth_rate
+    cf = c + layers * k
+    kept = bn if mode == EFFICIENT else 0
+    grads = 2 * cf * s * e  # incoming gradient + the gradient buffer accumulated in place
+    pending = 0  # parameter gradients the block Function returns all at once, at its end
+    layer_stages = []
+    for i in reversed(range(layers)):
+        cl = c + i * k
+        pending += (2 * cl + cl * bn + 2 * bn + 9 * bn * k) * pe
+        # Channel slices of the buffer are not contiguous, so the engine's BN calls copy
+        # them. A layer's peak is norm1's backward (gradient in, copied input, gradient
+        # out: 3 c_l) or conv2's backward: its gradient slice, norm1+ReLU and norm2+ReLU
+        # recomputed, the bottleneck gradient and about one bottleneck of convolution
+        # workspace (measured), plus the recomputed 1x1 output in max_saving.
+        temps = max(3 * cl, k + cl + (4 if mode == MAX_SAVING else 3) * bn)
+        layer_stages.append(
+            _Stage(
+                f"{name}.layer{i + 1}", kept * s * e, (2 * cl + bn) * s * e, grads + temps * s * e + pending
+            )
+        )
+    return [_Stage(f"{name}.buffer", cf * s * e, 0, grads), *reversed(layer_stages)]
+
+
+def _peak(stages: list[_Stage]) -> tuple[int, int]:
+    """(activations, workspace): saved bytes after forward, and the largest excess over them."""
+    kept = peak = 0
+    for st in stages:  # forward: saved tensors accumulate; some stages briefly need more
+        peak = max(peak, kept + st.saved + st.forward_extra)
+        kept += st.saved
+    total = kept
+    for st in reversed(stages):  # backward frees a stage's saved tensors once it has run
+        peak = max(peak, kept + st.backward_extra)
+        kept -= st.saved
+    return total, peak - total
+
+
+def count_parameters(config: ArchConfig) -> int:
+    """Trainable parameters of ``config``, computed from the architecture alone.
+
+    >>> count_parameters(resolve_arch("densenet121"))
+    7978856
+    """
+    k, bn, c = config.growth_rate, config.bn_size * config.growth_rate, config.num_init_features
+    total = 3 * c * (9 if config.small_inputs else 49) + (0 if config.small_inputs else 2 * c)
+    for b, layers in enumerate(config.block_config):
+        for i in range(layers):
+            cl = c + i * k
+            total += 2 * cl + cl * bn + 2 * bn + bn * k * 9
+        c += layers * k
+        if b < len(config.block_config) - 1:
+            total += 2 * c + c * (c // 2)
+            c //= 2
+    return total + 2 * c + c * config.num_classes + config.num_classes
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UsageError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _check_options(dtype: str, amp: str | None, optimizer: str, device: str) -> str | None:
+    """Refuse unknown settings by name; return ``amp`` normalised (``"bf16"``, ``"fp16"`` or None)."""
+    if dtype not in _DTYPE_BYTES:
+        raise UsageError(f"dtype must be one of {', '.join(sorted(_DTYPE_BYTES))}, got {dtype!r}")
+    if amp not in _AMP:
+        raise UsageError(f"amp must be None, 'bf16' or 'fp16', got {amp!r}")
+    if optimizer not in OPTIMIZER_STATES:
+        raise UsageError(f"optimizer must be one of {', '.join(OPTIMIZER_STATES)}, got {optimizer!r}")
+    if device not in ("cuda", "cpu"):
+        raise UsageError(f"device must be 'cuda' or 'cpu', got {device!r}")
+    return _AMP[amp]
+
+
+def estimate_memory(
+    arch: str | ArchConfig,
+    *,
+    batch_size: int,
+    resolution: int | None = None,
+    mode: str | bool = EFFICIENT,
+    dtype: str = "fp32",
+    amp: str | None = None,
+    device: str = "cuda",
+    optimizer: str = "sgd",
+) -> MemoryEstimate:
+    """Analytic peak memory of one training step (forward, loss, backward); no model is run.
+
+    Args:
+        arch: an architecture name (``"densenet121"``), ``"densenet_bc_<depth>"`` or an :class:`ArchConfig`.
+        batch_size: images per step.
+        resolution: input height and width (default: 32 for CIFAR configs, 224 otherwise).
+        mode: ``"naive"``, ``"efficient"``, ``"max_saving"`` (``False``/``True`` as in the model),
+            or ``"torchvision"``/``"torchvision_efficient"`` for torchvision's own DenseNet.
+        dtype: parameter and activation dtype when not using autocast (``fp32``, ``bf16``, ...).
+        amp: ``"bf16"``/``"fp16"``: autocast, so activations are half precision, parameters fp32.
+        device: ``"cuda"`` (adds the CUDA context to ``total``) or ``"cpu"`` (adds the one-time
+            first-step allocations that peak RSS shows).
+        optimizer: ``"sgd"`` (momentum buffer), ``"adam"``/``"adamw"`` (two buffers) or ``"none"``.
+
+    The activations are counted per stage from what each implementation saves for backward (see
+    :func:`_timeline`); the workspace is the largest excess over them while backward frees stages
+    in reverse. Every term is proportional to the batch, so memory is affine in ``batch_size``.
+
+    >>> est = estimate_memory("densenet_bc_100", batch_size=64, mode="naive", device="cpu")
+    >>> round(est.peak / 2**20)  # measured: 2159 MB on a 2-core CPU (docs/benchmarks.md)
+    2165
+    """
+    config = resolve_arch(arch)
+    name = arch if isinstance(arch, str) else config.name
+    if mode not in (TORCHVISION, TORCHVISION_EFFICIENT):
+        mode = resolve_mode(mode)
+    batch_size = _positive_int("batch_size", batch_size)
+    resolution = _positive_int("resolution", resolution or config.default_resolution)
+    least = config.min_input_size()
+    if resolution < least:
+        raise UsageError(
+            f"resolution {resolution} is too small for {name}: it needs at least {least}x{least}"
+        )
+    amp = _check_options(dtype, amp, optimizer, device)
+
+    param_bytes = _DTYPE_BYTES[dtype]
+    act_bytes = 2 if amp else param_bytes
+    n_params = count_parameters(config)
+    stages = _timeline(config, mode, batch_size, resolution, resolution, act_bytes, param_bytes)
+    activations, workspace = _peak(stages)
+    if amp:
+        # autocast's half-precision weight copies are saved by every conv/linear for backward
+        activations += 2 * n_params
+    return MemoryEstimate(
+        arch=name,
+        mode=mode,
+        batch_size=batch_size,
+        resolution=resolution,
+        device=device,
+        activation_dtype=amp or dtype,
+        activations=activations,
+        workspace=workspace,
+        overhead=CPU_FIRST_STEP_OVERHEAD if device == "cpu" else 0,
+        parameters=n_params * param_bytes,
+        gradients=n_params * param_bytes,
+        optimizer_state=OPTIMIZER_STATES[optimizer] * n_params * param_bytes,
+        inputs=batch_size * (3 * resolution * resolution * param_bytes + 8),
+        context=CUDA_CONTEXT if device == "cuda" else 0,
+        breakdown={st.name: st.saved for st in stages},
+    )
+
+
+def max_batch_size(arch: str | ArchConfig, memory: int | str, **kwargs: Any) -> int:
+    """The largest batch whose training step fits ``memory`` (bytes or ``"8GiB"``).
+
+    ``kwargs`` are :func:`estimate_memory`'s. Raises ValueError, naming the minimum needed, when
+    not even one image fits.
+
+    >>> max_batch_size("densenet121", "8GiB", resolution=224, mode="efficient") > 64
+    True
+    """
+    budget = parse_memory(memory)
+    one = estimate_memory(arch, batch_size=1, **kwargs)
+    if one.total > budget:
+        raise UsageError(
+            f"{format_bytes(budget)} fits no batch of {one.arch} in {one.mode} mode at "
+            f"{one.resolution}x{one.resolution}: one image needs at least {format_bytes(one.total)}"
+        )
+    slope = estimate_memory(arch, batch_size=2, **kwargs).total - one.total
+    n = 1 + int((budget - one.total) // max(slope, 1))
+    # memory is affine in the batch; step back over integer rounding in the stage sums
+    while n > 1 and estimate_memory(arch, batch_size=n, **kwargs).total > budget:
+        n -= 1
+    return n
+
+
+def deepest_densenet_bc(
+    memory: int | str, *, batch_size: int = 64, growth_rate: int = 12, mode: str = EFFICIENT, **kwargs: Any
+) -> int:
+    """The greatest depth 6n+4 of a DenseNet-BC whose training step fits ``memory`` (0 if none).
+
+    >>> deepest_densenet_bc("12GB", mode="naive") < deepest_densenet_bc("12GB", mode="efficient")
+    True
+    """
+    budget = parse_memory(memory)
+
+    def fits(n: int) -> bool:
+        cfg = densenet_bc_config(6 * n + 4, growth_rate)
+        return estimate_memory(cfg, batch_size=batch_size, mode=mode, **kwargs).total <= budget
+
+    if not fits(1):
+        return 0
+    lo, hi = 1, 2
+    while fits(hi):
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:  # fits(lo) and not fits(hi)
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return 6 * lo + 4
+
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 1 << 10, "kb": 10**3, "kib": 1 << 10,
+    "m": 1 << 20, "mb": 10**6, "mib": 1 << 20,
+    "g": 1 << 30, "gb": 10**9, "gib": 1 << 30,
+    "t": 1 << 40, "tb": 10**12, "tib": 1 << 40,
+}  # fmt: skip
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_memory(value: int | str) -> int:
+    """Bytes from ``"8GiB"``, ``"12GB"`` (SI), ``"8G"`` (binary, as PyTorch and Docker read it) or an int.
+
+    >>> parse_memory("8GiB"), parse_memory("12GB"), parse_memory("512M")
+    (8589934592, 12000000000, 536870912)
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value <= 0:
+            raise UsageError(f"memory budget must be positive, got {value}")
+        return value
+    match = _SIZE.match(str(value))
+    unit = match.group(2).lower() if match else None
+    if unit not in _UNITS:
+        raise UsageError(
+            f"memory budget must look like 8GiB, 12GB, 512MiB or a number of bytes, got {value!r}"
+        )
+    size = int(float(match.group(1)) * _UNITS[unit])
+    if size <= 0:
+        raise UsageError(f"memory budget must be positive, got {value!r}")
+    return size
+
+
+def format_bytes(n: float) -> str:
+    """``1536 MiB`` -> ``"1.50 GiB"``: binary units, 3 significant figures."""
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{int(n)} B"
+
+
+def plan(
+    arch: str | ArchConfig,
+    memory: int | str,
+    *,
+    modes: tuple[str, ...] = ESTIMABLE,
+    batch_size: int | None = None,
+    **kwargs: Any,
+) -> list[dict[str, Any]]:
+    """Per mode: the largest batch that fits ``memory``, the estimate there (and at ``batch_size``).
+
+    >>> [row["mode"] for row in plan("densenet121", "8GiB", modes=("naive", "efficient"))]
+    ['naive', 'efficient']
+    """
+    budget = parse_memory(memory)
+    rows = []
+    for mode in modes:
+        one = estimate_memory(arch, batch_size=1, mode=mode, **kwargs)
+        row: dict[str, Any] = {
+            "mode": mode,
+            "per_image": estimate_memory(arch, batch_size=2, mode=mode, **kwargs).total - one.total,
+        }
+        try:
+            best = max_batch_size(arch, budget, mode=mode, **kwargs)
+        except ValueError as err:
+            row.update(max_batch_size=0, note=str(err), minimum=one.total)
+        else:
+            row.update(
+                max_batch_size=best,
+                at_max=estimate_memory(arch, batch_size=best, mode=mode, **kwargs).to_dict(),
+            )
+        if batch_size is not None:
+            row["at_batch"] = estimate_memory(arch, batch_size=batch_size, mode=mode, **kwargs).to_dict()
+        rows.append(row)
+    return rows

@@ -1,0 +1,179 @@
+"""A run folder on disk: the resumable checkpoint, the CSV log and the best/last model folders.
+
+A save directory holds ``checkpoint.pt`` (everything needed to resume, rewritten atomically each
+epoch), ``log.csv`` (one row per epoch), and ``best/`` and ``last/`` Hugging Face-ready model
+folders that :func:`densenet_efficient.from_pretrained` loads. The checkpoint is written last,
+so a checkpoint for epoch e implies everything else of epoch e is on disk.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..errors import UsageError
+from ..io.atomic import atomic_write
+from ..io.checkpoint import CheckpointError, load_torch_file
+from ..models.hub import save_hub_folder
+from .config import TrainConfig
+
+__all__ = [
+    "CHECKPOINT_NAME",
+    "LOG_COLUMNS",
+    "LOG_NAME",
+    "BestModel",
+    "read_run_checkpoint",
+    "restore_rng_state",
+    "rng_state",
+    "save_epoch",
+    "write_log",
+]
+
+CHECKPOINT_NAME = "checkpoint.pt"
+LOG_NAME = "log.csv"
+LOG_COLUMNS = (
+    "epoch",
+    "train_loss",
+    "train_error",
+    "valid_loss",
+    "valid_error",
+    "lr",
+    "epoch_seconds",
+    "peak_memory_mb",
+)
+_CHECKPOINT_FORMAT = "densenet_efficient.train/1"  # the format tag of existing run files: never renamed
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG state as tensors and plain types, so the checkpoint loads with ``weights_only``."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "python": [version, list(internal), gauss_next],
+    }
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
+    n = state["numpy"]
+    np.random.set_state(
+        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+def read_run_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
+    """Read a training run's checkpoint safely (``weights_only=True``) and check it is one.
+
+    Raises ``ValueError`` naming the file when it is truncated, corrupt or something else.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint to resume from: {path} does not exist")
+    try:
+        ckpt = load_torch_file(path, map_location=map_location)
+    except CheckpointError as err:  # truncated zip, bad pickle, disallowed global: all mean "not usable"
+        raise UsageError(
+            f"checkpoint {path} is corrupt or not a densenet-efficient training checkpoint ({err})"
+        ) from None
+    needed = ("format", "epoch", "model", "optimizer", "scheduler", "config", "rng", "history")
+    if (
+        not isinstance(ckpt, dict)
+        or ckpt.get("format") != _CHECKPOINT_FORMAT
+        or any(k not in ckpt for k in needed)
+    ):
+        raise UsageError(
+            f"checkpoint {path} is not a densenet-efficient training checkpoint "
+            f"(expected format {_CHECKPOINT_FORMAT!r} with keys {', '.join(needed)})"
+        )
+    return ckpt
+
+
+def write_log(path: Path, history: list[dict[str, float]]) -> None:
+    """Rewrite the whole CSV from the history (so a resumed run never duplicates rows)."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=LOG_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write(path, text.getvalue().encode())
+
+
+def _save_model_folder(model: nn.Module, out_dir: Path, provenance: dict[str, Any]) -> None:
+    """Save ``model`` as a Hugging Face-ready folder (safetensors + config.json + model card),
+    atomically, loadable by :func:`densenet_efficient.from_pretrained`."""
+    save_hub_folder(model, out_dir, provenance=provenance, overwrite=True)
+
+
+@dataclass
+class BestModel:
+    """The model selected on validation error so far: its error, 1-based epoch and CPU weights."""
+
+    error: float | None = None
+    epoch: int | None = None
+    state: dict[str, torch.Tensor] | None = None
+
+    def update(self, score: float, epoch: int, model: nn.Module) -> bool:
+        """Keep ``model`` if ``score`` beats the best so far; return whether it did."""
+        if self.error is not None and score >= self.error:
+            return False
+        self.error, self.epoch = score, epoch
+        self.state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        return True
+
+
+def save_epoch(
+    save_dir: Path,
+    trainables: dict[str, Any],
+    c: TrainConfig,
+    epoch: int,
+    history: list[dict[str, Any]],
+    best: BestModel,
+    improved: bool,
+    provenance: dict[str, Any],
+) -> None:
+    """Rank 0, end of an epoch: model folders, the CSV log, then the checkpoint (last, so that a
+    checkpoint for epoch e implies everything else of epoch e is on disk).
+
+    ``trainables`` holds the ``model``, ``optimizer``, ``scheduler`` and (AMP) ``scaler``."""
+    model, scaler = trainables["model"], trainables["scaler"]
+    meta = dict(provenance, epoch=epoch, valid_error=history[-1]["valid_error"])
+    _save_model_folder(model, save_dir / "last", meta)
+    if improved:
+        _save_model_folder(model, save_dir / "best", meta)
+    write_log(save_dir / LOG_NAME, history)
+    state = {
+        "format": _CHECKPOINT_FORMAT,
+        "epoch": epoch,
+        "model": model.state_dict(),
+        "optimizer": trainables["optimizer"].state_dict(),
+        "scheduler": trainables["scheduler"].state_dict(),
+        "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+        "rng": rng_state(),
+        "config": c.to_dict(),
+        "history": history,
+        "best_valid_error": best.error,
+        "best_epoch": best.epoch,
+        "best_model": best.state,
+    }
+    atomic_write(save_dir / CHECKPOINT_NAME, lambda f: torch.save(state, f))

@@ -1,0 +1,393 @@
+"""Data sets, splits and transforms for ``densenet-efficient train``.
+
+Three sources, one :class:`DataBundle` shape (train / valid / optional test, class names, the
+input size the model sees):
+
+* ``digits`` (the embedded default): scikit-learn's bundled copy of the UCI handwritten digits
+  (1,797 real 8x8 grey-scale scans, 10 classes), shipped inside the scikit-learn wheel, so it
+  works offline on a fresh machine. Upsampled to 3x32x32 so it feeds a CIFAR DenseNet-BC.
+* ``cifar10`` / ``cifar100``: torchvision's dataset classes (downloaded where the network allows),
+  with the original efficient-DenseNet demo's augmentation and split.
+* ``imagefolder``: a folder of class sub-folders (``train/`` + ``val/``, or one folder split by
+  ``valid_size``), preprocessed like the pretrained weights were.
+
+>>> from densenet_efficient.training.data import build_data
+>>> bundle = build_data("digits", valid_size=200)
+>>> bundle.num_classes, len(bundle.train), len(bundle.valid), len(bundle.test)
+(10, 1237, 200, 360)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+from torchvision import datasets
+from torchvision import transforms as T
+
+from ..errors import UsageError
+
+__all__ = [
+    "DATASETS",
+    "DataBundle",
+    "TransformedSubset",
+    "build_data",
+    "detect_dataset",
+    "imagenet_transforms",
+    "split_indices",
+]
+
+DATASETS = ("auto", "digits", "cifar10", "cifar100", "imagefolder")
+
+# Per-channel statistics of the CIFAR training sets (the usual published values).
+CIFAR_STATS = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+#: Images of the embedded digits set held out as a fixed test split (independent of ``--seed``).
+DIGITS_TEST_SIZE = 360
+_DIGITS_SPLIT_SEED = 0
+
+
+@dataclass
+class DataBundle:
+    """What a training run needs to know about its data."""
+
+    name: str
+    train: Dataset
+    valid: Dataset | None
+    test: Dataset | None
+    classes: list[str]
+    image_size: int  # height = width of the tensors the model sees
+    small_inputs: bool  # True for 32x32 data (CIFAR stem), False for ImageNet-sized crops
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+class TransformedSubset(Dataset):
+    """``dataset[indices[i]]`` with ``transform`` applied to the image.
+
+    Lets the training and validation parts of one split share a single underlying data set (read
+    once) while using different transforms (augmentation only on the training part).
+
+    After :meth:`set_seed`, the random transform of item ``i`` draws from a generator seeded by
+    ``(seed, i)`` alone: augmentation then does not depend on the number of DataLoader workers or
+    on which worker loads an item, so a run resumed with other ``--workers`` sees the same images.
+    """
+
+    def __init__(self, dataset: Dataset, indices: Sequence[int], transform: Callable | None) -> None:
+        self.dataset = dataset
+        self.indices = list(indices)
+        self.transform = transform
+        self.seed: int | None = None
+
+    def set_seed(self, seed: int | None) -> None:
+        """Seed the augmentation of the next pass (call before each epoch; None: global RNG)."""
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        image, target = self.dataset[self.indices[i]]
+        if self.transform is None:
+            return image, int(target)
+        if self.seed is None:
+            return self.transform(image), int(target)
+        # torchvision's transforms draw from torch's global CPU RNG: save and restore it so the
+        # caller's stream (dropout in the main process when workers=0) is unaffected. (Only the CPU
+        # generator: torch.manual_seed would also poke every accelerator backend, ~2 ms a call.)
+        state = torch.get_rng_state()
+        torch.default_generator.manual_seed((self.seed * 1_000_003 + i) % 2**62)
+        try:
+            return self.transform(image), int(target)
+        finally:
+            torch.set_rng_state(state)
+
+
+class _TensorImages(Dataset):
+    """Images already held as a uint8 tensor ``(N, 3, H, W)`` plus integer labels."""
+
+    def __init__(self, images: Tensor, targets: Tensor) -> None:
+        self.images, self.targets = images, targets
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        return self.images[i], int(self.targets[i])
+
+
+def split_indices(n: int, valid_size: int | float, seed: int) -> tuple[list[int], list[int]]:
+    """Shuffle ``range(n)`` with ``seed`` and hold out ``valid_size`` items (a count, or a fraction < 1).
+
+    >>> split_indices(10, 0.2, seed=0)[1].__len__()
+    2
+    """
+    if isinstance(valid_size, float) and 0 < valid_size < 1:
+        count = int(round(n * valid_size))
+    elif float(valid_size) == int(valid_size) and valid_size >= 0:
+        count = int(valid_size)
+    else:
+        raise UsageError(f"valid_size must be a count >= 0 or a fraction in (0, 1), got {valid_size!r}")
+    if count >= n:
+        raise UsageError(f"valid_size={valid_size!r} holds out {count} of only {n} training images")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return order[: n - count], order[n - count :]
+
+
+# -- the embedded default: scikit-learn's digits ----------------------------------------------------
+
+
+def _digits_tensors() -> tuple[Tensor, Tensor]:
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as err:  # declared in install_requires; this only catches broken installs
+        raise ImportError(
+            "the embedded default data set is scikit-learn's digits: pip install scikit-learn"
+        ) from err
+    digits = load_digits()
+    # 8x8 intensities in 0..16 -> uint8 0..255, bilinearly upsampled to 32x32 and repeated over RGB.
+    x = torch.as_tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    x = torch.nn.functional.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False)
+    x = (x.clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
+    return x, torch.as_tensor(digits.target, dtype=torch.long)
+
+
+def _build_digits(valid_size: int | float, seed: int) -> DataBundle:
+    images, targets = _digits_tensors()
+    full = _TensorImages(images, targets)
+    # A fixed test split (seed 0, whatever --seed) so test figures are comparable across runs.
+    pool, test_idx = split_indices(len(full), DIGITS_TEST_SIZE, _DIGITS_SPLIT_SEED)
+    mean = float(images[pool].float().mean() / 255)
+    std = float(images[pool].float().std() / 255)
+    normalize = T.Normalize((mean,) * 3, (std,) * 3)
+    to_float = T.ConvertImageDtype(torch.float32)
+    # No horizontal flip: digits are not mirror-symmetric. Shifts of up to one original pixel.
+    train_tf = T.Compose([T.RandomCrop(32, padding=4), to_float, normalize])
+    eval_tf = T.Compose([to_float, normalize])
+    train_pos, valid_pos = split_indices(len(pool), valid_size, seed)
+    train_idx = [pool[i] for i in train_pos]
+    valid_idx = [pool[i] for i in valid_pos]
+    return DataBundle(
+        name="digits",
+        train=TransformedSubset(full, train_idx, train_tf),
+        valid=TransformedSubset(full, valid_idx, eval_tf) if valid_idx else None,
+        test=TransformedSubset(full, test_idx, eval_tf),
+        classes=[str(i) for i in range(10)],
+        image_size=32,
+        small_inputs=True,
+    )
+
+
+# -- CIFAR --------------------------------------------------------------------------------------
+
+
+def _cifar_dataset(name: str, root: Path, train: bool, download: bool) -> datasets.CIFAR10:
+    cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+    try:
+        return cls(str(root), train=train, download=download)
+    except RuntimeError as err:  # torchvision: "Dataset not found or corrupted"
+        raise FileNotFoundError(
+            f"{name.upper()} was not found (or failed its checksum) in {root}: expected "
+            f"{root / cls.base_folder}/ as extracted from {cls.filename}"
+            + ("" if download else "; pass --download to fetch it")
+            + f" ({err})"
+        ) from None
+    except OSError as err:  # no network, DNS failure, refused connection...
+        raise FileNotFoundError(
+            f"{name.upper()} is not in {root} and downloading it failed ({err}); copy "
+            f"{cls.filename} or its extracted {cls.base_folder}/ folder there"
+        ) from None
+
+
+def _build_cifar(name: str, root: Path, valid_size: int | float, seed: int, download: bool) -> DataBundle:
+    if not root.exists():
+        if not download:
+            raise FileNotFoundError(f"data directory {root} does not exist")
+        root.mkdir(parents=True)
+    mean, std = CIFAR_STATS[name]
+    normalize = T.Normalize(mean, std)
+    # The original demo's augmentation: 4-pixel padded random crops and horizontal flips.
+    train_tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), normalize])
+    eval_tf = T.Compose([T.ToTensor(), normalize])
+    train_set = _cifar_dataset(name, root, True, download)
+    test_set = _cifar_dataset(name, root, False, download)
+    train_idx, valid_idx = split_indices(len(train_set), valid_size, seed)
+    test = TransformedSubset(test_set, range(len(test_set)), eval_tf)
+    return DataBundle(
+        name=name,
+        train=TransformedSubset(train_set, train_idx, train_tf),
+        # valid_size=0: validate on the test set, as the original demo did.
+        valid=TransformedSubset(train_set, valid_idx, eval_tf) if valid_idx else test,
+        test=test,
+        classes=list(train_set.classes),
+        image_size=32,
+        small_inputs=True,
+    )
+
+
+# -- ImageFolder ----------------------------------------------------------------------------------
+
+
+def imagenet_transforms(preset: Any = None, image_size: int | None = None) -> tuple[Callable, Callable, int]:
+    """``(train_transform, eval_transform, crop_size)`` following pretrained weights' preprocessing.
+
+    ``preset`` is what ``weights.transforms()`` returns (torchvision's ``ImageClassification``:
+    ``resize_size``, ``crop_size``, ``mean``, ``std``, ``interpolation``); without one, the
+    ImageNet preset (resize 256, centre crop 224, ImageNet mean/std). ``image_size`` overrides the
+    crop size (the resize keeps the 256:224 ratio). Training uses random-resized crops and flips
+    at the crop size with the same normalisation.
+    """
+    crop = _first_int(getattr(preset, "crop_size", None), 224)
+    resize = _first_int(getattr(preset, "resize_size", None), 256)
+    mean = tuple(getattr(preset, "mean", None) or IMAGENET_MEAN)
+    std = tuple(getattr(preset, "std", None) or IMAGENET_STD)
+    interpolation = getattr(preset, "interpolation", T.InterpolationMode.BILINEAR)
+    if image_size is not None:
+        resize, crop = max(image_size, round(image_size * resize / crop)), image_size
+    normalize = T.Normalize(mean, std)
+    train_tf = T.Compose(
+        [
+            T.RandomResizedCrop(crop, interpolation=interpolation),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            normalize,
+        ]
+    )
+    if preset is not None and image_size is None and callable(preset):
+        # The weights' own eval preset, exactly (it accepts PIL images and returns normalised tensors).
+        eval_tf = preset
+    else:
+        eval_tf = T.Compose(
+            [T.Resize(resize, interpolation=interpolation), T.CenterCrop(crop), T.ToTensor(), normalize]
+        )
+    return train_tf, eval_tf, crop
+
+
+def _first_int(value: Any, default: int) -> int:
+    if value is None:
+        return default
+    return int(value[0]) if isinstance(value, (list, tuple)) else int(value)
+
+
+def _image_folder(root: Path) -> datasets.ImageFolder:
+    folder = datasets.ImageFolder(str(root))  # raises FileNotFoundError on empty/classless folders
+    if len(folder.classes) < 2:
+        raise UsageError(
+            f"ImageFolder {root} has {len(folder.classes)} class folder ({', '.join(folder.classes)}); "
+            "a classifier needs at least 2 class sub-folders, one per class"
+        )
+    return folder
+
+
+def _find_split(root: Path, names: Sequence[str]) -> Path | None:
+    return next((root / n for n in names if (root / n).is_dir()), None)
+
+
+def _build_imagefolder(
+    root: Path, valid_size: int | float, seed: int, preset: Any, image_size: int | None
+) -> DataBundle:
+    train_tf, eval_tf, crop = imagenet_transforms(preset, image_size)
+    train_dir = _find_split(root, ("train", "training"))
+    if train_dir is None:  # one folder of classes: split it
+        full = _image_folder(root)
+        train_idx, valid_idx = split_indices(len(full), valid_size, seed)
+        train = TransformedSubset(full, train_idx, train_tf)
+        valid = TransformedSubset(full, valid_idx, eval_tf) if valid_idx else None
+        test, classes = None, full.classes
+    else:
+        full = _image_folder(train_dir)
+        classes = full.classes
+        valid_dir = _find_split(root, ("val", "valid", "validation"))
+        if valid_dir is None:
+            train_idx, valid_idx = split_indices(len(full), valid_size, seed)
+            train = TransformedSubset(full, train_idx, train_tf)
+            valid = TransformedSubset(full, valid_idx, eval_tf) if valid_idx else None
+        else:
+            train = TransformedSubset(full, range(len(full)), train_tf)
+            valid = _matching_split(valid_dir, classes, eval_tf)
+        test_dir = _find_split(root, ("test",))
+        test = _matching_split(test_dir, classes, eval_tf) if test_dir else None
+    return DataBundle("imagefolder", train, valid, test, list(classes), crop, small_inputs=crop < 64)
+
+
+def _matching_split(path: Path, classes: list[str], transform: Callable) -> TransformedSubset:
+    folder = datasets.ImageFolder(str(path))
+    if folder.classes != classes:
+        raise UsageError(
+            f"class folders of {path} ({', '.join(folder.classes)}) differ from the training "
+            f"folder's ({', '.join(classes)})"
+        )
+    return TransformedSubset(folder, range(len(folder)), transform)
+
+
+# -- entry point ----------------------------------------------------------------------------------
+
+
+def detect_dataset(data_dir: str | os.PathLike | None) -> str:
+    """Which kind of data ``data_dir`` holds: ``digits`` (no directory), ``cifar10``/``cifar100``
+    (torchvision's extracted folders or archives) or ``imagefolder``."""
+    if data_dir is None:
+        return "digits"
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"data directory {root} does not exist; to download CIFAR into it, pass --dataset cifar10 "
+            "(or cifar100)"
+        )
+    if (root / "cifar-10-batches-py").is_dir() or (root / "cifar-10-python.tar.gz").is_file():
+        return "cifar10"
+    if (root / "cifar-100-python").is_dir() or (root / "cifar-100-python.tar.gz").is_file():
+        return "cifar100"
+    return "imagefolder"
+
+
+def build_data(
+    dataset: str = "auto",
+    data_dir: str | os.PathLike | None = None,
+    *,
+    valid_size: int | float | None = None,
+    seed: int = 0,
+    download: bool = False,
+    preset: Any = None,
+    image_size: int | None = None,
+) -> DataBundle:
+    """Build the train/valid/test data sets for a run.
+
+    Args:
+        dataset: one of :data:`DATASETS`; ``"auto"`` picks from ``data_dir`` (see
+            :func:`detect_dataset`).
+        data_dir: where the data lives (CIFAR: the folder holding ``cifar-10-batches-py``).
+        valid_size: images held out of the training set for validation, a count or a fraction
+            (default: 5000 for CIFAR, as the original demo; 10% for ``digits`` and ImageFolders).
+        seed: seeds the train/valid split.
+        download: let torchvision download CIFAR if it is missing.
+        preset: the pretrained weights' eval transforms (``weights.transforms()``), for ImageFolders.
+        image_size: crop size for ImageFolders (default: the preset's, else 224).
+    """
+    if dataset not in DATASETS:
+        raise UsageError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
+    if dataset == "auto":
+        dataset = detect_dataset(data_dir)
+    if dataset == "digits":
+        return _build_digits(0.1 if valid_size is None else valid_size, seed)
+    if data_dir is None:
+        raise UsageError(f"dataset {dataset!r} needs a data directory (--data DIR)")
+    root = Path(data_dir).expanduser()
+    if dataset in CIFAR_STATS:
+        return _build_cifar(dataset, root, 5000 if valid_size is None else valid_size, seed, download)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data directory {root} does not exist (expected an ImageFolder)")
+    return _build_imagefolder(root, 0.1 if valid_size is None else valid_size, seed, preset, image_size)

@@ -1,0 +1,455 @@
+"""The training loop: build the model and data, run epochs, checkpoint, evaluate.
+
+    from densenet_efficient.training import TrainConfig, train
+    result = train(TrainConfig(depth=16, n_epochs=5, save="runs/tiny"))
+    print(result.best_valid_error)
+
+See :mod:`.checkpoint` for what a run folder holds and :mod:`.config` for every setting.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
+from tqdm import tqdm
+
+from ..errors import UsageError
+from ..models.builders import create_model, densenet_bc
+from ..models.densenet import DenseNet
+from ..models.weights import resolve_weights
+from ..perf.measure import peak_rss_bytes
+from .checkpoint import CHECKPOINT_NAME, BestModel, read_run_checkpoint, restore_rng_state, save_epoch
+from .config import RUNTIME_FIELDS, NonFiniteLossError, TrainConfig, TrainResult, resolve_config
+from .data import DataBundle, TransformedSubset, build_data, detect_dataset
+from .distributed import DistInfo, all_reduce, init_distributed
+
+__all__ = ["evaluate", "train"]
+
+# The loss, as a module attribute so tests can inject non-finite values.
+_loss_fn = F.cross_entropy
+
+
+def _build_model(c: TrainConfig, num_classes: int) -> DenseNet:
+    kwargs = {"num_classes": num_classes, "memory_efficient": c.mode, "drop_rate": c.drop_rate}
+    if c.arch is None:
+        return densenet_bc(c.depth, c.growth_rate, **kwargs)
+    # With pretrained weights, the builder loads everything but the classifier when the class count
+    # differs, and leaves the classifier freshly initialised for the new classes.
+    return create_model(c.arch, pretrained=c.pretrained, progress=c.progress, **kwargs)
+
+
+def _weights_preset(c: TrainConfig) -> Any:
+    """The pretrained weights' eval transforms (``spec.transforms()``), or None."""
+    if not c.pretrained:
+        return None
+    spec = resolve_weights(c.arch, None, True)
+    transforms = getattr(spec, "transforms", None)
+    return transforms() if callable(transforms) else None
+
+
+def _loader(
+    dataset: Dataset, c: TrainConfig, info: DistInfo, *, shuffle: bool, device: torch.device
+) -> tuple[DataLoader, DistributedSampler | None]:
+    if shuffle:
+        # A DistributedSampler even on one process: it reshuffles from (seed, epoch), so a resumed
+        # run sees exactly the order an uninterrupted one would.
+        sampler = DistributedSampler(
+            dataset, info.world_size, info.rank, shuffle=True, seed=c.seed, drop_last=info.enabled
+        )
+    else:
+        # Evaluation: each rank takes every world_size-th image, no padding, sums reduced later.
+        if info.enabled:
+            dataset = TransformedSubset(dataset, range(info.rank, len(dataset), info.world_size), None)
+        sampler = None
+    loader = DataLoader(
+        dataset,
+        batch_size=c.batch_size,
+        sampler=sampler,
+        shuffle=False,
+        num_workers=c.workers,
+        pin_memory=device.type == "cuda",
+        drop_last=False,
+        generator=torch.Generator(),
+        persistent_workers=False,
+    )
+    return loader, sampler
+
+
+def _autocast(c: TrainConfig, device: torch.device):
+    if c.amp is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if c.amp == "bf16" else torch.float16)
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    """GPU: peak allocated tensor memory this epoch. CPU: the process's peak RSS so far."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return peak_rss_bytes() / 2**20
+
+
+def _seed_epoch(seed: int, epoch: int, rank: int, loader: DataLoader) -> None:
+    """Seed every RNG from (seed, epoch, rank) and the augmentation from (seed, epoch, image): an
+    epoch then does not depend on how the run got there (resumed or not, how many workers)."""
+    s = (seed * 1_000_003 + epoch * 1_009 + rank) % 2**31
+    torch.manual_seed(s)
+    np.random.seed(s)
+    random.seed(s)
+    loader.generator.manual_seed(s)  # worker base seeds
+    if isinstance(loader.dataset, TransformedSubset):
+        loader.dataset.set_seed((seed * 1_000_003 + epoch) % 2**31)
+
+
+def _batches(
+    loader: DataLoader, device: torch.device, channels_last: bool
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for x, y in loader:
+        yield (x.to(device, non_blocking=True, memory_format=fmt), y.to(device, non_blocking=True))
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, loader: DataLoader, device: torch.device, c: TrainConfig, info: DistInfo
+) -> tuple[float, float]:
+    """``(mean loss, error rate)`` of ``model`` over ``loader`` (all ranks' shards together)."""
+    model.eval()
+    loss_sum = err_sum = count = 0.0
+    for x, y in _batches(loader, device, c.channels_last):
+        with _autocast(c, device):
+            out = model(x)
+        loss_sum += float(F.cross_entropy(out.float(), y, reduction="sum"))
+        err_sum += float((out.argmax(1) != y).sum())
+        count += y.numel()
+    loss_sum, err_sum, count = all_reduce([loss_sum, err_sum, count], info, device)
+    return loss_sum / max(count, 1), err_sum / max(count, 1)
+
+
+# -- the training run -------------------------------------------------------------------------------
+
+
+def train(config: TrainConfig | None = None, **overrides: Any) -> TrainResult:
+    """Run (or resume) training as ``config`` describes; see the module docstring.
+
+    >>> result = train(depth=10, n_epochs=1, save="runs/doc", progress=False)  # doctest: +SKIP
+    >>> result.epochs_completed  # doctest: +SKIP
+    1
+
+    Raises ``ValueError``/``FileNotFoundError``/``FileExistsError`` for bad settings or data
+    (before anything is written) and :class:`NonFiniteLossError` if the loss diverges.
+    """
+    config = dataclasses.replace(config or TrainConfig(), **overrides)
+    info, device = init_distributed(config.device)
+    try:
+        return _train(config, info, device)
+    finally:
+        if info.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@dataclass
+class _Run:
+    """What one invocation trains: its settings, folder, model and optimisation state."""
+
+    c: TrainConfig
+    dataset: str
+    save_dir: Path
+    model: DenseNet
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    start_epoch: int = 0
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    best: BestModel = dataclasses.field(default_factory=BestModel)
+
+
+def _open_run(config: TrainConfig) -> tuple[TrainConfig, Path, dict[str, Any] | None]:
+    """The run folder and, with ``resume``, the checkpoint whose settings win (except runtime ones)."""
+    save_dir = Path(
+        config.save
+        or f"runs/{config.dataset if config.data is None else Path(config.data).name}-"
+        f"{time.strftime('%Y%m%d-%H%M%S')}"
+    )
+    ckpt_path = save_dir / CHECKPOINT_NAME
+    if config.resume:
+        ckpt = read_run_checkpoint(ckpt_path)
+        stored = TrainConfig(**ckpt["config"])
+        # The checkpoint's settings win, except those that do not change the numbers.
+        config = dataclasses.replace(
+            stored, **{k: getattr(config, k) for k in RUNTIME_FIELDS}, save=str(save_dir)
+        )
+        return config, save_dir, ckpt
+    if ckpt_path.exists() and not config.overwrite:
+        raise FileExistsError(
+            f"{save_dir} already holds a training run ({CHECKPOINT_NAME}); pass --resume to continue it "
+            "or --overwrite to start again"
+        )
+    return config, save_dir, None
+
+
+def _configure_backends(c: TrainConfig, device: torch.device) -> None:
+    if c.amp == "fp16" and device.type != "cuda":
+        raise UsageError("--amp fp16 needs a CUDA GPU (it relies on GradScaler); on CPU use --amp bf16")
+    if c.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
+def _load_data(c: TrainConfig, dataset: str, info: DistInfo) -> DataBundle:
+    torch.manual_seed(c.seed)
+    data = build_data(
+        dataset,
+        c.data,
+        valid_size=c.valid_size,
+        seed=c.seed,
+        download=c.download and info.main,
+        preset=_weights_preset(c),
+        image_size=c.image_size,
+    )
+    if info.enabled and dataset in ("cifar10", "cifar100") and c.download:
+        dist.barrier()  # rank 0 downloaded; the others can read now
+    return data
+
+
+def _build_run(
+    c: TrainConfig, dataset: str, save_dir: Path, data: DataBundle, info: DistInfo, device: torch.device
+) -> _Run:
+    """Model (same initial weights on every rank and for every data set), SGD + Nesterov with the
+    original demo's schedule (LR x0.1 at 50% and 75% of the epochs), and the AMP scaler."""
+    torch.manual_seed(c.seed)
+    model = _build_model(c, data.num_classes).to(device)
+    if c.freeze_features:
+        model.features.requires_grad_(False)
+    if c.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if c.sync_bn and info.enabled:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(
+        params, lr=c.lr, momentum=c.momentum, nesterov=c.momentum > 0, weight_decay=c.weight_decay
+    )
+    milestones = [int(0.5 * c.n_epochs), int(0.75 * c.n_epochs)]
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
+    scaler = torch.amp.GradScaler(device.type, enabled=c.amp == "fp16")
+    return _Run(c, dataset, save_dir, model, optimizer, scheduler, scaler)
+
+
+def _restore(run: _Run, ckpt: dict[str, Any]) -> None:
+    """Continue exactly where the checkpoint stopped: weights, optimiser, schedule, RNGs, history."""
+    run.model.load_state_dict(ckpt["model"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.scheduler.load_state_dict(ckpt["scheduler"])
+    if ckpt.get("scaler"):
+        run.scaler.load_state_dict(ckpt["scaler"])
+    restore_rng_state(ckpt["rng"])
+    run.start_epoch, run.history = int(ckpt["epoch"]), list(ckpt["history"])
+    run.best = BestModel(ckpt.get("best_valid_error"), ckpt.get("best_epoch"), ckpt.get("best_model"))
+
+
+def _wrap(run: _Run, info: DistInfo, device: torch.device) -> nn.Module:
+    """The module the loop calls: DDP across processes and/or ``torch.compile`` around the model."""
+    net: nn.Module = run.model
+    if info.enabled:
+        net = nn.parallel.DistributedDataParallel(
+            run.model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    if run.c.compile:
+        net = torch.compile(net)
+    return net
+
+
+def _train(config: TrainConfig, info: DistInfo, device: torch.device) -> TrainResult:
+    config, save_dir, ckpt = _open_run(config)
+    dataset = detect_dataset(config.data) if config.dataset == "auto" else config.dataset
+    c = resolve_config(config, dataset)
+    _configure_backends(c, device)
+    data = _load_data(c, dataset, info)
+    run = _build_run(c, dataset, save_dir, data, info, device)
+    if ckpt is not None:
+        _restore(run, ckpt)
+    net = _wrap(run, info, device)
+    train_loader, sampler = _loader(data.train, c, info, shuffle=True, device=device)
+    valid_loader = _loader(data.valid, c, info, shuffle=False, device=device)[0] if data.valid else None
+    log = print if info.main else (lambda *a, **k: None)
+    log(_describe_run(run, data, info, device, resumed=ckpt is not None))
+
+    provenance = {
+        "training": {k: v for k, v in c.to_dict().items() if k not in RUNTIME_FIELDS},
+        "dataset": data.name,
+        "classes": data.classes,
+    }
+    end_epoch = c.n_epochs if c.stop_after is None else min(c.n_epochs, run.start_epoch + c.stop_after)
+    for epoch in range(run.start_epoch, end_epoch):
+        _seed_epoch(c.seed, epoch, info.rank, train_loader)
+        sampler.set_epoch(epoch)
+        row = _run_epoch(run, net, epoch, train_loader, valid_loader, info, device)
+        run.history.append(row)
+        score = row["valid_error"] if valid_loader else row["train_error"]
+        improved = run.best.update(score, epoch + 1, run.model)
+        log(
+            f"epoch {epoch + 1}/{c.n_epochs}: train loss {row['train_loss']:.4f} error {row['train_error']:.4f} | "
+            f"valid loss {row['valid_loss']:.4f} error {row['valid_error']:.4f} | lr {row['lr']:g} | "
+            f"{row['epoch_seconds']:.1f}s"
+        )
+        if info.main:
+            trainables = {
+                "model": run.model,
+                "optimizer": run.optimizer,
+                "scheduler": run.scheduler,
+                "scaler": run.scaler,
+            }
+            save_epoch(save_dir, trainables, c, epoch + 1, run.history, run.best, improved, provenance)
+
+    finished = end_epoch == c.n_epochs
+    result = TrainResult(
+        save_dir, end_epoch, finished, run.history, run.best.epoch, run.best.error, model=run.model
+    )
+    if finished and data.test is not None and data.test is not data.valid:
+        result.test_loss, result.test_error = _test_best(run, net, data, info, device)
+        log(
+            f"test (best model, epoch {run.best.epoch}): loss {result.test_loss:.4f} "
+            f"error {result.test_error:.4f} (accuracy {100 * (1 - result.test_error):.2f}%)"
+        )
+    elif not finished:
+        log(f"stopped after epoch {end_epoch} of {c.n_epochs}; continue with --save {save_dir} --resume")
+    return result
+
+
+def _describe_run(run: _Run, data: DataBundle, info: DistInfo, device: torch.device, resumed: bool) -> str:
+    c, model = run.c, run.model
+    where = f"{device}" + (f" x {info.world_size} processes" if info.enabled else "")
+    return (
+        f"{model.arch_summary()} mode={c.mode}, {sum(p.numel() for p in model.parameters()):,} "
+        f"parameters; {data.name} {data.image_size}x{data.image_size}: {len(data.train)} train / "
+        f"{len(data.valid) if data.valid else 0} valid images, {data.num_classes} classes; {where}; "
+        f"saving to {run.save_dir}" + (f" (resuming after epoch {run.start_epoch})" if resumed else "")
+    )
+
+
+def _run_epoch(
+    run: _Run,
+    net: nn.Module,
+    epoch: int,
+    train_loader: DataLoader,
+    valid_loader: DataLoader | None,
+    info: DistInfo,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Train one epoch, step the schedule, validate; return the log row."""
+    c = run.c
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    lr = run.optimizer.param_groups[0]["lr"]
+    t0 = time.perf_counter()
+    train_loss, train_error = _train_epoch(
+        net,
+        run.model,
+        train_loader,
+        run.optimizer,
+        run.scaler,
+        c,
+        info,
+        device,
+        f"epoch {epoch + 1}/{c.n_epochs}",
+    )
+    run.scheduler.step()
+    valid_loss, valid_error = (
+        evaluate(net, valid_loader, device, c, info) if valid_loader else (math.nan, math.nan)
+    )
+    return {
+        "epoch": epoch + 1,
+        "train_loss": train_loss,
+        "train_error": train_error,
+        "valid_loss": valid_loss,
+        "valid_error": valid_error,
+        "lr": lr,
+        "epoch_seconds": round(time.perf_counter() - t0, 3),
+        "peak_memory_mb": round(_peak_memory_mb(device), 1),
+    }
+
+
+def _test_best(
+    run: _Run, net: nn.Module, data: DataBundle, info: DistInfo, device: torch.device
+) -> tuple[float, float]:
+    """Test figures of the model selected on validation (the last weights are put back after)."""
+    model, best = run.model, run.best
+    if best.state is not None:
+        last = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(best.state)
+    test_loader = _loader(data.test, run.c, info, shuffle=False, device=device)[0]
+    figures = evaluate(net, test_loader, device, run.c, info)
+    if best.state is not None:
+        model.load_state_dict(last)
+    return figures
+
+
+def _train_epoch(
+    net: nn.Module,
+    model: DenseNet,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    c: TrainConfig,
+    info: DistInfo,
+    device: torch.device,
+    desc: str,
+) -> tuple[float, float]:
+    net.train()
+    if c.freeze_features:
+        model.features.eval()  # frozen features keep their pretrained BN statistics too
+    loss_sum = err_sum = count = 0.0
+    t0 = time.perf_counter()
+    bar = tqdm(
+        loader,
+        desc=desc,
+        unit="batch",
+        leave=False,
+        disable=not (c.progress and info.main),
+        dynamic_ncols=True,
+    )
+    for x, y in _batches(bar, device, c.channels_last):
+        with _autocast(c, device):
+            out = net(x)
+            loss = _loss_fn(out.float(), y)
+        bad = torch.tensor(float(not torch.isfinite(loss.detach()).item()), device=device)
+        if info.enabled:  # every rank must stop together, or the others hang in all-reduce
+            dist.all_reduce(bad)
+        if bad.item():
+            raise NonFiniteLossError(
+                f"the training loss became {loss.item()} in {desc}; stopping. The last good checkpoint "
+                "is kept; try a lower --lr, or --amp bf16 instead of fp16"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        n = y.numel()
+        loss_sum += loss.item() * n
+        err_sum += float((out.argmax(1) != y).sum())
+        count += n
+        bar.set_postfix(
+            loss=f"{loss_sum / count:.3f}",
+            acc=f"{100 * (1 - err_sum / count):.1f}%",
+            img_s=f"{count * info.world_size / (time.perf_counter() - t0):.0f}",
+        )
+    loss_sum, err_sum, count = all_reduce([loss_sum, err_sum, count], info, device)
+    return loss_sum / count, err_sum / count

@@ -1,0 +1,305 @@
+"""The memory-efficient engine computes exactly what the naive path computes, in every mode."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import densenet_efficient as de
+from densenet_efficient.models import engine
+from densenet_efficient.models.config import get_config
+
+from ..support.archs import ALL_ARCHS, train_size
+
+EFFICIENT_MODES = ["efficient", "max_saving"]
+TINY = dict(growth_rate=4, block_config=(2, 3), num_init_features=6, num_classes=5, small_inputs=True)
+TINY_IMAGENET = dict(growth_rate=4, block_config=(2, 2, 2, 2), num_init_features=8, num_classes=5)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def _randomise_bn(model: nn.Module) -> None:
+    """Non-trivial affine parameters so every BN's gradient path is exercised."""
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+
+
+def _twins(mode: str, dtype=torch.float64, **kwargs) -> tuple[de.DenseNet, de.DenseNet]:
+    naive = de.DenseNet(**kwargs).to(dtype)
+    _randomise_bn(naive)
+    eff = de.DenseNet(**kwargs, memory_efficient=mode).to(dtype)
+    eff.load_state_dict(naive.state_dict())
+    return naive, eff
+
+
+def _train_steps(naive, eff, size, steps=3, batch=2, dtype=torch.float64):
+    """Run ``steps`` forward/backward passes on both; return the last outputs and input grads."""
+    for _ in range(steps):
+        x = torch.randn(batch, 3, size, size, dtype=dtype)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = naive(xa), eff(xb)
+        g = torch.randn_like(ya)
+        ya.backward(g)
+        yb.backward(g)
+    return ya, yb, xa.grad, xb.grad
+
+
+def _assert_same_state(naive, eff, tol=1e-9):
+    for (name, pa), pb in zip(naive.named_parameters(), eff.parameters(), strict=True):
+        assert _rel(pb.grad, pa.grad) < tol, name
+    for (name, ba), bb in zip(naive.named_buffers(), eff.buffers(), strict=True):
+        if name.endswith("num_batches_tracked"):
+            assert torch.equal(ba, bb), name
+        else:
+            assert torch.allclose(ba, bb, rtol=1e-10, atol=1e-12), name
+
+
+@pytest.mark.parametrize("mode", EFFICIENT_MODES)
+@pytest.mark.parametrize("arch", ALL_ARCHS)
+def test_every_arch_matches_naive_float64(arch, mode):
+    cfg = get_config(arch)
+    naive, eff = _twins(mode, **cfg.to_kwargs())
+    ya, yb, ga, gb = _train_steps(naive, eff, train_size(cfg))
+    assert _rel(yb, ya) < 1e-9
+    assert _rel(gb, ga) < 1e-9
+    _assert_same_state(naive, eff)
+    assert int(eff.features.denseblock1.denselayer1.norm1.num_batches_tracked) == 3  # once per forward
+
+
+@pytest.mark.parametrize("mode", EFFICIENT_MODES)
+@pytest.mark.parametrize("kwargs,size", [(TINY, 9), (TINY_IMAGENET, 33)])
+def test_odd_sizes_and_eval_mode(mode, kwargs, size):
+    naive, eff = _twins(mode, **kwargs)
+    _train_steps(naive, eff, size)
+    naive.eval(), eff.eval()
+    x = torch.randn(3, 3, size, size, dtype=torch.float64)
+    with torch.no_grad():
+        ya, yb = naive(x), eff(x)
+    assert yb.grad_fn is None
+    assert _rel(yb, ya) < 1e-12
+    # eval mode with gradients (fine-tuning with frozen BN statistics)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    naive(xa).sum().backward()
+    eff(xb).sum().backward()
+    assert _rel(xb.grad, xa.grad) < 1e-9
+
+
+@pytest.mark.parametrize("mode", EFFICIENT_MODES)
+def test_no_grad_training_forward_updates_stats_once(mode):
+    naive, eff = _twins(mode, **TINY)
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        assert _rel(eff(x), naive(x)) < 1e-12
+    for (name, ba), bb in zip(naive.named_buffers(), eff.buffers(), strict=True):
+        assert torch.allclose(ba.double(), bb.double(), rtol=1e-10, atol=1e-12), name
+
+
+@pytest.mark.parametrize("mode", EFFICIENT_MODES)
+def test_cumulative_momentum(mode):
+    naive, eff = _twins(mode, **TINY)
+    for model in (naive, eff):
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = None
+    _train_steps(naive, eff, 8, steps=2)
+    _assert_same_state(naive, eff)
+
+
+@pytest.mark.parametrize("mode", EFFICIENT_MODES)
+def test_frozen_features_only_classifier_learns(mode):
+    naive, eff = _twins(mode, **TINY)
+    for model in (naive, eff):
+        model.features.requires_grad_(False)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    naive(x).sum().backward()
+    eff(x).sum().backward()
+    assert all(p.grad is None for p in eff.features.parameters())
+    assert _rel(eff.classifier.weight.grad, naive.classifier.weight.grad) < 1e-12
+
+
+@pytest.mark.parametrize("mode", EFFICIENT_MODES)
+def test_dropout_replays_forward_mask(mode):
+    kwargs = {**TINY, "drop_rate": 0.3}
+    naive, eff = _twins(mode, **kwargs)
+    for _ in range(2):
+        x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        torch.manual_seed(7)
+        ya = naive(xa)
+        torch.manual_seed(7)
+        yb = eff(xb)
+        assert _rel(yb, ya) < 1e-12  # same RNG draws in the same order
+        g = torch.randn_like(ya)
+        torch.manual_seed(99)  # backward must not draw new random numbers
+        ya.backward(g)
+        yb.backward(g)
+        assert _rel(xb.grad, xa.grad) < 1e-9
+    _assert_same_state(naive, eff)
+
+
+def test_dropout_gradcheck():
+    model = de.DenseNet(**{**TINY, "block_config": (2,), "drop_rate": 0.5}, memory_efficient=True).double()
+    model.eval()  # gradcheck needs a deterministic function: the mask is fixed per call below
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+
+    def fn(inp):
+        torch.manual_seed(3)
+        model.train()
+        for m in model.modules():  # keep running statistics out of the check
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = 0.0
+        return model(inp)
+
+    assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", EFFICIENT_MODES)
+def test_bf16_autocast_close_to_fp32(mode):
+    """Under bf16 autocast the engine is as close to fp32 naive as naive bf16 itself is."""
+    naive, eff = _twins(mode, torch.float32, **TINY_IMAGENET)
+    x, y = torch.randn(4, 3, 64, 64), torch.randint(0, 5, (4,))
+    ref = naive(x)
+    F.cross_entropy(ref, y).backward()
+    ref_grads = torch.cat([p.grad.flatten() for p in naive.parameters()])
+    naive.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_naive, out_eff = naive(x), eff(x)
+        loss_naive, loss_eff = F.cross_entropy(out_naive, y), F.cross_entropy(out_eff, y)
+    assert out_eff.dtype == torch.bfloat16
+    assert _rel(out_eff.float(), ref) < 0.1
+    loss_naive.backward()
+    loss_eff.backward()
+    assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in eff.parameters())
+    err_eff = _rel(torch.cat([p.grad.flatten() for p in eff.parameters()]), ref_grads)
+    err_naive = _rel(torch.cat([p.grad.flatten() for p in naive.parameters()]), ref_grads)
+    assert err_eff < 2.5 * err_naive + 1e-3, (err_eff, err_naive)
+
+
+@pytest.mark.parametrize("mode", EFFICIENT_MODES)
+def test_channels_last(mode):
+    naive, eff = _twins(mode, torch.float32, **TINY_IMAGENET)
+    eff = eff.to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 32, 32)
+    xa = x.clone().requires_grad_()
+    xb = x.clone().to(memory_format=torch.channels_last).requires_grad_()
+    ya, yb = naive(xa), eff(xb)
+    assert eff.forward_features(xb.detach()).is_contiguous(memory_format=torch.channels_last)
+    assert _rel(yb, ya) < 1e-5
+    ya.sum().backward()
+    yb.sum().backward()
+    # fp32 with different reduction orders: agreement to float32 rounding, amplified by BN
+    assert _rel(xb.grad, xa.grad) < 1e-3
+    for pa, pb in zip(naive.parameters(), eff.parameters(), strict=True):
+        assert _rel(pb.grad, pa.grad) < 1e-3
+
+
+def test_torch_compile_matches_eager():
+    torch._dynamo.reset()
+    model = de.DenseNet(**TINY, memory_efficient=True)
+    _randomise_bn(model)
+    twin = de.DenseNet(**TINY, memory_efficient=True)
+    twin.load_state_dict(model.state_dict())
+    compiled = torch.compile(model, backend="aot_eager")
+    x = torch.randn(2, 3, 8, 8)
+    ya, yb = twin(x), compiled(x)
+    assert _rel(yb, ya) < 1e-6
+    ya.sum().backward()
+    yb.sum().backward()
+    for pa, pb in zip(twin.parameters(), model.parameters(), strict=True):
+        assert _rel(pb.grad, pa.grad) < 1e-5
+
+
+def test_double_backward_is_refused():
+    model = de.DenseNet(**TINY, memory_efficient=True).double()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(model(x).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice|once_differentiable"):
+        g.sum().backward()
+
+
+def test_sync_batchnorm_is_refused():
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(de.DenseNet(**TINY, memory_efficient=True))
+    with pytest.raises(NotImplementedError, match="SyncBatchNorm is not supported"):
+        model(torch.randn(2, 3, 8, 8))
+
+
+def test_mode_switch_keeps_parameters():
+    model = de.densenet_bc(16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for mode in ("max_saving", True, "naive", "max"):
+        model.set_memory_efficient(mode)
+    assert model.memory_efficient == "max_saving"
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_block_never_concatenates(monkeypatch):
+    """The efficient path must not call torch.cat (the naive path does, every layer)."""
+    calls = []
+    real_cat = torch.cat
+    monkeypatch.setattr(torch, "cat", lambda *a, **k: calls.append(1) or real_cat(*a, **k))
+    model = de.DenseNet(**TINY, memory_efficient=True)
+    model(torch.randn(2, 3, 8, 8)).sum().backward()
+    with torch.no_grad():
+        model.eval()(torch.randn(2, 3, 8, 8))
+    assert calls == []
+    de.DenseNet(**TINY)(torch.randn(2, 3, 8, 8))
+    assert calls
+
+
+# -- DistributedDataParallel: 2 gloo processes on CPU -------------------------------------------
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    grads = {}
+    for mode in ("naive", "efficient", "max_saving"):
+        torch.manual_seed(0)
+        model = de.DenseNet(**TINY, memory_efficient=mode).double()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        torch.manual_seed(100 + rank)  # each rank its own data
+        x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+        y = torch.randint(0, 5, (4,))
+        F.cross_entropy(ddp(x), y).backward()
+        grads[mode] = [p.grad.clone() for p in model.parameters()]
+    if rank == 0:
+        torch.save(grads, out)
+    dist.destroy_process_group()
+
+
+def test_ddp_gloo_two_processes_same_gradients(tmp_path):
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out = str(tmp_path / "grads.pt")
+    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+        assert p.exitcode == 0
+    grads = torch.load(out, weights_only=True)
+    for mode in ("efficient", "max_saving"):
+        for ga, gb in zip(grads["naive"], grads[mode], strict=True):
+            assert _rel(gb, ga) < 1e-9
+
+
+def test_engine_mode_names():
+    assert engine.resolve_mode(True) == "efficient"
+    assert engine.resolve_mode(False) == "naive"
+    assert engine.resolve_mode("max") == "max_saving"

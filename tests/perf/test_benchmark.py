@@ -1,0 +1,109 @@
+"""The benchmark harness: rows, ratios, tables, sweeps and its command line (tiny configs)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+
+import pytest
+
+from densenet_efficient.cli import main
+from densenet_efficient.models.config import ArchConfig
+from densenet_efficient.perf.benchmark import benchmark, machine_description, save_sweep, sweep, to_markdown
+
+# A tiny CIFAR-style DenseNet: every row of the benchmark in a few seconds.
+TINY = ArchConfig(growth_rate=8, block_config=(2, 2), num_init_features=8, num_classes=10, small_inputs=True)
+
+
+def test_benchmark_rows_and_ratios():
+    rows = benchmark(
+        TINY,
+        batch_size=8,
+        resolution=32,
+        implementations=["max_saving", "torchvision"],  # the base row need not come first
+        rounds=2,
+        steps=1,
+        device="cpu",
+        progress=False,
+    )
+    assert [r["implementation"] for r in rows] == ["max_saving", "torchvision"]
+    ms, tv = rows
+    for r in rows:
+        assert r["peak_mb"] > 0 and r["seconds"] > 0 and len(r["seconds_rounds"]) == 2
+        assert r["seconds"] == pytest.approx(sum(r["seconds_rounds"]) / 2)  # median of two rounds
+        assert r["memory_ratio"] == pytest.approx(r["peak_mb"] / tv["peak_mb"])
+        # paired by round: the median (here the mean) of the per-round ratios, and their range
+        paired = [a / b for a, b in zip(r["seconds_rounds"], tv["seconds_rounds"], strict=True)]
+        assert r["time_ratio"] == pytest.approx(sum(paired) / 2)
+        assert r["time_ratio_range"] == [min(paired), max(paired)]
+        assert r["estimate_mb"] > 0
+    assert ms["estimate_mb"] < tv["estimate_mb"]
+    table = to_markdown(rows)
+    assert table.count("\n") == 3 and "| max_saving |" in table and "1.000x" in table
+    lo, hi = ms["time_ratio_range"]
+    assert f"{ms['time_ratio']:.3f}x ({lo:.2f}-{hi:.2f})" in table
+
+
+def test_benchmark_memory_only_and_bad_input():
+    rows = benchmark(
+        TINY, batch_size=4, resolution=16, implementations=["efficient"], speed=False, progress=False
+    )
+    assert rows[0]["memory_ratio"] is None and "seconds" not in rows[0]  # no torchvision row to compare with
+    with pytest.raises(ValueError, match="unknown implementation 'fast'"):
+        benchmark(TINY, implementations=["fast"], progress=False)
+    with pytest.raises(ValueError, match="must be >= 1"):
+        benchmark(TINY, batch_size=0, progress=False)
+
+
+def test_depth_sweep_writes_csv_and_png(tmp_path):
+    rows = sweep(
+        "depth",
+        values=[10, 22],
+        batch_size=4,
+        resolution=16,
+        implementations=["naive", "max_saving"],
+        progress=False,
+    )
+    csv_path, png_path = save_sweep(rows, "depth", tmp_path, "test")
+    with open(csv_path) as f:
+        data = list(csv.DictReader(f))
+    assert [(int(r["depth"]), r["implementation"]) for r in data] == [
+        (10, "naive"),
+        (10, "max_saving"),
+        (22, "naive"),
+        (22, "max_saving"),
+    ]
+    mem = {(int(r["depth"]), r["implementation"]): float(r["peak_mb"]) for r in data}
+    assert mem[(22, "naive")] > mem[(10, "naive")]
+    assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--arch", "resnet50"], "unknown architecture 'resnet50'"),
+        (["--depth", "11"], "6n\\+4"),
+        (["--batch-size", "0", "--depth", "10"], "must be >= 1"),
+        (["--sweep", "width"], None),  # argparse rejects the choice
+    ],
+)
+def test_benchmark_cli_errors_exit_2(argv, message, capsys):
+    if message is None:
+        with pytest.raises(SystemExit) as exc:
+            main(["benchmark", *argv])
+        assert exc.value.code == 2
+        return
+    assert main(["benchmark", *argv]) == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_benchmark_cli_json(capsys):
+    argv = ["benchmark", "--depth", "10", "--batch-size", "4", "--resolution", "16", "--device", "cpu"]
+    assert main([*argv, "--modes", "torchvision", "efficient", "--no-speed", "--json", "--quiet"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["machine"] == machine_description("cpu")
+    assert re.fullmatch(r"\d+-core CPU \S+, \d+ threads \(torch \S+\)", out["machine"]), out["machine"]
+    assert [r["implementation"] for r in out["rows"]] == ["torchvision", "efficient"]
+    assert all(r["batch_size"] == 4 and r["resolution"] == 16 and "peak_mb" in r for r in out["rows"])

@@ -1,0 +1,444 @@
+"""Training, resuming and fine-tuning (densenet_efficient.training), through the API and the CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import densenet_efficient.training.loop as train_mod
+from densenet_efficient import cli, densenet_bc, densenet_bc_100, from_pretrained
+from densenet_efficient.models import weights as weights_mod
+from densenet_efficient.training import NonFiniteLossError, TrainConfig, train
+from densenet_efficient.training.checkpoint import LOG_COLUMNS
+from densenet_efficient.training.checkpoint import read_run_checkpoint as load_checkpoint
+
+from ..support import REPO as ROOT
+from ..support.fakedata import point_cifar10_at, write_fake_cifar10, write_image_folder
+from ..support.hub_server import randomize_, serve, sha256
+
+
+@pytest.fixture
+def cifar(tmp_path, monkeypatch) -> Path:
+    """A tiny CIFAR-10 (100 train + 20 test images) in the official on-disk format."""
+    root = tmp_path / "cifar"
+    point_cifar10_at(monkeypatch, write_fake_cifar10(root, per_batch=20, test_size=20))
+    return root
+
+
+def _tiny(cifar: Path, save: Path, **kw) -> TrainConfig:
+    base = {
+        "data": str(cifar),
+        "depth": 10,
+        "growth_rate": 6,
+        "batch_size": 16,
+        "valid_size": 20,
+        "n_epochs": 3,
+        "save": str(save),
+        "progress": False,
+        "download": False,
+        "workers": 0,
+    }
+    return TrainConfig(**{**base, **kw})
+
+
+def _tiny_argv(cifar: Path, n_epochs: int, *extra: str) -> list[str]:
+    """``_tiny``'s run as ``densenet-efficient train`` arguments (growth rate 6 unless overridden)."""
+    return [
+        *("--data", str(cifar), "--depth", "10", "--valid-size", "20", "--batch-size", "16"),
+        *("--n-epochs", str(n_epochs), "--no-progress", "--no-download"),
+        *(extra if "--growth-rate" in extra else ("--growth-rate", "6", *extra)),
+    ]
+
+
+def _read_log(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _cli(*argv: str) -> int:
+    return cli.main(["train", *argv])
+
+
+# -- learning -------------------------------------------------------------------------------------
+
+
+def test_embedded_default_learns(tmp_path):
+    """The README's first command trains on scikit-learn's digits; a small DenseNet-BC learns them."""
+    result = train(depth=10, n_epochs=4, batch_size=32, save=str(tmp_path / "run"), progress=False)
+    accuracy = 1 - result.test_error
+    # Chance is 10%; measured 2-core CPU: ~0.9 (see README). The margin absorbs seeds and BLAS.
+    assert accuracy > 0.6, result.history
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    assert result.finished and result.epochs_completed == 4
+
+
+def test_cli_trains_fake_cifar10_with_the_demo_schedule(cifar, tmp_path, capsys):
+    save = tmp_path / "run"
+    rc = _cli(*_tiny_argv(cifar, 4, "--save", str(save), "--workers", "0"))
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "cifar10 32x32: 80 train / 20 valid images, 10 classes" in out and "test (best model" in out
+    rows = _read_log(save / "log.csv")
+    assert [r["epoch"] for r in rows] == ["1", "2", "3", "4"] and tuple(rows[0]) == LOG_COLUMNS
+    # SGD lr 0.1, x0.1 at 50% and 75% of the epochs (MultiStepLR milestones 2 and 3).
+    assert [float(r["lr"]) for r in rows] == pytest.approx([0.1, 0.1, 0.01, 0.001])
+    assert all(float(r["peak_memory_mb"]) > 0 and float(r["epoch_seconds"]) > 0 for r in rows)
+    assert all(0 <= float(r[k]) <= 1 for r in rows for k in ("train_error", "valid_error"))
+
+    ckpt = load_checkpoint(save / "checkpoint.pt")  # weights_only=True inside
+    assert ckpt["epoch"] == 4 and ckpt["config"]["depth"] == 10 and ckpt["config"]["mode"] == "efficient"
+    group = ckpt["optimizer"]["param_groups"][0]
+    assert (group["momentum"], group["nesterov"], group["weight_decay"]) == (0.9, True, 1e-4)
+    model = densenet_bc(10, growth_rate=6, num_classes=10)
+    model.load_state_dict(ckpt["model"])
+    assert not list(save.glob(".*tmp*"))  # atomic writes leave no temporaries
+
+
+# -- resuming -------------------------------------------------------------------------------------
+
+
+def _assert_same_run(a: Path, b: Path) -> None:
+    ca, cb = load_checkpoint(a / "checkpoint.pt"), load_checkpoint(b / "checkpoint.pt")
+    assert ca["epoch"] == cb["epoch"]
+    for key, value in ca["model"].items():
+        assert torch.equal(value, cb["model"][key]), key
+    for sa, sb in zip(ca["optimizer"]["state"].values(), cb["optimizer"]["state"].values(), strict=True):
+        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+    assert ca["scheduler"] == cb["scheduler"]
+    numbers = ("train_loss", "train_error", "valid_loss", "valid_error", "lr")
+    assert [[r[k] for k in numbers] for r in _read_log(a / "log.csv")] == [
+        [r[k] for k in numbers] for r in _read_log(b / "log.csv")
+    ]
+
+
+def test_killed_and_resumed_run_ends_with_identical_weights(cifar, tmp_path, monkeypatch):
+    train(_tiny(cifar, tmp_path / "straight", drop_rate=0.1))
+
+    # Kill the second run in the middle of epoch 2 (batch 8 of 5 + 5 per epoch).
+    calls = {"n": 0}
+    real_loss = train_mod._loss_fn
+
+    def dies(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 8:
+            raise KeyboardInterrupt  # what SIGINT/SIGTERM-as-interrupt does to a real run
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "_loss_fn", dies)
+    with pytest.raises(KeyboardInterrupt):
+        train(_tiny(cifar, tmp_path / "killed", drop_rate=0.1))
+    assert load_checkpoint(tmp_path / "killed" / "checkpoint.pt")["epoch"] == 1
+    monkeypatch.setattr(train_mod, "_loss_fn", real_loss)
+
+    # Resume with other runtime settings: the stored configuration decides the numbers.
+    result = train(TrainConfig(save=str(tmp_path / "killed"), resume=True, progress=False, workers=1))
+    assert result.epochs_completed == 3 and result.finished
+    _assert_same_run(tmp_path / "straight", tmp_path / "killed")
+
+
+def test_stop_after_then_resume_via_cli(cifar, tmp_path):
+    train(_tiny(cifar, tmp_path / "straight"))
+    common = _tiny_argv(cifar, 3)
+    save = str(tmp_path / "sliced")
+    assert _cli(*common, "--save", save, "--stop-after", "2") == 0
+    assert len(_read_log(tmp_path / "sliced" / "log.csv")) == 2
+    assert _cli("--save", save, "--resume", "--no-progress") == 0
+    _assert_same_run(tmp_path / "straight", tmp_path / "sliced")
+
+
+# -- failures -------------------------------------------------------------------------------------
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(cifar, tmp_path, monkeypatch, capsys):
+    real_loss = train_mod._loss_fn
+    calls = {"n": 0}
+
+    def diverges(*args, **kwargs):
+        calls["n"] += 1
+        loss = real_loss(*args, **kwargs)
+        return loss * math.inf if calls["n"] >= 7 else loss  # epoch 2, second batch
+
+    monkeypatch.setattr(train_mod, "_loss_fn", diverges)
+    save = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError, match=r"became (inf|nan) in epoch 2/3; stopping"):
+        train(_tiny(cifar, save))
+    ckpt = load_checkpoint(save / "checkpoint.pt")
+    assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert len(_read_log(save / "log.csv")) == 1
+
+    # Through the CLI: exit code 1 and one clear line.
+    calls["n"] = 0
+    args = _tiny_argv(cifar, 3, "--growth-rate", "12", "--save", str(tmp_path / "cli"))
+    assert _cli(*args) == 1
+    assert "the training loss became" in capsys.readouterr().err
+
+
+@pytest.fixture
+def snapshot():
+    def take(folder: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    return take
+
+
+@pytest.mark.parametrize(
+    ("make", "argv", "message"),
+    [
+        (lambda d: None, ["--data", "{d}/nowhere"], "data directory .*nowhere does not exist"),
+        (
+            lambda d: write_image_folder(d / "one", classes=("cat",), per_class=2),
+            ["--data", "{d}/one", "--image-size", "32"],
+            r"has 1 class folder \(cat\); a classifier needs at least 2",
+        ),
+        (
+            lambda d: None,
+            ["--depth", "50"],
+            "depth must be of the form 6n\\+4 with n >= 1 \\(e.g. 46, 52\\), got 50",
+        ),
+        (lambda d: None, ["--amp", "fp16", "--device", "cpu"], "--amp fp16 needs a CUDA GPU"),
+        (lambda d: None, ["--sync-bn", "--mode", "efficient"], "--sync-bn works only with --mode naive"),
+        (lambda d: None, ["--arch", "densenet999"], "unknown architecture 'densenet999'"),
+    ],
+)
+def test_bad_inputs_are_one_clear_line_and_write_nothing(tmp_path, capsys, make, argv, message):
+    make(tmp_path)
+    save = tmp_path / "run"
+    rc = _cli(*[a.format(d=tmp_path) for a in argv], "--save", str(save), "--no-progress")
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith("densenet-efficient train: error: ") and len(err.strip().splitlines()) == 1
+    import re
+
+    assert re.search(message, err), err
+    assert not save.exists()
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "not_a_training_checkpoint"])
+def test_corrupt_checkpoint_on_resume_is_refused_and_untouched(cifar, tmp_path, capsys, snapshot, damage):
+    save = tmp_path / "run"
+    train(_tiny(cifar, save, n_epochs=1))
+    path = save / "checkpoint.pt"
+    if damage == "garbage":
+        path.write_bytes(b"this is not a checkpoint")
+    elif damage == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:
+        torch.save({"state_dict": {}}, path)
+    before = snapshot(save)
+    assert _cli("--save", str(save), "--resume", "--no-progress") == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint {path}" in err and "not a densenet-efficient training checkpoint" in err
+    assert snapshot(save) == before
+
+
+def test_existing_run_is_not_overwritten_without_resume_or_overwrite(cifar, tmp_path, capsys, snapshot):
+    save = tmp_path / "run"
+    train(_tiny(cifar, save, n_epochs=1))
+    before = snapshot(save)
+    args = _tiny_argv(cifar, 1, "--growth-rate", "12", "--save", str(save))
+    assert _cli(*args) == 2
+    assert "already holds a training run (checkpoint.pt); pass --resume" in capsys.readouterr().err
+    assert snapshot(save) == before
+    assert _cli(*args, "--overwrite") == 0
+    assert load_checkpoint(save / "checkpoint.pt")["config"]["growth_rate"] == 12
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path, capsys):
+    assert _cli("--save", str(tmp_path / "empty"), "--resume") == 2
+    assert "no checkpoint to resume from" in capsys.readouterr().err
+
+
+# -- options --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["naive", "efficient"])
+def test_bf16_autocast_trains_on_cpu(cifar, tmp_path, mode):
+    result = train(_tiny(cifar, tmp_path / "run", n_epochs=1, amp="bf16", mode=mode))
+    row = result.history[0]
+    assert math.isfinite(row["train_loss"]) and math.isfinite(row["valid_loss"])
+    assert result.model.features.conv0.weight.dtype == torch.float32  # autocast keeps fp32 master weights
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["config"]["amp"] == "bf16"
+
+
+def test_channels_last_trains_in_the_efficient_mode(cifar, tmp_path):
+    result = train(_tiny(cifar, tmp_path / "run", n_epochs=1, channels_last=True))
+    assert result.model.memory_efficient == "efficient"
+    assert math.isfinite(result.history[0]["train_loss"])
+    assert result.model.features.conv0.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_freeze_features_trains_only_the_classifier(cifar, tmp_path):
+    result = train(_tiny(cifar, tmp_path / "run", n_epochs=1, freeze_features=True))
+    torch.manual_seed(0)
+    initial = densenet_bc(10, growth_rate=6, num_classes=10).state_dict()
+    final = result.model.state_dict()
+    for key, value in initial.items():
+        if key.startswith("features."):  # weights and BN running statistics untouched
+            assert torch.equal(value, final[key]), key
+    assert not torch.equal(initial["classifier.weight"], final["classifier.weight"])
+
+
+# -- fine-tuning and saved models -----------------------------------------------------------------
+
+
+def test_finetunes_an_imagefolder_from_locally_served_pretrained_weights(tmp_path, monkeypatch, capsys):
+    # "Published" weights: a 10-class CIFAR DenseNet-BC-100 (random here), served from localhost and
+    # registered with its own preprocessing (resize 36, crop 32) through the manifest override.
+    torch.manual_seed(1)
+    source = randomize_(densenet_bc_100()).state_dict()
+    files = tmp_path / "files"
+    files.mkdir()
+    torch.save(source, files / "w.pth")
+    name = f"densenet_bc_100-{sha256(files / 'w.pth')[:8]}.pth"
+    os.replace(files / "w.pth", files / name)
+    data = tmp_path / "flowers"
+    write_image_folder(data / "train", classes=("daisy", "rose", "tulip"), per_class=4, size=48)
+    write_image_folder(data / "val", classes=("daisy", "rose", "tulip"), per_class=2, size=48, seed=1)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    save = tmp_path / "run"
+    with serve(files) as base:
+        preprocessing = {
+            "resize_size": 36,
+            "crop_size": 32,
+            "interpolation": "bilinear",
+            "antialias": True,
+            "mean": [0.5, 0.5, 0.5],
+            "std": [0.25, 0.25, 0.25],
+        }
+        entry = {"url": f"{base}/{name}", "num_classes": 10, "preprocessing": preprocessing}
+        manifest = {
+            "format": weights_mod.MANIFEST_FORMAT,
+            "architectures": {"densenet_bc_100": {"default": "CIFAR10", "weights": {"CIFAR10": entry}}},
+        }
+        (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+        monkeypatch.setenv(weights_mod.MANIFEST_ENV, str(tmp_path / "manifest.json"))
+        with pytest.warns(UserWarning, match=r"re-initialised classifier\.weight, classifier\.bias"):
+            result = train(
+                TrainConfig(
+                    arch="densenet_bc_100",
+                    pretrained=True,
+                    data=str(data),
+                    freeze_features=True,
+                    n_epochs=2,
+                    batch_size=6,
+                    save=str(save),
+                    progress=False,
+                    workers=0,
+                )
+            )
+    assert "imagefolder 32x32: 12 train / 6 valid images, 3 classes" in capsys.readouterr().out
+    model = result.model
+    assert model.classifier.weight.shape == (3, model.num_features)
+    for key, value in model.state_dict().items():
+        if key.startswith("features."):  # the pretrained features, loaded and kept (frozen)
+            assert torch.equal(value, source[key]), key
+    assert load_checkpoint(save / "checkpoint.pt")["optimizer"]["param_groups"][0]["initial_lr"] == 0.01
+
+    # The best and last models are Hub folders that from_pretrained loads as the trained model.
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    for folder in ("best", "last"):
+        loaded = from_pretrained(save / folder)
+        assert loaded.arch_config.num_classes == 3
+        assert {p.name for p in (save / folder).iterdir()} >= {
+            "model.safetensors",
+            "config.json",
+            "README.md",
+        }
+    last = from_pretrained(save / "last", memory_efficient=model.memory_efficient)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, last.state_dict()[key]), key
+    with torch.no_grad():
+        assert torch.allclose(last(x), model(x), atol=1e-5)
+    assert "daisy" in (save / "last" / "README.md").read_text()
+
+
+def test_pretrained_without_a_named_architecture_is_refused(tmp_path, capsys):
+    assert _cli("--pretrained", "--save", str(tmp_path / "run")) == 2
+    assert "--pretrained needs --arch" in capsys.readouterr().err
+
+
+# -- many processes -------------------------------------------------------------------------------
+
+
+def test_torchrun_two_processes_gloo_only_rank0_writes(tmp_path):
+    """``torchrun --nproc_per_node 2`` on CPU: DDP + DistributedSampler, and one writer."""
+    data = tmp_path / "data"
+    write_image_folder(data / "train", classes=("a", "b", "c"), per_class=6, size=32)
+    write_image_folder(data / "val", classes=("a", "b", "c"), per_class=2, size=32, seed=1)
+    spy_dir = tmp_path / "writes"
+    spy_dir.mkdir()
+    # Record every file write of the training module with the rank that made it.
+    launcher = tmp_path / "launch.py"
+    launcher.write_text(
+        textwrap.dedent(f"""
+        import os, sys
+        import densenet_efficient.training.checkpoint as t
+        from densenet_efficient import cli
+        def spy(real, path_arg):
+            def wrapped(*args):
+                with open(os.path.join({str(spy_dir)!r}, "rank" + os.environ["RANK"]), "a") as f:
+                    f.write(f"{{args[path_arg]}}\\n")
+                return real(*args)
+            return wrapped
+        t.atomic_write = spy(t.atomic_write, 0)
+        t._save_model_folder = spy(t._save_model_folder, 1)
+        sys.exit(cli.main(sys.argv[1:]))
+    """)
+    )
+    save = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(launcher),
+            "train",
+            "--data",
+            str(data),
+            "--image-size",
+            "32",
+            "--depth",
+            "10",
+            "--growth-rate",
+            "6",
+            "--n-epochs",
+            "2",
+            "--batch-size",
+            "4",
+            "--workers",
+            "0",
+            "--save",
+            str(save),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=240,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in spy_dir.iterdir()) == ["rank0"]
+    writes = (spy_dir / "rank0").read_text().splitlines()
+    assert sum(w.endswith("checkpoint.pt") for w in writes) == 2
+    assert proc.stdout.count("epoch 2/2:") == 1  # rank-0-only logging
+    assert (
+        "cpu x 2 processes" in proc.stdout and "imagefolder 32x32: 18 train / 6 valid images" in proc.stdout
+    )
+    rows = _read_log(save / "log.csv")
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert load_checkpoint(save / "checkpoint.pt")["epoch"] == 2
