@@ -29,7 +29,9 @@ from .models import (
     densenet_bc_config,
     from_pretrained,
     get_config,
+    get_model,
     list_architectures,
+    list_models,
 )
 from .models.engine import MODES
 from .models.hub import save_hub_folder
@@ -62,7 +64,9 @@ __all__ = [
     "densenet_bc_100",
     "densenet_bc_config",
     "get_config",
+    "get_model",
     "list_architectures",
+    "list_models",
     # weights and hubs
     "DenseNet121_Weights",
     "DenseNet161_Weights",

@@ -101,4 +101,3 @@ def _make_parents(parent: Path) -> list[Path]:
     for d in reversed(missing):
         d.mkdir(exist_ok=True)
     return list(reversed(missing))
-

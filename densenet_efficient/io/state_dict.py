@@ -149,7 +149,8 @@ def load_state_dict_into(
     """Load ``state_dict`` into ``model`` strictly, except for the fine-tuning case.
 
     When the checkpoint's classifier has a different number of classes than the model's, everything
-    but the classifier is loaded (still strictly) and a warning names the re-initialised keys.
+    but the classifier is loaded (still strictly) and a warning names the re-initialised keys; a
+    model without a head (``classifier`` an ``nn.Identity``) takes everything but the classifier.
     Any other mismatch raises :class:`StateDictMismatchError`.
     """
     sd = remap_keys(state_dict)
@@ -157,6 +158,8 @@ def load_state_dict_into(
     order = {k: i for i, k in enumerate(model.state_dict())}
     sd = dict(sorted(sd.items(), key=lambda kv: order.get(kv[0], len(order))))
     head = getattr(model, "classifier", None)
+    if isinstance(head, nn.Identity):  # a model built without a head (timm's num_classes=0)
+        sd = {k: v for k, v in sd.items() if not k.startswith("classifier.")}
     ckpt_head = sd.get("classifier.weight")
     if (
         isinstance(head, nn.Linear)

@@ -18,14 +18,17 @@ from .builders import (
     densenet_bc,
     densenet_bc_100,
     from_pretrained,
+    get_model,
+    list_models,
 )
 from .config import ARCHITECTURES, ArchConfig, densenet_bc_config, get_config, list_architectures
-from .densenet import DenseNet
+from .densenet import DenseNet, DenseNetFeatures
 
 __all__ = [
     "ARCHITECTURES",
     "ArchConfig",
     "DenseNet",
+    "DenseNetFeatures",
     "create_model",
     "densenet121",
     "densenet161",
@@ -36,5 +39,7 @@ __all__ = [
     "densenet_bc_config",
     "from_pretrained",
     "get_config",
+    "get_model",
     "list_architectures",
+    "list_models",
 ]

@@ -1,20 +1,40 @@
 """Builders: a named architecture from the architecture table, with ``weights=`` / ``pretrained=`` as in
-torchvision, and :func:`from_pretrained` for Hugging Face folders.
+torchvision, timm's ``features_only`` / ``in_chans`` / ``num_classes=0``, and :func:`from_pretrained`
+for Hugging Face folders.
 
 >>> create_model("densenet_bc_100", memory_efficient="max_saving").memory_efficient
 'max_saving'
+>>> list_models()
+['densenet121', 'densenet161', 'densenet169', 'densenet201', 'densenet_bc_100']
 """
 
-from __future__ import annotations
+# No ``from __future__ import annotations`` here: torchvision.models.get_model_weights reads the
+# builders' ``weights`` annotation at run time and needs real types, not strings.
 
+import fnmatch
 import os
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from .config import ArchConfig, densenet_bc_config, get_config
-from .densenet import DenseNet
-from .weights import load_weights, resolve_weights
+import torch
+import torch.nn as nn
+
+from ..errors import UsageError
+from .config import ArchConfig, densenet_bc_config, get_config, list_architectures
+from .densenet import DenseNet, DenseNetFeatures
+from .weights import (
+    DenseNet121_Weights,
+    DenseNet161_Weights,
+    DenseNet169_Weights,
+    DenseNet201_Weights,
+    WeightsSpec,
+    load_weights,
+    pretrained_cfg,
+    resolve_weights,
+)
 
 __all__ = [
+    "adapt_input_conv",
     "create_model",
     "densenet121",
     "densenet161",
@@ -23,13 +43,43 @@ __all__ = [
     "densenet_bc",
     "densenet_bc_100",
     "from_pretrained",
+    "get_model",
+    "list_models",
 ]
+
+
+def adapt_input_conv(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """An RGB stem kernel for ``in_chans`` input channels, as timm adapts pretrained weights:
+    summed over RGB for one channel, else the RGB filters repeated and rescaled so the response
+    to an image of equal channels stays the same."""
+    if in_chans == weight.shape[1]:
+        return weight
+    if in_chans == 1:
+        return weight.sum(dim=1, keepdim=True)
+    repeat = -(-in_chans // weight.shape[1])
+    return weight.repeat(1, repeat, 1, 1)[:, :in_chans] * (weight.shape[1] / in_chans)
+
+
+def _load(model: DenseNet, spec: WeightsSpec, progress: bool) -> None:
+    """Load published (RGB) weights, adapting ``conv0`` when the model takes other channels."""
+    in_chans = model.arch_config.in_chans
+    if in_chans == 3:
+        load_weights(model, spec, progress=progress)
+    else:
+        from ..io.state_dict import load_state_dict_into
+
+        state_dict = dict(spec.get_state_dict(progress=progress))
+        state_dict["features.conv0.weight"] = adapt_input_conv(state_dict["features.conv0.weight"], in_chans)
+        load_state_dict_into(model, state_dict, source=f"weights {spec}")
+    model.pretrained_cfg = {**model.pretrained_cfg, **pretrained_cfg(spec), "num_classes": model.num_classes}
 
 
 def _build(
     config: ArchConfig, arch: str | None, weights: Any, progress: bool, pretrained: bool, **kwargs: Any
-) -> DenseNet:
+) -> nn.Module:
     """Build a model from a named config; load weights when asked (see :mod:`.weights`)."""
+    features_only = kwargs.pop("features_only", False)
+    out_indices = kwargs.pop("out_indices", None)
     spec = resolve_weights(arch, weights, pretrained)
     user_classes = kwargs.pop("num_classes", None)
     params = config.to_kwargs()
@@ -40,29 +90,42 @@ def _build(
     params.update(kwargs)
     model = DenseNet(**params)
     if spec is not None:
-        load_weights(model, spec, progress=progress)
+        _load(model, spec, progress)
+    if features_only:
+        return DenseNetFeatures(model, out_indices)
+    if out_indices is not None:
+        raise UsageError("out_indices applies to features_only=True models only")
     return model
 
 
 def create_model(
     name: str, *, weights: Any = None, progress: bool = True, pretrained: bool = False, **kwargs: Any
 ) -> DenseNet:
-    """Build any registered architecture by name (timm's ``create_model`` convention)."""
+    """Build any registered architecture by name (timm's ``create_model`` convention).
+
+    Besides :class:`DenseNet`'s arguments, ``features_only=True`` (with ``out_indices``) returns a
+    :class:`~.densenet.DenseNetFeatures` and ``in_chans`` adapts pretrained RGB weights.
+    """
     return _build(get_config(name), name, weights, progress, pretrained, **kwargs)
 
 
 def densenet121(
-    *, weights: Any = None, progress: bool = True, pretrained: bool = False, **kwargs: Any
+    *,
+    weights: DenseNet121_Weights | str | None = None,
+    progress: bool = True,
+    pretrained: bool = False,
+    **kwargs: Any,
 ) -> DenseNet:
     """DenseNet-121 (k=32, blocks 6-12-24-16) from `Densely Connected Convolutional Networks
     <https://arxiv.org/abs/1608.06993>`_; torchvision's layout, so its weights load unchanged.
 
     Args:
-        weights: pretrained weights: ``"IMAGENET1K_V1"``/``"DEFAULT"``, a
-            ``torchvision.models.DenseNet121_Weights`` member, or None (random init).
+        weights: pretrained weights: ``"IMAGENET1K_V1"``/``"DEFAULT"``, a ``DenseNet121_Weights``
+            member (this package's or torchvision's), or None (random init).
         progress: show a download progress bar.
         pretrained: shorthand for ``weights="DEFAULT"``.
-        **kwargs: passed to :class:`DenseNet` (``memory_efficient``, ``num_classes``, ``drop_rate``).
+        **kwargs: passed to :class:`DenseNet` (``memory_efficient``, ``num_classes``, ``drop_rate``,
+            ``in_chans``), or timm's ``features_only`` / ``out_indices``.
 
     Example::
 
@@ -72,28 +135,40 @@ def densenet121(
 
 
 def densenet161(
-    *, weights: Any = None, progress: bool = True, pretrained: bool = False, **kwargs: Any
+    *,
+    weights: DenseNet161_Weights | str | None = None,
+    progress: bool = True,
+    pretrained: bool = False,
+    **kwargs: Any,
 ) -> DenseNet:
     """DenseNet-161 (k=48, blocks 6-12-36-24, 96 init features); arguments as :func:`densenet121`."""
     return create_model("densenet161", weights=weights, progress=progress, pretrained=pretrained, **kwargs)
 
 
 def densenet169(
-    *, weights: Any = None, progress: bool = True, pretrained: bool = False, **kwargs: Any
+    *,
+    weights: DenseNet169_Weights | str | None = None,
+    progress: bool = True,
+    pretrained: bool = False,
+    **kwargs: Any,
 ) -> DenseNet:
     """DenseNet-169 (k=32, blocks 6-12-32-32); arguments as :func:`densenet121`."""
     return create_model("densenet169", weights=weights, progress=progress, pretrained=pretrained, **kwargs)
 
 
 def densenet201(
-    *, weights: Any = None, progress: bool = True, pretrained: bool = False, **kwargs: Any
+    *,
+    weights: DenseNet201_Weights | str | None = None,
+    progress: bool = True,
+    pretrained: bool = False,
+    **kwargs: Any,
 ) -> DenseNet:
     """DenseNet-201 (k=32, blocks 6-12-48-32); arguments as :func:`densenet121`."""
     return create_model("densenet201", weights=weights, progress=progress, pretrained=pretrained, **kwargs)
 
 
 def densenet_bc_100(
-    *, weights: Any = None, progress: bool = True, pretrained: bool = False, **kwargs: Any
+    *, weights: str | None = None, progress: bool = True, pretrained: bool = False, **kwargs: Any
 ) -> DenseNet:
     """CIFAR DenseNet-BC-100 (k=12, blocks 16-16-16, 24 init features, 10 classes, 769,162 parameters).
 
@@ -129,10 +204,45 @@ def densenet_bc(depth: int, growth_rate: int = 12, num_classes: int = 10, **kwar
 def from_pretrained(repo_id_or_path: str | os.PathLike, **kwargs: Any) -> DenseNet:
     """A DenseNet from a Hugging Face repo id or local folder (ours or timm's), strictly, in eval mode.
 
-    Keyword arguments: ``memory_efficient``, ``revision``, ``cache_dir``, ``force_download``,
-    ``token``, ``local_files_only``, ``map_location`` and ``num_classes`` (a different class count
-    loads everything but the classifier and warns). See :func:`.hub.load_hub_folder`.
+    Keyword arguments: huggingface_hub's (``revision``, ``cache_dir``, ``force_download``,
+    ``proxies``, ``token``, ``local_files_only``), ``memory_efficient``, ``map_location``,
+    ``strict`` and ``num_classes`` (a class count other than the folder's loads everything but the
+    classifier and warns). See :func:`.hub.load_hub_folder`.
 
     >>> model = from_pretrained("timm/densenet121.tv_in1k", memory_efficient=True)   # doctest: +SKIP
     """
     return DenseNet.from_pretrained(repo_id_or_path, **kwargs)
+
+
+#: torchvision-style model names -> builders (``get_model`` / ``list_models``)
+_BUILDERS: Mapping[str, Callable[..., DenseNet]] = {
+    "densenet121": densenet121,
+    "densenet161": densenet161,
+    "densenet169": densenet169,
+    "densenet201": densenet201,
+    "densenet_bc_100": densenet_bc_100,
+}
+
+
+def list_models(
+    include: str | Sequence[str] | None = None, exclude: str | Sequence[str] | None = None
+) -> list[str]:
+    """The buildable model names, sorted, filtered by Unix-style patterns as torchvision's ``list_models``."""
+    names = list_architectures()
+    if include:
+        patterns = [include] if isinstance(include, str) else list(include)
+        names = [n for n in names if any(fnmatch.fnmatch(n, p) for p in patterns)]
+    if exclude:
+        patterns = [exclude] if isinstance(exclude, str) else list(exclude)
+        names = [n for n in names if not any(fnmatch.fnmatch(n, p) for p in patterns)]
+    return names
+
+
+def get_model(name: str, **config: Any) -> DenseNet:
+    """Build the model called ``name`` with its builder's arguments, as torchvision's ``get_model``.
+
+    >>> get_model("densenet_bc_100", memory_efficient=True).memory_efficient
+    'efficient'
+    """
+    get_config(name)  # unknown name: the registry's message, listing the known ones
+    return _BUILDERS[name](**config)

@@ -40,6 +40,7 @@ class ArchConfig:
     bn_size: int = 4
     num_classes: int = 1000
     small_inputs: bool = False
+    in_chans: int = 3
 
     def to_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``DenseNet(**kwargs)``."""
@@ -128,9 +129,10 @@ class ArchConfig:
     def describe(self) -> str:
         """Every field in one line, for messages and model cards."""
         stem = "CIFAR stem" if self.small_inputs else "ImageNet stem"
+        chans = "" if self.in_chans == 3 else f", {self.in_chans} input channels"
         return (
             f"DenseNet(k={self.growth_rate}, blocks={tuple(self.block_config)}, init={self.num_init_features}, "
-            f"bn_size={self.bn_size}, classes={self.num_classes}, {stem})"
+            f"bn_size={self.bn_size}, classes={self.num_classes}, {stem}{chans})"
         )
 
 

@@ -14,7 +14,7 @@ torch.Size([2, 10])
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -25,13 +25,34 @@ from torch import Tensor
 from ..errors import UsageError
 from ..io.state_dict import check_compatible, fill_legacy_batch_counters, remap_keys
 from . import engine
-from .config import ArchConfig
-from .hub import DenseNetHubMixin
+from .config import (
+    ArchConfig,
+    get_config,  # noqa: F401  (used by doctests)
+)
+from .hub import DenseNetHubMixin, default_pretrained_cfg
 
-__all__ = ["DenseNet"]
+__all__ = ["DenseNet", "DenseNetFeatures", "FeatureInfo", "capturing_graph", "feature_info"]
 
 
 _IMAGENET_STEM = ("conv0", "norm0", "relu0", "pool0")
+
+
+def capturing_graph() -> bool:
+    """Whether a tool is capturing this forward as a graph (``torch.jit`` tracing, ``torch.fx``,
+    ``torch.export``, both ONNX exporters); not ``torch.compile``, which runs the engine.
+
+    The engine's autograd Functions cannot be captured; in eval the naive graph computes the same
+    numbers, so a captured graph is torchvision's (same nodes, same ONNX operators).
+    """
+    return torch.jit.is_tracing() or _fx_tracing() or torch.compiler.is_exporting()
+
+
+def _fx_tracing() -> bool:
+    """``torch.fx.symbolic_trace`` (and the tools built on it) is running this forward."""
+    from torch.fx import _symbolic_trace
+
+    probe = getattr(_symbolic_trace, "is_fx_symbolic_tracing", None)  # torch >= 2.6
+    return probe() if probe is not None else _symbolic_trace.is_fx_tracing()
 
 
 class _DenseLayer(nn.Module):
@@ -69,10 +90,13 @@ class _DenseBlock(nn.ModuleDict):
         self.memory_efficient = engine.NAIVE
 
     def forward(self, init_features: Tensor) -> Tensor:
-        if self.memory_efficient != engine.NAIVE:
-            return engine.dense_block(self, init_features, self.memory_efficient)
+        # TorchScript prunes a branch under `not is_scripting()` only when that is the whole condition,
+        # so it compiles the naive path alone.
+        if not torch.jit.is_scripting():  # noqa: SIM102
+            if self.memory_efficient != engine.NAIVE and not capturing_graph():
+                return engine.dense_block(self, init_features, self.memory_efficient)
         features = [init_features]
-        for layer in self.values():
+        for _, layer in self.items():
             features.append(layer(torch.cat(features, 1)))
         return torch.cat(features, 1)
 
@@ -87,9 +111,10 @@ class _Transition(nn.Sequential):
         self.memory_efficient = engine.NAIVE
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.memory_efficient != engine.NAIVE:
-            return engine.transition(self, x)
-        return super().forward(x)
+        if not torch.jit.is_scripting():  # noqa: SIM102 (see _DenseBlock.forward)
+            if self.memory_efficient != engine.NAIVE and not capturing_graph():
+                return engine.transition(self, x)
+        return self.pool(self.conv(self.relu(self.norm(x))))
 
 
 class DenseNet(nn.Module, DenseNetHubMixin):
@@ -101,13 +126,19 @@ class DenseNet(nn.Module, DenseNetHubMixin):
         num_init_features: feature maps produced by the stem convolution.
         bn_size: bottleneck width factor (``bn_size * k`` maps after each 1x1 conv).
         drop_rate: dropout after each dense layer.
-        num_classes: outputs of the classifier.
+        num_classes: outputs of the classifier; 0 for none (``forward`` returns pooled features).
         memory_efficient: how dense blocks execute; one of ``False``/``"naive"`` (torchvision's
             computation), ``True``/``"efficient"`` (shared feature buffer, recomputes only
             elementwise BN+ReLU; about naive speed), ``"max_saving"`` (also recomputes the 1x1
             bottleneck convolution). The parameters are the same in every mode; change it later
-            with :meth:`set_memory_efficient`.
+            with :meth:`set_memory_efficient`. Graph capture (``torch.jit``, ``torch.fx``,
+            ``torch.export``, ONNX) always records the naive graph: the same numbers in eval.
         small_inputs: CIFAR stem (3x3 stride-1 ``conv0``, no ``norm0``/``relu0``/``pool0``).
+        in_chans: input channels (3 for RGB).
+
+    The timm interface is here too: ``forward_features`` / ``forward_head(pre_logits=)``,
+    ``forward_intermediates``, ``feature_info``, ``get_classifier`` / ``reset_classifier``,
+    ``set_grad_checkpointing``, ``num_features`` and ``pretrained_cfg``.
 
     Example::
 
@@ -115,6 +146,9 @@ class DenseNet(nn.Module, DenseNetHubMixin):
         >>> sum(p.numel() for p in model.parameters())
         769162
     """
+
+    # Python-side conveniences TorchScript need not compile (torch.jit.script compiles forward)
+    __jit_unused_properties__ = ["memory_efficient", "num_features", "num_classes", "feature_info"]
 
     def __init__(
         self,
@@ -126,21 +160,32 @@ class DenseNet(nn.Module, DenseNetHubMixin):
         num_classes: int = 1000,
         memory_efficient: bool | str = False,
         small_inputs: bool = False,
+        in_chans: int = 3,
     ) -> None:
         super().__init__()
-        _validate_arch(growth_rate, block_config, num_init_features, bn_size, drop_rate, num_classes)
+        _validate_arch(
+            growth_rate, block_config, num_init_features, bn_size, drop_rate, num_classes, in_chans
+        )
         self.arch_config = ArchConfig(
-            growth_rate, tuple(block_config), num_init_features, bn_size, num_classes, bool(small_inputs)
+            growth_rate,
+            tuple(block_config),
+            num_init_features,
+            bn_size,
+            num_classes,
+            bool(small_inputs),
+            in_chans,
         )
         self.drop_rate = float(drop_rate)
 
         if small_inputs:
-            stem = [
-                ("conv0", nn.Conv2d(3, num_init_features, kernel_size=3, stride=1, padding=1, bias=False))
-            ]
+            conv0 = nn.Conv2d(in_chans, num_init_features, kernel_size=3, stride=1, padding=1, bias=False)
+            stem = [("conv0", conv0)]
         else:
             stem = [
-                ("conv0", nn.Conv2d(3, num_init_features, kernel_size=7, stride=2, padding=3, bias=False)),
+                (
+                    "conv0",
+                    nn.Conv2d(in_chans, num_init_features, kernel_size=7, stride=2, padding=3, bias=False),
+                ),
                 ("norm0", nn.BatchNorm2d(num_init_features)),
                 ("relu0", nn.ReLU(inplace=True)),
                 ("pool0", nn.MaxPool2d(kernel_size=3, stride=2, padding=1)),
@@ -157,7 +202,7 @@ class DenseNet(nn.Module, DenseNetHubMixin):
                 num_features = num_features // 2
 
         self.features.add_module("norm5", nn.BatchNorm2d(num_features))
-        self.classifier = nn.Linear(num_features, num_classes)
+        self.classifier = nn.Linear(num_features, num_classes) if num_classes else nn.Identity()
 
         # torchvision's initialisation, in torchvision's order, so a seed gives the same parameters.
         for m in self.modules():
@@ -169,6 +214,9 @@ class DenseNet(nn.Module, DenseNetHubMixin):
             elif isinstance(m, nn.Linear):
                 nn.init.constant_(m.bias, 0)
 
+        #: timm's description of the weights (input size, preprocessing, license...); builders and
+        #: ``from_pretrained`` fill it from the weights' metadata.
+        self.pretrained_cfg: dict[str, Any] = default_pretrained_cfg(self.arch_config)
         self.set_memory_efficient(memory_efficient)
 
     # -- execution mode -------------------------------------------------------------------------
@@ -186,20 +234,33 @@ class DenseNet(nn.Module, DenseNetHubMixin):
                 m.memory_efficient = self._mode
         return self
 
+    @torch.jit.unused
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm's switch for trading compute for memory, mapped onto the engine: ``True`` runs the
+        ``"efficient"`` mode (a ``"max_saving"`` model stays so), ``False`` the naive one."""
+        if not enable:
+            self.set_memory_efficient(engine.NAIVE)
+        elif self._mode == engine.NAIVE:
+            self.set_memory_efficient(engine.EFFICIENT)
+
     # -- forward --------------------------------------------------------------------------------
 
     def min_input_size(self) -> int:
         """The smallest height/width this architecture accepts (29 for the ImageNet models)."""
         return self.arch_config.min_input_size()
 
+    @torch.jit.unused
     def _check_input(self, x: Tensor) -> None:
+        c = self.arch_config.in_chans
         if not isinstance(x, Tensor):
-            raise TypeError(f"DenseNet expects a torch.Tensor of shape (N, 3, H, W), got {type(x).__name__}")
+            raise TypeError(
+                f"DenseNet expects a torch.Tensor of shape (N, {c}, H, W), got {type(x).__name__}"
+            )
         if x.dim() != 4:
-            raise UsageError(f"DenseNet expects a 4-D input (N, 3, H, W), got shape {tuple(x.shape)}")
-        if x.shape[1] != 3:
+            raise UsageError(f"DenseNet expects a 4-D input (N, {c}, H, W), got shape {tuple(x.shape)}")
+        if x.shape[1] != c:
             raise UsageError(
-                f"DenseNet expects 3 input channels (N, 3, H, W), got {x.shape[1]} in shape {tuple(x.shape)}"
+                f"DenseNet expects {c} input channels (N, {c}, H, W), got {x.shape[1]} in shape {tuple(x.shape)}"
             )
         least = self.min_input_size()
         if min(x.shape[2], x.shape[3]) < least:
@@ -209,10 +270,19 @@ class DenseNet(nn.Module, DenseNetHubMixin):
             )
 
     def forward_features(self, x: Tensor) -> Tensor:
-        """The feature map after ``norm5`` (before the final ReLU and pooling), as timm names it."""
-        self._check_input(x)
-        if self._mode == engine.NAIVE or self.arch_config.small_inputs:
-            return self.features(x)
+        """The final feature map, after ``norm5`` and its ReLU, as timm's ``forward_features``.
+
+        (torchvision's ``model.features(x)`` is the map before that ReLU.)
+        """
+        if not torch.jit.is_scripting():
+            if not _fx_tracing():  # a Proxy has no concrete shape to check
+                self._check_input(x)
+            if self._mode != engine.NAIVE and not self.arch_config.small_inputs and not capturing_graph():
+                return F.relu(self._engine_features(x), inplace=True)
+        return F.relu(self.features(x), inplace=True)
+
+    @torch.jit.unused
+    def _engine_features(self, x: Tensor) -> Tensor:
         # ImageNet stem: conv0 as usual, then norm0-relu0-pool0 without keeping norm0's output.
         f = self.features
         x = engine.stem(f.norm0, f.pool0, f.conv0(x), self._mode)
@@ -221,9 +291,9 @@ class DenseNet(nn.Module, DenseNetHubMixin):
                 x = module(x)
         return x
 
-    def forward_head(self, features: Tensor, pre_logits: bool = False) -> Tensor:
-        out = F.relu(features)
-        out = torch.flatten(F.adaptive_avg_pool2d(out, (1, 1)), 1)
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Global average pooling, then the classifier (``pre_logits=True``: the pooled features)."""
+        out = torch.flatten(F.adaptive_avg_pool2d(x, (1, 1)), 1)
         return out if pre_logits else self.classifier(out)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -236,22 +306,63 @@ class DenseNet(nn.Module, DenseNetHubMixin):
         """Channels entering the classifier (``norm5``'s width), as timm names it."""
         return self.features.norm5.num_features
 
+    @property
+    def num_classes(self) -> int:
+        """Outputs of the classifier (0: none, ``forward`` returns pooled features)."""
+        return self.arch_config.num_classes
+
+    @property
+    def feature_info(self) -> list[dict[str, Any]]:
+        """timm's description of the intermediate feature maps: channels, reduction, module."""
+        return feature_info(self.arch_config)
+
+    @torch.jit.unused
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """timm's ``forward_intermediates``: the final features and the maps of :attr:`feature_info`.
+
+        Index 0 is the stem's output (after its ReLU, before pooling; the CIFAR stem's conv0),
+        indices 1 to n-1 the outputs of all dense blocks but the last (before their transitions),
+        the last index the final ``norm5`` + ReLU map. ``indices``: an int takes the last n, a
+        sequence those indices, None all. Dense blocks run in the model's memory mode.
+        """
+        if output_fmt != "NCHW":
+            raise UsageError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        self._check_input(x)
+        take = _take_indices(len(self.feature_info), indices)
+        x, intermediates = _intermediates(self.features, self.arch_config, x, take, stop_early)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
     def get_classifier(self) -> nn.Module:
         return self.classifier
 
-    def reset_classifier(self, num_classes: int) -> None:
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """Replace the classifier by a freshly initialised one with ``num_classes`` outputs (0: identity)."""
-        if num_classes < 0:
-            raise UsageError(f"num_classes must be >= 0, got {num_classes}")
-        ref = self.classifier.weight if isinstance(self.classifier, nn.Linear) else None
+        if global_pool not in (None, "avg"):
+            raise UsageError(
+                f"global_pool must be 'avg' (the only pooling of this DenseNet), got {global_pool!r}"
+            )
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+            raise UsageError(f"num_classes must be an int >= 0, got {num_classes!r}")
+        ref = next(iter(self.features.norm5.parameters()))
         if num_classes == 0:
             self.classifier = nn.Identity()
         else:
             self.classifier = nn.Linear(self.num_features, num_classes)
             nn.init.constant_(self.classifier.bias, 0)
-            if ref is not None:
-                self.classifier.to(device=ref.device, dtype=ref.dtype)
+            self.classifier.to(device=ref.device, dtype=ref.dtype)
         self.arch_config = self.arch_config.with_classes(num_classes)
+        self.pretrained_cfg = {**self.pretrained_cfg, "num_classes": num_classes}
+        self.pretrained_cfg.pop("label_names", None)
 
     def arch_summary(self) -> str:
         """The architecture in one line (for logs and error messages)."""
@@ -272,15 +383,119 @@ class DenseNet(nn.Module, DenseNetHubMixin):
         return super().load_state_dict(sd, strict=strict, assign=assign)
 
 
-def _validate_arch(growth_rate, block_config, num_init_features, bn_size, drop_rate, num_classes) -> None:
-    for name, value in (
-        ("growth_rate", growth_rate),
-        ("num_init_features", num_init_features),
-        ("bn_size", bn_size),
-        ("num_classes", num_classes),
+def feature_info(config: ArchConfig) -> list[dict[str, Any]]:
+    """Channels, reduction and module of each intermediate map (timm's ``feature_info``).
+
+    >>> [(f["num_chs"], f["reduction"], f["module"]) for f in feature_info(get_config("densenet121"))][:2]
+    [(64, 2, 'features.norm0'), (256, 4, 'features.denseblock1')]
+    """
+    stride = 1 if config.small_inputs else 2
+    info = [
+        {
+            "num_chs": config.num_init_features,
+            "reduction": stride,
+            "module": "features.conv0" if config.small_inputs else "features.norm0",
+        }
+    ]
+    stride *= 1 if config.small_inputs else 2  # the stem's max-pool
+    channels = config.num_init_features
+    for i, layers in enumerate(config.block_config[:-1]):
+        channels += layers * config.growth_rate
+        info.append({"num_chs": channels, "reduction": stride, "module": f"features.denseblock{i + 1}"})
+        channels //= 2
+        stride *= 2
+    channels += config.block_config[-1] * config.growth_rate
+    info.append({"num_chs": channels, "reduction": stride, "module": "features.norm5"})
+    return info
+
+
+def _intermediates(
+    features: nn.Sequential, config: ArchConfig, x: Tensor, take: list[int], stop_early: bool
+) -> tuple[Tensor, list[Tensor]]:
+    """Run ``features`` module by module, keeping the maps of :func:`feature_info` listed in ``take``."""
+    blocks = len(config.block_config)
+    # where each map is taken: timm's stem feature is the activation (relu0 comes right after norm0)
+    capture = {"conv0" if config.small_inputs else "relu0": 0, "norm5": blocks}
+    capture.update({f"denseblock{i + 1}": i + 1 for i in range(blocks - 1)})
+    intermediates, last = [], max(take)
+    for name, module in features.named_children():
+        x = module(x)
+        if name == "norm5":
+            x = F.relu(x)
+        index = capture.get(name)
+        if index is not None:
+            if index in take:
+                intermediates.append(x)
+            if stop_early and index == last:
+                break
+    return x, intermediates
+
+
+class FeatureInfo(list):
+    """timm's ``FeatureInfo`` for a features-only model: the selected maps' dicts, with accessors."""
+
+    def channels(self) -> list[int]:
+        return [f["num_chs"] for f in self]
+
+    def reduction(self) -> list[int]:
+        return [f["reduction"] for f in self]
+
+    def module_name(self) -> list[str]:
+        return [f["module"] for f in self]
+
+    def get_dicts(self) -> list[dict[str, Any]]:
+        return [dict(f) for f in self]
+
+
+class DenseNetFeatures(nn.Module):
+    """timm's ``features_only=True``: the DenseNet's feature modules, returning a list of maps.
+
+    ``out_indices`` selects maps of :func:`feature_info` (default: all). The parameters keep their
+    ``features.*`` names, so a DenseNet's weights load with ``strict=False`` (no classifier).
+
+    >>> f = DenseNetFeatures(DenseNet(12, (2, 2, 2), 24, num_classes=10, small_inputs=True), (1, 3))
+    >>> [tuple(t.shape) for t in f(torch.randn(2, 3, 32, 32))], f.feature_info.channels()
+    ([(2, 48, 32, 32), (2, 48, 8, 8)], [48, 48])
+    """
+
+    def __init__(self, model: DenseNet, out_indices: Sequence[int] | None = None) -> None:
+        super().__init__()
+        self.arch_config = model.arch_config
+        self.features = model.features
+        every = feature_info(model.arch_config)
+        self.out_indices = _take_indices(len(every), out_indices)
+        self.feature_info = FeatureInfo(dict(every[i], index=i) for i in self.out_indices)
+        self.pretrained_cfg = dict(model.pretrained_cfg)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        return _intermediates(self.features, self.arch_config, x, self.out_indices, stop_early=True)[1]
+
+
+def _take_indices(count: int, indices: int | Sequence[int] | None) -> list[int]:
+    if indices is None:
+        return list(range(count))
+    if isinstance(indices, int):
+        if not 0 < indices <= count:
+            raise UsageError(f"indices as an int takes the last n of {count} feature maps, got {indices}")
+        return list(range(count - indices, count))
+    take = [i if i >= 0 else count + i for i in indices]
+    if not take or any(not 0 <= i < count for i in take):
+        raise UsageError(f"feature indices must lie in [0, {count}), got {list(indices)}")
+    return sorted(set(take))
+
+
+def _validate_arch(
+    growth_rate, block_config, num_init_features, bn_size, drop_rate, num_classes, in_chans
+) -> None:
+    for name, value, least in (
+        ("growth_rate", growth_rate, 1),
+        ("num_init_features", num_init_features, 1),
+        ("bn_size", bn_size, 1),
+        ("num_classes", num_classes, 0),
+        ("in_chans", in_chans, 1),
     ):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise UsageError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise UsageError(f"{name} must be an int >= {least}, got {value!r}")
     if (
         not isinstance(block_config, (tuple, list))
         or not block_config

@@ -1,19 +1,25 @@
 """The DenseNet's Hugging Face Hub support: its folder format and the mixin its class inherits.
 
 A folder (or Hub repo) holds ``model.safetensors`` (torchvision's key layout), ``config.json``
-(the architecture only: how dense blocks execute, ``memory_efficient``, is a load-time choice)
-and ``README.md``, a model card with Hub metadata and a usage snippet. Folders of timm's
-DenseNets (``timm/densenet121.tv_in1k``) load too: their modules have torchvision's names.
+and ``README.md``, a model card with Hub metadata and a usage snippet. ``config.json`` describes
+the architecture twice over: this package's fields (``growth_rate``, ``block_config``, ...) and
+timm's (``architecture``, ``num_classes``, ``num_features``, ``pretrained_cfg``), so timm loads
+the folders of the architectures it has (``timm.create_model("local-dir:DIR", pretrained=True)``)
+and this package loads timm's DenseNet folders (``timm/densenet121.tv_in1k``). How dense blocks
+execute (``memory_efficient``) is not saved: it is chosen when loading.
 
-The model class inherits :class:`DenseNetHubMixin`, so this module knows models only through
-what every DenseNet offers (``arch_config``, ``state_dict``, the class itself): it imports
-nothing from :mod:`.densenet`.
+The model class inherits :class:`DenseNetHubMixin`: huggingface_hub's ``PyTorchModelHubMixin``
+with this format in its hooks (``_save_pretrained``, ``_from_pretrained``), so the mixin's
+``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` and their arguments work as they do
+for any mixin model. This module knows models only through what every DenseNet offers
+(``arch_config``, ``state_dict``, ``pretrained_cfg``, the class itself): it imports nothing from
+:mod:`.densenet`.
 
 >>> import densenet_efficient as de
 >>> model = de.densenet_bc_100()
->>> de.save_hub_folder(model, "out/bc100", provenance={"trained": "densenet-efficient train"})  # doctest: +SKIP
->>> de.from_pretrained("out/bc100", memory_efficient=True)                                     # doctest: +SKIP
->>> de.from_pretrained("timm/densenet121.tv_in1k")       # timm's repos load too             # doctest: +SKIP
+>>> model.save_pretrained("out/bc100")                                                      # doctest: +SKIP
+>>> de.from_pretrained("out/bc100", memory_efficient=True)                                 # doctest: +SKIP
+>>> de.save_hub_folder(model, "out/bc100", provenance={"trained": "train"}, overwrite=True)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -29,15 +35,16 @@ import torch.nn as nn
 from huggingface_hub import PyTorchModelHubMixin
 
 from ..errors import UsageError
-from ..io.atomic import staged_folder
+from ..io.atomic import atomic_write, staged_folder
 from ..io.checkpoint import read_checkpoint
 from ..io.state_dict import StateDictMismatchError, load_state_dict_into
-from .config import ARCHITECTURES, get_config
+from .config import ARCHITECTURES, ArchConfig, get_config
 
 __all__ = [
     "CONFIG_NAME",
     "WEIGHTS_NAME",
     "DenseNetHubMixin",
+    "default_pretrained_cfg",
     "hub_config",
     "load_hub_folder",
     "model_card",
@@ -48,22 +55,76 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 PICKLE_WEIGHTS_NAME = "pytorch_model.bin"  # older timm repos; loaded with weights_only=True
 CARD_NAME = "README.md"
+PACKAGE_LICENSE = "mit"  # the code's licence; weights carry their own in pretrained_cfg
 
-_ARCH_KEYS = ("growth_rate", "block_config", "num_init_features", "bn_size", "num_classes", "small_inputs")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+#: The fields of timm's ``PretrainedCfg`` this package reads and writes (timm refuses unknown ones).
+PRETRAINED_CFG_KEYS = (
+    "architecture", "tag", "hf_hub_id", "url", "custom_load", "input_size", "test_input_size",
+    "min_input_size", "fixed_input_size", "interpolation", "crop_pct", "test_crop_pct", "crop_mode",
+    "mean", "std", "num_classes", "label_offset", "label_names", "label_descriptions", "pool_size",
+    "test_pool_size", "first_conv", "classifier", "license", "description", "origin_url", "paper_name",
+    "paper_ids", "notes",
+)  # fmt: skip
+
+
+def default_pretrained_cfg(config: ArchConfig) -> dict[str, Any]:
+    """timm's description of a model's inputs for ``config`` before any weights say otherwise."""
+    size, least = config.default_resolution, config.min_input_size()
+    pool = config.last_block_size(size)
+    return {
+        "architecture": config.architecture_name(ignore_classes=True) or "densenet",
+        "input_size": (config.in_chans, size, size),
+        "min_input_size": (config.in_chans, least, least),
+        "fixed_input_size": False,
+        "interpolation": "bilinear",
+        "crop_pct": 1.0 if config.small_inputs else 0.875,
+        "crop_mode": "center",
+        "mean": IMAGENET_MEAN,
+        "std": IMAGENET_STD,
+        "num_classes": config.num_classes,
+        "pool_size": (pool, pool),
+        "first_conv": "features.conv0",
+        "classifier": "classifier",
+    }
+
+
+def _clean_pretrained_cfg(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON-ready part of a ``pretrained_cfg`` timm accepts (tuples as lists, no Nones)."""
+    out = {}
+    for key in PRETRAINED_CFG_KEYS:
+        value = cfg.get(key)
+        if value is not None:
+            out[key] = list(value) if isinstance(value, tuple) else value
+    return out
 
 
 # -- writing -----------------------------------------------------------------------------------------
 
 
 def hub_config(model: nn.Module) -> dict[str, Any]:
-    """``config.json`` for ``model``: its architecture (``"architecture"`` names the architecture, as
-    timm does) and ``drop_rate``; never ``memory_efficient``, which is chosen when loading."""
+    """``config.json`` for ``model``: timm's fields (``architecture``, ``num_classes``,
+    ``num_features``, ``pretrained_cfg``), then this package's architecture fields and ``drop_rate``;
+    never ``memory_efficient``, which is chosen when loading."""
     cfg = model.arch_config
-    return {
-        "architecture": cfg.architecture_name(ignore_classes=True) or "densenet",
-        **cfg.to_json(),
-        "drop_rate": model.drop_rate,
+    pretrained_cfg = _clean_pretrained_cfg({**model.pretrained_cfg, "num_classes": cfg.num_classes})
+    data = {
+        "architecture": pretrained_cfg.pop("architecture", None)
+        or cfg.architecture_name(ignore_classes=True)
+        or "densenet",
+        "num_classes": cfg.num_classes,
+        "num_features": model.num_features,
+        "global_pool": "avg",
+        "pretrained_cfg": pretrained_cfg,
     }
+    if cfg.in_chans != 3:
+        data["model_args"] = {"in_chans": cfg.in_chans}  # timm rebuilds conv0 from model_args
+    return {**data, **cfg.to_json(), "drop_rate": model.drop_rate}
+
+
+def _card_license(model: nn.Module, license: str | None) -> str:
+    return (license or model.pretrained_cfg.get("license") or PACKAGE_LICENSE).lower()
 
 
 def model_card(
@@ -76,10 +137,13 @@ def model_card(
     """The README.md of a Hub folder: YAML metadata, a summary, a usage snippet and (optionally) provenance."""
     from huggingface_hub import ModelCardData
 
-    base = type(model)._hub_mixin_info  # the metadata given in DenseNet's class header
+    base = type(model)._hub_mixin_info  # the metadata given in the mixin's class header
     data = ModelCardData(**base.model_card_data.to_dict())
-    if license:
-        data.license = license
+    data.license = _card_license(model, license)  # the weights' licence, not the code's
+    origin = str(model.pretrained_cfg.get("origin_url") or model.pretrained_cfg.get("hf_hub_id") or "")
+    for source, tag in (("download.pytorch.org", "torchvision"), ("timm/", "timm")):
+        if source in origin and tag not in data.tags:
+            data.tags = [*data.tags, tag]
     cfg = model.arch_config
     arch = cfg.architecture_name(ignore_classes=True)
     title = arch or f"DenseNet (k={cfg.growth_rate}, blocks={tuple(cfg.block_config)})"
@@ -128,6 +192,15 @@ def model_card(
     return "\n".join(lines) + "\n"
 
 
+def _write_model_files(model: nn.Module, folder: Path) -> None:
+    """``model.safetensors`` then ``config.json`` into ``folder``, each atomically."""
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    atomic_write(folder / WEIGHTS_NAME, save(tensors, metadata={"format": "pt"}))
+    atomic_write(folder / CONFIG_NAME, (json.dumps(hub_config(model), indent=2) + "\n").encode())
+
+
 def save_hub_folder(
     model: nn.Module,
     out_dir: str | os.PathLike,
@@ -137,7 +210,7 @@ def save_hub_folder(
     repo_id: str | None = None,
     license: str | None = None,
 ) -> Path:
-    """Write ``model.safetensors`` + ``config.json`` + ``README.md`` into ``out_dir`` atomically.
+    """Write ``model.safetensors`` + ``config.json`` + ``README.md`` (with ``provenance``) into ``out_dir``.
 
     The files are staged in a temporary folder beside ``out_dir``: a new ``out_dir`` appears
     complete or not at all. An existing non-empty ``out_dir`` raises :class:`FileExistsError`
@@ -148,8 +221,6 @@ def save_hub_folder(
 
     >>> save_hub_folder(model, "hub/densenet121", provenance={"source": "densenet121-a639ec97.pth"})  # doctest: +SKIP
     """
-    from safetensors.torch import save_file
-
     if not isinstance(model, DenseNetHubMixin):
         raise TypeError(f"save_hub_folder expects a densenet_efficient.DenseNet, got {type(model).__name__}")
     out = Path(out_dir)
@@ -157,11 +228,9 @@ def save_hub_folder(
         raise FileExistsError(f"{out} is a file; expected a folder path for the Hub files")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} already exists and is not empty; pass overwrite=True to replace it")
+    card = model_card(model, provenance=provenance, repo_id=repo_id, license=license)
     with staged_folder(out, replace=True) as tmp:
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / CONFIG_NAME).write_text(json.dumps(hub_config(model), indent=2) + "\n", encoding="utf-8")
-        card = model_card(model, provenance=provenance, repo_id=repo_id, license=license)
+        _write_model_files(model, tmp)
         (tmp / CARD_NAME).write_text(card, encoding="utf-8")
     return out
 
@@ -169,22 +238,27 @@ def save_hub_folder(
 # -- reading -----------------------------------------------------------------------------------------
 
 
-def _model_kwargs(config: Mapping[str, Any], source: str) -> dict[str, Any]:
-    """DenseNet constructor arguments from our config.json or timm's."""
+def _model_kwargs(config: Any, source: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """DenseNet constructor arguments and the ``pretrained_cfg`` from our config.json or timm's."""
     if not isinstance(config, Mapping):
         raise UsageError(f"{source}: config.json must hold a JSON object, found {type(config).__name__}")
-    if all(k in config for k in _ARCH_KEYS):
-        kwargs = {k: config[k] for k in _ARCH_KEYS}
-        kwargs["block_config"] = tuple(kwargs["block_config"])
-        kwargs["drop_rate"] = float(config.get("drop_rate", 0.0))
-        return kwargs
+    pretrained_cfg = config.get("pretrained_cfg") or {}
+    if not isinstance(pretrained_cfg, Mapping):
+        raise UsageError(f"{source}: pretrained_cfg must be a JSON object, found {pretrained_cfg!r}")
+    if "growth_rate" in config:  # this package's fields
+        kwargs = ArchConfig.from_json(config, source=f"{source}: config.json").to_kwargs()
+        drop_rate = config.get("drop_rate", 0.0)
+        if isinstance(drop_rate, bool) or not isinstance(drop_rate, (int, float)):
+            raise UsageError(f"{source}: drop_rate must be a number in [0, 1), found {drop_rate!r}")
+        kwargs["drop_rate"] = float(drop_rate)
+        return kwargs, dict(pretrained_cfg)
     arch = config.get("architecture")
     if arch is None:
         raise UsageError(
-            f"{source}: config.json has neither DenseNet fields ({', '.join(_ARCH_KEYS)}) nor an 'architecture'; "
-            "expected a folder written by save_pretrained/save_hub_folder or a timm DenseNet repo"
+            f"{source}: config.json has neither DenseNet fields (growth_rate, block_config, ...) nor an "
+            "'architecture'; expected a folder written by save_pretrained/save_hub_folder or a timm DenseNet repo"
         )
-    return _timm_kwargs(config, str(arch), source)
+    return _timm_kwargs(config, str(arch), source), dict(pretrained_cfg)
 
 
 def _timm_kwargs(config: Mapping[str, Any], arch: str, source: str) -> dict[str, Any]:
@@ -195,7 +269,9 @@ def _timm_kwargs(config: Mapping[str, Any], arch: str, source: str) -> dict[str,
         raise UsageError(
             f"{source}: timm architecture {arch!r} is not supported; expected one of {supported}"
         )
-    model_args = dict(config.get("model_args") or {})
+    model_args = config.get("model_args") or {}
+    if not isinstance(model_args, Mapping):
+        raise UsageError(f"{source}: timm's model_args must be a JSON object, found {model_args!r}")
     unsupported = {
         k: v
         for k, v in model_args.items()
@@ -230,14 +306,7 @@ def _offline_reason(local_files_only: bool) -> str:
 
 
 def _hub_file(repo_id: str, filename: str, opts: dict[str, Any]) -> str:
-    from huggingface_hub import constants, hf_hub_download
-    from huggingface_hub.errors import (
-        HFValidationError,
-        LocalEntryNotFoundError,
-        OfflineModeIsEnabled,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
+    from huggingface_hub import hf_hub_download
 
     from .. import __version__
 
@@ -245,22 +314,11 @@ def _hub_file(repo_id: str, filename: str, opts: dict[str, Any]) -> str:
         return hf_hub_download(
             repo_id, filename, library_name="densenet_efficient", library_version=__version__, **opts
         )
-    except (LocalEntryNotFoundError, OfflineModeIsEnabled):
-        cache = opts.get("cache_dir") or constants.HF_HUB_CACHE
-        raise FileNotFoundError(
-            f"cannot load {repo_id!r}: its {filename} is not in the Hugging Face cache ({cache}) and "
-            f"{_offline_reason(bool(opts.get('local_files_only')))}"
-        ) from None
-    except HFValidationError:
-        raise FileNotFoundError(
-            f"{repo_id!r} is neither an existing local folder nor a valid Hugging Face repo id (org/name)"
-        ) from None
-    except RevisionNotFoundError:
-        raise UsageError(f"repo {repo_id!r} has no revision {opts.get('revision')!r}") from None
-    except RepositoryNotFoundError:
-        raise FileNotFoundError(
-            f"no Hugging Face repo {repo_id!r} (or it is private or gated: log in with `hf auth login`)"
-        ) from None
+    except Exception as err:
+        mapped = _hub_error(err, repo_id, opts, filename)
+        if mapped is None:
+            raise
+        raise mapped from None
 
 
 def _locate(name_or_path: str, opts: dict[str, Any]) -> tuple[Path, Path]:
@@ -288,49 +346,51 @@ def _locate(name_or_path: str, opts: dict[str, Any]) -> tuple[Path, Path]:
         return config, Path(_hub_file(name_or_path, PICKLE_WEIGHTS_NAME, opts))
 
 
+def _same(value: Any, saved: Any) -> bool:
+    """Whether a keyword argument repeats what config.json says (the mixin passes both along)."""
+    if isinstance(value, (tuple, list)) and isinstance(saved, (tuple, list)):
+        return list(value) == list(saved)
+    return value == saved
+
+
 def load_hub_folder(
     repo_id_or_path: str | os.PathLike,
     *,
-    memory_efficient: bool | str = False,
-    revision: str | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    force_download: bool = False,
-    token: str | bool | None = None,
-    local_files_only: bool = False,
-    map_location: str | torch.device = "cpu",
-    num_classes: int | None = None,
     model_cls: type[nn.Module],
+    memory_efficient: bool | str = False,
+    num_classes: int | None = None,
+    strict: bool = True,
+    map_location: str | torch.device = "cpu",
+    **opts: Any,
 ) -> nn.Module:
-    """Build ``model_cls`` from a Hub repo id or a local folder and load it strictly, in eval mode.
+    """Build ``model_cls`` from a Hub repo id or a local folder and load it, in eval mode.
 
-    Reads folders written by :func:`save_hub_folder` / ``DenseNet.save_pretrained`` and timm's DenseNet
-    repos (``timm/densenet121.tv_in1k``, ...). Weights must fit the architecture in ``config.json``
-    exactly (a mismatch raises :class:`~densenet_efficient.StateDictMismatchError` naming the keys),
-    except that ``num_classes`` different from the repo's loads everything but the classifier and
-    warns (fine-tuning). With ``HF_HUB_OFFLINE=1`` a cached repo loads from the cache.
-
-    >>> model = load_hub_folder("timm/densenet121.tv_in1k", model_cls=de.DenseNet)   # doctest: +SKIP
+    Reads folders written by ``save_pretrained`` / :func:`save_hub_folder` and timm's DenseNet repos.
+    The weights must fit ``config.json`` exactly (a mismatch raises
+    :class:`~densenet_efficient.io.state_dict.StateDictMismatchError` naming the keys and, for the
+    classifier, both class counts). An explicit ``num_classes`` different from the folder's loads
+    everything but the classifier and warns (fine-tuning). ``strict=False`` loads what fits and
+    leaves the rest initialised, as ``nn.Module.load_state_dict(strict=False)``. ``opts``:
+    ``revision``, ``cache_dir``, ``force_download``, ``token``, ``local_files_only``, ``proxies``.
     """
     source = os.fspath(repo_id_or_path)
-    opts = {
-        "revision": revision,
-        "cache_dir": cache_dir,
-        "force_download": force_download,
-        "token": token,
-        "local_files_only": local_files_only,
-    }
     config_path, weights_path = _locate(source, opts)
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UsageError(f"{source}: config.json is not valid JSON ({e})") from None
-    kwargs = _model_kwargs(config, source)
+    kwargs, pretrained_cfg = _model_kwargs(config, source)
+    state_dict = read_checkpoint(weights_path).state_dict
+    _check_classes(state_dict, kwargs["num_classes"], source, weights_path.name)
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     model = model_cls(**kwargs, memory_efficient=memory_efficient)
-    state_dict = read_checkpoint(weights_path).state_dict
+    model.pretrained_cfg = {**model.pretrained_cfg, **pretrained_cfg, "num_classes": model.num_classes}
     try:
-        load_state_dict_into(model, state_dict, source=source)
+        if strict:
+            load_state_dict_into(model, state_dict, source=source)
+        else:
+            model.load_state_dict(state_dict, strict=False)
     except StateDictMismatchError as e:
         raise StateDictMismatchError(
             f"{source}: {weights_path.name} does not match its {CONFIG_NAME}: {e}"
@@ -338,40 +398,136 @@ def load_hub_folder(
     return model.to(map_location).eval()
 
 
+def _check_classes(state_dict: Mapping[str, Any], num_classes: int, source: str, weights_name: str) -> None:
+    """A config.json whose class count contradicts its weights is an error, never a silent new head."""
+    head = state_dict.get("classifier.weight")
+    found = 0 if head is None else int(head.shape[0])
+    if found != num_classes:
+        raise StateDictMismatchError(
+            f"{source}: {CONFIG_NAME} says num_classes={num_classes} but {weights_name} holds a classifier "
+            f"with {found} outputs; fix the folder, or pass num_classes= to re-initialise the head"
+        )
+
+
+def _hub_error(err: Exception, name: str, opts: Mapping[str, Any], filename: str = "") -> Exception | None:
+    """One sentence for the huggingface_hub errors a repo id can raise, or None for other errors."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (
+        HFValidationError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    if isinstance(err, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
+        cache = opts.get("cache_dir") or constants.HF_HUB_CACHE
+        return FileNotFoundError(
+            f"cannot load {name!r}: {f'its {filename} is' if filename else 'its files are'} not in the "
+            f"Hugging Face cache ({cache}) and "
+            f"{_offline_reason(bool(opts.get('local_files_only')))}"
+        )
+    if isinstance(err, HFValidationError):
+        return FileNotFoundError(
+            f"{name!r} is neither an existing local folder nor a valid Hugging Face repo id (org/name)"
+        )
+    if isinstance(err, RevisionNotFoundError):
+        return UsageError(f"repo {name!r} has no revision {opts.get('revision')!r}")
+    if isinstance(err, RepositoryNotFoundError):
+        return FileNotFoundError(
+            f"no Hugging Face repo {name!r} (or it is private or gated: log in with `hf auth login`)"
+        )
+    return None
+
+
+_MODEL_CARD_KWARGS = ("provenance", "repo_id", "license")
+
+
 class DenseNetHubMixin(
     PyTorchModelHubMixin,
     library_name="densenet_efficient",
     tags=["image-classification", "densenet", "memory-efficient", "torchvision-compatible"],
-    license="mit",
+    license=PACKAGE_LICENSE,
     repo_url="https://github.com/gpleiss/efficient_densenet_pytorch",
     paper_url="https://arxiv.org/abs/1707.06990",
     pipeline_tag="image-classification",
 ):
-    """``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` for DenseNets, in the folder
-    format above (huggingface_hub's ``PyTorchModelHubMixin`` with this package's files)."""
+    """huggingface_hub's ``PyTorchModelHubMixin`` with this package's folder format in its hooks.
+
+    ``from_pretrained`` takes the mixin's arguments (``revision``, ``cache_dir``, ``force_download``,
+    ``proxies``, ``resume_download``, ``token``, ``local_files_only``, ``map_location``, ``strict``)
+    plus ``memory_efficient`` and ``num_classes``; loading is strict unless ``strict=False``.
+    ``save_pretrained`` into an existing folder replaces this package's files and leaves every
+    other file there alone, as the mixin does.
+    """
 
     @classmethod
-    def from_pretrained(
-        cls,
-        pretrained_model_name_or_path: str | os.PathLike,
-        *,
-        memory_efficient: bool | str = False,
-        revision: str | None = None,
-        cache_dir: str | os.PathLike | None = None,
-        **kwargs: Any,
-    ):
-        """Load a Hub repo or local folder (ours, or timm's DenseNet repos) strictly; see :func:`load_hub_folder`.
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any):
+        """Load a Hub repo or local folder (ours, or timm's DenseNet repos); see :func:`load_hub_folder`.
 
         >>> model = DenseNet.from_pretrained("org/densenet121", memory_efficient=True)  # doctest: +SKIP
         """
+        name = os.fspath(pretrained_model_name_or_path)
+        if Path(name).exists() and not Path(name).is_dir():
+            raise FileNotFoundError(f"{name} is a file; expected a folder or a Hugging Face repo id")
+        try:  # the mixin reads config.json itself first; its hub errors get one sentence here
+            return super().from_pretrained(name, **kwargs)
+        except Exception as err:
+            mapped = _hub_error(err, name, kwargs)
+            if mapped is None:
+                raise
+            raise mapped from None
+
+    @classmethod
+    def _from_pretrained(
+        cls,
+        *,
+        model_id: str,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        force_download: bool = False,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
+        proxies: dict | None = None,
+        resume_download: bool | None = None,
+        config: dict | None = None,
+        map_location: str | torch.device = "cpu",
+        strict: bool = True,
+        memory_efficient: bool | str = False,
+        **model_kwargs: Any,
+    ):
+        # The mixin fills model_kwargs from config.json for every __init__ argument it names; only
+        # a value that differs from the file is the caller's own choice.
+        saved = config if isinstance(config, Mapping) else {}
+        chosen = {k: v for k, v in model_kwargs.items() if k not in saved or not _same(v, saved[k])}
+        num_classes = chosen.pop("num_classes", None)
+        if chosen:
+            raise UsageError(
+                f"{model_id}: from_pretrained cannot change the saved architecture "
+                f"({', '.join(f'{k}={v!r}' for k, v in chosen.items())}); it accepts memory_efficient, "
+                "num_classes, map_location, strict and the Hub download options"
+            )
+        opts = {
+            "revision": revision,
+            "cache_dir": cache_dir,
+            "force_download": force_download,
+            "token": token,
+            "local_files_only": local_files_only,
+        }
+        if proxies is not None:
+            opts["proxies"] = proxies
         return load_hub_folder(
-            pretrained_model_name_or_path,
-            memory_efficient=memory_efficient,
-            revision=revision,
-            cache_dir=cache_dir,
+            model_id,
             model_cls=cls,
-            **kwargs,
+            memory_efficient=memory_efficient,
+            num_classes=num_classes,
+            strict=strict,
+            map_location=map_location,
+            **opts,
         )
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        _write_model_files(self, Path(save_directory))
 
     def save_pretrained(
         self,
@@ -381,28 +537,45 @@ class DenseNetHubMixin(
         repo_id: str | None = None,
         push_to_hub: bool = False,
         model_card_kwargs: dict[str, Any] | None = None,
-        overwrite: bool = False,
         **push_to_hub_kwargs: Any,
     ) -> str | None:
-        """Write ``model.safetensors`` + ``config.json`` + a model card atomically (see :func:`save_hub_folder`).
+        """The mixin's ``save_pretrained``, after checking its arguments (nothing is written otherwise).
 
+        ``config.json`` is derived from the architecture, so ``config`` is refused;
         ``model_card_kwargs`` may hold ``provenance`` (a dict), ``repo_id`` and ``license``.
+        Existing files of this package in ``save_directory`` are replaced (each atomically), a
+        model card already there is kept (as the mixin does), nothing else is touched.
         """
-        if config is not None:
-            raise UsageError(
-                "config.json is derived from the model's architecture; save_pretrained takes no config"
-            )
-        card = dict(model_card_kwargs or {})
-        save_hub_folder(self, save_directory, overwrite=overwrite, **card)
-        if push_to_hub:
-            repo_id = repo_id or os.path.basename(os.path.abspath(save_directory))
-            return self.push_to_hub(repo_id, model_card_kwargs=card, **push_to_hub_kwargs)
-        return None
+        _check_save_args(config, model_card_kwargs)
+        push_to_hub_kwargs.pop("overwrite", None)  # accepted for compatibility: folders are updated in place
+        out = Path(save_directory)
+        if out.exists() and not out.is_dir():
+            raise FileExistsError(f"{out} is a file; expected a folder path for the Hub files")
+        return super().save_pretrained(
+            out,
+            repo_id=repo_id,
+            push_to_hub=push_to_hub,
+            model_card_kwargs=model_card_kwargs,
+            **push_to_hub_kwargs,
+        )
 
     def push_to_hub(
-        self, repo_id: str, *, model_card_kwargs: dict[str, Any] | None = None, **kwargs: Any
+        self,
+        repo_id: str,
+        *,
+        config: Any = None,
+        model_card_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
     ) -> str:
-        """Upload the folder :meth:`save_pretrained` writes; the model card's usage snippet names ``repo_id``."""
+        """Upload the folder :meth:`save_pretrained` writes. The arguments are checked before the
+        repo is created, so a bad call leaves nothing behind on the Hub."""
+        from huggingface_hub.utils import validate_repo_id
+
+        _check_save_args(config, model_card_kwargs)
+        try:
+            validate_repo_id(repo_id)
+        except Exception as err:
+            raise UsageError(f"invalid repo id {repo_id!r}: {err}") from None
         card = {"repo_id": repo_id, **(model_card_kwargs or {})}
         return super().push_to_hub(repo_id, model_card_kwargs=card, **kwargs)
 
@@ -411,3 +584,16 @@ class DenseNetHubMixin(
         from huggingface_hub import ModelCard
 
         return ModelCard(model_card(self, **kwargs))
+
+
+def _check_save_args(config: Any, model_card_kwargs: Mapping[str, Any] | None) -> None:
+    if config is not None:
+        raise UsageError(
+            "config.json is derived from the model's architecture, so save_pretrained/push_to_hub take no "
+            "config; put metadata in model_card_kwargs={'provenance': {...}}"
+        )
+    unknown = sorted(set(model_card_kwargs or {}) - set(_MODEL_CARD_KWARGS))
+    if unknown:
+        raise UsageError(
+            f"unknown model_card_kwargs {', '.join(unknown)}; expected some of {', '.join(_MODEL_CARD_KWARGS)}"
+        )

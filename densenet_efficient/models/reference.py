@@ -18,6 +18,7 @@ from collections import OrderedDict
 import torch.nn as nn
 import torchvision
 
+from ..errors import UsageError
 from .config import ArchConfig
 
 __all__ = ["torchvision_densenet"]
@@ -25,6 +26,8 @@ __all__ = ["torchvision_densenet"]
 
 def torchvision_densenet(config: ArchConfig, memory_efficient: bool = False) -> torchvision.models.DenseNet:
     """torchvision's ``DenseNet`` for ``config`` (CIFAR configs get the 3x3 stride-1 stem)."""
+    if config.in_chans != 3:
+        raise UsageError(f"torchvision's DenseNet takes 3 input channels, the config has {config.in_chans}")
     model = torchvision.models.DenseNet(
         growth_rate=config.growth_rate,
         block_config=tuple(config.block_config),

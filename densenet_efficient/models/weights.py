@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from torchvision.models import WeightsEnum as _TorchvisionWeightsEnum
 
 from ..errors import UsageError
 from ..io.download import WeightsIntegrityError, fetch_state_dict, hash_prefix, url_filename
@@ -57,7 +58,9 @@ __all__ = [
     "load_weights",
     "manifest",
     "manifest_json",
+    "pretrained_cfg",
     "resolve_weights",
+    "weights_enum",
 ]
 
 URL_BASE_ENV = "DENSENET_EFFICIENT_WEIGHTS_URL_BASE"
@@ -289,8 +292,10 @@ def get_weights(arch: str, name: str = "DEFAULT") -> WeightsSpec:
 # -- torchvision-style enums --------------------------------------------------------------------------
 
 
-class WeightsEnum(Enum):
-    """torchvision-style enum of one architecture's weights; members act like their :class:`WeightsSpec`.
+class WeightsEnum(_TorchvisionWeightsEnum):
+    """torchvision-style enum of one architecture's weights (a subclass of torchvision's
+    ``WeightsEnum``, so ``torchvision.models.get_model_weights`` and torchvision's helpers accept it);
+    members act like their :class:`WeightsSpec`, read from the manifest on every access.
 
     >>> DenseNet121_Weights.DEFAULT is DenseNet121_Weights.IMAGENET1K_V1
     True
@@ -300,8 +305,7 @@ class WeightsEnum(Enum):
 
     @property
     def spec(self) -> WeightsSpec:
-        arch, name = self.value
-        return get_weights(arch, name)
+        return get_weights(_ENUM_ARCH[type(self).__name__], self.name)
 
     @property
     def url(self) -> str:
@@ -325,10 +329,22 @@ class WeightsEnum(Enum):
         return f"{type(self).__name__}.{self.name}"
 
 
+#: enum class name -> architecture (an Enum class cannot carry extra attributes of its own)
+_ENUM_ARCH: dict[str, str] = {}
+
+
 def _weights_enum(cls_name: str, arch: str) -> type[WeightsEnum]:
+    from torchvision.models import Weights
+
     entry = _BUILTIN["architectures"][arch]
-    members = [(name, (arch, name)) for name in entry["weights"]]
-    members.append(("DEFAULT", (arch, entry["default"])))  # same value: an alias, as in torchvision
+    members = []
+    for name, data in entry["weights"].items():
+        spec = _spec(arch, name, data)
+        # torchvision's own member value type; the properties above read the manifest instead
+        members.append((name, Weights(url=data["url"], transforms=spec.transforms, meta=spec.meta)))
+    default = dict(members)[entry["default"]]
+    members.append(("DEFAULT", default))  # the same value: an alias, as in torchvision
+    _ENUM_ARCH[cls_name] = arch
     return WeightsEnum(cls_name, members, module=__name__, qualname=cls_name)
 
 
@@ -336,6 +352,34 @@ DenseNet121_Weights = _weights_enum("DenseNet121_Weights", "densenet121")
 DenseNet161_Weights = _weights_enum("DenseNet161_Weights", "densenet161")
 DenseNet169_Weights = _weights_enum("DenseNet169_Weights", "densenet169")
 DenseNet201_Weights = _weights_enum("DenseNet201_Weights", "densenet201")
+
+
+def weights_enum(arch: str) -> type[WeightsEnum] | None:
+    """The weights enum of a named architecture (``DenseNet121_Weights``), or None if it has none."""
+    for cls in (DenseNet121_Weights, DenseNet161_Weights, DenseNet169_Weights, DenseNet201_Weights):
+        if _ENUM_ARCH[cls.__name__] == arch:
+            return cls
+    return None
+
+
+def pretrained_cfg(spec: WeightsSpec) -> dict[str, Any]:
+    """timm's ``pretrained_cfg`` fields for published weights (preprocessing, licence, origin)."""
+    data = spec.data
+    cfg: dict[str, Any] = {"architecture": spec.arch, "num_classes": spec.num_classes, "origin_url": spec.url}
+    p = data.get("preprocessing")
+    if p:
+        cfg.update(
+            interpolation=p["interpolation"],
+            crop_pct=round(p["crop_size"] / p["resize_size"], 4),
+            mean=tuple(p["mean"]),
+            std=tuple(p["std"]),
+        )
+    if data.get("license"):
+        cfg["license"] = str(data["license"]).lower()
+    if data.get("docs"):
+        cfg["description"] = data["docs"]
+    cfg["tag"] = spec.name.lower()
+    return cfg
 
 
 # -- resolving the builders' ``weights=`` / ``pretrained=`` --------------------------------------------
