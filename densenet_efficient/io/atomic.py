@@ -73,7 +73,7 @@ def staged_folder(out: str | os.PathLike, *, replace: bool = False) -> Iterator[
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
         yield staging
-        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it private; a saved folder is not
+        _public(staging)
         if not out.exists():
             os.rename(staging, out)  # fails (not replaces) if a non-empty out appeared meanwhile
             return
@@ -91,6 +91,25 @@ def staged_folder(out: str | os.PathLike, *, replace: bool = False) -> Iterator[
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _public(staging: Path) -> None:
+    """Give the staged folder and everything in it the permissions the umask gives new files.
+
+    mkdtemp makes the folder private, and some writers make their files private too: safetensors'
+    ``save_file`` creates ``model.safetensors`` 0600 while ``open()`` gives the folder's other
+    files 0644. A saved folder is shared like any other output, so every file gets
+    ``0o666 & ~umask`` (data files, no execute bit) and every folder ``0o777 & ~umask``.
+    """
+    mask = _umask()
+    os.chmod(staging, 0o777 & ~mask)
+    for root, dirs, files in os.walk(staging):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~mask)
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~mask)
+
+
 def _make_parents(parent: Path) -> list[Path]:
     """Create missing parent folders; return those created, outermost first."""
     missing = []
@@ -101,4 +120,3 @@ def _make_parents(parent: Path) -> list[Path]:
     for d in reversed(missing):
         d.mkdir(exist_ok=True)
     return list(reversed(missing))
-
