@@ -14,10 +14,10 @@ from typing import Any
 import torch
 
 from ..io.checkpoint import CheckpointError
-from ..io.state_dict import StateDictMismatchError, check_shapes, remap_keys
+from ..io.state_dict import StateDictMismatchError, remap_keys
 from ..models.config import ArchConfig, get_config
 
-__all__ = ["ConversionError", "check_against", "check_config", "infer_config", "normalize_keys"]
+__all__ = ["ConversionError", "check_against", "infer_config", "normalize_keys"]
 
 _LAYER_KEY = re.compile(r"^features\.denseblock(\d+)\.denselayer(\d+)\.")
 _BLOCK_KEY = re.compile(r"^features\.denseblock(\d+)\.")
@@ -99,27 +99,10 @@ def infer_config(state_dict: Mapping[str, Any]) -> ArchConfig:
         small_inputs=small_inputs,
     )
     try:  # every other tensor must fit the model these numbers describe
-        check_config(config, sd)
+        config.check_shapes(sd)
     except StateDictMismatchError as err:
         raise ConversionError(f"the checkpoint's tensors are inconsistent: {err}") from None
     return config
-
-
-def check_config(config: ArchConfig, tensors: Mapping[str, Any], *, ignore: tuple[str, ...] = ()) -> None:
-    """Check that ``tensors`` (torchvision-style keys) are exactly the state dict ``config`` builds.
-
-    Costs nothing like building the model: the expected shapes are arithmetic
-    (:meth:`ArchConfig.state_dict_shapes`), and ``tensors`` may map keys to tensors or to shapes
-    (a safetensors header's, read without loading any tensor). Checkpoints that predate
-    ``num_batches_tracked`` (none at all) are accepted, as loading fills the counters in.
-
-    Raises:
-        StateDictMismatchError: naming the first missing, unexpected and mis-shaped keys.
-    """
-    expected = config.state_dict_shapes()
-    if not any(k.endswith("num_batches_tracked") for k in tensors):
-        expected = {k: v for k, v in expected.items() if not k.endswith("num_batches_tracked")}
-    check_shapes(expected, tensors, ignore=ignore, target=config.describe())
 
 
 def _check_tensors(sd: Mapping[str, Any]) -> None:

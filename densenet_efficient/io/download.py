@@ -118,7 +118,7 @@ def _download(url: str, dst: Path, prefix: str, progress: bool) -> None:
         if prefix and not found.startswith(prefix):
             raise _HashMismatch(f'invalid hash value (expected "{prefix}", got "{found}")')
         if total is not None and f.tell() != total:  # urllib reads a dropped connection as the end
-            raise http.client.IncompleteRead(b"", total - f.tell())
+            raise ConnectionError(f"the connection closed after {f.tell()} of {total} bytes")
 
     for attempt in range(1, _ATTEMPTS + 1):
         try:

@@ -112,6 +112,24 @@ class ArchConfig:
         shapes["classifier.bias"] = (self.num_classes,)
         return shapes
 
+    def check_shapes(self, tensors: Mapping[str, Any], *, ignore: tuple[str, ...] = ()) -> None:
+        """Check that ``tensors`` (torchvision-style keys) are exactly the state dict this config
+        builds, without building it: :meth:`state_dict_shapes` is arithmetic, and ``tensors`` may
+        map keys to tensors or to shapes (a safetensors header's, read without loading a tensor).
+
+        Checkpoints that predate ``num_batches_tracked`` (none at all) pass, as loading fills the
+        counters in. ``ignore`` lists key prefixes that may differ (``"classifier."``).
+
+        Raises:
+            StateDictMismatchError: naming the first missing, unexpected and mis-shaped keys.
+        """
+        from ..io.state_dict import check_shapes  # torch-free import of this module for the CLI
+
+        expected = self.state_dict_shapes()
+        if not any(k.endswith("num_batches_tracked") for k in tensors):
+            expected = {k: v for k, v in expected.items() if not k.endswith("num_batches_tracked")}
+        check_shapes(expected, tensors, ignore=ignore, target=self.describe())
+
     def with_classes(self, num_classes: int) -> ArchConfig:
         return replace(self, num_classes=num_classes)
 

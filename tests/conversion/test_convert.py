@@ -302,12 +302,10 @@ def test_infer_rejects_inconsistent_tensors(edit, message):
         ({"block_config": (3000, 1, 1)}, r"missing keys: features\.denseblock1\.denselayer2\."),
     ],
 )
-def test_check_config_against_a_file_header_builds_nothing(fields, message, tmp_path, monkeypatch):
+def test_config_checked_against_a_file_header_builds_nothing(fields, message, tmp_path, monkeypatch):
     """A config.json that contradicts a 90 KB weights file fails on shapes read from the file's
     header, before any model (gigabytes for these configs) is built."""
     from safetensors import safe_open
-
-    from densenet_efficient.conversion.infer import check_config
 
     save_file(de.densenet_bc(10).state_dict(), str(tmp_path / "w.safetensors"))
     with safe_open(str(tmp_path / "w.safetensors"), "pt") as f:
@@ -319,8 +317,8 @@ def test_check_config_against_a_file_header_builds_nothing(fields, message, tmp_
     monkeypatch.setattr(de.DenseNet, "__init__", no_model)
     config = dataclasses.replace(densenet_bc_config(10), **fields)
     with pytest.raises(de.StateDictMismatchError, match=message):
-        check_config(config, header)
-    check_config(densenet_bc_config(10), header)  # the true config passes
+        config.check_shapes(header)
+    densenet_bc_config(10).check_shapes(header)  # the true config passes
     assert de.infer_config(load_file(str(tmp_path / "w.safetensors"))) == densenet_bc_config(10)
 
 
