@@ -702,3 +702,17 @@ def test_registry_name_source(tmp_path, http_root, monkeypatch, capsys):
     code = _script().main([str(tmp_path / "script"), "densenet121", "--model-dir", str(tmp_path / "cache")])
     assert code == 2 and "growth rate 32 but the checkpoint's tensors say 8" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["cache", "manifest.json", "out", "www"]
+
+
+def test_silent_server_cli(tmp_path, monkeypatch, capsys):
+    """A server that accepts and never answers: two short timeouts, one sentence, nothing written."""
+    from ..io.test_download import _server
+
+    monkeypatch.setenv("DENSENET_EFFICIENT_DOWNLOAD_TIMEOUT", "0.3")
+    with _server(answer_from=None) as (base, conns):
+        assert cli.main(["convert", f"{base}/tiny-0123abcd.pth", str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert re.fullmatch(
+        r"densenet-efficient convert: error: .*no answer from .* within 0\.3 s \(tried 2 times\).*", err
+    )
+    assert len(conns) == 2 and os.listdir(tmp_path) == []
