@@ -14,9 +14,8 @@ from typing import Any
 import torch
 
 from ..io.checkpoint import CheckpointError
-from ..io.state_dict import StateDictMismatchError, check_compatible, fill_legacy_batch_counters, remap_keys
+from ..io.state_dict import StateDictMismatchError, remap_keys
 from ..models.config import ArchConfig, get_config
-from ..models.densenet import DenseNet
 
 __all__ = ["ConversionError", "check_against", "infer_config", "normalize_keys"]
 
@@ -86,6 +85,7 @@ def infer_config(state_dict: Mapping[str, Any]) -> ArchConfig:
     sd, _ = normalize_keys(state_dict)
     if not any(_LAYER_KEY.match(k) for k in sd):
         raise _not_densenet(sd)
+    _check_tensors(sd)
     num_init_features, small_inputs = _infer_stem(sd)
     block_config = _infer_blocks(sd)
     growth_rate, bn_size = _infer_bottleneck(sd)
@@ -98,14 +98,32 @@ def infer_config(state_dict: Mapping[str, Any]) -> ArchConfig:
         num_classes=_shape(sd, "classifier.weight")[0],
         small_inputs=small_inputs,
     )
-    # every other tensor must fit the model these numbers describe (a meta model costs no memory)
-    with torch.device("meta"):
-        model = DenseNet(**config.to_kwargs())
-    try:
-        check_compatible(model, fill_legacy_batch_counters(dict(sd), model))
+    try:  # every other tensor must fit the model these numbers describe
+        config.check_shapes(sd)
     except StateDictMismatchError as err:
         raise ConversionError(f"the checkpoint's tensors are inconsistent: {err}") from None
     return config
+
+
+def _check_tensors(sd: Mapping[str, Any]) -> None:
+    """Every value a tensor; weights and statistics floating point; no zero-size dimension.
+
+    Integer or boolean weights would be cast silently (or fail deep in ``load_state_dict``), and
+    a zero-size dimension makes the inferred widths meaningless (a growth rate of 0).
+    """
+    for key, value in sd.items():
+        if not isinstance(value, torch.Tensor):
+            raise ConversionError(f"{key} should be a tensor, found a {type(value).__name__}")
+        if key.endswith("num_batches_tracked"):
+            continue
+        if not value.is_floating_point():
+            raise ConversionError(
+                f"{key} should hold floating-point numbers (weights or BatchNorm statistics), found {value.dtype}"
+            )
+        if 0 in value.shape:
+            raise ConversionError(
+                f"{key} has a zero-size dimension (shape {tuple(value.shape)}): no DenseNet has empty tensors"
+            )
 
 
 def _infer_stem(sd: Mapping[str, Any]) -> tuple[int, bool]:

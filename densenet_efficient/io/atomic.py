@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -73,7 +74,7 @@ def staged_folder(out: str | os.PathLike, *, replace: bool = False) -> Iterator[
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
         yield staging
-        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it private; a saved folder is not
+        _public(staging)
         if not out.exists():
             os.rename(staging, out)  # fails (not replaces) if a non-empty out appeared meanwhile
             return
@@ -81,14 +82,65 @@ def staged_folder(out: str | os.PathLike, *, replace: bool = False) -> Iterator[
             raise FileExistsError(f"{out} appeared while it was being written; not replacing it")
         for item in sorted(staging.iterdir()):
             os.replace(item, out / item.name)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(staging, ignore_errors=True)
         for d in reversed(created):
             with contextlib.suppress(OSError):  # not empty: someone else wrote there meanwhile
                 d.rmdir()
+        explained = _explained(err, staging, out)
+        if explained is not None:
+            raise explained from err
         raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+# How Rust's std::io::Error prints an OS error ("No space left on device (os error 28)"): writers
+# implemented in Rust, safetensors' save_file among them, report a full disk with their own
+# exception type and this text.
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def _explained(err: BaseException, staging: Path, out: Path) -> OSError | None:
+    """The OS error behind ``err`` worded for ``out`` (not the staging folder), or None.
+
+    A full disk is the environment's fault, not a bug: callers (the CLI) handle :class:`OSError` as
+    one line, but would print a traceback for ``SafetensorError('... (os error 28)')``. And the
+    user never heard of the staging folder, whose name an OSError from inside it carries (or a
+    nested staged_folder's message: its ``out`` was our staging folder).
+    """
+    if not isinstance(err, Exception):
+        return None
+    if isinstance(err, OSError):
+        if err.errno is None or str(staging) not in str(err):
+            return None
+        code = err.errno
+    else:
+        found = _RUST_OS_ERROR.search(str(err))
+        if found is None:
+            return None
+        code = int(found.group(1))
+    done = "" if out.exists() else "; nothing was written there"
+    return OSError(code, f"{os.strerror(code)} while writing {out}{done}")
+
+
+def _public(staging: Path) -> None:
+    """Give the staged folder and everything in it the permissions the umask gives new files.
+
+    mkdtemp makes the folder private, and some writers make their files private too: safetensors'
+    ``save_file`` creates ``model.safetensors`` 0600 while ``open()`` gives the folder's other
+    files 0644. A saved folder is shared like any other output, so every file gets
+    ``0o666 & ~umask`` (data files, no execute bit) and every folder ``0o777 & ~umask``.
+    """
+    mask = _umask()
+    os.chmod(staging, 0o777 & ~mask)
+    for root, dirs, files in os.walk(staging):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~mask)
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~mask)
 
 
 def _make_parents(parent: Path) -> list[Path]:

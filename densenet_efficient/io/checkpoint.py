@@ -19,6 +19,7 @@ import hashlib
 import os
 import pickle
 import re
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,7 +154,11 @@ def load_torch_file(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
         raise CheckpointError(
             f"cannot read {path}: truncated or corrupt torch file ({_one_line(err)})"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as err:
+    # Corruption surfaces as whatever the unpickler trips over: struct.error for a legacy (pre-zip)
+    # file cut inside its tensor data, AssertionError/TypeError for damaged storage records.
+    except (
+        RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, struct.error, AssertionError, TypeError
+    ) as err:  # fmt: skip
         raise CheckpointError(
             f"cannot read {path}: truncated or corrupt torch file ({_one_line(err)})"
         ) from None

@@ -3,15 +3,22 @@
 
 Nothing is unpickled here except through ``torch.load(weights_only=True)``, and a cached file is
 re-hashed before it is trusted: torch.hub itself would load a cache file damaged after download.
+
+Downloads have a timeout (``$DENSENET_EFFICIENT_DOWNLOAD_TIMEOUT`` seconds, default 30) on
+connecting and on every read, and are tried twice: ``torch.hub.download_url_to_file`` has none, so a
+server that accepts the connection and never answers would hang the caller forever.
 """
 
 from __future__ import annotations
 
+import hashlib
 import http.client
+import math
 import os
 import pickle
 import re
 import urllib.error
+import urllib.request
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,9 +27,24 @@ from urllib.parse import urlparse
 
 import torch
 
+from ..errors import UsageError
+from .atomic import atomic_write
 from .checkpoint import sha256_file
 
-__all__ = ["WeightsIntegrityError", "download_file", "fetch_state_dict", "hash_prefix", "url_filename"]
+__all__ = [
+    "DOWNLOAD_TIMEOUT_ENV",
+    "WeightsIntegrityError",
+    "download_file",
+    "download_timeout",
+    "fetch_state_dict",
+    "hash_prefix",
+    "url_filename",
+]
+
+DOWNLOAD_TIMEOUT_ENV = "DENSENET_EFFICIENT_DOWNLOAD_TIMEOUT"
+DEFAULT_DOWNLOAD_TIMEOUT = 30.0
+_ATTEMPTS = 2  # a timeout is retried once: one lost packet or a busy server should not fail a run
+_CHUNK = 1 << 16
 
 # 8 to 64 hex digits right before the extension. Stricter than torch.hub.HASH_REGEX: user file names
 # often carry other dashes ("run-3.pth") that are not hashes.
@@ -44,6 +66,74 @@ def url_filename(url: str, default: str = "checkpoint") -> str:
     return os.path.basename(urlparse(url).path) or default
 
 
+def download_timeout() -> float:
+    """Seconds to wait for a connection and for each read: ``$DENSENET_EFFICIENT_DOWNLOAD_TIMEOUT``
+    or 30. A value that is not a positive number is a :class:`~densenet_efficient.UsageError`."""
+    raw = os.environ.get(DOWNLOAD_TIMEOUT_ENV, "").strip()
+    if not raw:
+        return DEFAULT_DOWNLOAD_TIMEOUT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (value > 0 and math.isfinite(value)):
+        raise UsageError(f"{DOWNLOAD_TIMEOUT_ENV} must be a positive number of seconds, found {raw!r}")
+    return value
+
+
+class _HashMismatch(RuntimeError):
+    """The downloaded bytes' sha256 does not start with the name's prefix (worded as torch.hub's)."""
+
+
+def _is_timeout(err: BaseException) -> bool:
+    """urlopen reports a connect timeout as URLError(reason=timeout), a read timeout bare."""
+    return isinstance(err, TimeoutError) or (
+        isinstance(err, urllib.error.URLError) and isinstance(err.reason, TimeoutError)
+    )
+
+
+def _download(url: str, dst: Path, prefix: str, progress: bool) -> None:
+    """Stream ``url`` into ``dst`` atomically, hash-checked against ``prefix`` when there is one.
+
+    Every connect and read waits at most :func:`download_timeout` seconds; a timeout is retried
+    once, then raised as one :class:`TimeoutError` that says how to wait longer. On any failure
+    ``dst`` is left as it was (nothing partial: :func:`atomic_write`).
+    """
+    from torch.hub import tqdm  # torch.hub's progress bar (tqdm, or its stand-in when absent)
+
+    timeout = download_timeout()
+    request = urllib.request.Request(url, headers={"User-Agent": "densenet_efficient"})
+
+    def write(f) -> None:
+        digest = hashlib.sha256()
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            size = response.headers.get("Content-Length")
+            total = int(size) if size and size.isdigit() else None
+            with tqdm(total=total, disable=not progress, unit="B", unit_scale=True, unit_divisor=1024) as bar:
+                while chunk := response.read(_CHUNK):
+                    f.write(chunk)
+                    digest.update(chunk)
+                    bar.update(len(chunk))
+        found = digest.hexdigest()
+        if prefix and not found.startswith(prefix):
+            raise _HashMismatch(f'invalid hash value (expected "{prefix}", got "{found}")')
+        if total is not None and f.tell() != total:  # urllib reads a dropped connection as the end
+            raise ConnectionError(f"the connection closed after {f.tell()} of {total} bytes")
+
+    for attempt in range(1, _ATTEMPTS + 1):
+        try:
+            atomic_write(dst, write)
+            return
+        except (urllib.error.URLError, TimeoutError) as err:
+            if not _is_timeout(err):
+                raise
+            if attempt == _ATTEMPTS:
+                raise TimeoutError(
+                    f"no answer from {url} within {timeout:g} s (tried {_ATTEMPTS} times); "
+                    f"set {DOWNLOAD_TIMEOUT_ENV} to a larger number of seconds to wait longer"
+                ) from None
+
+
 def download_file(url: str, dst: str | os.PathLike, progress: bool = True) -> Path:
     """Download ``url`` to ``dst``; a name carrying a sha256 prefix is hash-checked.
 
@@ -53,10 +143,10 @@ def download_file(url: str, dst: str | os.PathLike, progress: bool = True) -> Pa
     dst = Path(dst)
     prefix = hash_prefix(url_filename(url))
     try:
-        torch.hub.download_url_to_file(url, str(dst), hash_prefix=prefix or None, progress=progress)
+        _download(url, dst, prefix, progress)
     except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError) as err:
         raise OSError(f"cannot download {url}: {getattr(err, 'reason', err)}") from None
-    except RuntimeError as err:  # torch.hub's hash mismatch; it deletes the temporary file
+    except _HashMismatch as err:  # nothing was written to dst
         raise WeightsIntegrityError(
             f"download of {url} failed its integrity check: {err}; by torch.hub's convention its name "
             f"ends in the first hex digits of its sha256 ({prefix}); if that part of the name is not "
@@ -83,6 +173,9 @@ def fetch_state_dict(
             )
             cached.unlink()
     try:
+        if not cached.is_file():  # our download (with a timeout); torch.hub then loads the cached file
+            model_dir.mkdir(parents=True, exist_ok=True)
+            _download(url, cached, prefix, progress)
         state_dict = torch.hub.load_state_dict_from_url(
             url,
             model_dir=str(model_dir),
@@ -92,10 +185,7 @@ def fetch_state_dict(
             file_name=filename,
             weights_only=True,
         )
-    except RuntimeError as e:
-        if "invalid hash value" not in str(e):
-            raise
-        # torch.hub downloads to a temporary file and deletes it when the hash is wrong.
+    except _HashMismatch as e:  # nothing was written to the cache
         raise WeightsIntegrityError(
             f"the download of {url} failed its sha256 check ({e}): it was cut short, corrupted, or the "
             f"server sent a different file; it was discarded and nothing was cached in {model_dir}"

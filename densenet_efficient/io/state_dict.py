@@ -29,6 +29,7 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 __all__ = [
     "StateDictMismatchError",
     "check_compatible",
+    "check_shapes",
     "fill_legacy_batch_counters",
     "legacy_key_styles",
     "load_state_dict_into",
@@ -108,28 +109,42 @@ def _first_few(keys: list[str], n: int = 5) -> str:
     return shown + (f" ... (+{len(keys) - n} more)" if len(keys) > n else "")
 
 
-def check_compatible(
-    model: torch.nn.Module, state_dict: Mapping[str, Any], ignore: tuple[str, ...] = ()
+def _shape_of(value: Any) -> tuple[int, ...] | None:
+    """A tensor's shape, a shape given as a sequence of ints (a safetensors header's), or None."""
+    if hasattr(value, "shape"):
+        return tuple(value.shape)
+    if isinstance(value, (tuple, list)) and all(isinstance(d, int) for d in value):
+        return tuple(value)
+    return None
+
+
+def check_shapes(
+    expected: Mapping[str, tuple[int, ...]],
+    found: Mapping[str, Any],
+    *,
+    ignore: tuple[str, ...] = (),
+    target: str = "the model",
 ) -> None:
     """Raise :class:`StateDictMismatchError` naming the first missing, unexpected or mis-shaped keys.
 
-    ``ignore`` lists key prefixes that may be absent or differently shaped (e.g. the classifier when
-    fine-tuning to another number of classes).
+    ``expected`` maps each key to a shape (``ArchConfig.state_dict_shapes()``, or a model's state
+    dict's); ``found`` maps keys to tensors or to shapes, so a file's header can be checked before
+    any tensor is read or any model built. ``ignore`` lists key prefixes that may be absent or
+    differently shaped (e.g. the classifier when fine-tuning to another number of classes).
     """
-    expected = model.state_dict()
 
     def ignored(k: str) -> bool:
         return any(k.startswith(p) for p in ignore)
 
-    missing = [k for k in expected if k not in state_dict and not ignored(k)]
-    unexpected = [k for k in state_dict if k not in expected and not ignored(k)]
+    missing = [k for k in expected if k not in found and not ignored(k)]
+    unexpected = [k for k in found if k not in expected and not ignored(k)]
     shapes = [
-        f"{k} (checkpoint {tuple(v.shape)}, model {tuple(expected[k].shape)})"
-        for k, v in state_dict.items()
+        f"{k} (checkpoint {shape}, model {tuple(expected[k])})"
+        for k, v in found.items()
         if k in expected
         and not ignored(k)
-        and hasattr(v, "shape")
-        and tuple(v.shape) != tuple(expected[k].shape)
+        and (shape := _shape_of(v)) is not None
+        and shape != tuple(expected[k])
     ]
     problems = []
     if missing:
@@ -139,8 +154,19 @@ def check_compatible(
     if shapes:
         problems.append(f"shape mismatch: {_first_few(shapes, 3)}")
     if problems:
-        arch = getattr(model, "arch_summary", lambda: type(model).__name__)()
-        raise StateDictMismatchError(f"checkpoint does not fit {arch}: " + "; ".join(problems))
+        raise StateDictMismatchError(f"checkpoint does not fit {target}: " + "; ".join(problems))
+
+
+def check_compatible(
+    model: torch.nn.Module, state_dict: Mapping[str, Any], ignore: tuple[str, ...] = ()
+) -> None:
+    """:func:`check_shapes` against ``model``'s own state dict (see there)."""
+    check_shapes(
+        {k: tuple(v.shape) for k, v in model.state_dict().items()},
+        state_dict,
+        ignore=ignore,
+        target=getattr(model, "arch_summary", lambda: type(model).__name__)(),
+    )
 
 
 def load_state_dict_into(

@@ -73,6 +73,64 @@ class ArchConfig:
         kwargs["block_config"] = tuple(kwargs["block_config"])
         return cls(**kwargs)
 
+    def state_dict_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every key of the model's ``state_dict()`` and its tensor's shape, in the same order,
+        computed from the numbers alone: no model is built, so a config asking for gigabytes
+        (``growth_rate=100000``) can be compared with a weights file before anything is allocated.
+
+        >>> shapes = densenet_bc_config(10).state_dict_shapes()
+        >>> shapes["features.denseblock1.denselayer1.conv1.weight"], shapes["classifier.weight"]
+        ((48, 24, 1, 1), (10, 27))
+        """
+        shapes: dict[str, tuple[int, ...]] = {}
+
+        def conv(prefix: str, out: int, inp: int, kernel: int) -> None:
+            shapes[f"{prefix}.weight"] = (out, inp, kernel, kernel)
+
+        def norm(prefix: str, channels: int) -> None:  # nn.BatchNorm2d: parameters, then buffers
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                shapes[f"{prefix}.{name}"] = (channels,)
+            shapes[f"{prefix}.num_batches_tracked"] = ()
+
+        k, width, channels = self.growth_rate, self.bn_size * self.growth_rate, self.num_init_features
+        conv("features.conv0", channels, 3, 3 if self.small_inputs else 7)
+        if not self.small_inputs:
+            norm("features.norm0", channels)
+        for b, layers in enumerate(self.block_config, start=1):
+            for i in range(1, layers + 1):
+                prefix = f"features.denseblock{b}.denselayer{i}"
+                norm(f"{prefix}.norm1", channels)
+                conv(f"{prefix}.conv1", width, channels, 1)
+                norm(f"{prefix}.norm2", width)
+                conv(f"{prefix}.conv2", k, width, 3)
+                channels += k
+            if b < len(self.block_config):  # DenseNet-BC transitions halve the channels
+                norm(f"features.transition{b}.norm", channels)
+                conv(f"features.transition{b}.conv", channels // 2, channels, 1)
+                channels //= 2
+        norm("features.norm5", channels)
+        shapes["classifier.weight"] = (self.num_classes, channels)
+        shapes["classifier.bias"] = (self.num_classes,)
+        return shapes
+
+    def check_shapes(self, tensors: Mapping[str, Any], *, ignore: tuple[str, ...] = ()) -> None:
+        """Check that ``tensors`` (torchvision-style keys) are exactly the state dict this config
+        builds, without building it: :meth:`state_dict_shapes` is arithmetic, and ``tensors`` may
+        map keys to tensors or to shapes (a safetensors header's, read without loading a tensor).
+
+        Checkpoints that predate ``num_batches_tracked`` (none at all) pass, as loading fills the
+        counters in. ``ignore`` lists key prefixes that may differ (``"classifier."``).
+
+        Raises:
+            StateDictMismatchError: naming the first missing, unexpected and mis-shaped keys.
+        """
+        from ..io.state_dict import check_shapes  # torch-free import of this module for the CLI
+
+        expected = self.state_dict_shapes()
+        if not any(k.endswith("num_batches_tracked") for k in tensors):
+            expected = {k: v for k, v in expected.items() if not k.endswith("num_batches_tracked")}
+        check_shapes(expected, tensors, ignore=ignore, target=self.describe())
+
     def with_classes(self, num_classes: int) -> ArchConfig:
         return replace(self, num_classes=num_classes)
 

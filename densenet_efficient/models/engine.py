@@ -55,7 +55,7 @@ and recomputes the 1x1 convolution too.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -217,16 +217,25 @@ def _norm_relu(
 def _bn_backward(
     grad: Tensor, x: Tensor, bn: nn.BatchNorm2d, stats: _Stats, fmt: torch.memory_format
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of BN w.r.t. input, weight and bias (training mode: through the batch stats)."""
+    """Gradients of BN w.r.t. input, weight and bias (training mode: through the batch stats).
+
+    The kernel wants the weight in the statistics' dtype: with bf16/fp16 parameters the shared
+    batch statistics are float32 (see :func:`_batch_stats`), so the weight goes in as float32 (the
+    kernels' mixed-precision case, bf16/fp16 activations with float parameters) and its gradients
+    come back in the parameter's dtype.
+    """
     x = x.contiguous(memory_format=fmt)
+    weight = bn.weight.to(stats.mean.dtype)
     if stats.train:
         invstd = stats.invstd if stats.invstd is not None else torch.rsqrt(stats.var + bn.eps)
-        return torch.ops.aten.native_batch_norm_backward(
-            grad, x, bn.weight, None, None, stats.mean, invstd, True, bn.eps, [True, True, True]
+        dx, dg, db = torch.ops.aten.native_batch_norm_backward(
+            grad, x, weight, None, None, stats.mean, invstd, True, bn.eps, [True, True, True]
         )
-    return torch.ops.aten.native_batch_norm_backward(
-        grad, x, bn.weight, stats.mean, stats.var, None, None, False, bn.eps, [True, True, True]
-    )
+    else:
+        dx, dg, db = torch.ops.aten.native_batch_norm_backward(
+            grad, x, weight, stats.mean, stats.var, None, None, False, bn.eps, [True, True, True]
+        )
+    return dx, dg.to(bn.weight.dtype), db.to(bn.weight.dtype)
 
 
 def _conv(x: Tensor, conv: nn.Conv2d, dtype: torch.dtype) -> Tensor:
@@ -440,19 +449,60 @@ def _layer_params(layers: list[nn.Module]) -> list[Tensor]:
     return out
 
 
+class _Bound:
+    """A module as backward sees it: the module's settings (eps, stride, drop rate, ...) with the
+    tensors that went through ``save_for_backward`` in place of the module's own attributes.
+
+    Backward must compute with the tensors forward used. Reading them from ``ctx.saved_tensors``
+    makes autograd check their version counters; reading them from here (not from the module)
+    also keeps a parameter that was *replaced* on the module after forward out of the backward.
+    """
+
+    def __init__(self, module: nn.Module, **tensors: Any) -> None:
+        self._module = module
+        self.__dict__.update(tensors)
+
+    def __getattr__(self, name: str) -> Any:  # only reached for what was not bound above
+        return getattr(self._module, name)
+
+
+def _bind_layers(layers: list[nn.Module], params: list[Tensor]) -> list[Any]:
+    """Dense layers bound to saved parameters, in the order of :func:`_layer_params`."""
+    bound = []
+    for i, layer in enumerate(layers):
+        g1, b1, w1, g2, b2, w2 = params[6 * i : 6 * i + 6]
+        bound.append(
+            _Bound(
+                layer,
+                norm1=_Bound(layer.norm1, weight=g1, bias=b1),
+                conv1=_Bound(layer.conv1, weight=w1),
+                norm2=_Bound(layer.norm2, weight=g2, bias=b2),
+                conv2=_Bound(layer.conv2, weight=w2),
+            )
+        )
+    return bound
+
+
 class _DenseBlockFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, plan: _Plan, *params: Tensor) -> Tensor:
         with torch.autocast(plan.autocast[0], enabled=False):
             buf, saved = _block_forward(x, plan)
         # Tensors go through save_for_backward so autograd frees them right after this block's
-        # backward (and keeps them when retain_graph=True); ctx keeps only statistics and layout.
+        # backward (and keeps them when retain_graph=True), and so that reading them in backward
+        # checks their version counters: a parameter changed in place between forward and
+        # backward raises autograd's "modified by an inplace operation" error, as the naive path
+        # does, instead of silently giving gradients of the new values. ctx keeps only
+        # statistics (fresh tensors nobody else can reach) and layout.
         bottlenecks, masks = saved.pop("bottlenecks"), saved.pop("masks")
         saved["has_bottleneck"] = [b is not None for b in bottlenecks]
         saved["has_mask"] = [m is not None for m in masks]
-        ctx.plan, ctx.saved, ctx.input_dtype = plan, saved, x.dtype
+        ctx.plan, ctx.saved, ctx.input_dtype, ctx.n_params = plan, saved, x.dtype, len(params)
         ctx.save_for_backward(
-            buf, *[b for b in bottlenecks if b is not None], *[m for m in masks if m is not None]
+            buf,
+            *params,
+            *[b for b in bottlenecks if b is not None],
+            *[m for m in masks if m is not None],
         )
         return buf
 
@@ -460,11 +510,13 @@ class _DenseBlockFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: Tensor):
         buf, *rest = ctx.saved_tensors
+        params, rest = rest[: ctx.n_params], rest[ctx.n_params :]
         saved = dict(ctx.saved)
         saved["bottlenecks"] = _unpack(rest, saved["has_bottleneck"])
         saved["masks"] = _unpack(rest[sum(saved["has_bottleneck"]) :], saved["has_mask"])
-        with torch.autocast(ctx.plan.autocast[0], enabled=False):
-            gx, param_grads = _block_backward(grad, buf, ctx.plan, saved)
+        plan = replace(ctx.plan, modules=_bind_layers(ctx.plan.modules, params))
+        with torch.autocast(plan.autocast[0], enabled=False):
+            gx, param_grads = _block_backward(grad, buf, plan, saved)
         return (gx.to(ctx.input_dtype), None, *param_grads)
 
 
@@ -474,11 +526,28 @@ def _unpack(tensors: list[Tensor], present: list[bool]) -> list[Tensor | None]:
     return [next(it) if p else None for p in present]
 
 
+def _empty_block(layers: list[nn.Module], x: Tensor) -> Tensor:
+    """An empty batch (N=0) through the layers' own forward, which is the naive computation.
+
+    There is nothing to save memory on, and the engine's statistics kernels refuse empty input;
+    ``nn.BatchNorm2d`` defines what an empty batch does (it counts the batch in
+    ``num_batches_tracked``, leaves the running statistics alone and gives zero parameter
+    gradients), so the modules themselves give exactly the naive path's outputs, buffers and
+    gradients.
+    """
+    features = [x]
+    for layer in layers:
+        features.append(layer(torch.cat(features, 1)))
+    return torch.cat(features, 1)
+
+
 @torch.compiler.disable
 def dense_block(block: nn.Module, x: Tensor, mode: str) -> Tensor:
     """Run ``block`` (a torchvision-layout ``_DenseBlock``) with the engine; returns the concatenated features."""
     layers = list(block.values())
     _check_norms([m for layer in layers for m in (layer.norm1, layer.norm2)])
+    if x.shape[0] == 0:
+        return _empty_block(layers, x)
     params = _layer_params(layers)
     plan = _plan(layers, mode, x, block.training, "block", params)
     if not plan.graph:
@@ -538,19 +607,21 @@ def _pair(v: int | tuple[int, int]) -> list[int]:
 class _NormReluTailFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, plan: _Plan, *params: Tensor) -> Tensor:
-        ctx.plan, ctx.input_dtype = plan, x.dtype
+        ctx.plan, ctx.input_dtype, ctx.n_params = plan, x.dtype, len(params)
         with torch.autocast(plan.autocast[0], enabled=False):
             x = x.to(plan.dtype)
             z, ctx.stats = _norm_relu(x, plan.modules[0], plan.training, plan.fmt)
             out, kept = _tail_forward(z, plan)
-        ctx.save_for_backward(x, *kept)
+        # Parameters too, so backward's read of them is version-checked (see _DenseBlockFunction).
+        ctx.save_for_backward(x, *params, *kept)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):
-        x, *kept = ctx.saved_tensors
-        plan = ctx.plan
+        x, *rest = ctx.saved_tensors
+        params, kept = rest[: ctx.n_params], rest[ctx.n_params :]
+        plan = replace(ctx.plan, modules=_bind_tail(ctx.plan.modules, params))
         bn = plan.modules[0]
         with torch.autocast(plan.autocast[0], enabled=False):
             grad = grad.to(plan.dtype)
@@ -569,11 +640,27 @@ class _NormReluTailFunction(torch.autograd.Function):
         return (dx.to(ctx.input_dtype), None, dg, dbeta) + ((dw,) if dw is not None else ())
 
 
+def _tail_params(modules: list[nn.Module], kind: str) -> list[Tensor]:
+    """The BN's affine parameters, and the transition's convolution weight."""
+    return [modules[0].weight, modules[0].bias] + ([modules[1].weight] if kind == "transition" else [])
+
+
+def _bind_tail(modules: list[nn.Module], params: list[Tensor]) -> list[Any]:
+    """``[norm, conv-or-pool]`` bound to the saved parameters (inverse of :func:`_tail_params`)."""
+    norm = _Bound(modules[0], weight=params[0], bias=params[1])
+    return [norm, _Bound(modules[1], weight=params[2]) if len(params) > 2 else modules[1]]
+
+
 def _norm_relu_tail(
     x: Tensor, modules: list[nn.Module], kind: str, training: bool, mode: str = EFFICIENT
 ) -> Tensor:
     _check_norms([modules[0]])
-    params = [modules[0].weight, modules[0].bias] + ([modules[1].weight] if kind == "transition" else [])
+    if x.shape[0] == 0:  # an empty batch: the modules' own forward (see _empty_block)
+        z = F.relu(modules[0](x))
+        if kind == "transition":
+            return F.avg_pool2d(modules[1](z), 2, 2)
+        return modules[1](z)
+    params = _tail_params(modules, kind)
     plan = _plan(modules, mode, x, training, kind, params)
     if not plan.graph:
         with torch.no_grad(), torch.autocast(plan.autocast[0], enabled=False):

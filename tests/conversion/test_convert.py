@@ -8,6 +8,9 @@ is downloaded: URL and registry sources are served from a localhost HTTP server.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import errno
 import functools
 import hashlib
 import http.server
@@ -20,6 +23,7 @@ import subprocess
 import sys
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -288,6 +292,36 @@ def test_infer_rejects_inconsistent_tensors(edit, message):
         de.infer_config(sd)
 
 
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (
+            {"growth_rate": 100000},
+            r"shape mismatch: .*denselayer1\.conv1\.weight \(checkpoint \(48, 24, 1, 1\), model \(400000, 24, 1, 1\)\)",
+        ),
+        ({"block_config": (3000, 1, 1)}, r"missing keys: features\.denseblock1\.denselayer2\."),
+    ],
+)
+def test_config_checked_against_a_file_header_builds_nothing(fields, message, tmp_path, monkeypatch):
+    """A config.json that contradicts a 90 KB weights file fails on shapes read from the file's
+    header, before any model (gigabytes for these configs) is built."""
+    from safetensors import safe_open
+
+    save_file(de.densenet_bc(10).state_dict(), str(tmp_path / "w.safetensors"))
+    with safe_open(str(tmp_path / "w.safetensors"), "pt") as f:
+        header = {k: f.get_slice(k).get_shape() for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was built")
+
+    monkeypatch.setattr(de.DenseNet, "__init__", no_model)
+    config = dataclasses.replace(densenet_bc_config(10), **fields)
+    with pytest.raises(de.StateDictMismatchError, match=message):
+        config.check_shapes(header)
+    densenet_bc_config(10).check_shapes(header)  # the true config passes
+    assert de.infer_config(load_file(str(tmp_path / "w.safetensors"))) == densenet_bc_config(10)
+
+
 def test_arch_and_num_classes_must_agree(tmp_path):
     tv = _torchvision_model(ArchConfig(48, (1, 1, 1, 1), 96, num_classes=3))
     torch.save(tv.state_dict(), tmp_path / "k48.pth")
@@ -360,7 +394,51 @@ def _bad_folder_without_weights(tmp: Path) -> Path:
     return tmp / "repo"
 
 
+def _bad_legacy_cut(size: int):
+    """bc10 in legacy serialization cut to ``size`` bytes: inside the tensor data (was struct.error)."""
+
+    def make(tmp: Path) -> Path:
+        torch.save(de.densenet_bc(10).state_dict(), tmp / "full.pth", _use_new_zipfile_serialization=False)
+        (tmp / "cut.pth").write_bytes((tmp / "full.pth").read_bytes()[:size])
+        return tmp / "cut.pth"
+
+    make.__name__ = f"_bad_legacy_cut_{size}"
+    return make
+
+
+def _bad_dtype(dtype: torch.dtype):
+    """A safetensors file whose weights and statistics are ``dtype`` (int32, bool) instead of floats."""
+
+    def make(tmp: Path) -> Path:
+        sd = {k: v.to(dtype) for k, v in de.densenet_bc(10).state_dict().items()}
+        save_file(sd, str(tmp / "weights.safetensors"))
+        return tmp / "weights.safetensors"
+
+    make.__name__ = f"_bad_dtype_{str(dtype)[6:]}"
+    return make
+
+
+def _bad_zero_size(key: str, shape: tuple[int, ...]):
+    """A weight with a zero-size dimension (a zero growth rate was a ZeroDivisionError)."""
+
+    def make(tmp: Path) -> Path:
+        sd = de.densenet_bc(10).state_dict()
+        sd[key] = torch.zeros(shape)
+        torch.save(sd, tmp / "zero.pth")
+        return tmp / "zero.pth"
+
+    make.__name__ = f"_bad_zero_{key.split('.')[-2]}"
+    return make
+
+
 BAD = [
+    *[(_bad_legacy_cut(n), "truncated or corrupt torch file") for n in (5000, 6000, 8000)],
+    *[(_bad_dtype(d), rf"should hold floating-point numbers .*found {d}") for d in (torch.int32, torch.bool)],
+    (
+        _bad_zero_size("features.denseblock1.denselayer1.conv2.weight", (0, 48, 3, 3)),
+        r"conv2\.weight has a zero-size dimension \(shape \(0, 48, 3, 3\)\)",
+    ),
+    (_bad_zero_size("features.conv0.weight", (0, 3, 3, 3)), r"conv0\.weight has a zero-size dimension"),
     (_bad_resnet, r"not a DenseNet checkpoint \(its layout looks like a ResNet\)"),
     (_bad_truncated_zip, "truncated or corrupt torch file"),
     (_bad_truncated_legacy, "truncated or corrupt torch file"),
@@ -383,6 +461,61 @@ def test_bad_input_cli(make, message, tmp_path, capsys):
     assert err.startswith("densenet-efficient convert: error: ") and "\n" not in err
     assert re.search(message, err), err
     assert os.listdir(out_root) == []
+
+
+@contextlib.contextmanager
+def _full_disk(root: Path, how: str, monkeypatch) -> Iterator[None]:
+    """``root`` on a disk with no room for a converted model.
+
+    ``"disk"``: a 2 MB tmpfs filled but for 40 KB, when this process may mount one (root in a
+    container), else a writer that fails with ENOSPC the way open() does. ``"safetensors"``: the
+    model writer fails the way safetensors' Rust code reports a full disk.
+    """
+    if how == "disk" and _mount_tmpfs(root):
+        try:
+            (root / "filler").write_bytes(bytes(2048 * 1024 - 40 * 1024))
+            yield
+        finally:
+            subprocess.run(["umount", str(root)], check=True)
+        return
+    import safetensors.torch
+
+    def full(tensors, filename, metadata=None):
+        if how == "safetensors":
+            raise safetensors.SafetensorError(
+                "Error while serializing: I/O error: No space left on device (os error 28)"
+            )
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    yield
+
+
+def _mount_tmpfs(root: Path) -> bool:
+    try:
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(root)], capture_output=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
+
+
+@pytest.mark.parametrize("how", ["disk", "safetensors"])
+def test_full_disk_cli(how, tmp_path, monkeypatch, capsys):
+    """A full disk is one sentence with the OS error, not a SafetensorError traceback; nothing is left."""
+    src = _bad_legacy_cut(10**9)(tmp_path)  # the whole file
+    root = tmp_path / "disk"
+    root.mkdir()
+    with _full_disk(root, how, monkeypatch):
+        before = sorted(os.listdir(root))
+        assert cli.main(["convert", str(src), str(root / "model"), "--quiet"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert sorted(os.listdir(root)) == before
+    assert err.startswith(
+        "densenet-efficient convert: error: [Errno 28] No space left on device while writing "
+    )
+    assert err.endswith(f"{root / 'model'}; nothing was written there") and "\n" not in err
 
 
 def test_existing_output_dir_cli(tmp_path, capsys):
@@ -569,3 +702,17 @@ def test_registry_name_source(tmp_path, http_root, monkeypatch, capsys):
     code = _script().main([str(tmp_path / "script"), "densenet121", "--model-dir", str(tmp_path / "cache")])
     assert code == 2 and "growth rate 32 but the checkpoint's tensors say 8" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["cache", "manifest.json", "out", "www"]
+
+
+def test_silent_server_cli(tmp_path, monkeypatch, capsys):
+    """A server that accepts and never answers: two short timeouts, one sentence, nothing written."""
+    from ..io.test_download import _server
+
+    monkeypatch.setenv("DENSENET_EFFICIENT_DOWNLOAD_TIMEOUT", "0.3")
+    with _server(answer_from=None) as (base, conns):
+        assert cli.main(["convert", f"{base}/tiny-0123abcd.pth", str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert re.fullmatch(
+        r"densenet-efficient convert: error: .*no answer from .* within 0\.3 s \(tried 2 times\).*", err
+    )
+    assert len(conns) == 2 and os.listdir(tmp_path) == []

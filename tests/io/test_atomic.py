@@ -62,3 +62,28 @@ def test_a_file_in_the_way_is_refused(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(FileExistsError, match="is a file"), staged_folder(tmp_path / "f", replace=True):
         pass
+
+
+@pytest.mark.parametrize("exists", [False, True])
+def test_staged_files_follow_the_umask_even_when_written_private(tmp_path, exists):
+    """safetensors' save_file creates its file 0600; the saved folder's files must all follow the
+    umask like the files open() writes beside them."""
+    import torch
+    from safetensors.torch import save_file
+
+    out = tmp_path / "model"
+    if exists:
+        out.mkdir()
+    old_mask = os.umask(0o022)
+    try:
+        with staged_folder(out, replace=True) as tmp:
+            save_file({"w": torch.zeros(2)}, str(tmp / "model.safetensors"))
+            fd = os.open(tmp / "private.bin", os.O_CREAT | os.O_WRONLY, 0o600)
+            os.close(fd)
+            (tmp / "sub").mkdir(mode=0o700)
+            (tmp / "config.json").write_text("{}")
+    finally:
+        os.umask(old_mask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert modes == {"model.safetensors": 0o644, "private.bin": 0o644, "sub": 0o755, "config.json": 0o644}
+    assert out.stat().st_mode & 0o777 == 0o755

@@ -321,3 +321,22 @@ def test_unreachable_server_fails_clearly_and_caches_nothing(hub_env, tmp_path):
     with pytest.raises(OSError, match=r"could not download .*densenet121-0123abcd\.pth.*nothing was cached"):
         de.densenet121(pretrained=True, progress=False)
     assert _no_trusted_file(cache, "densenet121-0123abcd.pth")
+
+
+def test_silent_server_for_pretrained_weights_times_out(tmp_path, monkeypatch):
+    """pretrained=True against a server that accepts and never answers: a bounded wait, one clear
+    OSError, nothing cached (it used to hang forever)."""
+    from ..io.test_download import _server
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setenv("DENSENET_EFFICIENT_DOWNLOAD_TIMEOUT", "0.3")
+    with _server(answer_from=None) as (base, conns):
+        manifest = manifest_override(tmp_path / "m.json", {"densenet121": f"{base}/densenet121-0123abcd.pth"})
+        monkeypatch.setenv(W.MANIFEST_ENV, str(manifest))
+        with pytest.raises(
+            OSError, match=r"could not download .*no answer .* within 0\.3 s \(tried 2 times\)"
+        ):
+            de.densenet121(pretrained=True, progress=False)
+    assert len(conns) == 2
+    cache = tmp_path / "torch_home" / "hub" / "checkpoints"
+    assert not cache.exists() or os.listdir(cache) == []
