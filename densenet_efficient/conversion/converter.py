@@ -17,6 +17,7 @@ computes (:mod:`.verify`).
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from ..io.checkpoint import Checkpoint, read_checkpoint
 from ..io.state_dict import StateDictMismatchError
 from ..models.config import ARCHITECTURES, ArchConfig, get_config
 from ..models.densenet import DenseNet
-from ..models.hub import CARD_NAME, model_card, save_hub_folder
+from ..models.hub import CARD_NAME, CONFIG_NAME, model_card, save_hub_folder
 from ..models.weights import list_weights
 from .infer import ConversionError, check_against, infer_config, normalize_keys
 from .sources import fetch_source, source_format, torchvision_loadable
@@ -90,6 +91,7 @@ class _Source:
     config: ArchConfig
     format: str
     torchvision_file: bool
+    pretrained_cfg: dict[str, Any]
 
 
 def _read_source(
@@ -100,9 +102,24 @@ def _read_source(
         path = fetch_source(src, Path(downloads), progress, model_dir)
         ckpt = read_checkpoint(path, key=checkpoint_key)
     sd, prefix = normalize_keys(ckpt.state_dict)
+    config = infer_config(sd)
+    # torchvision's own class (the independent reference) has 3 input channels and a classifier
+    torchvision_file = torchvision_loadable(ckpt, prefix) and config.in_chans == 3 and config.num_classes > 0
     return _Source(
-        path, ckpt, sd, infer_config(sd), source_format(ckpt, prefix), torchvision_loadable(ckpt, prefix)
+        path, ckpt, sd, config, source_format(ckpt, prefix), torchvision_file, _folder_pretrained_cfg(src)
     )
+
+
+def _folder_pretrained_cfg(src: str | os.PathLike) -> dict[str, Any]:
+    """A Hub folder's ``pretrained_cfg`` (timm's: preprocessing, licence...), kept by the conversion."""
+    config = Path(src) / CONFIG_NAME
+    if not config.is_file():
+        return {}
+    try:
+        cfg = json.loads(config.read_text(encoding="utf-8")).get("pretrained_cfg")
+    except (ValueError, AttributeError, UnicodeDecodeError) as err:
+        raise ConversionError(f"{config} is not a JSON object with a pretrained_cfg ({err})") from None
+    return dict(cfg) if isinstance(cfg, dict) else {}
 
 
 def _reference(source: _Source) -> tuple[nn.Module, str]:
@@ -195,6 +212,7 @@ def convert(
     source = _read_source(src, checkpoint_key, progress, model_dir)
     check_against(source.config, arch, num_classes)
     model = converted_model(source.config, source.state_dict)
+    model.pretrained_cfg = {**model.pretrained_cfg, **source.pretrained_cfg, "num_classes": model.num_classes}
     reference = _reference(source) if verify else None
     provenance = _provenance(source)
     diff = shape = None

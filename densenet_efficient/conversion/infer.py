@@ -77,7 +77,7 @@ def infer_config(state_dict: Mapping[str, Any]) -> ArchConfig:
 
     >>> from densenet_efficient import densenet_bc
     >>> infer_config(densenet_bc(40, growth_rate=24).state_dict())
-    ArchConfig(growth_rate=24, block_config=(6, 6, 6), num_init_features=48, bn_size=4, num_classes=10, small_inputs=True)
+    ArchConfig(growth_rate=24, block_config=(6, 6, 6), num_init_features=48, bn_size=4, num_classes=10, small_inputs=True, in_chans=3)
 
     Raises:
         ConversionError: not a DenseNet, an unsupported variant, or tensors that contradict each other.
@@ -86,7 +86,7 @@ def infer_config(state_dict: Mapping[str, Any]) -> ArchConfig:
     if not any(_LAYER_KEY.match(k) for k in sd):
         raise _not_densenet(sd)
     _check_tensors(sd)
-    num_init_features, small_inputs = _infer_stem(sd)
+    num_init_features, small_inputs, in_chans = _infer_stem(sd)
     block_config = _infer_blocks(sd)
     growth_rate, bn_size = _infer_bottleneck(sd)
     _check_transitions(sd, num_init_features, block_config, growth_rate)
@@ -95,14 +95,20 @@ def infer_config(state_dict: Mapping[str, Any]) -> ArchConfig:
         block_config=block_config,
         num_init_features=num_init_features,
         bn_size=bn_size,
-        num_classes=_shape(sd, "classifier.weight")[0],
+        # no classifier at all: a model saved without a head (num_classes=0)
+        num_classes=_shape(sd, "classifier.weight")[0] if _has_head(sd) else 0,
         small_inputs=small_inputs,
+        in_chans=in_chans,
     )
     try:  # every other tensor must fit the model these numbers describe
         config.check_shapes(sd)
     except StateDictMismatchError as err:
         raise ConversionError(f"the checkpoint's tensors are inconsistent: {err}") from None
     return config
+
+
+def _has_head(sd: Mapping[str, Any]) -> bool:
+    return any(k.startswith("classifier.") for k in sd)
 
 
 def _check_tensors(sd: Mapping[str, Any]) -> None:
@@ -126,16 +132,12 @@ def _check_tensors(sd: Mapping[str, Any]) -> None:
             )
 
 
-def _infer_stem(sd: Mapping[str, Any]) -> tuple[int, bool]:
-    """``(num_init_features, small_inputs)`` from ``conv0`` and the presence of ``norm0``."""
+def _infer_stem(sd: Mapping[str, Any]) -> tuple[int, bool, int]:
+    """``(num_init_features, small_inputs, in_chans)`` from ``conv0`` and the presence of ``norm0``."""
     conv0 = _shape(sd, "features.conv0.weight")
     if len(conv0) != 4:
         raise ConversionError(
             f"features.conv0.weight should be a 4-D convolution kernel, found shape {conv0}"
-        )
-    if conv0[1] != 3:
-        raise ConversionError(
-            f"this package's DenseNets take 3 input channels, the checkpoint's conv0 takes {conv0[1]}"
         )
     if any(k.startswith(("features.conv1.", "features.conv2.")) for k in sd):
         raise ConversionError(
@@ -144,9 +146,9 @@ def _infer_stem(sd: Mapping[str, Any]) -> tuple[int, bool]:
         )
     has_norm0 = "features.norm0.weight" in sd
     if conv0[2:] == (7, 7) and has_norm0:
-        return conv0[0], False
+        return conv0[0], False, conv0[1]
     if conv0[2:] == (3, 3) and not has_norm0:
-        return conv0[0], True
+        return conv0[0], True, conv0[1]
     raise ConversionError(
         f"unsupported stem: a {conv0[2]}x{conv0[3]} conv0 {'with' if has_norm0 else 'without'} norm0 "
         "(supported: torchvision's 7x7 conv0 + norm0 + max-pool, or the CIFAR 3x3 conv0 alone)"

@@ -14,6 +14,7 @@ produced are replaced, each atomically, and nothing else in that folder is touch
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import shutil
@@ -99,6 +100,8 @@ def staged_folder(out: str | os.PathLike, *, replace: bool = False) -> Iterator[
 # implemented in Rust, safetensors' save_file among them, report a full disk with their own
 # exception type and this text.
 _RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+#: errno values that mean the destination cannot take the files (full, over quota, read-only, failing)
+_DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG}
 
 
 def _explained(err: BaseException, staging: Path, out: Path) -> OSError | None:
@@ -112,7 +115,9 @@ def _explained(err: BaseException, staging: Path, out: Path) -> OSError | None:
     if not isinstance(err, Exception):
         return None
     if isinstance(err, OSError):
-        if err.errno is None or str(staging) not in str(err):
+        # the disk's fault whichever file hit it (a failed write() names no file); other OS errors
+        # only when they name our staging folder
+        if err.errno is None or (err.errno not in _DISK_ERRORS and str(staging) not in str(err)):
             return None
         code = err.errno
     else:

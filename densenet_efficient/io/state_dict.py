@@ -138,13 +138,13 @@ def check_shapes(
 
     missing = [k for k in expected if k not in found and not ignored(k)]
     unexpected = [k for k in found if k not in expected and not ignored(k)]
-    shapes = [
-        f"{k} (checkpoint {shape}, model {tuple(expected[k])})"
-        for k, v in found.items()
-        if k in expected
+    shapes = [  # in the model's order (safetensors files come back sorted): the earliest first
+        f"{k} (checkpoint {shape}, model {tuple(want)})"
+        for k, want in expected.items()
+        if k in found
         and not ignored(k)
-        and (shape := _shape_of(v)) is not None
-        and shape != tuple(expected[k])
+        and (shape := _shape_of(found[k])) is not None
+        and shape != tuple(want)
     ]
     problems = []
     if missing:

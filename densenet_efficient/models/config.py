@@ -93,7 +93,7 @@ class ArchConfig:
             shapes[f"{prefix}.num_batches_tracked"] = ()
 
         k, width, channels = self.growth_rate, self.bn_size * self.growth_rate, self.num_init_features
-        conv("features.conv0", channels, 3, 3 if self.small_inputs else 7)
+        conv("features.conv0", channels, self.in_chans, 3 if self.small_inputs else 7)
         if not self.small_inputs:
             norm("features.norm0", channels)
         for b, layers in enumerate(self.block_config, start=1):
@@ -109,8 +109,9 @@ class ArchConfig:
                 conv(f"features.transition{b}.conv", channels // 2, channels, 1)
                 channels //= 2
         norm("features.norm5", channels)
-        shapes["classifier.weight"] = (self.num_classes, channels)
-        shapes["classifier.bias"] = (self.num_classes,)
+        if self.num_classes:  # num_classes=0: no classifier (pooled features out)
+            shapes["classifier.weight"] = (self.num_classes, channels)
+            shapes["classifier.bias"] = (self.num_classes,)
         return shapes
 
     def check_shapes(self, tensors: Mapping[str, Any], *, ignore: tuple[str, ...] = ()) -> None:

@@ -495,7 +495,8 @@ def _validate_arch(
         ("in_chans", in_chans, 1),
     ):
         if not isinstance(value, int) or isinstance(value, bool) or value < least:
-            raise UsageError(f"{name} must be an int >= {least}, got {value!r}")
+            kind = "a positive int" if least == 1 else f"an int >= {least}"
+            raise UsageError(f"{name} must be {kind}, got {value!r}")
     if (
         not isinstance(block_config, (tuple, list))
         or not block_config

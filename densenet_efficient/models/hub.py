@@ -382,6 +382,12 @@ def load_hub_folder(
     kwargs, pretrained_cfg = _model_kwargs(config, source)
     state_dict = read_checkpoint(weights_path).state_dict
     _check_classes(state_dict, kwargs["num_classes"], source, weights_path.name)
+    try:  # before building: a config asking for gigabytes is refused against a small file at once
+        ArchConfig(**{k: v for k, v in kwargs.items() if k != "drop_rate"}).check_shapes(state_dict)
+    except StateDictMismatchError as e:
+        raise StateDictMismatchError(
+            f"{source}: {weights_path.name} does not match its {CONFIG_NAME}: {e}"
+        ) from None
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     model = model_cls(**kwargs, memory_efficient=memory_efficient)

@@ -328,6 +328,10 @@ class WeightsEnum(_TorchvisionWeightsEnum):
     def __str__(self) -> str:
         return f"{type(self).__name__}.{self.name}"
 
+    def __reduce_ex__(self, protocol: int) -> tuple[Any, ...]:
+        # by name: the member's value holds callables, and the manifest may change between processes
+        return getattr, (type(self), self.name)
+
 
 #: enum class name -> architecture (an Enum class cannot carry extra attributes of its own)
 _ENUM_ARCH: dict[str, str] = {}

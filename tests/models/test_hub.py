@@ -53,16 +53,24 @@ def test_save_pretrained_writes_the_three_files(tmp_path):
         "model.safetensors",
     ]
     config = json.loads((tmp_path / "m" / "config.json").read_text())
+    pretrained_cfg = config.pop("pretrained_cfg")
     assert config == {
+        # timm's fields (timm.create_model("local-dir:...") reads them)
         "architecture": "densenet",
+        "num_features": 18,
+        "global_pool": "avg",
+        # this package's
         "growth_rate": 8,
         "block_config": [1, 2, 1, 1],
         "num_init_features": 8,
         "bn_size": 4,
         "num_classes": 7,
         "small_inputs": False,
+        "in_chans": 3,
         "drop_rate": 0.0,
     }
+    assert pretrained_cfg["num_classes"] == 7 and pretrained_cfg["input_size"] == [3, 224, 224]
+    assert pretrained_cfg["first_conv"] == "features.conv0" and pretrained_cfg["classifier"] == "classifier"
     assert "memory_efficient" not in config
     card = ModelCard.load(tmp_path / "m" / "README.md")
     assert card.data.library_name == "densenet_efficient"
@@ -124,8 +132,9 @@ def test_failed_write_leaves_no_partial_folder(tmp_path, monkeypatch):
 def test_save_hub_folder_rejects_other_models(tmp_path):
     with pytest.raises(TypeError, match="expects a densenet_efficient.DenseNet, got Linear"):
         de.save_hub_folder(torch.nn.Linear(2, 2), tmp_path / "m")
-    with pytest.raises(ValueError, match="takes no config"):
+    with pytest.raises(ValueError, match="take no config"):
         tiny().save_pretrained(tmp_path / "n", config={"a": 1})
+    assert not (tmp_path / "n").exists()  # refused before anything was written
 
 
 # -- round trips -------------------------------------------------------------------------------------
