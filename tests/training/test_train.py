@@ -6,6 +6,8 @@ import csv
 import json
 import math
 import os
+import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -20,6 +22,7 @@ from densenet_efficient.models import weights as weights_mod
 from densenet_efficient.training import NonFiniteLossError, TrainConfig, train
 from densenet_efficient.training.checkpoint import LOG_COLUMNS
 from densenet_efficient.training.checkpoint import read_run_checkpoint as load_checkpoint
+from densenet_efficient.training.config import lr_milestones
 
 from ..support import REPO as ROOT
 from ..support.fakedata import point_cifar10_at, write_fake_cifar10, write_image_folder
@@ -216,8 +219,6 @@ def test_bad_inputs_are_one_clear_line_and_write_nothing(tmp_path, capsys, make,
     err = capsys.readouterr().err
     assert rc == 2
     assert err.startswith("densenet-efficient train: error: ") and len(err.strip().splitlines()) == 1
-    import re
-
     assert re.search(message, err), err
     assert not save.exists()
 
@@ -442,3 +443,135 @@ def test_torchrun_two_processes_gloo_only_rank0_writes(tmp_path):
     rows = _read_log(save / "log.csv")
     assert [r["epoch"] for r in rows] == ["1", "2"]
     assert load_checkpoint(save / "checkpoint.pt")["epoch"] == 2
+
+
+# -- resuming with other settings, damaged checkpoints ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> tuple[Path, Path, dict]:
+    """A finished 2-epoch tiny run (trained once per module), its CIFAR folder and md5 lists."""
+    root = tmp_path_factory.mktemp("finished")
+    md5s = write_fake_cifar10(root / "cifar", per_batch=20, test_size=20)
+    with pytest.MonkeyPatch.context() as mp:
+        point_cifar10_at(mp, md5s)
+        train(_tiny(root / "cifar", root / "run", n_epochs=2))
+    return root / "cifar", root / "run", md5s
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path, monkeypatch) -> Path:
+    """A private copy of :func:`finished_run`'s folder, its data readable by torchvision."""
+    cifar, run, md5s = finished_run
+    point_cifar10_at(monkeypatch, md5s)
+    shutil.copytree(run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def test_first_epoch_runs_at_the_given_lr_whatever_the_epoch_count(cifar, tmp_path):
+    # One epoch used to get milestones [0, 0] and run at lr / 100.
+    assert [lr_milestones(n)[0] >= 1 for n in range(1, 12)] == [True] * 11
+    assert lr_milestones(4) == [2, 3]  # the demo's schedule is unchanged for longer runs
+    result = train(_tiny(cifar, tmp_path / "run", n_epochs=1, lr=0.05))
+    assert [row["lr"] for row in result.history] == [0.05]
+
+
+def test_resume_with_more_epochs_continues_on_the_recomputed_schedule(finished_run, run_copy, capsys):
+    cifar = finished_run[0]
+    # The same settings given again (the data folder spelt differently) are not a change.
+    same = ("--depth", "10", "--lr", "0.1", "--data", f"{cifar}/../{cifar.name}", "--dataset", "cifar10")
+    assert _cli("--save", str(run_copy), "--resume", "--n-epochs", "4", *same, "--no-progress") == 0
+    out = capsys.readouterr().out
+    assert "resuming with --n-epochs 4 (the run had 2): training continues to epoch 4" in out
+    rows = _read_log(run_copy / "log.csv")
+    assert [r["epoch"] for r in rows] == ["1", "2", "3", "4"]
+    # Epochs 1-2 ran on the 2-epoch schedule (x0.01 after epoch 1); epochs 3-4 run where a 4-epoch
+    # schedule is (x0.1 after epochs 2 and 3), so the rate goes back up to 0.01 for epoch 3.
+    assert [float(r["lr"]) for r in rows] == pytest.approx([0.1, 0.001, 0.01, 0.001])
+    ckpt = load_checkpoint(run_copy / "checkpoint.pt")
+    assert ckpt["epoch"] == 4 and ckpt["config"]["n_epochs"] == 4
+
+    # Finished: a plain resume says there is nothing to train instead of silently doing nothing.
+    assert _cli("--save", str(run_copy), "--resume", "--no-progress") == 0
+    assert "already completed its 4 epochs: nothing to train" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--n-epochs", "5", "--lr", "0.5", "--depth", "16", "--dataset", "digits"],
+            r"--dataset digits \(the run has auto\); --depth 16 \(the run has 10\); --lr 0.5 \(the run has 0.1\) "
+            r"would change its numbers",
+        ),
+        (["--data", "{tmp}/elsewhere"], r"--data .*elsewhere \(the run has .*cifar\) would change"),
+        (["--n-epochs", "2"], None),  # unchanged: accepted
+        (["--n-epochs", "1"], "the run has already completed 2 epochs; give more than 2"),
+    ],
+)
+def test_resume_refuses_settings_that_would_change_the_numbers(
+    run_copy, tmp_path, capsys, snapshot, argv, message
+):
+    before = snapshot(run_copy)
+    rc = _cli("--save", str(run_copy), "--resume", "--no-progress", *[a.format(tmp=tmp_path) for a in argv])
+    err = capsys.readouterr().err
+    if message is None:
+        assert rc == 0 and err == ""
+    else:
+        assert rc == 2 and len(err.strip().splitlines()) == 1
+        assert re.search(message, err), err
+    assert snapshot(run_copy) == before
+
+
+def _damage(ckpt: dict, what: str) -> str:
+    """Break one part of a checkpoint's content; return what the refusal must say."""
+    if what == "unknown_setting":
+        ckpt["config"]["learning_rate_warmup"] = 5
+        return r"settings this version does not know \(learning_rate_warmup\)"
+    if what == "other_depth":
+        ckpt["config"]["depth"] = 16
+        return r"its model does not fit the .* missing \d+ .*; mis-shaped \d+"
+    if what == "missing_weight":
+        del ckpt["model"]["classifier.bias"]
+        return r"its model does not fit .*: missing 1 \(classifier.bias\)"
+    if what == "bad_rng":
+        ckpt["rng"]["numpy"] = {"kind": "MT19937"}
+        return "its rng state cannot be restored"
+    if what == "negative_epoch":
+        ckpt["epoch"] = -5
+        return r"its epoch is -5, expected a count of completed epochs >= 1"
+    if what == "short_history":
+        ckpt["history"] = ckpt["history"][:1]
+        return r"one row per completed epoch \(2\), found 1"
+    if what == "bad_optimizer":
+        ckpt["optimizer"]["param_groups"] = []
+        return "its optimizer state cannot be restored"
+    raise AssertionError(what)
+
+
+@pytest.mark.parametrize(
+    "what",
+    [
+        "unknown_setting",
+        "other_depth",
+        "missing_weight",
+        "bad_rng",
+        "negative_epoch",
+        "short_history",
+        "bad_optimizer",
+    ],
+)
+def test_resume_refuses_an_inconsistent_checkpoint_in_one_line(run_copy, capsys, snapshot, what):
+    path = run_copy / "checkpoint.pt"
+    ckpt = torch.load(path, weights_only=True)
+    message = _damage(ckpt, what)
+    torch.save(ckpt, path)
+    before = snapshot(run_copy)
+    assert _cli("--save", str(run_copy), "--resume", "--n-epochs", "3", "--no-progress") == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith(f"densenet-efficient train: error: checkpoint {path}")
+        and len(err.strip().splitlines()) == 1
+    )
+    assert re.search(message, err), err
+    assert snapshot(run_copy) == before
