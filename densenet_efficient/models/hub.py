@@ -148,7 +148,7 @@ def save_hub_folder(
 
     >>> save_hub_folder(model, "hub/densenet121", provenance={"source": "densenet121-a639ec97.pth"})  # doctest: +SKIP
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     if not isinstance(model, DenseNetHubMixin):
         raise TypeError(f"save_hub_folder expects a densenet_efficient.DenseNet, got {type(model).__name__}")
@@ -159,7 +159,9 @@ def save_hub_folder(
         raise FileExistsError(f"{out} already exists and is not empty; pass overwrite=True to replace it")
     with staged_folder(out, replace=True) as tmp:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        # Bytes, then a plain write: safetensors' own file writer reports a full disk as a
+        # SafetensorError, a plain write as the OSError (ENOSPC) callers can recognise.
+        (tmp / WEIGHTS_NAME).write_bytes(save(tensors, metadata={"format": "pt"}))
         (tmp / CONFIG_NAME).write_text(json.dumps(hub_config(model), indent=2) + "\n", encoding="utf-8")
         card = model_card(model, provenance=provenance, repo_id=repo_id, license=license)
         (tmp / CARD_NAME).write_text(card, encoding="utf-8")

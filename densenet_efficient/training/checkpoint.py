@@ -13,6 +13,7 @@ import dataclasses
 import io
 import os
 import random
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ __all__ = [
     "LOG_COLUMNS",
     "LOG_NAME",
     "BestModel",
+    "check_run_folder",
     "read_run_checkpoint",
     "restore_rng_state",
     "rng_state",
@@ -152,6 +154,28 @@ def _checkpoint_problem(ckpt: dict[str, Any]) -> str | None:
     return None
 
 
+def check_run_folder(save_dir: Path) -> None:
+    """Make sure the run can be saved in ``save_dir`` before any training time is spent.
+
+    Creates the folder when missing, then writes and removes a probe file of our own. Raises
+    :class:`UsageError` naming the folder and the reason (a file in the way, read-only file system,
+    no permission, disk full)."""
+    if save_dir.exists() and not save_dir.is_dir():
+        raise UsageError(f"--save {save_dir} is a file; expected a folder for the run (new or existing)")
+    try:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", suffix=".tmp", dir=save_dir)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(b"densenet-efficient write probe\n")
+                f.flush()
+                os.fsync(f.fileno())
+        finally:
+            os.unlink(probe)
+    except OSError as err:
+        raise UsageError(f"cannot write the run folder {save_dir}: {err.strerror or err}") from None
+
+
 def write_log(path: Path, history: list[dict[str, float]]) -> None:
     """Rewrite the whole CSV from the history (so a resumed run never duplicates rows)."""
     text = io.StringIO()
@@ -218,4 +242,8 @@ def save_epoch(
         "best_epoch": best.epoch,
         "best_model": best.state,
     }
-    atomic_write(save_dir / CHECKPOINT_NAME, lambda f: torch.save(state, f))
+    # Serialised in memory first: torch.save streaming into a file turns the file's OSError (disk
+    # full, quota) into an opaque "enforce fail" RuntimeError; writing bytes keeps the OSError.
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write(save_dir / CHECKPOINT_NAME, buffer.getvalue())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import math
 import os
 import random
@@ -35,7 +36,14 @@ from ..models.builders import create_model, densenet_bc
 from ..models.densenet import DenseNet
 from ..models.weights import resolve_weights
 from ..perf.measure import peak_rss_bytes
-from .checkpoint import CHECKPOINT_NAME, BestModel, read_run_checkpoint, restore_rng_state, save_epoch
+from .checkpoint import (
+    CHECKPOINT_NAME,
+    BestModel,
+    check_run_folder,
+    read_run_checkpoint,
+    restore_rng_state,
+    save_epoch,
+)
 from .config import (
     RUNTIME_FIELDS,
     NonFiniteLossError,
@@ -76,12 +84,23 @@ def _weights_preset(c: TrainConfig) -> Any:
 def _loader(
     dataset: Dataset, c: TrainConfig, info: DistInfo, *, shuffle: bool, device: torch.device
 ) -> tuple[DataLoader, DistributedSampler | None]:
+    drop_last = False
     if shuffle:
         # A DistributedSampler even on one process: it reshuffles from (seed, epoch), so a resumed
         # run sees exactly the order an uninterrupted one would.
         sampler = DistributedSampler(
             dataset, info.world_size, info.rank, shuffle=True, seed=c.seed, drop_last=info.enabled
         )
+        if len(sampler) < 2:
+            raise UsageError(
+                f"training needs at least 2 images per process (batch norm normalises over the batch); "
+                f"found {len(dataset)} training image(s) for {info.world_size} process(es)"
+            )
+        # A final batch of one image cannot be batch-normalised in training mode (one value per
+        # channel at the last block's resolution): drop it rather than merge it into the previous
+        # batch (which would change the batch size); the sampler reshuffles every epoch, so the
+        # image dropped differs from epoch to epoch. Every rank has the same count: same decision.
+        drop_last = len(sampler) % c.batch_size == 1
     else:
         # Evaluation: each rank takes every world_size-th image, no padding, sums reduced later.
         if info.enabled:
@@ -94,7 +113,7 @@ def _loader(
         shuffle=False,
         num_workers=c.workers,
         pin_memory=device.type == "cuda",
-        drop_last=False,
+        drop_last=drop_last,
         generator=torch.Generator(),
         persistent_workers=False,
     )
@@ -355,12 +374,20 @@ def _wrap(run: _Run, info: DistInfo, device: torch.device) -> nn.Module:
 def _train(config: TrainConfig, info: DistInfo, device: torch.device, given: frozenset[str]) -> TrainResult:
     config, save_dir, ckpt, notices = _open_run(config, given)
     dataset = detect_dataset(config.data) if config.dataset == "auto" else config.dataset
+    if dataset == "imagefolder" and config.data is not None:
+        data_dir = Path(config.data).expanduser().resolve()
+        if save_dir.resolve().is_relative_to(data_dir):
+            raise UsageError(
+                f"--save {save_dir} is inside --data {config.data}: the run folder would be read as a "
+                "class of images (or as images of one); save the run outside the data folder"
+            )
     c = resolve_config(config, dataset)
     _configure_backends(c, device)
     data = _load_data(c, dataset, info)
     run = _build_run(c, dataset, save_dir, data, info, device)
     if ckpt is not None:
         _restore(run, ckpt)
+    _check_run_folder(save_dir, info, device)
     net = _wrap(run, info, device)
     train_loader, sampler = _loader(data.train, c, info, shuffle=True, device=device)
     valid_loader = _loader(data.valid, c, info, shuffle=False, device=device)[0] if data.valid else None
@@ -399,7 +426,20 @@ def _train(config: TrainConfig, info: DistInfo, device: torch.device, given: fro
                 "scheduler": run.scheduler,
                 "scaler": run.scaler,
             }
-            save_epoch(save_dir, trainables, c, epoch + 1, run.history, run.best, improved, provenance)
+            try:
+                save_epoch(save_dir, trainables, c, epoch + 1, run.history, run.best, improved, provenance)
+            except OSError as err:
+                if err.errno not in _STORAGE_ERRORS:
+                    raise
+                raise UsageError(
+                    f"could not save epoch {epoch + 1} in {save_dir}: {err.strerror}; "
+                    + (
+                        f"the checkpoint of epoch {epoch} is kept: make room (or fix the folder) and "
+                        "continue with --resume"
+                        if epoch > run.start_epoch or ckpt is not None
+                        else "make room (or fix the folder) and start the run again"
+                    )
+                ) from None
 
     finished = end_epoch == c.n_epochs
     result = TrainResult(
@@ -414,6 +454,28 @@ def _train(config: TrainConfig, info: DistInfo, device: torch.device, given: fro
     elif not finished:
         log(f"stopped after epoch {end_epoch} of {c.n_epochs}; continue with --save {save_dir} --resume")
     return result
+
+
+#: errno values that mean "the run folder cannot take the files", not a bug.
+_STORAGE_ERRORS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO}
+)
+
+
+def _check_run_folder(save_dir: Path, info: DistInfo, device: torch.device) -> None:
+    """Rank 0 checks the run folder can be written (:func:`.checkpoint.check_run_folder`) before
+    any training; every rank raises together, or the others would wait for rank 0 forever."""
+    problem = None
+    if info.main:
+        try:
+            check_run_folder(save_dir)
+        except UsageError as err:
+            problem = err
+    (failed,) = all_reduce([float(problem is not None)], info, device)
+    if problem is not None:
+        raise problem
+    if failed:
+        raise UsageError(f"rank 0 cannot write the run folder {save_dir}")
 
 
 def _describe_run(run: _Run, data: DataBundle, info: DistInfo, device: torch.device, resumed: bool) -> str:

@@ -18,6 +18,7 @@ import torch
 
 import densenet_efficient.training.loop as train_mod
 from densenet_efficient import cli, densenet_bc, densenet_bc_100, from_pretrained
+from densenet_efficient.errors import UsageError
 from densenet_efficient.models import weights as weights_mod
 from densenet_efficient.training import NonFiniteLossError, TrainConfig, train
 from densenet_efficient.training.checkpoint import LOG_COLUMNS
@@ -210,6 +211,8 @@ def snapshot():
         (lambda d: None, ["--amp", "fp16", "--device", "cpu"], "--amp fp16 needs a CUDA GPU"),
         (lambda d: None, ["--sync-bn", "--mode", "efficient"], "--sync-bn works only with --mode naive"),
         (lambda d: None, ["--arch", "densenet999"], "unknown architecture 'densenet999'"),
+        (lambda d: None, ["--device", "foo"], "--device 'foo' is not a device training can run on"),
+        (lambda d: None, ["--device", "meta"], "--device 'meta' is not a device training can run on"),
     ],
 )
 def test_bad_inputs_are_one_clear_line_and_write_nothing(tmp_path, capsys, make, argv, message):
@@ -575,3 +578,61 @@ def test_resume_refuses_an_inconsistent_checkpoint_in_one_line(run_copy, capsys,
     )
     assert re.search(message, err), err
     assert snapshot(run_copy) == before
+
+
+# -- the run folder -------------------------------------------------------------------------------
+
+
+def test_save_inside_the_image_folder_is_refused(tmp_path, capsys, snapshot):
+    data = write_image_folder(tmp_path / "if_good", classes=("a", "b"), per_class=3, size=16)
+    before = snapshot(data)
+    rc = _cli("--data", str(data), "--image-size", "8", "--save", str(data / "a" / "run"), "--no-progress")
+    assert rc == 2
+    assert "is inside --data" in capsys.readouterr().err
+    assert snapshot(data) == before and not (data / "a" / "run").exists()
+
+
+@pytest.mark.parametrize("where", ["file", "under_a_file"])
+def test_unwritable_save_is_refused_before_any_epoch(cifar, tmp_path, capsys, where):
+    blocker = tmp_path / "blocker"
+    blocker.write_bytes(b"mine")
+    save = blocker if where == "file" else blocker / "run"
+    assert _cli(*_tiny_argv(cifar, 2, "--save", str(save), "--workers", "0")) == 2
+    out, err = capsys.readouterr()
+    expected = "is a file; expected a folder" if where == "file" else "cannot write the run folder"
+    assert expected in err and len(err.strip().splitlines()) == 1
+    assert "epoch 1/" not in out  # refused before spending any training time
+    assert blocker.read_bytes() == b"mine"
+
+
+def test_disk_full_while_saving_is_one_sentence_and_keeps_the_last_checkpoint(cifar, tmp_path, monkeypatch):
+    real_save = train_mod.save_epoch
+
+    def disk_full_at_epoch_2(save_dir, trainables, c, epoch, *args):
+        if epoch == 2:  # every fsync (each atomic write's) fails as on a full disk
+            monkeypatch.setattr(
+                os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(28, "No space left on device"))
+            )
+        return real_save(save_dir, trainables, c, epoch, *args)
+
+    monkeypatch.setattr(train_mod, "save_epoch", disk_full_at_epoch_2)
+    save = tmp_path / "run"
+    with pytest.raises(
+        UsageError,
+        match="could not save epoch 2 in .*: No space left on device; the checkpoint of epoch 1 is kept",
+    ):
+        train(_tiny(cifar, save))
+    monkeypatch.undo()
+    assert load_checkpoint(save / "checkpoint.pt")["epoch"] == 1
+    assert not list(save.glob(".*tmp*"))
+
+
+def test_a_last_training_batch_of_one_is_dropped(tmp_path):
+    # 2 x 11 images, no validation: 22 = 3 x 7 + 1, and at 4x4 the last block is 1x1, where batch
+    # norm cannot normalise a single image.
+    data = write_image_folder(tmp_path / "data", classes=("a", "b"), per_class=11, size=8)
+    result = train(
+        data=str(data), image_size=4, depth=10, growth_rate=6, batch_size=7, valid_size=0, n_epochs=1,
+        save=str(tmp_path / "run"), progress=False, workers=0,
+    )  # fmt: skip
+    assert result.finished and math.isfinite(result.history[0]["train_loss"])
