@@ -24,6 +24,7 @@ from .measure import TORCHVISION, TORCHVISION_EFFICIENT
 __all__ = [
     "ESTIMABLE",
     "MemoryEstimate",
+    "check_resolution",
     "count_parameters",
     "deepest_densenet_bc",
     "estimate_memory",
@@ -280,6 +281,24 @@ def _positive_int(name: str, value: Any) -> int:
     return value
 
 
+def check_resolution(config: ArchConfig, resolution: int | None, name: str | None = None) -> int:
+    """``resolution``, or the architecture's default when None, checked to be a size the model
+    accepts (a :class:`UsageError` says the smallest one otherwise; 0 is not "the default").
+
+    >>> check_resolution(resolve_arch("densenet121"), None)
+    224
+    """
+    if resolution is None:
+        return config.default_resolution
+    resolution = _positive_int("resolution", resolution)
+    least = config.min_input_size()
+    if resolution < least:
+        raise UsageError(
+            f"resolution {resolution} is too small for {name or config.name}: it needs at least {least}x{least}"
+        )
+    return resolution
+
+
 def _check_options(dtype: str, amp: str | None, optimizer: str, device: str) -> str | None:
     """Refuse unknown settings by name; return ``amp`` normalised (``"bf16"``, ``"fp16"`` or None)."""
     if dtype not in _DTYPE_BYTES:
@@ -331,12 +350,7 @@ def estimate_memory(
     if mode not in (TORCHVISION, TORCHVISION_EFFICIENT):
         mode = resolve_mode(mode)
     batch_size = _positive_int("batch_size", batch_size)
-    resolution = _positive_int("resolution", resolution or config.default_resolution)
-    least = config.min_input_size()
-    if resolution < least:
-        raise UsageError(
-            f"resolution {resolution} is too small for {name}: it needs at least {least}x{least}"
-        )
+    resolution = check_resolution(config, resolution, name)
     amp = _check_options(dtype, amp, optimizer, device)
 
     param_bytes = _DTYPE_BYTES[dtype]

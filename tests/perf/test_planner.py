@@ -190,6 +190,8 @@ def test_plan_cli_json_matches_api(capsys):
         (["--memory", "100MiB"], "fits no batch in any mode.*needs"),
         (["--memory", "lots"], "memory budget must look like"),
         (["--resolution", "-1", "--memory", "8GiB"], "resolution must be a positive integer"),
+        (["--resolution", "0", "--memory", "8GiB"], "resolution must be a positive integer, got 0"),
+        (["--depth", "10", "--growth-rate", "0", "--memory", "8GiB"], "growth_rate must be >= 1, got 0"),
         (["--depth", "41", "--memory", "8GiB"], "6n\\+4"),
     ],
 )
