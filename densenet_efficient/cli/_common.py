@@ -21,7 +21,7 @@ def add_arch_arguments(parser: argparse.ArgumentParser, default: str) -> None:
 def arch_from_args(args: argparse.Namespace) -> ArchConfig:
     """The architecture :func:`add_arch_arguments`'s options describe."""
     if args.depth is not None:
-        return densenet_bc_config(args.depth, args.growth_rate or 12)
+        return densenet_bc_config(args.depth, 12 if args.growth_rate is None else args.growth_rate)
     return resolve_arch(args.arch, args.growth_rate)
 
 

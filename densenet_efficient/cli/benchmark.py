@@ -59,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_sweep(args: argparse.Namespace, device: str) -> int:
     batch = args.batch_size if args.batch_size is not None else (64 if args.sweep == "depth" else 16)
+    growth_rate = 12 if args.growth_rate is None else args.growth_rate  # 0 is refused, not the default
     arch = args.arch if args.arch != "densenet_bc_100" or args.sweep == "depth" else "densenet121"
     rows = sweep(
         args.sweep,
@@ -66,12 +67,12 @@ def _run_sweep(args: argparse.Namespace, device: str) -> int:
         arch=arch,
         batch_size=batch,
         resolution=args.resolution,
-        growth_rate=args.growth_rate or 12,
+        growth_rate=growth_rate,
         implementations=args.modes,
         device=device,
         progress=not args.quiet,
     )
-    what = f"DenseNet-BC k={args.growth_rate or 12}, batch {batch}" if args.sweep == "depth" else arch
+    what = f"DenseNet-BC k={growth_rate}, batch {batch}" if args.sweep == "depth" else arch
     title = f"{what}; {machine_description(device)}"
     csv_path, png_path = save_sweep(rows, args.sweep, Path(args.out), title)
     print(json.dumps(rows, indent=2) if args.json else f"wrote {csv_path} and {png_path}")

@@ -32,8 +32,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--dataset",
         choices=DATASETS,
-        default=d.dataset,
-        help="auto: digits without --data, CIFAR if DIR holds it, else an ImageFolder",
+        help=f"default {d.dataset}; auto: digits without --data, CIFAR if DIR holds it, else an ImageFolder",
     )
     g.add_argument("--data", metavar="DIR", help="data directory (none: the embedded digits set)")
     g.add_argument(
@@ -46,8 +45,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--download",
         action=argparse.BooleanOptionalAction,
-        default=d.download,
-        help="download CIFAR when missing (needs network access)",
+        help="download CIFAR when missing (needs network access; default on)",
     )
     g.add_argument(
         "--image-size",
@@ -61,14 +59,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help=f"a named architecture ({', '.join(list_architectures())}); default: DenseNet-BC of --depth",
     )
     g.add_argument("--depth", type=int, help="DenseNet-BC depth, 6n+4 (default 100 for CIFAR, 22 for digits)")
-    g.add_argument("--growth-rate", type=int, default=d.growth_rate)
-    g.add_argument("--drop-rate", type=float, default=d.drop_rate)
+    g.add_argument("--growth-rate", type=int, help=f"default {d.growth_rate}")
+    g.add_argument("--drop-rate", type=float, help=f"default {d.drop_rate}")
     g.add_argument(
         "--mode",
         "--memory-efficient",
         dest="mode",
         choices=engine.MODES,
-        default=d.mode,
         help=f"how dense blocks execute (default {d.mode})",
     )
     g.add_argument(
@@ -77,11 +74,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--freeze-features", action="store_true", help="train only the classifier")
     g = parser.add_argument_group("optimisation")
     g.add_argument("--n-epochs", type=int, help="default 300 for CIFAR, 15 for digits, 30 for ImageFolders")
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help="per process")
+    g.add_argument("--batch-size", type=int, help=f"per process (default {d.batch_size})")
     g.add_argument("--lr", type=float, help="initial learning rate (default 0.1; 0.01 with --pretrained)")
-    g.add_argument("--momentum", type=float, default=d.momentum)
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--momentum", type=float, help=f"default {d.momentum}")
+    g.add_argument("--weight-decay", type=float, help=f"default {d.weight_decay}")
+    g.add_argument("--seed", type=int, help=f"default {d.seed}")
     g = parser.add_argument_group("performance")
     g.add_argument("--amp", choices=("bf16", "fp16"), help="mixed precision (fp16 needs CUDA)")
     g.add_argument("--channels-last", action="store_true")
@@ -101,6 +98,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="stop (checkpoint kept) after N epochs of this invocation; --resume continues",
     )
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    # Every option defaults to None ("not given"), so that ``run`` passes only the options the user
+    # gave: a --resume must tell "--lr 0.1 asked for" from "--lr left alone". The defaults shown in
+    # the help are TrainConfig's, which fills in whatever is not given.
+    parser.set_defaults(**{f.name: None for f in dataclasses.fields(TrainConfig)})
 
 
 def _count_or_fraction(text: str) -> float:
@@ -113,9 +114,9 @@ def _count_or_fraction(text: str) -> float:
 def run(args: argparse.Namespace) -> int:
     """The ``train`` subcommand: :func:`train` with the parsed options; 1 if the loss diverged."""
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    config = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    given = {k: v for k, v in vars(args).items() if k in fields and v is not None}
     try:
-        train(config)
+        train(**given)  # keyword settings count as asked for (see train's docstring)
     except NonFiniteLossError as err:
         print(f"densenet-efficient train: {err}", file=sys.stderr)
         return 1

@@ -252,7 +252,7 @@ def resolve_arch(arch: str | ArchConfig, growth_rate: int | None = None) -> Arch
         raise TypeError(f"arch must be an architecture name or an ArchConfig, got {type(arch).__name__}")
     match = _BC_NAME.match(arch)
     if match:  # any depth; densenet_bc_100 is the same config as the table's
-        return densenet_bc_config(int(match.group(1)), growth_rate or 12)
+        return densenet_bc_config(int(match.group(1)), 12 if growth_rate is None else growth_rate)
     config = get_config(arch)
     if growth_rate is not None and growth_rate != config.growth_rate:
         raise UsageError(

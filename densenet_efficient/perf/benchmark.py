@@ -35,7 +35,7 @@ from ..io.atomic import atomic_write
 from ..models.config import ArchConfig, densenet_bc_config, resolve_arch
 from ..models.engine import MODES
 from .measure import IMPLEMENTATIONS, TORCHVISION, StepSpec, measure
-from .planner import estimate_memory
+from .planner import check_resolution, estimate_memory
 
 __all__ = [
     "HEADER",
@@ -52,13 +52,27 @@ _MB = 1 << 20
 
 
 def resolve_device(device: str | None) -> str:
-    if device is None:
-        import torch
+    """``"cpu"`` or ``"cuda"`` (default: cuda when available); CUDA asked for must be there."""
+    import torch
 
+    if device is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device not in ("cpu", "cuda"):
         raise UsageError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("device 'cuda' asked for, but CUDA is not available here; use --device cpu")
     return device
+
+
+def _check_counts(**counts: int) -> None:
+    """Refuse counts below 1 (and non-integers) by name, before any process is started."""
+    bad = [
+        f"{name.replace('_', ' ')} must be >= 1 (an integer), got {value!r}"
+        for name, value in counts.items()
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1
+    ]
+    if bad:
+        raise UsageError("; ".join(bad))
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -86,7 +100,7 @@ def benchmark(
     running every implementation in its own process (``steps`` timed steps after one warm-up).
     """
     config = resolve_arch(arch)
-    resolution = resolution or config.default_resolution
+    resolution = check_resolution(config, resolution)
     device = resolve_device(device)
     impls = list(dict.fromkeys(implementations))
     for impl in impls:
@@ -94,8 +108,7 @@ def benchmark(
             raise UsageError(
                 f"unknown implementation {impl!r}; expected some of {', '.join(IMPLEMENTATIONS)}"
             )
-    if rounds < 1 or steps < 1 or batch_size < 1:
-        raise UsageError(f"rounds, steps and batch size must be >= 1, got {rounds}, {steps}, {batch_size}")
+    _check_counts(rounds=rounds, steps=steps, batch_size=batch_size, threads=threads)
 
     def spec(impl: str, kind: str) -> StepSpec:
         return StepSpec(
@@ -190,20 +203,23 @@ def sweep(
     One fresh process per point; the planner's estimate is recorded next to each measurement.
     """
     device = resolve_device(device)
-    if batch_size < 1 or (values is not None and (not values or min(values) < 1)):
-        raise UsageError(f"batch size and sweep values must be >= 1, got batch {batch_size}, values {values}")
+    if values is not None and not values:
+        raise UsageError("sweep values must be a non-empty list (or None for the defaults)")
+    _check_counts(batch_size=batch_size, **{f"sweep value {i + 1}": v for i, v in enumerate(values or ())})
     if kind == "depth":
-        values = values or (40, 64, 100, 136, 172)
+        values = (40, 64, 100, 136, 172) if values is None else values
         points = [(densenet_bc_config(d, growth_rate), batch_size, d) for d in values]
     elif kind == "batch":
-        values = values or (1, 2, 4, 8, 16)
+        values = (1, 2, 4, 8, 16) if values is None else values
         points = [(resolve_arch(arch), b, b) for b in values]
     else:
         raise UsageError(f"sweep must be 'depth' or 'batch', got {kind!r}")
+    for config, _, _ in points:  # every point checked before the first is measured
+        check_resolution(config, resolution)
     rows = []
     with _progress(len(points) * len(implementations), f"sweep {kind}", progress) as bar:
         for config, batch, x in points:
-            res = resolution or config.default_resolution
+            res = check_resolution(config, resolution)
             for impl in implementations:
                 bar.set_postfix_str(f"{kind}={x} {impl}")
                 r = measure(StepSpec(impl, config, batch, res, device=device))

@@ -13,6 +13,7 @@ it within 15% of :mod:`.measure`'s figures.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -24,6 +25,7 @@ from .measure import TORCHVISION, TORCHVISION_EFFICIENT
 __all__ = [
     "ESTIMABLE",
     "MemoryEstimate",
+    "check_resolution",
     "count_parameters",
     "deepest_densenet_bc",
     "estimate_memory",
@@ -69,7 +71,8 @@ class MemoryEstimate:
     ``overhead``: fixed framework allocations counted by the measurement (CPU first step).
     ``peak``: ``activations + workspace + overhead``, the figure the measurement protocol and
     the benchmark report. ``total`` adds parameters, gradients, optimizer state, the input batch
-    and (CUDA) the context: what must fit the device.
+    and (CUDA) the context: what must fit the device. ``breakdown``: bytes kept per stage, a dense
+    block's layers together as one entry (``block1.layer1-16``), so its size does not grow with depth.
     """
 
     arch: str
@@ -113,6 +116,69 @@ class _Stage:
     forward_extra: int
     backward_extra: int
 
+    def forward_peak(self) -> int:
+        """Bytes above those kept before it while this stage runs forward."""
+        return self.saved + self.forward_extra
+
+    def backward_peak(self) -> int:
+        """Bytes above those kept before it while this stage runs backward."""
+        return self.saved + self.backward_extra
+
+
+@dataclass(frozen=True)
+class _Layers:
+    """The ``count`` layers of a dense block as one item, in closed form (O(1), not O(layers)).
+
+    Layer ``i`` (0-based) keeps ``saved0 + saved1 * i`` bytes; while it runs forward (backward)
+    it needs, beyond what is kept, the largest of ``forward(i)`` (``backward(i)``): exact integer
+    functions of ``i`` that, added to the running total of kept bytes, are quadratics in ``i``
+    (linear, convex or concave). The peaks are then maxima of quadratics over ``0..count-1``: at an
+    end, or where a concave one stops rising, found by bisection. The result is exactly what the
+    per-layer sum gives (tests/perf/test_planner.py compares them).
+    """
+
+    name: str
+    count: int
+    saved0: int
+    saved1: int
+    forward: tuple[Callable[[int], int], ...]
+    backward: tuple[Callable[[int], int], ...]
+
+    def saved_through(self, i: int) -> int:
+        """Bytes kept by layers ``0..i``."""
+        return (i + 1) * self.saved0 + self.saved1 * (i * (i + 1) // 2)
+
+    @property
+    def saved(self) -> int:
+        return self.saved_through(self.count - 1)
+
+    def forward_peak(self) -> int:
+        return max(
+            _max_quadratic(lambda i, f=f: self.saved_through(i) + f(i), self.count) for f in self.forward
+        )
+
+    def backward_peak(self) -> int:
+        # backward reaches layer i with layers 0..i still kept (later layers have been freed)
+        return max(
+            _max_quadratic(lambda i, f=f: self.saved_through(i) + f(i), self.count) for f in self.backward
+        )
+
+
+def _max_quadratic(f: Callable[[int], int], n: int) -> int:
+    """The maximum of a quadratic ``f`` over the integers ``0..n-1`` (``n >= 1``).
+
+    Convex or linear: at an end. Concave: where it stops rising, i.e. the first ``i`` with
+    ``f(i + 1) <= f(i)`` (its differences never increase), found by bisection. Trying the ends and
+    that point covers every case with O(log n) evaluations."""
+    lo, hi = 0, n - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if f(mid + 1) > f(mid):
+            lo = mid + 1
+        else:
+            hi = mid
+    return max(f(0), f(n - 1), f(lo))
+
 
 def _conv_out(size: int, kernel: int, stride: int, pad: int) -> int:
     return (size + 2 * pad - kernel) // stride + 1
@@ -120,7 +186,7 @@ def _conv_out(size: int, kernel: int, stride: int, pad: int) -> int:
 
 def _timeline(
     config: ArchConfig, mode: str, n: int, height: int, width: int, e: int, pe: int = 4
-) -> list[_Stage]:
+) -> list[_Stage | _Layers]:
     """The stages of one training step in forward order, with the bytes each keeps and needs.
 
     ``e`` is bytes per activation element, ``pe`` per parameter; ``S = N*H*W`` at a block's resolution, ``c_l`` the
@@ -193,65 +259,95 @@ def _stem_stage(
     return _Stage("stem", saved, 0, 2 * c * s0 * e + (indices if mode == MAX_SAVING else 0)), (h, w)
 
 
-def _naive_block(config: ArchConfig, name: str, c: int, layers: int, s: int, e: int) -> list[_Stage]:
+def _layer_range(name: str, layers: int) -> str:
+    return f"{name}.layer1" + (f"-{layers}" if layers > 1 else "")
+
+
+def _naive_block(
+    config: ArchConfig, name: str, c: int, layers: int, s: int, e: int
+) -> list[_Stage | _Layers]:
     k, bn = config.growth_rate, config.bn_size * config.growth_rate
-    stages = []
-    for i in range(layers):
-        cl = c + i * k
-        stages.append(_Stage(f"{name}.layer{i + 1}", (2 * cl + 2 * bn) * s * e, 0, 2 * cl * s * e))
+    # layer i, reading c_i = c + i k channels: keeps (2 c_i + 2B) S, needs 2 c_i S more in backward
+    body = _Layers(
+        _layer_range(name, layers),
+        layers,
+        saved0=(2 * c + 2 * bn) * s * e,
+        saved1=2 * k * s * e,
+        forward=(lambda i: 0,),
+        backward=(lambda i: 2 * (c + i * k) * s * e,),
+    )
     # the concatenation, assembled while the k-channel pieces are still alive
     cf = c + layers * k
-    stages.append(_Stage(f"{name}.output", cf * s * e, cf * s * e, 0))
-    return stages
+    return [body, _Stage(f"{name}.output", cf * s * e, cf * s * e, 0)]
 
 
-def _checkpointed_block(config: ArchConfig, name: str, c: int, layers: int, s: int, e: int) -> list[_Stage]:
+def _checkpointed_block(
+    config: ArchConfig, name: str, c: int, layers: int, s: int, e: int
+) -> list[_Stage | _Layers]:
     k, bn = config.growth_rate, config.bn_size * config.growth_rate
-    stages = [_Stage(f"{name}.input", c * s * e, 0, 0)]
-    for i in range(layers):
-        cl = c + i * k
-        # recomputed concat + norm1 output, their gradients, the pending grads of earlier pieces
-        stages.append(_Stage(f"{name}.layer{i + 1}", (2 * bn + k) * s * e, 0, 4 * cl * s * e))
-    stages.append(_Stage(f"{name}.output", (c + layers * k) * s * e, 0, 0))
-    return stages
+    # layer i keeps (2B + k) S; backward needs the recomputed concat + norm1 output, their
+    # gradients and the pending grads of earlier pieces: 4 c_i S
+    body = _Layers(
+        _layer_range(name, layers),
+        layers,
+        saved0=(2 * bn + k) * s * e,
+        saved1=0,
+        forward=(lambda i: 0,),
+        backward=(lambda i: 4 * (c + i * k) * s * e,),
+    )
+    return [
+        _Stage(f"{name}.input", c * s * e, 0, 0),
+        body,
+        _Stage(f"{name}.output", (c + layers * k) * s * e, 0, 0),
+    ]
 
 
 def _engine_block(
     config: ArchConfig, mode: str, name: str, c: int, layers: int, s: int, e: int, pe: int
-) -> list[_Stage]:
+) -> list[_Stage | _Layers]:
     k, bn = config.growth_rate, config.bn_size * config.growth_rate
     cf = c + layers * k
     kept = bn if mode == EFFICIENT else 0
     grads = 2 * cf * s * e  # incoming gradient + the gradient buffer accumulated in place
-    pending = 0  # parameter gradients the block Function returns all at once, at its end
-    layer_stages = []
-    for i in reversed(range(layers)):
-        cl = c + i * k
-        pending += (2 * cl + cl * bn + 2 * bn + 9 * bn * k) * pe
-        # Channel slices of the buffer are not contiguous, so the engine's BN calls copy
-        # them. A layer's peak is norm1's backward (gradient in, copied input, gradient
-        # out: 3 c_l) or conv2's backward: its gradient slice, norm1+ReLU and norm2+ReLU
-        # recomputed, the bottleneck gradient and about one bottleneck of convolution
-        # workspace (measured), plus the recomputed 1x1 output in max_saving.
-        temps = max(3 * cl, k + cl + (4 if mode == MAX_SAVING else 3) * bn)
-        layer_stages.append(
-            _Stage(
-                f"{name}.layer{i + 1}", kept * s * e, (2 * cl + bn) * s * e, grads + temps * s * e + pending
-            )
-        )
-    return [_Stage(f"{name}.buffer", cf * s * e, 0, grads), *reversed(layer_stages)]
+    m = 4 if mode == MAX_SAVING else 3
+
+    def pending(i: int) -> int:
+        """Parameter gradients of layers i..L-1, which the block Function returns all at once at
+        its end: layer j has (2 + B) c_j + 2B + 9Bk of them (norm1, conv1, norm2, conv2)."""
+        n, first = layers - i, i * (i - 1) // 2
+        return (
+            (2 + bn) * (n * c + k * (layers * (layers - 1) // 2 - first)) + n * (2 * bn + 9 * bn * k)
+        ) * pe
+
+    # Channel slices of the buffer are not contiguous, so the engine's BN calls copy them. A
+    # layer's backward peak is norm1's backward (gradient in, copied input, gradient out: 3 c_i)
+    # or conv2's backward: its gradient slice, norm1+ReLU and norm2+ReLU recomputed, the
+    # bottleneck gradient and about one bottleneck of convolution workspace (measured), plus the
+    # recomputed 1x1 output in max_saving: the larger of the two, hence two pieces.
+    body = _Layers(
+        _layer_range(name, layers),
+        layers,
+        saved0=kept * s * e,
+        saved1=0,
+        forward=(lambda i: (2 * (c + i * k) + bn) * s * e,),
+        backward=(
+            lambda i: grads + 3 * (c + i * k) * s * e + pending(i),
+            lambda i: grads + (k + c + i * k + m * bn) * s * e + pending(i),
+        ),
+    )
+    return [_Stage(f"{name}.buffer", cf * s * e, 0, grads), body]
 
 
-def _peak(stages: list[_Stage]) -> tuple[int, int]:
+def _peak(stages: list[_Stage | _Layers]) -> tuple[int, int]:
     """(activations, workspace): saved bytes after forward, and the largest excess over them."""
     kept = peak = 0
     for st in stages:  # forward: saved tensors accumulate; some stages briefly need more
-        peak = max(peak, kept + st.saved + st.forward_extra)
+        peak = max(peak, kept + st.forward_peak())
         kept += st.saved
     total = kept
     for st in reversed(stages):  # backward frees a stage's saved tensors once it has run
-        peak = max(peak, kept + st.backward_extra)
         kept -= st.saved
+        peak = max(peak, kept + st.backward_peak())
     return total, peak - total
 
 
@@ -264,9 +360,10 @@ def count_parameters(config: ArchConfig) -> int:
     k, bn, c = config.growth_rate, config.bn_size * config.growth_rate, config.num_init_features
     total = 3 * c * (9 if config.small_inputs else 49) + (0 if config.small_inputs else 2 * c)
     for b, layers in enumerate(config.block_config):
-        for i in range(layers):
-            cl = c + i * k
-            total += 2 * cl + cl * bn + 2 * bn + bn * k * 9
+        # layer i (c_i = c + i k inputs): norm1 2 c_i, conv1 c_i B, norm2 2B, conv2 9Bk; summed
+        # over the block in closed form (any depth in O(1))
+        inputs = layers * c + k * (layers * (layers - 1) // 2)  # sum of c_i
+        total += (2 + bn) * inputs + layers * (2 * bn + 9 * bn * k)
         c += layers * k
         if b < len(config.block_config) - 1:
             total += 2 * c + c * (c // 2)
@@ -278,6 +375,24 @@ def _positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise UsageError(f"{name} must be a positive integer, got {value!r}")
     return value
+
+
+def check_resolution(config: ArchConfig, resolution: int | None, name: str | None = None) -> int:
+    """``resolution``, or the architecture's default when None, checked to be a size the model
+    accepts (a :class:`UsageError` says the smallest one otherwise; 0 is not "the default").
+
+    >>> check_resolution(resolve_arch("densenet121"), None)
+    224
+    """
+    if resolution is None:
+        return config.default_resolution
+    resolution = _positive_int("resolution", resolution)
+    least = config.min_input_size()
+    if resolution < least:
+        raise UsageError(
+            f"resolution {resolution} is too small for {name or config.name}: it needs at least {least}x{least}"
+        )
+    return resolution
 
 
 def _check_options(dtype: str, amp: str | None, optimizer: str, device: str) -> str | None:
@@ -331,12 +446,7 @@ def estimate_memory(
     if mode not in (TORCHVISION, TORCHVISION_EFFICIENT):
         mode = resolve_mode(mode)
     batch_size = _positive_int("batch_size", batch_size)
-    resolution = _positive_int("resolution", resolution or config.default_resolution)
-    least = config.min_input_size()
-    if resolution < least:
-        raise UsageError(
-            f"resolution {resolution} is too small for {name}: it needs at least {least}x{least}"
-        )
+    resolution = check_resolution(config, resolution, name)
     amp = _check_options(dtype, amp, optimizer, device)
 
     param_bytes = _DTYPE_BYTES[dtype]

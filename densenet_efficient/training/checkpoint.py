@@ -9,9 +9,11 @@ so a checkpoint for epoch e implies everything else of epoch e is on disk.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import os
 import random
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,7 @@ __all__ = [
     "LOG_COLUMNS",
     "LOG_NAME",
     "BestModel",
+    "check_run_folder",
     "read_run_checkpoint",
     "restore_rng_state",
     "rng_state",
@@ -107,7 +110,70 @@ def read_run_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> d
             f"checkpoint {path} is not a densenet-efficient training checkpoint "
             f"(expected format {_CHECKPOINT_FORMAT!r} with keys {', '.join(needed)})"
         )
+    problem = _checkpoint_problem(ckpt)
+    if problem:
+        raise UsageError(f"checkpoint {path} cannot be resumed: {problem}")
     return ckpt
+
+
+def _checkpoint_problem(ckpt: dict[str, Any]) -> str | None:
+    """What makes a checkpoint of the right format unusable (None when its bookkeeping is sound).
+
+    Only the cheap, structural facts; whether the weights, optimiser and RNG states fit the model
+    is checked when they are restored (``loop._restore``)."""
+    config = ckpt["config"]
+    if not isinstance(config, dict):
+        return f"its config is a {type(config).__name__}, expected a dict of settings"
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        return (
+            f"its config has settings this version does not know ({', '.join(map(str, unknown))}); "
+            "was it written by a newer densenet-efficient?"
+        )
+    epoch, history, n_epochs = ckpt["epoch"], ckpt["history"], config.get("n_epochs")
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 1:
+        return f"its epoch is {epoch!r}, expected a count of completed epochs >= 1"
+    if isinstance(n_epochs, bool) or not isinstance(n_epochs, int) or n_epochs < epoch:
+        return f"its config's n_epochs is {n_epochs!r}, expected an epoch count >= its epoch {epoch}"
+    if (
+        not isinstance(history, list)
+        or len(history) != epoch
+        or not all(isinstance(r, dict) for r in history)
+    ):
+        found = len(history) if isinstance(history, list) else type(history).__name__
+        return f"its history should hold one row per completed epoch ({epoch}), found {found}"
+    for key in ("model", "optimizer", "scheduler", "rng"):
+        if not isinstance(ckpt[key], dict):
+            return f"its {key} entry is a {type(ckpt[key]).__name__}, expected a dict"
+    if ckpt["scheduler"].get("last_epoch") != epoch:
+        return (
+            f"its LR schedule is at epoch {ckpt['scheduler'].get('last_epoch')!r} but the checkpoint "
+            f"is for epoch {epoch}"
+        )
+    return None
+
+
+def check_run_folder(save_dir: Path) -> None:
+    """Make sure the run can be saved in ``save_dir`` before any training time is spent.
+
+    Creates the folder when missing, then writes and removes a probe file of our own. Raises
+    :class:`UsageError` naming the folder and the reason (a file in the way, read-only file system,
+    no permission, disk full)."""
+    if save_dir.exists() and not save_dir.is_dir():
+        raise UsageError(f"--save {save_dir} is a file; expected a folder for the run (new or existing)")
+    try:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", suffix=".tmp", dir=save_dir)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(b"densenet-efficient write probe\n")
+                f.flush()
+                os.fsync(f.fileno())
+        finally:
+            os.unlink(probe)
+    except OSError as err:
+        raise UsageError(f"cannot write the run folder {save_dir}: {err.strerror or err}") from None
 
 
 def write_log(path: Path, history: list[dict[str, float]]) -> None:
@@ -176,4 +242,8 @@ def save_epoch(
         "best_epoch": best.epoch,
         "best_model": best.state,
     }
-    atomic_write(save_dir / CHECKPOINT_NAME, lambda f: torch.save(state, f))
+    # Serialised in memory first: torch.save streaming into a file turns the file's OSError (disk
+    # full, quota) into an opaque "enforce fail" RuntimeError; writing bytes keeps the OSError.
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write(save_dir / CHECKPOINT_NAME, buffer.getvalue())

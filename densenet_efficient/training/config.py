@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import os
@@ -26,7 +27,10 @@ __all__ = [
     "NonFiniteLossError",
     "TrainConfig",
     "TrainResult",
+    "given_fields",
+    "lr_milestones",
     "resolve_config",
+    "resume_config",
 ]
 
 #: Execution mode of the dense blocks when none is asked for.
@@ -43,6 +47,9 @@ _DATA_DEFAULTS: dict[str, dict[str, Any]] = {
 
 # Fields a resumed run may change: they affect speed and output, never the numbers computed.
 RUNTIME_FIELDS = frozenset({"resume", "workers", "progress", "stop_after", "device", "overwrite"})
+# Also taken from the resuming invocation: whether CIFAR may be downloaded changes no number (the
+# data are checksummed), so it is not worth refusing a resume over.
+_RESUME_FREE = RUNTIME_FIELDS | {"download", "save"}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -109,6 +116,85 @@ class TrainResult:
     test_loss: float | None = None
     test_error: float | None = None
     model: nn.Module | None = None  # the last model (unwrapped), on its training device
+
+
+def lr_milestones(n_epochs: int) -> list[int]:
+    """Epochs after which the learning rate is multiplied by 0.1: the original demo's 50% and 75%.
+
+    Never epoch 0, so that the first epoch runs at ``--lr`` whatever the epoch count (with one
+    epoch, ``int(0.5)`` would make both milestones 0 and the only epoch run at ``lr / 100``).
+
+    >>> lr_milestones(300), lr_milestones(1)
+    ([150, 225], [1, 1])
+    """
+    return [max(1, int(0.5 * n_epochs)), max(1, int(0.75 * n_epochs))]
+
+
+def given_fields(config: TrainConfig | None, overrides: dict[str, Any]) -> frozenset[str]:
+    """The settings a caller asked for: ``overrides`` (keyword arguments, the command line's
+    options) and the fields of ``config`` that differ from :class:`TrainConfig`'s defaults."""
+    given = set(overrides)
+    if config is not None:
+        defaults = TrainConfig()
+        given |= {
+            f.name
+            for f in dataclasses.fields(TrainConfig)
+            if getattr(config, f.name) != getattr(defaults, f.name)
+        }
+    return frozenset(given)
+
+
+def _same_setting(name: str, asked: Any, stored: Any, stored_config: TrainConfig) -> bool:
+    """Whether asking for ``asked`` on resume means the run's ``stored`` value."""
+    if asked == stored:
+        return True
+    if name == "data" and asked is not None and stored is not None:
+        return Path(asked).expanduser().resolve() == Path(stored).expanduser().resolve()
+    if name == "dataset" and stored == "auto" and stored_config.data is not None:
+        from .data import detect_dataset  # same layer; imported late as data imports torchvision
+
+        with contextlib.suppress(OSError, UsageError):
+            return asked == detect_dataset(stored_config.data)
+    return False
+
+
+def resume_config(
+    stored: TrainConfig, asked: TrainConfig, given: frozenset[str], completed: int
+) -> tuple[TrainConfig, list[str]]:
+    """The settings a resumed run continues with, and notices to log about what changed.
+
+    The checkpoint's settings win, except runtime ones (:data:`RUNTIME_FIELDS`, taken from
+    ``asked``). Of the settings that change the numbers, only a larger ``n_epochs`` is honoured
+    (training continues; the LR schedule is recomputed for the new length, see
+    :func:`lr_milestones`); any other one given (``given``) with a value other than the run's is
+    refused with a :class:`UsageError` naming them all, rather than silently ignored.
+    """
+    changes = {"save": asked.save, **{k: getattr(asked, k) for k in _RESUME_FREE - {"save"}}}
+    notices: list[str] = []
+    refused = []
+    for name in sorted(given - _RESUME_FREE):
+        value, kept = getattr(asked, name), getattr(stored, name)
+        if name == "n_epochs" and value is not None and value != kept:
+            if value <= completed:
+                raise UsageError(
+                    f"--n-epochs {value} on --resume: the run has already completed {completed} epochs; "
+                    f"give more than {completed} to continue it"
+                )
+            changes["n_epochs"] = value
+            notices.append(
+                f"--n-epochs {value} (the run had {kept}): training continues to epoch {value}, with the "
+                f"LR schedule recomputed for {value} epochs (x0.1 after epochs "
+                f"{', '.join(map(str, lr_milestones(value)))})"
+            )
+        elif not _same_setting(name, value, kept, stored):
+            refused.append(f"--{name.replace('_', '-')} {value} (the run has {kept})")
+    if refused:
+        raise UsageError(
+            f"--resume continues the run in {asked.save} with its own settings, but "
+            f"{'; '.join(refused)} would change its numbers; drop "
+            f"{'it' if len(refused) == 1 else 'them'}, or start a new run (another --save, or --overwrite)"
+        )
+    return dataclasses.replace(stored, **changes), notices
 
 
 def resolve_config(config: TrainConfig, dataset: str) -> TrainConfig:

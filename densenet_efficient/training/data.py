@@ -9,7 +9,9 @@ input size the model sees):
 * ``cifar10`` / ``cifar100``: torchvision's dataset classes (downloaded where the network allows),
   with the original efficient-DenseNet demo's augmentation and split.
 * ``imagefolder``: a folder of class sub-folders (``train/`` + ``val/``, or one folder split by
-  ``valid_size``), preprocessed like the pretrained weights were.
+  ``valid_size``), preprocessed like the pretrained weights were. Each real image counts once
+  (link loops add nothing) and every image is decoded up front: unusable files are refused by
+  name before training (see :class:`_ImageFolder`).
 
 >>> from densenet_efficient.training.data import build_data
 >>> bundle = build_data("digits", valid_size=200)
@@ -20,12 +22,15 @@ input size the model sees):
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision import datasets
@@ -282,8 +287,124 @@ def _first_int(value: Any, default: int) -> int:
     return int(value[0]) if isinstance(value, (list, tuple)) else int(value)
 
 
+class _ImageFolder(datasets.ImageFolder):
+    """torchvision's ImageFolder, safe against hostile folders.
+
+    * Each real file counts once: sub-folders are followed through symbolic links (as torchvision
+      does) but a folder already walked (by its resolved path) is not walked again, so a link
+      loop such as ``a/loop -> ../a`` adds nothing, and a file reached twice within a class (by
+      links) is kept once. One real file in two classes is refused (it would be labelled twice
+      and could land on both sides of the train/valid split).
+    * Every image is opened and decoded up front (JPEGs at 1/8 scale, which still reads all of
+      the data), so a file that is not an image, is empty or truncated, or is larger than
+      ``PIL.Image.MAX_IMAGE_PIXELS`` is refused before training, naming the files, instead of
+      failing mid-epoch (in a DataLoader worker). Refused, not skipped: a data set silently
+      smaller than the folder would give numbers for other data than the user pointed at.
+
+    Samples are in torchvision's order (sorted folders, then sorted names), so splits are
+    unchanged for well-formed folders.
+    """
+
+    @staticmethod
+    def make_dataset(
+        directory: str | os.PathLike,
+        class_to_idx: dict[str, int] | None = None,
+        extensions: str | tuple[str, ...] | None = None,
+        is_valid_file: Callable[[str], bool] | None = None,
+        allow_empty: bool = False,
+    ) -> list[tuple[str, int]]:
+        if class_to_idx is None:
+            class_to_idx = datasets.folder.find_classes(directory)[1]
+        if is_valid_file is None:
+            exts = extensions or datasets.folder.IMG_EXTENSIONS
+
+            def is_valid_file(path: str) -> bool:
+                return datasets.folder.has_file_allowed_extension(path, exts)
+
+        owner: dict[str, tuple[str, str]] = {}  # real file -> (class, the path it was found as)
+        samples = []
+        for target in sorted(class_to_idx):
+            for path in _walk_once(Path(directory) / target):
+                if not is_valid_file(path):
+                    continue
+                real = os.path.realpath(path)
+                if real in owner:
+                    first_class, first_path = owner[real]
+                    if first_class != target:
+                        raise UsageError(
+                            f"{path} and {first_path} are the same file ({real}) in classes {target!r} "
+                            f"and {first_class!r}; each image must belong to one class"
+                        )
+                    continue  # the same file again within its class (links): once is enough
+                owner[real] = (target, path)
+                samples.append((path, class_to_idx[target]))
+        empty = sorted(set(class_to_idx) - {c for c, _ in owner.values()})
+        if empty and not allow_empty:
+            raise FileNotFoundError(
+                f"no images in the class folder(s) {', '.join(empty)} of {directory} "
+                f"(expected files ending in {', '.join(datasets.folder.IMG_EXTENSIONS)})"
+            )
+        return samples
+
+
+def _walk_once(top: Path) -> list[str]:
+    """The files under ``top`` (following links), each real folder walked once, in torchvision's
+    order: folders sorted by path, files sorted by name."""
+    seen: set[str] = set()
+    found = []
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a link back to a folder already walked: do not descend again
+            dirnames.clear()
+            continue
+        seen.add(real)
+        found.append((dirpath, sorted(filenames)))
+    return [os.path.join(d, f) for d, names in sorted(found) for f in names]
+
+
+def _image_problem(path: str) -> str | None:
+    """Why ``path`` cannot be trained on (None if it decodes within the size limit)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below instead
+            with Image.open(path) as image:
+                width, height = image.size
+                limit = Image.MAX_IMAGE_PIXELS
+                if limit and width * height > limit:
+                    return f"{width}x{height} pixels, over PIL's limit of {limit:,}"
+                image.draft("RGB", (max(1, width // 8), max(1, height // 8)))  # JPEG: 1/8-scale decode
+                image.load()
+    except Image.DecompressionBombError as err:
+        return str(err).split(" could be")[0].rstrip(",")  # over twice the limit: PIL refuses to open
+    except (OSError, SyntaxError, ValueError, EOFError) as err:  # not an image, empty, truncated
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def _check_images(folder: datasets.ImageFolder, root: Path) -> None:
+    """Refuse ``folder`` naming its unreadable images (see :class:`_ImageFolder`)."""
+    paths = [path for path, _ in folder.samples]
+    # PIL decodes without the GIL: threads make this a fraction of one epoch's decoding.
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        problems = [(p, why) for p, why in zip(paths, pool.map(_image_problem, paths), strict=True) if why]
+    if problems:
+        shown = "; ".join(f"{p} ({why})" for p, why in problems[:5])
+        more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
+        raise UsageError(
+            f"{len(problems)} of the {len(paths)} image files in {root} cannot be used: {shown}{more}; "
+            "remove or replace them"
+        )
+
+
+def _load_folder(root: Path) -> datasets.ImageFolder:
+    """An :class:`_ImageFolder` of ``root``, its images checked."""
+    folder = _ImageFolder(str(root))  # raises FileNotFoundError on empty/classless folders
+    _check_images(folder, root)
+    return folder
+
+
 def _image_folder(root: Path) -> datasets.ImageFolder:
-    folder = datasets.ImageFolder(str(root))  # raises FileNotFoundError on empty/classless folders
+    folder = _load_folder(root)
     if len(folder.classes) < 2:
         raise UsageError(
             f"ImageFolder {root} has {len(folder.classes)} class folder ({', '.join(folder.classes)}); "
@@ -324,7 +445,7 @@ def _build_imagefolder(
 
 
 def _matching_split(path: Path, classes: list[str], transform: Callable) -> TransformedSubset:
-    folder = datasets.ImageFolder(str(path))
+    folder = _load_folder(path)
     if folder.classes != classes:
         raise UsageError(
             f"class folders of {path} ({', '.join(folder.classes)}) differ from the training "

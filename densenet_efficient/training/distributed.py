@@ -35,6 +35,8 @@ def init_distributed(device_arg: str | None) -> tuple[DistInfo, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo(), pick_device(device_arg)
+    if device_arg:
+        _parse_device(device_arg)  # under torchrun only its type matters: each rank takes its local GPU
     info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
     cuda = torch.cuda.is_available() and not (device_arg or "").startswith("cpu")
     device = torch.device("cuda", info.local_rank) if cuda else torch.device("cpu")
@@ -45,13 +47,39 @@ def init_distributed(device_arg: str | None) -> tuple[DistInfo, torch.device]:
     return info, device
 
 
-def pick_device(device_arg: str | None) -> torch.device:
-    if device_arg:
+#: Device types training runs on (``meta`` has no data; others lack the kernels the engine uses).
+TRAINING_DEVICES = ("cpu", "cuda", "mps")
+
+
+def _parse_device(device_arg: str) -> torch.device:
+    """``--device``'s value as a device of a type training supports (:data:`TRAINING_DEVICES`)."""
+    try:
         device = torch.device(device_arg)
-        if device.type == "cuda" and not torch.cuda.is_available():
+    except RuntimeError:  # "Expected one of cpu, cuda, ... device type at start of device string"
+        device = None
+    if device is None or device.type not in TRAINING_DEVICES:
+        raise UsageError(
+            f"--device {device_arg!r} is not a device training can run on; expected cpu, cuda, "
+            "cuda:<index> or mps"
+        )
+    return device
+
+
+def pick_device(device_arg: str | None) -> torch.device:
+    """The device ``--device`` names (default: CUDA when available), refused unless usable here."""
+    if not device_arg:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = _parse_device(device_arg)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
             raise UsageError(f"--device {device_arg} asked for, but CUDA is not available here")
-        return device
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(
+                f"--device {device_arg} asked for, but this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {device_arg} asked for, but MPS is not available here")
+    return device
 
 
 def all_reduce(values: list[float], info: DistInfo, device: torch.device) -> list[float]:

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import math
 import os
 import random
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,8 +36,24 @@ from ..models.builders import create_model, densenet_bc
 from ..models.densenet import DenseNet
 from ..models.weights import resolve_weights
 from ..perf.measure import peak_rss_bytes
-from .checkpoint import CHECKPOINT_NAME, BestModel, read_run_checkpoint, restore_rng_state, save_epoch
-from .config import RUNTIME_FIELDS, NonFiniteLossError, TrainConfig, TrainResult, resolve_config
+from .checkpoint import (
+    CHECKPOINT_NAME,
+    BestModel,
+    check_run_folder,
+    read_run_checkpoint,
+    restore_rng_state,
+    save_epoch,
+)
+from .config import (
+    RUNTIME_FIELDS,
+    NonFiniteLossError,
+    TrainConfig,
+    TrainResult,
+    given_fields,
+    lr_milestones,
+    resolve_config,
+    resume_config,
+)
 from .data import DataBundle, TransformedSubset, build_data, detect_dataset
 from .distributed import DistInfo, all_reduce, init_distributed
 
@@ -66,12 +84,23 @@ def _weights_preset(c: TrainConfig) -> Any:
 def _loader(
     dataset: Dataset, c: TrainConfig, info: DistInfo, *, shuffle: bool, device: torch.device
 ) -> tuple[DataLoader, DistributedSampler | None]:
+    drop_last = False
     if shuffle:
         # A DistributedSampler even on one process: it reshuffles from (seed, epoch), so a resumed
         # run sees exactly the order an uninterrupted one would.
         sampler = DistributedSampler(
             dataset, info.world_size, info.rank, shuffle=True, seed=c.seed, drop_last=info.enabled
         )
+        if len(sampler) < 2:
+            raise UsageError(
+                f"training needs at least 2 images per process (batch norm normalises over the batch); "
+                f"found {len(dataset)} training image(s) for {info.world_size} process(es)"
+            )
+        # A final batch of one image cannot be batch-normalised in training mode (one value per
+        # channel at the last block's resolution): drop it rather than merge it into the previous
+        # batch (which would change the batch size); the sampler reshuffles every epoch, so the
+        # image dropped differs from epoch to epoch. Every rank has the same count: same decision.
+        drop_last = len(sampler) % c.batch_size == 1
     else:
         # Evaluation: each rank takes every world_size-th image, no padding, sums reduced later.
         if info.enabled:
@@ -84,7 +113,7 @@ def _loader(
         shuffle=False,
         num_workers=c.workers,
         pin_memory=device.type == "cuda",
-        drop_last=False,
+        drop_last=drop_last,
         generator=torch.Generator(),
         persistent_workers=False,
     )
@@ -151,13 +180,19 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> TrainResult:
     >>> result.epochs_completed  # doctest: +SKIP
     1
 
+    With ``resume=True`` the run continues with the checkpoint's settings. Settings given in
+    ``overrides`` or set in ``config`` to other than :class:`TrainConfig`'s defaults count as asked
+    for: a larger ``n_epochs`` extends the run (logged), runtime settings apply, and any other
+    one that differs from the run's is refused (see :func:`.config.resume_config`).
+
     Raises ``ValueError``/``FileNotFoundError``/``FileExistsError`` for bad settings or data
     (before anything is written) and :class:`NonFiniteLossError` if the loss diverges.
     """
+    given = given_fields(config, overrides)
     config = dataclasses.replace(config or TrainConfig(), **overrides)
     info, device = init_distributed(config.device)
     try:
-        return _train(config, info, device)
+        return _train(config, info, device, given)
     finally:
         if info.enabled and dist.is_initialized():
             dist.destroy_process_group()
@@ -179,8 +214,11 @@ class _Run:
     best: BestModel = dataclasses.field(default_factory=BestModel)
 
 
-def _open_run(config: TrainConfig) -> tuple[TrainConfig, Path, dict[str, Any] | None]:
-    """The run folder and, with ``resume``, the checkpoint whose settings win (except runtime ones)."""
+def _open_run(
+    config: TrainConfig, given: frozenset[str]
+) -> tuple[TrainConfig, Path, dict[str, Any] | None, list[str]]:
+    """The run folder, and with ``resume`` the checkpoint and the settings it continues with
+    (:func:`.config.resume_config`), plus notices about settings the resume changed."""
     save_dir = Path(
         config.save
         or f"runs/{config.dataset if config.data is None else Path(config.data).name}-"
@@ -188,19 +226,16 @@ def _open_run(config: TrainConfig) -> tuple[TrainConfig, Path, dict[str, Any] | 
     )
     ckpt_path = save_dir / CHECKPOINT_NAME
     if config.resume:
-        ckpt = read_run_checkpoint(ckpt_path)
-        stored = TrainConfig(**ckpt["config"])
-        # The checkpoint's settings win, except those that do not change the numbers.
-        config = dataclasses.replace(
-            stored, **{k: getattr(config, k) for k in RUNTIME_FIELDS}, save=str(save_dir)
-        )
-        return config, save_dir, ckpt
+        ckpt = read_run_checkpoint(ckpt_path)  # also checks its config holds only known settings
+        asked = dataclasses.replace(config, save=str(save_dir))
+        config, notices = resume_config(TrainConfig(**ckpt["config"]), asked, given, ckpt["epoch"])
+        return config, save_dir, ckpt, notices
     if ckpt_path.exists() and not config.overwrite:
         raise FileExistsError(
             f"{save_dir} already holds a training run ({CHECKPOINT_NAME}); pass --resume to continue it "
             "or --overwrite to start again"
         )
-    return config, save_dir, None
+    return config, save_dir, None, []
 
 
 def _configure_backends(c: TrainConfig, device: torch.device) -> None:
@@ -247,22 +282,81 @@ def _build_run(
     optimizer = torch.optim.SGD(
         params, lr=c.lr, momentum=c.momentum, nesterov=c.momentum > 0, weight_decay=c.weight_decay
     )
-    milestones = [int(0.5 * c.n_epochs), int(0.75 * c.n_epochs)]
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(
+        optimizer, milestones=lr_milestones(c.n_epochs), gamma=0.1
+    )
     scaler = torch.amp.GradScaler(device.type, enabled=c.amp == "fp16")
     return _Run(c, dataset, save_dir, model, optimizer, scheduler, scaler)
 
 
 def _restore(run: _Run, ckpt: dict[str, Any]) -> None:
-    """Continue exactly where the checkpoint stopped: weights, optimiser, schedule, RNGs, history."""
-    run.model.load_state_dict(ckpt["model"])
-    run.optimizer.load_state_dict(ckpt["optimizer"])
-    run.scheduler.load_state_dict(ckpt["scheduler"])
-    if ckpt.get("scaler"):
-        run.scaler.load_state_dict(ckpt["scaler"])
-    restore_rng_state(ckpt["rng"])
+    """Continue exactly where the checkpoint stopped: weights, optimiser, schedule, RNGs, history.
+
+    A part that does not fit the model its settings build is refused with a :class:`UsageError`
+    naming it, before anything is trained or written."""
+    path = run.save_dir / CHECKPOINT_NAME
+    for key in ("model", "best_model"):
+        if ckpt.get(key) is not None:
+            problem = _state_dict_problem(run.model, ckpt[key])
+            if problem:
+                raise UsageError(
+                    f"checkpoint {path}: its {key.replace('_', ' ')} does not fit the {run.model.arch_summary()} "
+                    f"its settings describe: {problem}"
+                )
+    steps = {
+        "model": lambda: run.model.load_state_dict(ckpt["model"]),
+        "optimizer": lambda: run.optimizer.load_state_dict(ckpt["optimizer"]),
+        "scheduler": lambda: run.scheduler.load_state_dict(ckpt["scheduler"]),
+        "scaler": lambda: ckpt.get("scaler") and run.scaler.load_state_dict(ckpt["scaler"]),
+        "rng": lambda: restore_rng_state(ckpt["rng"]),
+    }
+    for key, step in steps.items():
+        try:
+            step()
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as err:
+            raise UsageError(
+                f"checkpoint {path}: its {key} state cannot be restored ({err!r:.200})"
+            ) from None
     run.start_epoch, run.history = int(ckpt["epoch"]), list(ckpt["history"])
     run.best = BestModel(ckpt.get("best_valid_error"), ckpt.get("best_epoch"), ckpt.get("best_model"))
+    if run.c.n_epochs != ckpt["config"]["n_epochs"]:
+        _reschedule(run.scheduler, run.optimizer, run.c.n_epochs)
+
+
+def _reschedule(
+    scheduler: torch.optim.lr_scheduler.MultiStepLR, optimizer: torch.optim.Optimizer, n_epochs: int
+) -> None:
+    """Give a restored schedule the milestones of ``n_epochs`` and the LR that schedule has now.
+
+    The LR is multiplied milestone by milestone, as MultiStepLR itself does, so it is bit for bit
+    what a run planned for ``n_epochs`` from the start would use at this epoch."""
+    scheduler.milestones = Counter(lr_milestones(n_epochs))
+    for group, base in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
+        lr = base
+        for milestone in sorted(m for m in scheduler.milestones if m <= scheduler.last_epoch):
+            lr *= scheduler.gamma ** scheduler.milestones[milestone]
+        group["lr"] = lr
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+def _state_dict_problem(model: nn.Module, state: Any) -> str | None:
+    """What keeps ``state`` from loading into ``model`` exactly, in one line (None if it fits)."""
+    if not isinstance(state, dict):
+        return f"expected a state dict, found a {type(state).__name__}"
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} instead of {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and (not isinstance(state[k], torch.Tensor) or state[k].shape != v.shape)
+    ]
+    parts = [
+        f"{label} {len(names)} ({', '.join(map(str, names[:3]))}{', ...' if len(names) > 3 else ''})"
+        for label, names in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes))
+        if names
+    ]
+    return "; ".join(parts) or None
 
 
 def _wrap(run: _Run, info: DistInfo, device: torch.device) -> nn.Module:
@@ -277,20 +371,35 @@ def _wrap(run: _Run, info: DistInfo, device: torch.device) -> nn.Module:
     return net
 
 
-def _train(config: TrainConfig, info: DistInfo, device: torch.device) -> TrainResult:
-    config, save_dir, ckpt = _open_run(config)
+def _train(config: TrainConfig, info: DistInfo, device: torch.device, given: frozenset[str]) -> TrainResult:
+    config, save_dir, ckpt, notices = _open_run(config, given)
     dataset = detect_dataset(config.data) if config.dataset == "auto" else config.dataset
+    if dataset == "imagefolder" and config.data is not None:
+        data_dir = Path(config.data).expanduser().resolve()
+        if save_dir.resolve().is_relative_to(data_dir):
+            raise UsageError(
+                f"--save {save_dir} is inside --data {config.data}: the run folder would be read as a "
+                "class of images (or as images of one); save the run outside the data folder"
+            )
     c = resolve_config(config, dataset)
     _configure_backends(c, device)
     data = _load_data(c, dataset, info)
     run = _build_run(c, dataset, save_dir, data, info, device)
     if ckpt is not None:
         _restore(run, ckpt)
+    _check_run_folder(save_dir, info, device)
     net = _wrap(run, info, device)
     train_loader, sampler = _loader(data.train, c, info, shuffle=True, device=device)
     valid_loader = _loader(data.valid, c, info, shuffle=False, device=device)[0] if data.valid else None
     log = print if info.main else (lambda *a, **k: None)
     log(_describe_run(run, data, info, device, resumed=ckpt is not None))
+    for notice in notices:
+        log(f"resuming with {notice}")
+    if ckpt is not None and run.start_epoch >= c.n_epochs:
+        log(
+            f"the run in {save_dir} has already completed its {c.n_epochs} epochs: nothing to train "
+            "(pass a larger --n-epochs to continue it)"
+        )
 
     provenance = {
         "training": {k: v for k, v in c.to_dict().items() if k not in RUNTIME_FIELDS},
@@ -317,7 +426,20 @@ def _train(config: TrainConfig, info: DistInfo, device: torch.device) -> TrainRe
                 "scheduler": run.scheduler,
                 "scaler": run.scaler,
             }
-            save_epoch(save_dir, trainables, c, epoch + 1, run.history, run.best, improved, provenance)
+            try:
+                save_epoch(save_dir, trainables, c, epoch + 1, run.history, run.best, improved, provenance)
+            except OSError as err:
+                if err.errno not in _STORAGE_ERRORS:
+                    raise
+                raise UsageError(
+                    f"could not save epoch {epoch + 1} in {save_dir}: {err.strerror}; "
+                    + (
+                        f"the checkpoint of epoch {epoch} is kept: make room (or fix the folder) and "
+                        "continue with --resume"
+                        if epoch > run.start_epoch or ckpt is not None
+                        else "make room (or fix the folder) and start the run again"
+                    )
+                ) from None
 
     finished = end_epoch == c.n_epochs
     result = TrainResult(
@@ -332,6 +454,28 @@ def _train(config: TrainConfig, info: DistInfo, device: torch.device) -> TrainRe
     elif not finished:
         log(f"stopped after epoch {end_epoch} of {c.n_epochs}; continue with --save {save_dir} --resume")
     return result
+
+
+#: errno values that mean "the run folder cannot take the files", not a bug.
+_STORAGE_ERRORS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO}
+)
+
+
+def _check_run_folder(save_dir: Path, info: DistInfo, device: torch.device) -> None:
+    """Rank 0 checks the run folder can be written (:func:`.checkpoint.check_run_folder`) before
+    any training; every rank raises together, or the others would wait for rank 0 forever."""
+    problem = None
+    if info.main:
+        try:
+            check_run_folder(save_dir)
+        except UsageError as err:
+            problem = err
+    (failed,) = all_reduce([float(problem is not None)], info, device)
+    if problem is not None:
+        raise problem
+    if failed:
+        raise UsageError(f"rank 0 cannot write the run folder {save_dir}")
 
 
 def _describe_run(run: _Run, data: DataBundle, info: DistInfo, device: torch.device, resumed: bool) -> str:

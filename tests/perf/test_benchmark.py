@@ -54,6 +54,13 @@ def test_benchmark_memory_only_and_bad_input():
         benchmark(TINY, implementations=["fast"], progress=False)
     with pytest.raises(ValueError, match="must be >= 1"):
         benchmark(TINY, batch_size=0, progress=False)
+    # 0 is refused, not read as "the default" (the Python API is checked, not only the CLI)
+    with pytest.raises(ValueError, match="resolution must be a positive integer, got 0"):
+        benchmark(TINY, resolution=0, device="cpu", progress=False)
+    with pytest.raises(ValueError, match="resolution 2 is too small"):
+        sweep("depth", values=[10], resolution=2, device="cpu", progress=False)
+    with pytest.raises(ValueError, match=r"threads must be >= 1 \(an integer\), got 0"):
+        benchmark(TINY, threads=0, device="cpu", progress=False)
 
 
 def test_depth_sweep_writes_csv_and_png(tmp_path):
@@ -87,16 +94,37 @@ def test_depth_sweep_writes_csv_and_png(tmp_path):
         (["--depth", "11"], "6n\\+4"),
         (["--batch-size", "0", "--depth", "10"], "must be >= 1"),
         (["--sweep", "width"], None),  # argparse rejects the choice
+        (
+            ["--depth", "10", "--resolution", "2"],
+            "resolution 2 is too small for densenet_bc_10: .* at least 4x4",
+        ),
+        (["--arch", "densenet121", "--resolution", "16"], "resolution 16 is too small for densenet121"),
+        (["--depth", "10", "--resolution", "0"], "resolution must be a positive integer, got 0"),
+        (["--depth", "10", "--growth-rate", "0"], "growth_rate must be >= 1, got 0"),
+        (["--sweep", "depth", "--values", "10", "--growth-rate", "0"], "growth_rate must be >= 1, got 0"),
+        (["--sweep", "batch", "--resolution", "16"], "resolution 16 is too small for densenet121"),
+        (["--device", "cuda"], "CUDA is not available here"),
     ],
 )
-def test_benchmark_cli_errors_exit_2(argv, message, capsys):
+def test_benchmark_cli_errors_exit_2(argv, message, capsys, monkeypatch):
+    import torch
+
+    import densenet_efficient.perf.benchmark as bench
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+    def no_measuring(spec):  # every refusal comes before a measuring process is started
+        raise AssertionError(f"measured {spec}")
+
+    monkeypatch.setattr(bench, "measure", no_measuring)
     if message is None:
         with pytest.raises(SystemExit) as exc:
             main(["benchmark", *argv])
         assert exc.value.code == 2
         return
     assert main(["benchmark", *argv]) == 2
-    assert re.search(message, capsys.readouterr().err)
+    err = capsys.readouterr().err
+    assert re.search(message, err) and len(err.strip().splitlines()) == 1, err
 
 
 def test_benchmark_cli_json(capsys):

@@ -19,6 +19,7 @@ from densenet_efficient.perf.planner import (
     estimate_memory,
     max_batch_size,
     parse_memory,
+    plan,
 )
 
 from ..support.archs import ALL_ARCHS
@@ -190,6 +191,8 @@ def test_plan_cli_json_matches_api(capsys):
         (["--memory", "100MiB"], "fits no batch in any mode.*needs"),
         (["--memory", "lots"], "memory budget must look like"),
         (["--resolution", "-1", "--memory", "8GiB"], "resolution must be a positive integer"),
+        (["--resolution", "0", "--memory", "8GiB"], "resolution must be a positive integer, got 0"),
+        (["--depth", "10", "--growth-rate", "0", "--memory", "8GiB"], "growth_rate must be >= 1, got 0"),
         (["--depth", "41", "--memory", "8GiB"], "6n\\+4"),
     ],
 )
@@ -197,3 +200,93 @@ def test_plan_cli_errors_exit_2(argv, message, capsys):
     assert main(["plan", *argv]) == 2
     err = capsys.readouterr().err
     assert re.search(message, err), err
+
+
+# -- closed form vs per-layer accounting ------------------------------------------------------------
+
+
+def _reference_timeline(config, mode, n, h, w, e, pe=4):
+    """The planner's accounting as it was, one stage per layer (O(layers)): the reference the closed
+    form must reproduce exactly."""
+    from densenet_efficient.perf import planner as pl
+
+    c, k, bn = config.num_init_features, config.growth_rate, config.bn_size * config.growth_rate
+    stem, (h, w) = pl._stem_stage(config, mode, n, h, w, e)
+    stages = [stem]
+    for b, layers in enumerate(config.block_config):
+        name, s, cf = f"block{b + 1}", n * h * w, c + layers * config.growth_rate
+        if mode in ("naive", "torchvision"):
+            for i in range(layers):
+                cl = c + i * k
+                stages.append(pl._Stage(f"{name}.layer{i + 1}", (2 * cl + 2 * bn) * s * e, 0, 2 * cl * s * e))
+            stages.append(pl._Stage(f"{name}.output", cf * s * e, cf * s * e, 0))
+        elif mode == "torchvision_efficient":
+            stages.append(pl._Stage(f"{name}.input", c * s * e, 0, 0))
+            for i in range(layers):
+                cl = c + i * k
+                stages.append(pl._Stage(f"{name}.layer{i + 1}", (2 * bn + k) * s * e, 0, 4 * cl * s * e))
+            stages.append(pl._Stage(f"{name}.output", cf * s * e, 0, 0))
+        else:
+            kept, grads, pending, per_layer = (bn if mode == "efficient" else 0), 2 * cf * s * e, 0, []
+            for i in reversed(range(layers)):
+                cl = c + i * k
+                pending += (2 * cl + cl * bn + 2 * bn + 9 * bn * k) * pe
+                temps = max(3 * cl, k + cl + (4 if mode == "max_saving" else 3) * bn)
+                per_layer.append(
+                    pl._Stage(f"l{i}", kept * s * e, (2 * cl + bn) * s * e, grads + temps * s * e + pending)
+                )
+            stages += [pl._Stage(f"{name}.buffer", cf * s * e, 0, grads), *reversed(per_layer)]
+        if b < len(config.block_config) - 1:
+            saved = 0 if mode in ("efficient", "max_saving") else (cf + cf // 2) * s * e
+            stages.append(pl._Stage(f"transition{b + 1}", saved, cf * s * e, 2 * cf * s * e))
+            c, h, w = cf // 2, h // 2, w // 2
+        else:
+            stages.append(pl._Stage("head", cf * s * e, 0, 2 * cf * s * e))
+    return stages
+
+
+def _reference_parameters(config):
+    k, bn, c = config.growth_rate, config.bn_size * config.growth_rate, config.num_init_features
+    total = 3 * c * (9 if config.small_inputs else 49) + (0 if config.small_inputs else 2 * c)
+    for b, layers in enumerate(config.block_config):
+        total += sum(2 * (c + i * k) + (c + i * k) * bn + 2 * bn + 9 * bn * k for i in range(layers))
+        c += layers * k
+        if b < len(config.block_config) - 1:
+            total += 2 * c + c * (c // 2)
+            c //= 2
+    return total + 2 * c + c * config.num_classes + config.num_classes
+
+
+SMALL_CONFIGS = [
+    densenet_bc_config(10),
+    densenet_bc_config(28, 5),
+    densenet_bc_config(100),
+    resolve_arch("densenet121"),
+    de.ArchConfig(growth_rate=5, block_config=(1, 3, 2, 7), num_init_features=9, bn_size=3, num_classes=7),
+    de.ArchConfig(growth_rate=48, block_config=(30, 1), num_init_features=4, bn_size=1, small_inputs=True),
+]
+
+
+@pytest.mark.parametrize("config", SMALL_CONFIGS, ids=lambda c: c.name)
+@pytest.mark.parametrize("mode", ESTIMABLE)
+def test_closed_form_equals_the_per_layer_accounting(config, mode):
+    from densenet_efficient.perf.planner import _peak, _timeline
+
+    assert count_parameters(config) == _reference_parameters(config)
+    size = 32 if config.small_inputs else 64
+    for n, e, pe in [(1, 4, 4), (3, 2, 4), (64, 8, 8), (5, 2, 2)]:
+        closed = _timeline(config, mode, n, size, size, e, pe)
+        reference = _reference_timeline(config, mode, n, size, size, e, pe)
+        assert _peak(closed) == _peak(reference), (n, e, pe)
+        assert sum(st.saved for st in closed) == sum(st.saved for st in reference)
+
+
+def test_absurd_depths_are_answered_at_once():
+    """One Python object per layer made depth 1e8 take 23 GB; the closed form needs O(blocks)."""
+    import time
+
+    start = time.perf_counter()
+    rows = plan(densenet_bc_config(6 * 16_666_666 + 4), "8GiB")
+    assert [r["max_batch_size"] for r in rows] == [0] * len(ESTIMABLE)
+    assert deepest_densenet_bc("1TB", batch_size=1) > 10_000
+    assert time.perf_counter() - start < 5  # measured: ~0.02 s

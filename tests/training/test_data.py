@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 
 import numpy as np
@@ -169,3 +170,78 @@ def test_weights_preset_drives_the_imagefolder_transforms():
     # A preset without attributes falls back to ImageNet's resize 256 / crop 224.
     _, fallback, crop = imagenet_transforms(SimpleNamespace())
     assert crop == 224 and torch.allclose(fallback(image), preset(image), atol=1e-5)
+
+
+# -- hostile ImageFolders ---------------------------------------------------------------------------
+
+
+def test_imagefolder_counts_each_real_file_once_through_a_link_loop(tmp_path):
+    root = write_image_folder(tmp_path / "if_good", classes=("a", "b"), per_class=12, size=16)
+    plain = build_data("imagefolder", root, valid_size=0.25, image_size=8)
+    (root / "a" / "loop").symlink_to("../a")  # the reporter's `ln -s ../a if_good/a/loop`
+    (root / "b" / "again.png").symlink_to(root / "b" / "0.png")  # the same file twice in a class
+    bundle = build_data("imagefolder", root, valid_size=0.25, image_size=8)
+    assert len(bundle.train) + len(bundle.valid) == 24
+    folder = bundle.train.dataset
+    real = [os.path.realpath(p) for p, _ in folder.samples]
+    assert len(set(real)) == len(real) == 24
+    # Without duplicates, the split is the one the folder had before the links.
+    assert folder.samples == plain.train.dataset.samples
+    assert not {real[i] for i in bundle.train.indices} & {real[i] for i in bundle.valid.indices}
+
+
+def test_imagefolder_file_in_two_classes_is_refused(tmp_path):
+    root = write_image_folder(tmp_path / "data", classes=("a", "b"), per_class=3, size=16)
+    (root / "b" / "stray.png").symlink_to(root / "a" / "1.png")
+    with pytest.raises(
+        ValueError, match=r"are the same file .* in classes 'b' and 'a'; each image must belong"
+    ):
+        build_data("imagefolder", root, image_size=8)
+
+
+def _write_hostile(folder, monkeypatch) -> dict[str, str]:
+    """One of each unusable file into ``folder``; returns name -> what the refusal must say."""
+    good = (folder / "0.png").read_bytes()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(folder / "photo.jpg")
+    jpeg = (folder / "photo.jpg").read_bytes()
+    (folder / "photo.jpg").unlink()
+    (folder / "text.jpg").write_text("not an image\n")
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "cut.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    (folder / "cut.png").write_bytes(good[: len(good) // 2])
+    # Stand-ins for a 20000x20000 PNG: the limit lowered instead of writing 400 megapixels.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(folder / "huge.png")  # 1600 px: over the limit
+    Image.fromarray(np.zeros((50, 50, 3), np.uint8)).save(folder / "bomb.png")  # 2500 px: PIL refuses to open
+    return {
+        "text.jpg": "UnidentifiedImageError",
+        "empty.jpg": "UnidentifiedImageError",
+        "cut.jpg": "OSError: Truncated",
+        "cut.png": "OSError: ",
+        "huge.png": "40x40 pixels, over PIL's limit of 1,000",
+        "bomb.png": "exceeds limit",
+    }
+
+
+@pytest.mark.parametrize("layout", ["single", "val"])
+def test_imagefolder_unusable_images_are_refused_up_front_by_name(tmp_path, monkeypatch, layout):
+    root = tmp_path / "data"
+    if layout == "single":
+        write_image_folder(root, classes=("a", "b"), per_class=4, size=16)
+        folder = root / "a"
+    else:  # the check covers val/ (and test/) too
+        write_image_folder(root / "train", classes=("a", "b"), per_class=4, size=16)
+        write_image_folder(root / "val", classes=("a", "b"), per_class=2, size=16)
+        folder = root / "val" / "b"
+    expected = _write_hostile(folder, monkeypatch)
+    before = sorted(p.name for p in folder.iterdir())
+    with pytest.raises(ValueError) as info:
+        build_data("imagefolder", root, image_size=8)
+    message = str(info.value)
+    assert message.startswith(f"{len(expected)} of the ") and "cannot be used" in message
+    assert message.endswith("; and 1 more; remove or replace them")  # five named, the count of the rest
+    named = [name for name in expected if str(folder / name) in message]
+    assert len(named) == 5
+    for name in named:
+        assert expected[name].lower() in message.split(str(folder / name))[1].split(";")[0].lower(), name
+    assert sorted(p.name for p in folder.iterdir()) == before  # nothing deleted or moved

@@ -6,6 +6,8 @@ import csv
 import json
 import math
 import os
+import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -16,10 +18,12 @@ import torch
 
 import densenet_efficient.training.loop as train_mod
 from densenet_efficient import cli, densenet_bc, densenet_bc_100, from_pretrained
+from densenet_efficient.errors import UsageError
 from densenet_efficient.models import weights as weights_mod
 from densenet_efficient.training import NonFiniteLossError, TrainConfig, train
 from densenet_efficient.training.checkpoint import LOG_COLUMNS
 from densenet_efficient.training.checkpoint import read_run_checkpoint as load_checkpoint
+from densenet_efficient.training.config import lr_milestones
 
 from ..support import REPO as ROOT
 from ..support.fakedata import point_cifar10_at, write_fake_cifar10, write_image_folder
@@ -207,6 +211,8 @@ def snapshot():
         (lambda d: None, ["--amp", "fp16", "--device", "cpu"], "--amp fp16 needs a CUDA GPU"),
         (lambda d: None, ["--sync-bn", "--mode", "efficient"], "--sync-bn works only with --mode naive"),
         (lambda d: None, ["--arch", "densenet999"], "unknown architecture 'densenet999'"),
+        (lambda d: None, ["--device", "foo"], "--device 'foo' is not a device training can run on"),
+        (lambda d: None, ["--device", "meta"], "--device 'meta' is not a device training can run on"),
     ],
 )
 def test_bad_inputs_are_one_clear_line_and_write_nothing(tmp_path, capsys, make, argv, message):
@@ -216,8 +222,6 @@ def test_bad_inputs_are_one_clear_line_and_write_nothing(tmp_path, capsys, make,
     err = capsys.readouterr().err
     assert rc == 2
     assert err.startswith("densenet-efficient train: error: ") and len(err.strip().splitlines()) == 1
-    import re
-
     assert re.search(message, err), err
     assert not save.exists()
 
@@ -442,3 +446,193 @@ def test_torchrun_two_processes_gloo_only_rank0_writes(tmp_path):
     rows = _read_log(save / "log.csv")
     assert [r["epoch"] for r in rows] == ["1", "2"]
     assert load_checkpoint(save / "checkpoint.pt")["epoch"] == 2
+
+
+# -- resuming with other settings, damaged checkpoints ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> tuple[Path, Path, dict]:
+    """A finished 2-epoch tiny run (trained once per module), its CIFAR folder and md5 lists."""
+    root = tmp_path_factory.mktemp("finished")
+    md5s = write_fake_cifar10(root / "cifar", per_batch=20, test_size=20)
+    with pytest.MonkeyPatch.context() as mp:
+        point_cifar10_at(mp, md5s)
+        train(_tiny(root / "cifar", root / "run", n_epochs=2))
+    return root / "cifar", root / "run", md5s
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path, monkeypatch) -> Path:
+    """A private copy of :func:`finished_run`'s folder, its data readable by torchvision."""
+    cifar, run, md5s = finished_run
+    point_cifar10_at(monkeypatch, md5s)
+    shutil.copytree(run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def test_first_epoch_runs_at_the_given_lr_whatever_the_epoch_count(cifar, tmp_path):
+    # One epoch used to get milestones [0, 0] and run at lr / 100.
+    assert [lr_milestones(n)[0] >= 1 for n in range(1, 12)] == [True] * 11
+    assert lr_milestones(4) == [2, 3]  # the demo's schedule is unchanged for longer runs
+    result = train(_tiny(cifar, tmp_path / "run", n_epochs=1, lr=0.05))
+    assert [row["lr"] for row in result.history] == [0.05]
+
+
+def test_resume_with_more_epochs_continues_on_the_recomputed_schedule(finished_run, run_copy, capsys):
+    cifar = finished_run[0]
+    # The same settings given again (the data folder spelt differently) are not a change.
+    same = ("--depth", "10", "--lr", "0.1", "--data", f"{cifar}/../{cifar.name}", "--dataset", "cifar10")
+    assert _cli("--save", str(run_copy), "--resume", "--n-epochs", "4", *same, "--no-progress") == 0
+    out = capsys.readouterr().out
+    assert "resuming with --n-epochs 4 (the run had 2): training continues to epoch 4" in out
+    rows = _read_log(run_copy / "log.csv")
+    assert [r["epoch"] for r in rows] == ["1", "2", "3", "4"]
+    # Epochs 1-2 ran on the 2-epoch schedule (x0.01 after epoch 1); epochs 3-4 run where a 4-epoch
+    # schedule is (x0.1 after epochs 2 and 3), so the rate goes back up to 0.01 for epoch 3.
+    assert [float(r["lr"]) for r in rows] == pytest.approx([0.1, 0.001, 0.01, 0.001])
+    ckpt = load_checkpoint(run_copy / "checkpoint.pt")
+    assert ckpt["epoch"] == 4 and ckpt["config"]["n_epochs"] == 4
+
+    # Finished: a plain resume says there is nothing to train instead of silently doing nothing.
+    assert _cli("--save", str(run_copy), "--resume", "--no-progress") == 0
+    assert "already completed its 4 epochs: nothing to train" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--n-epochs", "5", "--lr", "0.5", "--depth", "16", "--dataset", "digits"],
+            r"--dataset digits \(the run has auto\); --depth 16 \(the run has 10\); --lr 0.5 \(the run has 0.1\) "
+            r"would change its numbers",
+        ),
+        (["--data", "{tmp}/elsewhere"], r"--data .*elsewhere \(the run has .*cifar\) would change"),
+        (["--n-epochs", "2"], None),  # unchanged: accepted
+        (["--n-epochs", "1"], "the run has already completed 2 epochs; give more than 2"),
+    ],
+)
+def test_resume_refuses_settings_that_would_change_the_numbers(
+    run_copy, tmp_path, capsys, snapshot, argv, message
+):
+    before = snapshot(run_copy)
+    rc = _cli("--save", str(run_copy), "--resume", "--no-progress", *[a.format(tmp=tmp_path) for a in argv])
+    err = capsys.readouterr().err
+    if message is None:
+        assert rc == 0 and err == ""
+    else:
+        assert rc == 2 and len(err.strip().splitlines()) == 1
+        assert re.search(message, err), err
+    assert snapshot(run_copy) == before
+
+
+def _damage(ckpt: dict, what: str) -> str:
+    """Break one part of a checkpoint's content; return what the refusal must say."""
+    if what == "unknown_setting":
+        ckpt["config"]["learning_rate_warmup"] = 5
+        return r"settings this version does not know \(learning_rate_warmup\)"
+    if what == "other_depth":
+        ckpt["config"]["depth"] = 16
+        return r"its model does not fit the .* missing \d+ .*; mis-shaped \d+"
+    if what == "missing_weight":
+        del ckpt["model"]["classifier.bias"]
+        return r"its model does not fit .*: missing 1 \(classifier.bias\)"
+    if what == "bad_rng":
+        ckpt["rng"]["numpy"] = {"kind": "MT19937"}
+        return "its rng state cannot be restored"
+    if what == "negative_epoch":
+        ckpt["epoch"] = -5
+        return r"its epoch is -5, expected a count of completed epochs >= 1"
+    if what == "short_history":
+        ckpt["history"] = ckpt["history"][:1]
+        return r"one row per completed epoch \(2\), found 1"
+    if what == "bad_optimizer":
+        ckpt["optimizer"]["param_groups"] = []
+        return "its optimizer state cannot be restored"
+    raise AssertionError(what)
+
+
+@pytest.mark.parametrize(
+    "what",
+    [
+        "unknown_setting",
+        "other_depth",
+        "missing_weight",
+        "bad_rng",
+        "negative_epoch",
+        "short_history",
+        "bad_optimizer",
+    ],
+)
+def test_resume_refuses_an_inconsistent_checkpoint_in_one_line(run_copy, capsys, snapshot, what):
+    path = run_copy / "checkpoint.pt"
+    ckpt = torch.load(path, weights_only=True)
+    message = _damage(ckpt, what)
+    torch.save(ckpt, path)
+    before = snapshot(run_copy)
+    assert _cli("--save", str(run_copy), "--resume", "--n-epochs", "3", "--no-progress") == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith(f"densenet-efficient train: error: checkpoint {path}")
+        and len(err.strip().splitlines()) == 1
+    )
+    assert re.search(message, err), err
+    assert snapshot(run_copy) == before
+
+
+# -- the run folder -------------------------------------------------------------------------------
+
+
+def test_save_inside_the_image_folder_is_refused(tmp_path, capsys, snapshot):
+    data = write_image_folder(tmp_path / "if_good", classes=("a", "b"), per_class=3, size=16)
+    before = snapshot(data)
+    rc = _cli("--data", str(data), "--image-size", "8", "--save", str(data / "a" / "run"), "--no-progress")
+    assert rc == 2
+    assert "is inside --data" in capsys.readouterr().err
+    assert snapshot(data) == before and not (data / "a" / "run").exists()
+
+
+@pytest.mark.parametrize("where", ["file", "under_a_file"])
+def test_unwritable_save_is_refused_before_any_epoch(cifar, tmp_path, capsys, where):
+    blocker = tmp_path / "blocker"
+    blocker.write_bytes(b"mine")
+    save = blocker if where == "file" else blocker / "run"
+    assert _cli(*_tiny_argv(cifar, 2, "--save", str(save), "--workers", "0")) == 2
+    out, err = capsys.readouterr()
+    expected = "is a file; expected a folder" if where == "file" else "cannot write the run folder"
+    assert expected in err and len(err.strip().splitlines()) == 1
+    assert "epoch 1/" not in out  # refused before spending any training time
+    assert blocker.read_bytes() == b"mine"
+
+
+def test_disk_full_while_saving_is_one_sentence_and_keeps_the_last_checkpoint(cifar, tmp_path, monkeypatch):
+    real_save = train_mod.save_epoch
+
+    def disk_full_at_epoch_2(save_dir, trainables, c, epoch, *args):
+        if epoch == 2:  # every fsync (each atomic write's) fails as on a full disk
+            monkeypatch.setattr(
+                os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(28, "No space left on device"))
+            )
+        return real_save(save_dir, trainables, c, epoch, *args)
+
+    monkeypatch.setattr(train_mod, "save_epoch", disk_full_at_epoch_2)
+    save = tmp_path / "run"
+    with pytest.raises(
+        UsageError,
+        match="could not save epoch 2 in .*: No space left on device; the checkpoint of epoch 1 is kept",
+    ):
+        train(_tiny(cifar, save))
+    monkeypatch.undo()
+    assert load_checkpoint(save / "checkpoint.pt")["epoch"] == 1
+    assert not list(save.glob(".*tmp*"))
+
+
+def test_a_last_training_batch_of_one_is_dropped(tmp_path):
+    # 2 x 11 images, no validation: 22 = 3 x 7 + 1, and at 4x4 the last block is 1x1, where batch
+    # norm cannot normalise a single image.
+    data = write_image_folder(tmp_path / "data", classes=("a", "b"), per_class=11, size=8)
+    result = train(
+        data=str(data), image_size=4, depth=10, growth_rate=6, batch_size=7, valid_size=0, n_epochs=1,
+        save=str(tmp_path / "run"), progress=False, workers=0,
+    )  # fmt: skip
+    assert result.finished and math.isfinite(result.history[0]["train_loss"])
