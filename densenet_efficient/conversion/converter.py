@@ -9,9 +9,10 @@ provenance atomically, and check that the folder, loaded back, computes what the
 computes (:mod:`.verify`).
 
     >>> import densenet_efficient as de
-    >>> result = de.convert("densenet121-a639ec97.pth", "out/densenet121")   # doctest: +SKIP
-    >>> result.config.growth_rate, result.max_abs_diff                         # doctest: +SKIP
-    (32, 0.0)
+
+        result = de.convert("densenet121-a639ec97.pth", "out/densenet121")
+        result.config.growth_rate, result.max_abs_diff
+        # (32, 0.0)
 """
 
 from __future__ import annotations
@@ -201,8 +202,8 @@ def convert(
 
     Example::
 
-        >>> result = convert("runs/bc100/checkpoint.pth.tar", "hub/densenet-bc-100")  # doctest: +SKIP
-        >>> from_pretrained("hub/densenet-bc-100")                                      # doctest: +SKIP
+            result = convert("runs/bc100/checkpoint.pth.tar", "hub/densenet-bc-100")
+            from_pretrained("hub/densenet-bc-100")
     """
     out_dir = Path(out_dir)
     if arch is not None:

@@ -6,8 +6,9 @@ renamed into place only when complete; when the destination exists, only the fil
 produced are replaced, each atomically, and nothing else in that folder is touched.
 
 >>> from pathlib import Path
->>> atomic_write(Path("log.csv"), b"epoch,loss\\n")                    # doctest: +SKIP
->>> with staged_folder(Path("out/model")) as tmp:                       # doctest: +SKIP
+
+    atomic_write(Path("log.csv"), b"epoch,loss\\n")
+    with staged_folder(Path("out/model")) as tmp:
 ...     (tmp / "config.json").write_text("{}")
 """
 

@@ -7,9 +7,10 @@ or training checkpoints that wrap the weights in a dict (``state_dict``, ``model
 inert type allowed, because timm and many training scripts store their arguments that way).
 
 >>> from densenet_efficient.io.checkpoint import read_checkpoint
->>> ckpt = read_checkpoint("densenet121-a639ec97.pth")          # doctest: +SKIP
->>> ckpt.container, ckpt.wrapper_key, len(ckpt.state_dict)      # doctest: +SKIP
-('torch-legacy', None, 727)
+
+    ckpt = read_checkpoint("densenet121-a639ec97.pth")
+    ckpt.container, ckpt.wrapper_key, len(ckpt.state_dict)
+    # ('torch-legacy', None, 727)
 """
 
 from __future__ import annotations

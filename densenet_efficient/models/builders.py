@@ -209,7 +209,7 @@ def from_pretrained(repo_id_or_path: str | os.PathLike, **kwargs: Any) -> DenseN
     ``strict`` and ``num_classes`` (a class count other than the folder's loads everything but the
     classifier and warns). See :func:`.hub.load_hub_folder`.
 
-    >>> model = from_pretrained("timm/densenet121.tv_in1k", memory_efficient=True)   # doctest: +SKIP
+        model = from_pretrained("timm/densenet121.tv_in1k", memory_efficient=True)
     """
     return DenseNet.from_pretrained(repo_id_or_path, **kwargs)
 

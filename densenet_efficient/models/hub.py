@@ -17,9 +17,10 @@ for any mixin model. This module knows models only through what every DenseNet o
 
 >>> import densenet_efficient as de
 >>> model = de.densenet_bc_100()
->>> model.save_pretrained("out/bc100")                                                      # doctest: +SKIP
->>> de.from_pretrained("out/bc100", memory_efficient=True)                                 # doctest: +SKIP
->>> de.save_hub_folder(model, "out/bc100", provenance={"trained": "train"}, overwrite=True)  # doctest: +SKIP
+
+    model.save_pretrained("out/bc100")
+    de.from_pretrained("out/bc100", memory_efficient=True)
+    de.save_hub_folder(model, "out/bc100", provenance={"trained": "train"}, overwrite=True)
 """
 
 from __future__ import annotations
@@ -219,7 +220,7 @@ def save_hub_folder(
     result) becomes a section of the model card; ``repo_id`` is used in its usage snippet.
     Returns the folder.
 
-    >>> save_hub_folder(model, "hub/densenet121", provenance={"source": "densenet121-a639ec97.pth"})  # doctest: +SKIP
+        save_hub_folder(model, "hub/densenet121", provenance={"source": "densenet121-a639ec97.pth"})
     """
     if not isinstance(model, DenseNetHubMixin):
         raise TypeError(f"save_hub_folder expects a densenet_efficient.DenseNet, got {type(model).__name__}")
@@ -471,7 +472,7 @@ class DenseNetHubMixin(
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any):
         """Load a Hub repo or local folder (ours, or timm's DenseNet repos); see :func:`load_hub_folder`.
 
-        >>> model = DenseNet.from_pretrained("org/densenet121", memory_efficient=True)  # doctest: +SKIP
+        model = DenseNet.from_pretrained("org/densenet121", memory_efficient=True)
         """
         name = os.fspath(pretrained_model_name_or_path)
         if Path(name).exists() and not Path(name).is_dir():

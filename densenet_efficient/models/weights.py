@@ -10,7 +10,8 @@ re-hashed before it is trusted, so a file corrupted after download is caught too
 >>> spec = get_weights("densenet121")
 >>> spec.url, spec.meta["acc@1"]
 ('https://download.pytorch.org/models/densenet121-a639ec97.pth', 74.434)
->>> model = densenet121(weights="IMAGENET1K_V1")          # downloads  # doctest: +SKIP
+
+    model = densenet121(weights="IMAGENET1K_V1")          # downloads
 
 Overrides (for mirrors and tests), read on every lookup:
 
@@ -208,7 +209,8 @@ class WeightsSpec:
         """The preprocessing these weights expect (torchvision's ``ImageClassification`` preset).
 
         >>> preprocess = get_weights("densenet121").transforms()
-        >>> batch = preprocess(image).unsqueeze(0)           # PIL image or uint8 tensor  # doctest: +SKIP
+
+            batch = preprocess(image).unsqueeze(0)           # PIL image or uint8 tensor
         """
         from torchvision.transforms import InterpolationMode
         from torchvision.transforms._presets import ImageClassification
@@ -479,9 +481,9 @@ def load_state_dict_from_manifest(
 
     ``model_dir`` defaults to torch.hub's cache (``$TORCH_HOME/hub/checkpoints``).
 
-    >>> sd = load_state_dict_from_manifest("densenet121")     # downloads 31 MB  # doctest: +SKIP
-    >>> sd["features.denseblock1.denselayer1.norm1.weight"].shape  # doctest: +SKIP
-    torch.Size([64])
+        sd = load_state_dict_from_manifest("densenet121")     # downloads 31 MB
+        sd["features.denseblock1.denselayer1.norm1.weight"].shape
+        # torch.Size([64])
     """
     return get_weights(arch, name).get_state_dict(progress=progress, model_dir=model_dir)
 

@@ -176,9 +176,9 @@ def evaluate(
 def train(config: TrainConfig | None = None, **overrides: Any) -> TrainResult:
     """Run (or resume) training as ``config`` describes; see the module docstring.
 
-    >>> result = train(depth=10, n_epochs=1, save="runs/doc", progress=False)  # doctest: +SKIP
-    >>> result.epochs_completed  # doctest: +SKIP
-    1
+        result = train(depth=10, n_epochs=1, save="runs/doc", progress=False)
+        result.epochs_completed
+        # 1
 
     With ``resume=True`` the run continues with the checkpoint's settings. Settings given in
     ``overrides`` or set in ``config`` to other than :class:`TrainConfig`'s defaults count as asked
