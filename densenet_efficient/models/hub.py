@@ -347,6 +347,19 @@ def _locate(name_or_path: str, opts: dict[str, Any]) -> tuple[Path, Path]:
         return config, Path(_hub_file(name_or_path, PICKLE_WEIGHTS_NAME, opts))
 
 
+_DOWNLOAD_OPTIONS = ("revision", "cache_dir", "force_download", "token", "local_files_only", "proxies")
+
+
+def _read_config(path: Path, source: str) -> dict[str, Any]:
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"{source}: config.json is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise UsageError(f"{source}: config.json must hold a JSON object, found {type(config).__name__}")
+    return config
+
+
 def _same(value: Any, saved: Any) -> bool:
     """Whether a keyword argument repeats what config.json says (the mixin passes both along)."""
     if isinstance(value, (tuple, list)) and isinstance(saved, (tuple, list)):
@@ -376,11 +389,7 @@ def load_hub_folder(
     """
     source = os.fspath(repo_id_or_path)
     config_path, weights_path = _locate(source, opts)
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UsageError(f"{source}: config.json is not valid JSON ({e})") from None
-    kwargs, pretrained_cfg = _model_kwargs(config, source)
+    kwargs, pretrained_cfg = _model_kwargs(_read_config(config_path, source), source)
     state_dict = read_checkpoint(weights_path).state_dict
     _check_classes(state_dict, kwargs["num_classes"], source, weights_path.name)
     try:  # before building: a config asking for gigabytes is refused against a small file at once
@@ -477,7 +486,11 @@ class DenseNetHubMixin(
         name = os.fspath(pretrained_model_name_or_path)
         if Path(name).exists() and not Path(name).is_dir():
             raise FileNotFoundError(f"{name} is a file; expected a folder or a Hugging Face repo id")
-        try:  # the mixin reads config.json itself first; its hub errors get one sentence here
+        # The mixin reads config.json itself before the hook runs: check it first, so a missing,
+        # unreachable or malformed file is one sentence here rather than the mixin's own error.
+        opts = {k: kwargs[k] for k in _DOWNLOAD_OPTIONS if kwargs.get(k) is not None}
+        _read_config(_locate(name, opts)[0], name)
+        try:
             return super().from_pretrained(name, **kwargs)
         except Exception as err:
             mapped = _hub_error(err, name, kwargs)

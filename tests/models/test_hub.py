@@ -378,3 +378,68 @@ def test_push_to_hub_uploads_the_saved_folder(monkeypatch):
     assert set(uploaded) == {"repo_id", "README.md", "config.json", "model.safetensors"}
     assert b'de.from_pretrained("org/tiny", memory_efficient=True)' in uploaded["README.md"]
     assert b"memory_efficient" not in uploaded["config.json"]
+
+
+# -- hostile folders ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda d: (d / "model.safetensors").write_bytes(b""), "model.safetensors: the file is empty"),
+        (lambda d: (d / "model.safetensors").write_bytes(b"\x00garbage" * 20), "not a torch checkpoint"),
+        (
+            lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:300]),
+            "model.safetensors: truncated or corrupt safetensors file",
+        ),
+        (lambda d: _edit_config(d, block_config=3), "block_config must be a list of ints, found 3"),
+        (lambda d: _edit_config(d, drop_rate=None), "drop_rate must be a number in \\[0, 1\\), found None"),
+        (lambda d: _edit_config(d, growth_rate=100000), "does not match its config.json"),
+        (lambda d: _edit_config(d, block_config=[3000, 1, 1]), "does not match its config.json"),
+        (lambda d: (d / "config.json").write_text("[1]"), "config.json must hold a JSON object"),
+        (lambda d: (d / "config.json").write_text("{"), "config.json is not valid JSON"),
+    ],
+    ids=[
+        "empty",
+        "garbage",
+        "truncated",
+        "block-int",
+        "drop-null",
+        "huge-growth",
+        "huge-block",
+        "list",
+        "json",
+    ],
+)
+def test_hostile_folders_fail_in_one_sentence_naming_the_file(tmp_path, damage, message):
+    folder = tmp_path / "m"
+    de.densenet_bc(10).save_pretrained(folder)
+    damage(folder)
+    with pytest.raises((ValueError, StateDictMismatchError), match=message):
+        de.from_pretrained(folder)
+
+
+def test_timm_model_args_that_are_not_an_object_are_refused(tmp_path):
+    folder = tmp_path / "t"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({**TIMM_CONFIG, "model_args": [1]}))
+    tiny().save_pretrained(tmp_path / "w")
+    (folder / "model.safetensors").write_bytes((tmp_path / "w" / "model.safetensors").read_bytes())
+    with pytest.raises(ValueError, match="timm's model_args must be a JSON object, found \\[1\\]"):
+        de.from_pretrained(folder)
+
+
+def test_overwrite_replaces_only_our_files(tmp_path):
+    out = tmp_path / "proj"
+    out.mkdir()
+    (out / "train.py").write_text("print('mine')")
+    tiny().save_pretrained(out, overwrite=True)  # the keyword older code passes still works
+    de.save_hub_folder(tiny(3), out, overwrite=True)
+    assert (out / "train.py").read_text() == "print('mine')"
+    assert json.loads((out / "config.json").read_text())["num_classes"] == 3
+
+
+def _edit_config(folder, **changes):
+    config = json.loads((folder / "config.json").read_text())
+    config.update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
