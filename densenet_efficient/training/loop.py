@@ -432,7 +432,7 @@ def _train(config: TrainConfig, info: DistInfo, device: torch.device, given: fro
                 if err.errno not in _STORAGE_ERRORS:
                     raise
                 raise UsageError(
-                    f"could not save epoch {epoch + 1} in {save_dir}: {err.strerror}; "
+                    f"could not save epoch {epoch + 1} in {save_dir}: {os.strerror(err.errno)}; "
                     + (
                         f"the checkpoint of epoch {epoch} is kept: make room (or fix the folder) and "
                         "continue with --resume"
