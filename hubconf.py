@@ -1,8 +1,9 @@
 """torch.hub entrypoints: memory-efficient DenseNets with torchvision's exact ``state_dict`` layout.
 
     import torch
-    model = torch.hub.load("gpleiss/efficient_densenet_pytorch", "densenet121", pretrained=True)
-    model = torch.hub.load("gpleiss/efficient_densenet_pytorch", "densenet_bc", depth=250, memory_efficient=True)
+    model = torch.hub.load("densenet-efficient/efficient_densenet", "densenet121", pretrained=True)
+    model = torch.hub.load("densenet-efficient/efficient_densenet:v0.1.0", "densenet121", weights="DEFAULT")  # a tag
+    model = torch.hub.load("path/to/checkout", "densenet_bc", depth=250, memory_efficient=True, source="local")
 
 Every entrypoint takes the builder's arguments: ``weights=`` ("IMAGENET1K_V1", "DEFAULT" or a
 torchvision ``DenseNetXXX_Weights`` member), ``pretrained=``, ``progress=``, ``memory_efficient=``
