@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,21 +14,30 @@ from densenet_efficient.models import weights as W
 from densenet_efficient.models.hub import HUB_REPO
 
 from .support import REPO
-from .support.hub_server import legacy_checkpoint, manifest_override, serve, torchvision_from_url
+from .support.hub_server import (
+    copy_checkout,
+    legacy_checkpoint,
+    manifest_override,
+    serve,
+    torchvision_from_url,
+)
 
-ENTRYPOINTS = ["densenet121", "densenet161", "densenet169", "densenet201", "densenet_bc", "densenet_bc_100"]
+ENTRYPOINTS = [
+    "densenet121",
+    "densenet161",
+    "densenet169",
+    "densenet201",
+    "densenet_bc",
+    "densenet_bc_100",
+    "from_pretrained",
+]
 GITHUB = f"{HUB_REPO}:main"
 
 
 def _github_checkout(torch_home: Path, ref: str = "main") -> Path:
     """Put this repo where torch.hub caches a GitHub checkout of ``HUB_REPO`` at ``ref``, so the real
     list/help/load code runs offline."""
-    dest = torch_home / "hub" / f"{HUB_REPO.replace('/', '_')}_{ref}"
-    shutil.copytree(
-        REPO / "densenet_efficient", dest / "densenet_efficient", ignore=shutil.ignore_patterns("__pycache__")
-    )
-    shutil.copy(REPO / "hubconf.py", dest / "hubconf.py")
-    return dest
+    return copy_checkout(torch_home / "hub" / f"{HUB_REPO.replace('/', '_')}_{ref}")
 
 
 def test_the_hub_path_is_this_projects_repository_everywhere_it_is_shown(tmp_path, monkeypatch):
@@ -75,7 +83,7 @@ print(type(model).__name__, "densenet_efficient" in sys.modules, "safetensors" i
     )
     assert run.returncode == 0, run.stderr
     assert run.stdout.splitlines() == [
-        "6 False False",
+        "7 False False",
         "DenseNet True False",
     ]
 
