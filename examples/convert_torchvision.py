@@ -31,6 +31,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("src", help="a torchvision checkpoint file, URL or architecture name")
     parser.add_argument("out", help="a new folder: OUT/hf, and with --run OUT/run and OUT/torchvision.pth")
     parser.add_argument("--run", help="a run folder of `densenet-efficient train --save RUN` to export")
+    parser.add_argument(
+        "--resolution", type=int, default=224, help="the comparison batch's size (default 224)"
+    )
     return parser.parse_args(argv)
 
 
@@ -52,7 +55,7 @@ def torchvision_model(folder: Path) -> torchvision.models.DenseNet:
     return model.eval()
 
 
-def max_abs_diff(a: torch.nn.Module, b: torch.nn.Module, resolution: int = 64) -> float:
+def max_abs_diff(a: torch.nn.Module, b: torch.nn.Module, resolution: int) -> float:
     """The largest output difference of two models on one random batch (eval mode)."""
     x = torch.randn(2, 3, resolution, resolution, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -69,14 +72,19 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     tv = torchvision_model(out / "hf")
     ours = de.from_pretrained(out / "hf", memory_efficient=True)
     tm = timm.create_model(f"local-dir:{out / 'hf'}", pretrained=True)
-    diffs = {"torchvision vs ours": max_abs_diff(tv, ours), "torchvision vs timm": max_abs_diff(tv, tm)}
+    diffs = {
+        "torchvision vs ours": max_abs_diff(tv, ours, args.resolution),
+        "torchvision vs timm": max_abs_diff(tv, tm, args.resolution),
+    }
 
     if args.run:  # a fine-tuned run of ours, back into torchvision's layout
         run = Path(args.run)
         de.convert(run / "checkpoint.pt", out / "run")
         exported = torchvision_model(out / "run")
         torch.save(exported.state_dict(), out / "torchvision.pth")
-        diffs["run: torchvision vs ours"] = max_abs_diff(exported, de.from_pretrained(run / "last"))
+        diffs["run: torchvision vs ours"] = max_abs_diff(
+            exported, de.from_pretrained(run / "last"), args.resolution
+        )
         print(f"wrote {out / 'torchvision.pth'}: torchvision.models.DenseNet(...).load_state_dict reads it")
 
     for name, diff in diffs.items():

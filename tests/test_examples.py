@@ -98,9 +98,10 @@ def test_hub_predict_without_weights_prints_class_indices(checkout, tmp_path, ca
 def test_finetune_plans_trains_saves_and_reloads(torchvision_weights, checkout, flowers, tmp_path, capsys):
     out = tmp_path / "run"
     args = [flowers, "--memory", "105MiB", "--device", "cpu", "--batch-size", "6", "--image-size", "32"]
-    got = run_example(
-        "finetune", *args, "--epochs", "1", "--out", out, "--repo", checkout, "--source", "local"
-    )
+    with pytest.warns(UserWarning, match=r"re-initialised classifier\.weight, classifier\.bias"):
+        got = run_example(
+            "finetune", *args, "--epochs", "1", "--out", out, "--repo", checkout, "--source", "local"
+        )
     printed = capsys.readouterr().out
     # the planner: a step of 6 densenet121 images at 32x32 needs 106.1 MiB naive, 105.0 MiB efficient
     assert "chose 'efficient'" in printed and got["mode"] == "efficient"
@@ -123,7 +124,7 @@ def test_convert_torchvision_round_trips_through_torchvision_us_and_timm(
     run = tmp_path / "fine-tuned"
     train = ["train", "--arch", "densenet121", "--data", flowers, "--image-size", "32", "--n-epochs", "1"]
     assert cli.main([str(a) for a in [*train, "--batch-size", "6", "--workers", "0", "--save", run]]) == 0
-    diffs = run_example("convert_torchvision", src, tmp_path / "out", "--run", run)
+    diffs = run_example("convert_torchvision", src, tmp_path / "out", "--run", run, "--resolution", 32)
     assert set(diffs) == {"torchvision vs ours", "torchvision vs timm", "run: torchvision vs ours"}
     assert all(d <= 1e-5 for d in diffs.values()), diffs
     printed = capsys.readouterr().out
