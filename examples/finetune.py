@@ -81,7 +81,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             batch_size=args.batch_size,
             device=args.device,
             save=args.out,
-            overwrite=True,
             progress=False,
         )
     )

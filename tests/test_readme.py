@@ -172,6 +172,7 @@ def run_pretrained(code: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *
             exec(compile(code, "README.md#pretrained", "exec"), scope)
     assert scope["preprocess"].crop_size == [224] and scope["preprocess"].resize_size == [256]
     assert (tmp_path / "my-densenet" / "model.safetensors").is_file()
+    assert 'torch.hub.load("path/to/checkout", "from_pretrained", "my-densenet"' not in code  # replaced
     assert scope["model"].memory_efficient == "efficient" and uploads == ["me/my-densenet"]
 
 
