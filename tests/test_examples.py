@@ -10,7 +10,10 @@ Each example's ``main(argv)`` runs in-process, exactly as ``python examples/<nam
 
 from __future__ import annotations
 
+import os
 import runpy
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -137,3 +140,14 @@ def test_convert_torchvision_round_trips_through_torchvision_us_and_timm(
     converted = torchvision.models.densenet121()
     converted.load_state_dict(load_file(tmp_path / "out" / "hf" / "model.safetensors"))
     assert all(torch.equal(v, converted.state_dict()[k]) for k, v in ref.state_dict().items())
+
+
+@pytest.mark.parametrize("name", ["hub_predict", "finetune", "convert_torchvision"])
+def test_each_example_runs_as_a_script(name):
+    """``python examples/<name>.py --help`` in a fresh process: the script entry point and its usage."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    run = subprocess.run(
+        [sys.executable, f"examples/{name}.py", "--help"], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith(f"usage: {name}.py") and "Journey" in run.stdout
