@@ -124,8 +124,10 @@ def run_use(code: str, **_: object) -> None:
 def resolve_ecosystem_calls(code: str, **_: object) -> None:
     """Every function the block calls exists (``model.X`` on the DenseNet class); running them is
     ``tests/models/test_ecosystem.py``'s job (exports and compiles of densenet121 take minutes)."""
-    roots = {"torch": torch, "de": de, "model": de.DenseNet}
-    roots.update(timm=pytest.importorskip("timm"), torchvision=__import__("torchvision"))
+    import timm
+    import torchvision
+
+    roots = {"torch": torch, "de": de, "model": de.DenseNet, "timm": timm, "torchvision": torchvision}
     calls = [n.func for n in ast.walk(ast.parse(code)) if isinstance(n, ast.Call)]
     dotted = [
         ast.unparse(f)
