@@ -1,8 +1,9 @@
 """torch.hub entrypoints: memory-efficient DenseNets with torchvision's exact ``state_dict`` layout.
 
     import torch
-    model = torch.hub.load("gpleiss/efficient_densenet_pytorch", "densenet121", pretrained=True)
-    model = torch.hub.load("gpleiss/efficient_densenet_pytorch", "densenet_bc", depth=250, memory_efficient=True)
+    model = torch.hub.load("densenet-efficient/efficient_densenet", "densenet121", pretrained=True)
+    model = torch.hub.load("densenet-efficient/efficient_densenet:v0.1.0", "densenet121", weights="DEFAULT")  # a tag
+    model = torch.hub.load("path/to/checkout", "densenet_bc", depth=250, memory_efficient=True, source="local")
 
 Every entrypoint takes the builder's arguments: ``weights=`` ("IMAGENET1K_V1", "DEFAULT" or a
 torchvision ``DenseNetXXX_Weights`` member), ``pretrained=``, ``progress=``, ``memory_efficient=``
@@ -89,3 +90,17 @@ def densenet_bc(depth: int = 100, growth_rate: int = 12, num_classes: int = 10, 
     from densenet_efficient.models import densenet_bc as build
 
     return build(depth, growth_rate=growth_rate, num_classes=num_classes, **kwargs)
+
+
+def from_pretrained(repo_id_or_path: str, **kwargs):
+    """A DenseNet from a ``save_pretrained`` folder or Hugging Face repo id (ours or timm's), in eval mode.
+
+    Takes ``de.from_pretrained``'s arguments (``memory_efficient=``, ``num_classes=``, ``revision=``, ...).
+
+    Example::
+
+        model = torch.hub.load(repo, "from_pretrained", "runs/flowers/best", memory_efficient=True)
+    """
+    from densenet_efficient.models import from_pretrained as load
+
+    return load(repo_id_or_path, **kwargs)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,22 +11,46 @@ import torch
 
 import densenet_efficient as de
 from densenet_efficient.models import weights as W
+from densenet_efficient.models.hub import HUB_REPO
 
 from .support import REPO
-from .support.hub_server import legacy_checkpoint, manifest_override, serve, torchvision_from_url
+from .support.hub_server import (
+    copy_checkout,
+    legacy_checkpoint,
+    manifest_override,
+    serve,
+    torchvision_from_url,
+)
 
-ENTRYPOINTS = ["densenet121", "densenet161", "densenet169", "densenet201", "densenet_bc", "densenet_bc_100"]
-GITHUB = "gpleiss/efficient_densenet_pytorch:main"
+ENTRYPOINTS = [
+    "densenet121",
+    "densenet161",
+    "densenet169",
+    "densenet201",
+    "densenet_bc",
+    "densenet_bc_100",
+    "from_pretrained",
+]
+GITHUB = f"{HUB_REPO}:main"
 
 
-def _github_checkout(torch_home: Path) -> Path:
-    """Put this repo where torch.hub caches a GitHub checkout, so the real list/help/load code runs offline."""
-    dest = torch_home / "hub" / "gpleiss_efficient_densenet_pytorch_main"
-    shutil.copytree(
-        REPO / "densenet_efficient", dest / "densenet_efficient", ignore=shutil.ignore_patterns("__pycache__")
-    )
-    shutil.copy(REPO / "hubconf.py", dest / "hubconf.py")
-    return dest
+def _github_checkout(torch_home: Path, ref: str = "main") -> Path:
+    """Put this repo where torch.hub caches a GitHub checkout of ``HUB_REPO`` at ``ref``, so the real
+    list/help/load code runs offline."""
+    return copy_checkout(torch_home / "hub" / f"{HUB_REPO.replace('/', '_')}_{ref}")
+
+
+def test_the_hub_path_is_this_projects_repository_everywhere_it_is_shown(tmp_path, monkeypatch):
+    """README.md and hubconf.py quote ``HUB_REPO`` (with a tag-pinning example), never the upstream
+    repository, which has no hubconf.py; a pinned tag loads through torch.hub's own cache layout."""
+    for shown in (REPO / "README.md", REPO / "hubconf.py"):
+        text = shown.read_text(encoding="utf-8")
+        assert f'torch.hub.load("{HUB_REPO}", ' in text and f'"{HUB_REPO}:v0.1.0"' in text, shown
+        assert "gpleiss/efficient_densenet_pytorch" not in text, shown
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    _github_checkout(tmp_path, ref="v0.1.0")
+    model = torch.hub.load(f"{HUB_REPO}:v0.1.0", "densenet_bc", depth=10, trust_repo=True, verbose=False)
+    assert model.arch_config == de.densenet_bc(10).arch_config
 
 
 def test_list_shows_only_the_entrypoints(tmp_path, monkeypatch):
@@ -60,7 +83,7 @@ print(type(model).__name__, "densenet_efficient" in sys.modules, "safetensors" i
     )
     assert run.returncode == 0, run.stderr
     assert run.stdout.splitlines() == [
-        "6 False False",
+        "7 False False",
         "DenseNet True False",
     ]
 

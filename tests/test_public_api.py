@@ -30,6 +30,7 @@ HUBCONF_ENTRYPOINTS = {
     "densenet201",
     "densenet_bc_100",
     "densenet_bc",
+    "from_pretrained",
 }
 
 

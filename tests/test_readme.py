@@ -1,23 +1,117 @@
-"""The README's usage example runs as written (the other blocks need a network or a CLI run)."""
+"""Every ```python and ```bash block of the README is exercised by this module, none ignored.
 
+:data:`BLOCKS` names each block (its section and position there) and how it is exercised; a block
+the list does not know, or an entry with no block, fails :func:`test_every_block_is_known`.
+
+* python blocks run with ``exec`` against offline stand-ins: torchvision's weights are a generated
+  legacy-format file served from localhost (``manifest_override``); the GitHub repository is a copy
+  of this checkout in torch.hub's cache (``copy_checkout``), with GitHub unreachable as offline;
+  ``"path/to/checkout"`` is replaced by such a copy; ``push_to_hub`` uploads to a recorder.
+  The one exception, "Use it with ...", drives long exports and compiles: each name it calls is
+  resolved here, and ``tests/models/test_ecosystem.py`` runs them.
+* bash blocks run command by command: ``densenet-efficient`` command lines (also under ``torchrun``)
+  go through the CLI's own parser, and ``plan`` (analytic, instant) runs; ``python examples/X.py``
+  lines go through the example's parser (``tests/test_examples.py`` runs each example end to end);
+  ``pip install`` lines name extras that setup.cfg declares; the pytest line names real paths and
+  plugins. Training, conversion downloads and benchmarks would take minutes to hours: parsed only.
+"""
+
+from __future__ import annotations
+
+import ast
+import configparser
+import importlib.util
 import re
+import runpy
+import shlex
+import urllib.error
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+import densenet_efficient as de
+from densenet_efficient import cli
+from densenet_efficient.models import weights as W
+from densenet_efficient.models.hub import HUB_REPO
 
 from .support import REPO
+from .support.hub_server import copy_checkout, legacy_checkpoint, manifest_override, serve
 
 README = REPO / "README.md"
 
 
-def _python_blocks(section: str) -> list[str]:
-    text = README.read_text(encoding="utf-8")
-    start = text.index(f"\n## {section}\n")
-    end = text.find("\n## ", start + 1)
-    return re.findall(r"```python\n(.*?)```", text[start : end if end != -1 else None], re.S)
+def readme_blocks() -> dict[tuple[str, int], tuple[str, str]]:
+    """``(section heading, index within it) -> (language, code)`` for every python/bash block."""
+    blocks: dict[tuple[str, int], tuple[str, str]] = {}
+    section, counts = "", {}
+    for match in re.finditer(
+        r"^(#{1,3}) ([^\n]+)$|^```(\w*)\n(.*?)^```", README.read_text(encoding="utf-8"), re.M | re.S
+    ):
+        if match.group(2):
+            section = match.group(2).strip()
+        elif match.group(3) in ("python", "bash"):
+            counts[section] = counts.get(section, -1) + 1
+            blocks[(section, counts[section])] = (match.group(3), match.group(4))
+    return blocks
 
 
-def test_use_example_runs_and_shows_what_it_says():
-    block = _python_blocks("Use")[0]
+# ---- bash ------------------------------------------------------------------------------------
+
+
+def _commands(code: str) -> list[list[str]]:
+    """Each command of a bash block as argv (comments dropped, ``&&`` chains split)."""
+    commands = []
+    for line in code.splitlines():
+        words = shlex.split(line, comments=True)
+        while words:
+            cut = words.index("&&") if "&&" in words else len(words)
+            commands.append(words[:cut])
+            words = words[cut + 1 :]
+    return commands
+
+
+def _check_command(argv: list[str]) -> None:
+    """Exercise one README command line as the module docstring says; an unknown kind fails."""
+    if argv[0] == "torchrun":  # torchrun OPTIONS -m densenet_efficient ARGS
+        argv = ["densenet-efficient", *argv[argv.index("densenet_efficient") + 1 :]]
+    if argv[0] == "densenet-efficient":
+        args = argv[1:]
+        parser, chosen = cli._parser(args)
+        parser.parse_args(args)  # exits (failing the test) on an unknown option or bad value
+        if chosen == "plan":
+            assert cli.main(args) == 0
+    elif argv[:2] == ["pip", "install"]:
+        target = argv[argv.index("-e") + 1]
+        extras = re.fullmatch(r"\.(?:\[(\w+)\])?", target)
+        assert extras, target
+        declared = configparser.ConfigParser()
+        declared.read(REPO / "setup.cfg")
+        assert extras.group(1) is None or extras.group(1) in declared["options.extras_require"], target
+    elif argv[:3] == ["python", "-m", "pytest"]:
+        assert "-n" not in argv or importlib.util.find_spec("xdist") is not None
+        assert all((REPO / a).exists() for a in argv[3:] if not a.startswith("-") and not a.isdigit())
+    elif argv[0] == "python" and argv[1].startswith("examples/"):
+        runpy.run_path(str(REPO / argv[1]))["parse_args"](argv[2:])  # exits on a bad option
+    else:
+        raise AssertionError(f"the README runs {shlex.join(argv)!r}, a command this test does not know")
+
+
+def check_bash(code: str, **_: object) -> None:
+    commands = _commands(code)
+    assert commands
+    for argv in commands:
+        _check_command(argv)
+
+
+# ---- python ----------------------------------------------------------------------------------
+
+
+def run_use(code: str, **_: object) -> None:
+    """The usage example runs as written and shows what its comments say."""
     scope: dict = {}
-    exec(compile(block, "README.md#use", "exec"), scope)
+    exec(compile(code, "README.md#use", "exec"), scope)
     assert sum(p.numel() for p in scope["model"].parameters()) == 769_162  # the comment's figure
     assert scope["logits"].shape == (8, 10)
     assert scope["feats"].shape == (1, 1024, 7, 7)  # the comment's shape
@@ -25,3 +119,104 @@ def test_use_example_runs_and_shows_what_it_says():
     assert scope["imagenet"].classifier.out_features == 5
     assert scope["imagenet"].memory_efficient == "max_saving"
     assert scope["model"].memory_efficient == "efficient"
+
+
+def resolve_ecosystem_calls(code: str, **_: object) -> None:
+    """Every function the block calls exists (``model.X`` on the DenseNet class); running them is
+    ``tests/models/test_ecosystem.py``'s job (exports and compiles of densenet121 take minutes)."""
+    import timm
+    import torchvision
+
+    roots = {"torch": torch, "de": de, "model": de.DenseNet, "timm": timm, "torchvision": torchvision}
+    calls = [n.func for n in ast.walk(ast.parse(code)) if isinstance(n, ast.Call)]
+    dotted = [
+        ast.unparse(f)
+        for f in calls
+        if isinstance(f, ast.Attribute) and re.fullmatch(r"[\w.]+", ast.unparse(f))
+    ]
+    assert len(dotted) >= 15, dotted
+    for name in dotted:
+        obj = roots[name.split(".")[0]]
+        for part in name.split(".")[1:]:
+            obj = getattr(obj, part)  # AttributeError names what the README calls in vain
+    assert "create_feature_extractor" in code and "torchvision.models.feature_extraction" in code
+
+
+def run_pretrained(code: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **_: object) -> None:
+    """The weights/hub/HF block, offline: served weights, this repo in torch.hub's cache, a recorder
+    standing in for the Hub upload."""
+    from huggingface_hub import HfApi
+
+    torch_home = tmp_path / "torch_home"
+    monkeypatch.setenv("TORCH_HOME", str(torch_home))
+    for ref in ("main", "v0.1.0"):  # what torch.hub.load("<org>/<name>[:ref]") downloads and caches
+        copy_checkout(torch_home / "hub" / f"{HUB_REPO.replace('/', '_')}_{ref}")
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("offline")  # torch.hub then picks the cached main checkout
+
+    monkeypatch.setattr(torch.hub, "urlopen", offline)
+    uploads = []
+    monkeypatch.setattr(
+        HfApi, "create_repo", lambda self, repo_id, **kw: type("Url", (), {"repo_id": repo_id})
+    )
+    monkeypatch.setattr(
+        HfApi, "upload_folder", lambda self, *, repo_id, folder_path, **kw: uploads.append(repo_id)
+    )
+    monkeypatch.chdir(tmp_path)
+    code = code.replace('"path/to/checkout"', repr(str(copy_checkout(tmp_path / "checkout"))))
+    tv_file = legacy_checkpoint("densenet121", tmp_path / "tv-files")
+    scope: dict = {"torch": torch, "de": de}
+    with serve(tv_file.parent) as base:
+        manifest = manifest_override(tmp_path / "manifest.json", {"densenet121": f"{base}/{tv_file.name}"})
+        monkeypatch.setenv(W.MANIFEST_ENV, str(manifest))
+        with pytest.warns(UserWarning, match="re-initialised classifier"):  # the comment's "(warns)"
+            exec(compile(code, "README.md#pretrained", "exec"), scope)
+    assert scope["preprocess"].crop_size == [224] and scope["preprocess"].resize_size == [256]
+    assert (tmp_path / "my-densenet" / "model.safetensors").is_file()
+    assert 'torch.hub.load("path/to/checkout", "from_pretrained", "my-densenet"' not in code  # replaced
+    assert scope["model"].memory_efficient == "efficient" and uploads == ["me/my-densenet"]
+
+
+#: Each README block and how it is exercised (see the module docstring).
+BLOCKS: dict[tuple[str, int], Callable[..., None]] = {
+    ("densenet_efficient", 0): check_bash,  # quick start: pip, densenet-efficient train, pytest
+    ("Three journeys", 0): check_bash,  # hub_predict.py (run by tests/test_examples.py)
+    ("Three journeys", 1): check_bash,  # finetune.py
+    ("Three journeys", 2): check_bash,  # train --save + convert_torchvision.py
+    ("Install", 0): check_bash,
+    ("Use", 0): run_use,
+    ("Use it with ...", 0): resolve_ecosystem_calls,
+    ("Pretrained weights, torch.hub, Hugging Face Hub", 0): run_pretrained,
+    ("Training (the main job)", 0): check_bash,
+    ("Converting checkpoints", 0): check_bash,
+    ("Benchmark and memory planner", 0): check_bash,
+}
+
+
+def test_every_block_is_known():
+    blocks = readme_blocks()
+    assert set(blocks) - set(BLOCKS) == set(), "README blocks this test does not exercise; add them to BLOCKS"
+    assert set(BLOCKS) - set(blocks) == set(), "BLOCKS entries with no README block; remove them"
+
+
+@pytest.mark.parametrize("key", sorted(BLOCKS), ids=lambda k: f"{k[0]}#{k[1]}")
+def test_block_runs(key, tmp_path, monkeypatch):
+    lang, code = readme_blocks()[key]
+    handler = BLOCKS[key]
+    assert (lang == "bash") == (handler is check_bash), f"{key} is a {lang} block"
+    handler(code, tmp_path=tmp_path, monkeypatch=monkeypatch)
+
+
+@pytest.mark.parametrize(
+    ("argv", "error"),
+    [
+        (["densenet-efficient", "train", "--no-such-option"], SystemExit),
+        (["python", "examples/finetune.py", "data", "--memroy", "8GiB"], SystemExit),
+        (["pip", "install", "-e", ".[nosuchextra]"], AssertionError),
+        (["make", "all"], AssertionError),
+    ],
+)
+def test_a_wrong_readme_command_fails(argv, error):
+    with pytest.raises(error):
+        _check_command(argv)

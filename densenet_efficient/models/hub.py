@@ -56,6 +56,11 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 PICKLE_WEIGHTS_NAME = "pytorch_model.bin"  # older timm repos; loaded with weights_only=True
 CARD_NAME = "README.md"
+#: This project's GitHub repository, the one ``torch.hub.load`` takes: the organisation is named here
+#: only (README.md and hubconf.py quote it; ``tests/test_hubconf.py`` checks they agree). Pin a
+#: release with a tag, ``torch.hub.load(f"{HUB_REPO}:v0.1.0", ...)``; a checkout loads with
+#: ``torch.hub.load("path/to/checkout", ..., source="local")``.
+HUB_REPO = "densenet-efficient/efficient_densenet"
 PACKAGE_LICENSE = "mit"  # the code's licence; weights carry their own in pretrained_cfg
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -464,7 +469,7 @@ class DenseNetHubMixin(
     library_name="densenet_efficient",
     tags=["image-classification", "densenet", "memory-efficient", "torchvision-compatible"],
     license=PACKAGE_LICENSE,
-    repo_url="https://github.com/gpleiss/efficient_densenet_pytorch",
+    repo_url=f"https://github.com/{HUB_REPO}",
     paper_url="https://arxiv.org/abs/1707.06990",
     pipeline_tag="image-classification",
 ):

@@ -214,16 +214,21 @@ class _Run:
     best: BestModel = dataclasses.field(default_factory=BestModel)
 
 
+def run_name(config: TrainConfig) -> str:
+    """What a run folder is named after: the data set (``digits``, ``cifar10``, ``cifar100``), or an
+    ImageFolder's own folder name; never the ``auto`` selector."""
+    dataset = detect_dataset(config.data) if config.dataset == "auto" else config.dataset
+    if dataset == "imagefolder" and config.data is not None:
+        return Path(config.data).expanduser().resolve().name
+    return dataset
+
+
 def _open_run(
     config: TrainConfig, given: frozenset[str]
 ) -> tuple[TrainConfig, Path, dict[str, Any] | None, list[str]]:
     """The run folder, and with ``resume`` the checkpoint and the settings it continues with
     (:func:`.config.resume_config`), plus notices about settings the resume changed."""
-    save_dir = Path(
-        config.save
-        or f"runs/{config.dataset if config.data is None else Path(config.data).name}-"
-        f"{time.strftime('%Y%m%d-%H%M%S')}"
-    )
+    save_dir = Path(config.save or f"runs/{run_name(config)}-{time.strftime('%Y%m%d-%H%M%S')}")
     ckpt_path = save_dir / CHECKPOINT_NAME
     if config.resume:
         ckpt = read_run_checkpoint(ckpt_path)  # also checks its config holds only known settings

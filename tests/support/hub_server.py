@@ -18,6 +18,7 @@ import http.server
 import json
 import os
 import re
+import shutil
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -126,6 +127,18 @@ def manifest_override(path: Path, entries: dict[str, str]) -> Path:
     }
     path.write_text(json.dumps(data))
     return path
+
+
+def copy_checkout(dest: Path) -> Path:
+    """A fresh copy of what a clone of this repository holds for torch.hub (``hubconf.py`` and the
+    package, no caches), at ``dest``: a stand-in for a GitHub checkout or ``git clone``."""
+    from . import REPO
+
+    shutil.copytree(
+        REPO / "densenet_efficient", dest / "densenet_efficient", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    shutil.copy(REPO / "hubconf.py", dest / "hubconf.py")
+    return dest
 
 
 def make_hf_cache(

@@ -636,3 +636,23 @@ def test_a_last_training_batch_of_one_is_dropped(tmp_path):
         save=str(tmp_path / "run"), progress=False, workers=0,
     )  # fmt: skip
     assert result.finished and math.isfinite(result.history[0]["train_loss"])
+
+
+@pytest.mark.parametrize(
+    ("options", "folder"),
+    [
+        ({}, "digits"),  # `densenet-efficient train` with no arguments: named after the data, not "auto"
+        ({"data": "cifar"}, "cifar10"),
+        ({"data": "cifar", "dataset": "cifar10"}, "cifar10"),
+        ({"data": "flowers"}, "flowers"),  # an ImageFolder: its own folder name
+        ({"data": "flowers", "dataset": "imagefolder"}, "flowers"),
+    ],
+)
+def test_default_run_folder_is_named_after_the_data_set(tmp_path, monkeypatch, options, folder):
+    write_fake_cifar10(tmp_path / "cifar", per_batch=1, test_size=1)
+    write_image_folder(tmp_path / "flowers", per_class=1, size=8)
+    monkeypatch.chdir(tmp_path)
+    _, save_dir, ckpt, notices = train_mod._open_run(TrainConfig(**options), frozenset())
+    assert (
+        re.fullmatch(rf"runs/{folder}-\d{{8}}-\d{{6}}", save_dir.as_posix()) and ckpt is None and not notices
+    )
