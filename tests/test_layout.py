@@ -7,6 +7,7 @@ prints the package-level dependency graph.
 from __future__ import annotations
 
 import ast
+import re
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -151,13 +152,19 @@ def test_tests_mirror_the_package_layout():
 
 
 def test_nothing_refers_outside_the_repository():
+    """Every Markdown file the docs, the package, the scripts and the tests name exists in the
+    repository, and no relative link climbs out of it."""
     repo = ROOT.parent
+    present = {p.name for p in repo.rglob("*.md") if ".venv" not in p.parts}
     checked = [*repo.glob("*.md"), *(repo / "docs").glob("*.md"), *(repo / "weights").glob("*.md")]
-    checked += [*ROOT.rglob("*.py"), *(repo / "scripts").glob("*.py"), repo / "hubconf.py"]
+    checked += [*ROOT.rglob("*.py"), *(repo / "scripts").glob("*.py"), *(repo / "tests").rglob("*.py")]
+    checked += [repo / "hubconf.py", *(repo / "examples").glob("*.py")]
     for path in checked:
         text = path.read_text(encoding="utf-8")
-        assert "MEASURE.md" not in text, f"{path} cites MEASURE.md, which is not in the repository"
-        assert "shared/" not in text, f"{path} links outside the repository"
+        for name in re.findall(r"([\w.-]+\.md)\b", text):
+            assert name in present, f"{path} names {name}, which is not in the repository"
+        for target in re.findall(r"\]\(((?:\.\./)+[^)]*)\)", text):
+            assert (path.parent / target).resolve().is_relative_to(repo), f"{path} links outside: {target}"
 
 
 if __name__ == "__main__":  # print the package-level graph

@@ -1,4 +1,4 @@
-"""The analytic planner against real measurements (MEASURE.md protocol), and its user-facing edges."""
+"""The analytic planner against real measurements (docs/measurement.md protocol), and its user-facing edges."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from ..support.archs import ALL_ARCHS
 # warm step (StepSpec.warmup): the first step's one-time allocations (oneDNN kernel caches, thread
 # pools) ranged from ~0 to 56 MB between machines and runs, which is the size of a test config's
 # activations; a step after a warm-up repeats to ~1 MB. docs/benchmarks.md has the first-step
-# (MEASURE.md) figures at full size.
+# figures (docs/measurement.md) at full size.
 CONFIGS = [
     ("densenet_bc_40", 16, 32),
     ("densenet_bc_40", 32, 32),
