@@ -35,6 +35,7 @@ from .models import (
 )
 from .models.engine import MODES
 from .models.hub import save_hub_folder
+from .models.planner import MemoryEstimate, estimate_memory, max_batch_size
 from .models.weights import (
     DenseNet121_Weights,
     DenseNet161_Weights,
@@ -45,7 +46,6 @@ from .models.weights import (
     get_weights,
     list_weights,
 )
-from .perf.planner import MemoryEstimate, estimate_memory, max_batch_size
 
 __version__ = "0.1.0"
 

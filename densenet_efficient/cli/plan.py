@@ -9,7 +9,7 @@ import argparse
 import json
 
 from ..errors import UsageError
-from ..perf.planner import ESTIMABLE, OPTIMIZER_STATES, format_bytes, parse_memory, plan
+from ..models.planner import ESTIMABLE, OPTIMIZER_STATES, format_bytes, parse_memory, plan
 from ._common import add_arch_arguments, arch_from_args, format_table
 
 __all__ = ["configure_parser", "run"]

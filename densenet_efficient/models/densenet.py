@@ -24,12 +24,13 @@ from torch import Tensor
 
 from ..errors import UsageError
 from ..io.state_dict import check_compatible, fill_legacy_batch_counters, remap_keys
-from . import engine
+from . import engine, planner
 from .config import (
     ArchConfig,
     get_config,  # noqa: F401  (used by doctests)
 )
 from .hub import DenseNetHubMixin, default_pretrained_cfg
+from .memory_plan import MemoryPlan, MemorySetting, resolve_memory_plan
 
 __all__ = ["DenseNet", "DenseNetFeatures", "FeatureInfo", "capturing_graph", "feature_info"]
 
@@ -87,7 +88,8 @@ class _DenseBlock(nn.ModuleDict):
         for i in range(num_layers):
             layer = _DenseLayer(num_input_features + i * growth_rate, growth_rate, bn_size, drop_rate)
             self.add_module(f"denselayer{i + 1}", layer)
-        self.memory_efficient = engine.NAIVE
+        # "naive", "efficient", "max_saving" or per-layer "keeps its bottleneck" flags (memory_plan)
+        self.memory_efficient: str | tuple[bool, ...] = engine.NAIVE
 
     def forward(self, init_features: Tensor) -> Tensor:
         # TorchScript prunes a branch under `not is_scripting()` only when that is the whole condition,
@@ -148,7 +150,13 @@ class DenseNet(nn.Module, DenseNetHubMixin):
     """
 
     # Python-side conveniences TorchScript need not compile (torch.jit.script compiles forward)
-    __jit_unused_properties__ = ["memory_efficient", "num_features", "num_classes", "feature_info"]
+    __jit_unused_properties__ = [
+        "memory_efficient",
+        "memory_plan",
+        "num_features",
+        "num_classes",
+        "feature_info",
+    ]
 
     def __init__(
         self,
@@ -158,7 +166,7 @@ class DenseNet(nn.Module, DenseNetHubMixin):
         bn_size: int = 4,
         drop_rate: float = 0.0,
         num_classes: int = 1000,
-        memory_efficient: bool | str = False,
+        memory_efficient: MemorySetting = False,
         small_inputs: bool = False,
         in_chans: int = 3,
     ) -> None:
@@ -222,25 +230,84 @@ class DenseNet(nn.Module, DenseNetHubMixin):
     # -- execution mode -------------------------------------------------------------------------
 
     @property
-    def memory_efficient(self) -> str:
-        """The execution mode: ``"naive"``, ``"efficient"`` or ``"max_saving"``."""
-        return self._mode
+    def memory_efficient(self) -> str | MemoryPlan:
+        """The execution mode, ``"naive"``, ``"efficient"`` or ``"max_saving"``, when every block
+        runs it; otherwise the :class:`~.memory_plan.MemoryPlan` (see :attr:`memory_plan`)."""
+        return self._plan.mode or self._plan
 
-    def set_memory_efficient(self, mode: bool | str) -> DenseNet:
-        """Switch how dense blocks execute; parameters and buffers are untouched. Returns self."""
-        self._mode = engine.resolve_mode(mode)
-        for m in self.features.modules():
-            if isinstance(m, (_DenseBlock, _Transition)):
-                m.memory_efficient = self._mode
+    @property
+    def memory_plan(self) -> MemoryPlan:
+        """How each dense block and the stem execute (with the planner's figures after
+        :meth:`fit_memory`)."""
+        return self._plan
+
+    def set_memory_efficient(self, mode: MemorySetting) -> DenseNet:
+        """Switch how dense blocks execute; parameters and buffers are untouched. Returns self.
+
+        ``mode``: one mode for the whole model (``False``/``"naive"``, ``True``/``"efficient"``,
+        ``"max_saving"``), one setting per dense block (a mode, the number of its last layers that
+        keep their bottleneck output, or one boolean per layer), or a :class:`MemoryPlan`::
+
+            model.set_memory_efficient(["max_saving", 6, True, "naive"])  # densenet121's 4 blocks
+        """
+        plan = resolve_memory_plan(mode, self.arch_config)
+        self._plan = plan
+        blocks = [m for m in self.features.children() if isinstance(m, _DenseBlock)]
+        for block, setting in zip(blocks, plan.blocks, strict=True):
+            block.memory_efficient = setting
+        for m in self.features.children():
+            if isinstance(m, _Transition):
+                # the engine's transition keeps only its input: never more memory than torchvision's,
+                # and faster (it pools before the 1x1 conv); naive only in the all-naive model
+                m.memory_efficient = engine.NAIVE if plan.all_naive else engine.EFFICIENT
         return self
+
+    def fit_memory(
+        self,
+        budget: int | str,
+        *,
+        batch_size: int,
+        image_size: int | None = None,
+        amp: str | None = None,
+        optimizer: str = "momentum",
+        device: str | None = None,
+    ) -> MemoryPlan:
+        """Pick and apply the setting with the least recompute whose training step fits ``budget``.
+
+        ``budget`` is bytes or a string (``"450MB"``, ``"8GiB"``) for everything a training step
+        holds: parameters, gradients, ``optimizer`` state (``"sgd"``, ``"momentum"``, ``"adam"``),
+        the input batch, activations and workspace (and the CUDA context on a GPU). ``device``
+        defaults to where the parameters are. Returns the applied :class:`MemoryPlan` with its
+        estimated peak and extra time; a budget below the ``"max_saving"`` floor raises a
+        :class:`~densenet_efficient.models.planner.MemoryBudgetError` naming the smallest budget
+        that fits and the largest batch this budget fits.
+
+        >>> from densenet_efficient.models.builders import densenet121
+        >>> plan = densenet121().fit_memory("1GiB", batch_size=8)
+        >>> plan.estimated_peak <= 2**30
+        True
+        """
+        dtype = next(self.parameters()).dtype
+        plan = planner.fit_memory(
+            self.arch_config,
+            budget,
+            batch_size=batch_size,
+            resolution=image_size,
+            amp=amp,
+            optimizer=optimizer,
+            device=device or next(self.parameters()).device.type,
+            dtype={torch.float64: "fp64", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32"),
+        )
+        self.set_memory_efficient(plan)
+        return plan
 
     @torch.jit.unused
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """timm's switch for trading compute for memory, mapped onto the engine: ``True`` runs the
-        ``"efficient"`` mode (a ``"max_saving"`` model stays so), ``False`` the naive one."""
+        ``"efficient"`` mode (a model already saving memory keeps its setting), ``False`` the naive one."""
         if not enable:
             self.set_memory_efficient(engine.NAIVE)
-        elif self._mode == engine.NAIVE:
+        elif self._plan.all_naive:
             self.set_memory_efficient(engine.EFFICIENT)
 
     # -- forward --------------------------------------------------------------------------------
@@ -277,7 +344,7 @@ class DenseNet(nn.Module, DenseNetHubMixin):
         if not torch.jit.is_scripting():
             if not _fx_tracing():  # a Proxy has no concrete shape to check
                 self._check_input(x)
-            if self._mode != engine.NAIVE and not self.arch_config.small_inputs and not capturing_graph():
+            if not self._plan.all_naive and not self.arch_config.small_inputs and not capturing_graph():
                 return F.relu(self._engine_features(x), inplace=True)
         return F.relu(self.features(x), inplace=True)
 
@@ -285,7 +352,10 @@ class DenseNet(nn.Module, DenseNetHubMixin):
     def _engine_features(self, x: Tensor) -> Tensor:
         # ImageNet stem: conv0 as usual, then norm0-relu0-pool0 without keeping norm0's output.
         f = self.features
-        x = engine.stem(f.norm0, f.pool0, f.conv0(x), self._mode)
+        if self._plan.stem == engine.NAIVE:  # naive stem, engine blocks
+            x = f.pool0(f.relu0(f.norm0(f.conv0(x))))
+        else:
+            x = engine.stem(f.norm0, f.pool0, f.conv0(x), self._plan.stem)
         for name, module in f.named_children():
             if name not in _IMAGENET_STEM:
                 x = module(x)

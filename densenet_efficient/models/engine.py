@@ -285,6 +285,7 @@ class _Plan:
     autocast: tuple[str, bool] = ("cpu", False)
     kind: str = "block"  # "block", "transition" or "stem"
     graph: bool = True  # a backward will follow (autograd is recording)
+    keep: tuple[bool, ...] = ()  # blocks: which layers keep their bottleneck output for backward
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:
@@ -382,7 +383,7 @@ def _block_forward(x: Tensor, plan: _Plan) -> tuple[Tensor, dict[str, Any]]:
             mean[c : c + k], var[c : c + k] = m, v
         stats1.append(s1)
         stats2.append(s2)
-        bottlenecks.append(bottleneck if plan.mode == EFFICIENT else None)
+        bottlenecks.append(bottleneck if plan.keep[i] else None)
         masks.append(mask)
     return buf, {
         "stats1": stats1,
@@ -419,7 +420,7 @@ def _block_backward(
             dy = torch.ops.aten.native_dropout_backward(dy, mask, 1.0 / (1.0 - layer.drop_rate))
         z1 = _bn_relu(buf[:, :c], layer.norm1, s1, out=scratch.view(c))
         bottleneck, bottlenecks[i] = bottlenecks[i], None
-        if bottleneck is None:  # max_saving: recompute the 1x1 convolution too
+        if bottleneck is None:  # not kept (max_saving): recompute the 1x1 convolution too
             bottleneck = _conv(z1, layer.conv1, plan.dtype)
         z2 = _bn_relu(bottleneck, layer.norm2, s2)
         dz2, dw2 = _conv_backward(dy, z2, layer.conv2)
@@ -541,15 +542,36 @@ def _empty_block(layers: list[nn.Module], x: Tensor) -> Tensor:
     return torch.cat(features, 1)
 
 
+def block_keeps(setting: str | tuple[bool, ...], layers: int) -> tuple[bool, ...]:
+    """Per-layer "keeps its bottleneck" flags of an engine block setting: ``"efficient"`` keeps
+    every one, ``"max_saving"`` none, a tuple says per layer (see :mod:`.memory_plan`).
+
+    >>> block_keeps("max_saving", 3), block_keeps((False, True), 2)
+    ((False, False, False), (False, True))
+    """
+    if isinstance(setting, tuple):
+        if len(setting) != layers:
+            raise UsageError(f"expected {layers} per-layer flags for this block, got {len(setting)}")
+        return setting
+    if setting not in (EFFICIENT, MAX_SAVING):
+        raise UsageError(
+            f"an engine block runs 'efficient', 'max_saving' or per-layer flags, got {setting!r}"
+        )
+    return (setting == EFFICIENT,) * layers
+
+
 @torch.compiler.disable
-def dense_block(block: nn.Module, x: Tensor, mode: str) -> Tensor:
-    """Run ``block`` (a torchvision-layout ``_DenseBlock``) with the engine; returns the concatenated features."""
+def dense_block(block: nn.Module, x: Tensor, setting: str | tuple[bool, ...]) -> Tensor:
+    """Run ``block`` (a torchvision-layout ``_DenseBlock``) with the engine; returns the concatenated
+    features. ``setting``: ``"efficient"``, ``"max_saving"`` or per-layer flags (:func:`block_keeps`)."""
     layers = list(block.values())
     _check_norms([m for layer in layers for m in (layer.norm1, layer.norm2)])
+    keep = block_keeps(setting, len(layers))
     if x.shape[0] == 0:
         return _empty_block(layers, x)
     params = _layer_params(layers)
-    plan = _plan(layers, mode, x, block.training, "block", params)
+    mode = EFFICIENT if all(keep) else MAX_SAVING
+    plan = replace(_plan(layers, mode, x, block.training, "block", params), keep=keep)
     if not plan.graph:
         with torch.no_grad(), torch.autocast(plan.autocast[0], enabled=False):
             return _block_forward(x, plan)[0]

@@ -5,8 +5,8 @@
 * :mod:`.benchmark` - implementations side by side, ratios to torchvision, sweeps.
 """
 
+from ..models.planner import MemoryEstimate, estimate_memory, format_bytes, max_batch_size, parse_memory
 from .measure import IMPLEMENTATIONS, StepSpec, measure
-from .planner import MemoryEstimate, estimate_memory, format_bytes, max_batch_size, parse_memory
 
 __all__ = [
     "IMPLEMENTATIONS",

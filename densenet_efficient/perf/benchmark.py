@@ -34,8 +34,8 @@ from ..errors import UsageError
 from ..io.atomic import atomic_write
 from ..models.config import ArchConfig, densenet_bc_config, resolve_arch
 from ..models.engine import MODES
+from ..models.planner import check_resolution, estimate_memory
 from .measure import IMPLEMENTATIONS, TORCHVISION, StepSpec, measure
-from .planner import check_resolution, estimate_memory
 
 __all__ = [
     "HEADER",

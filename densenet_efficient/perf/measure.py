@@ -30,6 +30,8 @@ import torch.nn as nn
 from ..errors import UsageError
 from ..models.config import ArchConfig
 from ..models.engine import MODES
+from ..models.memory_plan import MemoryPlan
+from ..models.planner import TORCHVISION, TORCHVISION_EFFICIENT
 
 __all__ = [
     "IMPLEMENTATIONS",
@@ -42,14 +44,15 @@ __all__ = [
     "reset_peak_rss",
 ]
 
-TORCHVISION = "torchvision"
-TORCHVISION_EFFICIENT = "torchvision_efficient"
 #: What can be measured: torchvision's two paths and each of our engine modes.
 IMPLEMENTATIONS = (TORCHVISION, TORCHVISION_EFFICIENT, *MODES)
 
 
-def build_implementation(impl: str, config: ArchConfig) -> nn.Module:
-    """The model that ``impl`` names, freshly initialised from ``config``."""
+def build_implementation(
+    impl: str, config: ArchConfig, memory_plan: dict[str, Any] | None = None
+) -> nn.Module:
+    """The model that ``impl`` names, freshly initialised from ``config`` (ours with ``memory_plan``,
+    a :meth:`MemoryPlan.to_json` dict, when given)."""
     if impl in (TORCHVISION, TORCHVISION_EFFICIENT):
         from ..models.reference import torchvision_densenet  # imports torchvision: only when asked
 
@@ -57,7 +60,8 @@ def build_implementation(impl: str, config: ArchConfig) -> nn.Module:
     if impl in MODES:
         from ..models.densenet import DenseNet
 
-        return DenseNet(**config.to_kwargs(), memory_efficient=impl)
+        setting = MemoryPlan.from_json(memory_plan) if memory_plan is not None else impl
+        return DenseNet(**config.to_kwargs(), memory_efficient=setting)
     raise UsageError(f"unknown implementation {impl!r}; expected one of {', '.join(IMPLEMENTATIONS)}")
 
 
@@ -84,6 +88,8 @@ class StepSpec:
     threads: int = 2
     seed: int = 0
     warmup: bool = False
+    #: our implementations: a MemoryPlan (its to_json()) to run instead of ``impl``'s uniform mode
+    memory_plan: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         return json.dumps({**asdict(self), "config": self.config.to_json()})
@@ -110,7 +116,7 @@ def _run_spec(spec: StepSpec) -> dict[str, Any]:
     torch.set_num_threads(spec.threads)
     torch.manual_seed(spec.seed)
     device = torch.device(spec.device)
-    model = build_implementation(spec.impl, spec.config).to(device).train()
+    model = build_implementation(spec.impl, spec.config, spec.memory_plan).to(device).train()
     x = torch.randn(spec.batch_size, 3, spec.resolution, spec.resolution, device=device)
     y = torch.randint(0, spec.config.num_classes, (spec.batch_size,), device=device)
     for p in model.parameters():  # gradients exist before the baseline: they are not activations

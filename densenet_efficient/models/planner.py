@@ -12,23 +12,34 @@ it within 15% of :mod:`.measure`'s figures.
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import UsageError
-from ..models.config import ArchConfig, densenet_bc_config, resolve_arch
-from ..models.engine import EFFICIENT, MAX_SAVING, MODES, NAIVE, resolve_mode
-from .measure import TORCHVISION, TORCHVISION_EFFICIENT
+from .config import ArchConfig, densenet_bc_config, resolve_arch
+from .engine import EFFICIENT, MAX_SAVING, MODES, NAIVE, block_keeps
+from .memory_plan import MemoryPlan, MemorySetting, resolve_memory_plan
+
+#: torchvision's DenseNet, naive and with its own ``memory_efficient=True`` (checkpointing): the
+#: baselines the planner models besides this package's settings.
+TORCHVISION = "torchvision"
+TORCHVISION_EFFICIENT = "torchvision_efficient"
 
 __all__ = [
     "ESTIMABLE",
+    "TORCHVISION",
+    "TORCHVISION_EFFICIENT",
+    "MemoryBudgetError",
     "MemoryEstimate",
     "check_resolution",
     "count_parameters",
     "deepest_densenet_bc",
     "estimate_memory",
+    "extra_time",
+    "fit_memory",
     "format_bytes",
     "max_batch_size",
     "parse_memory",
@@ -73,6 +84,8 @@ class MemoryEstimate:
     the benchmark report. ``total`` adds parameters, gradients, optimizer state, the input batch
     and (CUDA) the context: what must fit the device. ``breakdown``: bytes kept per stage, a dense
     block's layers together as one entry (``block1.layer1-16``), so its size does not grow with depth.
+    ``extra_time``: recomputation beyond the ``"efficient"`` mode's, as a fraction of the step
+    (:func:`extra_time`).
     """
 
     arch: str
@@ -90,6 +103,7 @@ class MemoryEstimate:
     inputs: int
     context: int
     breakdown: dict[str, int] = field(default_factory=dict, compare=False)
+    extra_time: float = 0.0
 
     @property
     def peak(self) -> int:
@@ -185,7 +199,7 @@ def _conv_out(size: int, kernel: int, stride: int, pad: int) -> int:
 
 
 def _timeline(
-    config: ArchConfig, mode: str, n: int, height: int, width: int, e: int, pe: int = 4
+    config: ArchConfig, mode: str | MemoryPlan, n: int, height: int, width: int, e: int, pe: int = 4
 ) -> list[_Stage | _Layers]:
     """The stages of one training step in forward order, with the bytes each keeps and needs.
 
@@ -210,23 +224,28 @@ def _timeline(
     (``2 c_l S``) and bottleneck-sized temporaries; for naive, the gradients of one layer's
     concatenated input. The head keeps the final ReLU output in every implementation.
     """
-    if mode not in ESTIMABLE:
-        raise UsageError(f"unknown mode {mode!r}; expected one of {', '.join(ESTIMABLE)}")
+    if isinstance(mode, str) and mode in MODES:
+        mode = MemoryPlan.uniform(mode, len(config.block_config))
+    if not isinstance(mode, MemoryPlan) and mode not in (TORCHVISION, TORCHVISION_EFFICIENT):
+        raise UsageError(f"unknown mode {mode!r}; expected one of {', '.join(ESTIMABLE)} or a MemoryPlan")
     c = config.num_init_features
-    stem, (h, w) = _stem_stage(config, mode, n, height, width, e)
+    plan = mode if isinstance(mode, MemoryPlan) else None
+    stem, (h, w) = _stem_stage(config, plan.stem if plan else mode, n, height, width, e)
     stages = [stem]
     for b, layers in enumerate(config.block_config):
         name, s, cf = f"block{b + 1}", n * h * w, c + layers * config.growth_rate
-        if mode in (NAIVE, TORCHVISION):
+        setting = plan.blocks[b] if plan else mode
+        if setting in (NAIVE, TORCHVISION):
             stages += _naive_block(config, name, c, layers, s, e)
-        elif mode == TORCHVISION_EFFICIENT:
+        elif setting == TORCHVISION_EFFICIENT:
             stages += _checkpointed_block(config, name, c, layers, s, e)
         else:
-            stages += _engine_block(config, mode, name, c, layers, s, e, pe)
+            stages += _engine_block(config, block_keeps(setting, layers), name, c, s, e, pe)
         if b < len(config.block_config) - 1:
             # naive: norm output (in-place ReLU; saved by conv) and conv output (saved by the pool);
-            # engine: nothing beyond its input, the block's buffer
-            saved = 0 if mode in (EFFICIENT, MAX_SAVING) else (cf + cf // 2) * s * e
+            # engine: nothing beyond its input, the block's output
+            naive = plan.all_naive if plan else True  # torchvision's transitions are naive
+            saved = (cf + cf // 2) * s * e if naive else 0
             stages.append(_Stage(f"transition{b + 1}", saved, cf * s * e, 2 * cf * s * e))
             c = cf // 2
             h, w = h // 2, w // 2
@@ -303,13 +322,13 @@ def _checkpointed_block(
 
 
 def _engine_block(
-    config: ArchConfig, mode: str, name: str, c: int, layers: int, s: int, e: int, pe: int
+    config: ArchConfig, keep: tuple[bool, ...], name: str, c: int, s: int, e: int, pe: int
 ) -> list[_Stage | _Layers]:
-    k, bn = config.growth_rate, config.bn_size * config.growth_rate
+    """The engine's block: its buffer, then each run of layers that keep (or recompute) their
+    bottleneck as one closed-form item (one item for "efficient" or "max_saving")."""
+    k, bn, layers = config.growth_rate, config.bn_size * config.growth_rate, len(keep)
     cf = c + layers * k
-    kept = bn if mode == EFFICIENT else 0
     grads = 2 * cf * s * e  # incoming gradient + the gradient buffer accumulated in place
-    m = 4 if mode == MAX_SAVING else 3
 
     def pending(i: int) -> int:
         """Parameter gradients of layers i..L-1, which the block Function returns all at once at
@@ -323,19 +342,27 @@ def _engine_block(
     # layer's backward peak is norm1's backward (gradient in, copied input, gradient out: 3 c_i)
     # or conv2's backward: its gradient slice, norm1+ReLU and norm2+ReLU recomputed, the
     # bottleneck gradient and about one bottleneck of convolution workspace (measured), plus the
-    # recomputed 1x1 output in max_saving: the larger of the two, hence two pieces.
-    body = _Layers(
-        _layer_range(name, layers),
-        layers,
-        saved0=kept * s * e,
-        saved1=0,
-        forward=(lambda i: (2 * (c + i * k) + bn) * s * e,),
-        backward=(
-            lambda i: grads + 3 * (c + i * k) * s * e + pending(i),
-            lambda i: grads + (k + c + i * k + m * bn) * s * e + pending(i),
-        ),
-    )
-    return [_Stage(f"{name}.buffer", cf * s * e, 0, grads), body]
+    # recomputed 1x1 output where it was not kept: the larger of the two, hence two pieces.
+    items: list[_Stage | _Layers] = [_Stage(f"{name}.buffer", cf * s * e, 0, grads)]
+    start = 0
+    for kept, run in itertools.groupby(keep):
+        count, first = len(list(run)), start
+        m = 3 if kept else 4
+        items.append(
+            _Layers(
+                f"{name}.layer{first + 1}" + (f"-{first + count}" if count > 1 else ""),
+                count,
+                saved0=(bn if kept else 0) * s * e,
+                saved1=0,
+                forward=(lambda j, f=first: (2 * (c + (f + j) * k) + bn) * s * e,),
+                backward=(
+                    lambda j, f=first: grads + 3 * (c + (f + j) * k) * s * e + pending(f + j),
+                    lambda j, f=first, m=m: grads + (k + c + (f + j) * k + m * bn) * s * e + pending(f + j),
+                ),
+            )
+        )
+        start += count
+    return items
 
 
 def _peak(stages: list[_Stage | _Layers]) -> tuple[int, int]:
@@ -408,12 +435,69 @@ def _check_options(dtype: str, amp: str | None, optimizer: str, device: str) -> 
     return _AMP[amp]
 
 
+def _resolve_setting(mode: Any, config: ArchConfig) -> MemoryPlan | str:
+    """A torchvision baseline's name as it is, anything else as the model would resolve it."""
+    if isinstance(mode, str) and mode in (TORCHVISION, TORCHVISION_EFFICIENT):
+        return mode
+    if isinstance(mode, str) and mode not in MODES and mode not in ("default", "max"):
+        raise UsageError(
+            f"unknown mode {mode!r}; expected one of {', '.join(ESTIMABLE)} or per-block settings"
+        )
+    return resolve_memory_plan(mode, config)
+
+
+#: Cost of one elementwise pass over one element, in multiply-adds: what recomputing BN/ReLU/pooling
+#: costs next to convolutions (about 40 on a 2-core CPU and on an H100 alike, within 2x).
+ELEMENTWISE_MACS = 40
+
+
+def extra_time(config: ArchConfig, plan: MemoryPlan, resolution: int) -> float:
+    """Recomputation a plan adds over ``"efficient"``, as a fraction of a training step's work.
+
+    Counted in multiply-adds (a training step is three times the forward's: forward, input
+    gradients, weight gradients): each layer that does not keep its bottleneck recomputes its 1x1
+    convolution (``c_l * B`` per pixel); a ``"max_saving"`` stem recomputes norm0, relu0 and the
+    max-pool's indices (four elementwise passes). Naive blocks count 0: they recompute nothing.
+    Independent of the batch size.
+
+    >>> from densenet_efficient.models.config import get_config
+    >>> cfg = get_config("densenet121")
+    >>> round(extra_time(cfg, MemoryPlan.uniform("max_saving", 4), 224), 3)
+    0.166
+    """
+    k, bn, c = config.growth_rate, config.bn_size * config.growth_rate, config.num_init_features
+    h = w = resolution
+    if config.small_inputs:
+        forward, extra = config.in_chans * c * 9 * h * w, 0
+    else:
+        h, w = _conv_out(h, 7, 2, 3), _conv_out(w, 7, 2, 3)
+        forward = config.in_chans * c * 49 * h * w
+        extra = 4 * ELEMENTWISE_MACS * c * h * w if plan.stem == MAX_SAVING else 0
+        h, w = _conv_out(h, 3, 2, 1), _conv_out(w, 3, 2, 1)
+    for b, layers in enumerate(config.block_config):
+        s = h * w
+        widths = [c + i * k for i in range(layers)]
+        forward += (sum(widths) * bn + layers * 9 * bn * k) * s
+        setting = plan.blocks[b]
+        if setting != NAIVE:
+            extra += (
+                sum(cw for cw, kept in zip(widths, block_keeps(setting, layers), strict=True) if not kept)
+                * bn
+                * s
+            )
+        c += layers * k
+        if b < len(config.block_config) - 1:  # the engine's transition pools before its 1x1 conv
+            forward += c * (c // 2) * (h // 2) * (w // 2)
+            c, h, w = c // 2, h // 2, w // 2
+    return extra / (3 * forward)
+
+
 def estimate_memory(
     arch: str | ArchConfig,
     *,
     batch_size: int,
     resolution: int | None = None,
-    mode: str | bool = EFFICIENT,
+    mode: MemorySetting = EFFICIENT,
     dtype: str = "fp32",
     amp: str | None = None,
     device: str = "cuda",
@@ -425,8 +509,9 @@ def estimate_memory(
         arch: an architecture name (``"densenet121"``), ``"densenet_bc_<depth>"`` or an :class:`ArchConfig`.
         batch_size: images per step.
         resolution: input height and width (default: 32 for CIFAR configs, 224 otherwise).
-        mode: ``"naive"``, ``"efficient"``, ``"max_saving"`` (``False``/``True`` as in the model),
-            or ``"torchvision"``/``"torchvision_efficient"`` for torchvision's own DenseNet.
+        mode: anything the model's ``memory_efficient`` takes (``"naive"``, ``"efficient"``,
+            ``"max_saving"``, ``False``/``True``, per-block settings, a :class:`MemoryPlan`), or
+            ``"torchvision"``/``"torchvision_efficient"`` for torchvision's own DenseNet.
         dtype: parameter and activation dtype when not using autocast (``fp32``, ``bf16``, ...).
         amp: ``"bf16"``/``"fp16"``: autocast, so activations are half precision, parameters fp32.
         device: ``"cuda"`` (adds the CUDA context to ``total``) or ``"cpu"`` (adds the one-time
@@ -443,8 +528,7 @@ def estimate_memory(
     """
     config = resolve_arch(arch)
     name = arch if isinstance(arch, str) else config.name
-    if mode not in (TORCHVISION, TORCHVISION_EFFICIENT):
-        mode = resolve_mode(mode)
+    setting = _resolve_setting(mode, config)
     batch_size = _positive_int("batch_size", batch_size)
     resolution = check_resolution(config, resolution, name)
     amp = _check_options(dtype, amp, optimizer, device)
@@ -452,14 +536,15 @@ def estimate_memory(
     param_bytes = _DTYPE_BYTES[dtype]
     act_bytes = 2 if amp else param_bytes
     n_params = count_parameters(config)
-    stages = _timeline(config, mode, batch_size, resolution, resolution, act_bytes, param_bytes)
+    stages = _timeline(config, setting, batch_size, resolution, resolution, act_bytes, param_bytes)
     activations, workspace = _peak(stages)
     if amp:
         # autocast's half-precision weight copies are saved by every conv/linear for backward
         activations += 2 * n_params
+    plan = setting if isinstance(setting, MemoryPlan) else None
     return MemoryEstimate(
         arch=name,
-        mode=mode,
+        mode=(plan.mode or str(plan)) if plan else setting,
         batch_size=batch_size,
         resolution=resolution,
         device=device,
@@ -473,6 +558,7 @@ def estimate_memory(
         inputs=batch_size * (3 * resolution * resolution * param_bytes + 8),
         context=CUDA_CONTEXT if device == "cuda" else 0,
         breakdown={st.name: st.saved for st in stages},
+        extra_time=extra_time(config, plan, resolution) if plan else 0.0,
     )
 
 
@@ -498,6 +584,150 @@ def max_batch_size(arch: str | ArchConfig, memory: int | str, **kwargs: Any) -> 
     while n > 1 and estimate_memory(arch, batch_size=n, **kwargs).total > budget:
         n -= 1
     return n
+
+
+class MemoryBudgetError(UsageError):
+    """A budget below the ``"max_saving"`` floor: says the smallest budget that fits this batch and
+    the largest batch that fits this budget (``floor`` and ``max_batch_size``, 0 when none)."""
+
+    def __init__(self, message: str, *, floor: int, max_batch_size: int) -> None:
+        super().__init__(message)
+        self.floor = floor
+        self.max_batch_size = max_batch_size
+
+
+def _plan_below(config: ArchConfig, width: int, stem: str) -> MemoryPlan:
+    """Every layer reading fewer than ``width`` channels recomputes its bottleneck, the rest keep it.
+
+    Recomputing layer ``l``'s bottleneck costs ``c_l * B`` multiply-adds per pixel and saves ``B``
+    values per pixel, in every block alike: the narrowest layers save memory most cheaply, so the
+    cheapest plan for a budget is such a threshold (each block keeps its last layers).
+    """
+    blocks = []
+    for c, layers in zip(_block_inputs(config), config.block_config, strict=True):
+        dropped = min(max(-(-(width - c) // config.growth_rate), 0), layers)  # layers with c + i k < width
+        blocks.append(layers - dropped)
+    plan = resolve_memory_plan(blocks, config)
+    return MemoryPlan(plan.blocks, stem)
+
+
+def _refit(plan: MemoryPlan, config: ArchConfig, fits: Callable[[MemoryPlan], bool]) -> MemoryPlan:
+    """Give layers back their bottleneck where the budget still allows it.
+
+    The threshold plan saves bytes wherever they are cheapest, but the peak is reached at one
+    moment of the step: bytes saved in a block whose bottlenecks are not alive then buy nothing.
+    Block by block, the most expensive recomputation first, keep as many last layers as still fit.
+    """
+    keeps = [sum(block_keeps(b, n)) for b, n in zip(plan.blocks, config.block_config, strict=True)]
+    starts = _block_inputs(config)
+
+    def with_keep(block: int, n: int) -> MemoryPlan:
+        counts = keeps[:block] + [n] + keeps[block + 1 :]
+        return MemoryPlan(resolve_memory_plan(counts, config).blocks, plan.stem)
+
+    changed = True
+    while changed:
+        changed = False
+        # the widest layer each block recomputes is its most expensive one
+        order = sorted(
+            (b for b, n in enumerate(config.block_config) if keeps[b] < n),
+            key=lambda b: -(starts[b] + (config.block_config[b] - keeps[b] - 1) * config.growth_rate),
+        )
+        for b in order:
+            lo, hi = keeps[b], config.block_config[b]  # lo fits; find the most that fits
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                lo, hi = (mid, hi) if fits(with_keep(b, mid)) else (lo, mid - 1)
+            if lo > keeps[b]:
+                keeps[b], changed = lo, True
+    return with_keep(0, keeps[0])
+
+
+def _block_inputs(config: ArchConfig) -> list[int]:
+    """The channels entering each dense block (layer ``i`` of block ``b`` reads ``c_b + i k``)."""
+    out, c = [], config.num_init_features
+    for layers in config.block_config:
+        out.append(c)
+        c = (c + layers * config.growth_rate) // 2
+    return out
+
+
+def fit_memory(
+    arch: str | ArchConfig,
+    budget: int | str,
+    *,
+    batch_size: int,
+    resolution: int | None = None,
+    **kwargs: Any,
+) -> MemoryPlan:
+    """The plan with the least recompute whose training step (``MemoryEstimate.total``) fits ``budget``.
+
+    ``kwargs`` are :func:`estimate_memory`'s (``amp``, ``dtype``, ``device``, ``optimizer``). The
+    search runs over the width below which layers recompute their bottleneck (see
+    :func:`_plan_below`), with the stem keeping or recomputing its indices, so it takes
+    ``O(blocks * log(width))`` estimates at any depth. Raises :class:`MemoryBudgetError` below the
+    ``"max_saving"`` floor.
+
+    >>> plan = fit_memory("densenet121", "700MiB", batch_size=16, device="cpu")
+    >>> plan.estimated_peak <= parse_memory("700MiB"), plan.blocks[0]
+    (True, 'max_saving')
+    """
+    config = resolve_arch(arch)
+    budget = parse_memory(budget)
+    resolution = check_resolution(config, resolution, arch if isinstance(arch, str) else None)
+
+    def estimate(plan: MemoryPlan) -> MemoryEstimate:
+        return estimate_memory(config, batch_size=batch_size, resolution=resolution, mode=plan, **kwargs)
+
+    widest = config.num_init_features + sum(config.block_config) * config.growth_rate + 1
+    stems = (EFFICIENT,) if config.small_inputs else (EFFICIENT, MAX_SAVING)
+    best: tuple[float, MemoryPlan, MemoryEstimate] | None = None
+    for stem in stems:
+        if estimate(_plan_below(config, widest, stem)).total > budget:
+            continue  # not even with every bottleneck recomputed
+        lo, hi = 0, widest  # the least threshold that fits is in (lo, hi]; hi fits
+        if estimate(_plan_below(config, 0, stem)).total <= budget:
+            hi = 0
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if estimate(_plan_below(config, mid, stem)).total <= budget else (mid, hi)
+        plan = _refit(_plan_below(config, hi, stem), config, lambda p: estimate(p).total <= budget)
+        est = estimate(plan)
+        if best is None or est.extra_time < best[0]:
+            best = (est.extra_time, plan, est)
+    if best is None:
+        raise _below_floor(config, budget, batch_size, resolution, kwargs)
+    _, plan, est = best
+    return MemoryPlan(
+        plan.blocks,
+        plan.stem,
+        estimated_peak=est.total,
+        estimated_extra_time=est.extra_time,
+        budget=budget,
+        batch_size=batch_size,
+        image_size=resolution,
+    )
+
+
+def _below_floor(
+    config: ArchConfig, budget: int, batch_size: int, resolution: int, kwargs: dict[str, Any]
+) -> MemoryBudgetError:
+    floor = estimate_memory(
+        config, batch_size=batch_size, resolution=resolution, mode=MAX_SAVING, **kwargs
+    ).total
+    try:
+        largest = max_batch_size(config, budget, resolution=resolution, mode=MAX_SAVING, **kwargs)
+        fits = f"the largest batch that fits {format_bytes(budget)} is {largest}"
+    except UsageError:
+        largest = 0
+        one = estimate_memory(config, batch_size=1, resolution=resolution, mode=MAX_SAVING, **kwargs).total
+        fits = f"not even a batch of 1 fits {format_bytes(budget)} (it needs {format_bytes(one)})"
+    return MemoryBudgetError(
+        f"{format_bytes(budget)} is below what {config.name} needs for a batch of {batch_size} at "
+        f"{resolution}x{resolution} even in max_saving mode ({format_bytes(floor)}); {fits}",
+        floor=floor,
+        max_batch_size=largest,
+    )
 
 
 def deepest_densenet_bc(

@@ -11,16 +11,18 @@ import pytest
 import densenet_efficient as de
 from densenet_efficient.cli import main
 from densenet_efficient.models.config import densenet_bc_config, resolve_arch
-from densenet_efficient.perf.measure import StepSpec, measure
-from densenet_efficient.perf.planner import (
+from densenet_efficient.models.memory_plan import MemoryPlan, resolve_memory_plan
+from densenet_efficient.models.planner import (
     ESTIMABLE,
     count_parameters,
     deepest_densenet_bc,
     estimate_memory,
+    fit_memory,
     max_batch_size,
     parse_memory,
     plan,
 )
+from densenet_efficient.perf.measure import StepSpec, measure
 
 from ..support.archs import ALL_ARCHS
 
@@ -59,6 +61,56 @@ def test_estimate_within_15_percent_of_measured(case, measured):
     core = est.activations + est.workspace
     assert 0.85 * core <= got <= 1.15 * core, (
         f"estimate {core / 2**20:.1f} MB vs measured (warm step) {got / 2**20:.1f} MB"
+    )
+
+
+# The dial: settings between the modes, each block its own (naive beside the engine, counts of kept
+# last layers), a stem that recomputes while blocks keep, and fit_memory's own pick.
+DIAL_CASES = [
+    ("densenet_bc_100", 32, 32, (8, 16, 4)),
+    ("densenet_bc_100", 32, 32, ("naive", "efficient", "max_saving")),
+    ("densenet_bc_100", 32, 32, ("max_saving", 6, "naive")),
+    ("densenet121", 8, 64, ("max_saving", 6, True, "naive")),
+    ("densenet121", 8, 64, MemoryPlan(("efficient", (True, False) * 6, "max_saving", "efficient"), "max_saving")),
+    ("densenet121", 8, 64, "fit 60%"),
+]
+
+
+def _dial_plan(arch: str, batch: int, res: int, setting) -> MemoryPlan:
+    config = resolve_arch(arch)
+    if setting == "fit 60%":  # fit_memory's pick for a budget 60% of the way from the floor up
+        low, high = (
+            estimate_memory(config, batch_size=batch, resolution=res, mode=m, device="cpu").total
+            for m in ("max_saving", "efficient")
+        )
+        return fit_memory(
+            config, low + (high - low) * 6 // 10, batch_size=batch, resolution=res, device="cpu"
+        )
+    return resolve_memory_plan(setting if isinstance(setting, MemoryPlan) else list(setting), config)
+
+
+@pytest.fixture(scope="module")
+def measured_dial():
+    plans = [_dial_plan(*case) for case in DIAL_CASES]
+    specs = [
+        StepSpec("efficient", resolve_arch(a), b, r, warmup=True, memory_plan=plan.to_json())
+        for (a, b, r, _), plan in zip(DIAL_CASES, plans, strict=True)
+    ]
+    with ThreadPoolExecutor(2) as pool:
+        peaks = list(pool.map(lambda s: measure(s)["peak_bytes"], specs))
+    return {str(c): (plan, peak) for c, plan, peak in zip(DIAL_CASES, plans, peaks, strict=True)}
+
+
+@pytest.mark.xdist_group("measured")
+@pytest.mark.parametrize("case", DIAL_CASES, ids=lambda c: f"{c[0]}-b{c[1]}-{c[2]}px-{c[3]}")
+def test_every_dial_setting_within_15_percent_of_measured(case, measured_dial):
+    arch, batch, res, _ = case
+    plan, got = measured_dial[str(case)]
+    assert plan.mode is None, "a mixed setting"
+    est = estimate_memory(arch, batch_size=batch, resolution=res, mode=plan, device="cpu")
+    core = est.activations + est.workspace
+    assert 0.85 * core <= got <= 1.15 * core, (
+        f"{plan}: estimate {core / 2**20:.1f} MB vs measured (warm step) {got / 2**20:.1f} MB"
     )
 
 
@@ -208,7 +260,7 @@ def test_plan_cli_errors_exit_2(argv, message, capsys):
 def _reference_timeline(config, mode, n, h, w, e, pe=4):
     """The planner's accounting as it was, one stage per layer (O(layers)): the reference the closed
     form must reproduce exactly."""
-    from densenet_efficient.perf import planner as pl
+    from densenet_efficient.models import planner as pl
 
     c, k, bn = config.num_init_features, config.growth_rate, config.bn_size * config.growth_rate
     stem, (h, w) = pl._stem_stage(config, mode, n, h, w, e)
@@ -270,7 +322,7 @@ SMALL_CONFIGS = [
 @pytest.mark.parametrize("config", SMALL_CONFIGS, ids=lambda c: c.name)
 @pytest.mark.parametrize("mode", ESTIMABLE)
 def test_closed_form_equals_the_per_layer_accounting(config, mode):
-    from densenet_efficient.perf.planner import _peak, _timeline
+    from densenet_efficient.models.planner import _peak, _timeline
 
     assert count_parameters(config) == _reference_parameters(config)
     size = 32 if config.small_inputs else 64
