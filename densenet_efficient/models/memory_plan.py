@@ -143,8 +143,8 @@ def resolve_memory_plan(setting: MemorySetting, config: ArchConfig) -> MemoryPla
     >>> from densenet_efficient.models.config import densenet_bc_config
     >>> resolve_memory_plan(True, densenet_bc_config(40)).mode
     'efficient'
-    >>> resolve_memory_plan([0, 12, 6], densenet_bc_config(40)).settings()
-    {'stem': 'efficient', 'block1': 'max_saving', 'block2': 'efficient', 'block3': 'keep 6/12'}
+    >>> resolve_memory_plan([0, 6, 3], densenet_bc_config(40)).settings()
+    {'stem': 'efficient', 'block1': 'max_saving', 'block2': 'efficient', 'block3': 'keep 3/6'}
     """
     layers = tuple(config.block_config)
     if isinstance(setting, MemoryPlan):

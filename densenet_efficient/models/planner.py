@@ -668,9 +668,9 @@ def fit_memory(
     ``O(blocks * log(width))`` estimates at any depth. Raises :class:`MemoryBudgetError` below the
     ``"max_saving"`` floor.
 
-    >>> plan = fit_memory("densenet121", "700MiB", batch_size=16, device="cpu")
-    >>> plan.estimated_peak <= parse_memory("700MiB"), plan.blocks[0]
-    (True, 'max_saving')
+    >>> plan = fit_memory("densenet121", "480MiB", batch_size=16, device="cpu")
+    >>> str(plan), plan.estimated_peak <= parse_memory("480MiB"), round(plan.estimated_extra_time, 3)
+    ('stem efficient; block1 keep 1/6, block2 efficient, block3 efficient, block4 efficient', True, 0.033)
     """
     config = resolve_arch(arch)
     budget = parse_memory(budget)
