@@ -3,6 +3,8 @@
 densenet-efficient benchmark                                   # DenseNet-BC-100, batch 64, 32x32
 densenet-efficient benchmark --arch densenet121 --batch-size 8 --resolution 224 --markdown
 densenet-efficient benchmark --sweep depth --out docs/         # memory vs depth: PNG + CSV
+densenet-efficient benchmark --no-compiled                     # skip the torch.compile rows
+densenet-efficient benchmark --compiled-budgets 0.3 --compile-ours efficient
 """
 
 from __future__ import annotations
@@ -11,9 +13,13 @@ import argparse
 import json
 from pathlib import Path
 
+from ..errors import UsageError
+from ..models.engine import MODES
 from ..perf.benchmark import (
+    DEFAULT_COMPILED_BUDGETS,
     HEADER,
     benchmark,
+    error_notes,
     machine_description,
     resolve_device,
     row_cells,
@@ -35,6 +41,30 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--modes", nargs="+", choices=IMPLEMENTATIONS, default=list(IMPLEMENTATIONS), help="rows to measure"
     )
+    budgets = " ".join(str(b) for b in DEFAULT_COMPILED_BUDGETS)
+    compiled = parser.add_mutually_exclusive_group()
+    compiled.add_argument(
+        "--compiled-budgets",
+        type=float,
+        nargs="*",
+        metavar="BUDGET",
+        help="rows for torch.compile(torchvision naive) with torch._functorch.config."
+        f"activation_memory_budget set to each value in (0, 1] (default: {budgets}; 1.0 is the "
+        "compiler's default partitioner). Every row compiles in each of its fresh processes: on a "
+        "2-core CPU that takes minutes per budget (inductor's cache shortens the later ones). Give "
+        "the flag with no values, or --no-compiled, to skip them",
+    )
+    compiled.add_argument(
+        "--no-compiled", action="store_true", help="no compiled torchvision rows (same as --compiled-budgets)"
+    )
+    parser.add_argument(
+        "--compile-ours",
+        nargs="*",
+        choices=MODES,
+        default=[],
+        metavar="MODE",
+        help=f"also measure these of our modes under torch.compile ({', '.join(MODES)}; default none)",
+    )
     parser.add_argument("--rounds", type=int, default=3, help="interleaved speed rounds (default 3)")
     parser.add_argument(
         "--steps", type=int, default=3, help="timed steps per round after a warm-up (default 3)"
@@ -54,6 +84,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """``densenet-efficient benchmark``."""
     device = resolve_device(args.device)
+    if args.sweep and (args.compiled_budgets or args.compile_ours):
+        raise UsageError("--compiled-budgets and --compile-ours add table rows; --sweep does not take them")
     return _run_sweep(args, device) if args.sweep else _run_rows(args, device)
 
 
@@ -82,6 +114,11 @@ def _run_sweep(args: argparse.Namespace, device: str) -> int:
 def _run_rows(args: argparse.Namespace, device: str) -> int:
     config = arch_from_args(args)
     batch = args.batch_size if args.batch_size is not None else (64 if config.small_inputs else 8)
+    budgets = args.compiled_budgets
+    if args.no_compiled:
+        budgets = []
+    elif budgets is None:
+        budgets = list(DEFAULT_COMPILED_BUDGETS)
     rows = benchmark(
         config,
         batch_size=batch,
@@ -92,6 +129,8 @@ def _run_rows(args: argparse.Namespace, device: str) -> int:
         device=device,
         speed=not args.no_speed,
         progress=not args.quiet,
+        compiled_budgets=budgets,
+        compile_ours=args.compile_ours,
     )
     if args.json:
         print(json.dumps({"machine": machine_description(device), "rows": rows}, indent=2))
@@ -101,4 +140,6 @@ def _run_rows(args: argparse.Namespace, device: str) -> int:
         f"{r0['arch']}, batch {r0['batch_size']}, {r0['resolution']}x{r0['resolution']}; {machine_description(device)}"
     )
     print(to_markdown(rows) if args.markdown else format_table(HEADER, [row_cells(r) for r in rows]))
+    for note in error_notes(rows):
+        print(note)
     return 0

@@ -9,6 +9,14 @@ with ``max_memory_allocated`` and CUDA-event timing. Speed runs are interleaved 
 median of the per-round ratios to torchvision naive (paired within a round, so that a shared
 machine's drifting speed cancels), with their range.
 
+The compiled peer adds rows: ``torch.compile`` on torchvision's naive DenseNet with
+``torch._functorch.config.activation_memory_budget`` set (``compiled_budgets``; label
+``torchvision compiled (budget 0.3)``, budget 1.0 being the compiler's default partitioner), and
+any of our modes compiled (``compile_ours``; label ``efficient compiled``: our blocks are
+``torch.compiler.disable``d, so they run eagerly between compiled pieces). Compiled rows are
+measured warm (docs/measurement.md), have no planner estimate, and a row whose compilation fails
+keeps its one-line ``error`` while every other row is still measured.
+
     densenet-efficient benchmark                                   # DenseNet-BC-100, batch 64, 32x32
     densenet-efficient benchmark --arch densenet121 --batch-size 8 --resolution 224 --markdown
     densenet-efficient benchmark --sweep depth --out docs/         # memory vs depth: PNG + CSV
@@ -17,6 +25,7 @@ Python::
 
     from densenet_efficient.perf.benchmark import benchmark
     rows = benchmark("densenet_bc_100", batch_size=64, rounds=3)
+    rows = benchmark("densenet_bc_100", compiled_budgets=[1.0, 0.3], compile_ours=["efficient"])
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ import os
 import platform
 import statistics
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +45,14 @@ from ..io.atomic import atomic_write
 from ..models.config import ArchConfig, densenet_bc_config, resolve_arch
 from ..models.engine import MODES
 from ..models.planner import check_resolution, estimate_memory
-from .measure import IMPLEMENTATIONS, TORCHVISION, StepSpec, measure
+from .measure import IMPLEMENTATIONS, TORCHVISION, StepSpec, check_memory_budget, measure
 
 __all__ = [
+    "DEFAULT_COMPILED_BUDGETS",
     "HEADER",
     "benchmark",
+    "compiled_label",
+    "error_notes",
     "machine_description",
     "resolve_device",
     "row_cells",
@@ -49,6 +62,24 @@ __all__ = [
 ]
 
 _MB = 1 << 20
+
+#: The command line's default sweep of ``activation_memory_budget`` for the compiled torchvision rows.
+DEFAULT_COMPILED_BUDGETS = (1.0, 0.5, 0.3, 0.1)
+
+
+@dataclass(frozen=True)
+class _Row:
+    """One row of the table: what is measured and how it is labelled."""
+
+    label: str
+    impl: str
+    compile: bool = False
+    budget: float | None = None
+
+
+def compiled_label(impl: str, budget: float | None = None) -> str:
+    """``"torchvision compiled (budget 0.3)"``, ``"efficient compiled"``: a compiled row's label."""
+    return f"{impl} compiled" + ("" if budget is None else f" (budget {float(budget)})")
 
 
 def resolve_device(device: str | None) -> str:
@@ -93,11 +124,19 @@ def benchmark(
     threads: int = 2,
     speed: bool = True,
     progress: bool = True,
+    compiled_budgets: Sequence[float] = (),
+    compile_ours: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
     """Measure each implementation; one dict per row (MB are MiB, ratios to torchvision naive).
 
     Memory: one fresh process per implementation. Speed (``speed=True``): ``rounds`` rounds, each
     running every implementation in its own process (``steps`` timed steps after one warm-up).
+
+    ``compiled_budgets`` adds one row per ``activation_memory_budget`` in (0, 1]: torchvision's
+    naive DenseNet under ``torch.compile`` (``"torchvision compiled (budget 0.3)"``);
+    ``compile_ours`` adds our modes under ``torch.compile`` (``"efficient compiled"``). Each
+    compiled row recompiles in every fresh process (inductor's on-disk cache shortens the later
+    ones). A compiled row that fails records ``"error"`` (one line) instead of figures.
     """
     config = resolve_arch(arch)
     resolution = check_resolution(config, resolution)
@@ -108,45 +147,91 @@ def benchmark(
             raise UsageError(
                 f"unknown implementation {impl!r}; expected some of {', '.join(IMPLEMENTATIONS)}"
             )
+    if isinstance(compiled_budgets, str | bytes) or isinstance(compile_ours, str | bytes):
+        raise UsageError("compiled_budgets and compile_ours must be sequences, not a single string")
+    budgets = list(dict.fromkeys(check_memory_budget(b) for b in compiled_budgets))
+    ours = list(dict.fromkeys(compile_ours))
+    for mode in ours:
+        if mode not in MODES:
+            raise UsageError(f"compile_ours: unknown mode {mode!r}; expected some of {', '.join(MODES)}")
     _check_counts(rounds=rounds, steps=steps, batch_size=batch_size, threads=threads)
 
-    def spec(impl: str, kind: str) -> StepSpec:
+    plan = [_Row(i, i) for i in impls]
+    plan += [_Row(compiled_label(TORCHVISION, b), TORCHVISION, True, b) for b in budgets]
+    plan += [_Row(compiled_label(m), m, True) for m in ours]
+
+    def spec(row: _Row, kind: str) -> StepSpec:
         return StepSpec(
-            impl, config, batch_size, resolution, kind=kind, device=device, steps=steps, threads=threads
+            row.impl,
+            config,
+            batch_size,
+            resolution,
+            kind=kind,
+            device=device,
+            steps=steps,
+            threads=threads,
+            compile=row.compile,
+            memory_budget=row.budget,
         )
 
-    results: dict[str, dict[str, Any]] = {i: {"implementation": i} for i in impls}
-    with _progress(len(impls) * (1 + (rounds if speed else 0)), config.name, progress) as bar:
-        for impl in impls:
-            bar.set_postfix_str(f"memory {impl}")
-            r = measure(spec(impl, "memory"))
-            results[impl]["peak_mb"] = r["peak_bytes"] / _MB
-            if "peak_total_bytes" in r:
-                results[impl]["peak_total_mb"] = r["peak_total_bytes"] / _MB
+    def attempt(row: _Row, kind: str) -> dict[str, Any] | None:
+        """The measurement; a compiled row's failure is recorded on the row, anything else raises."""
+        try:
+            return measure(spec(row, kind))
+        except RuntimeError as err:
+            if not row.compile:
+                raise
+            results[row.label]["error"] = _one_line(err)
+            return None
+
+    results: dict[str, dict[str, Any]] = {r.label: {"implementation": r.label} for r in plan}
+    with _progress(len(plan) * (1 + (rounds if speed else 0)), config.name, progress) as bar:
+        for row in plan:
+            bar.set_postfix_str(f"memory {row.label}")
+            r = attempt(row, "memory")
+            res = results[row.label]
+            res["peak_mb"] = None if r is None else r["peak_bytes"] / _MB
+            if r is not None and "peak_total_bytes" in r:
+                res["peak_total_mb"] = r["peak_total_bytes"] / _MB
             bar.update()
-        per_round: dict[str, list[float]] = {i: [] for i in impls}
+        per_round: dict[str, list[float]] = {r.label: [] for r in plan}
         for k in range(rounds if speed else 0):
-            for impl in impls:  # interleaved: A B C A B C, so drifting load hits every row alike
-                bar.set_postfix_str(f"speed {impl} round {k + 1}")
-                per_round[impl].append(measure(spec(impl, "speed"))["seconds"])
+            for row in plan:  # interleaved: A B C A B C, so drifting load hits every row alike
+                bar.set_postfix_str(f"speed {row.label} round {k + 1}")
+                if "error" not in results[row.label]:  # a failed compilation is not retried
+                    r = attempt(row, "speed")
+                    if r is not None:
+                        per_round[row.label].append(r["seconds"])
                 bar.update()
-    for impl in impls:
-        row = results[impl]
-        est = estimate_memory(config, batch_size=batch_size, resolution=resolution, mode=impl, device=device)
-        row["estimate_mb"] = est.peak / _MB
+    for row in plan:
+        res = results[row.label]
+        res["estimate_mb"] = None
+        if not row.compile:  # the planner models eager execution only
+            est = estimate_memory(
+                config, batch_size=batch_size, resolution=resolution, mode=row.impl, device=device
+            )
+            res["estimate_mb"] = est.peak / _MB
         if speed:
-            row["seconds"] = statistics.median(per_round[impl])
-            row["seconds_rounds"] = per_round[impl]
+            ok = "error" not in res
+            res["seconds"] = statistics.median(per_round[row.label]) if ok else None
+            res["seconds_rounds"] = per_round[row.label] if ok else []
     base = results.get(TORCHVISION)
-    for row in results.values():  # ratios only against a measurable torchvision row
-        row["memory_ratio"] = row["peak_mb"] / base["peak_mb"] if base and base["peak_mb"] > 0 else None
-        row["time_ratio"], row["time_ratio_range"] = None, None
-        if base and speed:
-            paired = [t / b for t, b in zip(row["seconds_rounds"], base["seconds_rounds"], strict=True)]
-            row["time_ratio"] = statistics.median(paired)
-            row["time_ratio_range"] = [min(paired), max(paired)]
+    for res in results.values():  # ratios only against a measurable torchvision row
+        measured = "error" not in res
+        res["memory_ratio"] = (
+            res["peak_mb"] / base["peak_mb"] if measured and base and base["peak_mb"] > 0 else None
+        )
+        res["time_ratio"], res["time_ratio_range"] = None, None
+        if base and speed and measured:
+            paired = [t / b for t, b in zip(res["seconds_rounds"], base["seconds_rounds"], strict=True)]
+            res["time_ratio"] = statistics.median(paired)
+            res["time_ratio_range"] = [min(paired), max(paired)]
     meta = {"arch": config.name, "batch_size": batch_size, "resolution": resolution, "device": device}
-    return [{**meta, **results[i]} for i in impls]
+    return [{**meta, **results[r.label]} for r in plan]
+
+
+def _one_line(err: BaseException) -> str:
+    return next((ln.strip() for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
 
 
 def machine_description(device: str) -> str:
@@ -159,8 +244,13 @@ def machine_description(device: str) -> str:
 
 
 def row_cells(row: dict[str, Any]) -> list[str]:
+    """The row's cells under :data:`HEADER`; what was not measured (or failed) shows as ``-``."""
+
     def ratio(x: float | None) -> str:
         return "-" if x is None else f"{x:.3f}x"
+
+    def mb(x: float | None) -> str:
+        return "-" if x is None else f"{x:.0f}"
 
     secs, spread = row.get("seconds"), row.get("time_ratio_range")
     time_ratio = ratio(row["time_ratio"])
@@ -168,12 +258,17 @@ def row_cells(row: dict[str, Any]) -> list[str]:
         time_ratio += f" ({spread[0]:.2f}-{spread[1]:.2f})"
     return [
         row["implementation"],
-        f"{row['peak_mb']:.0f}",
+        mb(row["peak_mb"]),
         ratio(row["memory_ratio"]),
         "-" if secs is None else f"{secs:.3f}",
         time_ratio,
-        f"{row['estimate_mb']:.0f}",
+        mb(row["estimate_mb"]),
     ]
+
+
+def error_notes(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per row that failed (a compiled row whose compilation failed), for under the table."""
+    return [f"{r['implementation']}: {r['error']}" for r in rows if r.get("error")]
 
 
 HEADER = ["implementation", "peak MB", "memory vs tv", "s/batch", "time vs tv (range)", "planner MB"]

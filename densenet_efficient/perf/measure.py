@@ -8,6 +8,10 @@ before the baseline peak is read, and the figure is the peak after one step (for
 cross-entropy, backward) minus that baseline. On CUDA it is ``max_memory_allocated`` over a step
 after a warm-up, with and without the memory allocated before the step.
 
+``StepSpec(..., compile=True, memory_budget=0.3)`` measures the compiled peer: the model wrapped
+in ``torch.compile`` with ``torch._functorch.config.activation_memory_budget`` set, warm (the
+compiling step is left out of every figure).
+
     r = measure(StepSpec("naive", densenet_bc_config(40), batch_size=16, resolution=32))
     print(r["peak_bytes"] / 2**20, "MiB")
 """
@@ -15,6 +19,8 @@ after a warm-up, with and without the memory allocated before the step.
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import os
 import statistics
 import subprocess
@@ -39,6 +45,7 @@ __all__ = [
     "TORCHVISION_EFFICIENT",
     "StepSpec",
     "build_implementation",
+    "check_memory_budget",
     "measure",
     "peak_rss_bytes",
     "reset_peak_rss",
@@ -65,6 +72,26 @@ def build_implementation(
     raise UsageError(f"unknown implementation {impl!r}; expected one of {', '.join(IMPLEMENTATIONS)}")
 
 
+def check_memory_budget(value: Any) -> float:
+    """``value`` as a float when it is a number in (0, 1]; otherwise a UsageError naming it.
+
+    It is ``torch._functorch.config.activation_memory_budget``: the fraction of the default
+    partitioner's saved activations the compiled graph may keep (1.0: the default partitioner).
+    """
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(value)
+        or not 0 < value <= 1
+    ):
+        raise UsageError(f"memory budget must be a number in (0, 1], got {value!r}")
+    return float(value)
+
+
+class _CompileFailed(RuntimeError):
+    """The compiled model's first step (where ``torch.compile`` compiles) failed; one line."""
+
+
 @dataclass(frozen=True)
 class StepSpec:
     """One measurement: which implementation, which config, what to record.
@@ -75,6 +102,11 @@ class StepSpec:
     ``/proc/self/clear_refs``) so the figure leaves out one-time allocations (oneDNN kernel
     caches, thread pools: 0-60 MB depending on the machine); the default is the
     first-step protocol (docs/measurement.md), which the published figures use.
+    ``compile=True`` wraps the model in ``torch.compile`` after setting
+    ``torch._functorch.config.activation_memory_budget`` to ``memory_budget`` (when given; only
+    valid with ``compile``). A compiled spec is always measured warm: the step that compiles
+    forward and backward runs first and is left out (on CPU the peak is reset after it, as with
+    ``warmup=True``; speed and CUDA runs add one more warm-up step).
     """
 
     impl: str
@@ -90,6 +122,16 @@ class StepSpec:
     warmup: bool = False
     #: our implementations: a MemoryPlan (its to_json()) to run instead of ``impl``'s uniform mode
     memory_plan: dict[str, Any] | None = None
+    compile: bool = False
+    memory_budget: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.memory_budget is not None:
+            if not self.compile:
+                raise UsageError(
+                    f"memory_budget={self.memory_budget!r} needs compile=True (it configures torch.compile)"
+                )
+            object.__setattr__(self, "memory_budget", check_memory_budget(self.memory_budget))
 
     def to_json(self) -> str:
         return json.dumps({**asdict(self), "config": self.config.to_json()})
@@ -117,6 +159,10 @@ def _run_spec(spec: StepSpec) -> dict[str, Any]:
     torch.manual_seed(spec.seed)
     device = torch.device(spec.device)
     model = build_implementation(spec.impl, spec.config, spec.memory_plan).to(device).train()
+    if spec.compile:
+        if spec.memory_budget is not None:  # read when compiling: set before the first step
+            torch._functorch.config.activation_memory_budget = spec.memory_budget
+        model = torch.compile(model)
     x = torch.randn(spec.batch_size, 3, spec.resolution, spec.resolution, device=device)
     y = torch.randint(0, spec.config.num_classes, (spec.batch_size,), device=device)
     for p in model.parameters():  # gradients exist before the baseline: they are not activations
@@ -129,13 +175,39 @@ def _run_spec(spec: StepSpec) -> dict[str, Any]:
         loss.backward()
 
     result: dict[str, Any] = {"spec": json.loads(spec.to_json()), "torch": torch.__version__}
+    if spec.compile:
+        t0 = time.perf_counter()
+        _compile_step(step)
+        result["compile_seconds"] = time.perf_counter() - t0
     measure_step = _step_memory if spec.kind == "memory" else _step_seconds
     result.update(measure_step(step, spec, device))
     return result
 
 
+def _compile_step(step: Callable[[], None]) -> None:
+    """Run the compiled model's first step (dynamo, AOTAutograd and inductor compile forward and
+    backward here); any failure becomes one line in a :class:`_CompileFailed`."""
+    import torch
+
+    try:
+        step()
+    except torch.OutOfMemoryError as err:
+        raise _CompileFailed(f"out of memory in the compiling step: {_first_line(err)}") from err
+    except Exception as err:
+        raise _CompileFailed(f"torch.compile failed: {type(err).__name__}: {_first_line(err)}") from err
+
+
+def _first_line(err: BaseException, limit: int = 300) -> str:
+    line = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), "")
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
 def _step_memory(step: Callable[[], None], spec: StepSpec, device: Any) -> dict[str, Any]:
-    """CUDA: ``max_memory_allocated`` over a step after a warm-up. CPU: peak RSS over the step."""
+    """CUDA: ``max_memory_allocated`` over a step after a warm-up. CPU: peak RSS over the step.
+
+    A compiled spec has already run its compiling step: on CPU the peak is reset after it (the
+    ``warmup=True`` protocol); on CUDA one more warm-up step follows it.
+    """
     import torch
 
     if device.type == "cuda":
@@ -147,8 +219,9 @@ def _step_memory(step: Callable[[], None], spec: StepSpec, device: Any) -> dict[
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device)
         return {"peak_bytes": peak - before, "peak_total_bytes": peak, "before_bytes": before}
-    if spec.warmup:
-        step()
+    if spec.warmup or spec.compile:
+        if not spec.compile:  # the compiling step was the warm-up
+            step()
         reset_peak_rss()
     base = peak_rss_bytes()
     step()
@@ -159,7 +232,10 @@ def _step_memory(step: Callable[[], None], spec: StepSpec, device: Any) -> dict[
 
 
 def _step_seconds(step: Callable[[], None], spec: StepSpec, device: Any) -> dict[str, Any]:
-    """Median seconds of ``spec.steps`` steps after one warm-up (CUDA events on a GPU)."""
+    """Median seconds of ``spec.steps`` steps after one warm-up (CUDA events on a GPU).
+
+    A compiled spec has run its compiling step before: two warm-up steps in all.
+    """
     import torch
 
     step()  # warm-up
@@ -213,7 +289,12 @@ def reset_peak_rss() -> None:
 def _worker_main() -> None:
     """Subprocess entry point: read a :class:`StepSpec` as JSON from argv, print the result."""
     spec = StepSpec.from_json(sys.argv[1])
-    print("RESULT " + json.dumps(_run_spec(spec)), flush=True)
+    try:
+        result = _run_spec(spec)
+    except _CompileFailed as err:
+        print(f"ERROR {err}", flush=True)  # one line for the benchmark's row
+        sys.exit(1)
+    print("RESULT " + json.dumps(result), flush=True)
 
 
 def measure(spec: StepSpec, timeout: float | None = 1800) -> dict[str, Any]:
@@ -221,7 +302,9 @@ def measure(spec: StepSpec, timeout: float | None = 1800) -> dict[str, Any]:
 
     Memory runs get ``MALLOC_MMAP_THRESHOLD_=65536`` (peak RSS then tracks live tensors); speed
     runs keep the default allocator. Returns the worker's result dict: ``peak_bytes`` (memory)
-    or ``seconds`` (median per step). Raises RuntimeError with the worker's stderr on failure.
+    or ``seconds`` (median per step). Raises RuntimeError with the worker's stderr on failure;
+    when a compiled spec's compiling step failed, the message is that one line
+    (``"torch.compile failed: ..."``).
 
     Example::
 
@@ -245,6 +328,9 @@ def measure(spec: StepSpec, timeout: float | None = 1800) -> dict[str, Any]:
         timeout=timeout,
     )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    errors = [ln for ln in proc.stdout.splitlines() if ln.startswith("ERROR ")]
+    if proc.returncode != 0 and errors:
+        raise RuntimeError(errors[-1][len("ERROR ") :])
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
         raise RuntimeError(

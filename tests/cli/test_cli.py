@@ -23,8 +23,9 @@ FLAGS = {
         "--quiet",
     ]),
     "benchmark": ([], [
-        "--arch", "--batch-size", "--depth", "--device", "--growth-rate", "--json", "--markdown", "--modes",
-        "--no-speed", "--out", "--quiet", "--resolution", "--rounds", "--steps", "--sweep", "--values",
+        "--arch", "--batch-size", "--compile-ours", "--compiled-budgets", "--depth", "--device",
+        "--growth-rate", "--json", "--markdown", "--modes", "--no-compiled", "--no-speed", "--out", "--quiet",
+        "--resolution", "--rounds", "--steps", "--sweep", "--values",
     ]),
     "plan": ([], [
         "--amp", "--arch", "--batch-size", "--depth", "--device", "--dtype", "--growth-rate", "--json",

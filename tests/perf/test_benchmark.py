@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import csv
+import importlib
 import json
 import re
 
 import pytest
 
 from densenet_efficient.cli import main
+from densenet_efficient.errors import UsageError
 from densenet_efficient.models.config import ArchConfig
-from densenet_efficient.perf.benchmark import benchmark, machine_description, save_sweep, sweep, to_markdown
+from densenet_efficient.perf.benchmark import (
+    benchmark,
+    error_notes,
+    machine_description,
+    row_cells,
+    save_sweep,
+    sweep,
+    to_markdown,
+)
+from densenet_efficient.perf.measure import StepSpec, measure
 
 # A tiny CIFAR-style DenseNet: every row of the benchmark in a few seconds.
 TINY = ArchConfig(growth_rate=8, block_config=(2, 2), num_init_features=8, num_classes=10, small_inputs=True)
@@ -104,6 +115,15 @@ def test_depth_sweep_writes_csv_and_png(tmp_path):
         (["--sweep", "depth", "--values", "10", "--growth-rate", "0"], "growth_rate must be >= 1, got 0"),
         (["--sweep", "batch", "--resolution", "16"], "resolution 16 is too small for densenet121"),
         (["--device", "cuda"], "CUDA is not available here"),
+        (
+            ["--depth", "10", "--compiled-budgets", "1.5"],
+            r"memory budget must be a number in \(0, 1\], got 1.5",
+        ),
+        (["--depth", "10", "--compiled-budgets", "0.5", "0"], r"memory budget .*, got 0.0"),
+        (["--depth", "10", "--compiled-budgets", "x"], None),  # argparse: not a float
+        (["--depth", "10", "--no-compiled", "--compiled-budgets", "0.5"], None),  # mutually exclusive
+        (["--depth", "10", "--compile-ours", "fast"], None),  # argparse rejects the choice
+        (["--sweep", "depth", "--compiled-budgets", "0.5"], "--sweep does not take them"),
     ],
 )
 def test_benchmark_cli_errors_exit_2(argv, message, capsys, monkeypatch):
@@ -129,9 +149,127 @@ def test_benchmark_cli_errors_exit_2(argv, message, capsys, monkeypatch):
 
 def test_benchmark_cli_json(capsys):
     argv = ["benchmark", "--depth", "10", "--batch-size", "4", "--resolution", "16", "--device", "cpu"]
+    argv += ["--no-compiled"]  # the compiled rows are the default; compiling takes minutes on a CPU
     assert main([*argv, "--modes", "torchvision", "efficient", "--no-speed", "--json", "--quiet"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["machine"] == machine_description("cpu")
     assert re.fullmatch(r"\d+-core CPU \S+, \d+ threads \(torch \S+\)", out["machine"]), out["machine"]
     assert [r["implementation"] for r in out["rows"]] == ["torchvision", "efficient"]
     assert all(r["batch_size"] == 4 and r["resolution"] == 16 and "peak_mb" in r for r in out["rows"])
+
+
+# --- the compiled peer: torch.compile(torchvision) with activation_memory_budget -----------------
+
+
+def test_compiled_peer_is_measured_warm():
+    """Really compiles (inductor, CPU) a tiny DenseNet with budget 0.5: memory and speed."""
+    spec = StepSpec("torchvision", TINY, 2, 32, compile=True, memory_budget=0.5, steps=1)
+    mem = measure(spec)
+    assert mem["peak_bytes"] > 0 and mem["compile_seconds"] > 0
+    assert mem["spec"]["compile"] is True and mem["spec"]["memory_budget"] == 0.5
+    fast = measure(
+        StepSpec("torchvision", TINY, 2, 32, kind="speed", compile=True, memory_budget=0.5, steps=1)
+    )
+    assert fast["seconds"] > 0 and len(fast["times"]) == 1
+
+
+@pytest.mark.parametrize("budget", [0, 1.5, "x", -0.1, float("nan"), True, None])
+def test_bad_budget_is_refused_before_anything_runs(budget, monkeypatch):
+    import densenet_efficient.perf.benchmark as bench
+
+    def no_measuring(spec):
+        raise AssertionError(f"measured {spec}")
+
+    monkeypatch.setattr(bench, "measure", no_measuring)
+    with pytest.raises(UsageError, match=re.escape(f"got {budget!r}")):
+        benchmark(
+            TINY, batch_size=2, resolution=32, device="cpu", compiled_budgets=[0.5, budget], progress=False
+        )
+    with pytest.raises(UsageError, match="unknown mode 'fast'"):
+        benchmark(TINY, device="cpu", compile_ours=["efficient", "fast"], progress=False)
+    with pytest.raises(UsageError, match="needs compile=True"):
+        StepSpec("torchvision", TINY, 2, 32, memory_budget=0.5)
+    if budget is not None:  # None is "no budget" for a StepSpec
+        with pytest.raises(UsageError, match=re.escape(f"got {budget!r}")):
+            StepSpec("torchvision", TINY, 2, 32, compile=True, memory_budget=budget)
+
+
+def test_failed_compilation_is_recorded_on_its_row(monkeypatch, capsys):
+    import densenet_efficient.perf.benchmark as bench
+
+    real_measure = bench.measure
+    asked = []
+
+    def compile_fails(spec):
+        asked.append((spec.impl, spec.kind, spec.compile, spec.memory_budget))
+        if spec.compile:
+            raise RuntimeError("torch.compile failed: InductorError: no working C++ compiler found")
+        return real_measure(spec)
+
+    monkeypatch.setattr(bench, "measure", compile_fails)
+    rows = benchmark(
+        TINY,
+        batch_size=2,
+        resolution=32,
+        implementations=["torchvision"],
+        compiled_budgets=[1, 0.3],
+        compile_ours=["efficient"],
+        rounds=1,
+        steps=1,
+        device="cpu",
+        progress=False,
+    )
+    labels = ["torchvision", "torchvision compiled (budget 1.0)", "torchvision compiled (budget 0.3)"]
+    assert [r["implementation"] for r in rows] == [*labels, "efficient compiled"]
+    tv, *compiled = rows
+    assert tv["peak_mb"] > 0 and tv["seconds"] > 0 and tv["memory_ratio"] == 1 and "error" not in tv
+    for r in compiled:
+        assert r["error"] == "torch.compile failed: InductorError: no working C++ compiler found"
+        assert r["peak_mb"] is None and r["seconds"] is None and r["memory_ratio"] is None
+        assert r["estimate_mb"] is None and r["time_ratio"] is None
+        assert row_cells(r)[1:] == ["-"] * 5
+    # a failed compilation is not retried in the speed round; the eager row is timed
+    assert asked.count(("torchvision", "speed", False, None)) == 1
+    assert [a for a in asked if a[2]] == [
+        ("torchvision", "memory", True, 1.0),
+        ("torchvision", "memory", True, 0.3),
+        ("efficient", "memory", True, None),
+    ]
+    assert error_notes(rows)[0] == f"{labels[1]}: {compiled[0]['error']}"
+    assert len(error_notes(rows)) == 3
+
+    # the command line: "-" cells, and the error printed under the table (eager row faked: fast)
+    def fake_eager(spec):
+        if spec.compile:
+            raise RuntimeError("torch.compile failed: InductorError: no working C++ compiler found")
+        return {"peak_bytes": 3 << 20}
+
+    monkeypatch.setattr(bench, "measure", fake_eager)
+    argv = ["benchmark", "--depth", "10", "--batch-size", "2", "--device", "cpu", "--modes", "torchvision"]
+    assert main([*argv, "--compiled-budgets", "0.3", "--no-speed", "--quiet", "--markdown"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-2].startswith("| torchvision compiled (budget 0.3) | - | - | - | - | - |")
+    assert out[-1] == "torchvision compiled (budget 0.3): " + compiled[0]["error"]
+
+
+def test_compile_failure_reaches_the_row_as_one_line(monkeypatch):
+    """The worker's ERROR line becomes measure()'s message; the compiling step's failure is one line."""
+    import subprocess
+
+    m = importlib.import_module("densenet_efficient.perf.measure")  # perf.measure is also the function
+
+    def fake_run(*args, **kwargs):
+        return subprocess.CompletedProcess(args, 1, "ERROR torch.compile failed: X: y\n", "long\ntraceback\n")
+
+    monkeypatch.setattr(m.subprocess, "run", fake_run)
+    with pytest.raises(RuntimeError) as exc:
+        measure(StepSpec("torchvision", TINY, 2, 32, compile=True))
+    assert str(exc.value) == "torch.compile failed: X: y"
+
+    def step():
+        raise RuntimeError("\ninductor: no compiler\nsecond line")
+
+    with pytest.raises(
+        m._CompileFailed, match=r"^torch.compile failed: RuntimeError: inductor: no compiler$"
+    ):
+        m._compile_step(step)
