@@ -124,8 +124,11 @@ def correctness_rows(device: str, quick: bool) -> list[dict[str, Any]]:
     """One row per (config, precision, setting): relative errors against the naive model and pass/fail."""
     rows = []
     for name, config, res, batch in correctness_configs(quick):
-        settings: list[tuple[str, Any]] = [("torchvision", "torchvision")]
-        settings += [(m, m) for m in MODES] + [(label, fn(config)) for label, fn in EXTRA_SETTINGS]
+        # naive first: the other rows' allowance depends on its error
+        settings: list[tuple[str, Any]] = [("naive", "naive"), ("torchvision", "torchvision")]
+        settings += [(m, m) for m in MODES if m != "naive"] + [
+            (label, fn(config)) for label, fn in EXTRA_SETTINGS
+        ]
         torch.manual_seed(0)
         state = {k: v.clone() for k, v in _build("naive", config).state_dict().items()}
         for precision, (dtype, amp, tol, check_grads) in PRECISIONS.items():
@@ -137,14 +140,24 @@ def correctness_rows(device: str, quick: bool) -> list[dict[str, Any]]:
                 model.load_state_dict(state)
                 return _forward_backward(model.to(device=device, dtype=dtype).train(), x, amp)
 
-            ref_out, ref_grads = run("naive")
+            # Reference: the naive model in float64 on the same input. Lower precisions are judged by
+            # their error against it: within the tolerance, or no worse than twice the naive model's
+            # own error in that precision (bf16 rounding compounds over depth for every implementation).
+            ref_out, ref_grads = run("naive", dtype=torch.float64, amp=None, x=x.double())
+            naive_err = None
             for label, setting in settings:
                 row = {"config": name, "precision": precision, "setting": label, "tolerance": tol}
                 try:
                     out, grads = run(setting)
                     row["output_rel"] = _rel(out, ref_out)
                     row["grad_rel"] = _grad_rel(grads, ref_grads)
-                    row["passed"] = row["output_rel"] <= tol and (not check_grads or row["grad_rel"] <= tol)
+                    if setting == "naive":
+                        naive_err = row["output_rel"]
+                    allowed = max(tol, 2 * naive_err) if naive_err is not None else tol
+                    row["allowed"] = allowed
+                    row["passed"] = row["output_rel"] <= allowed and (
+                        not check_grads or row["grad_rel"] <= tol
+                    )
                 except Exception as err:  # reported on the row; the other rows still run
                     row.update(passed=False, error=f"{type(err).__name__}: {err}".splitlines()[0])
                 rows.append(row)
@@ -156,21 +169,23 @@ def correctness_markdown(rows: list[dict[str, Any]]) -> str:
         return "-" if x is None else f"{x:.1e}"
 
     lines = [
-        "| config | precision | setting | output rel. err | grad rel. err | tolerance | result |",
+        "| config | precision | setting | output rel. err | grad rel. err | allowed | result |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         result = "PASS" if r["passed"] else "FAIL" + (f" ({r['error']})" if "error" in r else "")
         lines.append(
             f"| {r['config']} | {r['precision']} | {r['setting']} | {e(r.get('output_rel'))} "
-            f"| {e(r.get('grad_rel'))} | {r['tolerance']:g} | {result} |"
+            f"| {e(r.get('grad_rel'))} | {r.get('allowed', r['tolerance']):.1e} | {result} |"
         )
     passed = sum(r["passed"] for r in rows)
     lines.append("")
     lines.append(
         f"{passed}/{len(rows)} rows pass. Relative error: max |a - b| / max |b| against our naive mode "
-        "(torchvision's exact operations) with identical weights, one training-mode forward and "
-        "backward (loss: mean of the squared logits). Gradients (every parameter and the input): "
+        "(torchvision's exact operations) in float64 with identical weights and input, one "
+        "training-mode forward and backward (loss: mean of the squared logits). Allowed: the "
+        "precision's tolerance (float64 1e-10, fp32 1e-4, bf16 2e-2) or twice the naive model's own "
+        "error in that precision, whichever is larger. Gradients (every parameter and the input): "
         "the largest per-tensor error, each tensor's scale floored at 1e-3 of the largest gradient "
         "(near-zero gradients such as norm0.weight's are cancellation noise); checked in float64, "
         "shown for information in fp32 and bf16. TF32 is off for this section."
@@ -363,7 +378,12 @@ def main(argv: list[str] | None = None) -> int:
         default=450,
         help="seconds; compiled rows of (b) stop when spent (default 450)",
     )
+    parser.add_argument(
+        "--sections", default="abcd", help="which sections to run, e.g. 'ab' (default abcd: all)"
+    )
     args = parser.parse_args(argv)
+    if not args.sections or set(args.sections) - set("abcd"):
+        parser.error(f"--sections takes letters from 'abcd', got {args.sections!r}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         print("gpu_check: error: --device cuda asked for, but CUDA is not available here", file=sys.stderr)
@@ -387,7 +407,8 @@ def main(argv: list[str] | None = None) -> int:
         failures.extend(f"(a) {r['config']} {r['precision']} {r['setting']}" for r in rows if not r["passed"])
         return correctness_markdown(rows)
 
-    text_a = _guarded("a", section_a)
+    not_asked = "not run (--sections)"
+    text_a = _guarded("a", section_a) if "a" in args.sections else not_asked
 
     # (b) eager rows now, compiled rows last (they are the expensive part)
     points = benchmark_points(args.quick)
@@ -398,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
             eager[i] = eager_rows(config, batch, res, device)
         return ""
 
-    err_b = _guarded("b", section_b_eager) if cuda else skipped
+    err_b = (_guarded("b", section_b_eager) if cuda else skipped) if "b" in args.sections else not_asked
 
     # (c)
     c_batch, c_res, c_steps = (8, 64, 3) if args.quick else (256, 224, 10)
@@ -407,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         impls = ["torchvision", "efficient", "max_saving"]
         return bf16_markdown([bf16_point(i, c_batch, c_res, c_steps) for i in impls], c_batch, c_res)
 
-    text_c = _guarded("c", section_c) if cuda else skipped
+    text_c = (_guarded("c", section_c) if cuda else skipped) if "c" in args.sections else not_asked
 
     # (d)
     def section_d() -> str:
@@ -415,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
             planner_rows([r for rows in eager.values() for r in rows], device, args.quick)
         )
 
-    text_d = _guarded("d", section_d) if cuda else skipped
+    text_d = (_guarded("d", section_d) if cuda else skipped) if "d" in args.sections else not_asked
 
     # (b) compiled rows, while the time budget lasts; variants alternate between the configurations
     compiled: dict[int, list[dict[str, Any]]] = {i: [] for i in range(len(points))}
