@@ -122,6 +122,8 @@ class StepSpec:
     warmup: bool = False
     #: our implementations: a MemoryPlan (its to_json()) to run instead of ``impl``'s uniform mode
     memory_plan: dict[str, Any] | None = None
+    #: model and input in ``torch.channels_last`` (NHWC): oneDNN's and cuDNN's preferred layout
+    channels_last: bool = False
     compile: bool = False
     memory_budget: float | None = None
 
@@ -159,11 +161,14 @@ def _run_spec(spec: StepSpec) -> dict[str, Any]:
     torch.manual_seed(spec.seed)
     device = torch.device(spec.device)
     model = build_implementation(spec.impl, spec.config, spec.memory_plan).to(device).train()
+    fmt = torch.channels_last if spec.channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
     if spec.compile:
         if spec.memory_budget is not None:  # read when compiling: set before the first step
             torch._functorch.config.activation_memory_budget = spec.memory_budget
         model = torch.compile(model)
     x = torch.randn(spec.batch_size, 3, spec.resolution, spec.resolution, device=device)
+    x = x.contiguous(memory_format=fmt)
     y = torch.randint(0, spec.config.num_classes, (spec.batch_size,), device=device)
     for p in model.parameters():  # gradients exist before the baseline: they are not activations
         p.grad = torch.zeros_like(p)
