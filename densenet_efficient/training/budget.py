@@ -156,20 +156,28 @@ def choose_budget(
     a smaller batch with gradient accumulation that keeps the effective batch."""
     budget, source = _budget(memory, device, info)
     kwargs = {"amp": amp, "device": device.type, "optimizer": optimizer}
+    # the planner names a named architecture with another class count by all its fields
+    known = arch.architecture_name(ignore_classes=True)
+
+    def named(err: Exception) -> str:
+        return (
+            str(err).replace(arch.describe(), f"{known} ({arch.num_classes} classes)") if known else str(err)
+        )
+
     if batch_size == AUTO:
         try:
             largest = max_batch_size(arch, budget, resolution=image_size, mode=MAX_SAVING, **kwargs)
         except UsageError as err:
-            raise UsageError(f"--batch-size auto: {err}") from None
+            raise UsageError(f"--batch-size auto: {named(err)}") from None
         batch_size = max(1, min(largest, train_images // info.world_size))
     try:
         plan = fit_memory(arch, budget, batch_size=batch_size, resolution=image_size, **kwargs)
     except MemoryBudgetError as err:
         if err.max_batch_size == 0:
-            raise
+            raise UsageError(named(err)) from None
         batch, steps = suggest_accumulation(batch_size * accum_steps, err.max_batch_size)
         raise UsageError(
-            f"{err}; train with --batch-size {batch} --accum-steps {steps} for an effective batch of "
+            f"{named(err)}; train with --batch-size {batch} --accum-steps {steps} for an effective batch of "
             f"{batch * steps}, or give a larger --memory"
         ) from None
     return BudgetChoice(budget, batch_size, plan, source)
