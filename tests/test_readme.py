@@ -189,6 +189,7 @@ BLOCKS: dict[tuple[str, int], Callable[..., None]] = {
     ("Use it with ...", 0): resolve_ecosystem_calls,
     ("Pretrained weights, torch.hub, Hugging Face Hub", 0): run_pretrained,
     ("Training (the main job)", 0): check_bash,
+    ("Training to a memory budget", 0): check_bash,  # run by tests/training/test_budget.py's configs
     ("Converting checkpoints", 0): check_bash,
     ("Benchmark and memory planner", 0): check_bash,
 }

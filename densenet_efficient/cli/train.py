@@ -7,6 +7,7 @@ fine-tuning, resumable checkpoints, mixed precision and multi-GPU training throu
     densenet-efficient train --dataset cifar10 --data ~/data --save runs/bc100 --depth 100
     densenet-efficient train --save runs/bc100 --resume        # continue a stopped run
     densenet-efficient train --arch densenet121 --pretrained --data ~/flowers --freeze-features
+    densenet-efficient train --arch densenet201 --data ~/flowers --memory 4GiB --batch-size 16 --accum-steps 4
     torchrun --nproc_per_node 4 -m densenet_efficient train --dataset cifar10 --data ~/data
 """
 
@@ -74,12 +75,31 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--freeze-features", action="store_true", help="train only the classifier")
     g = parser.add_argument_group("optimisation")
     g.add_argument("--n-epochs", type=int, help="default 300 for CIFAR, 15 for digits, 30 for ImageFolders")
-    g.add_argument("--batch-size", type=int, help=f"per process (default {d.batch_size})")
+    g.add_argument(
+        "--batch-size",
+        type=_batch_size,
+        metavar="N|auto",
+        help=f"images per step and process (default {d.batch_size}); auto: the largest that fits --memory",
+    )
+    g.add_argument(
+        "--accum-steps",
+        type=int,
+        metavar="N",
+        help="accumulate gradients over N batches per optimizer step: an effective batch of N x "
+        "--batch-size (batch norm still normalises each batch on its own; default 1)",
+    )
     g.add_argument("--lr", type=float, help="initial learning rate (default 0.1; 0.01 with --pretrained)")
     g.add_argument("--momentum", type=float, help=f"default {d.momentum}")
     g.add_argument("--weight-decay", type=float, help=f"default {d.weight_decay}")
     g.add_argument("--seed", type=int, help=f"default {d.seed}")
     g = parser.add_argument_group("performance")
+    g.add_argument(
+        "--memory",
+        metavar="SIZE|auto",
+        help="train within this memory (e.g. 4GiB): chooses the memory plan instead of --mode, and the "
+        "batch with --batch-size auto; auto (CUDA): the GPU's free memory minus a reserve, the default "
+        "with --batch-size auto",
+    )
     g.add_argument("--amp", choices=("bf16", "fp16"), help="mixed precision (fp16 needs CUDA)")
     g.add_argument("--channels-last", action="store_true")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -102,6 +122,15 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     # gave: a --resume must tell "--lr 0.1 asked for" from "--lr left alone". The defaults shown in
     # the help are TrainConfig's, which fills in whatever is not given.
     parser.set_defaults(**{f.name: None for f in dataclasses.fields(TrainConfig)})
+
+
+def _batch_size(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of images or auto, got {text}") from None
 
 
 def _count_or_fraction(text: str) -> float:

@@ -221,7 +221,8 @@ def save_epoch(
     """Rank 0, end of an epoch: model folders, the CSV log, then the checkpoint (last, so that a
     checkpoint for epoch e implies everything else of epoch e is on disk).
 
-    ``trainables`` holds the ``model``, ``optimizer``, ``scheduler`` and (AMP) ``scaler``."""
+    ``trainables`` holds the ``model``, ``optimizer``, ``scheduler``, (AMP) ``scaler`` and, for a
+    run whose plan ``--memory`` chose, the ``memory_plan``."""
     model, scaler = trainables["model"], trainables["scaler"]
     meta = dict(provenance, epoch=epoch, valid_error=history[-1]["valid_error"])
     _save_model_folder(model, save_dir / "last", meta)
@@ -242,6 +243,8 @@ def save_epoch(
         "best_epoch": best.epoch,
         "best_model": best.state,
     }
+    if trainables.get("memory_plan") is not None:  # chosen by --memory: a resumed run keeps it
+        state["memory_plan"] = trainables["memory_plan"].to_json()
     # Serialised in memory first: torch.save streaming into a file turns the file's OSError (disk
     # full, quota) into an opaque "enforce fail" RuntimeError; writing bytes keeps the OSError.
     buffer = io.BytesIO()

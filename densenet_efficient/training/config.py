@@ -20,6 +20,7 @@ import torch.nn as nn
 from ..errors import UsageError
 from ..models import engine
 from ..models.config import densenet_bc_config, list_architectures
+from ..models.planner import parse_memory
 
 __all__ = [
     "DEFAULT_MODE",
@@ -79,12 +80,14 @@ class TrainConfig:
     freeze_features: bool = False
     # optimisation (the original demo's: SGD + Nesterov, LR x0.1 at 50% and 75% of the epochs)
     n_epochs: int | None = None
-    batch_size: int = 64
+    batch_size: int | str = 64  # "auto": the largest that fits --memory (stored resolved)
+    accum_steps: int = 1
     lr: float | None = None
     momentum: float = 0.9
     weight_decay: float = 1e-4
     seed: int = 0
     # performance
+    memory: str | None = None  # a budget ("4GiB") or "auto": chooses the memory plan (and batch)
     amp: str | None = None
     channels_last: bool = False
     compile: bool = False
@@ -148,6 +151,8 @@ def _same_setting(name: str, asked: Any, stored: Any, stored_config: TrainConfig
     """Whether asking for ``asked`` on resume means the run's ``stored`` value."""
     if asked == stored:
         return True
+    if name == "batch_size" and asked == "auto":
+        return True  # the run's batch was resolved once (from auto or not) and stays
     if name == "data" and asked is not None and stored is not None:
         return Path(asked).expanduser().resolve() == Path(stored).expanduser().resolve()
     if name == "dataset" and stored == "auto" and stored_config.data is not None:
@@ -220,12 +225,20 @@ def resolve_config(config: TrainConfig, dataset: str) -> TrainConfig:
         c.lr = 0.01 if c.pretrained else 0.1
     if c.workers is None:
         c.workers = defaults.get("workers", min(4, os.cpu_count() or 1))
-    for name in ("n_epochs", "batch_size"):
+    if c.batch_size != "auto" and (isinstance(c.batch_size, str) or c.batch_size < 1):
+        raise UsageError(f"--batch-size must be >= 1 or auto, got {c.batch_size!r}")
+    for name in ("n_epochs", "accum_steps"):
         if getattr(c, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(c, name)}")
     if c.stop_after is not None and c.stop_after < 1:
         raise UsageError(f"--stop-after must be >= 1, got {c.stop_after}")
+    if c.memory not in (None, "auto"):
+        parse_memory(c.memory)  # a malformed budget is refused before any data is read
     c.mode = engine.resolve_mode(c.mode)
+    if c.sync_bn and c.memory is not None:
+        raise UsageError(
+            "--sync-bn works only with --mode naive, and --memory chooses an engine plan; drop one"
+        )
     if c.sync_bn and c.mode != engine.NAIVE:
         raise UsageError(
             f"--sync-bn works only with --mode naive: the {c.mode} engine computes batch statistics "

@@ -27,15 +27,19 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from ..errors import UsageError
 from ..models.builders import create_model, densenet_bc
+from ..models.config import ArchConfig, densenet_bc_config, resolve_arch
 from ..models.densenet import DenseNet
+from ..models.memory_plan import MemoryPlan
 from ..models.weights import resolve_weights
 from ..perf.measure import peak_rss_bytes
+from .budget import BudgetChoice, accumulation_weights, choose_budget
 from .checkpoint import (
     CHECKPOINT_NAME,
     BestModel,
@@ -270,6 +274,39 @@ def _load_data(c: TrainConfig, dataset: str, info: DistInfo) -> DataBundle:
     return data
 
 
+def _choose_budget(
+    c: TrainConfig, data: DataBundle, info: DistInfo, device: torch.device, stored_plan: Any
+) -> BudgetChoice:
+    """The batch and memory plan for ``--memory``/``--batch-size auto`` (before the model is built).
+
+    A resumed run keeps the plan its checkpoint stored (its batch is already the stored one): the
+    same run continues with the same computation, whatever memory the device has free today."""
+    arch = _build_model_config(c, data.num_classes)
+    if stored_plan is not None:
+        plan = MemoryPlan.from_json(stored_plan)
+        return BudgetChoice(plan.budget or 0, int(c.batch_size), plan, "the run's stored plan")
+    return choose_budget(
+        arch,
+        memory=c.memory,
+        batch_size=c.batch_size,
+        accum_steps=c.accum_steps,
+        image_size=data.image_size,
+        amp=c.amp,
+        # the loop's SGD keeps one momentum buffer per parameter (none without momentum)
+        optimizer="momentum" if c.momentum else "sgd",
+        train_images=len(data.train),
+        device=device,
+        info=info,
+    )
+
+
+def _build_model_config(c: TrainConfig, num_classes: int) -> ArchConfig:
+    """The architecture :func:`_build_model` builds, without building it."""
+    if c.arch is None:
+        return densenet_bc_config(c.depth, c.growth_rate, num_classes=num_classes)
+    return resolve_arch(c.arch).with_classes(num_classes)
+
+
 def _build_run(
     c: TrainConfig, dataset: str, save_dir: Path, data: DataBundle, info: DistInfo, device: torch.device
 ) -> _Run:
@@ -386,10 +423,22 @@ def _train(config: TrainConfig, info: DistInfo, device: torch.device, given: fro
                 f"--save {save_dir} is inside --data {config.data}: the run folder would be read as a "
                 "class of images (or as images of one); save the run outside the data folder"
             )
+    if {"memory", "mode"} <= given and not config.resume:
+        raise UsageError(
+            f"--memory {config.memory} and --mode {config.mode} both given: --memory chooses the memory "
+            "plan (the mode of each block) for the budget; give one of them"
+        )
     c = resolve_config(config, dataset)
     _configure_backends(c, device)
     data = _load_data(c, dataset, info)
+    choice = None
+    if c.memory is not None or c.batch_size == "auto":
+        stored_plan = ckpt.get("memory_plan") if ckpt is not None else None
+        choice = _choose_budget(c, data, info, device, stored_plan)
+        c = dataclasses.replace(c, batch_size=choice.batch_size, memory=c.memory or "auto")
     run = _build_run(c, dataset, save_dir, data, info, device)
+    if choice is not None:
+        run.model.set_memory_efficient(choice.plan)
     if ckpt is not None:
         _restore(run, ckpt)
     _check_run_folder(save_dir, info, device)
@@ -398,6 +447,11 @@ def _train(config: TrainConfig, info: DistInfo, device: torch.device, given: fro
     valid_loader = _loader(data.valid, c, info, shuffle=False, device=device)[0] if data.valid else None
     log = print if info.main else (lambda *a, **k: None)
     log(_describe_run(run, data, info, device, resumed=ckpt is not None))
+    if choice is not None:
+        log(choice.describe(c.accum_steps, info.world_size))
+    elif c.accum_steps > 1:
+        effective = c.batch_size * c.accum_steps * info.world_size
+        log(f"batch {c.batch_size} x {c.accum_steps} accumulation steps (effective {effective})")
     for notice in notices:
         log(f"resuming with {notice}")
     if ckpt is not None and run.start_epoch >= c.n_epochs:
@@ -410,6 +464,7 @@ def _train(config: TrainConfig, info: DistInfo, device: torch.device, given: fro
         "training": {k: v for k, v in c.to_dict().items() if k not in RUNTIME_FIELDS},
         "dataset": data.name,
         "classes": data.classes,
+        "memory_plan": str(run.model.memory_plan),
     }
     end_epoch = c.n_epochs if c.stop_after is None else min(c.n_epochs, run.start_epoch + c.stop_after)
     for epoch in range(run.start_epoch, end_epoch):
@@ -431,6 +486,8 @@ def _train(config: TrainConfig, info: DistInfo, device: torch.device, given: fro
                 "scheduler": run.scheduler,
                 "scaler": run.scaler,
             }
+            if choice is not None:
+                trainables["memory_plan"] = run.model.memory_plan
             try:
                 save_epoch(save_dir, trainables, c, epoch + 1, run.history, run.best, improved, provenance)
             except OSError as err:
@@ -487,7 +544,7 @@ def _describe_run(run: _Run, data: DataBundle, info: DistInfo, device: torch.dev
     c, model = run.c, run.model
     where = f"{device}" + (f" x {info.world_size} processes" if info.enabled else "")
     return (
-        f"{model.arch_summary()} mode={c.mode}, {sum(p.numel() for p in model.parameters()):,} "
+        f"{model.arch_summary()} mode={c.mode if c.memory is None else 'plan (--memory)'}, {sum(p.numel() for p in model.parameters()):,} "
         f"parameters; {data.name} {data.image_size}x{data.image_size}: {len(data.train)} train / "
         f"{len(data.valid) if data.valid else 0} valid images, {data.num_classes} classes; {where}; "
         f"saving to {run.save_dir}" + (f" (resuming after epoch {run.start_epoch})" if resumed else "")
@@ -551,6 +608,42 @@ def _test_best(
     return figures
 
 
+def _batch_sizes(loader: DataLoader) -> list[int]:
+    """The size of every batch ``loader`` yields in an epoch (its sampler's images, in order)."""
+    n, size = len(loader.sampler), loader.batch_size
+    full, rest = divmod(n, size)
+    return [size] * full + ([rest] if rest and not loader.drop_last else [])
+
+
+def _forward_backward(
+    net: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    weight: float,
+    scaler: torch.amp.GradScaler,
+    c: TrainConfig,
+    info: DistInfo,
+    device: torch.device,
+    desc: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One micro-batch: forward, the loss (checked finite on every rank), and backward of
+    ``weight`` x the loss into the gradients already accumulated; returns the output and the loss."""
+    with _autocast(c, device):
+        out = net(x)
+        loss = _loss_fn(out.float(), y)
+    bad = torch.tensor(float(not torch.isfinite(loss.detach()).item()), device=device)
+    if info.enabled:  # every rank must stop together, or the others hang in all-reduce
+        dist.all_reduce(bad)
+    if bad.item():
+        raise NonFiniteLossError(
+            f"the training loss became {loss.item()} in {desc}; stopping. The last good checkpoint "
+            "is kept; try a lower --lr, or --amp bf16 instead of fp16"
+        )
+    # fp16: every micro-batch's loss is scaled; the scaler unscales the sum once, at the step
+    scaler.scale(loss if weight == 1.0 else loss * weight).backward()
+    return out, loss
+
+
 def _train_epoch(
     net: nn.Module,
     model: DenseNet,
@@ -575,22 +668,19 @@ def _train_epoch(
         disable=not (c.progress and info.main),
         dynamic_ncols=True,
     )
-    for x, y in _batches(bar, device, c.channels_last):
-        with _autocast(c, device):
-            out = net(x)
-            loss = _loss_fn(out.float(), y)
-        bad = torch.tensor(float(not torch.isfinite(loss.detach()).item()), device=device)
-        if info.enabled:  # every rank must stop together, or the others hang in all-reduce
-            dist.all_reduce(bad)
-        if bad.item():
-            raise NonFiniteLossError(
-                f"the training loss became {loss.item()} in {desc}; stopping. The last good checkpoint "
-                "is kept; try a lower --lr, or --amp bf16 instead of fp16"
-            )
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+    weights = accumulation_weights(_batch_sizes(loader), c.accum_steps)
+    ddp = getattr(net, "_orig_mod", net)  # under torch.compile, the DDP module (if any) inside
+    optimizer.zero_grad(set_to_none=True)
+    for i, ((x, y), weight) in enumerate(zip(_batches(bar, device, c.channels_last), weights, strict=True)):
+        steps = (i + 1) % c.accum_steps == 0 or i + 1 == len(weights)
+        # DDP all-reduces gradients in backward: only on the micro-batch that ends the group
+        sync = ddp.no_sync() if not steps and isinstance(ddp, DDP) else contextlib.nullcontext()
+        with sync:
+            out, loss = _forward_backward(net, x, y, weight, scaler, c, info, device, desc)
+        if steps:
+            scaler.step(optimizer)  # fp16: unscales the accumulated gradients once, then steps
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
         n = y.numel()
         loss_sum += loss.item() * n
         err_sum += float((out.argmax(1) != y).sum())
