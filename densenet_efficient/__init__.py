@@ -35,7 +35,15 @@ from .models import (
 )
 from .models.engine import MODES
 from .models.hub import save_hub_folder
-from .models.planner import MemoryEstimate, estimate_memory, max_batch_size
+from .models.memory_plan import MemoryPlan
+from .models.planner import (
+    MemoryBudgetError,
+    MemoryEstimate,
+    estimate_memory,
+    fit_memory,
+    max_batch_size,
+    parse_memory,
+)
 from .models.weights import (
     DenseNet121_Weights,
     DenseNet161_Weights,
@@ -88,8 +96,12 @@ __all__ = [
     "infer_config",
     "read_checkpoint",
     "remap_keys",
-    # memory planning
+    # memory planning and the dial
+    "MemoryBudgetError",
     "MemoryEstimate",
+    "MemoryPlan",
     "estimate_memory",
+    "fit_memory",
     "max_batch_size",
+    "parse_memory",
 ]

@@ -22,6 +22,8 @@ PUBLIC = {
 }  # fmt: skip
 #: Names added since, in torchvision's style (issue: ecosystem parity).
 ADDED = {"get_model", "list_models"}
+#: The memory dial (issue: fit any DenseNet into any memory budget).
+ADDED |= {"MemoryBudgetError", "MemoryPlan", "fit_memory", "parse_memory"}
 
 HUBCONF_ENTRYPOINTS = {
     "densenet121",

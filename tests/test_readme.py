@@ -121,6 +121,19 @@ def run_use(code: str, **_: object) -> None:
     assert scope["model"].memory_efficient == "efficient"
 
 
+def run_dial(code: str, capsys, **_: object) -> None:
+    """The dial example runs and prints what its comments say."""
+    scope: dict = {}
+    exec(compile(code, "README.md#the-memory-dial", "exec"), scope)
+    printed = capsys.readouterr().out.splitlines()
+    comments = [line.split("  # ")[1] for line in code.splitlines() if "  # " in line and "print(" in line]
+    assert printed[:2] == comments  # the two prints show what their comments say
+    plan = scope["plan"]
+    assert printed[0] == str(plan) and scope["model"].memory_plan == plan
+    assert plan.estimated_peak <= de.parse_memory("1.4GiB")
+    assert "max_saving mode (1.31 GiB); the largest batch that fits 1 GiB is 35" in printed[2]
+
+
 def resolve_ecosystem_calls(code: str, **_: object) -> None:
     """Every function the block calls exists (``model.X`` on the DenseNet class); running them is
     ``tests/models/test_ecosystem.py``'s job (exports and compiles of densenet121 take minutes)."""
@@ -186,6 +199,7 @@ BLOCKS: dict[tuple[str, int], Callable[..., None]] = {
     ("Three journeys", 2): check_bash,  # train --save + convert_torchvision.py
     ("Install", 0): check_bash,
     ("Use", 0): run_use,
+    ("The memory dial: any budget, not just three modes", 0): run_dial,
     ("Use it with ...", 0): resolve_ecosystem_calls,
     ("Pretrained weights, torch.hub, Hugging Face Hub", 0): run_pretrained,
     ("Training (the main job)", 0): check_bash,
@@ -202,11 +216,11 @@ def test_every_block_is_known():
 
 
 @pytest.mark.parametrize("key", sorted(BLOCKS), ids=lambda k: f"{k[0]}#{k[1]}")
-def test_block_runs(key, tmp_path, monkeypatch):
+def test_block_runs(key, tmp_path, monkeypatch, capsys):
     lang, code = readme_blocks()[key]
     handler = BLOCKS[key]
     assert (lang == "bash") == (handler is check_bash), f"{key} is a {lang} block"
-    handler(code, tmp_path=tmp_path, monkeypatch=monkeypatch)
+    handler(code, tmp_path=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
 
 
 @pytest.mark.parametrize(

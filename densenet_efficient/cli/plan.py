@@ -9,7 +9,15 @@ import argparse
 import json
 
 from ..errors import UsageError
-from ..models.planner import ESTIMABLE, OPTIMIZER_STATES, format_bytes, parse_memory, plan
+from ..models.planner import (
+    ESTIMABLE,
+    OPTIMIZER_STATES,
+    MemoryBudgetError,
+    fit_memory,
+    format_bytes,
+    parse_memory,
+    plan,
+)
 from ._common import add_arch_arguments, arch_from_args, format_table
 
 __all__ = ["configure_parser", "run"]
@@ -29,7 +37,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="where training runs")
     parser.add_argument("--optimizer", default="sgd", choices=tuple(OPTIMIZER_STATES), help="optimizer state")
-    parser.add_argument("--batch-size", type=int, help="also report the estimate at this batch size")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        help="also report the estimate at this batch size, and the dial setting fit_memory picks for it",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -47,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
         optimizer=args.optimizer,
     )
     rows = plan(arch, budget, modes=modes, batch_size=args.batch_size, **kwargs)
+    fitted = _fit(arch, budget, args.batch_size, kwargs) if args.batch_size else None
     if all(r["max_batch_size"] == 0 for r in rows):
         least = min(r["minimum"] for r in rows)
         raise UsageError(
@@ -54,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
             f"(batch 1, {min(rows, key=lambda r: r['minimum'])['mode']}) needs {format_bytes(least)}"
         )
     if args.json:
-        print(json.dumps({"arch": name, "memory": budget, "rows": rows}, indent=2))
+        print(json.dumps({"arch": name, "memory": budget, "rows": rows, "fit": fitted}, indent=2))
     else:
         res = args.resolution or arch.default_resolution
         print(
@@ -73,4 +86,16 @@ def run(args: argparse.Namespace) -> int:
                 cells.append(format_bytes(r["at_batch"]["total"]))
             table.append(cells)
         print(format_table(header, table))
+        if fitted is not None:
+            print(f"fit_memory at batch {args.batch_size}: " + fitted.get("error", fitted["summary"]))
     return 0
+
+
+def _fit(arch, budget: int, batch_size: int, kwargs: dict) -> dict:
+    """What ``model.fit_memory`` picks for this batch (or why nothing fits), JSON-ready."""
+    try:
+        p = fit_memory(arch, budget, batch_size=batch_size, **kwargs)
+    except MemoryBudgetError as err:
+        return {"error": str(err), "floor": err.floor, "max_batch_size": err.max_batch_size}
+    summary = f"{p}; planner total {format_bytes(p.estimated_peak)}, +{p.estimated_extra_time:.1%} recompute"
+    return {**p.to_json(), "summary": summary}

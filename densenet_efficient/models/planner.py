@@ -788,10 +788,15 @@ def parse_memory(value: int | str) -> int:
 
 
 def format_bytes(n: float) -> str:
-    """``1536 MiB`` -> ``"1.50 GiB"``: binary units, 3 significant figures."""
+    """``1536 MiB`` -> ``"1.50 GiB"``: binary units, 3 significant figures (no exponent).
+
+    >>> format_bytes(1.5 * 2**30), format_bytes(1020 * 2**20), format_bytes(512)
+    ('1.50 GiB', '1020 MiB', '512 B')
+    """
     for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if abs(n) >= scale:
-            return f"{n / scale:.3g} {unit}"
+            value = n / scale
+            return f"{value:.0f} {unit}" if abs(value) >= 100 else f"{value:.3g} {unit}"
     return f"{int(n)} B"
 
 

@@ -71,7 +71,12 @@ DIAL_CASES = [
     ("densenet_bc_100", 32, 32, ("naive", "efficient", "max_saving")),
     ("densenet_bc_100", 32, 32, ("max_saving", 6, "naive")),
     ("densenet121", 8, 64, ("max_saving", 6, True, "naive")),
-    ("densenet121", 8, 64, MemoryPlan(("efficient", (True, False) * 6, "max_saving", "efficient"), "max_saving")),
+    (
+        "densenet121",
+        8,
+        64,
+        MemoryPlan(("efficient", (True, False) * 6, "max_saving", "efficient"), "max_saving"),
+    ),
     ("densenet121", 8, 64, "fit 60%"),
 ]
 
@@ -342,3 +347,17 @@ def test_absurd_depths_are_answered_at_once():
     assert [r["max_batch_size"] for r in rows] == [0] * len(ESTIMABLE)
     assert deepest_densenet_bc("1TB", batch_size=1) > 10_000
     assert time.perf_counter() - start < 5  # measured: ~0.02 s
+
+
+def test_plan_cli_shows_the_dial_setting_for_a_batch(capsys):
+    argv = ["plan", "--arch", "densenet121", "--memory", "1.4GiB", "--amp", "bf16", "--batch-size", "64"]
+    assert main(argv) == 0
+    fitted = fit_memory("densenet121", "1.4GiB", batch_size=64, amp="bf16", device="cuda", optimizer="sgd")
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith(f"fit_memory at batch 64: {fitted}; planner total ")
+    assert main([*argv[:-1], "400", "--json"]) == 0  # batch 400 is below the floor of 1.4 GiB
+    fit = json.loads(capsys.readouterr().out)["fit"]
+    assert fit["max_batch_size"] == max_batch_size(
+        "densenet121", "1.4GiB", mode="max_saving", amp="bf16", device="cuda", optimizer="sgd"
+    )
+    assert "even in max_saving mode" in fit["error"]
