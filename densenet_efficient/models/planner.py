@@ -278,8 +278,9 @@ def _stem_stage(
     return _Stage("stem", saved, 0, 2 * c * s0 * e + (indices if mode == MAX_SAVING else 0)), (h, w)
 
 
-def _layer_range(name: str, layers: int) -> str:
-    return f"{name}.layer1" + (f"-{layers}" if layers > 1 else "")
+def _layer_range(name: str, layers: int, first: int = 0) -> str:
+    """``block2.layer4-9``: the breakdown's name for ``layers`` layers from index ``first``."""
+    return f"{name}.layer{first + 1}" + (f"-{first + layers}" if layers > 1 else "")
 
 
 def _naive_block(
@@ -350,7 +351,7 @@ def _engine_block(
         m = 3 if kept else 4
         items.append(
             _Layers(
-                f"{name}.layer{first + 1}" + (f"-{first + count}" if count > 1 else ""),
+                _layer_range(name, count, first),
                 count,
                 saved0=(bn if kept else 0) * s * e,
                 saved1=0,
@@ -788,10 +789,10 @@ def parse_memory(value: int | str) -> int:
 
 
 def format_bytes(n: float) -> str:
-    """``1536 MiB`` -> ``"1.50 GiB"``: binary units, 3 significant figures (no exponent).
+    """``1536 MiB`` -> ``"1.5 GiB"``: binary units, 3 significant figures (no exponent).
 
     >>> format_bytes(1.5 * 2**30), format_bytes(1020 * 2**20), format_bytes(512)
-    ('1.50 GiB', '1020 MiB', '512 B')
+    ('1.5 GiB', '1020 MiB', '512 B')
     """
     for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if abs(n) >= scale:
