@@ -240,7 +240,7 @@ def _timeline(
         elif setting == TORCHVISION_EFFICIENT:
             stages += _checkpointed_block(config, name, c, layers, s, e)
         else:
-            stages += _engine_block(config, block_keeps(setting, layers), name, c, s, e, pe)
+            stages += _engine_block(config, _runs(setting, layers), name, c, s, e, pe)
         if b < len(config.block_config) - 1:
             # naive: norm output (in-place ReLU; saved by conv) and conv output (saved by the pool);
             # engine: nothing beyond its input, the block's output
@@ -323,11 +323,11 @@ def _checkpointed_block(
 
 
 def _engine_block(
-    config: ArchConfig, keep: tuple[bool, ...], name: str, c: int, s: int, e: int, pe: int
+    config: ArchConfig, runs: list[tuple[bool, int]], name: str, c: int, s: int, e: int, pe: int
 ) -> list[_Stage | _Layers]:
     """The engine's block: its buffer, then each run of layers that keep (or recompute) their
     bottleneck as one closed-form item (one item for "efficient" or "max_saving")."""
-    k, bn, layers = config.growth_rate, config.bn_size * config.growth_rate, len(keep)
+    k, bn, layers = config.growth_rate, config.bn_size * config.growth_rate, sum(n for _, n in runs)
     cf = c + layers * k
     grads = 2 * cf * s * e  # incoming gradient + the gradient buffer accumulated in place
 
@@ -346,8 +346,8 @@ def _engine_block(
     # recomputed 1x1 output where it was not kept: the larger of the two, hence two pieces.
     items: list[_Stage | _Layers] = [_Stage(f"{name}.buffer", cf * s * e, 0, grads)]
     start = 0
-    for kept, run in itertools.groupby(keep):
-        count, first = len(list(run)), start
+    for kept, count in runs:
+        first = start
         m = 3 if kept else 4
         items.append(
             _Layers(
@@ -442,14 +442,27 @@ def _resolve_setting(mode: Any, config: ArchConfig) -> MemoryPlan | str:
         return mode
     if isinstance(mode, str) and mode not in MODES and mode not in ("default", "max"):
         raise UsageError(
-            f"unknown mode {mode!r}; expected one of {', '.join(ESTIMABLE)} or per-block settings"
+            f"memory_efficient must be one of {', '.join(ESTIMABLE)} or per-block settings, got {mode!r}"
         )
     return resolve_memory_plan(mode, config)
+
+
+def _runs(setting: str | tuple[bool, ...], layers: int) -> list[tuple[bool, int]]:
+    """An engine block's layers as runs of (keeps its bottleneck, how many layers): one run for a
+    mode, so that a block of any depth costs O(1)."""
+    if isinstance(setting, str):
+        return [(block_keeps(setting, 1)[0], layers)]
+    return [(kept, len(list(run))) for kept, run in itertools.groupby(setting)]
 
 
 #: Cost of one elementwise pass over one element, in multiply-adds: what recomputing BN/ReLU/pooling
 #: costs next to convolutions (about 40 on a 2-core CPU and on an H100 alike, within 2x).
 ELEMENTWISE_MACS = 40
+
+
+def _width_sum(c: int, k: int, first: int, count: int) -> int:
+    """Channels read by layers ``first .. first+count-1`` of a block entered with ``c``: sum of ``c + i k``."""
+    return count * c + k * (count * (2 * first + count - 1) // 2)
 
 
 def extra_time(config: ArchConfig, plan: MemoryPlan, resolution: int) -> float:
@@ -477,15 +490,11 @@ def extra_time(config: ArchConfig, plan: MemoryPlan, resolution: int) -> float:
         h, w = _conv_out(h, 3, 2, 1), _conv_out(w, 3, 2, 1)
     for b, layers in enumerate(config.block_config):
         s = h * w
-        widths = [c + i * k for i in range(layers)]
-        forward += (sum(widths) * bn + layers * 9 * bn * k) * s
-        setting = plan.blocks[b]
-        if setting != NAIVE:
-            extra += (
-                sum(cw for cw, kept in zip(widths, block_keeps(setting, layers), strict=True) if not kept)
-                * bn
-                * s
-            )
+        forward += (_width_sum(c, k, 0, layers) * bn + layers * 9 * bn * k) * s
+        setting, first = plan.blocks[b], 0
+        for kept, count in _runs(setting, layers) if setting != NAIVE else []:
+            extra += 0 if kept else _width_sum(c, k, first, count) * bn * s
+            first += count
         c += layers * k
         if b < len(config.block_config) - 1:  # the engine's transition pools before its 1x1 conv
             forward += c * (c // 2) * (h // 2) * (w // 2)
@@ -619,7 +628,10 @@ def _refit(plan: MemoryPlan, config: ArchConfig, fits: Callable[[MemoryPlan], bo
     moment of the step: bytes saved in a block whose bottlenecks are not alive then buy nothing.
     Block by block, the most expensive recomputation first, keep as many last layers as still fit.
     """
-    keeps = [sum(block_keeps(b, n)) for b, n in zip(plan.blocks, config.block_config, strict=True)]
+    keeps = [
+        sum(n for kept, n in _runs(b, layers) if kept)
+        for b, layers in zip(plan.blocks, config.block_config, strict=True)
+    ]
     starts = _block_inputs(config)
 
     def with_keep(block: int, n: int) -> MemoryPlan:
