@@ -132,9 +132,13 @@ class DenseNet(nn.Module, DenseNetHubMixin):
         memory_efficient: how dense blocks execute; one of ``False``/``"naive"`` (torchvision's
             computation), ``True``/``"efficient"`` (shared feature buffer, recomputes only
             elementwise BN+ReLU; about naive speed), ``"max_saving"`` (also recomputes the 1x1
-            bottleneck convolution). The parameters are the same in every mode; change it later
-            with :meth:`set_memory_efficient`. Graph capture (``torch.jit``, ``torch.fx``,
-            ``torch.export``, ONNX) always records the naive graph: the same numbers in eval.
+            bottleneck convolution); or one setting per dense block (a mode, how many of the
+            block's last layers keep their bottleneck, or one boolean per layer) or a
+            :class:`~.memory_plan.MemoryPlan`, for every memory point in between
+            (:meth:`fit_memory` picks one for a budget). The parameters are the same in every
+            setting; change it later with :meth:`set_memory_efficient`. Graph capture
+            (``torch.jit``, ``torch.fx``, ``torch.export``, ONNX) always records the naive graph:
+            the same numbers in eval.
         small_inputs: CIFAR stem (3x3 stride-1 ``conv0``, no ``norm0``/``relu0``/``pool0``).
         in_chans: input channels (3 for RGB).
 

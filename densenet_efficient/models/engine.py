@@ -50,7 +50,9 @@ Modes
 -----
 ``"naive"`` (``False``, the models' default): torchvision's computation. ``"efficient"``
 (``True``): keeps bottlenecks, recomputes only BN+ReLU. ``"max_saving"``: keeps only the buffers
-and recomputes the 1x1 convolution too.
+and recomputes the 1x1 convolution too. Between the two, a block runs with per-layer flags
+(``_Plan.keep``): each layer keeps its bottleneck or recomputes it; :mod:`.memory_plan` is the
+user-facing form of that dial and :mod:`.planner` its memory model.
 """
 
 from __future__ import annotations
