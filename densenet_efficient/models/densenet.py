@@ -348,22 +348,27 @@ class DenseNet(nn.Module, DenseNetHubMixin):
         if not torch.jit.is_scripting():
             if not _fx_tracing():  # a Proxy has no concrete shape to check
                 self._check_input(x)
-            if not self._plan.all_naive and not self.arch_config.small_inputs and not capturing_graph():
-                return F.relu(self._engine_features(x), inplace=True)
+            if not self._plan.all_naive and not capturing_graph():
+                return self._engine_features(x)
         return F.relu(self.features(x), inplace=True)
 
     @torch.jit.unused
     def _engine_features(self, x: Tensor) -> Tensor:
-        # ImageNet stem: conv0 as usual, then norm0-relu0-pool0 without keeping norm0's output.
         f = self.features
-        if self._plan.stem == engine.NAIVE:  # naive stem, engine blocks
-            x = f.pool0(f.relu0(f.norm0(f.conv0(x))))
-        else:
-            x = engine.stem(f.norm0, f.pool0, f.conv0(x), self._plan.stem)
+        done = ("norm5",)
+        if not self.arch_config.small_inputs:
+            # ImageNet stem: conv0 as usual, then norm0-relu0-pool0 without keeping norm0's output.
+            if self._plan.stem == engine.NAIVE:  # naive stem, engine blocks
+                x = f.pool0(f.relu0(f.norm0(f.conv0(x))))
+            else:
+                x = engine.stem(f.norm0, f.pool0, f.conv0(x), self._plan.stem)
+            done += _IMAGENET_STEM
         for name, module in f.named_children():
-            if name not in _IMAGENET_STEM:
+            if name not in done:
                 x = module(x)
-        return x
+        # norm5 + ReLU keeps only its input, which the last block keeps anyway (and, unlike
+        # nn.BatchNorm2d with momentum=None, never reads num_batches_tracked on the host).
+        return engine.norm_relu(f.norm5, x)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         """Global average pooling, then the classifier (``pre_logits=True``: the pooled features)."""

@@ -58,7 +58,7 @@ user-facing form of that dial and :mod:`.planner` its memory model.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -151,20 +151,21 @@ def _bn_train(x: Tensor, bn: nn.BatchNorm2d, dummies: _Dummies | None, updates: 
 
     With ``updates`` the running statistics are updated exactly once: inside the kernel when the
     momentum is a number, else (``momentum=None``, the cumulative average, whose factor lives on the
-    device) queued in ``updates``. Without, ``dummies`` absorb the kernel's update (a recompute).
+    device; or buffers in bf16/fp16, which the kernel refuses beside float statistics) queued in
+    ``updates``. Without, ``dummies`` absorb the kernel's update (a recompute).
     """
     dtype = _stat_dtype(x.dtype)
     weight, bias = _param(bn.weight, dtype), _param(bn.bias, dtype)
     c = x.shape[1]
-    if updates is not None and bn.momentum is not None:
-        return _aten._batch_norm_with_update(
+    if updates is not None and bn.momentum is not None and bn.running_mean.dtype == dtype:
+        return _aten._batch_norm_with_update.default(
             x, weight, bias, bn.running_mean, bn.running_var, float(bn.momentum), bn.eps
         )
     if dummies is None:
         dummies = _Dummies(x, c, dtype)
     rm, rv = dummies.narrow(c)
-    out, mean, invstd, reserve = _aten._batch_norm_with_update(x, weight, bias, rm, rv, 0.0, bn.eps)
-    if updates is not None:  # momentum None: queue the update with the variance the kernel used
+    out, mean, invstd, reserve = _aten._batch_norm_with_update.default(x, weight, bias, rm, rv, 0.0, bn.eps)
+    if updates is not None:  # momentum None or low-precision buffers: queue the update instead
         updates.add(bn, mean, invstd.pow(-2).sub_(bn.eps).mul_(updates.bessel))
     return out, mean, invstd, reserve
 
@@ -175,7 +176,7 @@ def _bn_train_backward(
     """Backward of :func:`_bn_train` through ``batch_norm_backward``: on CUDA it runs cuDNN's kernel
     where ``F.batch_norm`` would (``reserve`` is what the forward kernel returned), else ATen's."""
     rm, rv = dummies.narrow(x.shape[1])
-    dx, dg, db = _aten.batch_norm_backward(
+    dx, dg, db = _aten.batch_norm_backward.default(
         grad, x, _param(bn.weight, mean.dtype), rm, rv, mean, invstd, True, bn.eps, _ALL_GRADS, reserve
     )
     return dx, dg.to(bn.weight.dtype), db.to(bn.weight.dtype)
@@ -188,11 +189,11 @@ def _bn_fixed_backward(
     (training: the gradient flows through mean and variance) or the running ones (eval)."""
     weight = _param(bn.weight, stats.mean.dtype)
     if stats.invstd is not None:
-        dx, dg, db = _aten.native_batch_norm_backward(
+        dx, dg, db = _aten.native_batch_norm_backward.default(
             grad, x, weight, None, None, stats.mean, stats.invstd, True, bn.eps, _ALL_GRADS
         )
     else:
-        dx, dg, db = _aten.native_batch_norm_backward(
+        dx, dg, db = _aten.native_batch_norm_backward.default(
             grad, x, weight, stats.mean, stats.var, None, None, False, bn.eps, _ALL_GRADS
         )
     return dx, dg.to(bn.weight.dtype), db.to(bn.weight.dtype)
@@ -299,7 +300,7 @@ def _conv(x: Tensor, conv: nn.Conv2d, weight: Tensor) -> Tensor:
 
 def _conv_backward(grad: Tensor, x: Tensor, conv: nn.Conv2d, weight: Tensor) -> tuple[Tensor, Tensor]:
     """Native convolution backward: (grad_input, grad_weight in ``weight``'s dtype)."""
-    gx, gw, _ = _aten.convolution_backward(
+    gx, gw, _ = _aten.convolution_backward.default(
         grad, x, weight, None, conv.stride, conv.padding, conv.dilation, False, [0, 0], conv.groups,
         [True, True, False],
     )
@@ -328,6 +329,78 @@ class _Plan:
     autocast: tuple[str, bool] = ("cpu", False)
     graph: bool = True  # a backward will follow (autograd is recording)
     keep: tuple[bool, ...] = ()  # blocks: which layers keep their bottleneck output for backward
+
+
+class _BN(NamedTuple):
+    """A BatchNorm2d as the kernels read it, taken from the module once per call: module attribute
+    reads go through ``nn.Module.__getattr__`` in Python, which at small batches cost more than the
+    kernels themselves. Backward swaps in the saved parameters (:meth:`_Layer.bind`)."""
+
+    weight: Tensor
+    bias: Tensor
+    running_mean: Tensor
+    running_var: Tensor
+    num_batches_tracked: Tensor | None
+    momentum: float | None
+    eps: float
+
+    @classmethod
+    def of(cls, bn: nn.BatchNorm2d) -> _BN:
+        return cls(bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.momentum, bn.eps)
+
+    @property
+    def num_features(self) -> int:
+        return self.weight.shape[0]
+
+
+class _Conv(NamedTuple):
+    """A Conv2d's weight and settings (see :class:`_BN`)."""
+
+    weight: Tensor
+    stride: Any
+    padding: Any
+    dilation: Any
+    groups: int
+
+    @classmethod
+    def of(cls, conv: nn.Conv2d) -> _Conv:
+        return cls(conv.weight, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+class _Layer(NamedTuple):
+    """A torchvision ``_DenseLayer`` as the engine reads it (see :class:`_BN`)."""
+
+    norm1: _BN
+    conv1: _Conv
+    norm2: _BN
+    conv2: _Conv
+    drop_rate: float
+
+    @classmethod
+    def of(cls, layer: nn.Module) -> _Layer:
+        return cls(
+            _BN.of(layer.norm1), _Conv.of(layer.conv1), _BN.of(layer.norm2), _Conv.of(layer.conv2),
+            float(layer.drop_rate),
+        )
+
+    def params(self) -> list[Tensor]:
+        """The parameters in the order the block Function receives (and returns gradients for) them."""
+        n1, n2 = self.norm1, self.norm2
+        return [n1.weight, n1.bias, self.conv1.weight, n2.weight, n2.bias, self.conv2.weight]
+
+    def bind(self, p: list[Tensor]) -> _Layer:
+        """The layer with the tensors that went through ``save_for_backward`` as its parameters.
+
+        Backward must compute with the tensors forward used: reading them from
+        ``ctx.saved_tensors`` makes autograd check their version counters, and a parameter
+        *replaced* on the module after forward stays out of the backward.
+        """
+        return self._replace(
+            norm1=self.norm1._replace(weight=p[0], bias=p[1]),
+            conv1=self.conv1._replace(weight=p[2]),
+            norm2=self.norm2._replace(weight=p[3], bias=p[4]),
+            conv2=self.conv2._replace(weight=p[5]),
+        )
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:
@@ -390,6 +463,7 @@ class _BlockStats:
 
     def __init__(self, like: Tensor, channels: int, dummies: int, dtype: torch.dtype) -> None:
         self.rows = torch.empty(2, channels, dtype=dtype, device=like.device)
+        self.mean, self.var = self.rows.unbind(0)
         self.dummies = _Dummies(like, max(channels, dummies), dtype)  # also serve norm2's kernels
 
     def measure(self, x: Tensor, start: int) -> None:
@@ -398,10 +472,10 @@ class _BlockStats:
         c = x.shape[1]
         rm, rv = self.dummies.narrow(c)  # float buffers keep bf16/fp16 inputs' statistics in float32
         mean, var = torch.batch_norm_update_stats(x, rm, rv, 0.0)
-        torch.stack([mean, var], out=self.rows[:, start : start + c])
+        torch.stack([mean, var], out=self.rows.narrow(1, start, c))
 
     def prefix(self, channels: int) -> _Stats:
-        return _Stats(self.rows[0, :channels], self.rows[1, :channels])
+        return _Stats(self.mean.narrow(0, 0, channels), self.var.narrow(0, 0, channels))
 
 
 @dataclass
@@ -435,7 +509,7 @@ def _norm1_forward(buf: Tensor, layer: nn.Module, s: _Stats, c: int, scratch: _S
     on dense memory, at every size measured (16K to 1.6M elements, 1 and 2 threads): there it
     normalises a dense copy in place, one op more. CUDA's kernel reads the view directly.
     """
-    x, out = buf[:, :c], scratch.view(c)
+    x, out = buf.narrow(1, 0, c), scratch.view(c)
     if buf.device.type == "cpu":
         x = out.copy_(x)
     return _apply_bn(x, layer.norm1, s, out, scratch.unused).relu_()
@@ -445,7 +519,7 @@ def _block_forward(x: Tensor, plan: _Plan) -> tuple[Tensor, _BlockSaved]:
     """Run a dense block into one buffer. Returns the buffer and what backward needs."""
     layers = plan.modules
     n, c0, h, w = x.shape
-    k = layers[0].conv2.out_channels
+    k = layers[0].conv2.weight.shape[0]
     channels = c0 + k * len(layers)
     buf = torch.empty((n, channels, h, w), dtype=plan.dtype, device=x.device, memory_format=plan.fmt)
     buf[:, :c0].copy_(x)
@@ -474,7 +548,7 @@ def _block_forward(x: Tensor, plan: _Plan) -> tuple[Tensor, _BlockSaved]:
         mask = None
         if layer.drop_rate > 0 and plan.training:
             y, mask = torch.native_dropout(y, layer.drop_rate, True)
-        buf[:, c : c + k].copy_(y)
+        buf.narrow(1, c, k).copy_(y)
         if stats is not None and i + 1 < len(layers):  # the last layer's channels feed no later layer
             stats.measure(y, c)
         bottlenecks.append(bottleneck if plan.keep[i] else None)
@@ -520,21 +594,21 @@ def _block_backward(
     _stat_dtype(plan.dtype)
     invstd = _invstd(saved.stats, layers) if saved.stats is not None else None
     dummies = saved.stats.dummies if saved.stats is not None else None
-    # The dense copy of the layer's input (for BN backward, 3-5x faster on dense memory) and relu's
-    # output z1 are live together; the bottleneck-side temporaries are a quarter of their width.
-    widest = c0 + k * (len(layers) - 1)
-    dense, z1_scratch = _Scratch(buf, widest, fmt), _Scratch(buf, widest, fmt)
+    # z1 is dead (after its ReLU backward) before the dense copy of the input that BN backward
+    # reads (2x faster than the strided view on CPU, the fused kernel on CUDA): one scratch serves both.
+    scratch = _Scratch(buf, c0 + k * (len(layers) - 1), fmt)
     for i in reversed(range(len(layers))):
         layer, c = layers[i], c0 + i * k
-        dy = gbuf[:, c : c + k]
+        dy = gbuf.narrow(1, c, k)
         mask = saved.masks[i]
         if mask is not None:
-            dy = _aten.native_dropout_backward(dy, mask, 1.0 / (1.0 - layer.drop_rate))
-        x1 = dense.view(c).copy_(buf[:, :c])
+            dy = _aten.native_dropout_backward.default(dy, mask, 1.0 / (1.0 - layer.drop_rate))
+        else:  # convolution backward copies a strided gradient itself (CUDA) or runs 1.4x slower (CPU)
+            dy = dy.contiguous(memory_format=fmt)
         s1 = _norm1_stats(layer, saved.stats, c)
         if invstd is not None:
             s1.invstd = invstd[:c] if invstd.dim() == 1 else invstd[i, :c]
-        z1 = _apply_bn(x1, layer.norm1, s1, z1_scratch.view(c), dense.unused).relu_()
+        z1 = _norm1_forward(buf, layer, s1, c, scratch)
         bottleneck, bottlenecks[i] = bottlenecks[i], None
         if bottleneck is None:  # not kept (max_saving): recompute the 1x1 convolution too
             bottleneck = _conv(z1, layer.conv1, weights[2 * i])
@@ -556,9 +630,9 @@ def _block_backward(
         del db
         _relu_backward_(dz1, z1)
         del z1
-        dx, dg1, dbeta1 = _bn_fixed_backward(dz1, x1, layer.norm1, s1)
-        del dz1, x1
-        gbuf[:, :c].add_(dx)
+        dx, dg1, dbeta1 = _bn_fixed_backward(dz1, scratch.view(c).copy_(buf.narrow(1, 0, c)), layer.norm1, s1)
+        del dz1
+        gbuf.narrow(1, 0, c).add_(dx)
         del dx
         bn_grads[4 * i : 4 * i + 4] = [dg1, dbeta1, dg2, dbeta2]
     conv_grads = _cast_all(conv_grads, [p.dtype for layer in layers for p in (layer.conv1.weight, layer.conv2.weight)])
@@ -567,49 +641,6 @@ def _block_backward(
         dg1, dbeta1, dg2, dbeta2 = bn_grads[4 * i : 4 * i + 4]
         param_grads += [dg1, dbeta1, conv_grads[2 * i], dg2, dbeta2, conv_grads[2 * i + 1]]
     return gbuf[:, :c0], param_grads
-
-
-def _layer_params(layers: list[nn.Module]) -> list[Tensor]:
-    """Parameters in the order the block Function receives (and returns gradients for) them."""
-    out: list[Tensor] = []
-    for layer in layers:
-        out += [layer.norm1.weight, layer.norm1.bias, layer.conv1.weight]
-        out += [layer.norm2.weight, layer.norm2.bias, layer.conv2.weight]
-    return out
-
-
-class _Bound:
-    """A module as backward sees it: the module's settings (eps, stride, drop rate, ...) with the
-    tensors that went through ``save_for_backward`` in place of the module's own attributes.
-
-    Backward must compute with the tensors forward used. Reading them from ``ctx.saved_tensors``
-    makes autograd check their version counters; reading them from here (not from the module)
-    also keeps a parameter that was *replaced* on the module after forward out of the backward.
-    """
-
-    def __init__(self, module: nn.Module, **tensors: Any) -> None:
-        self._module = module
-        self.__dict__.update(tensors)
-
-    def __getattr__(self, name: str) -> Any:  # only reached for what was not bound above
-        return getattr(self._module, name)
-
-
-def _bind_layers(layers: list[nn.Module], params: list[Tensor]) -> list[Any]:
-    """Dense layers bound to saved parameters, in the order of :func:`_layer_params`."""
-    bound = []
-    for i, layer in enumerate(layers):
-        g1, b1, w1, g2, b2, w2 = params[6 * i : 6 * i + 6]
-        bound.append(
-            _Bound(
-                layer,
-                norm1=_Bound(layer.norm1, weight=g1, bias=b1),
-                conv1=_Bound(layer.conv1, weight=w1),
-                norm2=_Bound(layer.norm2, weight=g2, bias=b2),
-                conv2=_Bound(layer.conv2, weight=w2),
-            )
-        )
-    return bound
 
 
 def _pack(tensors: list[Tensor | None]) -> tuple[list[Tensor], list[bool]]:
@@ -653,7 +684,8 @@ class _DenseBlockFunction(torch.autograd.Function):
         saved = replace(
             ctx.saved, bottlenecks=_unpack(kept, ctx.has_bottleneck), masks=_unpack(masks, ctx.has_mask)
         )
-        plan = replace(ctx.plan, modules=_bind_layers(ctx.plan.modules, params))
+        layers = ctx.plan.modules
+        plan = replace(ctx.plan, modules=[layer.bind(params[6 * i : 6 * i + 6]) for i, layer in enumerate(layers)])
         with torch.autocast(plan.autocast[0], enabled=False):
             gx, param_grads = _block_backward(grad, buf, plan, saved)
         return (gx.to(ctx.input_dtype), None, *param_grads)
@@ -696,12 +728,13 @@ def block_keeps(setting: str | tuple[bool, ...], layers: int) -> tuple[bool, ...
 def dense_block(block: nn.Module, x: Tensor, setting: str | tuple[bool, ...]) -> Tensor:
     """Run ``block`` (a torchvision-layout ``_DenseBlock``) with the engine; returns the concatenated
     features. ``setting``: ``"efficient"``, ``"max_saving"`` or per-layer flags (:func:`block_keeps`)."""
-    layers = list(block.values())
-    _check_norms([m for layer in layers for m in (layer.norm1, layer.norm2)])
-    keep = block_keeps(setting, len(layers))
+    modules = list(block.values())
+    _check_norms([m for layer in modules for m in (layer.norm1, layer.norm2)])
+    keep = block_keeps(setting, len(modules))
     if x.shape[0] == 0:
-        return _empty_block(layers, x)
-    params = _layer_params(layers)
+        return _empty_block(modules, x)
+    layers = [_Layer.of(layer) for layer in modules]
+    params = [p for layer in layers for p in layer.params()]
     mode = EFFICIENT if all(keep) else MAX_SAVING
     plan = replace(_plan(layers, mode, x, block.training, params), keep=keep)
     if not plan.graph:
@@ -738,8 +771,8 @@ class _TransitionTail(_Tail):
     def params(self, modules: list[nn.Module]) -> list[Tensor]:
         return [modules[1].weight]
 
-    def bind(self, module: nn.Module, params: list[Tensor]) -> Any:
-        return _Bound(module, weight=params[0])
+    def bind(self, module: Any, params: list[Tensor]) -> Any:
+        return module._replace(weight=params[0])
 
     def forward(self, z, module, plan, keep):
         (weight,) = _cast_all([module.weight], [plan.dtype])
@@ -749,7 +782,7 @@ class _TransitionTail(_Tail):
         (weight,) = _cast_all([module.weight], [plan.dtype])
         pooled = F.avg_pool2d(z, 2, 2)
         dpooled, dw = _conv_backward(grad, pooled, module, weight)
-        dz = _aten.avg_pool2d_backward(dpooled, z, [2, 2], [2, 2], [0, 0], False, True, None)
+        dz = _aten.avg_pool2d_backward.default(dpooled, z, [2, 2], [2, 2], [0, 0], False, True, None)
         return dz, _cast_all([dw], [module.weight.dtype])
 
 
@@ -761,14 +794,24 @@ class _StemTail(_Tail):
     def forward(self, z, module, plan, keep):
         args = _pool_args(module)
         if keep:
-            out, idx = _aten.max_pool2d_with_indices(z, *args)
+            out, idx = _aten.max_pool2d_with_indices.default(z, *args)
             return out, [idx, out > 0]  # at the max position relu's mask is the pooled value's sign
-        return _aten.max_pool2d(z, *args), []
+        return _aten.max_pool2d.default(z, *args), []
 
     def backward(self, grad, z, module, plan):
         args = _pool_args(module)
-        _, idx = _aten.max_pool2d_with_indices(z, *args)
-        return _aten.max_pool2d_with_indices_backward(grad, z, *args, idx), []
+        _, idx = _aten.max_pool2d_with_indices.default(z, *args)
+        return _aten.max_pool2d_with_indices_backward.default(grad, z, *args, idx), []
+
+
+class _IdentityTail(_Tail):
+    """Nothing: the network's final BN-ReLU (``norm5``), keeping only its input."""
+
+    def forward(self, z, module, plan, keep):
+        return z, []
+
+    def backward(self, grad, z, module, plan):
+        return grad.clone(memory_format=plan.fmt), []  # relu's backward writes into it
 
 
 def _pool_args(pool: nn.MaxPool2d) -> list[Any]:
@@ -808,7 +851,7 @@ class _NormReluTailFunction(torch.autograd.Function):
         x, *rest = ctx.saved_tensors
         params, rest = rest[: ctx.n_params], rest[ctx.n_params :]
         plan, tail = ctx.plan, ctx.tail
-        bn = _Bound(plan.modules[0], weight=params[0], bias=params[1])
+        bn = plan.modules[0]._replace(weight=params[0], bias=params[1])  # the saved parameters
         module = tail.bind(plan.modules[1], params[2:])
         extra: list[Tensor] = []
         with torch.autocast(plan.autocast[0], enabled=False):
@@ -816,7 +859,7 @@ class _NormReluTailFunction(torch.autograd.Function):
             dummies = _Dummies(x, x.shape[1], _stat_dtype(x.dtype))
             if plan.training and rest:  # stem with saved indices: mask by relu's sign, scatter
                 idx, positive, mean, invstd, reserve = rest
-                dz = _aten.max_pool2d_with_indices_backward(grad * positive, x, *_pool_args(module), idx)
+                dz = _aten.max_pool2d_with_indices_backward.default(grad * positive, x, *_pool_args(module), idx)
             else:
                 if plan.training:
                     z, mean, invstd, reserve = _bn_train(x, bn, dummies, None)
@@ -839,9 +882,10 @@ def _norm_relu_tail(x: Tensor, modules: list[nn.Module], tail: _Tail, training: 
         z = F.relu(modules[0](x))
         if isinstance(tail, _TransitionTail):
             return F.avg_pool2d(modules[1](z), 2, 2)
-        return modules[1](z)
+        return z if modules[1] is None else modules[1](z)
+    specs = [_BN.of(modules[0]), _Conv.of(modules[1]) if isinstance(tail, _TransitionTail) else modules[1]]
     params = [modules[0].weight, modules[0].bias, *tail.params(modules)]
-    plan = _plan(modules, mode, x, training, params)
+    plan = _plan(specs, mode, x, training, params)
     if not plan.graph:
         with torch.no_grad():
             return _NormReluTailFunction.forward(_NoCtx(), x, plan, tail, *params)
@@ -855,7 +899,7 @@ class _NoCtx:
         pass
 
 
-_TRANSITION, _STEM = _TransitionTail(), _StemTail()
+_TRANSITION, _STEM, _IDENTITY = _TransitionTail(), _StemTail(), _IdentityTail()
 
 
 @torch.compiler.disable
@@ -869,3 +913,9 @@ def stem(norm: nn.BatchNorm2d, pool: nn.MaxPool2d, x: Tensor, mode: str = EFFICI
     """``pool0(relu0(norm0(x)))`` of the ImageNet stem (x is conv0's output) for backward storing
     ``x`` and, in ``"efficient"`` mode, the pooling indices and the sign of the output."""
     return _norm_relu_tail(x, [norm, pool], _STEM, norm.training, resolve_mode(mode))
+
+
+@torch.compiler.disable
+def norm_relu(norm: nn.BatchNorm2d, x: Tensor) -> Tensor:
+    """``relu(norm(x))`` (the network's ``norm5`` and its ReLU), storing only ``x`` for backward."""
+    return _norm_relu_tail(x, [norm, None], _IDENTITY, norm.training, EFFICIENT)

@@ -2,7 +2,8 @@
 
 Rows: torchvision naive, torchvision ``memory_efficient=True`` and each of our modes; columns:
 peak training-step memory, median seconds per minibatch, both as ratios to torchvision naive,
-and the planner's estimate for comparison. Every figure comes from a fresh subprocess
+the planner's estimate for comparison, and the kernel-launching ops of a training step (what
+bounds a GPU step at small batches; docs/measurement.md). Every figure comes from a fresh subprocess
 (:func:`.measure.measure`): on CPU with the protocol of docs/measurement.md, on CUDA
 with ``max_memory_allocated`` and CUDA-event timing. Speed runs are interleaved over rounds
 (A B C A B C ...): seconds are the median of the per-round medians, and the time ratio is the
@@ -45,7 +46,14 @@ from ..io.atomic import atomic_write
 from ..models.config import ArchConfig, densenet_bc_config, resolve_arch
 from ..models.engine import MODES
 from ..models.planner import check_resolution, estimate_memory
-from .measure import IMPLEMENTATIONS, TORCHVISION, StepSpec, check_memory_budget, measure
+from .measure import (
+    IMPLEMENTATIONS,
+    TORCHVISION,
+    StepSpec,
+    build_implementation,
+    check_memory_budget,
+    measure,
+)
 
 __all__ = [
     "DEFAULT_COMPILED_BUDGETS",
@@ -126,8 +134,13 @@ def benchmark(
     progress: bool = True,
     compiled_budgets: Sequence[float] = (),
     compile_ours: Sequence[str] = (),
+    ops: bool = True,
 ) -> list[dict[str, Any]]:
     """Measure each implementation; one dict per row (MB are MiB, ratios to torchvision naive).
+
+    ``ops``: count each eager row's kernel-launching ATen ops per training step
+    (:mod:`.opcount`; the ``ops_per_step`` column, views excluded), in this process at batch 2:
+    the count does not depend on the batch or image size.
 
     Memory: one fresh process per implementation. Speed (``speed=True``): ``rounds`` rounds, each
     running every implementation in its own process (``steps`` timed steps after one warm-up).
@@ -203,8 +216,11 @@ def benchmark(
                     if r is not None:
                         per_round[row.label].append(r["seconds"])
                 bar.update()
+    if ops:
+        counts = _count_ops(config, [r.impl for r in plan if not r.compile], device)
     for row in plan:
         res = results[row.label]
+        res["ops_per_step"] = counts[row.impl] if ops and not row.compile else None
         res["estimate_mb"] = None
         if not row.compile:  # the planner models eager execution only
             est = estimate_memory(
@@ -228,6 +244,21 @@ def benchmark(
             res["time_ratio_range"] = [min(paired), max(paired)]
     meta = {"arch": config.name, "batch_size": batch_size, "resolution": resolution, "device": device}
     return [{**meta, **results[r.label]} for r in plan]
+
+
+def _count_ops(config: ArchConfig, impls: list[str], device: str) -> dict[str, int]:
+    """Kernel-launching ops of one training step per implementation (deterministic, counted once)."""
+    import torch
+
+    from .opcount import count_step_ops
+
+    size = config.min_input_size()
+    x = torch.randn(2, 3, size, size, device=device)
+    counts = {}
+    for impl in dict.fromkeys(impls):
+        model = build_implementation(impl, config).to(device)
+        counts[impl] = count_step_ops(model, x).total
+    return counts
 
 
 def _one_line(err: BaseException) -> str:
@@ -263,6 +294,7 @@ def row_cells(row: dict[str, Any]) -> list[str]:
         "-" if secs is None else f"{secs:.3f}",
         time_ratio,
         mb(row["estimate_mb"]),
+        "-" if row.get("ops_per_step") is None else str(row["ops_per_step"]),
     ]
 
 
@@ -271,7 +303,7 @@ def error_notes(rows: list[dict[str, Any]]) -> list[str]:
     return [f"{r['implementation']}: {r['error']}" for r in rows if r.get("error")]
 
 
-HEADER = ["implementation", "peak MB", "memory vs tv", "s/batch", "time vs tv (range)", "planner MB"]
+HEADER = ["implementation", "peak MB", "memory vs tv", "s/batch", "time vs tv (range)", "planner MB", "ops/step"]
 
 
 def to_markdown(rows: list[dict[str, Any]]) -> str:

@@ -50,7 +50,10 @@ def test_benchmark_rows_and_ratios():
         assert r["time_ratio_range"] == [min(paired), max(paired)]
         assert r["estimate_mb"] > 0
     assert ms["estimate_mb"] < tv["estimate_mb"]
+    # ops/step: counted, deterministic, and the engine issues fewer than torchvision
+    assert 0 < ms["ops_per_step"] < tv["ops_per_step"]
     table = to_markdown(rows)
+    assert f"| {tv['ops_per_step']} |" in table
     assert table.count("\n") == 3 and "| max_saving |" in table and "1.000x" in table
     lo, hi = ms["time_ratio_range"]
     assert f"{ms['time_ratio']:.3f}x ({lo:.2f}-{hi:.2f})" in table
@@ -227,7 +230,7 @@ def test_failed_compilation_is_recorded_on_its_row(monkeypatch, capsys):
         assert r["error"] == "torch.compile failed: InductorError: no working C++ compiler found"
         assert r["peak_mb"] is None and r["seconds"] is None and r["memory_ratio"] is None
         assert r["estimate_mb"] is None and r["time_ratio"] is None
-        assert row_cells(r)[1:] == ["-"] * 5
+        assert row_cells(r)[1:] == ["-"] * 6  # no op count for compiled rows either
     # a failed compilation is not retried in the speed round; the eager row is timed
     assert asked.count(("torchvision", "speed", False, None)) == 1
     assert [a for a in asked if a[2]] == [

@@ -54,12 +54,16 @@ def test_training_step_issues_no_more_ops_than_torchvision(arch, mode, torchvisi
 
 
 @pytest.mark.parametrize("mode", ENGINE)
-def test_channels_last_step_issues_what_nchw_does(mode):
-    """channels_last adds no layout conversions inside the engine (only the input's own)."""
+def test_channels_last_adds_no_ops_inside_the_engine(mode):
+    """channels_last costs the engine no layout conversions: what it adds to a step (in the stem
+    and head, outside the engine) is what it adds to torchvision's."""
     arch = "densenet_bc_100"
-    nchw = count_step_ops(_model(mode, arch), _input(arch))
-    nhwc = count_step_ops(_model(mode, arch, True), _input(arch, True))
-    assert nhwc.total == nchw.total
+    extra = {}
+    for impl in ("torchvision", mode):
+        nchw = count_step_ops(_model(impl, arch), _input(arch))
+        nhwc = count_step_ops(_model(impl, arch, True), _input(arch, True))
+        extra[impl] = nhwc.total - nchw.total
+    assert extra[mode] == extra["torchvision"], extra
 
 
 def test_dial_settings_stay_below_torchvision(torchvision_counts):
@@ -87,12 +91,14 @@ def _marginal(mode: str, count) -> tuple[int, ...]:
     return tuple(b - a for a, b in zip(*figures, strict=True))
 
 
-@pytest.mark.parametrize("mode,backward", [("efficient", 13), ("max_saving", 14)])
+@pytest.mark.parametrize("mode,backward", [("efficient", 14), ("max_saving", 15)])
 def test_one_dense_layer_costs_a_fixed_number_of_ops(mode, backward):
     """Per layer: forward 10 on CPU (torchvision issues 9: cat, two BN, two ReLU, two convs and two
     counter increments; the engine issues no cat and one counter increment per block, but the stats
-    of the new channels, 2, and on CPU a dense copy for the BN kernel, 1); backward 13 (+1 when
-    the 1x1 convolution is recomputed); inference 8 (torchvision 7 + the CPU copy)."""
+    of the new channels, 2, and on CPU a dense copy for the BN kernel, 1); backward 14, of them
+    a dense copy of the gradient for the convolution backward and one of the input that BN backward
+    reads (+1 when the 1x1 convolution is recomputed);
+    inference 8 (torchvision 7 + the CPU copy)."""
     x = torch.randn(2, 3, 8, 8)
 
     def step(model):
