@@ -10,11 +10,16 @@ Writes docs/gpu_check.md (atomically) and prints the same Markdown. Sections:
     torchvision at activation_memory_budget 1.0/0.5/0.3/0.1 and our efficient mode compiled.
 (c) densenet121, batch 256, 224x224, bf16 autocast, channels_last: peak memory and img/s.
 (d) the planner's estimate against the CUDA measurement.
+(s) speed, in one process and under 4 minutes: step time (CUDA events, median of interleaved rounds
+    after warm-up), peak memory and ops/step for torchvision naive, torchvision
+    ``memory_efficient=True`` and our modes at fp32 batch 64 (DenseNet-BC-100, densenet121) and
+    densenet121 bf16 batch 256 channels_last (img/s), against the targets printed with it.
 
 Each section is wrapped: an exception is reported in its place and the other sections still run.
 The compiled rows of (b) run last, while ``--time-budget`` lasts (each compiles anew).
 
     bash scripts/gpu_check.sh                                    # on a CUDA machine, ~8 minutes
+    python scripts/gpu_check.py --sections s                     # the speed section alone, < 4 minutes
     python scripts/gpu_check.py --quick --device cpu --out /tmp/gpu_check.md   # plumbing on CPU
 """
 
@@ -303,6 +308,122 @@ def bf16_markdown(rows: list[dict[str, Any]], batch: int, res: int) -> str:
     return "\n".join(lines)
 
 
+# --- (s) speed, in one process ---------------------------------------------------------------------
+
+SPEED_IMPLS = ("torchvision", "torchvision_efficient", "efficient", "max_saving")
+
+
+def speed_points(quick: bool) -> list[tuple[str, ArchConfig, int, int, bool]]:
+    """(label, config, batch, resolution, bf16 autocast + channels_last)."""
+    if quick:
+        tiny = ArchConfig(growth_rate=4, block_config=(1, 2, 1, 1), num_init_features=8, num_classes=10)
+        return [("DenseNet-BC-10 fp32", densenet_bc_config(10), 4, 16, False), ("tiny bf16 CL", tiny, 2, 32, True)]
+    return [
+        ("DenseNet-BC-100 b64 fp32", densenet_bc_config(100), 64, 32, False),
+        ("densenet121 b64 224 fp32", get_config("densenet121"), 64, 224, False),
+        ("densenet121 b256 224 bf16 channels_last", get_config("densenet121"), 256, 224, True),
+    ]
+
+
+def speed_rows(device: str, quick: bool, rounds: int = 10) -> list[dict[str, Any]]:
+    """Every implementation of every point, timed interleaved (A B C D A B C D ...) in this process."""
+    from densenet_efficient.perf.measure import build_implementation
+    from densenet_efficient.perf.opcount import count_step_ops
+
+    cuda = device == "cuda"
+    rows = []
+    for label, config, batch, res, low in speed_points(quick):
+        fmt = torch.channels_last if low else torch.contiguous_format
+        x = torch.randn(batch, 3, res, res, device=device).contiguous(memory_format=fmt)
+        y = torch.randint(0, config.num_classes, (batch,), device=device)
+        models = {i: build_implementation(i, config).to(device, memory_format=fmt).train() for i in SPEED_IMPLS}
+
+        def step(model: torch.nn.Module, x=x, y=y, low=low) -> None:
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=low):
+                loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+
+        def timed(model: torch.nn.Module, step=step) -> float:
+            if not cuda:
+                t0 = time.perf_counter()
+                step(model)
+                return time.perf_counter() - t0
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step(model)
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1000
+
+        peaks = {}
+        for impl, model in models.items():
+            for _ in range(2):
+                step(model)
+            if cuda:
+                torch.cuda.synchronize()
+                before = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                step(model)
+                torch.cuda.synchronize()
+                peaks[impl] = (torch.cuda.max_memory_allocated() - before) / MB
+        times: dict[str, list[float]] = {i: [] for i in models}
+        for _ in range(2 if quick else rounds):
+            for impl, model in models.items():
+                times[impl].append(timed(model))
+        base = statistics.median(times["torchvision"])
+        for impl, model in models.items():
+            t = statistics.median(times[impl])
+            ops = count_step_ops(model, x, y, autocast=torch.bfloat16 if low else None).total
+            rows.append({
+                "point": label, "impl": impl, "batch": batch, "seconds": t, "time_ratio": t / base,
+                "img_s": batch / t, "peak_mb": peaks.get(impl), "ops": ops, "low": low,
+                "memory_ratio": peaks[impl] / peaks["torchvision"] if cuda else None,
+            })  # fmt: skip
+        del models
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+    return rows
+
+
+def speed_markdown(rows: list[dict[str, Any]], device: str) -> str:
+    lines = [
+        "| point | implementation | ms/step | time vs tv | img/s | activation MB | memory vs tv | ops/step |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    verdicts = []
+    for r in rows:
+        mem = "-" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
+        mratio = "-" if r["memory_ratio"] is None else f"{r['memory_ratio']:.3f}x"
+        lines.append(
+            f"| {r['point']} | {r['impl']} | {r['seconds'] * 1e3:.1f} | {r['time_ratio']:.3f}x | "
+            f"{r['img_s']:.0f} | {mem} | {mratio} | {r['ops']} |"
+        )
+        if r["impl"] == "efficient":  # the issue's targets, judged here
+            if r["low"]:
+                ok = 1 / r["time_ratio"] >= 0.95
+                verdicts.append(f"- {r['point']}: efficient at {1 / r['time_ratio']:.3f}x torchvision's img/s "
+                                f"(target >= 0.95x): {'met' if ok else 'NOT met'}")
+            else:
+                ok = r["time_ratio"] <= 1.15
+                verdicts.append(f"- {r['point']}: efficient at {r['time_ratio']:.3f}x naive's step time "
+                                f"(target <= 1.15x): {'met' if ok else 'NOT met'}")
+            if r["memory_ratio"] is not None:
+                verdicts.append(f"  memory {r['memory_ratio']:.3f}x naive's (target <= 0.25x): "
+                                f"{'met' if r['memory_ratio'] <= 0.25 else 'NOT met'}")
+    lines += [
+        "",
+        f"One process on {device.upper()}; implementations interleaved over rounds after two warm-up "
+        "steps each; ms/step is the median (CUDA events on a GPU); activation MB is "
+        "`max_memory_allocated` over one step minus the memory allocated before it; ops/step counts "
+        "kernel-launching ATen ops (docs/measurement.md).",
+        "",
+        *verdicts,
+    ]
+    return "\n".join(lines)
+
+
 # --- (d) planner vs measurement -------------------------------------------------------------------
 
 
@@ -379,11 +500,11 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds; compiled rows of (b) stop when spent (default 450)",
     )
     parser.add_argument(
-        "--sections", default="abcd", help="which sections to run, e.g. 'ab' (default abcd: all)"
+        "--sections", default="abcds", help="which sections to run, e.g. 'as' (default abcds: all)"
     )
     args = parser.parse_args(argv)
-    if not args.sections or set(args.sections) - set("abcd"):
-        parser.error(f"--sections takes letters from 'abcd', got {args.sections!r}")
+    if not args.sections or set(args.sections) - set("abcds"):
+        parser.error(f"--sections takes letters from 'abcds', got {args.sections!r}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         print("gpu_check: error: --device cuda asked for, but CUDA is not available here", file=sys.stderr)
@@ -437,6 +558,12 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     text_d = (_guarded("d", section_d) if cuda else skipped) if "d" in args.sections else not_asked
+
+    # (s): runs on the CPU too (plumbing; the figures that matter are the GPU's)
+    def section_s() -> str:
+        return speed_markdown(speed_rows(device, args.quick), device)
+
+    text_s = _guarded("s", section_s) if "s" in args.sections else not_asked
 
     # (b) compiled rows, while the time budget lasts; variants alternate between the configurations
     compiled: dict[int, list[dict[str, Any]]] = {i: [] for i in range(len(points))}
@@ -514,6 +641,10 @@ def main(argv: list[str] | None = None) -> int:
             "## (d) Planner estimate vs measurement",
             "",
             text_d,
+            "",
+            "## (s) Speed: step time, memory and ops per step",
+            "",
+            text_s,
             "",
         ]
     )
