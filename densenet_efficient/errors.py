@@ -56,8 +56,11 @@ def check_int(value: Any, name: str, minimum: int = 1, maximum: int | None = Non
         UsageError: ``"<name> must be an integer >= <minimum>, found <value>"``; ``name`` says where
             the value came from (``"--workers"``, ``"runs/a/checkpoint.pt: its config's seed"``).
     """
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or (
-        maximum is not None and value > maximum
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < minimum
+        or (maximum is not None and value > maximum)
     ):
         wanted = f">= {minimum}" if maximum is None else f"in {minimum}..{maximum}"
         raise UsageError(f"{name} must be an integer {wanted}, found {shown(value)}")

@@ -86,16 +86,16 @@ class ArchConfig:
         kwargs = {f.name: data[f.name] for f in fields(cls) if f.name in data}
         blocks = kwargs["block_config"]
         if not isinstance(blocks, (list, tuple)) or not blocks:
-            raise UsageError(
-                f"{source}: block_config must be a list of ints, found {shown(blocks)}"
-            )
+            raise UsageError(f"{source}: block_config must be a list of ints, found {shown(blocks)}")
         for i, layers in enumerate(blocks):
             check_int(layers, f"{source}: block_config[{i}]")
         for name, least in _INT_FIELDS.items():
             if name in kwargs:
                 check_int(kwargs[name], f"{source}: {name}", least)
         if "small_inputs" in kwargs and not isinstance(kwargs["small_inputs"], bool):
-            raise UsageError(f"{source}: small_inputs must be true or false, found {shown(kwargs['small_inputs'])}")
+            raise UsageError(
+                f"{source}: small_inputs must be true or false, found {shown(kwargs['small_inputs'])}"
+            )
         kwargs["block_config"] = tuple(blocks)
         return cls(**kwargs)
 

@@ -133,7 +133,9 @@ class MemoryPlan:
                     f"{source}: blocks[{i}] must be a mode, a layer count or a list of booleans, found {shown(block)}"
                 )
         if not isinstance(data.get("stem", EFFICIENT), str) or data.get("stem", EFFICIENT) not in MODES:
-            raise UsageError(f"{source}: stem must be one of {', '.join(MODES)}, found {shown(data.get('stem'))}")
+            raise UsageError(
+                f"{source}: stem must be one of {', '.join(MODES)}, found {shown(data.get('stem'))}"
+            )
         for name, least in (("estimated_peak", 0), ("budget", 0), ("batch_size", 1), ("image_size", 1)):
             if data.get(name) is not None:
                 check_int(data[name], f"{source}: {name}", least)

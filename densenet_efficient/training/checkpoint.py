@@ -167,8 +167,9 @@ def _checkpoint_problem(ckpt: dict[str, Any]) -> str | None:
     best_error, best_epoch = ckpt.get("best_valid_error"), ckpt.get("best_epoch")
     if best_error is not None and not _is_number(best_error):
         return f"its best_valid_error is {shown(best_error)}, expected a number or None"
-    if best_epoch is not None and (isinstance(best_epoch, bool) or not isinstance(best_epoch, int)
-                                   or not 1 <= best_epoch <= epoch):
+    if best_epoch is not None and (
+        isinstance(best_epoch, bool) or not isinstance(best_epoch, int) or not 1 <= best_epoch <= epoch
+    ):
         return f"its best_epoch is {shown(best_epoch)}, expected an epoch in 1..{epoch} or None"
     if ckpt["scheduler"].get("last_epoch") != epoch:
         return (

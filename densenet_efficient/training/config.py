@@ -365,7 +365,9 @@ def _arch_config(c: TrainConfig) -> ArchConfig:
     if c.arch is None:
         return densenet_bc_config(c.depth, c.growth_rate)  # validates depth = 6n+4 with a clear message
     if c.arch not in list_architectures():
-        raise UsageError(f"unknown architecture {c.arch!r}; expected one of {', '.join(list_architectures())}")
+        raise UsageError(
+            f"unknown architecture {c.arch!r}; expected one of {', '.join(list_architectures())}"
+        )
     return resolve_arch(c.arch)
 
 
@@ -413,12 +415,17 @@ def resolve_config(
             f"--memory {c.memory} and --mode {c.mode} both given: --memory chooses the memory "
             "plan (the mode of each block) for the budget; give one of them"
         )
-    if dataset == "imagefolder" and c.data is not None and save_dir is not None:
-        if Path(save_dir).resolve().is_relative_to(Path(c.data).expanduser().resolve()):
-            raise UsageError(
-                f"--save {save_dir} is inside --data {c.data}: the run folder would be read as a "
-                "class of images (or as images of one); save the run outside the data folder"
-            )
+    data_dir = Path(c.data).expanduser().resolve() if c.data is not None else None
+    if (
+        dataset == "imagefolder"
+        and data_dir
+        and save_dir
+        and Path(save_dir).resolve().is_relative_to(data_dir)
+    ):
+        raise UsageError(
+            f"--save {save_dir} is inside --data {c.data}: the run folder would be read as a "
+            "class of images (or as images of one); save the run outside the data folder"
+        )
     c.mode = engine.resolve_mode(c.mode)
     if c.sync_bn and c.memory is not None:
         raise UsageError(
