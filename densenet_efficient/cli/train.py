@@ -135,14 +135,15 @@ def _batch_size(text: str) -> int | str:
 
 
 def _count_or_fraction(text: str) -> float:
+    """A whole number as an int (a count), anything else as the float it spells; whether it is a
+    valid size (not NaN, not negative, a fraction below 1) is checked with every other setting."""
     try:
         value = float(text)
     except ValueError:
-        value = math.nan
-    # NaN fails every comparison: only a finite value in range passes (inf, nan, -1, 2.5 do not)
-    if not (math.isfinite(value) and value >= 0 and (value < 1 or value == int(value))):
-        raise argparse.ArgumentTypeError(f"expected a count >= 0 or a fraction in (0, 1), got {text}")
-    return int(value) if value >= 1 or value == 0 else value
+        raise argparse.ArgumentTypeError(
+            f"expected a count >= 0 or a fraction in (0, 1), got {text}"
+        ) from None
+    return int(value) if math.isfinite(value) and value == int(value) else value
 
 
 def run(args: argparse.Namespace) -> int:

@@ -366,7 +366,7 @@ def _arch_config(c: TrainConfig) -> ArchConfig:
         return densenet_bc_config(c.depth, c.growth_rate)  # validates depth = 6n+4 with a clear message
     if c.arch not in list_architectures():
         raise UsageError(
-            f"unknown architecture {c.arch!r}; expected one of {', '.join(list_architectures())}"
+            f"unknown architecture {shown(c.arch)}; expected one of {', '.join(list_architectures())}"
         )
     return resolve_arch(c.arch)
 

@@ -432,8 +432,9 @@ def _restore(run: _Run, ckpt: dict[str, Any]) -> None:
         try:
             step()
         except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as err:
+            reason = (str(err).strip().splitlines() or [""])[0][:200]
             raise UsageError(
-                f"checkpoint {path}: its {key} state cannot be restored ({shown(err)})"
+                f"checkpoint {path}: its {key} state cannot be restored ({type(err).__name__}: {reason})"
             ) from None
     run.start_epoch, run.history, run.resumed = int(ckpt["epoch"]), list(ckpt["history"]), True
     run.best = BestModel(ckpt.get("best_valid_error"), ckpt.get("best_epoch"), ckpt.get("best_model"))
