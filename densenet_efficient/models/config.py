@@ -159,7 +159,8 @@ class ArchConfig:
         if found != tuple(self.block_config) and not any("features.".startswith(p) for p in ignore):
             raise StateDictMismatchError(
                 f"checkpoint does not fit {self.describe()}: its tensors hold dense blocks of "
-                f"{_block_text(found)} layers, the architecture {_block_text(self.block_config)}"
+                f"{_block_text(found)} layers, the architecture {_block_text(self.block_config)}; "
+                + _first_layer_difference(found, tuple(self.block_config))
             )
         expected = self.state_dict_shapes()
         if not any(k.endswith("num_batches_tracked") for k in tensors):
@@ -249,6 +250,19 @@ def _layer_counts(keys: Iterable[str]) -> tuple[int, ...]:
         len(ids) if block == i and max(ids) == len(ids) else -1
         for i, (block, ids) in enumerate(sorted(layers.items()), start=1)
     )
+
+
+def _first_layer_difference(found: tuple[int, ...], wanted: tuple[int, ...]) -> str:
+    """The first layer (key prefix) one side has and the other lacks, worded as check_shapes does."""
+    for b, (have, want) in enumerate(zip(found, wanted, strict=False), start=1):
+        if have != want:
+            if have == -1:
+                return f"unexpected keys: features.denseblock{b}.* (its layers are not numbered 1..n)"
+            side, layer = ("missing", have + 1) if have < want else ("unexpected", want + 1)
+            return f"{side} keys: features.denseblock{b}.denselayer{layer}.*"
+    if len(found) < len(wanted):
+        return f"missing keys: features.denseblock{len(found) + 1}.*"
+    return f"unexpected keys: features.denseblock{len(wanted) + 1}.*"
 
 
 def _block_text(blocks: tuple[int, ...]) -> str:

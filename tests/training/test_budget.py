@@ -154,7 +154,7 @@ def test_memory_applies_the_fitted_plan_to_the_model(cifar, tmp_path, capsys):
         (["--memory", "lots"], r"memory budget must look like 8GiB"),
         (["--memory", "auto"], r"--memory auto on cpu: only a CUDA device has free memory"),
         (["--batch-size", "auto"], r"--batch-size auto on cpu: .*give a budget, e.g. --memory 4GiB"),
-        (["--accum-steps", "0"], r"--accum-steps must be >= 1, got 0"),
+        (["--accum-steps", "0"], r"--accum-steps must be an integer >= 1, found 0"),
         (["--batch-size", "many"], None),  # argparse's own error (exit 2)
     ],
 )
