@@ -1,13 +1,67 @@
-"""The one exception every layer shares: :class:`UsageError`, a bad input or setting.
+"""The one exception every layer shares, :class:`UsageError` (a bad input or setting), and the two
+checks every layer makes of what it reads: :func:`check_int` and :func:`shown`.
 
-It subclasses :class:`ValueError` (so ``except ValueError`` keeps working) and lets the command
-line tell a user's mistake (one sentence, exit code 2) from a bug (a traceback): the CLI catches
-``UsageError`` and the package's other typed errors, never a bare ``ValueError``.
+:class:`UsageError` subclasses :class:`ValueError` (so ``except ValueError`` keeps working) and lets
+the command line tell a user's mistake (one sentence, exit code 2) from a bug (a traceback): the CLI
+catches ``UsageError`` and the package's other typed errors, never a bare ``ValueError``.
+
+>>> check_int(3, "--n-epochs")
+3
+>>> check_int(True, "growth_rate")
+Traceback (most recent call last):
+...
+densenet_efficient.errors.UsageError: growth_rate must be an integer >= 1, found True
+>>> shown([[[[[[["deep"]]]]]]])
+'[[[[[[[...]]]]]]]'
 """
 
-__all__ = ["UsageError"]
+from __future__ import annotations
+
+import math
+import reprlib
+from typing import Any
+
+__all__ = ["UsageError", "check_int", "shown"]
 
 
 class UsageError(ValueError):
     """An input, option or file that cannot work, explained in one sentence naming what was
     expected and what was found."""
+
+
+# A value read from a file or a flag is shown short and shallow: a 1e400, a 5000-digit number or
+# a list nested 100,000 deep would otherwise fill the terminal, or make ``repr`` itself raise
+# RecursionError while the error message is being written.
+class _ShortRepr(reprlib.Repr):
+    def repr_int(self, x: int, level: int) -> str:
+        if x.bit_length() > 128:  # repr() of over 4300 digits raises; the size is what matters here
+            return f"an integer of about {int(x.bit_length() * math.log10(2)) + 1} digits"
+        return repr(x)
+
+
+_REPR = _ShortRepr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 6, 80, 80, 40
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 8
+
+
+def shown(value: Any) -> str:
+    """``repr(value)`` cut to a line: at most 6 levels deep, 8 items per container, 80 characters."""
+    return _REPR.repr(value)
+
+
+def check_int(value: Any, name: str, minimum: int = 1, maximum: int | None = None) -> int:
+    """``value`` if it is an integer (not a bool, not a float) in ``minimum..maximum``.
+
+    Raises:
+        UsageError: ``"<name> must be an integer >= <minimum>, found <value>"``; ``name`` says where
+            the value came from (``"--workers"``, ``"runs/a/checkpoint.pt: its config's seed"``).
+    """
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < minimum
+        or (maximum is not None and value > maximum)
+    ):
+        wanted = f">= {minimum}" if maximum is None else f"in {minimum}..{maximum}"
+        raise UsageError(f"{name} must be an integer {wanted}, found {shown(value)}")
+    return value

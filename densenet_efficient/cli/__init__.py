@@ -4,7 +4,8 @@ Each subcommand module exposes ``configure_parser(parser)`` and ``run(args) -> i
 only dispatches, so importing the CLI costs nothing until a subcommand is chosen. A user error
 (:class:`CLIError`, the package's :class:`~densenet_efficient.errors.UsageError` and its typed
 errors, a missing or existing file) prints one sentence and exits with code 2; anything else is a
-bug and keeps its traceback.
+bug and keeps its traceback. A reader that closes stdout early (``plan ... | head -1``) ends the
+command silently with code 141, as SIGPIPE would.
 
     densenet-efficient train --depth 100 --n-epochs 300
     python -m densenet_efficient benchmark --arch densenet121 --batch-size 8 --resolution 224
@@ -13,7 +14,9 @@ bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -74,7 +77,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     module = importlib.import_module(SUBCOMMANDS[args.command][0])
     try:
-        return int(module.run(args) or 0)
+        code = int(module.run(args) or 0)
+        sys.stdout.flush()  # here, not at exit: a reader that left is answered below, not by a traceback
+        return code
+    except BrokenPipeError:
+        # `densenet-efficient plan ... | head -1`: the reader has what it wanted. Exit as a process
+        # killed by SIGPIPE would (128 + 13), silently; the interpreter's own final flush then finds
+        # stdout pointing at /dev/null instead of raising again.
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except _user_errors() as err:
         print(f"densenet-efficient {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 
 from ..models import engine
 from ..models.config import list_architectures
-from ..training.config import NonFiniteLossError, TrainConfig
+from ..training.config import NonFiniteLossError, TrainConfig, describe_default
 from ..training.data import DATASETS
 from ..training.loop import train
 
@@ -28,12 +29,12 @@ __all__ = ["configure_parser", "run"]
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Add the ``train`` options to ``parser`` (one per :class:`TrainConfig` field, same names)."""
-    d = TrainConfig()
+    d = describe_default  # every default shown is read from training/config.py and data.py
     g = parser.add_argument_group("data")
     g.add_argument(
         "--dataset",
         choices=DATASETS,
-        help=f"default {d.dataset}; auto: digits without --data, CIFAR if DIR holds it, else an ImageFolder",
+        help=f"default {d('dataset')}; auto: digits without --data, CIFAR if DIR holds it, else an ImageFolder",
     )
     g.add_argument("--data", metavar="DIR", help="data directory (none: the embedded digits set)")
     g.add_argument(
@@ -41,57 +42,57 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         type=_count_or_fraction,
         metavar="N",
         help="training images held out for validation: a count or a fraction "
-        "(default 5000 for CIFAR, 0.1 otherwise; 0 for CIFAR validates on the test set)",
+        f"(default {d('valid_size')}; 0 for CIFAR validates on the test set)",
     )
     g.add_argument(
         "--download",
         action=argparse.BooleanOptionalAction,
-        help="download CIFAR when missing (needs network access; default on)",
+        help=f"download CIFAR when missing (needs network access; default {d('download')})",
     )
     g.add_argument(
         "--image-size",
         type=int,
         metavar="PX",
-        help="ImageFolder crop size (default: the pretrained weights' preset, else 224)",
+        help=f"ImageFolder crop size (default: the pretrained weights' preset, else {d('image_size')})",
     )
     g = parser.add_argument_group("model")
     g.add_argument(
         "--arch",
         help=f"a named architecture ({', '.join(list_architectures())}); default: DenseNet-BC of --depth",
     )
-    g.add_argument("--depth", type=int, help="DenseNet-BC depth, 6n+4 (default 100 for CIFAR, 22 for digits)")
-    g.add_argument("--growth-rate", type=int, help=f"default {d.growth_rate}")
-    g.add_argument("--drop-rate", type=float, help=f"default {d.drop_rate}")
+    g.add_argument("--depth", type=int, help=f"DenseNet-BC depth, 6n+4 (default {d('depth')})")
+    g.add_argument("--growth-rate", type=int, help=f"default {d('growth_rate')}")
+    g.add_argument("--drop-rate", type=float, help=f"default {d('drop_rate')}")
     g.add_argument(
         "--mode",
         "--memory-efficient",
         dest="mode",
         choices=engine.MODES,
-        help=f"how dense blocks execute (default {d.mode})",
+        help=f"how dense blocks execute (default {d('mode')})",
     )
     g.add_argument(
         "--pretrained", action="store_true", help="start from the architecture's published weights"
     )
     g.add_argument("--freeze-features", action="store_true", help="train only the classifier")
     g = parser.add_argument_group("optimisation")
-    g.add_argument("--n-epochs", type=int, help="default 300 for CIFAR, 15 for digits, 30 for ImageFolders")
+    g.add_argument("--n-epochs", type=int, help=f"default {d('n_epochs')}")
     g.add_argument(
         "--batch-size",
         type=_batch_size,
         metavar="N|auto",
-        help=f"images per step and process (default {d.batch_size}); auto: the largest that fits --memory",
+        help=f"images per step and process (default {d('batch_size')}); auto: the largest that fits --memory",
     )
     g.add_argument(
         "--accum-steps",
         type=int,
         metavar="N",
         help="accumulate gradients over N batches per optimizer step: an effective batch of N x "
-        "--batch-size (batch norm still normalises each batch on its own; default 1)",
+        f"--batch-size (batch norm still normalises each batch on its own; default {d('accum_steps')})",
     )
-    g.add_argument("--lr", type=float, help="initial learning rate (default 0.1; 0.01 with --pretrained)")
-    g.add_argument("--momentum", type=float, help=f"default {d.momentum}")
-    g.add_argument("--weight-decay", type=float, help=f"default {d.weight_decay}")
-    g.add_argument("--seed", type=int, help=f"default {d.seed}")
+    g.add_argument("--lr", type=float, help=f"initial learning rate (default {d('lr')})")
+    g.add_argument("--momentum", type=float, help=f"default {d('momentum')}")
+    g.add_argument("--weight-decay", type=float, help=f"default {d('weight_decay')}")
+    g.add_argument("--seed", type=int, help=f"default {d('seed')}")
     g = parser.add_argument_group("performance")
     g.add_argument(
         "--memory",
@@ -105,7 +106,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm under torchrun (naive mode only)")
     g.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms")
-    g.add_argument("--workers", type=int, help="DataLoader worker processes")
+    g.add_argument("--workers", type=int, help=f"DataLoader worker processes (default {d('workers')})")
     g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     g = parser.add_argument_group("output")
     g.add_argument("--save", metavar="DIR", help="run directory (default runs/<dataset>-<time>)")
@@ -134,10 +135,15 @@ def _batch_size(text: str) -> int | str:
 
 
 def _count_or_fraction(text: str) -> float:
-    value = float(text)
-    if value < 0 or (value >= 1 and value != int(value)):
-        raise argparse.ArgumentTypeError(f"expected a count >= 0 or a fraction in (0, 1), got {text}")
-    return int(value) if value >= 1 or value == 0 else value
+    """A whole number as an int (a count), anything else as the float it spells; whether it is a
+    valid size (not NaN, not negative, a fraction below 1) is checked with every other setting."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a count >= 0 or a fraction in (0, 1), got {text}"
+        ) from None
+    return int(value) if math.isfinite(value) and value == int(value) else value
 
 
 def run(args: argparse.Namespace) -> int:

@@ -19,6 +19,7 @@ from ..io.state_dict import fill_legacy_batch_counters
 from ..models.config import ArchConfig
 from ..models.densenet import DenseNet
 from ..models.reference import torchvision_densenet
+from .infer import ConversionError
 
 __all__ = ["TOLERANCE", "assigned_model", "converted_model", "max_abs_diff", "reference_model"]
 
@@ -96,9 +97,18 @@ def _our_model(config: ArchConfig) -> DenseNet:
     return DenseNet(**config.to_kwargs(), memory_efficient=False)
 
 
+#: The largest verification input (a 2 x 3 x 4096 x 4096 float batch is 400 MB).
+_MAX_VERIFY_SIZE = 4096
+
+
 def _verification_batch(model: DenseNet) -> torch.Tensor:
     # Large enough that every block sees a real feature map (not 1x1), small enough to be quick.
     size = max(model.min_input_size(), 32 if model.arch_config.small_inputs else 64)
+    if size > _MAX_VERIFY_SIZE:  # every dense block but the last halves the input: 2**blocks pixels
+        raise ConversionError(
+            f"cannot verify a {len(model.arch_config.block_config)}-block DenseNet: its smallest input is "
+            f"{size}x{size} pixels (over {_MAX_VERIFY_SIZE}); convert with --no-verify (verify=False)"
+        )
     gen = torch.Generator().manual_seed(0)
     return torch.randn(2, 3, size, size, generator=gen)
 

@@ -20,11 +20,15 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["atomic_write", "staged_folder"]
+__all__ = ["atomic_write", "remove_stale_temporaries", "staged_folder"]
+
+#: The names of the temporaries below: ``.<destination>.<mkstemp's 8 random characters>.tmp`` for
+#: a file, ``... .partial`` for a staged folder (mkstemp/mkdtemp draw from a-z, 0-9 and _).
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}\.(?P<kind>tmp|partial)$")
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], object]) -> Path:
@@ -50,6 +54,31 @@ def atomic_write(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], obj
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, names: Iterable[str]) -> list[Path]:
+    """Remove what an interrupted :func:`atomic_write` or :func:`staged_folder` left in ``folder``
+    for the destinations ``names`` (a killed process runs no ``finally``); return what was removed.
+
+    Only this module's own pattern for exactly those names is touched (``.checkpoint.pt.k3j_x9qa.tmp``
+    files, ``.last.0hz2m1pd.partial`` folders), never a link and never anything else: call it from
+    the one writer of ``folder`` (a training run in its own run folder), before it writes.
+    """
+    folder, wanted = Path(folder), set(names)
+    removed = []
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        for entry in folder.iterdir():
+            m = _TEMPORARY.match(entry.name)
+            if m is None or m["name"] not in wanted or entry.is_symlink():
+                continue
+            if m["kind"] == "tmp" and entry.is_file():
+                entry.unlink()
+            elif m["kind"] == "partial" and entry.is_dir():
+                shutil.rmtree(entry)
+            else:
+                continue
+            removed.append(entry)
+    return removed
 
 
 def _umask() -> int:

@@ -189,8 +189,17 @@ def _is_state_dict(obj: Any) -> bool:
     )
 
 
+#: Wrappers deeper than this are refused: real training checkpoints nest weights two or three dicts
+#: deep, and the search recurses once per level (3000 levels was a RecursionError).
+MAX_WRAPPER_DEPTH = 32
+
+
+class _TooDeep(CheckpointError):
+    """Weights wrapped more than :data:`MAX_WRAPPER_DEPTH` dicts deep."""
+
+
 def find_state_dict(
-    obj: Any, key: str | None = None
+    obj: Any, key: str | None = None, _depth: int = 0
 ) -> tuple[dict[str, torch.Tensor], str | None, tuple[str, ...]]:
     """The dict of tensors inside a loaded checkpoint object.
 
@@ -206,15 +215,20 @@ def find_state_dict(
     >>> where, list(sd)
     ('state_dict', ['w'])
     """
+    if _depth > MAX_WRAPPER_DEPTH:
+        raise _TooDeep(
+            f"the weights are wrapped in more than {MAX_WRAPPER_DEPTH} nested dicts; expected a dict of "
+            "tensors, or a training checkpoint holding one a few keys deep"
+        )
     if key is not None:
         node = obj
-        for part in key.split("/"):
+        for part in key.split("/")[: MAX_WRAPPER_DEPTH + 1]:
             if not isinstance(node, Mapping) or part not in node:
                 have = ", ".join(repr(k) for k in node) if isinstance(node, Mapping) else type(node).__name__
                 raise CheckpointError(f"checkpoint has no entry {key!r} (at {part!r} found: {have})")
             node = node[part]
         if not _is_state_dict(node):
-            found, where, _ = find_state_dict(node)
+            found, where, _ = find_state_dict(node, None, _depth + len(key.split("/")))
             return found, f"{key}/{where}" if where else key, ()
         return dict(node), key, ()
 
@@ -228,7 +242,9 @@ def find_state_dict(
     for k in WRAPPER_KEYS:
         if k in obj:
             try:
-                sd, where, _ = find_state_dict(obj[k])
+                sd, where, _ = find_state_dict(obj[k], None, _depth + 1)
+            except _TooDeep:
+                raise
             except CheckpointError:
                 continue
             candidates.append((sd, f"{k}/{where}" if where else k))

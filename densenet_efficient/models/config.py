@@ -14,11 +14,11 @@ input size and its JSON form are methods of :class:`ArchConfig`, written once.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import MISSING, asdict, dataclass, fields, replace
 from typing import Any
 
-from ..errors import UsageError
+from ..errors import UsageError, check_int, shown
 
 __all__ = [
     "ARCHITECTURES",
@@ -28,6 +28,11 @@ __all__ = [
     "list_architectures",
     "resolve_arch",
 ]
+
+
+#: The integer fields of :class:`ArchConfig` and their smallest value (no classifier: 0 classes).
+_INT_FIELDS = {"growth_rate": 1, "num_init_features": 1, "bn_size": 1, "num_classes": 0, "in_chans": 1}
+_LAYER_KEY = re.compile(r"^features\.denseblock(\d{1,18})\.denselayer(\d{1,18})\.")
 
 
 @dataclass(frozen=True)
@@ -58,19 +63,40 @@ class ArchConfig:
     def from_json(cls, data: Mapping[str, Any], source: str = "config") -> ArchConfig:
         """The config a :meth:`to_json` dict describes; extra keys are ignored, missing ones named.
 
+        Every field is type- and range-checked before anything is built from it (a config.json is
+        a file users edit): a string, float, null, bool or 1e400 where an integer belongs is a
+        :class:`UsageError` naming ``source``, the field and the value.
+
         >>> ArchConfig.from_json(get_config("densenet121").to_json()) == get_config("densenet121")
         True
+        >>> ArchConfig.from_json({**get_config("densenet121").to_json(), "growth_rate": "32"}, "x/config.json")
+        Traceback (most recent call last):
+        ...
+        densenet_efficient.errors.UsageError: x/config.json: growth_rate must be an integer >= 1, found '32'
         """
-        names = [f.name for f in fields(cls)]
         missing = [f.name for f in fields(cls) if f.default is MISSING and f.name not in data]
         if missing:
             raise UsageError(f"{source}: missing architecture fields {', '.join(missing)}")
-        kwargs = {n: data[n] for n in names if n in data}
-        if not isinstance(kwargs["block_config"], (list, tuple)):
+        if "memory_efficient" in data:  # never saved (chosen when loading): applying it would surprise
             raise UsageError(
-                f"{source}: block_config must be a list of ints, found {kwargs['block_config']!r}"
+                f"{source}: memory_efficient={shown(data['memory_efficient'])} is not an architecture "
+                "field (how blocks execute is chosen when loading, never saved); remove it and pass "
+                "memory_efficient= when loading"
             )
-        kwargs["block_config"] = tuple(kwargs["block_config"])
+        kwargs = {f.name: data[f.name] for f in fields(cls) if f.name in data}
+        blocks = kwargs["block_config"]
+        if not isinstance(blocks, (list, tuple)) or not blocks:
+            raise UsageError(f"{source}: block_config must be a list of ints, found {shown(blocks)}")
+        for i, layers in enumerate(blocks):
+            check_int(layers, f"{source}: block_config[{i}]")
+        for name, least in _INT_FIELDS.items():
+            if name in kwargs:
+                check_int(kwargs[name], f"{source}: {name}", least)
+        if "small_inputs" in kwargs and not isinstance(kwargs["small_inputs"], bool):
+            raise UsageError(
+                f"{source}: small_inputs must be true or false, found {shown(kwargs['small_inputs'])}"
+            )
+        kwargs["block_config"] = tuple(blocks)
         return cls(**kwargs)
 
     def state_dict_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -125,8 +151,17 @@ class ArchConfig:
         Raises:
             StateDictMismatchError: naming the first missing, unexpected and mis-shaped keys.
         """
-        from ..io.state_dict import check_shapes  # torch-free import of this module for the CLI
+        from ..io.state_dict import StateDictMismatchError, check_shapes  # torch-free for the CLI
 
+        # The layer counts first, from the keys (O(keys)): a config of a billion layers next to a
+        # small file is refused before its billion expected keys would be enumerated.
+        found = _layer_counts(k for k in tensors if not k.startswith(ignore))
+        if found != tuple(self.block_config) and not any("features.".startswith(p) for p in ignore):
+            raise StateDictMismatchError(
+                f"checkpoint does not fit {self.describe()}: its tensors hold dense blocks of "
+                f"{_block_text(found)} layers, the architecture {_block_text(self.block_config)}; "
+                + _first_layer_difference(found, tuple(self.block_config))
+            )
         expected = self.state_dict_shapes()
         if not any(k.endswith("num_batches_tracked") for k in tensors):
             expected = {k: v for k, v in expected.items() if not k.endswith("num_batches_tracked")}
@@ -152,13 +187,18 @@ class ArchConfig:
     def min_input_size(self) -> int:
         """The smallest height/width the architecture accepts (29 for the ImageNet models).
 
+        Closed form, O(blocks): :meth:`last_block_size` inverted step by step, so a config with
+        40 dense blocks (inputs of 2**41 pixels) answers at once instead of trying every size.
+
         >>> get_config("densenet121").min_input_size(), get_config("densenet_bc_100").min_input_size()
         (29, 4)
         """
-        size = 1
-        while self.last_block_size(size) < 1:
-            size += 1
-        return size
+        # The smallest input of each step giving at least `least` out: a 2x2/2 average pool needs
+        # 2 * least, a 3x3/2 pool or 7x7/2 conv with padding (ceil(size / 2)) needs 2 * least - 1.
+        least = 1 << max(len(self.block_config) - 1, 0)  # the transitions' pools
+        if not self.small_inputs:
+            least = 2 * (2 * least - 1) - 1  # pool0, then conv0
+        return least
 
     def architecture_name(self, ignore_classes: bool = False) -> str | None:
         """The name of the :data:`ARCHITECTURES` entry equal to this config (any classifier width when
@@ -193,6 +233,41 @@ class ArchConfig:
             f"DenseNet(k={self.growth_rate}, blocks={tuple(self.block_config)}, init={self.num_init_features}, "
             f"bn_size={self.bn_size}, classes={self.num_classes}, {stem}{chans})"
         )
+
+
+def _layer_counts(keys: Iterable[str]) -> tuple[int, ...]:
+    """Layers per dense block as state-dict keys name them (``features.denseblock2.denselayer5.``).
+
+    A block counts ``n`` layers only when its layer indices are exactly 1..n and blocks are
+    numbered 1..B (a gap counts as -1, which no architecture has), so no count exceeds the number
+    of keys."""
+    layers: dict[int, set[int]] = {}
+    for key in keys:
+        m = _LAYER_KEY.match(key)
+        if m:
+            layers.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+    return tuple(
+        len(ids) if block == i and max(ids) == len(ids) else -1
+        for i, (block, ids) in enumerate(sorted(layers.items()), start=1)
+    )
+
+
+def _first_layer_difference(found: tuple[int, ...], wanted: tuple[int, ...]) -> str:
+    """The first layer (key prefix) one side has and the other lacks, worded as check_shapes does."""
+    for b, (have, want) in enumerate(zip(found, wanted, strict=False), start=1):
+        if have != want:
+            if have == -1:
+                return f"unexpected keys: features.denseblock{b}.* (its layers are not numbered 1..n)"
+            side, layer = ("missing", have + 1) if have < want else ("unexpected", want + 1)
+            return f"{side} keys: features.denseblock{b}.denselayer{layer}.*"
+    if len(found) < len(wanted):
+        return f"missing keys: features.denseblock{len(found) + 1}.*"
+    return f"unexpected keys: features.denseblock{len(wanted) + 1}.*"
+
+
+def _block_text(blocks: tuple[int, ...]) -> str:
+    shown_blocks = blocks if len(blocks) <= 8 else (*blocks[:8], "...")
+    return "-".join("?" if n == -1 else str(n) for n in shown_blocks) if blocks else "no"
 
 
 def densenet_bc_config(depth: int, growth_rate: int = 12, num_classes: int = 10) -> ArchConfig:
@@ -238,6 +313,8 @@ def list_architectures() -> list[str]:
 
 
 _BC_NAME = re.compile(r"^densenet_bc[_-]?(\d+)$")
+#: Longer depths are refused by their length alone (a model of 10**18 layers could not be built).
+_MAX_DEPTH_DIGITS = 18
 
 
 def resolve_arch(arch: str | ArchConfig, growth_rate: int | None = None) -> ArchConfig:
@@ -252,7 +329,13 @@ def resolve_arch(arch: str | ArchConfig, growth_rate: int | None = None) -> Arch
         raise TypeError(f"arch must be an architecture name or an ArchConfig, got {type(arch).__name__}")
     match = _BC_NAME.match(arch)
     if match:  # any depth; densenet_bc_100 is the same config as the table's
-        return densenet_bc_config(int(match.group(1)), 12 if growth_rate is None else growth_rate)
+        digits = match.group(1)
+        if len(digits) > _MAX_DEPTH_DIGITS:  # int() of 4300+ digits raises ValueError; none builds
+            raise UsageError(
+                f"{arch[:40]}...: a DenseNet-BC depth of {len(digits)} digits; expected densenet_bc_<depth> "
+                f"with depth = 6n+4 of at most {_MAX_DEPTH_DIGITS} digits (e.g. densenet_bc_100)"
+            )
+        return densenet_bc_config(int(digits), 12 if growth_rate is None else growth_rate)
     config = get_config(arch)
     if growth_rate is not None and growth_rate != config.growth_rate:
         raise UsageError(

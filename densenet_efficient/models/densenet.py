@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import UsageError
+from ..errors import UsageError, check_int, shown
 from ..io.state_dict import check_compatible, fill_legacy_batch_counters, remap_keys
 from . import engine, planner
 from .config import (
@@ -573,14 +573,12 @@ def _validate_arch(
         ("num_classes", num_classes, 0),
         ("in_chans", in_chans, 1),
     ):
-        if not isinstance(value, int) or isinstance(value, bool) or value < least:
-            kind = "a positive int" if least == 1 else f"an int >= {least}"
-            raise UsageError(f"{name} must be {kind}, got {value!r}")
-    if (
-        not isinstance(block_config, (tuple, list))
-        or not block_config
-        or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in block_config)
-    ):
-        raise UsageError(f"block_config must be a non-empty sequence of positive ints, got {block_config!r}")
+        check_int(value, name, least)
+    if not isinstance(block_config, (tuple, list)) or not block_config:
+        raise UsageError(
+            f"block_config must be a non-empty sequence of positive ints, got {shown(block_config)}"
+        )
+    for i, layers in enumerate(block_config):
+        check_int(layers, f"block_config[{i}]")
     if not 0.0 <= float(drop_rate) < 1.0:
         raise UsageError(f"drop_rate must be in [0, 1), got {drop_rate!r}")

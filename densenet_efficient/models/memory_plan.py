@@ -25,11 +25,12 @@ the model reports when its blocks differ):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from ..errors import UsageError
+from ..errors import UsageError, check_int, shown
 from .config import ArchConfig
 from .engine import EFFICIENT, MAX_SAVING, MODES, NAIVE, resolve_mode
 
@@ -110,16 +111,48 @@ class MemoryPlan:
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> MemoryPlan:
-        """Inverse of :meth:`to_json` (per-layer lists back to tuples; checked by the model)."""
+    def from_json(cls, data: Any, source: str = "a memory plan") -> MemoryPlan:
+        """Inverse of :meth:`to_json` (per-layer lists back to tuples), every field type-checked:
+        a plan read back from a file (a training checkpoint) is refused naming ``source``, the
+        field and the value. Whether the blocks fit a model is checked when it is applied.
+
+        >>> MemoryPlan.from_json({"blocks": ["efficient", [False, True]], "stem": "naive"}).blocks
+        ('efficient', (False, True))
+        """
         if not isinstance(data, dict) or not isinstance(data.get("blocks"), list):
-            raise UsageError(f"a memory plan is a dict with a 'blocks' list, got {data!r}")
+            raise UsageError(f"{source}: expected a dict with a 'blocks' list, found {shown(data)}")
+        unknown = sorted(map(str, set(data) - _PLAN_FIELDS))
+        if unknown:
+            raise UsageError(
+                f"{source}: unknown field(s) {', '.join(unknown)}; a memory plan has {', '.join(sorted(_PLAN_FIELDS))}"
+            )
+        for i, block in enumerate(data["blocks"]):
+            flags = isinstance(block, list) and all(isinstance(f, bool) for f in block)
+            if not (flags or isinstance(block, (str, bool)) or (isinstance(block, int) and block >= 0)):
+                raise UsageError(
+                    f"{source}: blocks[{i}] must be a mode, a layer count or a list of booleans, found {shown(block)}"
+                )
+        if not isinstance(data.get("stem", EFFICIENT), str) or data.get("stem", EFFICIENT) not in MODES:
+            raise UsageError(
+                f"{source}: stem must be one of {', '.join(MODES)}, found {shown(data.get('stem'))}"
+            )
+        for name, least in (("estimated_peak", 0), ("budget", 0), ("batch_size", 1), ("image_size", 1)):
+            if data.get(name) is not None:
+                check_int(data[name], f"{source}: {name}", least)
+        extra = data.get("estimated_extra_time")
+        if extra is not None and not (
+            isinstance(extra, (int, float)) and not isinstance(extra, bool) and 0 <= extra < math.inf
+        ):
+            raise UsageError(f"{source}: estimated_extra_time must be a number >= 0, found {shown(extra)}")
         blocks = tuple(tuple(b) if isinstance(b, list) else b for b in data["blocks"])
         return cls(blocks, **{k: v for k, v in data.items() if k != "blocks"})
 
     def __str__(self) -> str:
         s = self.settings()
         return f"stem {s.pop('stem')}; " + ", ".join(f"{k} {v}" for k, v in s.items())
+
+
+_PLAN_FIELDS = frozenset(f.name for f in fields(MemoryPlan))
 
 
 def _describe(setting: BlockSetting) -> str:

@@ -42,6 +42,7 @@ from ..errors import UsageError
 from ..io.download import WeightsIntegrityError, fetch_state_dict, hash_prefix, url_filename
 from ..io.state_dict import load_state_dict_into, remap_keys
 from .config import ARCHITECTURES
+from .hub import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
     "DenseNet121_Weights",
@@ -74,8 +75,8 @@ _IMAGENET_PREPROCESSING = {
     "crop_size": 224,
     "interpolation": "bilinear",
     "antialias": True,
-    "mean": [0.485, 0.456, 0.406],
-    "std": [0.229, 0.224, 0.225],
+    "mean": list(IMAGENET_MEAN),
+    "std": list(IMAGENET_STD),
 }
 
 

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import UsageError
+from ..errors import UsageError, check_int
 from ..io.atomic import atomic_write
 from ..models.config import ArchConfig, densenet_bc_config, resolve_arch
 from ..models.engine import MODES
@@ -105,13 +105,8 @@ def resolve_device(device: str | None) -> str:
 
 def _check_counts(**counts: int) -> None:
     """Refuse counts below 1 (and non-integers) by name, before any process is started."""
-    bad = [
-        f"{name.replace('_', ' ')} must be >= 1 (an integer), got {value!r}"
-        for name, value in counts.items()
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1
-    ]
-    if bad:
-        raise UsageError("; ".join(bad))
+    for name, value in counts.items():
+        check_int(value, name.replace("_", " "))
 
 
 def _progress(total: int, desc: str, enabled: bool):

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..errors import UsageError
+from ..errors import UsageError, check_int
 from ..models.config import ArchConfig
 from ..models.engine import MAX_SAVING
 from ..models.memory_plan import MemoryPlan
@@ -89,8 +89,7 @@ def accumulation_weights(batch_sizes: Sequence[int], accum_steps: int) -> list[f
     weighs ``n / N``, so a group's accumulated gradient is the gradient of the mean loss over its
     images, as one batch of them would give (exactly, for a model without batch statistics). The
     epoch's last group may be shorter and its last micro-batch smaller: the weights follow."""
-    if accum_steps < 1:
-        raise ValueError(f"accum_steps must be >= 1, got {accum_steps}")
+    check_int(accum_steps, "accum_steps")
     weights: list[float] = []
     for start in range(0, len(batch_sizes), accum_steps):
         group = batch_sizes[start : start + accum_steps]

@@ -22,11 +22,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..errors import UsageError
-from ..io.atomic import atomic_write
+from ..errors import UsageError, shown
+from ..io.atomic import atomic_write, remove_stale_temporaries
 from ..io.checkpoint import CheckpointError, load_torch_file
 from ..models.hub import save_hub_folder
-from .config import TrainConfig
+from ..models.memory_plan import MemoryPlan
+from .config import TrainConfig, check_settings
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -53,6 +54,9 @@ LOG_COLUMNS = (
     "epoch_seconds",
     "peak_memory_mb",
 )
+#: What a run writes in its folder, atomically (so a killed save may leave their temporaries).
+_PROBE = "write-probe"
+_RUN_FILES = (CHECKPOINT_NAME, LOG_NAME, "last", "best", _PROBE)
 _CHECKPOINT_FORMAT = "densenet_efficient.train/1"  # the format tag of existing run files: never renamed
 
 
@@ -92,6 +96,8 @@ def read_run_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> d
     Raises ``ValueError`` naming the file when it is truncated, corrupt or something else.
     """
     path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"cannot resume from {path}: it is a folder, expected the run's checkpoint file")
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint to resume from: {path} does not exist")
     try:
@@ -113,6 +119,11 @@ def read_run_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> d
     problem = _checkpoint_problem(ckpt)
     if problem:
         raise UsageError(f"checkpoint {path} cannot be resumed: {problem}")
+    # Every stored setting and the stored plan type-checked, naming the file, the field and the
+    # value, before any of it builds a model or allocates anything (the file may have been edited).
+    check_settings(ckpt["config"], lambda name: f"checkpoint {path}: its setting {name}")
+    if ckpt.get("memory_plan") is not None:
+        MemoryPlan.from_json(ckpt["memory_plan"], f"checkpoint {path}: its memory_plan")
     return ckpt
 
 
@@ -133,9 +144,9 @@ def _checkpoint_problem(ckpt: dict[str, Any]) -> str | None:
         )
     epoch, history, n_epochs = ckpt["epoch"], ckpt["history"], config.get("n_epochs")
     if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 1:
-        return f"its epoch is {epoch!r}, expected a count of completed epochs >= 1"
+        return f"its epoch is {shown(epoch)}, expected a count of completed epochs >= 1"
     if isinstance(n_epochs, bool) or not isinstance(n_epochs, int) or n_epochs < epoch:
-        return f"its config's n_epochs is {n_epochs!r}, expected an epoch count >= its epoch {epoch}"
+        return f"its config's n_epochs is {shown(n_epochs)}, expected an epoch count >= its epoch {epoch}"
     if (
         not isinstance(history, list)
         or len(history) != epoch
@@ -143,28 +154,48 @@ def _checkpoint_problem(ckpt: dict[str, Any]) -> str | None:
     ):
         found = len(history) if isinstance(history, list) else type(history).__name__
         return f"its history should hold one row per completed epoch ({epoch}), found {found}"
+    for row in history:
+        odd = {k: v for k, v in row.items() if k not in LOG_COLUMNS or not _is_number(v)}
+        if odd:
+            return f"its history has a row with {shown(odd)}; expected numbers under {', '.join(LOG_COLUMNS)}"
     for key in ("model", "optimizer", "scheduler", "rng"):
         if not isinstance(ckpt[key], dict):
             return f"its {key} entry is a {type(ckpt[key]).__name__}, expected a dict"
+    for key in ("scaler", "best_model"):
+        if ckpt.get(key) is not None and not isinstance(ckpt[key], dict):
+            return f"its {key} entry is a {type(ckpt[key]).__name__}, expected a dict or None"
+    best_error, best_epoch = ckpt.get("best_valid_error"), ckpt.get("best_epoch")
+    if best_error is not None and not _is_number(best_error):
+        return f"its best_valid_error is {shown(best_error)}, expected a number or None"
+    if best_epoch is not None and (
+        isinstance(best_epoch, bool) or not isinstance(best_epoch, int) or not 1 <= best_epoch <= epoch
+    ):
+        return f"its best_epoch is {shown(best_epoch)}, expected an epoch in 1..{epoch} or None"
     if ckpt["scheduler"].get("last_epoch") != epoch:
         return (
-            f"its LR schedule is at epoch {ckpt['scheduler'].get('last_epoch')!r} but the checkpoint "
+            f"its LR schedule is at epoch {shown(ckpt['scheduler'].get('last_epoch'))} but the checkpoint "
             f"is for epoch {epoch}"
         )
     return None
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def check_run_folder(save_dir: Path) -> None:
     """Make sure the run can be saved in ``save_dir`` before any training time is spent.
 
-    Creates the folder when missing, then writes and removes a probe file of our own. Raises
-    :class:`UsageError` naming the folder and the reason (a file in the way, read-only file system,
-    no permission, disk full)."""
+    Creates the folder when missing, removes what an interrupted save of an earlier invocation
+    left (this package's own temporaries only, see :func:`..io.atomic.remove_stale_temporaries`),
+    then writes and removes a probe file of our own. Raises :class:`UsageError` naming the folder
+    and the reason (a file in the way, read-only file system, no permission, disk full)."""
     if save_dir.exists() and not save_dir.is_dir():
         raise UsageError(f"--save {save_dir} is a file; expected a folder for the run (new or existing)")
     try:
         save_dir.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-probe-", suffix=".tmp", dir=save_dir)
+        remove_stale_temporaries(save_dir, _RUN_FILES)
+        fd, probe = tempfile.mkstemp(prefix=f".{_PROBE}.", suffix=".tmp", dir=save_dir)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(b"densenet-efficient write probe\n")

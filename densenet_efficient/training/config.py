@@ -10,17 +10,20 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import math
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch.nn as nn
 
-from ..errors import UsageError
+from ..errors import UsageError, check_int, shown
 from ..models import engine
-from ..models.config import densenet_bc_config, list_architectures
+from ..models.config import ArchConfig, densenet_bc_config, list_architectures, resolve_arch
 from ..models.planner import parse_memory
+from .data import DATA_DEFAULTS, DATASETS, detect_dataset
 
 __all__ = [
     "DEFAULT_MODE",
@@ -28,6 +31,8 @@ __all__ = [
     "NonFiniteLossError",
     "TrainConfig",
     "TrainResult",
+    "check_settings",
+    "describe_default",
     "given_fields",
     "lr_milestones",
     "resolve_config",
@@ -37,14 +42,10 @@ __all__ = [
 #: Execution mode of the dense blocks when none is asked for.
 DEFAULT_MODE = engine.EFFICIENT
 
-# Defaults that depend on the data: the CIFAR ones are the original demo's; the digits ones give a
-# run of a few minutes on a 2-core laptop CPU; fine-tuning uses a smaller learning rate.
-_DATA_DEFAULTS: dict[str, dict[str, Any]] = {
-    "digits": {"depth": 22, "n_epochs": 15, "workers": 0},
-    "cifar10": {"depth": 100, "n_epochs": 300},
-    "cifar100": {"depth": 100, "n_epochs": 300},
-    "imagefolder": {"n_epochs": 30},
-}
+#: Used where :data:`.data.DATA_DEFAULTS` gives a data set no value of its own.
+_FALLBACKS: dict[str, Any] = {"depth": 100, "n_epochs": 300, "workers": min(4, os.cpu_count() or 1)}
+#: The initial learning rate: the original demo's from scratch, ten times smaller to fine-tune.
+DEFAULT_LR, PRETRAINED_LR = 0.1, 0.01
 
 # Fields a resumed run may change: they affect speed and output, never the numbers computed.
 RUNTIME_FIELDS = frozenset({"resume", "workers", "progress", "stop_after", "device", "overwrite"})
@@ -61,7 +62,8 @@ class NonFiniteLossError(RuntimeError):
 class TrainConfig:
     """Every setting of a training run (the ``train`` subcommand's options, same names).
 
-    ``None`` means "the default for this data": see :data:`_DATA_DEFAULTS`.
+    ``None`` means "the default for this data": see :data:`.data.DATA_DEFAULTS` and
+    :func:`describe_default`; :func:`check_settings` says what each field accepts.
     """
 
     # data
@@ -130,7 +132,9 @@ def lr_milestones(n_epochs: int) -> list[int]:
     >>> lr_milestones(300), lr_milestones(1)
     ([150, 225], [1, 1])
     """
-    return [max(1, int(0.5 * n_epochs)), max(1, int(0.75 * n_epochs))]
+    # integer arithmetic: the same epochs as int(0.5 * n) and int(0.75 * n), without a float that
+    # overflows for a count beyond 1e308
+    return [max(1, n_epochs // 2), max(1, 3 * n_epochs // 4)]
 
 
 def given_fields(config: TrainConfig | None, overrides: dict[str, Any]) -> frozenset[str]:
@@ -156,8 +160,6 @@ def _same_setting(name: str, asked: Any, stored: Any, stored_config: TrainConfig
     if name == "data" and asked is not None and stored is not None:
         return Path(asked).expanduser().resolve() == Path(stored).expanduser().resolve()
     if name == "dataset" and stored == "auto" and stored_config.data is not None:
-        from .data import detect_dataset  # same layer; imported late as data imports torchvision
-
         with contextlib.suppress(OSError, UsageError):
             return asked == detect_dataset(stored_config.data)
     return False
@@ -202,38 +204,228 @@ def resume_config(
     return dataclasses.replace(stored, **changes), notices
 
 
-def resolve_config(config: TrainConfig, dataset: str) -> TrainConfig:
-    """Fill the data-dependent defaults and check the settings before anything is read or written."""
+def describe_default(name: str) -> str:
+    """A setting's default in words, for ``--help``: read from :class:`TrainConfig` and
+    :data:`.data.DATA_DEFAULTS`, so the help never states a default the code does not use.
+
+    >>> describe_default("depth"), describe_default("momentum")
+    ('22 for digits, 100 for CIFAR and ImageFolders', '0.9')
+    """
+    if name == "lr":
+        return f"{DEFAULT_LR}; {PRETRAINED_LR} with --pretrained"
+    if not any(name in d for d in DATA_DEFAULTS.values()):
+        value = getattr(TrainConfig(), name)
+        return ("on" if value else "off") if isinstance(value, bool) else str(value)
+    names = {"digits": "digits", "cifar10": "CIFAR", "cifar100": "CIFAR", "imagefolder": "ImageFolders"}
+    by_value: dict[Any, list[str]] = {}
+    for dataset, defaults in DATA_DEFAULTS.items():
+        value = defaults.get(name, _FALLBACKS.get(name))
+        if value is not None and names[dataset] not in by_value.setdefault(value, []):
+            by_value[value].append(names[dataset])
+    return ", ".join(f"{value} for {' and '.join(where)}" for value, where in by_value.items())
+
+
+# -- what each setting accepts ----------------------------------------------------------------------
+
+#: The largest --workers (each is a process) and --image-size (a 3 x 8192 x 8192 float image is 800 MB).
+MAX_WORKERS, MAX_IMAGE_SIZE = 256, 8192
+_MAX_SEED = 2**63 - 1  # torch seeds are 64-bit; the sampler adds the epoch to the seed
+
+
+def _flag(value: Any, label: str) -> Any:
+    if not isinstance(value, bool):
+        raise UsageError(f"{label} must be true or false, found {shown(value)}")
+    return value
+
+
+def _text(value: Any, label: str) -> Any:
+    if value is not None and not isinstance(value, (str, os.PathLike)):
+        raise UsageError(f"{label} must be a string, found {shown(value)}")
+    return value
+
+
+def _number(low: float, high: float | None = None, *, above: bool = False):
+    """A check for a finite real number in ``[low, high)`` (``(low, high)`` when ``above``)."""
+    interval = f"{'(' if above else '['}{low}, {'inf' if high is None else high})"
+
+    def check(value: Any, label: str) -> Any:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not ok or not (value > low if above else value >= low) or (high is not None and value >= high):
+            raise UsageError(f"{label} must be a finite number in {interval}, found {shown(value)}")
+        return value
+
+    return check
+
+
+def _integer(minimum: int, maximum: int | None = None, *, optional: bool = False, also: tuple = ()):
+    def check(value: Any, label: str) -> Any:
+        if (optional and value is None) or (value in also and isinstance(value, str)):
+            return value
+        return check_int(value, label, minimum, maximum)
+
+    return check
+
+
+def _choice(options: tuple[Any, ...]):
+    def check(value: Any, label: str) -> Any:
+        if not any(value is o or (isinstance(value, str) and value == o) for o in options):
+            raise UsageError(f"{label} must be one of {', '.join(map(str, options))}, found {shown(value)}")
+        return value
+
+    return check
+
+
+def _valid_size(value: Any, label: str) -> Any:
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        return value
+    if isinstance(value, float) and math.isfinite(value) and (0 < value < 1 or value == 0):
+        return value
+    raise UsageError(f"{label} must be a count >= 0 or a fraction in (0, 1), found {shown(value)}")
+
+
+def _memory(value: Any, label: str) -> Any:
+    if value is None or value == "auto":
+        return value
+    if not isinstance(value, str):
+        raise UsageError(f"{label} must be a size such as 4GiB, or auto, found {shown(value)}")
+    parse_memory(value)  # a malformed budget is refused before any data is read
+    return value
+
+
+def _mode(value: Any, label: str) -> Any:
+    if not isinstance(value, (str, bool)):
+        raise UsageError(f"{label} must be one of {', '.join(engine.MODES)}, found {shown(value)}")
+    try:
+        return engine.resolve_mode(value)
+    except UsageError:
+        raise UsageError(f"{label} must be one of {', '.join(engine.MODES)}, found {shown(value)}") from None
+
+
+#: What every field of :class:`TrainConfig` accepts: a check ``(value, label) -> value`` that
+#: raises a :class:`UsageError` saying so. One table for the options, the API and the settings a
+#: checkpoint stores (a file users may edit).
+_CHECKS: dict[str, Callable[[Any, str], Any]] = {
+    "dataset": _choice(DATASETS),
+    "data": _text,
+    "valid_size": _valid_size,
+    "download": _flag,
+    "image_size": _integer(1, MAX_IMAGE_SIZE, optional=True),
+    "arch": _text,
+    "depth": _integer(10, optional=True),
+    "growth_rate": _integer(1),
+    "drop_rate": _number(0, 1),
+    "mode": _mode,
+    "pretrained": _flag,
+    "freeze_features": _flag,
+    "n_epochs": _integer(1, optional=True),
+    "batch_size": _integer(1, also=("auto",)),
+    "accum_steps": _integer(1),
+    "lr": lambda v, label: v if v is None else _number(0, above=True)(v, label),
+    "momentum": _number(0, 1),
+    "weight_decay": _number(0),
+    "seed": _integer(0, _MAX_SEED),
+    "memory": _memory,
+    "amp": _choice((None, "bf16", "fp16")),
+    "channels_last": _flag,
+    "compile": _flag,
+    "sync_bn": _flag,
+    "deterministic": _flag,
+    "workers": _integer(0, MAX_WORKERS, optional=True),
+    "device": _text,
+    "save": _text,
+    "resume": _flag,
+    "overwrite": _flag,
+    "stop_after": _integer(1, optional=True),
+    "progress": _flag,
+}
+
+
+def _option(name: str) -> str:
+    return f"--{name.replace('_', '-')}"
+
+
+def check_settings(settings: Mapping[str, Any], label: Callable[[str], str] = _option) -> None:
+    """Check every setting's type and range (see :data:`_CHECKS`) before anything is built.
+
+    ``settings`` is a :class:`TrainConfig`'s ``to_dict()`` or a checkpoint's stored config;
+    ``label(name)`` says where a value came from in the error (default: the option, ``--lr``).
+
+    >>> check_settings({"lr": -0.1})
+    Traceback (most recent call last):
+    ...
+    densenet_efficient.errors.UsageError: --lr must be a finite number in (0, inf), found -0.1
+    """
+    for name, value in settings.items():
+        if name in _CHECKS:
+            _CHECKS[name](value, label(name))
+
+
+def _arch_config(c: TrainConfig) -> ArchConfig:
+    """The architecture ``c`` names (its classifier width aside), checked."""
+    if c.arch is None:
+        return densenet_bc_config(c.depth, c.growth_rate)  # validates depth = 6n+4 with a clear message
+    if c.arch not in list_architectures():
+        raise UsageError(
+            f"unknown architecture {shown(c.arch)}; expected one of {', '.join(list_architectures())}"
+        )
+    return resolve_arch(c.arch)
+
+
+def resolve_config(
+    config: TrainConfig,
+    dataset: str,
+    *,
+    given: frozenset[str] = frozenset(),
+    save_dir: str | os.PathLike | None = None,
+) -> TrainConfig:
+    """Fill the data-dependent defaults and check the settings before anything is read or written.
+
+    ``given`` names the settings the caller asked for (see :func:`given_fields`) and ``save_dir``
+    is the run folder, when known: both are needed to refuse contradictory requests.
+    """
+    check_settings(config.to_dict())
     c = copy.copy(config)
-    defaults = _DATA_DEFAULTS.get(dataset, {})
+    defaults = {**_FALLBACKS, **DATA_DEFAULTS.get(dataset, {})}
     if c.arch is None and c.depth is None:
-        c.depth = defaults.get("depth", 100)
-    if c.arch is not None:
-        if c.depth is not None:
-            raise UsageError(f"--arch {c.arch} and --depth {c.depth} both given; choose one")
-        if c.arch not in list_architectures():
-            raise UsageError(
-                f"unknown architecture {c.arch!r}; expected one of {', '.join(list_architectures())}"
-            )
-    else:
-        densenet_bc_config(c.depth, c.growth_rate)  # validates depth = 6n+4 with a clear message
-        if c.pretrained:
-            raise UsageError("--pretrained needs --arch (weights are published per named architecture)")
+        c.depth = defaults["depth"]
+    if c.arch is not None and c.depth is not None:
+        raise UsageError(f"--arch {c.arch} and --depth {c.depth} both given; choose one")
+    arch = _arch_config(c)
+    if c.arch is None and c.pretrained:
+        raise UsageError("--pretrained needs --arch (weights are published per named architecture)")
     if c.n_epochs is None:
-        c.n_epochs = defaults.get("n_epochs", 300)
+        c.n_epochs = defaults["n_epochs"]
     if c.lr is None:
-        c.lr = 0.01 if c.pretrained else 0.1
+        c.lr = PRETRAINED_LR if c.pretrained else DEFAULT_LR
     if c.workers is None:
-        c.workers = defaults.get("workers", min(4, os.cpu_count() or 1))
-    if c.batch_size != "auto" and (isinstance(c.batch_size, str) or c.batch_size < 1):
-        raise UsageError(f"--batch-size must be >= 1 or auto, got {c.batch_size!r}")
-    for name in ("n_epochs", "accum_steps"):
-        if getattr(c, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(c, name)}")
-    if c.stop_after is not None and c.stop_after < 1:
-        raise UsageError(f"--stop-after must be >= 1, got {c.stop_after}")
-    if c.memory not in (None, "auto"):
-        parse_memory(c.memory)  # a malformed budget is refused before any data is read
+        c.workers = defaults["workers"]
+    if c.image_size is not None:
+        if dataset != "imagefolder":
+            raise UsageError(
+                f"--image-size {c.image_size} applies to ImageFolders; the {dataset} images are 32x32 "
+                "and are not resized (drop --image-size)"
+            )
+        if c.image_size < arch.min_input_size():
+            raise UsageError(
+                f"--image-size {c.image_size} is below the smallest input {arch.name} accepts "
+                f"({arch.min_input_size()} pixels)"
+            )
+    if {"memory", "mode"} <= given and not c.resume:
+        raise UsageError(
+            f"--memory {c.memory} and --mode {c.mode} both given: --memory chooses the memory "
+            "plan (the mode of each block) for the budget; give one of them"
+        )
+    data_dir = Path(c.data).expanduser().resolve() if c.data is not None else None
+    if (
+        dataset == "imagefolder"
+        and data_dir
+        and save_dir
+        and Path(save_dir).resolve().is_relative_to(data_dir)
+    ):
+        raise UsageError(
+            f"--save {save_dir} is inside --data {c.data}: the run folder would be read as a "
+            "class of images (or as images of one); save the run outside the data folder"
+        )
     c.mode = engine.resolve_mode(c.mode)
     if c.sync_bn and c.memory is not None:
         raise UsageError(
@@ -244,6 +436,4 @@ def resolve_config(config: TrainConfig, dataset: str) -> TrainConfig:
             f"--sync-bn works only with --mode naive: the {c.mode} engine computes batch statistics "
             "per process and does not support SyncBatchNorm"
         )
-    if c.amp not in (None, "bf16", "fp16"):
-        raise UsageError(f"--amp must be bf16 or fp16, got {c.amp!r}")
     return c

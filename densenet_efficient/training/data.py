@@ -37,26 +37,39 @@ from torchvision import datasets
 from torchvision import transforms as T
 
 from ..errors import UsageError
+from ..models.hub import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
     "DATASETS",
+    "DATA_DEFAULTS",
     "DataBundle",
     "TransformedSubset",
     "build_data",
     "detect_dataset",
     "imagenet_transforms",
+    "mix_seed",
     "split_indices",
 ]
 
 DATASETS = ("auto", "digits", "cifar10", "cifar100", "imagefolder")
+
+#: The settings whose default depends on the data, per data set: the one place they are written
+#: (``build_data``, ``training.config.resolve_config`` and ``train --help`` all read them here).
+#: The CIFAR ones are the original demo's (a valid size of 0 validates on the test set); the digits
+#: ones give a run of a few minutes on a 2-core laptop CPU; ImageFolders are cropped to the size of
+#: the ImageNet preset unless pretrained weights bring their own.
+DATA_DEFAULTS: dict[str, dict[str, Any]] = {
+    "digits": {"depth": 22, "n_epochs": 15, "workers": 0, "valid_size": 0.1},
+    "cifar10": {"depth": 100, "n_epochs": 300, "valid_size": 5000},
+    "cifar100": {"depth": 100, "n_epochs": 300, "valid_size": 5000},
+    "imagefolder": {"depth": 100, "n_epochs": 30, "valid_size": 0.1, "image_size": 224},
+}
 
 # Per-channel statistics of the CIFAR training sets (the usual published values).
 CIFAR_STATS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 #: Images of the embedded digits set held out as a fixed test split (independent of ``--seed``).
 DIGITS_TEST_SIZE = 360
@@ -78,6 +91,16 @@ class DataBundle:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+
+def mix_seed(seed: int, salt: int, modulus: int = 2**31) -> int:
+    """One seed from a run's ``seed`` and a ``salt`` (an epoch, an image index): the one mix every
+    per-epoch and per-image generator is seeded with, so their streams never coincide.
+
+    >>> mix_seed(0, 5), mix_seed(1, 0)
+    (5, 1000003)
+    """
+    return (seed * 1_000_003 + salt) % modulus
 
 
 class TransformedSubset(Dataset):
@@ -114,7 +137,7 @@ class TransformedSubset(Dataset):
         # caller's stream (dropout in the main process when workers=0) is unaffected. (Only the CPU
         # generator: torch.manual_seed would also poke every accelerator backend, ~2 ms a call.)
         state = torch.get_rng_state()
-        torch.default_generator.manual_seed((self.seed * 1_000_003 + i) % 2**62)
+        torch.default_generator.manual_seed(mix_seed(self.seed, i, 2**62))
         try:
             return self.transform(image), int(target)
         finally:
@@ -255,7 +278,7 @@ def imagenet_transforms(preset: Any = None, image_size: int | None = None) -> tu
     crop size (the resize keeps the 256:224 ratio). Training uses random-resized crops and flips
     at the crop size with the same normalisation.
     """
-    crop = _first_int(getattr(preset, "crop_size", None), 224)
+    crop = _first_int(getattr(preset, "crop_size", None), DATA_DEFAULTS["imagefolder"]["image_size"])
     resize = _first_int(getattr(preset, "resize_size", None), 256)
     mean = tuple(getattr(preset, "mean", None) or IMAGENET_MEAN)
     std = tuple(getattr(preset, "std", None) or IMAGENET_STD)
@@ -492,23 +515,32 @@ def build_data(
             :func:`detect_dataset`).
         data_dir: where the data lives (CIFAR: the folder holding ``cifar-10-batches-py``).
         valid_size: images held out of the training set for validation, a count or a fraction
-            (default: 5000 for CIFAR, as the original demo; 10% for ``digits`` and ImageFolders).
+            (default: :data:`DATA_DEFAULTS`' ``valid_size``: 5000 for CIFAR, as the original demo;
+            10% for ``digits`` and ImageFolders).
         seed: seeds the train/valid split.
         download: let torchvision download CIFAR if it is missing.
         preset: the pretrained weights' eval transforms (``weights.transforms()``), for ImageFolders.
-        image_size: crop size for ImageFolders (default: the preset's, else 224).
+        image_size: crop size for ImageFolders (default: the preset's, else 224); the digits and
+            CIFAR images are 32x32 and refuse another size.
     """
     if dataset not in DATASETS:
         raise UsageError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
     if dataset == "auto":
         dataset = detect_dataset(data_dir)
+    if image_size is not None and dataset != "imagefolder":
+        raise UsageError(
+            f"image_size={image_size!r} applies to ImageFolders; the {dataset} images are 32x32 and are "
+            "not resized (drop it)"
+        )
+    if valid_size is None:
+        valid_size = DATA_DEFAULTS[dataset]["valid_size"]
     if dataset == "digits":
-        return _build_digits(0.1 if valid_size is None else valid_size, seed)
+        return _build_digits(valid_size, seed)
     if data_dir is None:
         raise UsageError(f"dataset {dataset!r} needs a data directory (--data DIR)")
     root = Path(data_dir).expanduser()
     if dataset in CIFAR_STATS:
-        return _build_cifar(dataset, root, 5000 if valid_size is None else valid_size, seed, download)
+        return _build_cifar(dataset, root, valid_size, seed, download)
     if not root.is_dir():
         raise FileNotFoundError(f"data directory {root} does not exist (expected an ImageFolder)")
-    return _build_imagefolder(root, 0.1 if valid_size is None else valid_size, seed, preset, image_size)
+    return _build_imagefolder(root, valid_size, seed, preset, image_size)

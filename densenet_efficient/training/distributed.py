@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..errors import UsageError
+from ..errors import UsageError, check_int, shown
 
 __all__ = ["DistInfo", "all_reduce", "init_distributed", "pick_device"]
 
@@ -32,12 +32,17 @@ class DistInfo:
 
 def init_distributed(device_arg: str | None) -> tuple[DistInfo, torch.device]:
     """Join the process group that ``torchrun`` describes in the environment (if any)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = _env_int("WORLD_SIZE", 1, 1)
     if world <= 1:
         return DistInfo(), pick_device(device_arg)
     if device_arg:
         _parse_device(device_arg)  # under torchrun only its type matters: each rank takes its local GPU
-    info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if "RANK" not in os.environ:
+        raise UsageError(
+            f"WORLD_SIZE={world} but RANK is not set: start distributed training with torchrun "
+            "(it sets RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT), or unset WORLD_SIZE"
+        )
+    info = DistInfo(_env_int("RANK", 0, 0, world - 1), world, _env_int("LOCAL_RANK", 0, 0))
     cuda = torch.cuda.is_available() and not (device_arg or "").startswith("cpu")
     device = torch.device("cuda", info.local_rank) if cuda else torch.device("cpu")
     if cuda:
@@ -45,6 +50,20 @@ def init_distributed(device_arg: str | None) -> tuple[DistInfo, torch.device]:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     return info, device
+
+
+def _env_int(name: str, default: int, minimum: int, maximum: int | None = None) -> int:
+    """The integer environment variable ``name`` (``default`` when unset), checked like an option."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw.strip()) if len(raw) <= 18 else None
+    except ValueError:
+        value = None
+    if value is None:
+        raise UsageError(f"environment variable {name}={shown(raw)} is not an integer (torchrun sets it)")
+    return check_int(value, f"environment variable {name}", minimum, maximum)
 
 
 #: Device types training runs on (``meta`` has no data; others lack the kernels the engine uses).

@@ -15,6 +15,7 @@ import errno
 import math
 import os
 import random
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -32,11 +33,12 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
-from ..errors import UsageError
+from ..errors import UsageError, shown
+from ..io.state_dict import StateDictMismatchError
 from ..models.builders import create_model, densenet_bc
 from ..models.config import ArchConfig, densenet_bc_config, resolve_arch
 from ..models.densenet import DenseNet
-from ..models.memory_plan import MemoryPlan
+from ..models.memory_plan import MemoryPlan, resolve_memory_plan
 from ..models.weights import resolve_weights
 from ..perf.measure import peak_rss_bytes
 from .budget import BudgetChoice, accumulation_weights, choose_budget
@@ -53,12 +55,13 @@ from .config import (
     NonFiniteLossError,
     TrainConfig,
     TrainResult,
+    check_settings,
     given_fields,
     lr_milestones,
     resolve_config,
     resume_config,
 )
-from .data import DataBundle, TransformedSubset, build_data, detect_dataset
+from .data import DataBundle, TransformedSubset, build_data, detect_dataset, mix_seed
 from .distributed import DistInfo, all_reduce, init_distributed
 
 __all__ = ["evaluate", "train"]
@@ -140,13 +143,13 @@ def _peak_memory_mb(device: torch.device) -> float:
 def _seed_epoch(seed: int, epoch: int, rank: int, loader: DataLoader) -> None:
     """Seed every RNG from (seed, epoch, rank) and the augmentation from (seed, epoch, image): an
     epoch then does not depend on how the run got there (resumed or not, how many workers)."""
-    s = (seed * 1_000_003 + epoch * 1_009 + rank) % 2**31
+    s = mix_seed(seed, epoch * 1_009 + rank)
     torch.manual_seed(s)
     np.random.seed(s)
     random.seed(s)
     loader.generator.manual_seed(s)  # worker base seeds
     if isinstance(loader.dataset, TransformedSubset):
-        loader.dataset.set_seed((seed * 1_000_003 + epoch) % 2**31)
+        loader.dataset.set_seed(mix_seed(seed, epoch))
 
 
 def _batches(
@@ -194,6 +197,7 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> TrainResult:
     """
     given = given_fields(config, overrides)
     config = dataclasses.replace(config or TrainConfig(), **overrides)
+    check_settings(config.to_dict())  # types and ranges first: nothing below trusts a value unchecked
     info, device = init_distributed(config.device)
     try:
         return _train(config, info, device, given)
@@ -202,9 +206,34 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> TrainResult:
             dist.destroy_process_group()
 
 
+class _Log:
+    """Rank 0's log lines on stdout, which outlive their reader.
+
+    ``densenet-efficient train ... | head -1`` closes the pipe after one line; the next print would
+    raise BrokenPipeError and kill the run between two checkpoints. Instead the first failed write
+    turns stdout into ``/dev/null`` (so neither a later line nor the interpreter's final flush
+    raises again), says so once on stderr, and training goes on: log.csv keeps every epoch."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    def __call__(self, text: str) -> None:
+        if not self.enabled:
+            return
+        try:
+            print(text, flush=True)
+        except (BrokenPipeError, ValueError):  # ValueError: the stream was closed in this process
+            self.enabled = False
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            with contextlib.suppress(OSError, ValueError):
+                print("densenet-efficient train: stdout was closed; training continues, see log.csv",
+                      file=sys.stderr, flush=True)  # fmt: skip
+
+
 @dataclass
 class _Run:
-    """What one invocation trains: its settings, folder, model and optimisation state."""
+    """What one invocation trains: its settings, folder, model, optimisation state and where it runs."""
 
     c: TrainConfig
     dataset: str
@@ -213,6 +242,12 @@ class _Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
+    info: DistInfo
+    device: torch.device
+    net: nn.Module | None = None  # what the loop calls: the model, wrapped in DDP / torch.compile
+    planned: bool = False  # the memory plan was chosen by --memory (and is checkpointed)
+    resumed: bool = False
+    log: _Log = dataclasses.field(default_factory=lambda: _Log(False))
     start_epoch: int = 0
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     best: BestModel = dataclasses.field(default_factory=BestModel)
@@ -221,10 +256,14 @@ class _Run:
 def run_name(config: TrainConfig) -> str:
     """What a run folder is named after: the data set (``digits``, ``cifar10``, ``cifar100``), or an
     ImageFolder's own folder name; never the ``auto`` selector."""
-    dataset = detect_dataset(config.data) if config.dataset == "auto" else config.dataset
+    dataset = _dataset(config)
     if dataset == "imagefolder" and config.data is not None:
         return Path(config.data).expanduser().resolve().name
     return dataset
+
+
+def _dataset(config: TrainConfig) -> str:
+    return detect_dataset(config.data) if config.dataset == "auto" else config.dataset
 
 
 def _open_run(
@@ -235,7 +274,7 @@ def _open_run(
     save_dir = Path(config.save or f"runs/{run_name(config)}-{time.strftime('%Y%m%d-%H%M%S')}")
     ckpt_path = save_dir / CHECKPOINT_NAME
     if config.resume:
-        ckpt = read_run_checkpoint(ckpt_path)  # also checks its config holds only known settings
+        ckpt = read_run_checkpoint(ckpt_path)  # also type-checks every stored setting
         asked = dataclasses.replace(config, save=str(save_dir))
         config, notices = resume_config(TrainConfig(**ckpt["config"]), asked, given, ckpt["epoch"])
         return config, save_dir, ckpt, notices
@@ -275,45 +314,87 @@ def _load_data(c: TrainConfig, dataset: str, info: DistInfo) -> DataBundle:
 
 
 def _choose_budget(
-    c: TrainConfig, data: DataBundle, info: DistInfo, device: torch.device, stored_plan: Any
-) -> BudgetChoice:
-    """The batch and memory plan for ``--memory``/``--batch-size auto`` (before the model is built).
+    c: TrainConfig, data: DataBundle, info: DistInfo, device: torch.device, ckpt: dict[str, Any] | None
+) -> tuple[TrainConfig, BudgetChoice | None]:
+    """The settings with the batch and the memory plan ``--memory``/``--batch-size auto`` choose
+    (before the model is built), and the choice; ``(c, None)`` when neither is asked for.
 
     A resumed run keeps the plan its checkpoint stored (its batch is already the stored one): the
     same run continues with the same computation, whatever memory the device has free today."""
-    arch = _build_model_config(c, data.num_classes)
-    if stored_plan is not None:
+    if c.memory is None and c.batch_size != "auto":
+        return c, None
+    stored_plan = ckpt.get("memory_plan") if ckpt is not None else None
+    if stored_plan is not None:  # type-checked by read_run_checkpoint
         plan = MemoryPlan.from_json(stored_plan)
-        return BudgetChoice(plan.budget or 0, int(c.batch_size), plan, "the run's stored plan")
-    return choose_budget(
-        arch,
-        memory=c.memory,
-        batch_size=c.batch_size,
-        accum_steps=c.accum_steps,
-        image_size=data.image_size,
-        amp=c.amp,
-        # the loop's SGD keeps one momentum buffer per parameter (none without momentum)
-        optimizer="momentum" if c.momentum else "sgd",
-        train_images=len(data.train),
-        device=device,
-        info=info,
-    )
+        choice = BudgetChoice(plan.budget or 0, int(c.batch_size), plan, "the run's stored plan")
+    else:
+        choice = choose_budget(
+            _arch_config(c, data.num_classes),
+            memory=c.memory,
+            batch_size=c.batch_size,
+            accum_steps=c.accum_steps,
+            image_size=data.image_size,
+            amp=c.amp,
+            # the loop's SGD keeps one momentum buffer per parameter (none without momentum)
+            optimizer="momentum" if c.momentum else "sgd",
+            train_images=len(data.train),
+            device=device,
+            info=info,
+        )
+    return dataclasses.replace(c, batch_size=choice.batch_size, memory=c.memory or "auto"), choice
 
 
-def _build_model_config(c: TrainConfig, num_classes: int) -> ArchConfig:
+def _arch_config(c: TrainConfig, num_classes: int) -> ArchConfig:
     """The architecture :func:`_build_model` builds, without building it."""
     if c.arch is None:
         return densenet_bc_config(c.depth, c.growth_rate, num_classes=num_classes)
     return resolve_arch(c.arch).with_classes(num_classes)
 
 
+def _check_checkpoint_fits(
+    c: TrainConfig, num_classes: int, ckpt: dict[str, Any], choice: BudgetChoice | None, path: Path
+) -> None:
+    """Refuse, before any model is built, stored weights (and a stored plan) that do not fit the
+    architecture the stored settings describe: compared from the numbers alone, so an edited
+    ``growth_rate=100000`` is an error naming the file, not an allocation of gigabytes."""
+    arch = _arch_config(c, num_classes)
+    for key in ("model", "best_model"):
+        state = ckpt.get(key)
+        if state is None:
+            continue
+        odd = next((k for k, v in state.items() if not isinstance(v, torch.Tensor)), None)
+        try:
+            if odd is not None:
+                raise StateDictMismatchError(
+                    f"its entry {shown(odd)} is a {type(state[odd]).__name__}, not a tensor"
+                )
+            arch.check_shapes(state)
+        except StateDictMismatchError as err:
+            detail = str(err).removeprefix(f"checkpoint does not fit {arch.describe()}: ")
+            raise UsageError(
+                f"checkpoint {path}: its {key.replace('_', ' ')} does not fit the {arch.name} its settings "
+                f"describe: {detail}"
+            ) from None
+    if choice is not None:
+        try:
+            resolve_memory_plan(choice.plan, arch)
+        except UsageError as err:
+            raise UsageError(
+                f"checkpoint {path}: its memory_plan does not fit the {arch.name}: {err}"
+            ) from None
+
+
 def _build_run(
-    c: TrainConfig, dataset: str, save_dir: Path, data: DataBundle, info: DistInfo, device: torch.device
-) -> _Run:
-    """Model (same initial weights on every rank and for every data set), SGD + Nesterov with the
-    original demo's schedule (LR x0.1 at 50% and 75% of the epochs), and the AMP scaler."""
+    c: TrainConfig, dataset: str, save_dir: Path, data: DataBundle, info: DistInfo, device: torch.device,
+    choice: BudgetChoice | None,
+) -> _Run:  # fmt: skip
+    """Model (same initial weights on every rank and for every data set), in the memory plan
+    ``choice`` holds if any, SGD + Nesterov with the original demo's schedule (LR x0.1 at 50% and
+    75% of the epochs), and the AMP scaler."""
     torch.manual_seed(c.seed)
     model = _build_model(c, data.num_classes).to(device)
+    if choice is not None:
+        model.set_memory_efficient(choice.plan)
     if c.freeze_features:
         model.features.requires_grad_(False)
     if c.channels_last:
@@ -328,26 +409,21 @@ def _build_run(
         optimizer, milestones=lr_milestones(c.n_epochs), gamma=0.1
     )
     scaler = torch.amp.GradScaler(device.type, enabled=c.amp == "fp16")
-    return _Run(c, dataset, save_dir, model, optimizer, scheduler, scaler)
+    run = _Run(c, dataset, save_dir, model, optimizer, scheduler, scaler, info, device)
+    run.planned, run.log = choice is not None, _Log(info.main)
+    return run
 
 
 def _restore(run: _Run, ckpt: dict[str, Any]) -> None:
     """Continue exactly where the checkpoint stopped: weights, optimiser, schedule, RNGs, history.
 
-    A part that does not fit the model its settings build is refused with a :class:`UsageError`
-    naming it, before anything is trained or written."""
+    The weights were compared with the architecture before it was built
+    (:func:`_check_checkpoint_fits`); a part that still cannot be restored is refused with a
+    :class:`UsageError` naming it, before anything is trained or written."""
     path = run.save_dir / CHECKPOINT_NAME
-    for key in ("model", "best_model"):
-        if ckpt.get(key) is not None:
-            problem = _state_dict_problem(run.model, ckpt[key])
-            if problem:
-                raise UsageError(
-                    f"checkpoint {path}: its {key.replace('_', ' ')} does not fit the {run.model.arch_summary()} "
-                    f"its settings describe: {problem}"
-                )
     steps = {
         "model": lambda: run.model.load_state_dict(ckpt["model"]),
-        "optimizer": lambda: run.optimizer.load_state_dict(ckpt["optimizer"]),
+        "optimizer": lambda: _load_optimizer(run.optimizer, ckpt["optimizer"]),
         "scheduler": lambda: run.scheduler.load_state_dict(ckpt["scheduler"]),
         "scaler": lambda: ckpt.get("scaler") and run.scaler.load_state_dict(ckpt["scaler"]),
         "rng": lambda: restore_rng_state(ckpt["rng"]),
@@ -356,13 +432,40 @@ def _restore(run: _Run, ckpt: dict[str, Any]) -> None:
         try:
             step()
         except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as err:
+            reason = (str(err).strip().splitlines() or [""])[0][:200]
             raise UsageError(
-                f"checkpoint {path}: its {key} state cannot be restored ({err!r:.200})"
+                f"checkpoint {path}: its {key} state cannot be restored ({type(err).__name__}: {reason})"
             ) from None
-    run.start_epoch, run.history = int(ckpt["epoch"]), list(ckpt["history"])
+    run.start_epoch, run.history, run.resumed = int(ckpt["epoch"]), list(ckpt["history"]), True
     run.best = BestModel(ckpt.get("best_valid_error"), ckpt.get("best_epoch"), ckpt.get("best_model"))
     if run.c.n_epochs != ckpt["config"]["n_epochs"]:
         _reschedule(run.scheduler, run.optimizer, run.c.n_epochs)
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """``optimizer.load_state_dict(state)``, refusing what it would accept and fail on later:
+    ``torch.optim`` takes a hyperparameter of another type, or a momentum buffer of another
+    shape, as it is, and the first step would raise in the middle of an epoch."""
+    fresh = optimizer.state_dict()["param_groups"]
+    optimizer.load_state_dict(state)
+    for group, template in zip(optimizer.param_groups, fresh, strict=True):
+        for name, want in template.items():
+            got = group.get(name)
+            if name != "params" and _kind(got) != _kind(want):
+                raise TypeError(f"param group {name} is {shown(got)}, expected a {_kind(want)}")
+        for p in group["params"]:
+            buf = optimizer.state.get(p, {}).get("momentum_buffer")
+            if buf is not None and (not isinstance(buf, torch.Tensor) or buf.shape != p.shape):
+                raise ValueError(
+                    f"a momentum buffer of shape {shown(getattr(buf, 'shape', buf))} for a parameter of {tuple(p.shape)}"
+                )
+
+
+def _kind(value: Any) -> str:
+    """A value's kind as a type check needs it: an int where a float was is still a number."""
+    if isinstance(value, bool) or value is None:
+        return type(value).__name__
+    return "number" if isinstance(value, (int, float)) else type(value).__name__
 
 
 def _reschedule(
@@ -381,32 +484,12 @@ def _reschedule(
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
-def _state_dict_problem(model: nn.Module, state: Any) -> str | None:
-    """What keeps ``state`` from loading into ``model`` exactly, in one line (None if it fits)."""
-    if not isinstance(state, dict):
-        return f"expected a state dict, found a {type(state).__name__}"
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [
-        f"{k} {tuple(state[k].shape)} instead of {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and (not isinstance(state[k], torch.Tensor) or state[k].shape != v.shape)
-    ]
-    parts = [
-        f"{label} {len(names)} ({', '.join(map(str, names[:3]))}{', ...' if len(names) > 3 else ''})"
-        for label, names in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes))
-        if names
-    ]
-    return "; ".join(parts) or None
-
-
-def _wrap(run: _Run, info: DistInfo, device: torch.device) -> nn.Module:
+def _wrap(run: _Run) -> nn.Module:
     """The module the loop calls: DDP across processes and/or ``torch.compile`` around the model."""
     net: nn.Module = run.model
-    if info.enabled:
+    if run.info.enabled:
         net = nn.parallel.DistributedDataParallel(
-            run.model, device_ids=[device.index] if device.type == "cuda" else None
+            run.model, device_ids=[run.device.index] if run.device.type == "cuda" else None
         )
     if run.c.compile:
         net = torch.compile(net)
@@ -415,51 +498,21 @@ def _wrap(run: _Run, info: DistInfo, device: torch.device) -> nn.Module:
 
 def _train(config: TrainConfig, info: DistInfo, device: torch.device, given: frozenset[str]) -> TrainResult:
     config, save_dir, ckpt, notices = _open_run(config, given)
-    dataset = detect_dataset(config.data) if config.dataset == "auto" else config.dataset
-    if dataset == "imagefolder" and config.data is not None:
-        data_dir = Path(config.data).expanduser().resolve()
-        if save_dir.resolve().is_relative_to(data_dir):
-            raise UsageError(
-                f"--save {save_dir} is inside --data {config.data}: the run folder would be read as a "
-                "class of images (or as images of one); save the run outside the data folder"
-            )
-    if {"memory", "mode"} <= given and not config.resume:
-        raise UsageError(
-            f"--memory {config.memory} and --mode {config.mode} both given: --memory chooses the memory "
-            "plan (the mode of each block) for the budget; give one of them"
-        )
-    c = resolve_config(config, dataset)
+    dataset = _dataset(config)
+    c = resolve_config(config, dataset, given=given, save_dir=save_dir)
     _configure_backends(c, device)
     data = _load_data(c, dataset, info)
-    choice = None
-    if c.memory is not None or c.batch_size == "auto":
-        stored_plan = ckpt.get("memory_plan") if ckpt is not None else None
-        choice = _choose_budget(c, data, info, device, stored_plan)
-        c = dataclasses.replace(c, batch_size=choice.batch_size, memory=c.memory or "auto")
-    run = _build_run(c, dataset, save_dir, data, info, device)
-    if choice is not None:
-        run.model.set_memory_efficient(choice.plan)
+    c, choice = _choose_budget(c, data, info, device, ckpt)
+    if ckpt is not None:
+        _check_checkpoint_fits(c, data.num_classes, ckpt, choice, save_dir / CHECKPOINT_NAME)
+    run = _build_run(c, dataset, save_dir, data, info, device, choice)
     if ckpt is not None:
         _restore(run, ckpt)
-    _check_run_folder(save_dir, info, device)
-    net = _wrap(run, info, device)
     train_loader, sampler = _loader(data.train, c, info, shuffle=True, device=device)
     valid_loader = _loader(data.valid, c, info, shuffle=False, device=device)[0] if data.valid else None
-    log = print if info.main else (lambda *a, **k: None)
-    log(_describe_run(run, data, info, device, resumed=ckpt is not None))
-    if choice is not None:
-        log(choice.describe(c.accum_steps, info.world_size))
-    elif c.accum_steps > 1:
-        effective = c.batch_size * c.accum_steps * info.world_size
-        log(f"batch {c.batch_size} x {c.accum_steps} accumulation steps (effective {effective})")
-    for notice in notices:
-        log(f"resuming with {notice}")
-    if ckpt is not None and run.start_epoch >= c.n_epochs:
-        log(
-            f"the run in {save_dir} has already completed its {c.n_epochs} epochs: nothing to train "
-            "(pass a larger --n-epochs to continue it)"
-        )
-
+    _check_run_folder(save_dir, info, device)
+    run.net = _wrap(run)
+    _announce(run, data, choice, notices)
     provenance = {
         "training": {k: v for k, v in c.to_dict().items() if k not in RUNTIME_FIELDS},
         "dataset": data.name,
@@ -470,58 +523,89 @@ def _train(config: TrainConfig, info: DistInfo, device: torch.device, given: fro
     for epoch in range(run.start_epoch, end_epoch):
         _seed_epoch(c.seed, epoch, info.rank, train_loader)
         sampler.set_epoch(epoch)
-        row = _run_epoch(run, net, epoch, train_loader, valid_loader, info, device)
+        row = _run_epoch(run, epoch, train_loader, valid_loader)
         run.history.append(row)
-        score = row["valid_error"] if valid_loader else row["train_error"]
-        improved = run.best.update(score, epoch + 1, run.model)
-        log(
+        improved = run.best.update(
+            row["valid_error"] if valid_loader else row["train_error"], epoch + 1, run.model
+        )
+        run.log(
             f"epoch {epoch + 1}/{c.n_epochs}: train loss {row['train_loss']:.4f} error {row['train_error']:.4f} | "
             f"valid loss {row['valid_loss']:.4f} error {row['valid_error']:.4f} | lr {row['lr']:g} | "
             f"{row['epoch_seconds']:.1f}s"
         )
         if info.main:
-            trainables = {
-                "model": run.model,
-                "optimizer": run.optimizer,
-                "scheduler": run.scheduler,
-                "scaler": run.scaler,
-            }
-            if choice is not None:
-                trainables["memory_plan"] = run.model.memory_plan
-            try:
-                save_epoch(save_dir, trainables, c, epoch + 1, run.history, run.best, improved, provenance)
-            except OSError as err:
-                if err.errno not in _STORAGE_ERRORS:
-                    raise
-                raise UsageError(
-                    f"could not save epoch {epoch + 1} in {save_dir}: {os.strerror(err.errno)}; "
-                    + (
-                        f"the checkpoint of epoch {epoch} is kept: make room (or fix the folder) and "
-                        "continue with --resume"
-                        if epoch > run.start_epoch or ckpt is not None
-                        else "make room (or fix the folder) and start the run again"
-                    )
-                ) from None
+            _save(run, epoch, improved, provenance)
+    return _finish(run, data, end_epoch)
 
-    finished = end_epoch == c.n_epochs
-    result = TrainResult(
-        save_dir, end_epoch, finished, run.history, run.best.epoch, run.best.error, model=run.model
-    )
-    if finished and data.test is not None and data.test is not data.valid:
-        result.test_loss, result.test_error = _test_best(run, net, data, info, device)
-        log(
-            f"test (best model, epoch {run.best.epoch}): loss {result.test_loss:.4f} "
-            f"error {result.test_error:.4f} (accuracy {100 * (1 - result.test_error):.2f}%)"
+
+def _announce(run: _Run, data: DataBundle, choice: BudgetChoice | None, notices: list[str]) -> None:
+    """Log what is trained, where, in which batches, and what a resume changed."""
+    c, info = run.c, run.info
+    run.log(_describe_run(run, data))
+    if choice is not None:
+        run.log(choice.describe(c.accum_steps, info.world_size))
+    elif c.accum_steps > 1:
+        effective = c.batch_size * c.accum_steps * info.world_size
+        run.log(f"batch {c.batch_size} x {c.accum_steps} accumulation steps (effective {effective})")
+    for notice in notices:
+        run.log(f"resuming with {notice}")
+    if run.resumed and run.start_epoch >= c.n_epochs:
+        run.log(
+            f"the run in {run.save_dir} has already completed its {c.n_epochs} epochs: nothing to train "
+            "(pass a larger --n-epochs to continue it)"
         )
-    elif not finished:
-        log(f"stopped after epoch {end_epoch} of {c.n_epochs}; continue with --save {save_dir} --resume")
-    return result
 
 
 #: errno values that mean "the run folder cannot take the files", not a bug.
 _STORAGE_ERRORS = frozenset(
     {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO}
 )
+
+
+def _save(run: _Run, epoch: int, improved: bool, provenance: dict[str, Any]) -> None:
+    """Rank 0 saves the epoch (:func:`.checkpoint.save_epoch`); a folder that cannot take it is one
+    sentence saying which checkpoint is kept."""
+    trainables = {
+        "model": run.model,
+        "optimizer": run.optimizer,
+        "scheduler": run.scheduler,
+        "scaler": run.scaler,
+    }
+    if run.planned:
+        trainables["memory_plan"] = run.model.memory_plan
+    try:
+        save_epoch(run.save_dir, trainables, run.c, epoch + 1, run.history, run.best, improved, provenance)
+    except OSError as err:
+        if err.errno not in _STORAGE_ERRORS:
+            raise
+        kept = (
+            f"the checkpoint of epoch {epoch} is kept: make room (or fix the folder) and continue with --resume"
+            if epoch > run.start_epoch or run.resumed
+            else "make room (or fix the folder) and start the run again"
+        )
+        raise UsageError(
+            f"could not save epoch {epoch + 1} in {run.save_dir}: {os.strerror(err.errno)}; {kept}"
+        ) from None
+
+
+def _finish(run: _Run, data: DataBundle, end_epoch: int) -> TrainResult:
+    """The result; a finished run is tested (best model) when the data has a separate test set."""
+    c = run.c
+    finished = end_epoch == c.n_epochs
+    result = TrainResult(
+        run.save_dir, end_epoch, finished, run.history, run.best.epoch, run.best.error, model=run.model
+    )
+    if finished and data.test is not None and data.test is not data.valid:
+        result.test_loss, result.test_error = _test_best(run, data)
+        run.log(
+            f"test (best model, epoch {run.best.epoch}): loss {result.test_loss:.4f} "
+            f"error {result.test_error:.4f} (accuracy {100 * (1 - result.test_error):.2f}%)"
+        )
+    elif not finished:
+        run.log(
+            f"stopped after epoch {end_epoch} of {c.n_epochs}; continue with --save {run.save_dir} --resume"
+        )
+    return result
 
 
 def _check_run_folder(save_dir: Path, info: DistInfo, device: torch.device) -> None:
@@ -540,46 +624,30 @@ def _check_run_folder(save_dir: Path, info: DistInfo, device: torch.device) -> N
         raise UsageError(f"rank 0 cannot write the run folder {save_dir}")
 
 
-def _describe_run(run: _Run, data: DataBundle, info: DistInfo, device: torch.device, resumed: bool) -> str:
-    c, model = run.c, run.model
-    where = f"{device}" + (f" x {info.world_size} processes" if info.enabled else "")
+def _describe_run(run: _Run, data: DataBundle) -> str:
+    c, model, info = run.c, run.model, run.info
+    where = f"{run.device}" + (f" x {info.world_size} processes" if info.enabled else "")
     return (
         f"{model.arch_summary()} mode={c.mode if c.memory is None else 'plan (--memory)'}, {sum(p.numel() for p in model.parameters()):,} "
         f"parameters; {data.name} {data.image_size}x{data.image_size}: {len(data.train)} train / "
         f"{len(data.valid) if data.valid else 0} valid images, {data.num_classes} classes; {where}; "
-        f"saving to {run.save_dir}" + (f" (resuming after epoch {run.start_epoch})" if resumed else "")
+        f"saving to {run.save_dir}" + (f" (resuming after epoch {run.start_epoch})" if run.resumed else "")
     )
 
 
 def _run_epoch(
-    run: _Run,
-    net: nn.Module,
-    epoch: int,
-    train_loader: DataLoader,
-    valid_loader: DataLoader | None,
-    info: DistInfo,
-    device: torch.device,
+    run: _Run, epoch: int, train_loader: DataLoader, valid_loader: DataLoader | None
 ) -> dict[str, Any]:
     """Train one epoch, step the schedule, validate; return the log row."""
-    c = run.c
+    c, device = run.c, run.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     lr = run.optimizer.param_groups[0]["lr"]
     t0 = time.perf_counter()
-    train_loss, train_error = _train_epoch(
-        net,
-        run.model,
-        train_loader,
-        run.optimizer,
-        run.scaler,
-        c,
-        info,
-        device,
-        f"epoch {epoch + 1}/{c.n_epochs}",
-    )
+    train_loss, train_error = _train_epoch(run, train_loader, f"epoch {epoch + 1}/{c.n_epochs}")
     run.scheduler.step()
     valid_loss, valid_error = (
-        evaluate(net, valid_loader, device, c, info) if valid_loader else (math.nan, math.nan)
+        evaluate(run.net, valid_loader, device, c, run.info) if valid_loader else (math.nan, math.nan)
     )
     return {
         "epoch": epoch + 1,
@@ -593,16 +661,14 @@ def _run_epoch(
     }
 
 
-def _test_best(
-    run: _Run, net: nn.Module, data: DataBundle, info: DistInfo, device: torch.device
-) -> tuple[float, float]:
+def _test_best(run: _Run, data: DataBundle) -> tuple[float, float]:
     """Test figures of the model selected on validation (the last weights are put back after)."""
     model, best = run.model, run.best
     if best.state is not None:
         last = {k: v.detach().clone() for k, v in model.state_dict().items()}
         model.load_state_dict(best.state)
-    test_loader = _loader(data.test, run.c, info, shuffle=False, device=device)[0]
-    figures = evaluate(net, test_loader, device, run.c, info)
+    test_loader = _loader(data.test, run.c, run.info, shuffle=False, device=run.device)[0]
+    figures = evaluate(run.net, test_loader, run.device, run.c, run.info)
     if best.state is not None:
         model.load_state_dict(last)
     return figures
@@ -616,23 +682,15 @@ def _batch_sizes(loader: DataLoader) -> list[int]:
 
 
 def _forward_backward(
-    net: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    weight: float,
-    scaler: torch.amp.GradScaler,
-    c: TrainConfig,
-    info: DistInfo,
-    device: torch.device,
-    desc: str,
+    run: _Run, x: torch.Tensor, y: torch.Tensor, weight: float, desc: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One micro-batch: forward, the loss (checked finite on every rank), and backward of
     ``weight`` x the loss into the gradients already accumulated; returns the output and the loss."""
-    with _autocast(c, device):
-        out = net(x)
+    with _autocast(run.c, run.device):
+        out = run.net(x)
         loss = _loss_fn(out.float(), y)
-    bad = torch.tensor(float(not torch.isfinite(loss.detach()).item()), device=device)
-    if info.enabled:  # every rank must stop together, or the others hang in all-reduce
+    bad = torch.tensor(float(not torch.isfinite(loss.detach()).item()), device=run.device)
+    if run.info.enabled:  # every rank must stop together, or the others hang in all-reduce
         dist.all_reduce(bad)
     if bad.item():
         raise NonFiniteLossError(
@@ -640,24 +698,15 @@ def _forward_backward(
             "is kept; try a lower --lr, or --amp bf16 instead of fp16"
         )
     # fp16: every micro-batch's loss is scaled; the scaler unscales the sum once, at the step
-    scaler.scale(loss if weight == 1.0 else loss * weight).backward()
+    run.scaler.scale(loss if weight == 1.0 else loss * weight).backward()
     return out, loss
 
 
-def _train_epoch(
-    net: nn.Module,
-    model: DenseNet,
-    loader: DataLoader,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    c: TrainConfig,
-    info: DistInfo,
-    device: torch.device,
-    desc: str,
-) -> tuple[float, float]:
-    net.train()
+def _train_epoch(run: _Run, loader: DataLoader, desc: str) -> tuple[float, float]:
+    c, info = run.c, run.info
+    run.net.train()
     if c.freeze_features:
-        model.features.eval()  # frozen features keep their pretrained BN statistics too
+        run.model.features.eval()  # frozen features keep their pretrained BN statistics too
     loss_sum = err_sum = count = 0.0
     t0 = time.perf_counter()
     bar = tqdm(
@@ -669,18 +718,20 @@ def _train_epoch(
         dynamic_ncols=True,
     )
     weights = accumulation_weights(_batch_sizes(loader), c.accum_steps)
-    ddp = getattr(net, "_orig_mod", net)  # under torch.compile, the DDP module (if any) inside
-    optimizer.zero_grad(set_to_none=True)
-    for i, ((x, y), weight) in enumerate(zip(_batches(bar, device, c.channels_last), weights, strict=True)):
+    ddp = getattr(run.net, "_orig_mod", run.net)  # under torch.compile, the DDP module (if any) inside
+    run.optimizer.zero_grad(set_to_none=True)
+    for i, ((x, y), weight) in enumerate(
+        zip(_batches(bar, run.device, c.channels_last), weights, strict=True)
+    ):
         steps = (i + 1) % c.accum_steps == 0 or i + 1 == len(weights)
         # DDP all-reduces gradients in backward: only on the micro-batch that ends the group
         sync = ddp.no_sync() if not steps and isinstance(ddp, DDP) else contextlib.nullcontext()
         with sync:
-            out, loss = _forward_backward(net, x, y, weight, scaler, c, info, device, desc)
+            out, loss = _forward_backward(run, x, y, weight, desc)
         if steps:
-            scaler.step(optimizer)  # fp16: unscales the accumulated gradients once, then steps
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            run.scaler.step(run.optimizer)  # fp16: unscales the accumulated gradients once, then steps
+            run.scaler.update()
+            run.optimizer.zero_grad(set_to_none=True)
         n = y.numel()
         loss_sum += loss.item() * n
         err_sum += float((out.argmax(1) != y).sum())
@@ -690,5 +741,5 @@ def _train_epoch(
             acc=f"{100 * (1 - err_sum / count):.1f}%",
             img_s=f"{count * info.world_size / (time.perf_counter() - t0):.0f}",
         )
-    loss_sum, err_sum, count = all_reduce([loss_sum, err_sum, count], info, device)
+    loss_sum, err_sum, count = all_reduce([loss_sum, err_sum, count], info, run.device)
     return loss_sum / count, err_sum / count

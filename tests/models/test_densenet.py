@@ -184,7 +184,7 @@ def test_bad_mode(bad):
 
 
 def test_bad_arch_arguments():
-    with pytest.raises(ValueError, match="growth_rate must be a positive int, got 0"):
+    with pytest.raises(ValueError, match="growth_rate must be an integer >= 1, found 0"):
         de.DenseNet(growth_rate=0)
     with pytest.raises(ValueError, match="block_config"):
         de.DenseNet(block_config=())

@@ -66,14 +66,14 @@ def test_benchmark_memory_only_and_bad_input():
     assert rows[0]["memory_ratio"] is None and "seconds" not in rows[0]  # no torchvision row to compare with
     with pytest.raises(ValueError, match="unknown implementation 'fast'"):
         benchmark(TINY, implementations=["fast"], progress=False)
-    with pytest.raises(ValueError, match="must be >= 1"):
+    with pytest.raises(ValueError, match="must be an integer >= 1"):
         benchmark(TINY, batch_size=0, progress=False)
     # 0 is refused, not read as "the default" (the Python API is checked, not only the CLI)
     with pytest.raises(ValueError, match="resolution must be a positive integer, got 0"):
         benchmark(TINY, resolution=0, device="cpu", progress=False)
     with pytest.raises(ValueError, match="resolution 2 is too small"):
         sweep("depth", values=[10], resolution=2, device="cpu", progress=False)
-    with pytest.raises(ValueError, match=r"threads must be >= 1 \(an integer\), got 0"):
+    with pytest.raises(ValueError, match=r"threads must be an integer >= 1, found 0"):
         benchmark(TINY, threads=0, device="cpu", progress=False)
 
 
@@ -106,7 +106,7 @@ def test_depth_sweep_writes_csv_and_png(tmp_path):
     [
         (["--arch", "resnet50"], "unknown architecture 'resnet50'"),
         (["--depth", "11"], "6n\\+4"),
-        (["--batch-size", "0", "--depth", "10"], "must be >= 1"),
+        (["--batch-size", "0", "--depth", "10"], "must be an integer >= 1"),
         (["--sweep", "width"], None),  # argparse rejects the choice
         (
             ["--depth", "10", "--resolution", "2"],

@@ -73,19 +73,22 @@ def test_accumulated_gradients_equal_the_full_batch_gradient_float64():
     model = densenet_bc(10, growth_rate=6, num_classes=10, memory_efficient="max_saving").double().eval()
     x, y = torch.randn(8, 3, 32, 32, dtype=torch.float64), torch.randint(0, 10, (8,))
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    args = (scaler, TrainConfig(), DistInfo(), torch.device("cpu"), "test")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [1])
+    run = loop._Run(TrainConfig(), "digits", Path("unused"), model, optimizer, scheduler, scaler, DistInfo(),
+                    torch.device("cpu"), net=model)  # fmt: skip
 
-    loop._forward_backward(model, x, y, 1.0, *args)
+    loop._forward_backward(run, x, y, 1.0, "test")
     full = [p.grad.clone() for p in model.parameters()]
     model.zero_grad(set_to_none=True)
     for (xs, ys), w in zip([(x[:5], y[:5]), (x[5:], y[5:])], accumulation_weights([5, 3], 2), strict=True):
-        loop._forward_backward(model, xs, ys, w, *args)
+        loop._forward_backward(run, xs, ys, w, "test")
     for a, b in zip(full, (p.grad for p in model.parameters()), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-14)
     # without the weights it is the sum of two means, not the mean: the weights matter
     model.zero_grad(set_to_none=True)
     for xs, ys in [(x[:5], y[:5]), (x[5:], y[5:])]:
-        loop._forward_backward(model, xs, ys, 1.0, *args)
+        loop._forward_backward(run, xs, ys, 1.0, "test")
     assert not torch.allclose(next(model.parameters()).grad, full[0])
 
 
@@ -151,7 +154,7 @@ def test_memory_applies_the_fitted_plan_to_the_model(cifar, tmp_path, capsys):
         (["--memory", "lots"], r"memory budget must look like 8GiB"),
         (["--memory", "auto"], r"--memory auto on cpu: only a CUDA device has free memory"),
         (["--batch-size", "auto"], r"--batch-size auto on cpu: .*give a budget, e.g. --memory 4GiB"),
-        (["--accum-steps", "0"], r"--accum-steps must be >= 1, got 0"),
+        (["--accum-steps", "0"], r"--accum-steps must be an integer >= 1, found 0"),
         (["--batch-size", "many"], None),  # argparse's own error (exit 2)
     ],
 )

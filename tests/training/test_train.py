@@ -533,10 +533,10 @@ def _damage(ckpt: dict, what: str) -> str:
         return r"settings this version does not know \(learning_rate_warmup\)"
     if what == "other_depth":
         ckpt["config"]["depth"] = 16
-        return r"its model does not fit the .* missing \d+ .*; mis-shaped \d+"
+        return r"its model does not fit the densenet_bc_16_k6 .*: its tensors hold dense blocks of 1-1-1 layers"
     if what == "missing_weight":
         del ckpt["model"]["classifier.bias"]
-        return r"its model does not fit .*: missing 1 \(classifier.bias\)"
+        return r"its model does not fit .*: missing keys: classifier.bias$"
     if what == "bad_rng":
         ckpt["rng"]["numpy"] = {"kind": "MT19937"}
         return "its rng state cannot be restored"
