@@ -502,15 +502,18 @@ def _running_stats(bn: nn.BatchNorm2d) -> _Stats:
     return _Stats(_param(bn.running_mean, dtype), _param(bn.running_var, dtype))
 
 
-def _norm1_forward(buf: Tensor, layer: nn.Module, s: _Stats, c: int, scratch: _Scratch) -> Tensor:
-    """``relu(norm1(buf[:, :c]))`` with fixed statistics, into the scratch.
+def _norm1_forward(
+    buf: Tensor, layer: nn.Module, s: _Stats, c: int, scratch: _Scratch, dense: Tensor | None = None
+) -> Tensor:
+    """``relu(norm1(buf[:, :c]))`` with fixed statistics, into the scratch (``dense``: the same
+    channels as a dense tensor, the block's own input for its first layer).
 
     On CPU the inference kernel is 2-3x slower on a strided view than a dense copy plus the kernel
     on dense memory, at every size measured (16K to 1.6M elements, 1 and 2 threads): there it
     normalises a dense copy in place, one op more. CUDA's kernel reads the view directly.
     """
-    x, out = buf.narrow(1, 0, c), scratch.view(c)
-    if buf.device.type == "cpu":
+    x, out = buf.narrow(1, 0, c) if dense is None else dense, scratch.view(c)
+    if dense is None and buf.device.type == "cpu":
         x = out.copy_(x)
     return _apply_bn(x, layer.norm1, s, out, scratch.unused).relu_()
 
@@ -523,13 +526,14 @@ def _block_forward(x: Tensor, plan: _Plan) -> tuple[Tensor, _BlockSaved]:
     channels = c0 + k * len(layers)
     buf = torch.empty((n, channels, h, w), dtype=plan.dtype, device=x.device, memory_format=plan.fmt)
     buf[:, :c0].copy_(x)
+    dense = x if x.dtype == plan.dtype and x.is_contiguous(memory_format=plan.fmt) else None
     weights = _conv_weights(layers, plan.dtype)
 
     stats = updates = None
     if plan.training:
         _count_batches([bn for layer in layers for bn in (layer.norm1, layer.norm2)])
         stats = _BlockStats(x, channels - k, layers[0].norm2.num_features, _stat_dtype(plan.dtype))
-        stats.measure(buf[:, :c0], 0)
+        stats.measure(dense if dense is not None else buf.narrow(1, 0, c0), 0)
         updates = _RunningUpdates(n * h * w)
 
     bottlenecks: list[Tensor | None] = []
@@ -538,7 +542,9 @@ def _block_forward(x: Tensor, plan: _Plan) -> tuple[Tensor, _BlockSaved]:
     for i, layer in enumerate(layers):
         c = c0 + i * k
         s1 = _norm1_stats(layer, stats, c)
-        bottleneck = _conv(_norm1_forward(buf, layer, s1, c, scratch), layer.conv1, weights[2 * i])
+        z1 = _norm1_forward(buf, layer, s1, c, scratch, dense if i == 0 else None)
+        bottleneck = _conv(z1, layer.conv1, weights[2 * i])
+        del z1
         if plan.training:
             z2 = _bn_train(bottleneck, layer.norm2, stats.dummies, updates)[0]
         else:
@@ -603,8 +609,6 @@ def _block_backward(
         mask = saved.masks[i]
         if mask is not None:
             dy = _aten.native_dropout_backward.default(dy, mask, 1.0 / (1.0 - layer.drop_rate))
-        else:  # convolution backward copies a strided gradient itself (CUDA) or runs 1.4x slower (CPU)
-            dy = dy.contiguous(memory_format=fmt)
         s1 = _norm1_stats(layer, saved.stats, c)
         if invstd is not None:
             s1.invstd = invstd[:c] if invstd.dim() == 1 else invstd[i, :c]
@@ -757,7 +761,15 @@ class _Tail:
     def bind(self, module: nn.Module, params: list[Tensor]) -> Any:
         return module
 
+    def keeps(self, mode: str) -> bool:
+        """Whether forward keeps what its backward needs instead of recomputing relu(norm(x))."""
+        return False
+
     def forward(self, z: Tensor, module: Any, plan: _Plan, keep: bool) -> tuple[Tensor, list[Tensor]]:
+        raise NotImplementedError
+
+    def kept_backward(self, grad: Tensor, kept: list[Tensor], x: Tensor, module: Any) -> Tensor:
+        """Gradient w.r.t. the BN output from what :meth:`forward` kept (ReLU's backward included)."""
         raise NotImplementedError
 
     def backward(self, grad: Tensor, z: Tensor, module: Any, plan: _Plan) -> tuple[Tensor, list[Tensor]]:
@@ -791,6 +803,13 @@ class _StemTail(_Tail):
     output (a quarter-size int64 and bool tensor): backward is then one masked scatter and the BN
     backward, with no recompute of the largest activation of the network."""
 
+    def keeps(self, mode):
+        return mode == EFFICIENT
+
+    def kept_backward(self, grad, kept, x, module):
+        idx, positive = kept  # mask by relu's sign, scatter to the max positions
+        return _aten.max_pool2d_with_indices_backward.default(grad * positive, x, *_pool_args(module), idx)
+
     def forward(self, z, module, plan, keep):
         args = _pool_args(module)
         if keep:
@@ -805,10 +824,17 @@ class _StemTail(_Tail):
 
 
 class _IdentityTail(_Tail):
-    """Nothing: the network's final BN-ReLU (``norm5``), keeping only its input."""
+    """Nothing: the network's final BN-ReLU (``norm5``). It keeps its output, as naive's in-place
+    ReLU does (the final map, the smallest of the network): no recompute in backward."""
+
+    def keeps(self, mode):
+        return True
+
+    def kept_backward(self, grad, kept, x, module):
+        return _aten.threshold_backward.default(grad, kept[0], 0)
 
     def forward(self, z, module, plan, keep):
-        return z, []
+        return z, [z] if keep else []
 
     def backward(self, grad, z, module, plan):
         return grad.clone(memory_format=plan.fmt), []  # relu's backward writes into it
@@ -831,7 +857,7 @@ class _NormReluTailFunction(torch.autograd.Function):
         bn = plan.modules[0]
         with torch.autocast(plan.autocast[0], enabled=False):
             x = x.to(plan.dtype)
-            keep = isinstance(tail, _StemTail) and plan.mode == EFFICIENT and plan.training and plan.graph
+            keep = plan.graph and tail.keeps(plan.mode)
             if plan.training:
                 _count_batches([bn])
                 updates = _RunningUpdates(x.numel() // x.shape[1])
@@ -842,6 +868,7 @@ class _NormReluTailFunction(torch.autograd.Function):
                 z, stats = _bn_eval(x, bn), [bn.running_mean, bn.running_var]
             out, kept = tail.forward(z.relu_(), plan.modules[1], plan, keep)
         # Parameters too, so backward's read of them is version-checked (see _DenseBlockFunction).
+        ctx.n_kept = len(kept)
         ctx.save_for_backward(x, *params, *kept, *stats)
         return out
 
@@ -857,9 +884,11 @@ class _NormReluTailFunction(torch.autograd.Function):
         with torch.autocast(plan.autocast[0], enabled=False):
             grad = grad.to(plan.dtype)
             dummies = _Dummies(x, x.shape[1], _stat_dtype(x.dtype))
-            if plan.training and rest:  # stem with saved indices: mask by relu's sign, scatter
-                idx, positive, mean, invstd, reserve = rest
-                dz = _aten.max_pool2d_with_indices_backward.default(grad * positive, x, *_pool_args(module), idx)
+            kept, stats = rest[: ctx.n_kept], rest[ctx.n_kept :]
+            if kept:
+                dz = tail.kept_backward(grad, kept, x, module)
+                if plan.training:
+                    mean, invstd, reserve = stats
             else:
                 if plan.training:
                     z, mean, invstd, reserve = _bn_train(x, bn, dummies, None)
