@@ -45,7 +45,7 @@ from ..io.atomic import atomic_write
 from ..models.config import ArchConfig, densenet_bc_config, resolve_arch
 from ..models.engine import MODES
 from ..models.planner import check_resolution, estimate_memory
-from .measure import IMPLEMENTATIONS, TORCHVISION, StepSpec, check_memory_budget, measure
+from .measure import IMPLEMENTATIONS, TORCHVISION, StepSpec, check_memory_budget, measure, paired_ratio
 
 __all__ = [
     "DEFAULT_COMPILED_BUDGETS",
@@ -223,9 +223,8 @@ def benchmark(
         )
         res["time_ratio"], res["time_ratio_range"] = None, None
         if base and speed and measured:
-            paired = [t / b for t, b in zip(res["seconds_rounds"], base["seconds_rounds"], strict=True)]
-            res["time_ratio"] = statistics.median(paired)
-            res["time_ratio_range"] = [min(paired), max(paired)]
+            res["time_ratio"], *low_high = paired_ratio(res["seconds_rounds"], base["seconds_rounds"])
+            res["time_ratio_range"] = low_high
     meta = {"arch": config.name, "batch_size": batch_size, "resolution": resolution, "device": device}
     return [{**meta, **results[r.label]} for r in plan]
 
