@@ -124,8 +124,20 @@ def _assert_same_run(a: Path, b: Path) -> None:
     ]
 
 
-def test_killed_and_resumed_run_ends_with_identical_weights(cifar, tmp_path, monkeypatch):
-    train(_tiny(cifar, tmp_path / "straight", drop_rate=0.1))
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory) -> Path:
+    """The uninterrupted reference of the resume tests: ``_tiny``'s 3 epochs with dropout (so the
+    resumed run must replay the dropout masks' random stream too), trained once per module on the
+    same fake CIFAR-10 the ``cifar`` fixture writes."""
+    root = tmp_path_factory.mktemp("straight")
+    md5s = write_fake_cifar10(root / "cifar", per_batch=20, test_size=20)
+    with pytest.MonkeyPatch.context() as mp:
+        point_cifar10_at(mp, md5s)
+        train(_tiny(root / "cifar", root / "run", drop_rate=0.1))
+    return root / "run"
+
+
+def test_killed_and_resumed_run_ends_with_identical_weights(cifar, tmp_path, monkeypatch, straight_run):
 
     # Kill the second run in the middle of epoch 2 (batch 8 of 5 + 5 per epoch).
     calls = {"n": 0}
@@ -146,17 +158,16 @@ def test_killed_and_resumed_run_ends_with_identical_weights(cifar, tmp_path, mon
     # Resume with other runtime settings: the stored configuration decides the numbers.
     result = train(TrainConfig(save=str(tmp_path / "killed"), resume=True, progress=False, workers=1))
     assert result.epochs_completed == 3 and result.finished
-    _assert_same_run(tmp_path / "straight", tmp_path / "killed")
+    _assert_same_run(straight_run, tmp_path / "killed")
 
 
-def test_stop_after_then_resume_via_cli(cifar, tmp_path):
-    train(_tiny(cifar, tmp_path / "straight"))
-    common = _tiny_argv(cifar, 3)
+def test_stop_after_then_resume_via_cli(cifar, tmp_path, straight_run):
+    common = _tiny_argv(cifar, 3, "--drop-rate", "0.1")
     save = str(tmp_path / "sliced")
     assert _cli(*common, "--save", save, "--stop-after", "2") == 0
     assert len(_read_log(tmp_path / "sliced" / "log.csv")) == 2
     assert _cli("--save", save, "--resume", "--no-progress") == 0
-    _assert_same_run(tmp_path / "straight", tmp_path / "sliced")
+    _assert_same_run(straight_run, tmp_path / "sliced")
 
 
 # -- failures -------------------------------------------------------------------------------------
@@ -226,10 +237,29 @@ def test_bad_inputs_are_one_clear_line_and_write_nothing(tmp_path, capsys, make,
     assert not save.exists()
 
 
+@pytest.fixture(scope="module")
+def one_epoch_run(tmp_path_factory) -> tuple[Path, dict]:
+    """``_tiny``'s run stopped after one epoch (trained once per module) and its CIFAR md5 lists."""
+    root = tmp_path_factory.mktemp("one_epoch")
+    md5s = write_fake_cifar10(root / "cifar", per_batch=20, test_size=20)
+    with pytest.MonkeyPatch.context() as mp:
+        point_cifar10_at(mp, md5s)
+        train(_tiny(root / "cifar", root / "run", n_epochs=1))
+    return root / "run", md5s
+
+
+@pytest.fixture
+def one_epoch_copy(one_epoch_run, tmp_path, monkeypatch) -> Path:
+    """A private copy of :func:`one_epoch_run`'s folder, its data readable by torchvision."""
+    run, md5s = one_epoch_run
+    point_cifar10_at(monkeypatch, md5s)
+    shutil.copytree(run, tmp_path / "run")
+    return tmp_path / "run"
+
+
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "not_a_training_checkpoint"])
-def test_corrupt_checkpoint_on_resume_is_refused_and_untouched(cifar, tmp_path, capsys, snapshot, damage):
-    save = tmp_path / "run"
-    train(_tiny(cifar, save, n_epochs=1))
+def test_corrupt_checkpoint_on_resume_is_refused_and_untouched(one_epoch_copy, capsys, snapshot, damage):
+    save = one_epoch_copy
     path = save / "checkpoint.pt"
     if damage == "garbage":
         path.write_bytes(b"this is not a checkpoint")
@@ -244,9 +274,8 @@ def test_corrupt_checkpoint_on_resume_is_refused_and_untouched(cifar, tmp_path, 
     assert snapshot(save) == before
 
 
-def test_existing_run_is_not_overwritten_without_resume_or_overwrite(cifar, tmp_path, capsys, snapshot):
-    save = tmp_path / "run"
-    train(_tiny(cifar, save, n_epochs=1))
+def test_existing_run_is_not_overwritten_without_resume_or_overwrite(cifar, one_epoch_copy, capsys, snapshot):
+    save = one_epoch_copy
     before = snapshot(save)
     args = _tiny_argv(cifar, 1, "--growth-rate", "12", "--save", str(save))
     assert _cli(*args) == 2
