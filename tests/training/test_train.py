@@ -76,7 +76,10 @@ def _cli(*argv: str) -> int:
 
 
 def test_embedded_default_learns(tmp_path):
-    """The README's first command trains on scikit-learn's digits; a small DenseNet-BC learns them."""
+    """The README's first command trains on scikit-learn's digits; a small DenseNet-BC learns them.
+
+    Slow by necessity (4 real epochs over the digits): it is the one test that learning happens.
+    """
     result = train(depth=10, n_epochs=4, batch_size=32, save=str(tmp_path / "run"), progress=False)
     accuracy = 1 - result.test_error
     # Chance is 10%; measured 2-core CPU: ~0.9 (see README). The margin absorbs seeds and BLAS.
@@ -238,20 +241,21 @@ def test_bad_inputs_are_one_clear_line_and_write_nothing(tmp_path, capsys, make,
 
 
 @pytest.fixture(scope="module")
-def one_epoch_run(tmp_path_factory) -> tuple[Path, dict]:
-    """``_tiny``'s run stopped after one epoch (trained once per module) and its CIFAR md5 lists."""
+def one_epoch_run(tmp_path_factory) -> tuple[Path, dict, list[dict]]:
+    """``_tiny``'s run of one epoch at lr 0.05 (trained once per module): its folder, its CIFAR md5
+    lists and its history."""
     root = tmp_path_factory.mktemp("one_epoch")
     md5s = write_fake_cifar10(root / "cifar", per_batch=20, test_size=20)
     with pytest.MonkeyPatch.context() as mp:
         point_cifar10_at(mp, md5s)
-        train(_tiny(root / "cifar", root / "run", n_epochs=1))
-    return root / "run", md5s
+        result = train(_tiny(root / "cifar", root / "run", n_epochs=1, lr=0.05))
+    return root / "run", md5s, result.history
 
 
 @pytest.fixture
 def one_epoch_copy(one_epoch_run, tmp_path, monkeypatch) -> Path:
     """A private copy of :func:`one_epoch_run`'s folder, its data readable by torchvision."""
-    run, md5s = one_epoch_run
+    run, md5s, _ = one_epoch_run
     point_cifar10_at(monkeypatch, md5s)
     shutil.copytree(run, tmp_path / "run")
     return tmp_path / "run"
@@ -500,12 +504,11 @@ def run_copy(finished_run, tmp_path, monkeypatch) -> Path:
     return tmp_path / "run"
 
 
-def test_first_epoch_runs_at_the_given_lr_whatever_the_epoch_count(cifar, tmp_path):
+def test_first_epoch_runs_at_the_given_lr_whatever_the_epoch_count(one_epoch_run):
     # One epoch used to get milestones [0, 0] and run at lr / 100.
     assert [lr_milestones(n)[0] >= 1 for n in range(1, 12)] == [True] * 11
     assert lr_milestones(4) == [2, 3]  # the demo's schedule is unchanged for longer runs
-    result = train(_tiny(cifar, tmp_path / "run", n_epochs=1, lr=0.05))
-    assert [row["lr"] for row in result.history] == [0.05]
+    assert [row["lr"] for row in one_epoch_run[2]] == [0.05]  # a one-epoch run at lr 0.05
 
 
 def test_resume_with_more_epochs_continues_on_the_recomputed_schedule(finished_run, run_copy, capsys):
