@@ -252,13 +252,18 @@ def one_epoch_run(tmp_path_factory) -> tuple[Path, dict, list[dict]]:
     return root / "run", md5s, result.history
 
 
-@pytest.fixture
-def one_epoch_copy(one_epoch_run, tmp_path, monkeypatch) -> Path:
-    """A private copy of :func:`one_epoch_run`'s folder, its data readable by torchvision."""
-    run, md5s, _ = one_epoch_run
+def _private_copy(run: Path, md5s: dict, tmp_path: Path, monkeypatch) -> Path:
+    """A copy of a module's shared run folder for one test, its data readable by torchvision."""
     point_cifar10_at(monkeypatch, md5s)
     shutil.copytree(run, tmp_path / "run")
     return tmp_path / "run"
+
+
+@pytest.fixture
+def one_epoch_copy(one_epoch_run, tmp_path, monkeypatch) -> Path:
+    """A private copy of :func:`one_epoch_run`'s folder."""
+    run, md5s, _ = one_epoch_run
+    return _private_copy(run, md5s, tmp_path, monkeypatch)
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "not_a_training_checkpoint"])
@@ -497,11 +502,9 @@ def finished_run(tmp_path_factory) -> tuple[Path, Path, dict]:
 
 @pytest.fixture
 def run_copy(finished_run, tmp_path, monkeypatch) -> Path:
-    """A private copy of :func:`finished_run`'s folder, its data readable by torchvision."""
+    """A private copy of :func:`finished_run`'s folder."""
     cifar, run, md5s = finished_run
-    point_cifar10_at(monkeypatch, md5s)
-    shutil.copytree(run, tmp_path / "run")
-    return tmp_path / "run"
+    return _private_copy(run, md5s, tmp_path, monkeypatch)
 
 
 def test_first_epoch_runs_at_the_given_lr_whatever_the_epoch_count(one_epoch_run):
