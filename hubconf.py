@@ -15,7 +15,17 @@ The package is imported only when an entrypoint is called, so ``torch.hub.list``
 ``torch.hub.help`` stay cheap and show nothing but these entrypoints.
 """
 
+# torch.hub finds entrypoints as this module's functions, and listing them must not import the
+# package, so the registered models (densenet_efficient.list_models()) are named here once more;
+# tests/test_hubconf.py fails until a newly registered model has its entrypoint.
+
 dependencies = ["torch", "torchvision", "huggingface_hub"]
+
+
+def _registered(name: str, pretrained: bool, progress: bool, kwargs: dict):
+    from densenet_efficient.models import get_model  # here, not at the top: see the module docstring
+
+    return get_model(name, pretrained=pretrained, progress=progress, **kwargs)
 
 
 def densenet121(pretrained: bool = False, progress: bool = True, **kwargs):
@@ -25,9 +35,7 @@ def densenet121(pretrained: bool = False, progress: bool = True, **kwargs):
 
         model = torch.hub.load(repo, "densenet121", pretrained=True, memory_efficient=True)
     """
-    from densenet_efficient.models import densenet121 as build
-
-    return build(pretrained=pretrained, progress=progress, **kwargs)
+    return _registered("densenet121", pretrained, progress, kwargs)
 
 
 def densenet161(pretrained: bool = False, progress: bool = True, **kwargs):
@@ -37,9 +45,7 @@ def densenet161(pretrained: bool = False, progress: bool = True, **kwargs):
 
         model = torch.hub.load(repo, "densenet161", weights="IMAGENET1K_V1", num_classes=10)  # fine-tune head
     """
-    from densenet_efficient.models import densenet161 as build
-
-    return build(pretrained=pretrained, progress=progress, **kwargs)
+    return _registered("densenet161", pretrained, progress, kwargs)
 
 
 def densenet169(pretrained: bool = False, progress: bool = True, **kwargs):
@@ -49,9 +55,7 @@ def densenet169(pretrained: bool = False, progress: bool = True, **kwargs):
 
         model = torch.hub.load(repo, "densenet169", pretrained=True)
     """
-    from densenet_efficient.models import densenet169 as build
-
-    return build(pretrained=pretrained, progress=progress, **kwargs)
+    return _registered("densenet169", pretrained, progress, kwargs)
 
 
 def densenet201(pretrained: bool = False, progress: bool = True, **kwargs):
@@ -61,9 +65,7 @@ def densenet201(pretrained: bool = False, progress: bool = True, **kwargs):
 
         model = torch.hub.load(repo, "densenet201", pretrained=True, memory_efficient="max_saving")
     """
-    from densenet_efficient.models import densenet201 as build
-
-    return build(pretrained=pretrained, progress=progress, **kwargs)
+    return _registered("densenet201", pretrained, progress, kwargs)
 
 
 def densenet_bc_100(pretrained: bool = False, progress: bool = True, **kwargs):
@@ -75,9 +77,7 @@ def densenet_bc_100(pretrained: bool = False, progress: bool = True, **kwargs):
 
         model = torch.hub.load(repo, "densenet_bc_100", memory_efficient=True)
     """
-    from densenet_efficient.models import densenet_bc_100 as build
-
-    return build(pretrained=pretrained, progress=progress, **kwargs)
+    return _registered("densenet_bc_100", pretrained, progress, kwargs)
 
 
 def densenet_bc(depth: int = 100, growth_rate: int = 12, num_classes: int = 10, **kwargs):

@@ -15,24 +15,9 @@ from .conversion import ConversionError, ConvertResult, convert, infer_config
 from .io.checkpoint import CheckpointError, read_checkpoint
 from .io.download import WeightsIntegrityError
 from .io.state_dict import StateDictMismatchError, remap_keys
-from .models import (
-    ARCHITECTURES,
-    ArchConfig,
-    DenseNet,
-    create_model,
-    densenet121,
-    densenet161,
-    densenet169,
-    densenet201,
-    densenet_bc,
-    densenet_bc_100,
-    densenet_bc_config,
-    from_pretrained,
-    get_config,
-    get_model,
-    list_architectures,
-    list_models,
-)
+from .models import ARCHITECTURES, ArchConfig, DenseNet, densenet_bc_config, get_config, list_architectures
+from .models import builders as _builders
+from .models.builders import *  # noqa: F403  every registered builder (densenet121, ...), create_model, get_model, ...
 from .models.engine import MODES
 from .models.hub import save_hub_folder
 from .models.memory_plan import MemoryPlan
@@ -63,18 +48,12 @@ __all__ = [
     "ArchConfig",
     "DenseNet",
     "MODES",
-    "create_model",
-    "densenet121",
-    "densenet161",
-    "densenet169",
-    "densenet201",
-    "densenet_bc",
-    "densenet_bc_100",
     "densenet_bc_config",
     "get_config",
-    "get_model",
     "list_architectures",
-    "list_models",
+    # the builders: create_model, densenet_bc, from_pretrained, get_model, list_models and every
+    # registered model (densenet121, ...), which @register_model adds to builders.__all__
+    *_builders.__all__,
     # weights and hubs
     "DenseNet121_Weights",
     "DenseNet161_Weights",
@@ -83,7 +62,6 @@ __all__ = [
     "WeightsIntegrityError",
     "WeightsNotAvailableError",
     "WeightsSpec",
-    "from_pretrained",
     "get_weights",
     "list_weights",
     "save_hub_folder",

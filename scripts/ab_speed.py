@@ -3,22 +3,26 @@
 A quick A/B on a noisy machine (drift hits every implementation alike); the published protocol
 is ``densenet-efficient benchmark`` (one process per row). With one implementation it times that
 implementation's steady-state step alone. Also prints the minor page faults per step: on CPU they
-show the allocator returning memory to the kernel between steps.
+show the allocator returning memory to the kernel between steps. Steps are timed by
+``perf.measure.time_step`` and compared by ``perf.measure.paired_ratio``, as the benchmark's are.
 
     python scripts/ab_speed.py densenet_bc_100 64 32 5 torchvision,efficient,max_saving
     python scripts/ab_speed.py densenet121 8 224 3 efficient
+
+It imports the installed package: run it from a checkout after
+``pip install -e .`` (or with ``PYTHONPATH=.``).
 """
 
 import resource
 import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 import densenet_efficient as de
 from densenet_efficient.models.reference import torchvision_densenet
+from densenet_efficient.perf.measure import paired_ratio, time_step
 
 
 def main(arch: str, batch: int, res: int, rounds: int, impls: list[str]) -> None:
@@ -34,9 +38,7 @@ def main(arch: str, batch: int, res: int, rounds: int, impls: list[str]) -> None
 
     def step(model: torch.nn.Module) -> tuple[float, int]:
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        start = time.perf_counter()
-        F.cross_entropy(model(x), y).backward()
-        elapsed = time.perf_counter() - start
+        elapsed = time_step(lambda: F.cross_entropy(model(x), y).backward())
         return elapsed, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
 
     for _ in range(2):  # warm-up: kernel caches, then the allocator's steady state
@@ -49,10 +51,12 @@ def main(arch: str, batch: int, res: int, rounds: int, impls: list[str]) -> None
             t, f = step(model)
             times[k].append(t)
             faults[k].append(f)
-    base = statistics.median(times[impls[0]])
-    for k in impls:
+    for k in impls:  # each step paired with the first implementation's step of the same round
         med = statistics.median(times[k])
-        print(f"{k:22s} {med * 1e3:9.1f} ms  {med / base:.3f}x  page faults/step {faults[k]}")
+        ratio, low, high = paired_ratio(times[k], times[impls[0]])
+        print(
+            f"{k:22s} {med * 1e3:9.1f} ms  {ratio:.3f}x ({low:.2f}-{high:.2f})  page faults/step {faults[k]}"
+        )
 
 
 if __name__ == "__main__":

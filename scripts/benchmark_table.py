@@ -6,14 +6,14 @@ A thin wrapper over ``densenet-efficient benchmark --markdown``; any of its argu
     python scripts/benchmark_table.py                                   # DenseNet-BC-100, batch 64
     python scripts/benchmark_table.py --arch densenet121 --batch-size 8 --resolution 224
     python scripts/benchmark_table.py --sweep depth --out docs/
+
+It imports the installed package: run it from a checkout after
+``pip install -e .`` (or with ``PYTHONPATH=.``).
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
-
-from densenet_efficient.cli import main  # noqa: E402
+from densenet_efficient.cli import main
 
 if __name__ == "__main__":
     argv = sys.argv[1:]

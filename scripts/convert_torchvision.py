@@ -7,6 +7,9 @@ as, converted, verified against torchvision's own model, and written to ``OUT_RO
 
     python scripts/convert_torchvision.py hub/                 # all four: hub/densenet121, ...
     python scripts/convert_torchvision.py hub/ densenet161     # just one
+
+It imports the installed package: run it from a checkout after
+``pip install -e .`` (or with ``PYTHONPATH=.``).
 """
 
 from __future__ import annotations
@@ -16,10 +19,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from densenet_efficient import cli  # noqa: E402
-from densenet_efficient.conversion import torchvision_architectures  # noqa: E402
+from densenet_efficient import cli
+from densenet_efficient.conversion import torchvision_architectures
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,27 +7,27 @@ compare node counts, export time and onnxruntime latency, side by side in one pr
 
 Latency is the median of ``--runs`` onnxruntime calls after two warm-up calls, sessions run
 interleaved (A B C A B C ...) so that a shared machine's drift hits every row alike.
+
+It imports the installed package: run it from a checkout after
+``pip install -e .`` (or with ``PYTHONPATH=.``).
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 import warnings
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+import onnx
+import onnxruntime as ort
+import torch
+import torchvision
 
-import onnx  # noqa: E402
-import onnxruntime as ort  # noqa: E402
-import torch  # noqa: E402
-import torchvision  # noqa: E402
-
-import densenet_efficient as de  # noqa: E402
+import densenet_efficient as de
 
 
 def main() -> None:

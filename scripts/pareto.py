@@ -15,6 +15,9 @@ Writes ``pareto_<arch>.csv`` and ``.png`` into ``--out`` and prints a Markdown t
 
     python scripts/pareto.py --arch densenet121 --batch-size 8 --out docs/   # ~30 min on 2 cores
     python scripts/pareto.py --arch densenet_bc_100 --batch-size 64 --out docs/
+
+It imports the installed package: run it from a checkout after
+``pip install -e .`` (or with ``PYTHONPATH=.``).
 """
 
 from __future__ import annotations
@@ -29,13 +32,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
-
-from densenet_efficient.io.atomic import atomic_write  # noqa: E402
-from densenet_efficient.models.config import resolve_arch  # noqa: E402
-from densenet_efficient.models.planner import estimate_memory, fit_memory  # noqa: E402
-from densenet_efficient.perf.benchmark import machine_description  # noqa: E402
-from densenet_efficient.perf.measure import StepSpec, measure  # noqa: E402
+from densenet_efficient.io.atomic import atomic_write
+from densenet_efficient.models.config import resolve_arch
+from densenet_efficient.models.planner import estimate_memory, fit_memory
+from densenet_efficient.perf.benchmark import machine_description
+from densenet_efficient.perf.measure import StepSpec, measure, paired_ratio
 
 BUDGETS = (1.0, 0.5, 0.3, 0.1, 0.05)
 #: where the fitted plans sit between the floor ("max_saving") and "efficient" (estimated totals)
@@ -114,9 +115,8 @@ def run(arch: str, batch: int, res: int, rounds: int, steps: int, quick: bool) -
             row.update(memory_ratio=None, time_ratio=None)
             continue
         row["memory_ratio"] = row["peak_mb"] / base["peak_mb"]
-        paired = [t / b for t, b in zip(row["seconds_rounds"], base["seconds_rounds"], strict=True)]
-        row["time_ratio"] = statistics.median(paired)
-        row["time_range"] = (min(paired), max(paired))
+        row["time_ratio"], *low_high = paired_ratio(row["seconds_rounds"], base["seconds_rounds"])
+        row["time_range"] = tuple(low_high)
         row["seconds"] = statistics.median(row["seconds_rounds"])
     return rows
 

@@ -6,14 +6,14 @@ A thin wrapper over ``densenet-efficient train`` (all options: ``python scripts/
     python scripts/train.py                                            # embedded digits, CPU minutes
     python scripts/train.py --dataset cifar10 --data ~/data --save runs/bc100 --depth 100
     torchrun --nproc_per_node 4 scripts/train.py --dataset cifar10 --data ~/data --save runs/bc100
+
+It imports the installed package: run it from a checkout after
+``pip install -e .`` (or with ``PYTHONPATH=.``).
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from densenet_efficient.cli import main  # noqa: E402
+from densenet_efficient.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["train", *sys.argv[1:]]))

@@ -24,16 +24,12 @@ PUBLIC = {
 ADDED = {"get_model", "list_models"}
 #: The memory dial (issue: fit any DenseNet into any memory budget).
 ADDED |= {"MemoryBudgetError", "MemoryPlan", "fit_memory", "parse_memory"}
+#: A model registered later is exported under its name too (``@register_model``).
+ADDED |= set(de.list_models())
 
-HUBCONF_ENTRYPOINTS = {
-    "densenet121",
-    "densenet161",
-    "densenet169",
-    "densenet201",
-    "densenet_bc_100",
-    "densenet_bc",
-    "from_pretrained",
-}
+#: torch.hub's entrypoints: every registered model (the four torchvision ones and DenseNet-BC-100
+#: among them, PUBLIC pins those), any-depth DenseNet-BC and Hub folders.
+HUBCONF_ENTRYPOINTS = set(de.list_models()) | {"densenet_bc", "from_pretrained"}
 
 
 def test_all_lists_exactly_the_public_names():

@@ -11,17 +11,16 @@ for Hugging Face folders.
 # No ``from __future__ import annotations`` here: torchvision.models.get_model_weights reads the
 # builders' ``weights`` annotation at run time and needs real types, not strings.
 
-import fnmatch
 import os
-from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn as nn
 
 from ..errors import UsageError
-from .config import ArchConfig, densenet_bc_config, get_config, list_architectures
+from .config import ArchConfig, densenet_bc_config, get_config
 from .densenet import DenseNet, DenseNetFeatures
+from .registry import get_model, get_model_builder, list_models, register_model
 from .weights import (
     DenseNet121_Weights,
     DenseNet161_Weights,
@@ -33,19 +32,8 @@ from .weights import (
     resolve_weights,
 )
 
-__all__ = [
-    "adapt_input_conv",
-    "create_model",
-    "densenet121",
-    "densenet161",
-    "densenet169",
-    "densenet201",
-    "densenet_bc",
-    "densenet_bc_100",
-    "from_pretrained",
-    "get_model",
-    "list_models",
-]
+#: The helpers; ``@register_model`` appends each builder (``densenet121``, ...) as it is defined.
+__all__ = ["create_model", "densenet_bc", "from_pretrained", "get_model", "list_models"]
 
 
 def adapt_input_conv(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
@@ -98,17 +86,24 @@ def _build(
     return model
 
 
+def _named(name: str, weights: Any, progress: bool, pretrained: bool, **kwargs: Any) -> nn.Module:
+    """The body of every registered builder: its table row, its weights."""
+    return _build(get_config(name), name, weights, progress, pretrained, **kwargs)
+
+
 def create_model(
     name: str, *, weights: Any = None, progress: bool = True, pretrained: bool = False, **kwargs: Any
 ) -> DenseNet:
-    """Build any registered architecture by name (timm's ``create_model`` convention).
+    """Build any registered model by name (timm's ``create_model`` convention): its builder, called
+    with these arguments.
 
     Besides :class:`DenseNet`'s arguments, ``features_only=True`` (with ``out_indices``) returns a
     :class:`~.densenet.DenseNetFeatures` and ``in_chans`` adapts pretrained RGB weights.
     """
-    return _build(get_config(name), name, weights, progress, pretrained, **kwargs)
+    return get_model_builder(name)(weights=weights, progress=progress, pretrained=pretrained, **kwargs)
 
 
+@register_model
 def densenet121(
     *,
     weights: DenseNet121_Weights | str | None = None,
@@ -131,9 +126,10 @@ def densenet121(
 
         model = densenet121(pretrained=True, memory_efficient=True)
     """
-    return create_model("densenet121", weights=weights, progress=progress, pretrained=pretrained, **kwargs)
+    return _named("densenet121", weights, progress, pretrained, **kwargs)
 
 
+@register_model
 def densenet161(
     *,
     weights: DenseNet161_Weights | str | None = None,
@@ -142,9 +138,10 @@ def densenet161(
     **kwargs: Any,
 ) -> DenseNet:
     """DenseNet-161 (k=48, blocks 6-12-36-24, 96 init features); arguments as :func:`densenet121`."""
-    return create_model("densenet161", weights=weights, progress=progress, pretrained=pretrained, **kwargs)
+    return _named("densenet161", weights, progress, pretrained, **kwargs)
 
 
+@register_model
 def densenet169(
     *,
     weights: DenseNet169_Weights | str | None = None,
@@ -153,9 +150,10 @@ def densenet169(
     **kwargs: Any,
 ) -> DenseNet:
     """DenseNet-169 (k=32, blocks 6-12-32-32); arguments as :func:`densenet121`."""
-    return create_model("densenet169", weights=weights, progress=progress, pretrained=pretrained, **kwargs)
+    return _named("densenet169", weights, progress, pretrained, **kwargs)
 
 
+@register_model
 def densenet201(
     *,
     weights: DenseNet201_Weights | str | None = None,
@@ -164,9 +162,10 @@ def densenet201(
     **kwargs: Any,
 ) -> DenseNet:
     """DenseNet-201 (k=32, blocks 6-12-48-32); arguments as :func:`densenet121`."""
-    return create_model("densenet201", weights=weights, progress=progress, pretrained=pretrained, **kwargs)
+    return _named("densenet201", weights, progress, pretrained, **kwargs)
 
 
+@register_model
 def densenet_bc_100(
     *, weights: str | None = None, progress: bool = True, pretrained: bool = False, **kwargs: Any
 ) -> DenseNet:
@@ -178,9 +177,7 @@ def densenet_bc_100(
 
         model = densenet_bc_100(memory_efficient=True)  # 32x32 inputs
     """
-    return create_model(
-        "densenet_bc_100", weights=weights, progress=progress, pretrained=pretrained, **kwargs
-    )
+    return _named("densenet_bc_100", weights, progress, pretrained, **kwargs)
 
 
 def densenet_bc(depth: int, growth_rate: int = 12, num_classes: int = 10, **kwargs: Any) -> DenseNet:
@@ -212,37 +209,3 @@ def from_pretrained(repo_id_or_path: str | os.PathLike, **kwargs: Any) -> DenseN
         model = from_pretrained("timm/densenet121.tv_in1k", memory_efficient=True)
     """
     return DenseNet.from_pretrained(repo_id_or_path, **kwargs)
-
-
-#: torchvision-style model names -> builders (``get_model`` / ``list_models``)
-_BUILDERS: Mapping[str, Callable[..., DenseNet]] = {
-    "densenet121": densenet121,
-    "densenet161": densenet161,
-    "densenet169": densenet169,
-    "densenet201": densenet201,
-    "densenet_bc_100": densenet_bc_100,
-}
-
-
-def list_models(
-    include: str | Sequence[str] | None = None, exclude: str | Sequence[str] | None = None
-) -> list[str]:
-    """The buildable model names, sorted, filtered by Unix-style patterns as torchvision's ``list_models``."""
-    names = list_architectures()
-    if include:
-        patterns = [include] if isinstance(include, str) else list(include)
-        names = [n for n in names if any(fnmatch.fnmatch(n, p) for p in patterns)]
-    if exclude:
-        patterns = [exclude] if isinstance(exclude, str) else list(exclude)
-        names = [n for n in names if not any(fnmatch.fnmatch(n, p) for p in patterns)]
-    return names
-
-
-def get_model(name: str, **config: Any) -> DenseNet:
-    """Build the model called ``name`` with its builder's arguments, as torchvision's ``get_model``.
-
-    >>> get_model("densenet_bc_100", memory_efficient=True).memory_efficient
-    'efficient'
-    """
-    get_config(name)  # unknown name: the registry's message, listing the known ones
-    return _BUILDERS[name](**config)

@@ -1,9 +1,10 @@
 """Architecture configurations as data: everything the package knows about an architecture.
 
 Every named architecture is one :class:`ArchConfig` in :data:`ARCHITECTURES`; builders, the
-hubs, conversion and the memory planner all read the same entries, so adding a variant means
-adding one line here, never a new builder body. An architecture's name, its smallest and default
-input size and its JSON form are methods of :class:`ArchConfig`, written once.
+hubs, conversion and the memory planner all read the same entries. A new model is one row here
+and one builder decorated with ``@register_model`` (:mod:`.registry`), from which every list of
+model names derives. An architecture's name, its smallest and default input size and its JSON
+form are methods of :class:`ArchConfig`, written once.
 
 >>> get_config("densenet121").block_config
 (6, 12, 24, 16)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -129,8 +130,79 @@ def hub_config(model: nn.Module) -> dict[str, Any]:
     return {**data, **cfg.to_json(), "drop_rate": model.drop_rate}
 
 
-def _card_license(model: nn.Module, license: str | None) -> str:
-    return (license or model.pretrained_cfg.get("license") or PACKAGE_LICENSE).lower()
+#: The model card (``README.md``), a Jinja template as huggingface_hub's mixin expects
+#: (``model_card_template=`` in :class:`DenseNetHubMixin`'s header); :func:`_card_fields` fills it.
+MODEL_CARD_TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ title }}
+
+{{ description }}: {{ parameters }} parameters, {{ num_classes }} classes. A memory-efficient DenseNet from [densenet_efficient]({{ repo_url }}) with torchvision's exact `state_dict` layout.
+
+## Usage
+
+```python
+import torch
+import densenet_efficient as de
+
+model = de.from_pretrained("{{ repo_id }}", memory_efficient=True).eval()
+with torch.no_grad():
+    logits = model(torch.randn(1, 3, {{ size }}, {{ size }}))
+```
+
+`memory_efficient` (`False`/"naive", `True`/"efficient", "max_saving") is chosen at load time: it changes training memory and speed, never the weights.
+
+## Model details
+
+| field | value |
+|---|---|
+{% for key, value in details %}| {{ key }} | `{{ value }}` |
+{% endfor %}| parameters | {{ parameters }} |
+| minimum input size | {{ min_size }}x{{ min_size }} |
+{% if provenance %}
+## Provenance
+
+{% for key, value in provenance %}- **{{ key }}**: {{ value }}
+{% endfor %}{% endif %}"""
+
+
+def _card_data(model: nn.Module, license: str | None) -> Any:
+    """The card's YAML metadata: the class header's, with this model's licence (its weights', not
+    the code's) and the tags of where its weights came from."""
+    from huggingface_hub import ModelCardData
+
+    data = ModelCardData(**type(model)._hub_mixin_info.model_card_data.to_dict())
+    data.license = (license or model.pretrained_cfg.get("license") or PACKAGE_LICENSE).lower()
+    origin = str(model.pretrained_cfg.get("origin_url") or model.pretrained_cfg.get("hf_hub_id") or "")
+    for source, tag in (("download.pytorch.org", "torchvision"), ("timm/", "timm")):
+        if source in origin and tag not in data.tags:
+            data.tags = [*data.tags, tag]
+    return data
+
+
+def _card_fields(
+    model: nn.Module, provenance: Mapping[str, Any] | None, repo_id: str | None
+) -> dict[str, Any]:
+    """The values :data:`MODEL_CARD_TEMPLATE` shows, each formatted as it appears."""
+    cfg = model.arch_config
+    params = f"{sum(p.numel() for p in model.parameters()):,}"
+    title = cfg.architecture_name(ignore_classes=True)
+    return {
+        "title": title or f"DenseNet (k={cfg.growth_rate}, blocks={tuple(cfg.block_config)})",
+        "description": cfg.describe(),
+        "parameters": params,
+        "num_classes": cfg.num_classes,
+        "repo_url": type(model)._hub_mixin_info.repo_url,
+        "repo_id": repo_id or "<repo id or local folder>",
+        "size": cfg.default_resolution,
+        "details": [(k, json.dumps(v)) for k, v in hub_config(model).items()],
+        "min_size": cfg.min_input_size(),
+        "provenance": [
+            (k, v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=str))
+            for k, v in (provenance or {}).items()
+        ],
+    }
 
 
 def model_card(
@@ -140,62 +212,9 @@ def model_card(
     repo_id: str | None = None,
     license: str | None = None,
 ) -> str:
-    """The README.md of a Hub folder: YAML metadata, a summary, a usage snippet and (optionally) provenance."""
-    from huggingface_hub import ModelCardData
-
-    base = type(model)._hub_mixin_info  # the metadata given in the mixin's class header
-    data = ModelCardData(**base.model_card_data.to_dict())
-    data.license = _card_license(model, license)  # the weights' licence, not the code's
-    origin = str(model.pretrained_cfg.get("origin_url") or model.pretrained_cfg.get("hf_hub_id") or "")
-    for source, tag in (("download.pytorch.org", "torchvision"), ("timm/", "timm")):
-        if source in origin and tag not in data.tags:
-            data.tags = [*data.tags, tag]
-    cfg = model.arch_config
-    arch = cfg.architecture_name(ignore_classes=True)
-    title = arch or f"DenseNet (k={cfg.growth_rate}, blocks={tuple(cfg.block_config)})"
-    size = cfg.default_resolution
-    where = repo_id or "<repo id or local folder>"
-    params = sum(p.numel() for p in model.parameters())
-    lines = [
-        "---",
-        data.to_yaml().strip(),
-        "---",
-        "",
-        f"# {title}",
-        "",
-        f"{cfg.describe()}: {params:,} parameters, {cfg.num_classes} classes. A memory-efficient DenseNet "
-        f"from [densenet_efficient]({base.repo_url}) with torchvision's exact `state_dict` layout.",
-        "",
-        "## Usage",
-        "",
-        "```python",
-        "import torch",
-        "import densenet_efficient as de",
-        "",
-        f'model = de.from_pretrained("{where}", memory_efficient=True).eval()',
-        "with torch.no_grad():",
-        f"    logits = model(torch.randn(1, 3, {size}, {size}))",
-        "```",
-        "",
-        '`memory_efficient` (`False`/"naive", `True`/"efficient", "max_saving") is chosen at load time: it '
-        "changes training memory and speed, never the weights.",
-        "",
-        "## Model details",
-        "",
-        "| field | value |",
-        "|---|---|",
-    ]
-    lines += [f"| {k} | `{json.dumps(v)}` |" for k, v in hub_config(model).items()]
-    lines += [
-        f"| parameters | {params:,} |",
-        f"| minimum input size | {cfg.min_input_size()}x{cfg.min_input_size()} |",
-    ]
-    if provenance:
-        lines += ["", "## Provenance", ""]
-        for key, value in provenance.items():
-            shown = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
-            lines.append(f"- **{key}**: {shown}")
-    return "\n".join(lines) + "\n"
+    """The README.md of a Hub folder: YAML metadata, a summary, a usage snippet and (optionally)
+    provenance; ``model.generate_model_card(...)`` as text."""
+    return str(model.generate_model_card(provenance=provenance, repo_id=repo_id, license=license))
 
 
 def _write_model_files(model: nn.Module, folder: Path) -> None:
@@ -327,8 +346,18 @@ def _hub_file(repo_id: str, filename: str, opts: dict[str, Any]) -> str:
         raise mapped from None
 
 
-def _locate(name_or_path: str, opts: dict[str, Any]) -> tuple[Path, Path]:
-    """(config.json, weights file) of a local folder or a Hub repo (downloaded or from the cache)."""
+@dataclass(frozen=True)
+class _HubFiles:
+    """Where one load reads from, found once (:func:`_locate`): the name the caller gave (for
+    messages), its ``config.json`` and its weights file."""
+
+    source: str
+    config: Path
+    weights: Path
+
+
+def _locate(name_or_path: str, opts: dict[str, Any]) -> _HubFiles:
+    """The files of a local folder or a Hub repo (downloaded or from the cache)."""
     from huggingface_hub.errors import RemoteEntryNotFoundError
 
     local = Path(name_or_path)
@@ -341,15 +370,16 @@ def _locate(name_or_path: str, opts: dict[str, Any]) -> tuple[Path, Path]:
             )
         for name in (WEIGHTS_NAME, PICKLE_WEIGHTS_NAME):
             if (local / name).is_file():
-                return config, local / name
+                return _HubFiles(name_or_path, config, local / name)
         raise FileNotFoundError(f"{local} has {CONFIG_NAME} but no {WEIGHTS_NAME}")
     if local.exists():
         raise FileNotFoundError(f"{local} is a file; expected a folder or a Hugging Face repo id")
     config = Path(_hub_file(name_or_path, CONFIG_NAME, opts))
     try:
-        return config, Path(_hub_file(name_or_path, WEIGHTS_NAME, opts))
+        weights = Path(_hub_file(name_or_path, WEIGHTS_NAME, opts))
     except RemoteEntryNotFoundError:  # older timm repos ship only the pickle
-        return config, Path(_hub_file(name_or_path, PICKLE_WEIGHTS_NAME, opts))
+        weights = Path(_hub_file(name_or_path, PICKLE_WEIGHTS_NAME, opts))
+    return _HubFiles(name_or_path, config, weights)
 
 
 _DOWNLOAD_OPTIONS = ("revision", "cache_dir", "force_download", "token", "local_files_only", "proxies")
@@ -393,15 +423,38 @@ def load_hub_folder(
     ``revision``, ``cache_dir``, ``force_download``, ``token``, ``local_files_only``, ``proxies``.
     """
     source = os.fspath(repo_id_or_path)
-    config_path, weights_path = _locate(source, opts)
-    kwargs, pretrained_cfg = _model_kwargs(_read_config(config_path, source), source)
-    state_dict = read_checkpoint(weights_path).state_dict
-    _check_classes(state_dict, kwargs["num_classes"], source, weights_path.name)
+    files = _locate(source, opts)
+    return _load_files(
+        files,
+        _read_config(files.config, source),
+        model_cls=model_cls,
+        memory_efficient=memory_efficient,
+        num_classes=num_classes,
+        strict=strict,
+        map_location=map_location,
+    )
+
+
+def _load_files(
+    files: _HubFiles,
+    config: dict[str, Any],
+    *,
+    model_cls: type[nn.Module],
+    memory_efficient: bool | str,
+    num_classes: int | None,
+    strict: bool,
+    map_location: str | torch.device,
+) -> nn.Module:
+    """:func:`load_hub_folder` once the files are found and ``config.json`` is read."""
+    source, weights_name = files.source, files.weights.name
+    kwargs, pretrained_cfg = _model_kwargs(config, source)
+    state_dict = read_checkpoint(files.weights).state_dict
+    _check_classes(state_dict, kwargs["num_classes"], source, weights_name)
     try:  # before building: a config asking for gigabytes is refused against a small file at once
         ArchConfig(**{k: v for k, v in kwargs.items() if k != "drop_rate"}).check_shapes(state_dict)
     except StateDictMismatchError as e:
         raise StateDictMismatchError(
-            f"{source}: {weights_path.name} does not match its {CONFIG_NAME}: {e}"
+            f"{source}: {weights_name} does not match its {CONFIG_NAME}: {e}"
         ) from None
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
@@ -414,7 +467,7 @@ def load_hub_folder(
             model.load_state_dict(state_dict, strict=False)
     except StateDictMismatchError as e:
         raise StateDictMismatchError(
-            f"{source}: {weights_path.name} does not match its {CONFIG_NAME}: {e}"
+            f"{source}: {weights_name} does not match its {CONFIG_NAME}: {e}"
         ) from None
     return model.to(map_location).eval()
 
@@ -472,14 +525,18 @@ class DenseNetHubMixin(
     repo_url=f"https://github.com/{HUB_REPO}",
     paper_url="https://arxiv.org/abs/1707.06990",
     pipeline_tag="image-classification",
+    model_card_template=MODEL_CARD_TEMPLATE,
 ):
     """huggingface_hub's ``PyTorchModelHubMixin`` with this package's folder format in its hooks.
 
-    ``from_pretrained`` takes the mixin's arguments (``revision``, ``cache_dir``, ``force_download``,
-    ``proxies``, ``resume_download``, ``token``, ``local_files_only``, ``map_location``, ``strict``)
-    plus ``memory_efficient`` and ``num_classes``; loading is strict unless ``strict=False``.
+    ``_save_pretrained`` writes ``model.safetensors`` + ``config.json``, ``_from_pretrained``
+    builds and loads strictly, and the card is :data:`MODEL_CARD_TEMPLATE`. ``from_pretrained``
+    takes the mixin's arguments (``revision``, ``cache_dir``, ``force_download``, ``proxies``,
+    ``resume_download``, ``token``, ``local_files_only``, ``map_location``, ``strict``) plus
+    ``memory_efficient`` and ``num_classes``; loading is strict unless ``strict=False``.
     ``save_pretrained`` into an existing folder replaces this package's files and leaves every
-    other file there alone, as the mixin does.
+    other file there alone, as the mixin does. Where a public method is overridden, it checks what
+    the mixin would act on unchecked and then calls it; each says why.
     """
 
     @classmethod
@@ -488,20 +545,14 @@ class DenseNetHubMixin(
 
         model = DenseNet.from_pretrained("org/densenet121", memory_efficient=True)
         """
+        # Overridden because the mixin reads config.json before any hook runs, unchecked (bad JSON,
+        # a list or a missing file would be its own errors) and fetching it by itself. Here the files
+        # are found once and config.json is checked; the mixin then reads it from the folder found
+        # (for a Hub repo, its cache snapshot) and hands the same files to `_from_pretrained`.
         name = os.fspath(pretrained_model_name_or_path)
-        if Path(name).exists() and not Path(name).is_dir():
-            raise FileNotFoundError(f"{name} is a file; expected a folder or a Hugging Face repo id")
-        # The mixin reads config.json itself before the hook runs: check it first, so a missing,
-        # unreachable or malformed file is one sentence here rather than the mixin's own error.
-        opts = {k: kwargs[k] for k in _DOWNLOAD_OPTIONS if kwargs.get(k) is not None}
-        _read_config(_locate(name, opts)[0], name)
-        try:
-            return super().from_pretrained(name, **kwargs)
-        except Exception as err:
-            mapped = _hub_error(err, name, kwargs)
-            if mapped is None:
-                raise
-            raise mapped from None
+        files = _locate(name, {k: kwargs[k] for k in _DOWNLOAD_OPTIONS if kwargs.get(k) is not None})
+        _read_config(files.config, name)
+        return super().from_pretrained(files.config.parent, _files=files, **kwargs)
 
     @classmethod
     def _from_pretrained(
@@ -519,36 +570,33 @@ class DenseNetHubMixin(
         map_location: str | torch.device = "cpu",
         strict: bool = True,
         memory_efficient: bool | str = False,
+        _files: _HubFiles | None = None,
         **model_kwargs: Any,
     ):
+        if _files is None:  # called without from_pretrained: find the files here
+            opts = {"revision": revision, "cache_dir": cache_dir, "force_download": force_download}
+            opts.update(token=token, local_files_only=local_files_only)
+            _files = _locate(model_id, {**opts, **({"proxies": proxies} if proxies is not None else {})})
+        source = _files.source
         # The mixin fills model_kwargs from config.json for every __init__ argument it names; only
         # a value that differs from the file is the caller's own choice.
-        saved = config if isinstance(config, Mapping) else {}
+        saved = config if isinstance(config, Mapping) else _read_config(_files.config, source)
         chosen = {k: v for k, v in model_kwargs.items() if k not in saved or not _same(v, saved[k])}
         num_classes = chosen.pop("num_classes", None)
         if chosen:
             raise UsageError(
-                f"{model_id}: from_pretrained cannot change the saved architecture "
+                f"{source}: from_pretrained cannot change the saved architecture "
                 f"({', '.join(f'{k}={v!r}' for k, v in chosen.items())}); it accepts memory_efficient, "
                 "num_classes, map_location, strict and the Hub download options"
             )
-        opts = {
-            "revision": revision,
-            "cache_dir": cache_dir,
-            "force_download": force_download,
-            "token": token,
-            "local_files_only": local_files_only,
-        }
-        if proxies is not None:
-            opts["proxies"] = proxies
-        return load_hub_folder(
-            model_id,
+        return _load_files(
+            _files,
+            dict(saved),
             model_cls=cls,
             memory_efficient=memory_efficient,
             num_classes=num_classes,
             strict=strict,
             map_location=map_location,
-            **opts,
         )
 
     def _save_pretrained(self, save_directory: Path) -> None:
@@ -571,6 +619,8 @@ class DenseNetHubMixin(
         Existing files of this package in ``save_directory`` are replaced (each atomically), a
         model card already there is kept (as the mixin does), nothing else is touched.
         """
+        # Overridden because the mixin creates the folder and deletes its config.json before
+        # `_save_pretrained` runs: arguments it cannot honour must be refused before that.
         _check_save_args(config, model_card_kwargs)
         push_to_hub_kwargs.pop("overwrite", None)  # accepted for compatibility: folders are updated in place
         out = Path(save_directory)
@@ -594,6 +644,8 @@ class DenseNetHubMixin(
     ) -> str:
         """Upload the folder :meth:`save_pretrained` writes. The arguments are checked before the
         repo is created, so a bad call leaves nothing behind on the Hub."""
+        # Overridden because the mixin creates the repo before it saves (where the arguments are
+        # checked), and gives the card no repo id for its usage snippet.
         from huggingface_hub.utils import validate_repo_id
 
         _check_save_args(config, model_card_kwargs)
@@ -604,11 +656,24 @@ class DenseNetHubMixin(
         card = {"repo_id": repo_id, **(model_card_kwargs or {})}
         return super().push_to_hub(repo_id, model_card_kwargs=card, **kwargs)
 
-    def generate_model_card(self, *args: Any, **kwargs: Any):
-        """The model card :meth:`save_pretrained` writes, as a ``huggingface_hub.ModelCard``."""
+    def generate_model_card(
+        self,
+        *,
+        provenance: Mapping[str, Any] | None = None,
+        repo_id: str | None = None,
+        license: str | None = None,
+    ):
+        """The model card :meth:`save_pretrained` writes, as a ``huggingface_hub.ModelCard``:
+        :data:`MODEL_CARD_TEMPLATE` filled for this model; ``model_card_kwargs`` are these arguments."""
+        # Overridden because the mixin renders the class header's metadata; this card carries the
+        # model's own licence (its weights') and numbers, in the same template.
         from huggingface_hub import ModelCard
 
-        return ModelCard(model_card(self, **kwargs))
+        return ModelCard.from_template(
+            _card_data(self, license),
+            template_str=self._hub_mixin_info.model_card_template,
+            **_card_fields(self, provenance, repo_id),
+        )
 
 
 def _check_save_args(config: Any, model_card_kwargs: Mapping[str, Any] | None) -> None:

@@ -338,6 +338,8 @@ class WeightsEnum(_TorchvisionWeightsEnum):
 
 #: enum class name -> architecture (an Enum class cannot carry extra attributes of its own)
 _ENUM_ARCH: dict[str, str] = {}
+#: architecture -> its enum, filled as each enum below is made
+_ENUMS: dict[str, type[WeightsEnum]] = {}
 
 
 def _weights_enum(cls_name: str, arch: str) -> type[WeightsEnum]:
@@ -352,7 +354,9 @@ def _weights_enum(cls_name: str, arch: str) -> type[WeightsEnum]:
     default = dict(members)[entry["default"]]
     members.append(("DEFAULT", default))  # the same value: an alias, as in torchvision
     _ENUM_ARCH[cls_name] = arch
-    return WeightsEnum(cls_name, members, module=__name__, qualname=cls_name)
+    enum = WeightsEnum(cls_name, members, module=__name__, qualname=cls_name)
+    _ENUMS[arch] = enum
+    return enum
 
 
 DenseNet121_Weights = _weights_enum("DenseNet121_Weights", "densenet121")
@@ -363,10 +367,7 @@ DenseNet201_Weights = _weights_enum("DenseNet201_Weights", "densenet201")
 
 def weights_enum(arch: str) -> type[WeightsEnum] | None:
     """The weights enum of a named architecture (``DenseNet121_Weights``), or None if it has none."""
-    for cls in (DenseNet121_Weights, DenseNet161_Weights, DenseNet169_Weights, DenseNet201_Weights):
-        if _ENUM_ARCH[cls.__name__] == arch:
-            return cls
-    return None
+    return _ENUMS.get(arch)
 
 
 def pretrained_cfg(spec: WeightsSpec) -> dict[str, Any]:

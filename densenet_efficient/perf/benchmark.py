@@ -53,6 +53,7 @@ from .measure import (
     build_implementation,
     check_memory_budget,
     measure,
+    paired_ratio,
 )
 
 __all__ = [
@@ -234,9 +235,8 @@ def benchmark(
         )
         res["time_ratio"], res["time_ratio_range"] = None, None
         if base and speed and measured:
-            paired = [t / b for t, b in zip(res["seconds_rounds"], base["seconds_rounds"], strict=True)]
-            res["time_ratio"] = statistics.median(paired)
-            res["time_ratio_range"] = [min(paired), max(paired)]
+            res["time_ratio"], *low_high = paired_ratio(res["seconds_rounds"], base["seconds_rounds"])
+            res["time_ratio_range"] = low_high
     meta = {"arch": config.name, "batch_size": batch_size, "resolution": resolution, "device": device}
     return [{**meta, **results[r.label]} for r in plan]
 

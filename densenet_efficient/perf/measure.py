@@ -26,7 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -47,8 +47,10 @@ __all__ = [
     "build_implementation",
     "check_memory_budget",
     "measure",
+    "paired_ratio",
     "peak_rss_bytes",
     "reset_peak_rss",
+    "time_step",
 ]
 
 #: What can be measured: torchvision's two paths and each of our engine modes.
@@ -241,23 +243,43 @@ def _step_seconds(step: Callable[[], None], spec: StepSpec, device: Any) -> dict
 
     A compiled spec has run its compiling step before: two warm-up steps in all.
     """
+    step()  # warm-up
+    times = [time_step(step, device) for _ in range(spec.steps)]
+    return {"seconds": statistics.median(times), "times": times}
+
+
+def time_step(step: Callable[[], None], device: Any = "cpu") -> float:
+    """Seconds one call of ``step`` takes: CUDA events around it on a CUDA ``device`` (the GPU's
+    own clock, waited for), ``time.perf_counter`` otherwise.
+
+    >>> time_step(lambda: None) >= 0
+    True
+    """
     import torch
 
-    step()  # warm-up
-    times = []
-    for _ in range(spec.steps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1000.0)
-        else:
-            t0 = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t0)
-    return {"seconds": statistics.median(times), "times": times}
+    if torch.device(device).type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1000.0
+    t0 = time.perf_counter()
+    step()
+    return time.perf_counter() - t0
+
+
+def paired_ratio(seconds: Sequence[float], base: Sequence[float]) -> tuple[float, float, float]:
+    """(median, min, max) of the per-round ratios ``seconds[k] / base[k]``.
+
+    Rounds measured interleaved (A B A B ...) are paired: a shared machine's drifting speed hits
+    both figures of a round alike and cancels in their ratio.
+
+    >>> paired_ratio([2.0, 3.0, 5.0], [1.0, 2.0, 2.0])
+    (2.0, 1.5, 2.5)
+    """
+    paired = [t / b for t, b in zip(seconds, base, strict=True)]
+    return statistics.median(paired), min(paired), max(paired)
 
 
 def peak_rss_bytes() -> int:

@@ -170,6 +170,28 @@ def test_round_trip_through_offline_hf_cache(tmp_path, offline):
     assert torch.equal(outputs(loaded), outputs(model))
 
 
+def test_a_load_fetches_each_file_once(tmp_path, offline, monkeypatch):
+    """config.json and the weights are located once per load, by this package or by the mixin."""
+    import huggingface_hub
+    from huggingface_hub import hub_mixin
+
+    model = tiny()
+    model.save_pretrained(tmp_path / "m")
+    make_hf_cache(tmp_path / "hf", "org/tiny-densenet", tmp_path / "m")
+    fetched = []
+    real = huggingface_hub.hf_hub_download
+
+    def counting(repo_id, filename, **kwargs):
+        fetched.append(filename)
+        return real(repo_id, filename, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", counting)
+    monkeypatch.setattr(hub_mixin, "hf_hub_download", counting)
+    loaded = de.from_pretrained("org/tiny-densenet", cache_dir=tmp_path / "hf")
+    assert torch.equal(outputs(loaded), outputs(model))
+    assert sorted(fetched) == ["config.json", "model.safetensors"]
+
+
 def test_missing_repo_offline_fails_with_one_sentence(tmp_path, offline):
     with pytest.raises(FileNotFoundError) as err:
         de.from_pretrained("org/not-cached", cache_dir=tmp_path / "hf")

@@ -165,7 +165,11 @@ def test_benchmark_cli_json(capsys):
 
 
 def test_compiled_peer_is_measured_warm():
-    """Really compiles (inductor, CPU) a tiny DenseNet with budget 0.5: memory and speed."""
+    """Really compiles (inductor, CPU) a tiny DenseNet with budget 0.5: memory and speed.
+
+    Slow by design: each figure is its own fresh process (the protocol), so each compiles; the
+    second finds the first's kernels in inductor's on-disk cache and only traces again.
+    """
     spec = StepSpec("torchvision", TINY, 2, 32, compile=True, memory_budget=0.5, steps=1)
     mem = measure(spec)
     assert mem["peak_bytes"] > 0 and mem["compile_seconds"] > 0

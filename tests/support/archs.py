@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-from densenet_efficient.models.config import ARCHITECTURES, ArchConfig
+import torchvision
+
+from densenet_efficient.models.config import ArchConfig
 from densenet_efficient.models.reference import torchvision_densenet as torchvision_reference
+from densenet_efficient.models.registry import list_models
 
 __all__ = ["ALL_ARCHS", "IMAGENET_ARCHS", "input_size", "torchvision_reference", "train_size"]
 
-IMAGENET_ARCHS = ["densenet121", "densenet161", "densenet169", "densenet201"]
-ALL_ARCHS = sorted(ARCHITECTURES)
+#: every registered model, and those torchvision builds too (its ImageNet DenseNets, whose
+#: parameters, seeds and published weights the tests compare with torchvision's)
+ALL_ARCHS = list_models()
+IMAGENET_ARCHS = [name for name in ALL_ARCHS if name in torchvision.models.list_models()]
 
 
 def input_size(config: ArchConfig) -> int:

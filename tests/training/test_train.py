@@ -76,7 +76,10 @@ def _cli(*argv: str) -> int:
 
 
 def test_embedded_default_learns(tmp_path):
-    """The README's first command trains on scikit-learn's digits; a small DenseNet-BC learns them."""
+    """The README's first command trains on scikit-learn's digits; a small DenseNet-BC learns them.
+
+    Slow by necessity (4 real epochs over the digits): it is the one test that learning happens.
+    """
     result = train(depth=10, n_epochs=4, batch_size=32, save=str(tmp_path / "run"), progress=False)
     accuracy = 1 - result.test_error
     # Chance is 10%; measured 2-core CPU: ~0.9 (see README). The margin absorbs seeds and BLAS.
@@ -124,8 +127,20 @@ def _assert_same_run(a: Path, b: Path) -> None:
     ]
 
 
-def test_killed_and_resumed_run_ends_with_identical_weights(cifar, tmp_path, monkeypatch):
-    train(_tiny(cifar, tmp_path / "straight", drop_rate=0.1))
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory) -> Path:
+    """The uninterrupted reference of the resume tests: ``_tiny``'s 3 epochs with dropout (so the
+    resumed run must replay the dropout masks' random stream too), trained once per module on the
+    same fake CIFAR-10 the ``cifar`` fixture writes."""
+    root = tmp_path_factory.mktemp("straight")
+    md5s = write_fake_cifar10(root / "cifar", per_batch=20, test_size=20)
+    with pytest.MonkeyPatch.context() as mp:
+        point_cifar10_at(mp, md5s)
+        train(_tiny(root / "cifar", root / "run", drop_rate=0.1))
+    return root / "run"
+
+
+def test_killed_and_resumed_run_ends_with_identical_weights(cifar, tmp_path, monkeypatch, straight_run):
 
     # Kill the second run in the middle of epoch 2 (batch 8 of 5 + 5 per epoch).
     calls = {"n": 0}
@@ -146,17 +161,16 @@ def test_killed_and_resumed_run_ends_with_identical_weights(cifar, tmp_path, mon
     # Resume with other runtime settings: the stored configuration decides the numbers.
     result = train(TrainConfig(save=str(tmp_path / "killed"), resume=True, progress=False, workers=1))
     assert result.epochs_completed == 3 and result.finished
-    _assert_same_run(tmp_path / "straight", tmp_path / "killed")
+    _assert_same_run(straight_run, tmp_path / "killed")
 
 
-def test_stop_after_then_resume_via_cli(cifar, tmp_path):
-    train(_tiny(cifar, tmp_path / "straight"))
-    common = _tiny_argv(cifar, 3)
+def test_stop_after_then_resume_via_cli(cifar, tmp_path, straight_run):
+    common = _tiny_argv(cifar, 3, "--drop-rate", "0.1")
     save = str(tmp_path / "sliced")
     assert _cli(*common, "--save", save, "--stop-after", "2") == 0
     assert len(_read_log(tmp_path / "sliced" / "log.csv")) == 2
     assert _cli("--save", save, "--resume", "--no-progress") == 0
-    _assert_same_run(tmp_path / "straight", tmp_path / "sliced")
+    _assert_same_run(straight_run, tmp_path / "sliced")
 
 
 # -- failures -------------------------------------------------------------------------------------
@@ -226,10 +240,35 @@ def test_bad_inputs_are_one_clear_line_and_write_nothing(tmp_path, capsys, make,
     assert not save.exists()
 
 
+@pytest.fixture(scope="module")
+def one_epoch_run(tmp_path_factory) -> tuple[Path, dict, list[dict]]:
+    """``_tiny``'s run of one epoch at lr 0.05 (trained once per module): its folder, its CIFAR md5
+    lists and its history."""
+    root = tmp_path_factory.mktemp("one_epoch")
+    md5s = write_fake_cifar10(root / "cifar", per_batch=20, test_size=20)
+    with pytest.MonkeyPatch.context() as mp:
+        point_cifar10_at(mp, md5s)
+        result = train(_tiny(root / "cifar", root / "run", n_epochs=1, lr=0.05))
+    return root / "run", md5s, result.history
+
+
+def _private_copy(run: Path, md5s: dict, tmp_path: Path, monkeypatch) -> Path:
+    """A copy of a module's shared run folder for one test, its data readable by torchvision."""
+    point_cifar10_at(monkeypatch, md5s)
+    shutil.copytree(run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+@pytest.fixture
+def one_epoch_copy(one_epoch_run, tmp_path, monkeypatch) -> Path:
+    """A private copy of :func:`one_epoch_run`'s folder."""
+    run, md5s, _ = one_epoch_run
+    return _private_copy(run, md5s, tmp_path, monkeypatch)
+
+
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "not_a_training_checkpoint"])
-def test_corrupt_checkpoint_on_resume_is_refused_and_untouched(cifar, tmp_path, capsys, snapshot, damage):
-    save = tmp_path / "run"
-    train(_tiny(cifar, save, n_epochs=1))
+def test_corrupt_checkpoint_on_resume_is_refused_and_untouched(one_epoch_copy, capsys, snapshot, damage):
+    save = one_epoch_copy
     path = save / "checkpoint.pt"
     if damage == "garbage":
         path.write_bytes(b"this is not a checkpoint")
@@ -244,9 +283,8 @@ def test_corrupt_checkpoint_on_resume_is_refused_and_untouched(cifar, tmp_path, 
     assert snapshot(save) == before
 
 
-def test_existing_run_is_not_overwritten_without_resume_or_overwrite(cifar, tmp_path, capsys, snapshot):
-    save = tmp_path / "run"
-    train(_tiny(cifar, save, n_epochs=1))
+def test_existing_run_is_not_overwritten_without_resume_or_overwrite(cifar, one_epoch_copy, capsys, snapshot):
+    save = one_epoch_copy
     before = snapshot(save)
     args = _tiny_argv(cifar, 1, "--growth-rate", "12", "--save", str(save))
     assert _cli(*args) == 2
@@ -464,19 +502,16 @@ def finished_run(tmp_path_factory) -> tuple[Path, Path, dict]:
 
 @pytest.fixture
 def run_copy(finished_run, tmp_path, monkeypatch) -> Path:
-    """A private copy of :func:`finished_run`'s folder, its data readable by torchvision."""
+    """A private copy of :func:`finished_run`'s folder."""
     cifar, run, md5s = finished_run
-    point_cifar10_at(monkeypatch, md5s)
-    shutil.copytree(run, tmp_path / "run")
-    return tmp_path / "run"
+    return _private_copy(run, md5s, tmp_path, monkeypatch)
 
 
-def test_first_epoch_runs_at_the_given_lr_whatever_the_epoch_count(cifar, tmp_path):
+def test_first_epoch_runs_at_the_given_lr_whatever_the_epoch_count(one_epoch_run):
     # One epoch used to get milestones [0, 0] and run at lr / 100.
     assert [lr_milestones(n)[0] >= 1 for n in range(1, 12)] == [True] * 11
     assert lr_milestones(4) == [2, 3]  # the demo's schedule is unchanged for longer runs
-    result = train(_tiny(cifar, tmp_path / "run", n_epochs=1, lr=0.05))
-    assert [row["lr"] for row in result.history] == [0.05]
+    assert [row["lr"] for row in one_epoch_run[2]] == [0.05]  # a one-epoch run at lr 0.05
 
 
 def test_resume_with_more_epochs_continues_on_the_recomputed_schedule(finished_run, run_copy, capsys):
