@@ -47,6 +47,7 @@ __all__ = [
     "build_implementation",
     "check_memory_budget",
     "measure",
+    "current_rss_bytes",
     "peak_rss_bytes",
     "reset_peak_rss",
 ]
@@ -97,7 +98,8 @@ class StepSpec:
     """One measurement: which implementation, which config, what to record.
 
     ``kind="memory"`` records the peak of one training step, ``kind="speed"`` the median time
-    of ``steps`` steps after one warm-up step. ``amp`` is ``None``, ``"bf16"`` or ``"fp16"``.
+    of ``steps`` steps after one warm-up step, ``kind="whole_step"`` the peak of everything a
+    training step holds (see :func:`_whole_step_memory`: what the planner's ``total`` bounds). ``amp`` is ``None``, ``"bf16"`` or ``"fp16"``.
     ``warmup=True`` (memory on CPU) runs one step first and resets the peak (Linux
     ``/proc/self/clear_refs``) so the figure leaves out one-time allocations (oneDNN kernel
     caches, thread pools: 0-60 MB depending on the machine); the default is the
@@ -155,11 +157,17 @@ def _run_spec(spec: StepSpec) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
 
-    if spec.kind not in ("memory", "speed"):
-        raise UsageError(f"kind must be 'memory' or 'speed', got {spec.kind!r}")
+    if spec.kind not in ("memory", "speed", "whole_step"):
+        raise UsageError(f"kind must be 'memory', 'speed' or 'whole_step', got {spec.kind!r}")
     torch.set_num_threads(spec.threads)
     torch.manual_seed(spec.seed)
     device = torch.device(spec.device)
+    if spec.kind == "whole_step":
+        return {
+            "spec": json.loads(spec.to_json()),
+            "torch": torch.__version__,
+            **_whole_step_memory(spec, device),
+        }
     model = build_implementation(spec.impl, spec.config, spec.memory_plan).to(device).train()
     fmt = torch.channels_last if spec.channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
@@ -187,6 +195,49 @@ def _run_spec(spec: StepSpec) -> dict[str, Any]:
     measure_step = _step_memory if spec.kind == "memory" else _step_seconds
     result.update(measure_step(step, spec, device))
     return result
+
+
+def _whole_step_memory(spec: StepSpec, device: Any) -> dict[str, Any]:
+    """Peak bytes of a training run's steady step, from before the model exists.
+
+    The baseline is read before anything of the run is allocated (torch imported, nothing built);
+    then the model, the batch, zeroed gradients and SGD with momentum are made and two steps run
+    (forward, cross-entropy, backward, ``optimizer.step()``): the second one runs with the momentum
+    buffers the first one allocated, as every later step of a run does. The figure is the peak over
+    all of it minus the baseline: parameters, gradients, momentum, batch, activations, workspace
+    and the first step's one-time allocations (CPU: ``VmHWM`` - ``VmRSS``; CUDA:
+    ``max_memory_allocated`` - ``memory_allocated``, plus the caching allocator's reserve).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.init()
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        reset_peak_rss()
+        base = current_rss_bytes()
+    model = build_implementation(spec.impl, spec.config, spec.memory_plan).to(device).train()
+    x = torch.randn(spec.batch_size, 3, spec.resolution, spec.resolution, device=device)
+    y = torch.randint(0, spec.config.num_classes, (spec.batch_size,), device=device)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    amp_dtype = _amp_dtype(spec.amp)
+    for _ in range(2):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+    if cuda:
+        torch.cuda.synchronize(device)
+        return {
+            "peak_bytes": torch.cuda.max_memory_allocated(device) - base,
+            "reserved_bytes": torch.cuda.max_memory_reserved(device),
+        }
+    return {"peak_bytes": peak_rss_bytes() - base, "baseline_rss_bytes": base}
 
 
 def _compile_step(step: Callable[[], None]) -> None:
@@ -280,6 +331,15 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
+def current_rss_bytes() -> int:
+    """This process's resident set size now (``VmRSS``, Linux)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS line in /proc/self/status")
+
+
 def reset_peak_rss() -> None:
     """Set this process's ``VmHWM`` to its current RSS (Linux >= 4.0), or say why it cannot."""
     try:
@@ -318,7 +378,7 @@ def measure(spec: StepSpec, timeout: float | None = 1800) -> dict[str, Any]:
     """
     env = dict(os.environ)
     env.pop("MALLOC_MMAP_THRESHOLD_", None)
-    if spec.kind == "memory" and spec.device == "cpu":
+    if spec.kind in ("memory", "whole_step") and spec.device == "cpu":
         env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     # The worker must import this very copy of the package, installed or not.
     root = str(Path(__file__).resolve().parents[2])

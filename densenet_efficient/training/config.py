@@ -20,7 +20,7 @@ import torch.nn as nn
 from ..errors import UsageError
 from ..models import engine
 from ..models.config import densenet_bc_config, list_architectures
-from ..models.planner import parse_memory
+from ..models.planner.units import parse_memory
 
 __all__ = [
     "DEFAULT_MODE",

@@ -267,7 +267,7 @@ def test_plan_cli_errors_exit_2(argv, message, capsys):
 def _reference_timeline(config, mode, n, h, w, e, pe=4):
     """The planner's accounting as it was, one stage per layer (O(layers)): the reference the closed
     form must reproduce exactly."""
-    from densenet_efficient.models import planner as pl
+    from densenet_efficient.models.planner import timeline as pl
 
     c, k, bn = config.num_init_features, config.growth_rate, config.bn_size * config.growth_rate
     stem, (h, w) = pl._stem_stage(config, mode, n, h, w, e)
@@ -277,14 +277,14 @@ def _reference_timeline(config, mode, n, h, w, e, pe=4):
         if mode in ("naive", "torchvision"):
             for i in range(layers):
                 cl = c + i * k
-                stages.append(pl._Stage(f"{name}.layer{i + 1}", (2 * cl + 2 * bn) * s * e, 0, 2 * cl * s * e))
-            stages.append(pl._Stage(f"{name}.output", cf * s * e, cf * s * e, 0))
+                stages.append(pl.Stage(f"{name}.layer{i + 1}", (2 * cl + 2 * bn) * s * e, 0, 2 * cl * s * e))
+            stages.append(pl.Stage(f"{name}.output", cf * s * e, cf * s * e, 0))
         elif mode == "torchvision_efficient":
-            stages.append(pl._Stage(f"{name}.input", c * s * e, 0, 0))
+            stages.append(pl.Stage(f"{name}.input", c * s * e, 0, 0))
             for i in range(layers):
                 cl = c + i * k
-                stages.append(pl._Stage(f"{name}.layer{i + 1}", (2 * bn + k) * s * e, 0, 4 * cl * s * e))
-            stages.append(pl._Stage(f"{name}.output", cf * s * e, 0, 0))
+                stages.append(pl.Stage(f"{name}.layer{i + 1}", (2 * bn + k) * s * e, 0, 4 * cl * s * e))
+            stages.append(pl.Stage(f"{name}.output", cf * s * e, 0, 0))
         else:
             kept, grads, pending, per_layer = (bn if mode == "efficient" else 0), 2 * cf * s * e, 0, []
             for i in reversed(range(layers)):
@@ -292,15 +292,15 @@ def _reference_timeline(config, mode, n, h, w, e, pe=4):
                 pending += (2 * cl + cl * bn + 2 * bn + 9 * bn * k) * pe
                 temps = max(3 * cl, k + cl + (4 if mode == "max_saving" else 3) * bn)
                 per_layer.append(
-                    pl._Stage(f"l{i}", kept * s * e, (2 * cl + bn) * s * e, grads + temps * s * e + pending)
+                    pl.Stage(f"l{i}", kept * s * e, (2 * cl + bn) * s * e, grads + temps * s * e + pending)
                 )
-            stages += [pl._Stage(f"{name}.buffer", cf * s * e, 0, grads), *reversed(per_layer)]
+            stages += [pl.Stage(f"{name}.buffer", cf * s * e, 0, grads), *reversed(per_layer)]
         if b < len(config.block_config) - 1:
             saved = 0 if mode in ("efficient", "max_saving") else (cf + cf // 2) * s * e
-            stages.append(pl._Stage(f"transition{b + 1}", saved, cf * s * e, 2 * cf * s * e))
+            stages.append(pl.Stage(f"transition{b + 1}", saved, cf * s * e, 2 * cf * s * e))
             c, h, w = cf // 2, h // 2, w // 2
         else:
-            stages.append(pl._Stage("head", cf * s * e, 0, 2 * cf * s * e))
+            stages.append(pl.Stage("head", cf * s * e, 0, 2 * cf * s * e))
     return stages
 
 
@@ -329,14 +329,14 @@ SMALL_CONFIGS = [
 @pytest.mark.parametrize("config", SMALL_CONFIGS, ids=lambda c: c.name)
 @pytest.mark.parametrize("mode", ESTIMABLE)
 def test_closed_form_equals_the_per_layer_accounting(config, mode):
-    from densenet_efficient.models.planner import _peak, _timeline
+    from densenet_efficient.models.planner.timeline import peak, timeline
 
     assert count_parameters(config) == _reference_parameters(config)
     size = 32 if config.small_inputs else 64
     for n, e, pe in [(1, 4, 4), (3, 2, 4), (64, 8, 8), (5, 2, 2)]:
-        closed = _timeline(config, mode, n, size, size, e, pe)
+        closed = timeline(config, mode, n, size, size, e, pe)
         reference = _reference_timeline(config, mode, n, size, size, e, pe)
-        assert _peak(closed) == _peak(reference), (n, e, pe)
+        assert peak(closed) == peak(reference), (n, e, pe)
         assert sum(st.saved for st in closed) == sum(st.saved for st in reference)
 
 
