@@ -46,8 +46,9 @@ __all__ = [
     "StepSpec",
     "build_implementation",
     "check_memory_budget",
-    "measure",
     "current_rss_bytes",
+    "measure",
+    "measure_series",
     "peak_rss_bytes",
     "reset_peak_rss",
 ]
@@ -352,14 +353,17 @@ def reset_peak_rss() -> None:
 
 
 def _worker_main() -> None:
-    """Subprocess entry point: read a :class:`StepSpec` as JSON from argv, print the result."""
-    spec = StepSpec.from_json(sys.argv[1])
-    try:
-        result = _run_spec(spec)
-    except _CompileFailed as err:
-        print(f"ERROR {err}", flush=True)  # one line for the benchmark's row
-        sys.exit(1)
-    print("RESULT " + json.dumps(result), flush=True)
+    """Subprocess entry point: read a JSON list of :class:`StepSpec` from argv, print each result."""
+    import gc
+
+    for text in json.loads(sys.argv[1]):
+        try:
+            result = _run_spec(StepSpec.from_json(text))
+        except _CompileFailed as err:
+            print(f"ERROR {err}", flush=True)  # one line for the benchmark's row
+            sys.exit(1)
+        print("RESULT " + json.dumps(result), flush=True)
+        gc.collect()  # the next spec's baseline starts without this one's tensors
 
 
 def measure(spec: StepSpec, timeout: float | None = 1800) -> dict[str, Any]:
@@ -376,17 +380,33 @@ def measure(spec: StepSpec, timeout: float | None = 1800) -> dict[str, Any]:
         r = measure(StepSpec("naive", densenet_bc_config(40), batch_size=16, resolution=32))
         print(r["peak_bytes"] / 2**20, "MiB")
     """
+    return measure_series([spec], timeout)[0]
+
+
+def measure_series(specs: list[StepSpec], timeout: float | None = 1800) -> list[dict[str, Any]]:
+    """Run ``specs`` one after the other in *one* fresh process (what :func:`measure` does for one).
+
+    Cheaper than a process per figure (one interpreter and torch import), for figures that do not
+    need a fresh process: warm memory steps (``warmup=True``, the peak is reset before each) and
+    whole steps measured from their own baseline, where only the first spec of the series pays
+    the process's one-time allocations. All specs share the first one's kind and device.
+    """
+    if not specs:
+        return []
+    first = specs[0]
+    if any((s.kind, s.device, s.threads) != (first.kind, first.device, first.threads) for s in specs):
+        raise UsageError("measure_series: every spec needs the same kind, device and threads")
     env = dict(os.environ)
     env.pop("MALLOC_MMAP_THRESHOLD_", None)
-    if spec.kind in ("memory", "whole_step") and spec.device == "cpu":
+    if first.kind in ("memory", "whole_step") and first.device == "cpu":
         env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     # The worker must import this very copy of the package, installed or not.
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
-    env.setdefault("OMP_NUM_THREADS", str(spec.threads))
+    env.setdefault("OMP_NUM_THREADS", str(first.threads))
     code = "from densenet_efficient.perf.measure import _worker_main; _worker_main()"
     proc = subprocess.run(
-        [sys.executable, "-c", code, spec.to_json()],
+        [sys.executable, "-c", code, json.dumps([s.to_json() for s in specs])],
         env=env,
         capture_output=True,
         text=True,
@@ -396,10 +416,10 @@ def measure(spec: StepSpec, timeout: float | None = 1800) -> dict[str, Any]:
     errors = [ln for ln in proc.stdout.splitlines() if ln.startswith("ERROR ")]
     if proc.returncode != 0 and errors:
         raise RuntimeError(errors[-1][len("ERROR ") :])
-    if proc.returncode != 0 or not lines:
+    if proc.returncode != 0 or len(lines) != len(specs):
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
         raise RuntimeError(
-            f"measuring {spec.impl} ({spec.kind}) failed with exit code {proc.returncode}: "
+            f"measuring {first.impl} ({first.kind}) failed with exit code {proc.returncode}: "
             + " | ".join(tail)
         )
-    return json.loads(lines[-1][len("RESULT ") :])
+    return [json.loads(ln[len("RESULT ") :]) for ln in lines]

@@ -21,7 +21,7 @@ docs/planner.md says how the figures are calibrated against measured steps.
 True
 """
 
-from .estimate import CPU_FIRST_STEP_OVERHEAD, CUDA_CONTEXT, MemoryEstimate, estimate_memory
+from .estimate import CPU_FIRST_STEP_OVERHEAD, CUDA_CONTEXT, LOWEST_RATIO, MemoryEstimate, estimate_memory
 from .options import (
     DEFAULT_OPTIMIZER,
     ESTIMABLE,
@@ -43,6 +43,7 @@ __all__ = [
     "DEFAULT_OPTIMIZER",
     "ELEMENTWISE_MACS",
     "ESTIMABLE",
+    "LOWEST_RATIO",
     "MAX_BUDGET",
     "OPTIMIZER_STATES",
     "TORCHVISION",

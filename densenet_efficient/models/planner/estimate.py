@@ -29,7 +29,11 @@ from .parameters import count_parameters
 from .recompute import extra_time
 from .timeline import peak, timeline
 
-__all__ = ["CPU_FIRST_STEP_OVERHEAD", "CUDA_CONTEXT", "MemoryEstimate", "estimate_memory"]
+__all__ = ["CPU_FIRST_STEP_OVERHEAD", "CUDA_CONTEXT", "LOWEST_RATIO", "MemoryEstimate", "estimate_memory"]
+
+#: The planner's promise, checked on a measured grid (docs/planner.md, scripts/planner_grid.py):
+#: a measured whole step is at most ``total`` and at least this share of it.
+LOWEST_RATIO = 0.90
 
 _MIB = 1 << 20
 #: One-time allocations of the first training step on CPU (oneDNN kernels, thread pools, autograd

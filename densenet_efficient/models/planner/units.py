@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import numbers
 import re
 from decimal import Decimal
 
@@ -23,6 +24,8 @@ _UNITS = {
     "m": 1 << 20, "mb": 10**6, "mib": 1 << 20,
     "g": 1 << 30, "gb": 10**9, "gib": 1 << 30,
     "t": 1 << 40, "tb": 10**12, "tib": 1 << 40,
+    "p": 1 << 50, "pb": 10**15, "pib": 1 << 50,
+    "e": 1 << 60, "eb": 10**18, "eib": 1 << 60,
 }  # fmt: skip
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$")
 #: digits before the point beyond which a size is above MAX_BUDGET in any unit (2**64 has 20)
@@ -39,23 +42,23 @@ def parse_memory(value: int | str) -> int:
     >>> parse_memory("8GiB"), parse_memory("12GB"), parse_memory("512M")
     (8589934592, 12000000000, 536870912)
     """
-    if isinstance(value, int) and not isinstance(value, bool):
-        return _checked(value, str(value))
-    match = _SIZE.match(value) if isinstance(value, str) else None
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return _checked(int(value), int(value))
+    match = _SIZE.match(value if isinstance(value, str) else str(value))
     unit = match.group(2).lower() if match else None
     if unit not in _UNITS:
         raise UsageError(f"memory budget must look like {_EXAMPLES}, got {_shown(value)}")
     digits = match.group(1)
     if len(digits.partition(".")[0].lstrip("0")) > _MAX_DIGITS:  # before Decimal reads it all
         raise UsageError(_too_large(value))
-    return _checked(int(Decimal(digits) * _UNITS[unit]), _shown(value))
+    return _checked(int(Decimal(digits) * _UNITS[unit]), value)
 
 
-def _checked(size: int, shown: str) -> int:
+def _checked(size: int, value: int | str) -> int:
     if size <= 0:
-        raise UsageError(f"memory budget must be positive, got {shown}")
+        raise UsageError(f"memory budget must be positive, got {_shown(value)}")
     if size > MAX_BUDGET:
-        raise UsageError(_too_large(shown))
+        raise UsageError(_too_large(value))
     return size
 
 
@@ -65,11 +68,10 @@ def _too_large(value: object) -> str:
 
 def _shown(value: object, limit: int = 60) -> str:
     """``value`` for an error message, cut short: a budget of 400 nines need not be echoed whole."""
-    text = value if isinstance(value, str) and len(value) <= limit else None
-    if text is not None:
-        return repr(text)
-    text = str(value) if isinstance(value, (int, str)) and not isinstance(value, bool) else repr(value)
-    return text if len(text) <= limit else f"{text[:20]}... ({len(text)} characters)"
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 200:
+        return f"an integer of {value.bit_length()} bits"  # str() of a 5000-digit int raises
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:24]}... ({len(text)} characters)"
 
 
 def format_bytes(n: float) -> str:
