@@ -28,7 +28,13 @@ from typing import Any
 
 from densenet_efficient.models.config import resolve_arch
 from densenet_efficient.models.memory_plan import MemoryPlan, resolve_memory_plan
-from densenet_efficient.models.planner import LOWEST_RATIO, estimate_memory, fit_memory, format_bytes, parse_memory
+from densenet_efficient.models.planner import (
+    LOWEST_RATIO,
+    estimate_memory,
+    fit_memory,
+    format_bytes,
+    parse_memory,
+)
 from densenet_efficient.perf.benchmark import machine_description
 from densenet_efficient.perf.measure import StepSpec, measure
 

@@ -104,12 +104,19 @@ def measured():
     grid_plans = {str(g): _dial_plan(g[0], g[1], g[2], g[3], g[4]) for g in GRID}
     warm = [StepSpec(m, resolve_arch(a), b, r, warmup=True) for a, b, r, m in CASES]
     dial = [
-        StepSpec("efficient", resolve_arch(c[0]), c[1], c[2], warmup=True, memory_plan=plans[str(c)].to_json())
+        StepSpec(
+            "efficient", resolve_arch(c[0]), c[1], c[2], warmup=True, memory_plan=plans[str(c)].to_json()
+        )
         for c in DIAL_CASES
     ]
     whole = [
         StepSpec(
-            "efficient", resolve_arch(g[0]), g[1], g[2], kind="whole_step", amp=g[4],
+            "efficient",
+            resolve_arch(g[0]),
+            g[1],
+            g[2],
+            kind="whole_step",
+            amp=g[4],
             memory_plan=grid_plans[str(g)].to_json(),
         )  # fmt: skip
         for g in GRID
@@ -457,9 +464,11 @@ def test_max_batch_size_answers_huge_budgets_at_once(budget):
     # stepping back one batch at a time took 107 s for 100 TiB; bisection takes O(log batch)
     n = _fast(lambda: max_batch_size("densenet121", budget))
     limit = parse_memory(budget)
-    assert estimate_memory("densenet121", batch_size=n).total <= limit < estimate_memory(
-        "densenet121", batch_size=n + 1
-    ).total
+    assert (
+        estimate_memory("densenet121", batch_size=n).total
+        <= limit
+        < estimate_memory("densenet121", batch_size=n + 1).total
+    )
 
 
 @pytest.mark.parametrize(
@@ -500,7 +509,10 @@ def test_deepest_densenet_bc_at_16_eib_is_answered_at_once():
     [
         (["--memory", "9" * 400], "at most 16 EiB"),
         (["--memory", str(10**30)], "at most 16 EiB"),
-        (["--depth", str(6 * 10**15 + 4), "--batch-size", "1", "--memory", "8GiB"], "fits no batch in any mode"),
+        (
+            ["--depth", str(6 * 10**15 + 4), "--batch-size", "1", "--memory", "8GiB"],
+            "fits no batch in any mode",
+        ),
         (["--image-size", str(10**12), "--memory", "8GiB"], "fits no batch in any mode"),
         (["--batch-size", "0", "--memory", "8GiB"], "batch_size must be a positive integer, got 0"),
     ],
