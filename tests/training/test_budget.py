@@ -23,7 +23,7 @@ from ..support.fakedata import point_cifar10_at, write_fake_cifar10
 TRAIN_IMAGES = 80
 #: A budget that fits a batch of a few dozen of the tiny model in max_saving but not 64.
 SMALL = "36MiB"
-PLANNER = {"resolution": 32, "device": "cpu", "optimizer": "momentum", "amp": None}
+PLANNER = {"image_size": 32, "device": "cpu", "optimizer": "momentum", "amp": None}
 
 
 @pytest.fixture
