@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The planner's figure against the measured whole training step, on a grid of configurations.
 
-Every point runs in a fresh process (``StepSpec(kind="whole_step")``, docs/planner_accuracy.md):
+Every point runs in a fresh process (``StepSpec(kind="whole_step")``, docs/planner.md):
 ``MALLOC_MMAP_THRESHOLD_=65536``, baseline RSS before the model exists, then model, batch, zeroed
 gradients, SGD with momentum and two steps; the figure is the peak RSS over the baseline. The
 planner's figure is ``estimate_memory(..., device="cpu", optimizer="momentum").total`` (for the
