@@ -47,7 +47,7 @@ class Layers:
     functions of ``i`` that, added to the running total of kept bytes, are quadratics in ``i``
     (linear, convex or concave). The peaks are then maxima of quadratics over ``0..count-1``: at an
     end, or where a concave one stops rising, found by bisection. The result is exactly what the
-    per-layer sum gives (tests/perf/test_planner.py compares them).
+    per-layer sum gives (tests/models/test_planner.py compares them).
     """
 
     name: str
