@@ -1,6 +1,6 @@
 """``densenet-efficient plan``: the largest batch per memory mode for a budget, from the planner.
 
-densenet-efficient plan --arch densenet121 --resolution 224 --memory 8GiB --amp bf16
+densenet-efficient plan --arch densenet121 --image-size 224 --memory 8GiB --amp bf16
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import json
 
 from ..errors import UsageError
 from ..models.planner import (
+    DEFAULT_OPTIMIZER,
     ESTIMABLE,
     OPTIMIZER_STATES,
     MemoryBudgetError,
@@ -26,7 +27,13 @@ __all__ = ["configure_parser", "run"]
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``densenet-efficient plan``."""
     add_arch_arguments(parser, "densenet121")
-    parser.add_argument("--resolution", type=int, help="input height/width (default 224, CIFAR configs 32)")
+    parser.add_argument(
+        "--image-size",
+        "--resolution",  # its old name, still accepted
+        dest="image_size",
+        type=int,
+        help="input height/width (default 224, CIFAR configs 32)",
+    )
     parser.add_argument("--memory", required=True, help="the budget, e.g. 8GiB, 12GB, 16000MiB")
     parser.add_argument("--amp", choices=("bf16", "fp16"), help="autocast: half-precision activations")
     parser.add_argument(
@@ -36,7 +43,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--mode", action="append", choices=ESTIMABLE, help="mode(s) to plan (default: all, torchvision too)"
     )
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="where training runs")
-    parser.add_argument("--optimizer", default="sgd", choices=tuple(OPTIMIZER_STATES), help="optimizer state")
+    parser.add_argument(
+        "--optimizer",
+        default=DEFAULT_OPTIMIZER,
+        choices=tuple(OPTIMIZER_STATES),
+        help=f"optimizer state: momentum (SGD with momentum), sgd (plain), adam (default {DEFAULT_OPTIMIZER})",
+    )
     parser.add_argument(
         "--batch-size",
         type=int,
@@ -52,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     budget = parse_memory(args.memory)
     modes = tuple(dict.fromkeys(args.mode or ESTIMABLE))
     kwargs = dict(
-        resolution=args.resolution,
+        image_size=args.image_size,
         dtype=args.dtype,
         amp=args.amp,
         device=args.device,
@@ -69,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"arch": name, "memory": budget, "rows": rows, "fit": fitted}, indent=2))
     else:
-        res = args.resolution or arch.default_resolution
+        res = args.image_size or arch.default_resolution
         print(
             f"{name} at {res}x{res}, {args.amp or args.dtype} activations, {args.device}, optimizer {args.optimizer}: "
             f"budget {format_bytes(budget)}"

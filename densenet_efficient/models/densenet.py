@@ -31,6 +31,7 @@ from .config import (
 )
 from .hub import DenseNetHubMixin, default_pretrained_cfg
 from .memory_plan import MemoryPlan, MemorySetting, resolve_memory_plan
+from .planner.verify import measure_step, step_down
 
 __all__ = ["DenseNet", "DenseNetFeatures", "FeatureInfo", "capturing_graph", "feature_info"]
 
@@ -273,18 +274,25 @@ class DenseNet(nn.Module, DenseNetHubMixin):
         batch_size: int,
         image_size: int | None = None,
         amp: str | None = None,
-        optimizer: str = "momentum",
+        optimizer: str = planner.DEFAULT_OPTIMIZER,
         device: str | None = None,
+        verify: bool = False,
     ) -> MemoryPlan:
         """Pick and apply the setting with the least recompute whose training step fits ``budget``.
 
         ``budget`` is bytes or a string (``"450MB"``, ``"8GiB"``) for everything a training step
-        holds: parameters, gradients, ``optimizer`` state (``"sgd"``, ``"momentum"``, ``"adam"``),
-        the input batch, activations and workspace (and the CUDA context on a GPU). ``device``
-        defaults to where the parameters are. Returns the applied :class:`MemoryPlan` with its
-        estimated peak and extra time; a budget below the ``"max_saving"`` floor raises a
+        holds: parameters, gradients, ``optimizer`` state (``"momentum"``, the default: SGD with
+        momentum; ``"sgd"``: plain SGD; ``"adam"``), the input batch, activations and workspace
+        (and the CUDA context on a GPU). ``device`` defaults to where the parameters are. Returns
+        the applied :class:`MemoryPlan` with its estimated peak and extra time; a budget below the
+        ``"max_saving"`` floor raises a
         :class:`~densenet_efficient.models.planner.MemoryBudgetError` naming the smallest budget
         that fits and the largest batch this budget fits.
+
+        ``verify=True`` (CUDA only) then runs two training steps of the plan on a random batch and
+        measures what the device really holds (``torch.cuda.max_memory_reserved`` plus the CUDA
+        context); while that is over ``budget`` it plans again for a budget lowered by the excess,
+        with a warning saying so. The model's weights, buffers and gradients are left as they were.
 
         >>> from densenet_efficient.models.builders import densenet121
         >>> plan = densenet121().fit_memory("1GiB", batch_size=8)
@@ -292,16 +300,33 @@ class DenseNet(nn.Module, DenseNetHubMixin):
         True
         """
         dtype = next(self.parameters()).dtype
-        plan = planner.fit_memory(
-            self.arch_config,
-            budget,
+        kwargs = dict(
             batch_size=batch_size,
-            resolution=image_size,
+            image_size=image_size,
             amp=amp,
             optimizer=optimizer,
             device=device or next(self.parameters()).device.type,
             dtype={torch.float64: "fp64", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32"),
         )
+        plan = planner.fit_memory(self.arch_config, budget, **kwargs)
+        if verify:
+            if kwargs["device"] != "cuda":
+                raise UsageError(
+                    "fit_memory(verify=True) measures the step on CUDA; on CPU the planner's figure is "
+                    "checked against fresh-process measurements instead (docs/planner.md)"
+                )
+            size = plan.image_size
+
+            def measure(p: MemoryPlan) -> int:
+                return measure_step(
+                    self, p, batch_size=batch_size, image_size=size, amp=amp, optimizer=optimizer
+                )
+
+            plan = step_down(
+                lambda b: planner.fit_memory(self.arch_config, b, **kwargs),
+                measure,
+                planner.parse_memory(budget),
+            )
         self.set_memory_efficient(plan)
         return plan
 

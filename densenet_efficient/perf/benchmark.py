@@ -45,7 +45,7 @@ from ..errors import UsageError, check_int
 from ..io.atomic import atomic_write
 from ..models.config import ArchConfig, densenet_bc_config, resolve_arch
 from ..models.engine import MODES
-from ..models.planner import check_resolution, estimate_memory
+from ..models.planner import check_image_size, estimate_memory
 from .measure import (
     IMPLEMENTATIONS,
     TORCHVISION,
@@ -148,7 +148,7 @@ def benchmark(
     ones). A compiled row that fails records ``"error"`` (one line) instead of figures.
     """
     config = resolve_arch(arch)
-    resolution = check_resolution(config, resolution)
+    resolution = check_image_size(config, resolution)
     device = resolve_device(device)
     impls = list(dict.fromkeys(implementations))
     for impl in impls:
@@ -220,7 +220,7 @@ def benchmark(
         res["estimate_mb"] = None
         if not row.compile:  # the planner models eager execution only
             est = estimate_memory(
-                config, batch_size=batch_size, resolution=resolution, mode=row.impl, device=device
+                config, batch_size=batch_size, image_size=resolution, mode=row.impl, device=device
             )
             res["estimate_mb"] = est.peak / _MB
         if speed:
@@ -337,15 +337,15 @@ def sweep(
     else:
         raise UsageError(f"sweep must be 'depth' or 'batch', got {kind!r}")
     for config, _, _ in points:  # every point checked before the first is measured
-        check_resolution(config, resolution)
+        check_image_size(config, resolution)
     rows = []
     with _progress(len(points) * len(implementations), f"sweep {kind}", progress) as bar:
         for config, batch, x in points:
-            res = check_resolution(config, resolution)
+            res = check_image_size(config, resolution)
             for impl in implementations:
                 bar.set_postfix_str(f"{kind}={x} {impl}")
                 r = measure(StepSpec(impl, config, batch, res, device=device))
-                est = estimate_memory(config, batch_size=batch, resolution=res, mode=impl, device=device)
+                est = estimate_memory(config, batch_size=batch, image_size=res, mode=impl, device=device)
                 rows.append(
                     {
                         kind: x,

@@ -46,8 +46,10 @@ __all__ = [
     "StepSpec",
     "build_implementation",
     "check_memory_budget",
+    "current_rss_bytes",
     "measure",
     "paired_ratio",
+    "measure_series",
     "peak_rss_bytes",
     "reset_peak_rss",
     "time_step",
@@ -99,7 +101,8 @@ class StepSpec:
     """One measurement: which implementation, which config, what to record.
 
     ``kind="memory"`` records the peak of one training step, ``kind="speed"`` the median time
-    of ``steps`` steps after one warm-up step. ``amp`` is ``None``, ``"bf16"`` or ``"fp16"``.
+    of ``steps`` steps after one warm-up step, ``kind="whole_step"`` the peak of everything a
+    training step holds (see :func:`_whole_step_memory`: what the planner's ``total`` bounds). ``amp`` is ``None``, ``"bf16"`` or ``"fp16"``.
     ``warmup=True`` (memory on CPU) runs one step first and resets the peak (Linux
     ``/proc/self/clear_refs``) so the figure leaves out one-time allocations (oneDNN kernel
     caches, thread pools: 0-60 MB depending on the machine); the default is the
@@ -157,11 +160,17 @@ def _run_spec(spec: StepSpec) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
 
-    if spec.kind not in ("memory", "speed"):
-        raise UsageError(f"kind must be 'memory' or 'speed', got {spec.kind!r}")
+    if spec.kind not in ("memory", "speed", "whole_step"):
+        raise UsageError(f"kind must be 'memory', 'speed' or 'whole_step', got {spec.kind!r}")
     torch.set_num_threads(spec.threads)
     torch.manual_seed(spec.seed)
     device = torch.device(spec.device)
+    if spec.kind == "whole_step":
+        return {
+            "spec": json.loads(spec.to_json()),
+            "torch": torch.__version__,
+            **_whole_step_memory(spec, device),
+        }
     model = build_implementation(spec.impl, spec.config, spec.memory_plan).to(device).train()
     fmt = torch.channels_last if spec.channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
@@ -189,6 +198,49 @@ def _run_spec(spec: StepSpec) -> dict[str, Any]:
     measure_step = _step_memory if spec.kind == "memory" else _step_seconds
     result.update(measure_step(step, spec, device))
     return result
+
+
+def _whole_step_memory(spec: StepSpec, device: Any) -> dict[str, Any]:
+    """Peak bytes of a training run's steady step, from before the model exists.
+
+    The baseline is read before anything of the run is allocated (torch imported, nothing built);
+    then the model, the batch, zeroed gradients and SGD with momentum are made and two steps run
+    (forward, cross-entropy, backward, ``optimizer.step()``): the second one runs with the momentum
+    buffers the first one allocated, as every later step of a run does. The figure is the peak over
+    all of it minus the baseline: parameters, gradients, momentum, batch, activations, workspace
+    and the first step's one-time allocations (CPU: ``VmHWM`` - ``VmRSS``; CUDA:
+    ``max_memory_allocated`` - ``memory_allocated``, plus the caching allocator's reserve).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.init()
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        reset_peak_rss()
+        base = current_rss_bytes()
+    model = build_implementation(spec.impl, spec.config, spec.memory_plan).to(device).train()
+    x = torch.randn(spec.batch_size, 3, spec.resolution, spec.resolution, device=device)
+    y = torch.randint(0, spec.config.num_classes, (spec.batch_size,), device=device)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    amp_dtype = _amp_dtype(spec.amp)
+    for _ in range(2):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+    if cuda:
+        torch.cuda.synchronize(device)
+        return {
+            "peak_bytes": torch.cuda.max_memory_allocated(device) - base,
+            "reserved_bytes": torch.cuda.max_memory_reserved(device),
+        }
+    return {"peak_bytes": peak_rss_bytes() - base, "baseline_rss_bytes": base}
 
 
 def _compile_step(step: Callable[[], None]) -> None:
@@ -302,6 +354,15 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
+def current_rss_bytes() -> int:
+    """This process's resident set size now (``VmRSS``, Linux)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS line in /proc/self/status")
+
+
 def reset_peak_rss() -> None:
     """Set this process's ``VmHWM`` to its current RSS (Linux >= 4.0), or say why it cannot."""
     try:
@@ -314,14 +375,17 @@ def reset_peak_rss() -> None:
 
 
 def _worker_main() -> None:
-    """Subprocess entry point: read a :class:`StepSpec` as JSON from argv, print the result."""
-    spec = StepSpec.from_json(sys.argv[1])
-    try:
-        result = _run_spec(spec)
-    except _CompileFailed as err:
-        print(f"ERROR {err}", flush=True)  # one line for the benchmark's row
-        sys.exit(1)
-    print("RESULT " + json.dumps(result), flush=True)
+    """Subprocess entry point: read a JSON list of :class:`StepSpec` from argv, print each result."""
+    import gc
+
+    for text in json.loads(sys.argv[1]):
+        try:
+            result = _run_spec(StepSpec.from_json(text))
+        except _CompileFailed as err:
+            print(f"ERROR {err}", flush=True)  # one line for the benchmark's row
+            sys.exit(1)
+        print("RESULT " + json.dumps(result), flush=True)
+        gc.collect()  # the next spec's baseline starts without this one's tensors
 
 
 def measure(spec: StepSpec, timeout: float | None = 1800) -> dict[str, Any]:
@@ -338,17 +402,33 @@ def measure(spec: StepSpec, timeout: float | None = 1800) -> dict[str, Any]:
         r = measure(StepSpec("naive", densenet_bc_config(40), batch_size=16, resolution=32))
         print(r["peak_bytes"] / 2**20, "MiB")
     """
+    return measure_series([spec], timeout)[0]
+
+
+def measure_series(specs: list[StepSpec], timeout: float | None = 1800) -> list[dict[str, Any]]:
+    """Run ``specs`` one after the other in *one* fresh process (what :func:`measure` does for one).
+
+    Cheaper than a process per figure (one interpreter and torch import), for figures that do not
+    need a fresh process: warm memory steps (``warmup=True``, the peak is reset before each) and
+    whole steps measured from their own baseline, where only the first spec of the series pays
+    the process's one-time allocations. All specs share the first one's kind and device.
+    """
+    if not specs:
+        return []
+    first = specs[0]
+    if any((s.kind, s.device, s.threads) != (first.kind, first.device, first.threads) for s in specs):
+        raise UsageError("measure_series: every spec needs the same kind, device and threads")
     env = dict(os.environ)
     env.pop("MALLOC_MMAP_THRESHOLD_", None)
-    if spec.kind == "memory" and spec.device == "cpu":
+    if first.kind in ("memory", "whole_step") and first.device == "cpu":
         env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     # The worker must import this very copy of the package, installed or not.
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
-    env.setdefault("OMP_NUM_THREADS", str(spec.threads))
+    env.setdefault("OMP_NUM_THREADS", str(first.threads))
     code = "from densenet_efficient.perf.measure import _worker_main; _worker_main()"
     proc = subprocess.run(
-        [sys.executable, "-c", code, spec.to_json()],
+        [sys.executable, "-c", code, json.dumps([s.to_json() for s in specs])],
         env=env,
         capture_output=True,
         text=True,
@@ -358,10 +438,10 @@ def measure(spec: StepSpec, timeout: float | None = 1800) -> dict[str, Any]:
     errors = [ln for ln in proc.stdout.splitlines() if ln.startswith("ERROR ")]
     if proc.returncode != 0 and errors:
         raise RuntimeError(errors[-1][len("ERROR ") :])
-    if proc.returncode != 0 or not lines:
+    if proc.returncode != 0 or len(lines) != len(specs):
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
         raise RuntimeError(
-            f"measuring {spec.impl} ({spec.kind}) failed with exit code {proc.returncode}: "
+            f"measuring {first.impl} ({first.kind}) failed with exit code {proc.returncode}: "
             + " | ".join(tail)
         )
-    return json.loads(lines[-1][len("RESULT ") :])
+    return [json.loads(ln[len("RESULT ") :]) for ln in lines]

@@ -165,12 +165,12 @@ def choose_budget(
 
     if batch_size == AUTO:
         try:
-            largest = max_batch_size(arch, budget, resolution=image_size, mode=MAX_SAVING, **kwargs)
+            largest = max_batch_size(arch, budget, image_size=image_size, mode=MAX_SAVING, **kwargs)
         except UsageError as err:
             raise UsageError(f"--batch-size auto: {named(err)}") from None
         batch_size = max(1, min(largest, train_images // info.world_size))
     try:
-        plan = fit_memory(arch, budget, batch_size=batch_size, resolution=image_size, **kwargs)
+        plan = fit_memory(arch, budget, batch_size=batch_size, image_size=image_size, **kwargs)
     except MemoryBudgetError as err:
         if err.max_batch_size == 0:
             raise UsageError(named(err)) from None

@@ -22,7 +22,7 @@ import torch.nn as nn
 from ..errors import UsageError, check_int, shown
 from ..models import engine
 from ..models.config import ArchConfig, densenet_bc_config, list_architectures, resolve_arch
-from ..models.planner import parse_memory
+from ..models.planner.units import parse_memory
 from .data import DATA_DEFAULTS, DATASETS, detect_dataset
 
 __all__ = [

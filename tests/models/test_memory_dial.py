@@ -161,12 +161,12 @@ def test_fit_memory_is_the_cheapest_setting_that_fits(config):
     for keeps in itertools.product(*(range(n + 1) for n in config.block_config)):
         for stem in stems:
             plan = MemoryPlan(resolve_memory_plan(list(keeps), config).blocks, stem)
-            est = estimate_memory(config, batch_size=4, resolution=res, mode=plan, device="cpu")
+            est = estimate_memory(config, batch_size=4, image_size=res, mode=plan, device="cpu")
             every.append((est.total, est.extra_time))
     low, high = min(t for t, _ in every), max(t for t, _ in every)
     for i in range(25):
         budget = low + (high - low) * i // 24
-        plan = fit_memory(config, budget, batch_size=4, resolution=res, device="cpu")
+        plan = fit_memory(config, budget, batch_size=4, image_size=res, device="cpu")
         assert plan.estimated_peak <= budget
         cheapest = min(x for t, x in every if t <= budget)
         assert plan.estimated_extra_time <= cheapest + 1e-12, (budget, plan)

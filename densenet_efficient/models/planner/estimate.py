@@ -1,0 +1,225 @@
+"""The estimate: bytes one training step needs, split the way a budget is spent; no model is run.
+
+>>> est = estimate_memory("densenet121", batch_size=32, mode="efficient", amp="bf16")
+>>> est.total < 8 * 2**30
+True
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ..config import ArchConfig, resolve_arch
+from ..engine import EFFICIENT, NAIVE
+from ..memory_plan import MemorySetting
+from .options import (
+    DEFAULT_OPTIMIZER,
+    OPTIMIZER_STATES,
+    TORCHVISION,
+    Dial,
+    check_image_size,
+    check_options,
+    dtype_bytes,
+    positive_int,
+    renamed_keyword,
+    resolve_setting,
+)
+from .parameters import count_parameters
+from .recompute import extra_time
+from .timeline import peak, timeline
+
+__all__ = [
+    "ACTIVATION_MARGIN_PERCENT",
+    "CPU_FIRST_STEP_OVERHEAD",
+    "CUDA_CONTEXT",
+    "LOWEST_RATIO",
+    "MemoryEstimate",
+    "estimate_memory",
+]
+
+#: The planner's promise, checked on a measured grid (docs/planner.md, scripts/planner_grid.py):
+#: a measured whole step is at most ``total`` and at least this share of it.
+LOWEST_RATIO = 0.90
+#: The calibrated margin on the modelled activations + workspace of a setting that runs the
+#: engine anywhere, in percent: what measured whole steps held beyond the tensors the timeline
+#: counts (allocator rounding, small-tensor heap, kernel scratch). The largest shortfall on the
+#: grid of docs/planner.md was 18.4% (DenseNet-BC-100, bf16, "efficient"); all-naive settings
+#: measured within 0.4% and get none.
+ACTIVATION_MARGIN_PERCENT = 20
+
+_MIB = 1 << 20
+#: One-time allocations of the first training step on CPU (oneDNN kernels, thread pools, autograd
+#: engine): 20-56 MiB on torch 2.14's CPU build (first step - warm step, peak RSS; varies by machine).
+CPU_FIRST_STEP_OVERHEAD = 30 * _MIB
+#: CUDA context + cuBLAS/cuDNN handles: device memory that ``max_memory_allocated`` never sees
+#: but a budget must leave room for (typically 300-600 MiB, depending on card and driver).
+CUDA_CONTEXT = 512 * _MIB
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes one training step needs, split the way the budget is spent.
+
+    ``activations``: tensors autograd keeps for backward, at the end of forward.
+    ``workspace``: extra live at the peak of backward (gradient buffers, recomputed tensors).
+    ``overhead``: fixed framework allocations counted by the measurement (CPU first step).
+    ``margin``: the calibrated share of ``activations + workspace`` that no tensor count sees
+    (:data:`ACTIVATION_MARGIN_PERCENT`, docs/planner.md).
+    ``peak``: ``activations + workspace + overhead + margin``, the figure the measurement protocol and
+    the benchmark report. ``total`` adds parameters, gradients, optimizer state, the input batch
+    and (CUDA) the context: what must fit the device. ``breakdown``: bytes kept per stage, a dense
+    block's layers together as one entry (``block1.layer1-16``), so its size does not grow with depth.
+    ``extra_time``: recomputation beyond the ``"efficient"`` mode's, as a fraction of the step
+    (:func:`~.recompute.extra_time`). ``image_size``: the input's height and width (its old name
+    ``resolution`` still reads, with a DeprecationWarning).
+    """
+
+    arch: str
+    mode: str
+    batch_size: int
+    image_size: int
+    device: str
+    activation_dtype: str
+    activations: int
+    workspace: int
+    overhead: int
+    parameters: int
+    gradients: int
+    optimizer_state: int
+    inputs: int
+    context: int
+    breakdown: dict[str, int] = field(default_factory=dict, compare=False)
+    extra_time: float = 0.0
+    margin: int = 0
+
+    @property
+    def peak(self) -> int:
+        return self.activations + self.workspace + self.overhead + self.margin
+
+    @property
+    def total(self) -> int:
+        return (
+            self.parameters + self.gradients + self.optimizer_state + self.inputs + self.context + self.peak
+        )
+
+    @property
+    def resolution(self) -> int:
+        """Deprecated name of :attr:`image_size`."""
+        warnings.warn(
+            "MemoryEstimate.resolution is deprecated, use image_size", DeprecationWarning, stacklevel=2
+        )
+        return self.image_size
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields with ``peak`` and ``total``; ``resolution`` repeats ``image_size`` for
+        readers of the format before the rename."""
+        d = asdict(self)
+        d.update(peak=self.peak, total=self.total, resolution=self.image_size)
+        return d
+
+
+def estimate_memory(
+    arch: str | ArchConfig,
+    *,
+    batch_size: int,
+    image_size: int | None = None,
+    mode: MemorySetting = EFFICIENT,
+    dtype: str = "fp32",
+    amp: str | None = None,
+    device: str = "cuda",
+    optimizer: str = DEFAULT_OPTIMIZER,
+    resolution: int | None = None,
+) -> MemoryEstimate:
+    """Analytic peak memory of one training step (forward, loss, backward); no model is run.
+
+    Args:
+        arch: an architecture name (``"densenet121"``), ``"densenet_bc_<depth>"`` or an :class:`ArchConfig`.
+        batch_size: images per step.
+        image_size: input height and width (default: 32 for CIFAR configs, 224 otherwise).
+            ``resolution`` is its deprecated old name.
+        mode: anything the model's ``memory_efficient`` takes (``"naive"``, ``"efficient"``,
+            ``"max_saving"``, ``False``/``True``, per-block settings, a :class:`MemoryPlan`), or
+            ``"torchvision"``/``"torchvision_efficient"`` for torchvision's own DenseNet.
+        dtype: parameter and activation dtype when not using autocast (``fp32``, ``bf16``, ...).
+        amp: ``"bf16"``/``"fp16"``: autocast, so activations are half precision, parameters fp32.
+        device: ``"cuda"`` (adds the CUDA context to ``total``) or ``"cpu"`` (adds the one-time
+            first-step allocations that peak RSS shows).
+        optimizer: ``"momentum"`` (SGD with momentum: one buffer, the default), ``"sgd"`` (plain
+            SGD: none), ``"adam"``/``"adamw"`` (two buffers) or ``"none"``.
+
+    The activations are counted per stage from what each implementation saves for backward (see
+    :func:`~.timeline.timeline`); the workspace is the largest excess over them while backward
+    frees stages in reverse. Every term is proportional to the batch, so memory is affine in
+    ``batch_size``.
+
+    >>> est = estimate_memory("densenet_bc_100", batch_size=64, mode="naive", device="cpu")
+    >>> round(est.peak / 2**20)  # measured: 2159 MB on a 2-core CPU (docs/benchmarks.md)
+    2165
+    """
+    image_size = renamed_keyword("image_size", image_size, "resolution", resolution, "estimate_memory")
+    config = resolve_arch(arch)
+    name = arch if isinstance(arch, str) else config.name
+    setting = resolve_setting(mode, config)
+    batch_size = positive_int("batch_size", batch_size)
+    image_size = check_image_size(config, image_size, name)
+    amp = check_options(dtype, amp, optimizer, device)
+    label = setting if isinstance(setting, str) else (setting.mode or str(setting))
+    dial = setting if isinstance(setting, str) else Dial.of(setting)
+    return estimate(config, name, label, dial, batch_size, image_size, dtype, amp, device, optimizer)
+
+
+def estimate(
+    config: ArchConfig,
+    name: str,
+    label: str,
+    setting: str | Dial,
+    batch_size: int,
+    image_size: int,
+    dtype: str,
+    amp: str | None,
+    device: str,
+    optimizer: str,
+) -> MemoryEstimate:
+    """:func:`estimate_memory` on checked arguments (what the plan search calls, many times)."""
+    param_bytes = dtype_bytes(dtype)
+    act_bytes = 2 if amp else param_bytes
+    n_params = count_parameters(config)
+    stages = timeline(config, setting, batch_size, image_size, image_size, act_bytes, param_bytes)
+    activations, workspace = peak(stages)
+    if amp:
+        # autocast's half-precision weight copies are saved by every conv/linear for backward
+        activations += 2 * n_params
+    # The margin is a percentage of the per-image and the fixed part of activations + workspace
+    # separately (each rounded once), so that the estimate stays exactly affine in the batch.
+    percent = (
+        0
+        if setting in (NAIVE, TORCHVISION) or (isinstance(setting, Dial) and setting.all_naive)
+        else ACTIVATION_MARGIN_PERCENT
+    )
+    one, two = (
+        sum(peak(timeline(config, setting, b, image_size, image_size, act_bytes, param_bytes)))
+        for b in (1, 2)
+    )
+    per_image, fixed = two - one, 2 * one - two
+    margin = (fixed * percent // 100) + batch_size * (per_image * percent // 100)
+    return MemoryEstimate(
+        arch=name,
+        mode=label,
+        batch_size=batch_size,
+        image_size=image_size,
+        device=device,
+        activation_dtype=amp or dtype,
+        activations=activations,
+        workspace=workspace,
+        overhead=CPU_FIRST_STEP_OVERHEAD if device == "cpu" else 0,
+        parameters=n_params * param_bytes,
+        gradients=n_params * param_bytes,
+        optimizer_state=OPTIMIZER_STATES[optimizer] * n_params * param_bytes,
+        inputs=batch_size * (3 * image_size * image_size * param_bytes + 8),
+        context=CUDA_CONTEXT if device == "cuda" else 0,
+        breakdown={st.name: st.saved for st in stages},
+        extra_time=0.0 if isinstance(setting, str) else extra_time(config, setting, image_size),
+        margin=max(margin, 0),
+    )

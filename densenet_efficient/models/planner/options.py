@@ -1,0 +1,161 @@
+"""What the planner's functions accept, checked once: dtypes, autocast, optimizer, device, input
+size and memory settings, and the internal form of a setting (:class:`Dial`).
+
+>>> from densenet_efficient.models.config import resolve_arch
+>>> check_image_size(resolve_arch("densenet121"), None)
+224
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+from ...errors import UsageError
+from ..config import ArchConfig
+from ..engine import EFFICIENT, MODES, NAIVE, block_keeps
+from ..memory_plan import BlockSetting, MemoryPlan, resolve_memory_plan
+
+__all__ = [
+    "DEFAULT_OPTIMIZER",
+    "ESTIMABLE",
+    "OPTIMIZER_STATES",
+    "TORCHVISION",
+    "TORCHVISION_EFFICIENT",
+    "Dial",
+    "check_image_size",
+    "check_options",
+    "check_resolution",
+    "dtype_bytes",
+    "positive_int",
+    "renamed_keyword",
+    "resolve_setting",
+    "runs",
+]
+
+#: torchvision's DenseNet, naive and with its own ``memory_efficient=True`` (checkpointing): the
+#: baselines the planner models besides this package's settings.
+TORCHVISION = "torchvision"
+TORCHVISION_EFFICIENT = "torchvision_efficient"
+#: What :func:`~densenet_efficient.models.planner.estimate_memory` can model.
+ESTIMABLE = (*MODES, TORCHVISION, TORCHVISION_EFFICIENT)
+
+_DTYPE_BYTES = {
+    "fp32": 4,
+    "float32": 4,
+    "bf16": 2,
+    "bfloat16": 2,
+    "fp16": 2,
+    "float16": 2,
+    "fp64": 8,
+    "float64": 8,
+}
+_AMP = {None: None, "none": None, "bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16"}
+#: Optimizer state per parameter, in parameter-sized tensors: ``"momentum"`` (SGD with momentum,
+#: what DenseNet recipes and ``densenet-efficient train`` use, and every planner function's
+#: default) keeps one buffer, plain ``"sgd"`` none, Adam two.
+OPTIMIZER_STATES = {"none": 0, "sgd": 0, "momentum": 1, "adam": 2, "adamw": 2}
+#: The optimizer every planner entry point (and ``model.fit_memory``) assumes unless told.
+DEFAULT_OPTIMIZER = "momentum"
+
+
+def dtype_bytes(dtype: str) -> int:
+    """Bytes per element of a dtype name the planner accepts."""
+    return _DTYPE_BYTES[dtype]
+
+
+def positive_int(name: str, value: Any) -> int:
+    """``value`` when it is an int >= 1 (not a bool), else a UsageError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UsageError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def renamed_keyword(new: str, new_value: Any, old: str, old_value: Any, where: str) -> Any:
+    """The value of a keyword that was renamed: ``old`` still works, with a DeprecationWarning."""
+    if old_value is None:
+        return new_value
+    if new_value is not None:
+        raise UsageError(f"{where}: pass {new}= only ({old}= is its old name), not both")
+    warnings.warn(f"{where}: {old}= is deprecated, use {new}=", DeprecationWarning, stacklevel=3)
+    return old_value
+
+
+def check_image_size(config: ArchConfig, image_size: int | None, name: str | None = None) -> int:
+    """``image_size``, or the architecture's default when None, checked to be a size the model
+    accepts (a :class:`UsageError` says the smallest one otherwise; 0 is not "the default").
+
+    >>> from densenet_efficient.models.config import densenet_bc_config
+    >>> check_image_size(densenet_bc_config(40), None)
+    32
+    """
+    if image_size is None:
+        return config.default_resolution
+    image_size = positive_int("image_size", image_size)
+    least = config.min_input_size()
+    if image_size < least:
+        raise UsageError(
+            f"image_size {image_size} is too small for {name or config.name}: it needs at least {least}x{least}"
+        )
+    return image_size
+
+
+def check_resolution(config: ArchConfig, resolution: int | None, name: str | None = None) -> int:
+    """Deprecated name of :func:`check_image_size`."""
+    warnings.warn("check_resolution is deprecated, use check_image_size", DeprecationWarning, stacklevel=2)
+    return check_image_size(config, resolution, name)
+
+
+def check_options(dtype: str, amp: str | None, optimizer: str, device: str) -> str | None:
+    """Refuse unknown settings by name; return ``amp`` normalised (``"bf16"``, ``"fp16"`` or None)."""
+    if not isinstance(dtype, str) or dtype not in _DTYPE_BYTES:
+        raise UsageError(f"dtype must be one of {', '.join(sorted(_DTYPE_BYTES))}, got {dtype!r}")
+    if not (amp is None or isinstance(amp, str)) or amp not in _AMP:
+        raise UsageError(f"amp must be None, 'bf16' or 'fp16', got {amp!r}")
+    if not isinstance(optimizer, str) or optimizer not in OPTIMIZER_STATES:
+        raise UsageError(f"optimizer must be one of {', '.join(OPTIMIZER_STATES)}, got {optimizer!r}")
+    if device not in ("cuda", "cpu"):
+        raise UsageError(f"device must be 'cuda' or 'cpu', got {device!r}")
+    return _AMP[amp]
+
+
+@dataclass(frozen=True)
+class Dial:
+    """A memory setting as the planner computes with it: per block a mode, per-layer flags, or an
+    int, how many of its *last* layers keep their bottleneck. The int form is what the plan search
+    moves through: it costs O(1) at any depth, where a :class:`MemoryPlan` holds one flag per layer.
+    """
+
+    blocks: tuple[BlockSetting | int, ...]
+    stem: str = EFFICIENT
+
+    @property
+    def all_naive(self) -> bool:
+        return self.stem == NAIVE and all(b == NAIVE for b in self.blocks)
+
+    @classmethod
+    def of(cls, plan: MemoryPlan) -> Dial:
+        return cls(plan.blocks, plan.stem)
+
+
+def resolve_setting(mode: Any, config: ArchConfig) -> MemoryPlan | str:
+    """A torchvision baseline's name as it is, anything else as the model would resolve it."""
+    if isinstance(mode, str) and mode in (TORCHVISION, TORCHVISION_EFFICIENT):
+        return mode
+    if isinstance(mode, str) and mode not in MODES and mode not in ("default", "max"):
+        raise UsageError(
+            f"memory_efficient must be one of {', '.join(ESTIMABLE)} or per-block settings, got {mode!r}"
+        )
+    return resolve_memory_plan(mode, config)
+
+
+def runs(setting: BlockSetting | int, layers: int) -> list[tuple[bool, int]]:
+    """An engine block's layers as runs of (keeps its bottleneck, how many layers): one or two runs
+    for a mode or a count of kept last layers, so that a block of any depth costs O(1)."""
+    if isinstance(setting, int) and not isinstance(setting, bool):
+        return [(kept, n) for kept, n in ((False, layers - setting), (True, setting)) if n]
+    if isinstance(setting, str):
+        return [(block_keeps(setting, 1)[0], layers)]
+    return [(kept, len(list(run))) for kept, run in itertools.groupby(setting)]

@@ -1,0 +1,47 @@
+"""Parameter counts and channel widths of a DenseNet, from its config alone (O(blocks) at any depth).
+
+>>> from densenet_efficient.models.config import resolve_arch
+>>> count_parameters(resolve_arch("densenet121")), block_inputs(resolve_arch("densenet121"))
+(7978856, [64, 128, 256, 512])
+"""
+
+from __future__ import annotations
+
+from ..config import ArchConfig
+
+__all__ = ["block_inputs", "count_parameters", "width_sum"]
+
+
+def count_parameters(config: ArchConfig) -> int:
+    """Trainable parameters of ``config``, computed from the architecture alone.
+
+    >>> from densenet_efficient.models.config import densenet_bc_config
+    >>> count_parameters(densenet_bc_config(100))
+    769162
+    """
+    k, bn, c = config.growth_rate, config.bn_size * config.growth_rate, config.num_init_features
+    total = 3 * c * (9 if config.small_inputs else 49) + (0 if config.small_inputs else 2 * c)
+    for b, layers in enumerate(config.block_config):
+        # layer i (c_i = c + i k inputs): norm1 2 c_i, conv1 c_i B, norm2 2B, conv2 9Bk; summed
+        # over the block in closed form (any depth in O(1))
+        inputs = layers * c + k * (layers * (layers - 1) // 2)  # sum of c_i
+        total += (2 + bn) * inputs + layers * (2 * bn + 9 * bn * k)
+        c += layers * k
+        if b < len(config.block_config) - 1:
+            total += 2 * c + c * (c // 2)
+            c //= 2
+    return total + 2 * c + c * config.num_classes + config.num_classes
+
+
+def block_inputs(config: ArchConfig) -> list[int]:
+    """The channels entering each dense block (layer ``i`` of block ``b`` reads ``c_b + i k``)."""
+    out, c = [], config.num_init_features
+    for layers in config.block_config:
+        out.append(c)
+        c = (c + layers * config.growth_rate) // 2
+    return out
+
+
+def width_sum(c: int, k: int, first: int, count: int) -> int:
+    """Channels read by layers ``first .. first+count-1`` of a block entered with ``c``: sum of ``c + i k``."""
+    return count * c + k * (count * (2 * first + count - 1) // 2)

@@ -1,0 +1,54 @@
+"""The time side of the dial: recomputation a plan adds, as a fraction of a training step's work
+(counted in multiply-adds; what :func:`~.search.fit_memory` minimises)."""
+
+from __future__ import annotations
+
+from ..config import ArchConfig
+from ..engine import MAX_SAVING, NAIVE
+from ..memory_plan import MemoryPlan
+from .options import Dial, runs
+from .parameters import width_sum
+from .timeline import conv_out
+
+__all__ = ["ELEMENTWISE_MACS", "extra_time"]
+
+#: Cost of one elementwise pass over one element, in multiply-adds: what recomputing BN/ReLU/pooling
+#: costs next to convolutions (about 40 on a 2-core CPU and on an H100 alike, within 2x).
+ELEMENTWISE_MACS = 40
+
+
+def extra_time(config: ArchConfig, plan: MemoryPlan | Dial, image_size: int) -> float:
+    """Recomputation a plan adds over ``"efficient"``, as a fraction of a training step's work.
+
+    Counted in multiply-adds (a training step is three times the forward's: forward, input
+    gradients, weight gradients): each layer that does not keep its bottleneck recomputes its 1x1
+    convolution (``c_l * B`` per pixel); a ``"max_saving"`` stem recomputes norm0, relu0 and the
+    max-pool's indices (four elementwise passes). Naive blocks count 0: they recompute nothing.
+    Independent of the batch size.
+
+    >>> from densenet_efficient.models.config import get_config
+    >>> cfg = get_config("densenet121")
+    >>> round(extra_time(cfg, MemoryPlan.uniform("max_saving", 4), 224), 3)
+    0.166
+    """
+    k, bn, c = config.growth_rate, config.bn_size * config.growth_rate, config.num_init_features
+    h = w = image_size
+    if config.small_inputs:
+        forward, extra = config.in_chans * c * 9 * h * w, 0
+    else:
+        h, w = conv_out(h, 7, 2, 3), conv_out(w, 7, 2, 3)
+        forward = config.in_chans * c * 49 * h * w
+        extra = 4 * ELEMENTWISE_MACS * c * h * w if plan.stem == MAX_SAVING else 0
+        h, w = conv_out(h, 3, 2, 1), conv_out(w, 3, 2, 1)
+    for b, layers in enumerate(config.block_config):
+        s = h * w
+        forward += (width_sum(c, k, 0, layers) * bn + layers * 9 * bn * k) * s
+        setting, first = plan.blocks[b], 0
+        for kept, count in runs(setting, layers) if setting != NAIVE else []:
+            extra += 0 if kept else width_sum(c, k, first, count) * bn * s
+            first += count
+        c += layers * k
+        if b < len(config.block_config) - 1:  # the engine's transition pools before its 1x1 conv
+            forward += c * (c // 2) * (h // 2) * (w // 2)
+            c, h, w = c // 2, h // 2, w // 2
+    return extra / (3 * forward)

@@ -1,0 +1,89 @@
+"""Memory sizes as people write them: ``"8GiB"``, ``"12GB"``, ``"512M"`` or a number of bytes.
+
+>>> parse_memory("1.5 GiB"), format_bytes(parse_memory("1.5 GiB"))
+(1610612736, '1.5 GiB')
+"""
+
+from __future__ import annotations
+
+import numbers
+import re
+from decimal import Decimal
+
+from ...errors import UsageError
+
+__all__ = ["MAX_BUDGET", "format_bytes", "parse_memory"]
+
+#: The largest budget a plan may have: 2**64 bytes (16 EiB), a 64-bit address space. Beyond it no
+#: machine exists, and every search the planner runs is bounded by ``log2`` of the budget.
+MAX_BUDGET = 1 << 64
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 1 << 10, "kb": 10**3, "kib": 1 << 10,
+    "m": 1 << 20, "mb": 10**6, "mib": 1 << 20,
+    "g": 1 << 30, "gb": 10**9, "gib": 1 << 30,
+    "t": 1 << 40, "tb": 10**12, "tib": 1 << 40,
+    "p": 1 << 50, "pb": 10**15, "pib": 1 << 50,
+    "e": 1 << 60, "eb": 10**18, "eib": 1 << 60,
+}  # fmt: skip
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$")
+#: digits before the point beyond which a size is above MAX_BUDGET in any unit (2**64 has 20)
+_MAX_DIGITS = 21
+_EXAMPLES = "8GiB, 12GB, 512MiB or a number of bytes"
+
+
+def parse_memory(value: int | str) -> int:
+    """Bytes from ``"8GiB"``, ``"12GB"`` (SI), ``"8G"`` (binary, as PyTorch and Docker read it) or an int.
+
+    The number is read exactly (no float rounding: ``"0.1GB"`` is 100000000 bytes). A budget that
+    is not positive, or above :data:`MAX_BUDGET` (16 EiB), is a :class:`UsageError`.
+
+    >>> parse_memory("8GiB"), parse_memory("12GB"), parse_memory("512M")
+    (8589934592, 12000000000, 536870912)
+    """
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return _checked(int(value), int(value))
+    match = _SIZE.match(value if isinstance(value, str) else str(value))
+    unit = match.group(2).lower() if match else None
+    if unit not in _UNITS:
+        raise UsageError(f"memory budget must look like {_EXAMPLES}, got {_shown(value)}")
+    digits = match.group(1)
+    if len(digits.partition(".")[0].lstrip("0")) > _MAX_DIGITS:  # before Decimal reads it all
+        raise UsageError(_too_large(value))
+    return _checked(int(Decimal(digits) * _UNITS[unit]), value)
+
+
+def _checked(size: int, value: int | str) -> int:
+    if size <= 0:
+        raise UsageError(f"memory budget must be positive, got {_shown(value)}")
+    if size > MAX_BUDGET:
+        raise UsageError(_too_large(value))
+    return size
+
+
+def _too_large(value: object) -> str:
+    return f"memory budget must be at most 16 EiB (2**64 bytes), got {_shown(value)}"
+
+
+def _shown(value: object, limit: int = 60) -> str:
+    """``value`` for an error message, cut short: a budget of 400 nines need not be echoed whole."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 200:
+        return f"an integer of {value.bit_length()} bits"  # str() of a 5000-digit int raises
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:24]}... ({len(text)} characters)"
+
+
+def format_bytes(n: float) -> str:
+    """``1536 MiB`` -> ``"1.5 GiB"``: binary units, 3 significant figures (no exponent).
+
+    >>> format_bytes(1.5 * 2**30), format_bytes(1020 * 2**20), format_bytes(512)
+    ('1.5 GiB', '1020 MiB', '512 B')
+    """
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(n) >= scale:
+            if abs(n) >= 1 << 1000:  # an estimate at an absurd depth: beyond float, no decimals
+                return f"{int(n) // scale} {unit}"
+            value = n / scale
+            return f"{value:.0f} {unit}" if abs(value) >= 100 else f"{value:.3g} {unit}"
+    return f"{int(n)} B"

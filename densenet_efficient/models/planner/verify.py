@@ -1,0 +1,125 @@
+"""``model.fit_memory(..., verify=True)``: run the fitted step for real and step the plan down while
+it is over the budget.
+
+The planner is calibrated to be an upper bound of the measured step (docs/planner.md), but a
+GPU adds what no tensor count sees: the caching allocator's rounding and fragmentation, cuDNN
+workspaces chosen at run time, other tensors of the process. Verification measures them: two
+training steps on a random batch (the second with the momentum buffers the first one made),
+``torch.cuda.max_memory_reserved`` over them plus the CUDA context the planner assumes. Weights,
+buffers, gradients and the training flag are restored afterwards.
+
+It is CUDA-only: on CPU, peak RSS of the calling process mixes in everything else it ever
+allocated and glibc keeps freed memory unless started with ``MALLOC_MMAP_THRESHOLD_``, so an
+in-process figure would not be the step's; the planner's CPU figure is checked against
+fresh-process measurements instead (``scripts/planner_grid.py``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ...errors import UsageError
+from ..memory_plan import MemoryPlan
+from .estimate import CUDA_CONTEXT
+from .options import OPTIMIZER_STATES
+from .search import MemoryBudgetError
+from .units import format_bytes
+
+__all__ = ["MAX_VERIFY_ROUNDS", "measure_step", "step_down"]
+
+#: How many times a plan is stepped down before verification gives up.
+MAX_VERIFY_ROUNDS = 4
+
+
+def step_down(
+    fit: Callable[[int], MemoryPlan], measure: Callable[[MemoryPlan], int], budget: int
+) -> MemoryPlan:
+    """The plan ``fit(budget')`` for the largest ``budget' <= budget`` whose measured step fits.
+
+    ``fit`` plans for a budget (raising :class:`MemoryBudgetError` below the floor), ``measure``
+    runs a plan and returns its real bytes. Each round that measures over ``budget`` plans again for
+    a budget lowered by the excess (the bytes the planner did not see), with a warning saying so.
+    """
+    target, measured = budget, ""
+    for _ in range(MAX_VERIFY_ROUNDS):
+        try:
+            plan = fit(target)
+        except MemoryBudgetError as err:
+            if not measured:
+                raise
+            raise MemoryBudgetError(
+                f"{measured}, and {err}", floor=err.floor, max_batch_size=err.max_batch_size
+            ) from None
+        real = measure(plan)
+        if real <= budget:
+            return plan
+        estimated = plan.estimated_peak or target
+        # plan so that the planner's figure plus what it did not see (real - estimated) fits
+        target = min(target - 1, budget - (real - estimated))
+        measured = (
+            f"fit_memory(verify=True): the step of {plan} measured {format_bytes(real)}, over the budget of "
+            f"{format_bytes(budget)} (planner: {format_bytes(estimated)})"
+        )
+        if target <= 0:
+            break
+        warnings.warn(f"{measured}; planning again for {format_bytes(target)}", stacklevel=3)
+    raise UsageError(
+        f"{measured}; no plan measured within {format_bytes(budget)} after {MAX_VERIFY_ROUNDS} rounds: "
+        "give a larger budget or a smaller batch"
+    )
+
+
+def measure_step(
+    model: nn.Module, plan: MemoryPlan, *, batch_size: int, image_size: int, amp: str | None, optimizer: str
+) -> int:
+    """Bytes the device holds during two training steps of ``model`` run with ``plan`` (CUDA only).
+
+    The model's state is left as it was: parameters and buffers are copied to the host first and
+    restored, gradients put back, the plan it had set again.
+    """
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        raise UsageError(
+            "fit_memory(verify=True) measures the step on CUDA (torch.cuda.max_memory_reserved); this "
+            f"model is on {device.type}: move it to the GPU first, or fit without verify (the CPU "
+            "figure is calibrated against fresh-process measurements: scripts/planner_grid.py)"
+        )
+    saved = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    grads = [p.grad for p in model.parameters()]
+    was_training, old_plan = model.training, model.memory_plan
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp or "")
+    states = OPTIMIZER_STATES[optimizer]
+    opt = None
+    try:
+        model.set_memory_efficient(plan).train()
+        for p in model.parameters():
+            p.grad = None
+        opt = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9) if states else None
+        x = torch.randn(batch_size, 3, image_size, image_size, device=device)
+        y = torch.randint(0, model.num_classes, (batch_size,), device=device)
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        for _ in range(2):
+            with torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
+                loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            if opt is not None:
+                opt.step()
+        torch.cuda.synchronize(device)
+        # Adam keeps two buffers where the SGD used here keeps one: count the second one too
+        extra = sum(p.numel() * p.element_size() for p in model.parameters()) * max(states - 1, 0)
+        real = torch.cuda.max_memory_reserved(device) + extra + CUDA_CONTEXT
+    finally:
+        del opt
+        model.load_state_dict(saved)
+        for p, g in zip(model.parameters(), grads, strict=True):
+            p.grad = g
+        model.set_memory_efficient(old_plan).train(was_training)
+        torch.cuda.empty_cache()
+    return real
