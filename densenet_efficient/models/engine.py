@@ -28,9 +28,11 @@ What this engine does
   gradient into one gradient buffer in place: the gradient of ``y_l`` is complete when layer
   ``l`` is reached because only later layers read it.
 * The batch-norm input gradient is linear in its upstream gradient, so each layer's BN backward
-  (``native_batch_norm_backward`` with the shared ``mean``/``invstd``) can be computed on its own
+  (``native_batch_norm_backward`` with the shared ``mean`` and ``invstd``, the latter computed
+  once per block) can be computed on its own
   and summed into the gradient buffer; the sum equals the gradient of the concatenated model.
-* Transitions (BN-ReLU-conv1x1-avgpool) keep only their input and recompute BN+ReLU in backward.
+* Transitions (BN-ReLU-conv1x1-avgpool) keep only their input and recompute BN+ReLU in backward;
+  the final ``norm5`` + ReLU keeps its output, as naive's in-place ReLU does.
   The transition pools before its 1x1 convolution: both are linear maps acting on different
   axes, so they commute, and the convolution runs on a quarter of the pixels. The ImageNet stem
   (BN-ReLU-maxpool after conv0) does the same in ``"max_saving"``; in ``"efficient"`` it also
@@ -38,13 +40,24 @@ What this engine does
   tensor), so its backward is one masked scatter and the BN backward, with no recompute of the
   largest activation of the network.
 
-Every kernel is a native ATen op: batch-norm statistics, training forward and backward
-(``batch_norm_update_stats``, ``native_batch_norm``, ``native_batch_norm_backward``), convolution
-and its backward, pooling backward, and for BN with fixed statistics the per-channel affine map as
-one ``addcmul`` on the strided buffer view (no copy). Per-layer temporaries live in one reusable
-scratch allocation. The engine does the naive path's work minus the concatenation copies and
-the per-layer statistics passes, plus one elementwise BN+ReLU recompute per layer in backward:
-naive speed or better on CPU (docs/benchmarks.md).
+Every kernel is a native ATen op, and a block issues no more of them than torchvision's layers
+(on a GPU the step is bound by how fast they are issued; docs/measurement.md, "Ops per step"):
+
+* statistics of new channels: ``batch_norm_update_stats``, written into the block's statistics
+  by one ``stack``; BN with fixed statistics: the inference kernel (``native_batch_norm.out``
+  into a reusable scratch; on CPU on a dense copy of the view, 2-3x faster than the strided read);
+* BN with its own batch statistics (``norm2``, transitions, stem, ``norm5``) and its backward:
+  ``_batch_norm_with_update`` and ``batch_norm_backward`` with the forward's reserve, the pair
+  that selects cuDNN on CUDA as ``F.batch_norm`` does; the recompute in backward runs it again
+  (running statistics go to stand-in buffers) rather than saving its statistics;
+* running statistics and ``num_batches_tracked`` of a whole block: one ``_foreach_lerp_`` and one
+  ``_foreach_add_`` (exact: nothing reads them in between), with the cumulative factor
+  ``1 / num_batches_tracked`` computed on the device, so a step never reads a tensor on the host;
+* autocast's weight casts and their gradients' casts back: one ``_foreach_copy_`` per block.
+
+Per-layer temporaries live in one reusable scratch allocation. The engine does the naive path's
+work minus the concatenation copies and the per-layer statistics passes, plus one elementwise
+BN+ReLU recompute per layer in backward.
 
 Modes
 -----
