@@ -21,6 +21,8 @@ The compiled rows of (b) run last, while ``--time-budget`` lasts (each compiles 
     bash scripts/gpu_check.sh                                    # on a CUDA machine, ~8 minutes
     python scripts/gpu_check.py --sections s                     # the speed section alone, < 4 minutes
     python scripts/gpu_check.py --quick --device cpu --out /tmp/gpu_check.md   # plumbing on CPU
+
+Run it after ``pip install -e .`` or with ``PYTHONPATH=.`` (gpu_check.sh sets it).
 """
 
 from __future__ import annotations
@@ -36,15 +38,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from densenet_efficient.io.atomic import atomic_write  # noqa: E402
-from densenet_efficient.models.config import ArchConfig, densenet_bc_config, get_config  # noqa: E402
-from densenet_efficient.models.engine import MODES  # noqa: E402
-from densenet_efficient.models.memory_plan import MemoryPlan  # noqa: E402
+from densenet_efficient.io.atomic import atomic_write
+from densenet_efficient.models.config import ArchConfig, densenet_bc_config, get_config
+from densenet_efficient.models.engine import MODES
+from densenet_efficient.models.memory_plan import MemoryPlan
 
 #: More ``memory_efficient=`` settings for (a), checked like the modes: (label, config -> setting),
 #: the memory dial's per-block and per-layer settings.

@@ -5,26 +5,22 @@ forward and backward) and where the time goes (torch.profiler), on CPU or CUDA.
     python scripts/profile_step.py --arch densenet121 --batch-size 64 --impl torchvision efficient
     python scripts/profile_step.py --arch densenet_bc_100 --batch-size 2 --device cpu --no-profile
 
-The op counts are those of ``densenet-efficient benchmark``'s ops/step column (docs/measurement.md,
+Run it after ``pip install -e .`` (or with ``PYTHONPATH=.``). The op counts are those of ``densenet-efficient benchmark``'s ops/step column (docs/measurement.md,
 "Ops per step"): deterministic, the same on any machine for a given device type.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch.profiler import ProfilerActivity, profile  # noqa: E402
-
-from densenet_efficient.models.config import resolve_arch  # noqa: E402
-from densenet_efficient.perf.measure import build_implementation  # noqa: E402
-from densenet_efficient.perf.opcount import count_step_ops  # noqa: E402
+from densenet_efficient.models.config import resolve_arch
+from densenet_efficient.perf.measure import build_implementation
+from densenet_efficient.perf.opcount import count_step_ops
 
 
 def main(argv: list[str] | None = None) -> None:
