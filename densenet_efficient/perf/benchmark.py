@@ -148,7 +148,7 @@ def benchmark(
     ones). A compiled row that fails records ``"error"`` (one line) instead of figures.
     """
     config = resolve_arch(arch)
-    resolution = check_image_size(config, resolution)
+    resolution = check_image_size(config, resolution, option="resolution")
     device = resolve_device(device)
     impls = list(dict.fromkeys(implementations))
     for impl in impls:
@@ -337,11 +337,11 @@ def sweep(
     else:
         raise UsageError(f"sweep must be 'depth' or 'batch', got {kind!r}")
     for config, _, _ in points:  # every point checked before the first is measured
-        check_image_size(config, resolution)
+        check_image_size(config, resolution, option="resolution")
     rows = []
     with _progress(len(points) * len(implementations), f"sweep {kind}", progress) as bar:
         for config, batch, x in points:
-            res = check_image_size(config, resolution)
+            res = check_image_size(config, resolution, option="resolution")
             for impl in implementations:
                 bar.set_postfix_str(f"{kind}={x} {impl}")
                 r = measure(StepSpec(impl, config, batch, res, device=device))

@@ -28,8 +28,8 @@ FLAGS = {
         "--resolution", "--rounds", "--steps", "--sweep", "--values",
     ]),
     "plan": ([], [
-        "--amp", "--arch", "--batch-size", "--depth", "--device", "--dtype", "--growth-rate", "--json",
-        "--memory", "--mode", "--optimizer", "--resolution",
+        "--amp", "--arch", "--batch-size", "--depth", "--device", "--dtype", "--growth-rate",
+        "--image-size", "--json", "--memory", "--mode", "--optimizer", "--resolution",
     ]),
 }  # fmt: skip
 

@@ -53,7 +53,7 @@ def test_mixed_settings_match_naive_float64(kwargs, size, setting):
 def test_full_size_arch_with_a_fitted_plan_matches_naive():
     cfg = get_config("densenet121")
     model = de.DenseNet(**cfg.to_kwargs())
-    plan = model.fit_memory("500MiB", batch_size=16, image_size=224)
+    plan = model.fit_memory("650MiB", batch_size=16, image_size=224)
     assert plan.mode is None, "a budget between the modes gives a mixed plan"
     naive, dial = _twins(plan, **cfg.to_kwargs())
     ya, yb, ga, gb = _train_steps(naive, dial, 64, steps=1)
@@ -88,7 +88,7 @@ def test_memory_efficient_reports_a_mode_or_the_plan():
 
 def test_plan_round_trips_through_json():
     cfg = get_config("densenet121")
-    plan = fit_memory(cfg, "500MiB", batch_size=16, device="cpu")
+    plan = fit_memory(cfg, "650MiB", batch_size=16, device="cpu")
     again = MemoryPlan.from_json(plan.to_json())
     assert again == plan
     assert resolve_memory_plan(again, cfg) == plan

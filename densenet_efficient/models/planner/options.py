@@ -83,9 +83,12 @@ def renamed_keyword(new: str, new_value: Any, old: str, old_value: Any, where: s
     return old_value
 
 
-def check_image_size(config: ArchConfig, image_size: int | None, name: str | None = None) -> int:
+def check_image_size(
+    config: ArchConfig, image_size: int | None, name: str | None = None, option: str = "image_size"
+) -> int:
     """``image_size``, or the architecture's default when None, checked to be a size the model
     accepts (a :class:`UsageError` says the smallest one otherwise; 0 is not "the default").
+    ``option``: what the caller's user calls the size (the benchmark's ``resolution``).
 
     >>> from densenet_efficient.models.config import densenet_bc_config
     >>> check_image_size(densenet_bc_config(40), None)
@@ -93,11 +96,11 @@ def check_image_size(config: ArchConfig, image_size: int | None, name: str | Non
     """
     if image_size is None:
         return config.default_resolution
-    image_size = positive_int("image_size", image_size)
+    image_size = positive_int(option, image_size)
     least = config.min_input_size()
     if image_size < least:
         raise UsageError(
-            f"image_size {image_size} is too small for {name or config.name}: it needs at least {least}x{least}"
+            f"{option} {image_size} is too small for {name or config.name}: it needs at least {least}x{least}"
         )
     return image_size
 
@@ -105,7 +108,7 @@ def check_image_size(config: ArchConfig, image_size: int | None, name: str | Non
 def check_resolution(config: ArchConfig, resolution: int | None, name: str | None = None) -> int:
     """Deprecated name of :func:`check_image_size`."""
     warnings.warn("check_resolution is deprecated, use check_image_size", DeprecationWarning, stacklevel=2)
-    return check_image_size(config, resolution, name)
+    return check_image_size(config, resolution, name, option="resolution")
 
 
 def check_options(dtype: str, amp: str | None, optimizer: str, device: str) -> str | None:
