@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ..errors import UsageError, check_int, shown
 from ..io.state_dict import check_compatible, fill_legacy_batch_counters, remap_keys
-from . import engine, planner
+from . import engine, ops, planner
 from .config import (
     ArchConfig,
     get_config,  # noqa: F401  (used by doctests)
@@ -97,7 +97,7 @@ class _DenseBlock(nn.ModuleDict):
         # so it compiles the naive path alone.
         if not torch.jit.is_scripting():  # noqa: SIM102
             if self.memory_efficient != engine.NAIVE and not capturing_graph():
-                return engine.dense_block(self, init_features, self.memory_efficient)
+                return ops.dense_block(self, init_features, self.memory_efficient)
         features = [init_features]
         for _, layer in self.items():
             features.append(layer(torch.cat(features, 1)))
@@ -116,7 +116,7 @@ class _Transition(nn.Sequential):
     def forward(self, x: Tensor) -> Tensor:
         if not torch.jit.is_scripting():  # noqa: SIM102 (see _DenseBlock.forward)
             if self.memory_efficient != engine.NAIVE and not capturing_graph():
-                return engine.transition(self, x)
+                return ops.transition(self, x)
         return self.pool(self.conv(self.relu(self.norm(x))))
 
 
@@ -386,14 +386,14 @@ class DenseNet(nn.Module, DenseNetHubMixin):
             if self._plan.stem == engine.NAIVE:  # naive stem, engine blocks
                 x = f.pool0(f.relu0(f.norm0(f.conv0(x))))
             else:
-                x = engine.stem(f.norm0, f.pool0, f.conv0(x), self._plan.stem)
+                x = ops.stem(f.norm0, f.pool0, f.conv0(x), self._plan.stem)
             done += _IMAGENET_STEM
         for name, module in f.named_children():
             if name not in done:
                 x = module(x)
         # norm5 + ReLU keeps only its input, which the last block keeps anyway (and, unlike
         # nn.BatchNorm2d with momentum=None, never reads num_batches_tracked on the host).
-        return engine.norm_relu(f.norm5, x)
+        return ops.norm_relu(f.norm5, x)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         """Global average pooling, then the classifier (``pre_logits=True``: the pooled features)."""

@@ -77,6 +77,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 from torch.autograd.function import once_differentiable
 
 from ..errors import UsageError
@@ -170,7 +171,7 @@ def _bn_train(x: Tensor, bn: nn.BatchNorm2d, dummies: _Dummies | None, updates: 
     dtype = _stat_dtype(x.dtype)
     weight, bias = _param(bn.weight, dtype), _param(bn.bias, dtype)
     c = x.shape[1]
-    if updates is not None and bn.momentum is not None and bn.running_mean.dtype == dtype:
+    if updates is not None and updates.in_kernel and bn.momentum is not None and bn.running_mean.dtype == dtype:
         return _aten._batch_norm_with_update.default(
             x, weight, bias, bn.running_mean, bn.running_var, float(bn.momentum), bn.eps
         )
@@ -178,7 +179,7 @@ def _bn_train(x: Tensor, bn: nn.BatchNorm2d, dummies: _Dummies | None, updates: 
         dummies = _Dummies(x, c, dtype)
     rm, rv = dummies.narrow(c)
     out, mean, invstd, reserve = _aten._batch_norm_with_update.default(x, weight, bias, rm, rv, 0.0, bn.eps)
-    if updates is not None:  # momentum None or low-precision buffers: queue the update instead
+    if updates is not None:  # momentum None, low-precision buffers or deferred: queue the update
         updates.add(bn, mean, invstd.pow(-2).sub_(bn.eps).mul_(updates.bessel))
     return out, mean, invstd, reserve
 
@@ -239,6 +240,8 @@ class _RunningUpdates:
     device, so a training step never synchronises with the host).
     """
 
+    in_kernel = True  # a BN kernel may update its own running buffers (see _bn_train)
+
     def __init__(self, count: int) -> None:
         self.bessel = count / max(count - 1, 1)
         self.fixed: tuple[list[Tensor], list[Tensor], list[float]] = ([], [], [])
@@ -257,10 +260,38 @@ class _RunningUpdates:
                 self.fixed[1].append(batch)
                 self.fixed[2].append(float(bn.momentum))
 
+    def add_shared(self, norms: list[Any], mean: Tensor, var: Tensor) -> None:
+        """Queue the updates of BNs that normalise prefixes of the same channels (a block's norm1s)."""
+        for bn in norms:
+            c = bn.num_features
+            self.add(bn, mean[:c], var[:c])
+
     def flush(self) -> None:
         for group in (self.fixed, self.cumulative):
             if group[0]:
                 torch._foreach_lerp_(*group)
+
+
+class _DeferredUpdates(_RunningUpdates):
+    """The batch statistics a running-statistics update needs, collected instead of applied: a
+    custom op (:mod:`.ops`) must not mutate its inputs, so it returns them and its caller, which
+    the compiler traces, applies them with :class:`_RunningUpdates`."""
+
+    in_kernel = False
+
+    def __init__(self, count: int) -> None:
+        super().__init__(count)
+        self.batch: list[Tensor] = []  # mean, unbiased variance of each queued BN, in order
+        self.shared: Tensor | None = None
+
+    def add(self, bn: Any, mean: Tensor, var: Tensor) -> None:
+        self.batch += [mean, var]
+
+    def add_shared(self, norms: list[Any], mean: Tensor, var: Tensor) -> None:
+        self.shared = var  # the mean is the block statistics' own row
+
+    def flush(self) -> None:
+        raise RuntimeError("deferred running-statistics updates are applied by the caller")
 
 
 def _count_batches(norms: list[nn.BatchNorm2d]) -> None:
@@ -479,9 +510,20 @@ class _BlockStats:
         self.mean, self.var = self.rows.unbind(0)
         self.dummies = _Dummies(like, max(channels, dummies), dtype)  # also serve norm2's kernels
 
+    @classmethod
+    def of_rows(cls, rows: Tensor, like: Tensor, dummies: int) -> _BlockStats:
+        """Statistics measured earlier (``rows`` from a forward), for a backward."""
+        stats = cls.__new__(cls)
+        stats.rows = rows
+        stats.mean, stats.var = rows.unbind(0)
+        stats.dummies = _Dummies(like, max(rows.shape[1], dummies), rows.dtype)
+        return stats
+
     def measure(self, x: Tensor, start: int) -> None:
         """Mean and biased variance of ``x``'s channels into ``[start, start + x.shape[1])``: the native
         statistics kernel, its two results written into place by one stack."""
+        if is_fake(x):  # a custom op's fake kernel (ops.py): the kernel has no symbolic-shape meta; values unused
+            return
         c = x.shape[1]
         rm, rv = self.dummies.narrow(c)  # float buffers keep bf16/fp16 inputs' statistics in float32
         mean, var = torch.batch_norm_update_stats(x, rm, rv, 0.0)
@@ -538,8 +580,10 @@ def _norm1_forward(
     return _apply_bn(x, layer.norm1, s, out, scratch.unused).relu_()
 
 
-def _block_forward(x: Tensor, plan: _Plan) -> tuple[Tensor, _BlockSaved]:
-    """Run a dense block into one buffer. Returns the buffer and what backward needs."""
+def _block_forward(x: Tensor, plan: _Plan, updates: _RunningUpdates | None) -> tuple[Tensor, _BlockSaved]:
+    """Run a dense block into one buffer. Returns the buffer and what backward needs. Training
+    queues every BN's running-statistics update in ``updates`` (a norm2's may happen in its kernel);
+    the caller flushes them and counts the batch."""
     layers = plan.modules
     n, c0, h, w = x.shape
     k = layers[0].conv2.weight.shape[0]
@@ -549,12 +593,10 @@ def _block_forward(x: Tensor, plan: _Plan) -> tuple[Tensor, _BlockSaved]:
     dense = x if x.dtype == plan.dtype and x.is_contiguous(memory_format=plan.fmt) else None
     weights = _conv_weights(layers, plan.dtype)
 
-    stats = updates = None
+    stats = None
     if plan.training:
-        _count_batches([bn for layer in layers for bn in (layer.norm1, layer.norm2)])
         stats = _BlockStats(x, channels - k, layers[0].norm2.num_features, _stat_dtype(plan.dtype))
         stats.measure(dense if dense is not None else buf.narrow(1, 0, c0), 0)
-        updates = _RunningUpdates(n * h * w)
 
     bottlenecks: list[Tensor | None] = []
     masks: list[Tensor | None] = []
@@ -579,15 +621,26 @@ def _block_forward(x: Tensor, plan: _Plan) -> tuple[Tensor, _BlockSaved]:
             stats.measure(y, c)
         bottlenecks.append(bottleneck if plan.keep[i] else None)
         masks.append(mask)
-    if updates is not None:
+    if plan.training:
         # every norm1 normalised a prefix of the block's statistics: one Bessel correction for all
-        unbiased = stats.rows[1] * updates.bessel
-        for layer in layers:
-            c = layer.norm1.num_features
-            updates.add(layer.norm1, stats.rows[0, :c], unbiased[:c])
-        updates.flush()
+        updates.add_shared([layer.norm1 for layer in layers], stats.rows[0], stats.rows[1] * updates.bessel)
     running = [] if plan.training else [t for layer in layers for t in _running_of(layer)]
     return buf, _BlockSaved(c0, k, stats, bottlenecks, masks, running)
+
+
+def _run_block(x: Tensor, plan: _Plan) -> tuple[Tensor, _BlockSaved]:
+    """:func:`_block_forward` with the running statistics updated in place: one ``_foreach_add_``
+    for the block's ``num_batches_tracked``, then the kernels' and the queued updates."""
+    updates = None
+    if plan.training:
+        n, _, h, w = x.shape
+        _count_batches([bn for layer in plan.modules for bn in (layer.norm1, layer.norm2)])
+        updates = _RunningUpdates(n * h * w)
+    with torch.autocast(plan.autocast[0], enabled=False):
+        buf, saved = _block_forward(x, plan, updates)
+    if updates is not None:
+        updates.flush()
+    return buf, saved
 
 
 def _running_of(layer: nn.Module) -> list[Tensor]:
@@ -681,8 +734,7 @@ def _unpack(tensors: list[Tensor], present: list[bool]) -> list[Tensor | None]:
 class _DenseBlockFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, plan: _Plan, *params: Tensor) -> Tensor:
-        with torch.autocast(plan.autocast[0], enabled=False):
-            buf, saved = _block_forward(x, plan)
+        buf, saved = _run_block(x, plan)
         # Tensors go through save_for_backward so autograd frees them right after this block's
         # backward (and keeps them when retain_graph=True), and so that reading them in backward
         # checks their version counters: a parameter changed in place between forward and
@@ -748,22 +800,16 @@ def block_keeps(setting: str | tuple[bool, ...], layers: int) -> tuple[bool, ...
     return (setting == EFFICIENT,) * layers
 
 
-@torch.compiler.disable
-def dense_block(block: nn.Module, x: Tensor, setting: str | tuple[bool, ...]) -> Tensor:
-    """Run ``block`` (a torchvision-layout ``_DenseBlock``) with the engine; returns the concatenated
-    features. ``setting``: ``"efficient"``, ``"max_saving"`` or per-layer flags (:func:`block_keeps`)."""
-    modules = list(block.values())
-    _check_norms([m for layer in modules for m in (layer.norm1, layer.norm2)])
-    keep = block_keeps(setting, len(modules))
-    if x.shape[0] == 0:
-        return _empty_block(modules, x)
+def eager_block(modules: list[nn.Module], x: Tensor, keep: tuple[bool, ...], training: bool) -> Tensor:
+    """A dense block's layers (torchvision ``_DenseLayer``s) on a non-empty batch, eagerly: one autograd
+    Function, or a plain forward when no backward follows. ``keep``: :func:`block_keeps`."""
     layers = [_Layer.of(layer) for layer in modules]
     params = [p for layer in layers for p in layer.params()]
     mode = EFFICIENT if all(keep) else MAX_SAVING
-    plan = replace(_plan(layers, mode, x, block.training, params), keep=keep)
+    plan = replace(_plan(layers, mode, x, training, params), keep=keep)
     if not plan.graph:
-        with torch.no_grad(), torch.autocast(plan.autocast[0], enabled=False):
-            return _block_forward(x, plan)[0]
+        with torch.no_grad():
+            return _run_block(x, plan)[0]
     return _DenseBlockFunction.apply(x, plan, *params)
 
 
@@ -868,6 +914,53 @@ def _pair(v: int | tuple[int, int]) -> list[int]:
     return list(v) if isinstance(v, (tuple, list)) else [v, v]
 
 
+def _tail_forward(
+    x: Tensor, plan: _Plan, tail: _Tail, updates: _RunningUpdates | None, keep: bool
+) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """``tail(relu(norm(x)))`` in ``plan.dtype``: ``(out, kept, stats)``, ``kept`` what the tail keeps
+    for its backward (``keep``), ``stats`` the batch statistics and reserve it then needs too."""
+    bn = plan.modules[0]
+    with torch.autocast(plan.autocast[0], enabled=False):
+        x = x.to(plan.dtype)
+        if plan.training:
+            z, mean, invstd, reserve = _bn_train(x, bn, None, updates)
+            stats = [mean, invstd, reserve] if keep else []
+        else:
+            z, stats = _bn_eval(x, bn), []
+        out, kept = tail.forward(z.relu_(), plan.modules[1], plan, keep)
+    return out, kept, stats
+
+
+def _tail_backward(
+    grad: Tensor, x: Tensor, plan: _Plan, tail: _Tail, kept: list[Tensor], stats: list[Tensor]
+) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+    """Gradients of :func:`_tail_forward` (``x`` in ``plan.dtype``, ``plan.modules`` holding the saved
+    parameters): ``(dx, dweight, dbias, the tail's own parameter gradients)``, ``dx`` in ``x``'s dtype."""
+    bn, module = plan.modules
+    extra: list[Tensor] = []
+    with torch.autocast(plan.autocast[0], enabled=False):
+        grad = grad.to(plan.dtype)
+        dummies = _Dummies(x, x.shape[1], _stat_dtype(x.dtype))
+        if kept:
+            dz = tail.kept_backward(grad, kept, x, module)
+            if plan.training:
+                mean, invstd, reserve = stats
+        else:
+            if plan.training:
+                z, mean, invstd, reserve = _bn_train(x, bn, dummies, None)
+            else:
+                z = _bn_eval(x, bn)
+            z = z.relu_()
+            dz, extra = tail.backward(grad, z, module, plan)
+            _relu_backward_(dz, z)
+            del z
+        if plan.training:
+            dx, dg, dbeta = _bn_train_backward(dz, x, bn, mean, invstd, reserve, dummies)
+        else:
+            dx, dg, dbeta = _bn_fixed_backward(dz, x, bn, _running_stats(bn))
+    return dx, dg, dbeta, extra
+
+
 class _NormReluTailFunction(torch.autograd.Function):
     """``tail(relu(norm(x)))`` saving ``x`` (and the stem's pool indices in ``"efficient"``)."""
 
@@ -875,21 +968,18 @@ class _NormReluTailFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, plan: _Plan, tail: _Tail, *params: Tensor) -> Tensor:
         ctx.plan, ctx.tail, ctx.input_dtype, ctx.n_params = plan, tail, x.dtype, len(params)
         bn = plan.modules[0]
-        with torch.autocast(plan.autocast[0], enabled=False):
-            x = x.to(plan.dtype)
-            keep = plan.graph and tail.keeps(plan.mode)
-            if plan.training:
-                _count_batches([bn])
-                updates = _RunningUpdates(x.numel() // x.shape[1])
-                z, mean, invstd, reserve = _bn_train(x, bn, None, updates)
-                updates.flush()
-                stats = [mean, invstd, reserve] if keep else []
-            else:
-                z, stats = _bn_eval(x, bn), [bn.running_mean, bn.running_var]
-            out, kept = tail.forward(z.relu_(), plan.modules[1], plan, keep)
+        updates = None
+        if plan.training:
+            _count_batches([bn])
+            updates = _RunningUpdates(x.numel() // x.shape[1])
+        x = x.to(plan.dtype)  # once: the tail computes in it and backward reads it
+        out, kept, stats = _tail_forward(x, plan, tail, updates, plan.graph and tail.keeps(plan.mode))
+        if updates is not None:
+            updates.flush()
+        running = [] if plan.training else [bn.running_mean, bn.running_var]
         # Parameters too, so backward's read of them is version-checked (see _DenseBlockFunction).
         ctx.n_kept = len(kept)
-        ctx.save_for_backward(x, *params, *kept, *stats)
+        ctx.save_for_backward(x, *params, *kept, *stats, *running)
         return out
 
     @staticmethod
@@ -899,29 +989,9 @@ class _NormReluTailFunction(torch.autograd.Function):
         params, rest = rest[: ctx.n_params], rest[ctx.n_params :]
         plan, tail = ctx.plan, ctx.tail
         bn = plan.modules[0]._replace(weight=params[0], bias=params[1])  # the saved parameters
-        module = tail.bind(plan.modules[1], params[2:])
-        extra: list[Tensor] = []
-        with torch.autocast(plan.autocast[0], enabled=False):
-            grad = grad.to(plan.dtype)
-            dummies = _Dummies(x, x.shape[1], _stat_dtype(x.dtype))
-            kept, stats = rest[: ctx.n_kept], rest[ctx.n_kept :]
-            if kept:
-                dz = tail.kept_backward(grad, kept, x, module)
-                if plan.training:
-                    mean, invstd, reserve = stats
-            else:
-                if plan.training:
-                    z, mean, invstd, reserve = _bn_train(x, bn, dummies, None)
-                else:
-                    z = _bn_eval(x, bn)
-                z = z.relu_()
-                dz, extra = tail.backward(grad, z, module, plan)
-                _relu_backward_(dz, z)
-                del z
-            if plan.training:
-                dx, dg, dbeta = _bn_train_backward(dz, x, bn, mean, invstd, reserve, dummies)
-            else:
-                dx, dg, dbeta = _bn_fixed_backward(dz, x, bn, _running_stats(bn))
+        plan = replace(plan, modules=[bn, tail.bind(plan.modules[1], params[2:])])
+        kept, stats = rest[: ctx.n_kept], rest[ctx.n_kept :]
+        dx, dg, dbeta, extra = _tail_backward(grad, x, plan, tail, kept, stats[:3] if plan.training else [])
         return (dx.to(ctx.input_dtype), None, None, dg, dbeta, *extra)
 
 
@@ -949,22 +1019,3 @@ class _NoCtx:
 
 
 _TRANSITION, _STEM, _IDENTITY = _TransitionTail(), _StemTail(), _IdentityTail()
-
-
-@torch.compiler.disable
-def transition(module: nn.Module, x: Tensor) -> Tensor:
-    """``pool(conv(relu(norm(x))))`` of a torchvision ``_Transition``, storing only ``x`` for backward."""
-    return _norm_relu_tail(x, [module.norm, module.conv], _TRANSITION, module.training, EFFICIENT)
-
-
-@torch.compiler.disable
-def stem(norm: nn.BatchNorm2d, pool: nn.MaxPool2d, x: Tensor, mode: str = EFFICIENT) -> Tensor:
-    """``pool0(relu0(norm0(x)))`` of the ImageNet stem (x is conv0's output) for backward storing
-    ``x`` and, in ``"efficient"`` mode, the pooling indices and the sign of the output."""
-    return _norm_relu_tail(x, [norm, pool], _STEM, norm.training, resolve_mode(mode))
-
-
-@torch.compiler.disable
-def norm_relu(norm: nn.BatchNorm2d, x: Tensor) -> Tensor:
-    """``relu(norm(x))`` (the network's ``norm5`` and its ReLU), storing only ``x`` for backward."""
-    return _norm_relu_tail(x, [norm, None], _IDENTITY, norm.training, EFFICIENT)

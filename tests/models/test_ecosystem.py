@@ -181,7 +181,7 @@ def test_torch_compile_inference_and_training_equal_eager(mode):
     torch._dynamo.reset()
     config, size = SMALL["imagenet"]
     eager, compiled_model = _model(config, mode).train(), _model(config, mode).train()
-    compiled = torch.compile(compiled_model, backend="aot_eager")
+    compiled = torch.compile(compiled_model, fullgraph=True, backend="aot_eager")
     x = torch.randn(4, 3, size, size)
     ya, yb = eager(x), compiled(x)
     assert torch.allclose(ya, yb, atol=1e-5)

@@ -1,0 +1,402 @@
+"""The engine's entry points, and the engine as ``torch.library`` custom ops for the compiler.
+
+Eagerly, a dense block, transition, stem or ``norm5`` runs as one autograd Function of
+:mod:`.engine`. Under ``torch.compile`` (``fullgraph=True`` included) each runs as one opaque
+custom op instead: the compiler places it in its graph without tracing the kernels inside, so
+the engine's memory layout and kernels are kept, and CUDA graphs (``mode="reduce-overhead"``)
+replay it with the rest of the step. The ops compute exactly what the eager Functions compute,
+with the same code (:func:`.engine._block_forward`, :func:`.engine._block_backward`,
+:func:`.engine._tail_forward`, :func:`.engine._tail_backward`); their fake kernels run that same
+code on fake tensors, so shapes and strides agree by construction.
+
+A custom op with an autograd formula must be functional, so the ops never touch the running
+statistics: they return each BN's batch mean and unbiased variance, and the traced caller applies
+``nn.BatchNorm``'s update with the same ``_foreach`` kernels as the eager path
+(:class:`.engine._RunningUpdates`), and counts ``num_batches_tracked``.
+
+>>> import torch, densenet_efficient as de
+>>> model = de.create_model("densenet_bc_40", memory_efficient=True)
+>>> step = torch.compile(model, fullgraph=True)  # one graph, engine blocks included
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from . import engine
+from .engine import _BN, EFFICIENT, _Conv, _Layer, _Plan
+
+_LIB = "densenet_efficient"
+_TAILS = {"transition": engine._TRANSITION, "stem": engine._STEM, "identity": engine._IDENTITY}
+#: torchvision's dense layer: conv1 1x1 and conv2 3x3 "same", stride 1, no bias (what the ops assume)
+_LAYER_CONVS = (((1, 1), (1, 1), (0, 0), (1, 1), 1), ((3, 3), (1, 1), (1, 1), (1, 1), 1))
+_TRANSITION_CONV = _LAYER_CONVS[0]
+
+
+class _Pool(NamedTuple):
+    """A square max-pool's settings, as the stem tail reads them (``nn.MaxPool2d``'s names)."""
+
+    kernel_size: int
+    stride: int
+    padding: int
+    dilation: int
+    ceil_mode: bool
+
+
+def _square_pool(pool: nn.MaxPool2d) -> _Pool:
+    args = engine._pool_args(pool)
+    if any(a[0] != a[1] for a in args[:4]):
+        raise NotImplementedError(
+            f"the compiled engine runs a square stem max-pool (torchvision's), found {pool!r}; "
+            "use memory_efficient=False"
+        )
+    return _Pool(args[0][0], args[1][0], args[2][0], args[3][0], bool(args[4]))
+
+
+def _conv_spec(conv: nn.Conv2d) -> tuple:
+    return (tuple(conv.kernel_size), tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), conv.groups)
+
+
+def _check_convs(convs: list[nn.Conv2d], expected: tuple, where: str) -> None:
+    for conv in convs:
+        found = _conv_spec(conv)
+        if found != expected or conv.bias is not None or conv.padding_mode != "zeros":
+            # no repr(conv) here: dynamo traces this message (it cannot trace Module.__repr__)
+            raise NotImplementedError(
+                f"the compiled engine runs torchvision's {where} convolutions (kernel, stride, padding, "
+                f"dilation, groups = {expected}, no bias, zero padding), found {found}, bias "
+                f"{conv.bias is not None}, padding_mode {conv.padding_mode!r}; use memory_efficient=False"
+            )
+
+
+def _stat_dtype_of(dtype: torch.dtype) -> torch.dtype:
+    return engine._stat_dtype(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dense block.
+# ---------------------------------------------------------------------------------------------
+
+
+def _layers(params: list[Tensor], running: list[Tensor], eps: list[float], drop: list[float]) -> list[_Layer]:
+    """The engine's view of a block's layers, rebuilt from the op's flat arguments."""
+    out = []
+    for i, rate in enumerate(drop):
+        p, r = params[6 * i : 6 * i + 6], running[4 * i : 4 * i + 4]
+        conv1, conv2 = (_Conv(w, spec[1], spec[2], spec[3], spec[4]) for w, spec in zip((p[2], p[5]), _LAYER_CONVS))
+        out.append(
+            _Layer(
+                _BN(p[0], p[1], r[0], r[1], None, None, eps[2 * i]), conv1,
+                _BN(p[3], p[4], r[2], r[3], None, None, eps[2 * i + 1]), conv2, rate,
+            )
+        )  # fmt: skip
+    return out
+
+
+def _block_plan(layers: list[_Layer], x: Tensor, keep: list[bool], training: bool, graph: bool, dtype: torch.dtype) -> _Plan:
+    mode = EFFICIENT if all(keep) else engine.MAX_SAVING
+    return _Plan(layers, mode, training, dtype, engine._memory_format(x), (x.device.type, False), graph, tuple(keep))
+
+
+def _block_impl(
+    x: Tensor,
+    params: list[Tensor],
+    running: list[Tensor],
+    eps: list[float],
+    drop: list[float],
+    keep: list[bool],
+    training: bool,
+    graph: bool,
+    dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor, list[Tensor], list[Tensor], list[Tensor]]:
+    """``(buffer, statistics rows, their unbiased variances, norm2 means and variances, kept
+    bottlenecks, dropout masks)``; the statistics are empty in eval."""
+    plan = _block_plan(_layers(params, running, eps, drop), x, keep, training, graph, dtype)
+    n, _, h, w = x.shape
+    updates = engine._DeferredUpdates(n * h * w) if training else None
+    with torch.autocast(x.device.type, enabled=False):
+        buf, saved = engine._block_forward(x, plan, updates)
+    stat = _stat_dtype_of(dtype)
+    if updates is not None:
+        rows, unbiased, batch = saved.stats.rows, updates.shared, updates.batch
+    else:
+        rows, unbiased, batch = x.new_empty(0, dtype=stat), x.new_empty(0, dtype=stat), []
+    kept = [b for b in saved.bottlenecks if b is not None]
+    masks = [m for m in saved.masks if m is not None]
+    return buf, rows, unbiased, batch, kept, masks
+
+
+_block_op = torch.library.custom_op(f"{_LIB}::dense_block", _block_impl, mutates_args=())
+_block_op.register_fake(_block_impl)  # the same code on fake tensors: shapes and strides agree
+
+
+def _block_backward_impl(
+    grad: Tensor,
+    buf: Tensor,
+    rows: Tensor,
+    params: list[Tensor],
+    running: list[Tensor],
+    kept: list[Tensor],
+    masks: list[Tensor],
+    eps: list[float],
+    drop: list[float],
+    keep: list[bool],
+    training: bool,
+    dtype: torch.dtype,
+    input_dtype: torch.dtype,
+) -> tuple[Tensor, list[Tensor]]:
+    """``(input gradient, parameter gradients in the op's parameter order)``."""
+    layers = _layers(params, running, eps, drop)
+    plan = _block_plan(layers, buf, keep, training, True, dtype)
+    k = params[5].shape[0]
+    stats = engine._BlockStats.of_rows(rows, buf, params[3].shape[0]) if training else None
+    saved = engine._BlockSaved(
+        buf.shape[1] - k * len(layers), k, stats,
+        engine._unpack(kept, list(keep)), engine._unpack(masks, [rate > 0 and training for rate in drop]), [],
+    )  # fmt: skip
+    with torch.autocast(buf.device.type, enabled=False):
+        gx, grads = engine._block_backward(grad, buf, plan, saved)
+    return gx.to(input_dtype), grads
+
+
+_block_backward_op = torch.library.custom_op(f"{_LIB}::dense_block_backward", _block_backward_impl, mutates_args=())
+_block_backward_op.register_fake(_block_backward_impl)
+
+
+def _block_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
+    x, params, running, eps, drop, keep, training, graph, dtype = inputs
+    buf, rows, unbiased, batch, kept, masks = output
+    ctx.mark_non_differentiable(rows, unbiased, *batch, *kept, *masks)
+    ctx.args = (eps, drop, keep, training, dtype, x.dtype)
+    ctx.counts = (len(params), len(running) if not training else 0, len(kept))
+    # eval: the running statistics are what backward normalises with (saved: version-checked)
+    ctx.save_for_backward(buf, rows, *params, *(running if not training else []), *kept, *masks)
+
+
+def _block_grad(ctx: Any, grad: Tensor, *unused: Any) -> tuple:
+    buf, rows, *rest = ctx.saved_tensors
+    n_params, n_running, n_kept = ctx.counts
+    params, rest = rest[:n_params], rest[n_params:]
+    running, rest = rest[:n_running], rest[n_running:]
+    kept, masks = rest[:n_kept], rest[n_kept:]
+    eps, drop, keep, training, dtype, input_dtype = ctx.args
+    if training:  # stand-ins: training backward never reads the running statistics
+        running = [rows] * (4 * len(drop))
+    gx, grads = _block_backward_op(
+        grad, buf, rows, list(params), list(running), list(kept), list(masks), eps, drop, keep, training, dtype, input_dtype
+    )
+    # one entry per input (x, params, running, eps, drop, keep, training, graph, dtype): tensor and
+    # int lists mirror the input list (autograd flattens them), float and bool lists are one leaf
+    return gx, grads, [None] * len(running), None, None, None, None, None, None
+
+
+_block_op.register_autograd(_block_grad, setup_context=_block_setup)
+
+
+def block_op_args(modules: list[nn.Module], x: Tensor, keep: tuple[bool, ...], training: bool) -> tuple:
+    """The ``densenet_efficient::dense_block`` arguments that run ``modules`` (a block's layers) on ``x``."""
+    _check_convs([layer.conv1 for layer in modules], _LAYER_CONVS[0], "dense layers' 1x1")
+    _check_convs([layer.conv2 for layer in modules], _LAYER_CONVS[1], "dense layers' 3x3")
+    layers = [_Layer.of(layer) for layer in modules]
+    params = [p for layer in layers for p in layer.params()]
+    running = [t for layer in modules for t in engine._running_of(layer)]
+    eps = [bn.eps for layer in layers for bn in (layer.norm1, layer.norm2)]
+    drop = [layer.drop_rate for layer in layers]
+    graph = engine._needs_graph([x, *params])
+    keep = [k and graph for k in keep]
+    return x, params, running, eps, drop, keep, training, graph, engine._compute_dtype(x)
+
+
+def _compiled_block(modules: list[nn.Module], x: Tensor, keep: tuple[bool, ...], training: bool) -> Tensor:
+    """The block as one custom op; the running-statistics updates around it, traced."""
+    buf, rows, unbiased, batch, _, _ = _block_op(*block_op_args(modules, x, keep, training))
+    if training:  # no_grad: the statistics are op outputs, and a buffer must not join the graph
+        n, _, h, w = x.shape
+        with torch.no_grad():
+            engine._count_batches([bn for layer in modules for bn in (layer.norm1, layer.norm2)])
+            updates = engine._RunningUpdates(n * h * w)
+            for i, layer in enumerate(modules):
+                updates.add(layer.norm2, batch[2 * i], batch[2 * i + 1])
+            updates.add_shared([layer.norm1 for layer in modules], rows[0], unbiased)
+            updates.flush()
+    return buf
+
+
+# ---------------------------------------------------------------------------------------------
+# Transition, ImageNet stem, norm5: BN-ReLU and what follows.
+# ---------------------------------------------------------------------------------------------
+
+
+def _tail_plan(
+    kind: str, bn: list[Tensor], conv_weight: Tensor | None, pool: _Pool, eps: float, x: Tensor,
+    training: bool, dtype: torch.dtype,
+) -> _Plan:  # fmt: skip
+    norm = _BN(bn[0], bn[1], bn[2], bn[3], None, None, eps)
+    if kind == "transition":
+        spec = _TRANSITION_CONV
+        module: Any = _Conv(conv_weight, spec[1], spec[2], spec[3], spec[4])
+    else:
+        module = pool if kind == "stem" else None
+    return _Plan([norm, module], EFFICIENT, training, dtype, engine._memory_format(x), (x.device.type, False))
+
+
+def _tail_impl(
+    x: Tensor,
+    bn: list[Tensor],
+    conv_weight: Tensor | None,
+    kind: str,
+    pool_kernel: int,
+    pool_stride: int,
+    pool_padding: int,
+    pool_dilation: int,
+    pool_ceil: bool,
+    eps: float,
+    training: bool,
+    keep: bool,
+    dtype: torch.dtype,
+) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """``(output, kept, statistics)``: ``bn`` is ``[weight, bias, running_mean, running_var]``;
+    training statistics are ``[mean, unbiased variance]`` and, when kept, ``[invstd, reserve]``."""
+    pool = _Pool(pool_kernel, pool_stride, pool_padding, pool_dilation, pool_ceil)
+    plan = _tail_plan(kind, bn, conv_weight, pool, eps, x, training, dtype)
+    updates = engine._DeferredUpdates(x.numel() // x.shape[1]) if training else None
+    out, kept, stats = engine._tail_forward(x.to(dtype), plan, _TAILS[kind], updates, keep)
+    if kind == "identity":
+        kept = []  # it keeps its output, which an op may not return twice: setup saves the output
+    if updates is not None:
+        stats = [updates.batch[0], updates.batch[1], *stats[1:]]
+    return out, kept, stats
+
+
+_tail_op = torch.library.custom_op(f"{_LIB}::norm_relu_tail", _tail_impl, mutates_args=())
+_tail_op.register_fake(_tail_impl)
+
+
+def _tail_backward_impl(
+    grad: Tensor,
+    x: Tensor,
+    bn: list[Tensor],
+    conv_weight: Tensor | None,
+    kept: list[Tensor],
+    stats: list[Tensor],
+    kind: str,
+    pool_kernel: int,
+    pool_stride: int,
+    pool_padding: int,
+    pool_dilation: int,
+    pool_ceil: bool,
+    eps: float,
+    training: bool,
+    dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+    """``(dx in x's dtype, dweight, dbias, [dconv_weight] for a transition)``."""
+    pool = _Pool(pool_kernel, pool_stride, pool_padding, pool_dilation, pool_ceil)
+    plan = _tail_plan(kind, bn, conv_weight, pool, eps, x, training, dtype)
+    dx, dg, dbeta, extra = engine._tail_backward(grad, x.to(dtype), plan, _TAILS[kind], kept, stats)
+    return dx.to(x.dtype), dg, dbeta, extra
+
+
+_tail_backward_op = torch.library.custom_op(f"{_LIB}::norm_relu_tail_backward", _tail_backward_impl, mutates_args=())
+_tail_backward_op.register_fake(_tail_backward_impl)
+
+
+def _tail_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
+    x, bn, conv_weight, kind, *pool, eps, training, keep, dtype = inputs
+    out, kept, stats = output
+    ctx.mark_non_differentiable(*kept, *stats)
+    ctx.args = (kind, pool, eps, training, dtype, conv_weight is not None)
+    if kind == "identity" and keep:
+        kept = [out]
+    # training: mean (stats[0]) and, when kept, invstd and reserve; eval: the running statistics
+    saved_stats = ([stats[0], *stats[2:]] if keep else []) if training else bn[2:]
+    ctx.counts = (len(kept), len(saved_stats))
+    weights = [conv_weight] if conv_weight is not None else []
+    ctx.save_for_backward(x, bn[0], bn[1], *weights, *kept, *saved_stats)
+
+
+def _tail_grad(ctx: Any, grad: Tensor, *unused: Any) -> tuple:
+    kind, pool, eps, training, dtype, has_conv = ctx.args
+    x, weight, bias, *rest = ctx.saved_tensors
+    conv_weight = rest.pop(0) if has_conv else None
+    n_kept, _ = ctx.counts
+    kept, stats = rest[:n_kept], rest[n_kept:]
+    running = stats if not training else [weight, weight]  # stand-ins: training never reads them
+    dx, dg, dbeta, extra = _tail_backward_op(
+        grad, x, [weight, bias, *running], conv_weight, list(kept), list(stats) if training else [],
+        kind, *pool, eps, training, dtype,
+    )  # fmt: skip
+    # one entry per input (x, bn, conv_weight, kind, 5 pool settings, eps, training, keep, dtype)
+    return dx, [dg, dbeta, None, None], extra[0] if has_conv else None, *[None] * 10
+
+
+_tail_op.register_autograd(_tail_grad, setup_context=_tail_setup)
+
+
+def tail_op_args(x: Tensor, norm: nn.BatchNorm2d, module: nn.Module | None, kind: str, mode: str) -> tuple:
+    """The ``densenet_efficient::norm_relu_tail`` arguments: BN-ReLU of ``x``, then ``module`` (a
+    transition's conv, the stem's max-pool or ``None``; ``kind``: ``"transition"``, ``"stem"``,
+    ``"identity"``)."""
+    engine._check_norms([norm])
+    if kind == "transition":
+        _check_convs([module], _TRANSITION_CONV, "transitions' 1x1")
+    conv_weight = module.weight if kind == "transition" else None
+    pool = _square_pool(module) if kind == "stem" else _Pool(0, 0, 0, 0, False)
+    bn = [norm.weight, norm.bias, norm.running_mean, norm.running_var]
+    params = [norm.weight, norm.bias] + ([conv_weight] if conv_weight is not None else [])
+    keep = engine._needs_graph([x, *params]) and _TAILS[kind].keeps(mode)
+    return x, bn, conv_weight, kind, *pool, norm.eps, norm.training, keep, engine._compute_dtype(x)
+
+
+def _compiled_tail(x: Tensor, norm: nn.BatchNorm2d, module: nn.Module | None, kind: str, mode: str) -> Tensor:
+    out, _, stats = _tail_op(*tail_op_args(x, norm, module, kind, mode))
+    if norm.training:
+        with torch.no_grad():  # see _compiled_block
+            engine._count_batches([norm])
+            updates = engine._RunningUpdates(x.numel() // x.shape[1])
+            updates.add(norm, stats[0], stats[1])
+            updates.flush()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points (what the model's modules call).
+# ---------------------------------------------------------------------------------------------
+
+
+def dense_block(block: nn.Module, x: Tensor, setting: str | tuple[bool, ...]) -> Tensor:
+    """Run ``block`` (a torchvision-layout ``_DenseBlock``) with the engine; returns the concatenated
+    features. ``setting``: ``"efficient"``, ``"max_saving"`` or per-layer flags (:func:`.engine.block_keeps`)."""
+    modules = list(block.values())
+    engine._check_norms([m for layer in modules for m in (layer.norm1, layer.norm2)])
+    keep = engine.block_keeps(setting, len(modules))
+    if x.shape[0] == 0:
+        return engine._empty_block(modules, x)
+    if torch.compiler.is_compiling():
+        return _compiled_block(modules, x, keep, block.training)
+    return engine.eager_block(modules, x, keep, block.training)
+
+
+def _tail(x: Tensor, norm: nn.BatchNorm2d, module: nn.Module | None, kind: str, mode: str) -> Tensor:
+    if x.shape[0] == 0 or not torch.compiler.is_compiling():
+        return engine._norm_relu_tail(x, [norm, module], _TAILS[kind], norm.training, mode)
+    return _compiled_tail(x, norm, module, kind, mode)
+
+
+def transition(module: nn.Module, x: Tensor) -> Tensor:
+    """``pool(conv(relu(norm(x))))`` of a torchvision ``_Transition``, storing only ``x`` for backward."""
+    return _tail(x, module.norm, module.conv, "transition", EFFICIENT)
+
+
+def stem(norm: nn.BatchNorm2d, pool: nn.MaxPool2d, x: Tensor, mode: str = EFFICIENT) -> Tensor:
+    """``pool0(relu0(norm0(x)))`` of the ImageNet stem (x is conv0's output) for backward storing
+    ``x`` and, in ``"efficient"`` mode, the pooling indices and the sign of the output."""
+    return _tail(x, norm, pool, "stem", engine.resolve_mode(mode))
+
+
+def norm_relu(norm: nn.BatchNorm2d, x: Tensor) -> Tensor:
+    """``relu(norm(x))`` (the network's ``norm5`` and its ReLU), storing only ``x`` for backward."""
+    return _tail(x, norm, None, "identity", EFFICIENT)
