@@ -87,7 +87,7 @@ def _layers(params: list[Tensor], running: list[Tensor], eps: list[float], drop:
     out = []
     for i, rate in enumerate(drop):
         p, r = params[6 * i : 6 * i + 6], running[4 * i : 4 * i + 4]
-        conv1, conv2 = (_Conv(w, spec[1], spec[2], spec[3], spec[4]) for w, spec in zip((p[2], p[5]), _LAYER_CONVS))
+        conv1, conv2 = (_Conv(w, spec[1], spec[2], spec[3], spec[4]) for w, spec in zip((p[2], p[5]), _LAYER_CONVS, strict=True))
         out.append(
             _Layer(
                 _BN(p[0], p[1], r[0], r[1], None, None, eps[2 * i]), conv1,
