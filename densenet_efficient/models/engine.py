@@ -21,7 +21,7 @@ What this engine does
   still applies its own affine parameters. Each BN's running statistics are updated exactly once
   per training forward with ``nn.BatchNorm``'s rule (momentum, or the cumulative average when
   ``momentum is None``), ``num_batches_tracked`` included.
-* One autograd Function per block saves the buffer, the per-channel statistics and, per mode,
+* One autograd Function per block (under ``torch.compile``: one custom op, :mod:`.ops`) saves the buffer, the per-channel statistics and, per mode,
   each layer's bottleneck output ``b_l`` (``"efficient"``) or nothing (``"max_saving"``, which
   recomputes the 1x1 convolution). Backward walks the layers in reverse, recomputes
   ``relu(BN(.))`` from the buffer with the saved statistics, and accumulates every slice's

@@ -492,8 +492,15 @@ def _wrap(run: _Run) -> nn.Module:
             run.model, device_ids=[run.device.index] if run.device.type == "cuda" else None
         )
     if run.c.compile:
-        net = torch.compile(net)
+        net = torch.compile(net, mode=compile_mode(run.device))
     return net
+
+
+def compile_mode(device: torch.device) -> str | None:
+    """``torch.compile``'s mode for ``train --compile``: on CUDA ``"reduce-overhead"``, which replays
+    the whole step (engine blocks included, models/ops.py) as CUDA graphs, the remedy for a step
+    bound by kernel launches; elsewhere the default (CPU has no graphs to replay)."""
+    return "reduce-overhead" if device.type == "cuda" else None
 
 
 def _train(config: TrainConfig, info: DistInfo, device: torch.device, given: frozenset[str]) -> TrainResult:

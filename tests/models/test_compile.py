@@ -169,3 +169,10 @@ def test_unsupported_convolution_is_refused_clearly_when_compiling():
     layer.conv2 = torch.nn.Conv2d(layer.conv2.in_channels, layer.conv2.out_channels, 3, padding=2, dilation=2, bias=False)
     with pytest.raises(Exception, match="compiled engine runs torchvision's dense layers' 3x3"):
         torch.compile(model, fullgraph=True, backend="aot_eager")(torch.randn(2, 3, 8, 8))
+
+
+def test_train_compile_captures_cuda_graphs_on_cuda_only():
+    from densenet_efficient.training.loop import compile_mode
+
+    assert compile_mode(torch.device("cuda", 0)) == "reduce-overhead"
+    assert compile_mode(torch.device("cpu")) is None
