@@ -10,6 +10,10 @@ Writes docs/gpu_check.md (atomically) and prints the same Markdown. Sections:
     torchvision at activation_memory_budget 1.0/0.5/0.3/0.1 and our efficient mode compiled.
 (c) densenet121, batch 256, 224x224, bf16 autocast, channels_last: peak memory and img/s.
 (d) the planner's estimate against the CUDA measurement.
+(g) graphs, in one process and under 4 minutes plus compile time: our efficient step compiled
+    (``fullgraph=True``; on CUDA ``mode="reduce-overhead"``: CUDA graphs) against naive eager and
+    ``torch.compile(torchvision)`` (default mode; ``activation_memory_budget`` 0.3) at fp32 batch 64
+    (DenseNet-BC-100, densenet121): step time, peak memory, compile seconds, against the targets.
 (s) speed, in one process and under 4 minutes: step time (CUDA events, median of interleaved rounds
     after warm-up), peak memory and ops/step for torchvision naive, torchvision
     ``memory_efficient=True`` and our modes at fp32 batch 64 (DenseNet-BC-100, densenet121) and
@@ -20,6 +24,7 @@ The compiled rows of (b) run last, while ``--time-budget`` lasts (each compiles 
 
     bash scripts/gpu_check.sh                                    # on a CUDA machine, ~8 minutes
     python scripts/gpu_check.py --sections s                     # the speed section alone, < 4 minutes
+    python scripts/gpu_check.py --sections g                     # captured steps vs naive and the compiler
     python scripts/gpu_check.py --quick --device cpu --out /tmp/gpu_check.md   # plumbing on CPU
 
 Run it after ``pip install -e .`` or with ``PYTHONPATH=.`` (gpu_check.sh sets it).
@@ -424,6 +429,132 @@ def speed_markdown(rows: list[dict[str, Any]], device: str) -> str:
     return "\n".join(lines)
 
 
+# --- (g) graphs: the captured step ----------------------------------------------------------------
+
+#: (label, implementation, torch.compile mode or None for eager, activation_memory_budget)
+GRAPH_VARIANTS = (
+    ("naive eager", "torchvision", None, None),
+    ("efficient eager", "efficient", None, None),
+    ("efficient captured", "efficient", "graphs", None),
+    ("torchvision compiled", "torchvision", "default", None),
+    ("torchvision compiled (budget 0.3)", "torchvision", "default", 0.3),
+)
+
+
+def _compiled(model: torch.nn.Module, mode: str | None, budget: float | None, cuda: bool) -> torch.nn.Module:
+    if mode is None:
+        return model
+    if mode == "graphs":  # our blocks are custom ops: one graph, and on CUDA graphs replay it
+        return torch.compile(model, fullgraph=True, mode="reduce-overhead" if cuda else None,
+                             backend="inductor" if cuda else "aot_eager")
+    return torch.compile(model, backend="inductor" if cuda else "aot_eager")
+
+
+def graph_rows(device: str, quick: bool, rounds: int = 10) -> list[dict[str, Any]]:
+    """Every variant of every fp32 point, one at a time in this process (each compiles anew:
+    ``activation_memory_budget`` is read when compiling): built, compiled (and captured) in three
+    warm-up steps, whose wall time is recorded, then timed. On CPU (plumbing) the compiler runs
+    ``aot_eager``, which checks the capture but not inductor's speed."""
+    from densenet_efficient.perf.measure import build_implementation
+
+    cuda = device == "cuda"
+    rows = []
+    for label, config, batch, res, low in speed_points(quick):
+        if low:
+            continue
+        x = torch.randn(batch, 3, res, res, device=device)
+        y = torch.randint(0, config.num_classes, (batch,), device=device)
+        measured = {}
+        for name, impl, mode, budget in GRAPH_VARIANTS:
+            torch._dynamo.reset()
+            gc.collect()
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
+                before = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+            model = build_implementation(impl, config).to(device).train()
+            net = _compiled(model, mode, budget, cuda)
+
+            def step(net=net, model=model, x=x, y=y) -> None:
+                if cuda:
+                    torch.compiler.cudagraph_mark_step_begin()
+                F.cross_entropy(net(x), y).backward()
+                model.zero_grad(set_to_none=True)
+
+            t0 = time.perf_counter()
+            with torch._functorch.config.patch(activation_memory_budget=budget or 1.0):
+                for _ in range(3):  # compile (and capture) happen here
+                    step()
+            if cuda:
+                torch.cuda.synchronize()
+            warm = time.perf_counter() - t0
+            peak = (torch.cuda.max_memory_allocated() - before) / MB if cuda else None
+            times = []
+            for _ in range(2 if quick else rounds):
+                if cuda:
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    step()
+                    end.record()
+                    end.synchronize()
+                    times.append(start.elapsed_time(end) / 1000)
+                else:
+                    t1 = time.perf_counter()
+                    step()
+                    times.append(time.perf_counter() - t1)
+            measured[name] = (statistics.median(times), peak, warm)
+            del net, model, step
+        base_t, base_m, _ = measured["naive eager"]
+        for name, (t, peak, warm) in measured.items():
+            rows.append({
+                "point": label, "variant": name, "seconds": t, "time_ratio": t / base_t,
+                "peak_mb": peak, "compile_s": warm, "memory_ratio": peak / base_m if cuda else None,
+            })  # fmt: skip
+    return rows
+
+
+def graph_markdown(rows: list[dict[str, Any]], device: str) -> str:
+    lines = [
+        "| point | variant | ms/step | time vs naive | peak MB | memory vs naive | warm-up s (compile) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        mem = "-" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
+        mratio = "-" if r["memory_ratio"] is None else f"{r['memory_ratio']:.3f}x"
+        lines.append(
+            f"| {r['point']} | {r['variant']} | {r['seconds'] * 1e3:.1f} | {r['time_ratio']:.3f}x | {mem} | "
+            f"{mratio} | {r['compile_s']:.1f} |"
+        )
+    verdicts = []
+    for point in dict.fromkeys(r["point"] for r in rows):
+        by = {r["variant"]: r for r in rows if r["point"] == point}
+        ours = by["efficient captured"]
+        verdicts.append(f"- {point}: captured efficient at {ours['time_ratio']:.3f}x naive eager's time "
+                        f"(target < 1.00x): {'met' if ours['time_ratio'] < 1 else 'NOT met'}")
+        for peer in ("torchvision compiled", "torchvision compiled (budget 0.3)"):
+            t = ours["seconds"] / by[peer]["seconds"]
+            verdicts.append(f"  vs {peer}: {t:.3f}x its time (target <= 1.00x): {'met' if t <= 1 else 'NOT met'}")
+            if ours["peak_mb"] is not None:
+                m = ours["peak_mb"] / by[peer]["peak_mb"]
+                verdicts.append(f"  memory {m:.3f}x its (target <= 0.5x): {'met' if m <= 0.5 else 'NOT met'}")
+        if ours["memory_ratio"] is not None:
+            verdicts.append(f"  memory {ours['memory_ratio']:.3f}x naive's (target <= 0.25x): "
+                            f"{'met' if ours['memory_ratio'] <= 0.25 else 'NOT met'}")
+    lines += [
+        "",
+        f"One process on {device.upper()}; one variant at a time, compiled (and on CUDA captured) in "
+        "its three warm-up steps, whose wall time is the last column, then timed: ms/step is the "
+        "median (CUDA events on a GPU); peak MB is `max_memory_allocated` from before the model is "
+        "built through warm-up, capture and the steps (a CUDA graph's pool is allocated there), minus "
+        "the memory allocated before it."
+        + ("" if device == "cuda" else " On CPU the compiler ran `aot_eager` (plumbing only)."),
+        "",
+        *verdicts,
+    ]
+    return "\n".join(lines)
+
+
 # --- (d) planner vs measurement -------------------------------------------------------------------
 
 
@@ -500,11 +631,11 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds; compiled rows of (b) stop when spent (default 450)",
     )
     parser.add_argument(
-        "--sections", default="abcds", help="which sections to run, e.g. 'as' (default abcds: all)"
+        "--sections", default="abcdgs", help="which sections to run, e.g. 'as' (default abcdgs: all)"
     )
     args = parser.parse_args(argv)
-    if not args.sections or set(args.sections) - set("abcds"):
-        parser.error(f"--sections takes letters from 'abcds', got {args.sections!r}")
+    if not args.sections or set(args.sections) - set("abcdgs"):
+        parser.error(f"--sections takes letters from 'abcdgs', got {args.sections!r}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         print("gpu_check: error: --device cuda asked for, but CUDA is not available here", file=sys.stderr)
@@ -564,6 +695,12 @@ def main(argv: list[str] | None = None) -> int:
         return speed_markdown(speed_rows(device, args.quick), device)
 
     text_s = _guarded("s", section_s) if "s" in args.sections else not_asked
+
+    # (g): the captured step; on the CPU plumbing with aot_eager
+    def section_g() -> str:
+        return graph_markdown(graph_rows(device, args.quick), device)
+
+    text_g = _guarded("g", section_g) if "g" in args.sections else not_asked
 
     # (b) compiled rows, while the time budget lasts; variants alternate between the configurations
     compiled: dict[int, list[dict[str, Any]]] = {i: [] for i in range(len(points))}
@@ -645,6 +782,10 @@ def main(argv: list[str] | None = None) -> int:
             "## (s) Speed: step time, memory and ops per step",
             "",
             text_s,
+            "",
+            "## (g) Graphs: the captured step against naive and the compiler",
+            "",
+            text_g,
             "",
         ]
     )

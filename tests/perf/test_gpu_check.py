@@ -40,11 +40,15 @@ def test_script_writes_the_report_on_cpu(tmp_path):
         "## (c) densenet121",
         "## (d) Planner estimate vs measurement",
         "## (s) Speed: step time, memory and ops per step",
+        "## (g) Graphs: the captured step against naive and the compiler",
     ):
         assert header in text
     # (s) runs on the CPU too: every implementation of both quick points, with its op count
     speed = text.split("## (s)")[1]
     assert speed.count("| efficient |") == 2 and "target <= 1.15x" in speed and "target >= 0.95x" in speed
+    # (g) runs on the CPU too, with aot_eager: every variant, compile times, the verdicts
+    graphs = text.split("## (g)")[1]
+    assert graphs.count("| efficient captured |") == 1 and "target < 1.00x" in graphs and "aot_eager" in graphs
     assert text.count("skipped: no CUDA") == 3  # (b), (c), (d) need CUDA; (a) ran on the CPU
     assert f"torch {torch.__version__}" in text and "- Card: none (CPU run)" in text
     assert re.search(r"^(\d+)/\1 rows pass", text, re.M)
