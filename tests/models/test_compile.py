@@ -176,3 +176,16 @@ def test_train_compile_captures_cuda_graphs_on_cuda_only():
 
     assert compile_mode(torch.device("cuda", 0)) == "reduce-overhead"
     assert compile_mode(torch.device("cpu")) is None
+
+
+def test_changing_batch_size_recompiles_dynamic_and_stays_equal():
+    """An epoch's smaller last batch makes dynamo recompile with a symbolic batch: the ops' fake
+    kernels must run on symbolic shapes (opcheck's dynamic test covers the ops alone)."""
+    torch._dynamo.reset()
+    eager, twin = _twin_models(TINY_IMAGENET, "max_saving")
+    compiled = torch.compile(twin, fullgraph=True, backend="aot_eager")
+    for seed, batch in enumerate((4, 3, 5)):
+        x = torch.randn(batch, 3, 32, 32, dtype=torch.float64)
+        y = torch.randint(0, 5, (batch,))
+        _step(eager, x, y, seed), _step(compiled, x, y, seed)
+    _assert_same(eager, twin)
