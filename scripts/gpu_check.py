@@ -255,6 +255,20 @@ def benchmark_markdown(rows: list[dict[str, Any]]) -> str:
 # --- (c) densenet121 at scale, bf16 channels_last -------------------------------------------------
 
 
+def _step_seconds(step: Callable[[], None], cuda: bool) -> float:
+    """One call of ``step``, in seconds: CUDA events on a GPU (the device's time), else the wall clock."""
+    if not cuda:
+        t0 = time.perf_counter()
+        step()
+        return time.perf_counter() - t0
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    step()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1000
+
+
 def bf16_point(impl: str, batch: int, res: int, steps: int) -> dict[str, Any]:
     """Peak ``max_memory_allocated`` (total) and img/s for one implementation, in this process."""
     from densenet_efficient.perf.measure import build_implementation
@@ -279,12 +293,7 @@ def bf16_point(impl: str, batch: int, res: int, steps: int) -> dict[str, Any]:
         torch.cuda.synchronize()
         times = []
         for _ in range(steps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1000)
+            times.append(_step_seconds(step, cuda=True))
         peak = torch.cuda.max_memory_allocated()
         return {"impl": impl, "peak_gb": peak / GB, "img_s": batch / statistics.median(times)}
     except torch.OutOfMemoryError:
@@ -350,16 +359,7 @@ def speed_rows(device: str, quick: bool, rounds: int = 10) -> list[dict[str, Any
             model.zero_grad(set_to_none=True)
 
         def timed(model: torch.nn.Module, step=step) -> float:
-            if not cuda:
-                t0 = time.perf_counter()
-                step(model)
-                return time.perf_counter() - t0
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step(model)
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1000
+            return _step_seconds(lambda: step(model), cuda)
 
         peaks = {}
         for impl, model in models.items():
@@ -490,19 +490,7 @@ def graph_rows(device: str, quick: bool, rounds: int = 10) -> list[dict[str, Any
                 torch.cuda.synchronize()
             warm = time.perf_counter() - t0
             peak = (torch.cuda.max_memory_allocated() - before) / MB if cuda else None
-            times = []
-            for _ in range(2 if quick else rounds):
-                if cuda:
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    step()
-                    end.record()
-                    end.synchronize()
-                    times.append(start.elapsed_time(end) / 1000)
-                else:
-                    t1 = time.perf_counter()
-                    step()
-                    times.append(time.perf_counter() - t1)
+            times = [_step_seconds(step, cuda) for _ in range(2 if quick else rounds)]
             measured[name] = (statistics.median(times), peak, warm)
             del net, model, step
         base_t, base_m, _ = measured["naive eager"]

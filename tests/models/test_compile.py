@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import densenet_efficient as de
 from densenet_efficient.models import ops
 
-from .test_engine import TINY, TINY_IMAGENET, _randomise_bn, _rel
+from .test_engine import TINY, TINY_IMAGENET, _assert_same_state, _randomise_bn, _rel
 
 #: (model kwargs, image size, memory_efficient setting): every mode, dial plans with naive blocks
 #: after engine blocks, per-layer flags, the ImageNet stem, dropout and momentum=None.
@@ -45,16 +45,6 @@ def _step(model, x, y, seed):
     return out
 
 
-def _assert_same(eager, compiled_model, tol=1e-9):
-    for (name, pa), pb in zip(eager.named_parameters(), compiled_model.parameters(), strict=True):
-        assert _rel(pb.grad, pa.grad) < tol, name
-    for (name, ba), bb in zip(eager.named_buffers(), compiled_model.buffers(), strict=True):
-        if name.endswith("num_batches_tracked"):
-            assert torch.equal(ba, bb), name
-        else:
-            assert torch.allclose(ba, bb, rtol=1e-10, atol=1e-12), name
-
-
 @pytest.mark.parametrize("name", SETTINGS)
 def test_fullgraph_training_and_inference_equal_eager_float64(name):
     kwargs, size, setting = SETTINGS[name]
@@ -66,7 +56,7 @@ def test_fullgraph_training_and_inference_equal_eager_float64(name):
         y = torch.randint(0, kwargs["num_classes"], (3,))
         ya, yb = _step(eager, x, y, seed), _step(compiled, x, y, seed)
         assert _rel(yb, ya) < 1e-12
-    _assert_same(eager, twin)
+    _assert_same_state(eager, twin)
     eager.eval(), twin.eval()
     with torch.no_grad():
         assert _rel(compiled(x), eager(x)) < 1e-12
@@ -84,7 +74,7 @@ def test_momentum_none_cumulative_average_compiled():
         x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
         y = torch.randint(0, 5, (2,))
         _step(eager, x, y, seed), _step(compiled, x, y, seed)
-    _assert_same(eager, twin)
+    _assert_same_state(eager, twin)
 
 
 def test_bf16_autocast_and_channels_last_compiled_equal_eager():
@@ -123,7 +113,7 @@ def test_inductor_fullgraph_training_step_equals_eager():
     y = torch.randint(0, 5, (2,))
     ya, yb = _step(eager, x, y, 0), _step(compiled, x, y, 0)
     assert _rel(yb, ya) < 1e-12
-    _assert_same(eager, twin)
+    _assert_same_state(eager, twin)
 
 
 def _block_args(keep, training=True):
@@ -188,4 +178,4 @@ def test_changing_batch_size_recompiles_dynamic_and_stays_equal():
         x = torch.randn(batch, 3, 32, 32, dtype=torch.float64)
         y = torch.randint(0, 5, (batch,))
         _step(eager, x, y, seed), _step(compiled, x, y, seed)
-    _assert_same(eager, twin)
+    _assert_same_state(eager, twin)
