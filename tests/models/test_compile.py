@@ -181,3 +181,21 @@ def test_changing_batch_size_recompiles_dynamic_and_stays_equal():
         y = torch.randint(0, 5, (batch,))
         _step(eager, x, y, seed), _step(compiled, x, y, seed)
     _assert_same_state(eager, twin)
+
+
+def test_eval_mode_fine_tuning_gradients_compiled():
+    """model.eval() with gradients (frozen BN statistics): backward normalises with the running ones."""
+    torch._dynamo.reset()
+    eager, twin = _twin_models(TINY_IMAGENET, "efficient")
+    for b in eager.buffers():
+        if b.is_floating_point():
+            b.uniform_(0.5, 1.5)
+    twin.load_state_dict(eager.state_dict())
+    eager.eval(), twin.eval()
+    compiled = torch.compile(twin, fullgraph=True, backend="aot_eager")
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    y = torch.randint(0, 5, (3,))
+    _step(eager, x, y, 0), _step(compiled, x2, y, 0)
+    assert _rel(x2.grad, x.grad) < 1e-12
+    _assert_same_state(eager, twin)
