@@ -727,8 +727,8 @@ def main(argv: list[str] | None = None) -> int:
             "Peak MB: `max_memory_allocated` over one step after a warm-up minus the memory allocated "
             "before it (fresh process per figure). Eager rows: 2 interleaved rounds of 5 timed steps, "
             "ratios paired by round with torchvision naive. Compiled rows (`torch.compile`, "
-            "`activation_memory_budget` as labelled; `efficient compiled`: our blocks run eagerly "
-            "between compiled pieces) are measured once, warm (the compiling step and one more "
+            "`activation_memory_budget` as labelled; `efficient compiled`: our blocks are custom ops "
+            "inside one compiled graph) are measured once, warm (the compiling step and one more "
             "step excluded), their ratios against the eager rows' torchvision figures."
         )
         return "\n".join(parts)
