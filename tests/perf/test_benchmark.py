@@ -121,9 +121,9 @@ def test_depth_sweep_writes_csv_and_png(tmp_path):
         (["--device", "cuda"], "CUDA is not available here"),
         (
             ["--depth", "10", "--compiled-budgets", "1.5"],
-            r"memory budget must be a number in \(0, 1\], got 1.5",
+            r"activation budget must be a number in \(0, 1\], got 1.5",
         ),
-        (["--depth", "10", "--compiled-budgets", "0.5", "0"], r"memory budget .*, got 0.0"),
+        (["--depth", "10", "--compiled-budgets", "0.5", "0"], r"activation budget .*, got 0.0"),
         (["--depth", "10", "--compiled-budgets", "x"], None),  # argparse: not a float
         (["--depth", "10", "--no-compiled", "--compiled-budgets", "0.5"], None),  # mutually exclusive
         (["--depth", "10", "--compile-ours", "fast"], None),  # argparse rejects the choice
@@ -171,12 +171,12 @@ def test_compiled_peer_is_measured_warm():
     Slow by design: each figure is its own fresh process (the protocol), so each compiles; the
     second finds the first's kernels in inductor's on-disk cache and only traces again.
     """
-    spec = StepSpec("torchvision", TINY, 2, 32, compile=True, memory_budget=0.5, steps=1)
+    spec = StepSpec("torchvision", TINY, 2, 32, compile=True, activation_budget=0.5, steps=1)
     mem = measure(spec)
     assert mem["peak_bytes"] > 0 and mem["compile_seconds"] > 0
-    assert mem["spec"]["compile"] is True and mem["spec"]["memory_budget"] == 0.5
+    assert mem["spec"]["compile"] is True and mem["spec"]["activation_budget"] == 0.5
     fast = measure(
-        StepSpec("torchvision", TINY, 2, 32, kind="speed", compile=True, memory_budget=0.5, steps=1)
+        StepSpec("torchvision", TINY, 2, 32, kind="speed", compile=True, activation_budget=0.5, steps=1)
     )
     assert fast["seconds"] > 0 and len(fast["times"]) == 1
 
@@ -196,10 +196,42 @@ def test_bad_budget_is_refused_before_anything_runs(budget, monkeypatch):
     with pytest.raises(UsageError, match="unknown mode 'fast'"):
         benchmark(TINY, device="cpu", compile_ours=["efficient", "fast"], progress=False)
     with pytest.raises(UsageError, match="needs compile=True"):
-        StepSpec("torchvision", TINY, 2, 32, memory_budget=0.5)
+        StepSpec("torchvision", TINY, 2, 32, activation_budget=0.5)
     if budget is not None:  # None is "no budget" for a StepSpec
         with pytest.raises(UsageError, match=re.escape(f"got {budget!r}")):
-            StepSpec("torchvision", TINY, 2, 32, compile=True, memory_budget=budget)
+            StepSpec("torchvision", TINY, 2, 32, compile=True, activation_budget=budget)
+
+
+def test_step_spec_old_names_still_work_with_a_warning():
+    """``resolution``/``memory_budget`` were StepSpec's names for ``image_size``/``activation_budget``
+    (a fraction, not the planner's bytes): keywords, attributes, JSON written with them."""
+    import dataclasses
+
+    from densenet_efficient.perf.measure import check_activation_budget, check_memory_budget
+
+    new = StepSpec("torchvision", TINY, 2, image_size=16, compile=True, activation_budget=0.5)
+    with pytest.warns(DeprecationWarning) as caught:
+        old = StepSpec("torchvision", TINY, 2, resolution=16, compile=True, memory_budget=0.5)
+    assert [str(w.message) for w in caught] == [
+        "StepSpec: resolution= is deprecated, use image_size=",
+        "StepSpec: memory_budget= is deprecated, use activation_budget=",
+    ]
+    assert caught[0].filename == __file__  # the warning points at the caller's line
+    assert old == new and "resolution" not in new.to_json() and "memory_budget" not in new.to_json()
+    with pytest.warns(DeprecationWarning, match="StepSpec.resolution is deprecated"):
+        assert new.resolution == 16
+    with pytest.warns(DeprecationWarning, match="StepSpec.memory_budget is deprecated"):
+        assert new.memory_budget == 0.5
+    with pytest.raises(UsageError, match=r"pass image_size= only \(resolution= is its old name\)"):
+        StepSpec("torchvision", TINY, 2, 16, resolution=16)
+    with pytest.raises(UsageError, match="pass activation_budget= only"):
+        StepSpec("torchvision", TINY, 2, 16, compile=True, activation_budget=0.5, memory_budget=0.5)
+    saved = json.loads(new.to_json())  # a spec written before the rename
+    saved["resolution"], saved["memory_budget"] = saved.pop("image_size"), saved.pop("activation_budget")
+    assert StepSpec.from_json(json.dumps(saved)) == new
+    assert dataclasses.replace(new, kind="speed").image_size == 16  # replace() copies fields only
+    with pytest.warns(DeprecationWarning, match="use check_activation_budget"):
+        assert check_memory_budget(0.3) == check_activation_budget(0.3) == 0.3
 
 
 def test_failed_compilation_is_recorded_on_its_row(monkeypatch, capsys):
@@ -209,7 +241,7 @@ def test_failed_compilation_is_recorded_on_its_row(monkeypatch, capsys):
     asked = []
 
     def compile_fails(spec):
-        asked.append((spec.impl, spec.kind, spec.compile, spec.memory_budget))
+        asked.append((spec.impl, spec.kind, spec.compile, spec.activation_budget))
         if spec.compile:
             raise RuntimeError("torch.compile failed: InductorError: no working C++ compiler found")
         return real_measure(spec)
