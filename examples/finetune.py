@@ -36,7 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu"
     )
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--image-size", type=int, default=224, help="training resolution (default 224)")
+    parser.add_argument("--image-size", type=int, default=224, help="image size in pixels (default 224)")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--out", default="runs/finetuned", help="the run folder (its best/ is the HF folder)")
     parser.add_argument(
@@ -46,22 +46,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def choose_mode(arch: str, memory: str, batch_size: int, resolution: int, device: str) -> str:
+def choose_mode(arch: str, memory: str, batch_size: int, image_size: int, device: str) -> str:
     """The fastest memory mode whose training step at ``batch_size`` fits ``memory``; prints the plan."""
     fits = {}
     for mode in MODES:
         try:
-            fits[mode] = de.max_batch_size(arch, memory, resolution=resolution, mode=mode, device=device)
+            fits[mode] = de.max_batch_size(arch, memory, image_size=image_size, mode=mode, device=device)
         except UsageError:  # not even one image fits in this mode
             fits[mode] = 0
         print(f"{mode:>10}: at most {fits[mode]} images per step in {memory}")
     chosen = next((m for m in MODES if fits[m] >= batch_size), None)
     if chosen is None:
         raise SystemExit(
-            f"a batch of {batch_size} {arch} images at {resolution}x{resolution} fits {memory} in no mode "
+            f"a batch of {batch_size} {arch} images at {image_size}x{image_size} fits {memory} in no mode "
             f"(at most {max(fits.values())}); lower --batch-size or --image-size"
         )
-    need = de.estimate_memory(arch, batch_size=batch_size, resolution=resolution, mode=chosen, device=device)
+    need = de.estimate_memory(arch, batch_size=batch_size, image_size=image_size, mode=chosen, device=device)
     print(f"chose {chosen!r}: a step of {batch_size} needs about {need.total / 2**30:.2f} GiB")
     return chosen
 

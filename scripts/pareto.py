@@ -60,16 +60,16 @@ def points(arch: str, batch: int, res: int, quick: bool) -> list[tuple[str, str,
             (
                 "compiled",
                 f"torchvision compiled (budget {b})",
-                spec("torchvision", compile=True, memory_budget=b),
+                spec("torchvision", compile=True, activation_budget=b),
             )
         )
     low, high = (
-        estimate_memory(config, batch_size=batch, resolution=res, mode=m, device="cpu").total
+        estimate_memory(config, batch_size=batch, image_size=res, mode=m, device="cpu").total
         for m in ("max_saving", "efficient")
     )
     plans = [("efficient", None), ("max_saving", None)]
     for f in DIAL_FRACTIONS[1:2] if quick else DIAL_FRACTIONS:
-        plan = fit_memory(config, int(low + f * (high - low)), batch_size=batch, resolution=res, device="cpu")
+        plan = fit_memory(config, int(low + f * (high - low)), batch_size=batch, image_size=res, device="cpu")
         plans.append((f"fit {int(f * 100)}%: {plan}", plan.to_json()))
     for cl in (False, True):
         for label, plan in plans:

@@ -41,7 +41,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--modes", nargs="+", choices=IMPLEMENTATIONS, default=list(IMPLEMENTATIONS), help="rows to measure"
     )
-    budgets = " ".join(str(b) for b in DEFAULT_COMPILED_BUDGETS)
+    defaults = " ".join(str(b) for b in DEFAULT_COMPILED_BUDGETS)
     compiled = parser.add_mutually_exclusive_group()
     compiled.add_argument(
         "--compiled-budgets",
@@ -49,7 +49,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         nargs="*",
         metavar="BUDGET",
         help="rows for torch.compile(torchvision naive) with torch._functorch.config."
-        f"activation_memory_budget set to each value in (0, 1] (default: {budgets}; 1.0 is the "
+        "activation_memory_budget set to each activation budget, a fraction in (0, 1] of what the "
+        f"default partitioner saves, not bytes (default: {defaults}; 1.0 is the "
         "compiler's default partitioner). Every row compiles in each of its fresh processes: on a "
         "2-core CPU that takes minutes per budget (inductor's cache shortens the later ones). Give "
         "the flag with no values, or --no-compiled, to skip them",
@@ -114,11 +115,11 @@ def _run_sweep(args: argparse.Namespace, device: str) -> int:
 def _run_rows(args: argparse.Namespace, device: str) -> int:
     config = arch_from_args(args)
     batch = args.batch_size if args.batch_size is not None else (64 if config.small_inputs else 8)
-    budgets = args.compiled_budgets
+    activation_budgets = args.compiled_budgets
     if args.no_compiled:
-        budgets = []
-    elif budgets is None:
-        budgets = list(DEFAULT_COMPILED_BUDGETS)
+        activation_budgets = []
+    elif activation_budgets is None:
+        activation_budgets = list(DEFAULT_COMPILED_BUDGETS)
     rows = benchmark(
         config,
         batch_size=batch,
@@ -129,7 +130,7 @@ def _run_rows(args: argparse.Namespace, device: str) -> int:
         device=device,
         speed=not args.no_speed,
         progress=not args.quiet,
-        compiled_budgets=budgets,
+        compiled_budgets=activation_budgets,
         compile_ours=args.compile_ours,
     )
     if args.json:

@@ -11,7 +11,8 @@ median of the per-round ratios to torchvision naive (paired within a round, so t
 machine's drifting speed cancels), with their range.
 
 The compiled peer adds rows: ``torch.compile`` on torchvision's naive DenseNet with
-``torch._functorch.config.activation_memory_budget`` set (``compiled_budgets``; label
+``torch._functorch.config.activation_memory_budget`` set (``compiled_budgets``: activation
+budgets, fractions in (0, 1] of what the compiler's default partitioner saves, not bytes; label
 ``torchvision compiled (budget 0.3)``, budget 1.0 being the compiler's default partitioner), and
 any of our modes compiled (``compile_ours``; label ``efficient compiled``: our blocks are
 ``torch.compiler.disable``d, so they run eagerly between compiled pieces). Compiled rows are
@@ -51,7 +52,7 @@ from .measure import (
     TORCHVISION,
     StepSpec,
     build_implementation,
-    check_memory_budget,
+    check_activation_budget,
     measure,
     paired_ratio,
 )
@@ -72,7 +73,8 @@ __all__ = [
 
 _MB = 1 << 20
 
-#: The command line's default sweep of ``activation_memory_budget`` for the compiled torchvision rows.
+#: The command line's default ``--compiled-budgets``: the activation budgets (fractions, see
+#: :func:`.measure.check_activation_budget`) of the compiled torchvision rows.
 DEFAULT_COMPILED_BUDGETS = (1.0, 0.5, 0.3, 0.1)
 
 
@@ -83,12 +85,13 @@ class _Row:
     label: str
     impl: str
     compile: bool = False
-    budget: float | None = None
+    activation_budget: float | None = None
 
 
-def compiled_label(impl: str, budget: float | None = None) -> str:
-    """``"torchvision compiled (budget 0.3)"``, ``"efficient compiled"``: a compiled row's label."""
-    return f"{impl} compiled" + ("" if budget is None else f" (budget {float(budget)})")
+def compiled_label(impl: str, activation_budget: float | None = None) -> str:
+    """``"torchvision compiled (budget 0.3)"``, ``"efficient compiled"``: a compiled row's label
+    (the label's "budget" is the activation budget, a fraction: the table's word for it)."""
+    return f"{impl} compiled" + ("" if activation_budget is None else f" (budget {float(activation_budget)})")
 
 
 def resolve_device(device: str | None) -> str:
@@ -141,7 +144,8 @@ def benchmark(
     Memory: one fresh process per implementation. Speed (``speed=True``): ``rounds`` rounds, each
     running every implementation in its own process (``steps`` timed steps after one warm-up).
 
-    ``compiled_budgets`` adds one row per ``activation_memory_budget`` in (0, 1]: torchvision's
+    ``compiled_budgets`` adds one row per activation budget (``activation_memory_budget``, a
+    fraction in (0, 1], named after the command line's ``--compiled-budgets``): torchvision's
     naive DenseNet under ``torch.compile`` (``"torchvision compiled (budget 0.3)"``);
     ``compile_ours`` adds our modes under ``torch.compile`` (``"efficient compiled"``). Each
     compiled row recompiles in every fresh process (inductor's on-disk cache shortens the later
@@ -158,7 +162,7 @@ def benchmark(
             )
     if isinstance(compiled_budgets, str | bytes) or isinstance(compile_ours, str | bytes):
         raise UsageError("compiled_budgets and compile_ours must be sequences, not a single string")
-    budgets = list(dict.fromkeys(check_memory_budget(b) for b in compiled_budgets))
+    activation_budgets = list(dict.fromkeys(check_activation_budget(b) for b in compiled_budgets))
     ours = list(dict.fromkeys(compile_ours))
     for mode in ours:
         if mode not in MODES:
@@ -166,7 +170,7 @@ def benchmark(
     _check_counts(rounds=rounds, steps=steps, batch_size=batch_size, threads=threads)
 
     plan = [_Row(i, i) for i in impls]
-    plan += [_Row(compiled_label(TORCHVISION, b), TORCHVISION, True, b) for b in budgets]
+    plan += [_Row(compiled_label(TORCHVISION, b), TORCHVISION, True, b) for b in activation_budgets]
     plan += [_Row(compiled_label(m), m, True) for m in ours]
 
     def spec(row: _Row, kind: str) -> StepSpec:
@@ -180,7 +184,7 @@ def benchmark(
             steps=steps,
             threads=threads,
             compile=row.compile,
-            memory_budget=row.budget,
+            activation_budget=row.activation_budget,
         )
 
     def attempt(row: _Row, kind: str) -> dict[str, Any] | None:

@@ -8,11 +8,12 @@ before the baseline peak is read, and the figure is the peak after one step (for
 cross-entropy, backward) minus that baseline. On CUDA it is ``max_memory_allocated`` over a step
 after a warm-up, with and without the memory allocated before the step.
 
-``StepSpec(..., compile=True, memory_budget=0.3)`` measures the compiled peer: the model wrapped
-in ``torch.compile`` with ``torch._functorch.config.activation_memory_budget`` set, warm (the
-compiling step is left out of every figure).
+``StepSpec(..., compile=True, activation_budget=0.3)`` measures the compiled peer: the model
+wrapped in ``torch.compile`` with ``torch._functorch.config.activation_memory_budget`` set to that
+fraction, warm (the compiling step is left out of every figure). An activation budget is a 0-1
+fraction of what the compiler's default partitioner saves; the planner's budgets are bytes.
 
-    r = measure(StepSpec("naive", densenet_bc_config(40), batch_size=16, resolution=32))
+    r = measure(StepSpec("naive", densenet_bc_config(40), batch_size=16, image_size=32))
     print(r["peak_bytes"] / 2**20, "MiB")
 """
 
@@ -26,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -45,6 +47,7 @@ __all__ = [
     "TORCHVISION_EFFICIENT",
     "StepSpec",
     "build_implementation",
+    "check_activation_budget",
     "check_memory_budget",
     "current_rss_bytes",
     "measure",
@@ -76,11 +79,14 @@ def build_implementation(
     raise UsageError(f"unknown implementation {impl!r}; expected one of {', '.join(IMPLEMENTATIONS)}")
 
 
-def check_memory_budget(value: Any) -> float:
+def check_activation_budget(value: Any) -> float:
     """``value`` as a float when it is a number in (0, 1]; otherwise a UsageError naming it.
 
     It is ``torch._functorch.config.activation_memory_budget``: the fraction of the default
     partitioner's saved activations the compiled graph may keep (1.0: the default partitioner).
+
+    >>> check_activation_budget(0.3)
+    0.3
     """
     if (
         isinstance(value, bool)
@@ -88,36 +94,35 @@ def check_memory_budget(value: Any) -> float:
         or not math.isfinite(value)
         or not 0 < value <= 1
     ):
-        raise UsageError(f"memory budget must be a number in (0, 1], got {value!r}")
+        raise UsageError(f"activation budget must be a number in (0, 1], got {value!r}")
     return float(value)
+
+
+def check_memory_budget(value: Any) -> float:
+    """Deprecated name of :func:`check_activation_budget`."""
+    warnings.warn(
+        "check_memory_budget is deprecated, use check_activation_budget", DeprecationWarning, stacklevel=2
+    )
+    return check_activation_budget(value)
 
 
 class _CompileFailed(RuntimeError):
     """The compiled model's first step (where ``torch.compile`` compiles) failed; one line."""
 
 
-@dataclass(frozen=True)
-class StepSpec:
-    """One measurement: which implementation, which config, what to record.
+#: Keywords of :class:`StepSpec` renamed in 0.x: old name -> new name (the old ones still work,
+#: with a DeprecationWarning, and :meth:`StepSpec.from_json` reads specs written with them).
+_RENAMED = {"resolution": "image_size", "memory_budget": "activation_budget"}
 
-    ``kind="memory"`` records the peak of one training step, ``kind="speed"`` the median time
-    of ``steps`` steps after one warm-up step, ``kind="whole_step"`` the peak of everything a
-    training step holds (see :func:`_whole_step_memory`: what the planner's ``total`` bounds). ``amp`` is ``None``, ``"bf16"`` or ``"fp16"``.
-    ``warmup=True`` (memory on CPU) runs one step first and resets the peak (Linux
-    ``/proc/self/clear_refs``) so the figure leaves out one-time allocations (oneDNN kernel
-    caches, thread pools: 0-60 MB depending on the machine); the default is the
-    first-step protocol (docs/measurement.md), which the published figures use.
-    ``compile=True`` wraps the model in ``torch.compile`` after setting
-    ``torch._functorch.config.activation_memory_budget`` to ``memory_budget`` (when given; only
-    valid with ``compile``). A compiled spec is always measured warm: the step that compiles
-    forward and backward runs first and is left out (on CPU the peak is reset after it, as with
-    ``warmup=True``; speed and CUDA runs add one more warm-up step).
-    """
+
+@dataclass(frozen=True)
+class _StepFields:
+    """What a :class:`StepSpec` holds (its fields, checks and JSON form; see :class:`StepSpec`)."""
 
     impl: str
     config: ArchConfig
     batch_size: int
-    resolution: int
+    image_size: int
     kind: str = "memory"
     device: str = "cpu"
     amp: str | None = None
@@ -130,23 +135,83 @@ class StepSpec:
     #: model and input in ``torch.channels_last`` (NHWC): oneDNN's and cuDNN's preferred layout
     channels_last: bool = False
     compile: bool = False
-    memory_budget: float | None = None
+    activation_budget: float | None = None
 
     def __post_init__(self) -> None:
-        if self.memory_budget is not None:
+        if self.activation_budget is not None:
             if not self.compile:
                 raise UsageError(
-                    f"memory_budget={self.memory_budget!r} needs compile=True (it configures torch.compile)"
+                    f"activation_budget={self.activation_budget!r} needs compile=True "
+                    "(it configures torch.compile)"
                 )
-            object.__setattr__(self, "memory_budget", check_memory_budget(self.memory_budget))
+            object.__setattr__(self, "activation_budget", check_activation_budget(self.activation_budget))
 
     def to_json(self) -> str:
         return json.dumps({**asdict(self), "config": self.config.to_json()})
 
     @classmethod
     def from_json(cls, text: str) -> StepSpec:
+        """The spec :meth:`to_json` wrote; one written before the renames reads as well."""
         data = json.loads(text)
-        return cls(config=ArchConfig.from_json(data.pop("config")), **data)
+        for old, new in _RENAMED.items():
+            if old in data:
+                data.setdefault(new, data.pop(old))
+        return StepSpec(config=ArchConfig.from_json(data.pop("config")), **data)
+
+
+class StepSpec(_StepFields):
+    """One measurement: which implementation, which config, what to record.
+
+    ``kind="memory"`` records the peak of one training step, ``kind="speed"`` the median time
+    of ``steps`` steps after one warm-up step, ``kind="whole_step"`` the peak of everything a
+    training step holds (see :func:`_whole_step_memory`: what the planner's ``total`` bounds).
+    ``image_size`` is the input's height and width; ``amp`` is ``None``, ``"bf16"`` or ``"fp16"``.
+    ``warmup=True`` (memory on CPU) runs one step first and resets the peak (Linux
+    ``/proc/self/clear_refs``) so the figure leaves out one-time allocations (oneDNN kernel
+    caches, thread pools: 0-60 MB depending on the machine); the default is the
+    first-step protocol (docs/measurement.md), which the published figures use.
+    ``compile=True`` wraps the model in ``torch.compile`` after setting
+    ``torch._functorch.config.activation_memory_budget`` to ``activation_budget``, a fraction in
+    (0, 1] (when given; only valid with ``compile``). A compiled spec is always measured warm: the
+    step that compiles forward and backward runs first and is left out (on CPU the peak is reset
+    after it, as with ``warmup=True``; speed and CUDA runs add one more warm-up step).
+
+    ``resolution`` and ``memory_budget`` are the deprecated old names of ``image_size`` and
+    ``activation_budget``, as keywords and as attributes (with a DeprecationWarning).
+
+    >>> from densenet_efficient.models.config import densenet_bc_config
+    >>> StepSpec("efficient", densenet_bc_config(40), 16, 32, kind="speed").image_size
+    32
+    """
+
+    # A subclass with its own __init__ rather than InitVars: an InitVar would be read back by
+    # dataclasses.replace (Python 3.11), so it could not also be a deprecated read-only attribute.
+    def __init__(
+        self, *args: Any, resolution: int | None = None, memory_budget: float | None = None, **kwargs: Any
+    ) -> None:
+        for old, value in (("resolution", resolution), ("memory_budget", memory_budget)):
+            if value is None:
+                continue
+            new = _RENAMED[old]
+            if new in kwargs or (new == "image_size" and len(args) > 3):
+                raise UsageError(f"StepSpec: pass {new}= only ({old}= is its old name), not both")
+            warnings.warn(f"StepSpec: {old}= is deprecated, use {new}=", DeprecationWarning, stacklevel=2)
+            kwargs[new] = value
+        super().__init__(*args, **kwargs)
+
+    @property
+    def resolution(self) -> int:
+        """Deprecated name of :attr:`image_size`."""
+        warnings.warn("StepSpec.resolution is deprecated, use image_size", DeprecationWarning, stacklevel=2)
+        return self.image_size
+
+    @property
+    def memory_budget(self) -> float | None:
+        """Deprecated name of :attr:`activation_budget`."""
+        warnings.warn(
+            "StepSpec.memory_budget is deprecated, use activation_budget", DeprecationWarning, stacklevel=2
+        )
+        return self.activation_budget
 
 
 def _amp_dtype(amp: str | None):
@@ -175,10 +240,10 @@ def _run_spec(spec: StepSpec) -> dict[str, Any]:
     fmt = torch.channels_last if spec.channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
     if spec.compile:
-        if spec.memory_budget is not None:  # read when compiling: set before the first step
-            torch._functorch.config.activation_memory_budget = spec.memory_budget
+        if spec.activation_budget is not None:  # read when compiling: set before the first step
+            torch._functorch.config.activation_memory_budget = spec.activation_budget
         model = torch.compile(model)
-    x = torch.randn(spec.batch_size, 3, spec.resolution, spec.resolution, device=device)
+    x = torch.randn(spec.batch_size, 3, spec.image_size, spec.image_size, device=device)
     x = x.contiguous(memory_format=fmt)
     y = torch.randint(0, spec.config.num_classes, (spec.batch_size,), device=device)
     for p in model.parameters():  # gradients exist before the baseline: they are not activations
@@ -223,7 +288,7 @@ def _whole_step_memory(spec: StepSpec, device: Any) -> dict[str, Any]:
         reset_peak_rss()
         base = current_rss_bytes()
     model = build_implementation(spec.impl, spec.config, spec.memory_plan).to(device).train()
-    x = torch.randn(spec.batch_size, 3, spec.resolution, spec.resolution, device=device)
+    x = torch.randn(spec.batch_size, 3, spec.image_size, spec.image_size, device=device)
     y = torch.randint(0, spec.config.num_classes, (spec.batch_size,), device=device)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
@@ -399,7 +464,7 @@ def measure(spec: StepSpec, timeout: float | None = 1800) -> dict[str, Any]:
 
     Example::
 
-        r = measure(StepSpec("naive", densenet_bc_config(40), batch_size=16, resolution=32))
+        r = measure(StepSpec("naive", densenet_bc_config(40), batch_size=16, image_size=32))
         print(r["peak_bytes"] / 2**20, "MiB")
     """
     return measure_series([spec], timeout)[0]
