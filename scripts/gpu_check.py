@@ -567,7 +567,7 @@ def planner_rows(eager: list[dict[str, Any]], device: str, quick: bool) -> list[
     )
     for config, mode, batch, res in extra:
         r = measure(StepSpec(mode, config, batch, res, device=device, amp="bf16"))
-        est = estimate_memory(config, batch_size=batch, resolution=res, mode=mode, device=device, amp="bf16")
+        est = estimate_memory(config, batch_size=batch, image_size=res, mode=mode, device=device, amp="bf16")
         rows.append(
             {"arch": config.name, "mode": mode, "batch": batch, "resolution": res, "amp": "bf16",
              "estimate_mb": est.peak / MB, "measured_mb": r["peak_bytes"] / MB}
