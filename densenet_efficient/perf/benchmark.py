@@ -14,8 +14,8 @@ The compiled peer adds rows: ``torch.compile`` on torchvision's naive DenseNet w
 ``torch._functorch.config.activation_memory_budget`` set (``compiled_budgets``: activation
 budgets, fractions in (0, 1] of what the compiler's default partitioner saves, not bytes; label
 ``torchvision compiled (budget 0.3)``, budget 1.0 being the compiler's default partitioner), and
-any of our modes compiled (``compile_ours``; label ``efficient compiled``: our blocks are
-``torch.compiler.disable``d, so they run eagerly between compiled pieces). Compiled rows are
+any of our modes compiled (``compile_ours``; label ``efficient compiled``: our blocks,
+transitions, stem and norm5 are custom ops inside one compiled graph, ``models/ops.py``). Compiled rows are
 measured warm (docs/measurement.md), have no planner estimate, and a row whose compilation fails
 keeps its one-line ``error`` while every other row is still measured.
 
