@@ -148,9 +148,11 @@ def timeline(
             h, w = h // 2, w // 2
         else:
             # the non-in-place final ReLU output (saved by ReLU and the average pool)
-            # (and the classifier's half-precision weight and bias under autocast)
-            classifier = (cf + 1) * config.num_classes * copy
-            stages.append(Stage("head", cf * s * e + classifier, 0, 2 * cf * s * e))
+            # (and the classifier's half-precision weight and bias under autocast); its backward
+            # makes the classifier's weight gradient before adding it into .grad, while every
+            # activation is still kept: the step's peak for a naive ImageNet model
+            classifier = (cf + 1) * config.num_classes
+            stages.append(Stage("head", cf * s * e + classifier * copy, 0, 2 * cf * s * e + classifier * pe))
     return stages
 
 
