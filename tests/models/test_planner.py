@@ -76,12 +76,11 @@ DIAL_CASES = [
 # held ~30 MiB more than warm). scripts/planner_grid.py runs the full grid (docs/planner.md).
 GRID = [
     ("densenet_bc_40", 32, 32, "naive", None),
-    ("densenet_bc_40", 64, 32, "max_saving", None),
-    ("densenet_bc_100", 32, 32, "efficient", "bf16"),
-    ("densenet_bc_100", 32, 32, ("max_saving", 6, "naive"), None),
-    ("densenet121", 4, 96, ("efficient", "efficient", "efficient", "naive"), None),
+    ("densenet_bc_100", 32, 32, "efficient", "bf16"),  # read 1.012 of the old bound on CI
+    ("densenet_bc_100", 16, 32, ("max_saving", 6, "naive"), None),
+    ("densenet121", 2, 96, ("efficient", "efficient", "efficient", "naive"), None),  # naive after engine
     ("densenet121", 4, 96, "max_saving", "bf16"),
-    ("densenet_bc_100", 32, 32, "fit 60%", None),
+    ("densenet_bc_100", 16, 32, "fit 60%", None),
 ]
 
 

@@ -51,7 +51,7 @@ LOWEST_RATIO = 0.90
 #: tensors the timeline counts varies with the CPU (oneDNN's convolution scratch and reorders
 #: depend on its instruction set), calibrated on the grid of docs/planner.md.
 PER_IMAGE_MARGIN_PERCENT = 8
-ENGINE_FIXED_MARGIN_PERCENT = 10
+ENGINE_FIXED_MARGIN_PERCENT = 30
 
 _MIB = 1 << 20
 #: One-time allocations of the first training step on CPU (oneDNN kernels and their per-shape
