@@ -22,7 +22,6 @@ import torch.nn as nn
 from ..errors import UsageError, check_int, shown
 from ..models import engine
 from ..models.config import ArchConfig, densenet_bc_config, list_architectures, resolve_arch
-from ..models.planner.parameters import check_model_size
 from ..models.planner.units import parse_memory
 from .data import DATA_DEFAULTS, DATASETS, detect_dataset
 
@@ -392,7 +391,6 @@ def resolve_config(
     if c.arch is not None and c.depth is not None:
         raise UsageError(f"--arch {c.arch} and --depth {c.depth} both given; choose one")
     arch = _arch_config(c)
-    check_model_size(arch)  # a --growth-rate of a million: refused before any data is read
     if c.arch is None and c.pretrained:
         raise UsageError("--pretrained needs --arch (weights are published per named architecture)")
     if c.n_epochs is None:
