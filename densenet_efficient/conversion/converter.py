@@ -18,7 +18,6 @@ computes (:mod:`.verify`).
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -27,8 +26,10 @@ from typing import Any
 
 import torch.nn as nn
 
+from ..errors import UsageError
 from ..io.atomic import staged_folder
 from ..io.checkpoint import Checkpoint, read_checkpoint
+from ..io.json_file import read_json_object
 from ..io.state_dict import StateDictMismatchError
 from ..models.config import ARCHITECTURES, ArchConfig, get_config
 from ..models.densenet import DenseNet
@@ -117,9 +118,9 @@ def _folder_pretrained_cfg(src: str | os.PathLike) -> dict[str, Any]:
     if not config.is_file():
         return {}
     try:
-        cfg = json.loads(config.read_text(encoding="utf-8")).get("pretrained_cfg")
-    except (ValueError, AttributeError, UnicodeDecodeError) as err:
-        raise ConversionError(f"{config} is not a JSON object with a pretrained_cfg ({err})") from None
+        cfg = read_json_object(config, os.fspath(src)).get("pretrained_cfg")
+    except UsageError as err:
+        raise ConversionError(str(err)) from None
     return dict(cfg) if isinstance(cfg, dict) else {}
 
 

@@ -31,6 +31,7 @@ from .config import (
 )
 from .hub import DenseNetHubMixin, default_pretrained_cfg
 from .memory_plan import MemoryPlan, MemorySetting, resolve_memory_plan
+from .planner.parameters import check_model_size
 from .planner.verify import measure_step, step_down
 
 __all__ = ["DenseNet", "DenseNetFeatures", "FeatureInfo", "capturing_graph", "feature_info"]
@@ -188,6 +189,7 @@ class DenseNet(nn.Module, DenseNetHubMixin):
             bool(small_inputs),
             in_chans,
         )
+        check_model_size(self.arch_config)  # refuses what cannot fit before allocating any of it
         self.drop_rate = float(drop_rate)
 
         if small_inputs:

@@ -36,9 +36,10 @@ import torch
 import torch.nn as nn
 from huggingface_hub import PyTorchModelHubMixin
 
-from ..errors import UsageError
+from ..errors import UsageError, check_int, shown
 from ..io.atomic import atomic_write, staged_folder
 from ..io.checkpoint import read_checkpoint
+from ..io.json_file import read_json_object
 from ..io.state_dict import StateDictMismatchError, load_state_dict_into
 from .config import ARCHITECTURES, ArchConfig, get_config
 
@@ -272,10 +273,7 @@ def _model_kwargs(config: Any, source: str) -> tuple[dict[str, Any], dict[str, A
         raise UsageError(f"{source}: pretrained_cfg must be a JSON object, found {pretrained_cfg!r}")
     if "growth_rate" in config:  # this package's fields
         kwargs = ArchConfig.from_json(config, source=f"{source}: config.json").to_kwargs()
-        drop_rate = config.get("drop_rate", 0.0)
-        if isinstance(drop_rate, bool) or not isinstance(drop_rate, (int, float)):
-            raise UsageError(f"{source}: drop_rate must be a number in [0, 1), found {drop_rate!r}")
-        kwargs["drop_rate"] = float(drop_rate)
+        kwargs["drop_rate"] = _drop_rate(config.get("drop_rate", 0.0), f"{source}: drop_rate")
         return kwargs, dict(pretrained_cfg)
     arch = config.get("architecture")
     if arch is None:
@@ -284,6 +282,14 @@ def _model_kwargs(config: Any, source: str) -> tuple[dict[str, Any], dict[str, A
             "'architecture'; expected a folder written by save_pretrained/save_hub_folder or a timm DenseNet repo"
         )
     return _timm_kwargs(config, str(arch), source), dict(pretrained_cfg)
+
+
+def _drop_rate(value: Any, name: str) -> float:
+    """``value`` as a float when it is a number in [0, 1) (not a bool, NaN or 1e400); else a
+    UsageError naming ``name`` and the value."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise UsageError(f"{name} must be a number in [0, 1), found {shown(value)}")
+    return float(value)
 
 
 def _timm_kwargs(config: Mapping[str, Any], arch: str, source: str) -> dict[str, Any]:
@@ -315,8 +321,16 @@ def _timm_kwargs(config: Mapping[str, Any], arch: str, source: str) -> dict[str,
         raise UsageError(f"{source}: timm options {unsupported} have no equivalent in this package's {arch}")
     kwargs = get_config(arch).to_kwargs()
     pretrained_cfg = config.get("pretrained_cfg") or {}
-    kwargs["num_classes"] = int(config.get("num_classes", pretrained_cfg.get("num_classes", 1000)))
-    kwargs["drop_rate"] = float(model_args.get("proj_drop_rate", 0.0))  # timm's per-layer dropout
+    if not isinstance(pretrained_cfg, Mapping):
+        raise UsageError(f"{source}: pretrained_cfg must be a JSON object, found {shown(pretrained_cfg)}")
+    # typed and ranged before anything is built from them (a string, float, bool or 1e400 where
+    # timm writes an integer: the error names the file, the field and the value)
+    field = "num_classes" if "num_classes" in config else "pretrained_cfg.num_classes"
+    classes = config.get("num_classes", pretrained_cfg.get("num_classes", 1000))
+    kwargs["num_classes"] = check_int(classes, f"{source}: config.json's {field}", 0)
+    kwargs["drop_rate"] = _drop_rate(  # timm's per-layer dropout
+        model_args.get("proj_drop_rate", 0.0), f"{source}: config.json's model_args.proj_drop_rate"
+    )
     return kwargs
 
 
@@ -386,13 +400,9 @@ _DOWNLOAD_OPTIONS = ("revision", "cache_dir", "force_download", "token", "local_
 
 
 def _read_config(path: Path, source: str) -> dict[str, Any]:
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UsageError(f"{source}: config.json is not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise UsageError(f"{source}: config.json must hold a JSON object, found {type(config).__name__}")
-    return config
+    """The folder's config.json as a dict (invalid, too deeply nested or not an object: one
+    sentence naming the folder, the file and, for nesting, the field)."""
+    return read_json_object(path, source)
 
 
 def _same(value: Any, saved: Any) -> bool:

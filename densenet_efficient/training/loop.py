@@ -39,6 +39,7 @@ from ..models.builders import create_model, densenet_bc
 from ..models.config import ArchConfig, densenet_bc_config, resolve_arch
 from ..models.densenet import DenseNet
 from ..models.memory_plan import MemoryPlan, resolve_memory_plan
+from ..models.planner.parameters import check_model_size
 from ..models.weights import resolve_weights
 from ..perf.measure import peak_rss_bytes
 from .budget import BudgetChoice, accumulation_weights, choose_budget
@@ -507,6 +508,9 @@ def _train(config: TrainConfig, info: DistInfo, device: torch.device, given: fro
     config, save_dir, ckpt, notices = _open_run(config, given)
     dataset = _dataset(config)
     c = resolve_config(config, dataset, given=given, save_dir=save_dir)
+    if ckpt is None:  # a --growth-rate of a million: refused before any data is read or written (a
+        # resumed run's stored settings are compared with its weights first, naming the file)
+        check_model_size(_arch_config(c, 0))
     _configure_backends(c, device)
     data = _load_data(c, dataset, info)
     c, choice = _choose_budget(c, data, info, device, ckpt)

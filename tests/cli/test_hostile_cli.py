@@ -39,6 +39,7 @@ _ENV = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
         (["--accum-steps", "0"], "--accum-steps must be an integer >= 1, found 0"),
         (["--drop-rate", "1.5"], r"--drop-rate must be a finite number in \[0, 1\)"),
         (["--growth-rate", "-12"], "--growth-rate must be an integer >= 1, found -12"),
+        (["--growth-rate", "1000000"], r"would have [\d,]+ parameters, .* more than the .* of memory of cpu"),
         (["--image-size", "64"], "--image-size 64 applies to ImageFolders; the digits images are 32x32"),
         (["--image-size", "0"], "--image-size must be an integer in 1..8192, found 0"),
         (

@@ -199,3 +199,108 @@ def test_a_depth_of_many_digits_in_an_architecture_name_is_refused(digits, capsy
 def test_named_configs_round_trip_through_json_checks():
     for name in ("densenet121", "densenet161", "densenet_bc_100"):
         assert ArchConfig.from_json(get_config(name).to_json()) == get_config(name)
+
+
+# -- round two's leftovers: nesting past the parser, timm's numbers, models too large to build -------
+
+
+def _deep(depth: int, open_: str = "[", close: str = "]") -> str:
+    return open_ * depth + close * depth
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        (lambda cfg: cfg[:-1] + ', "block_config": ' + _deep(100_000) + "}", "'block_config'"),
+        (lambda cfg: cfg[:-1] + ', "notes": {"a": ' + _deep(30_000, '{"b": ', "}") + "}}", "'notes'"),
+        (lambda cfg: _deep(200_000), "top-level value"),
+    ],
+    ids=["list-100k", "dicts-30k", "top-level-200k"],
+)
+def test_a_config_json_nested_past_the_parser_is_one_sentence_naming_the_field(tmp_path, text, field):
+    folder = _folder_with(tmp_path)
+    config = folder / "config.json"
+    config.write_text(text(config.read_text().strip()))
+    start = time.perf_counter()
+    with pytest.raises(UsageError) as err:  # was: RecursionError
+        de.from_pretrained(folder)
+    assert time.perf_counter() - start < 2
+    message = str(err.value)
+    assert str(folder) in message and "config.json" in message and field in message, message
+    assert "nested more than" in message and len(message) < 300
+
+
+def test_a_deeply_nested_config_json_is_refused_by_convert_too(tmp_path, capsys):
+    folder = _folder_with(tmp_path)
+    (folder / "config.json").write_text('{"pretrained_cfg": ' + _deep(50_000) + "}")
+    assert cli.main(["convert", str(folder), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "'pretrained_cfg' is nested more than" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+_TIMM = {"architecture": "densenet121", "num_classes": 1000, "global_pool": "avg", "pretrained_cfg": {}}
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ({"num_classes": "1000"}, r"config.json's num_classes must be an integer >= 0, found '1000'"),
+        ({"num_classes": 10.0}, "num_classes must be an integer >= 0, found 10.0"),
+        ({"num_classes": True}, "num_classes must be an integer >= 0, found True"),
+        ({"num_classes": None}, "num_classes must be an integer >= 0, found None"),
+        ({"num_classes": -3}, "num_classes must be an integer >= 0, found -3"),
+        ({"num_classes": "__1e400__"}, "num_classes must be an integer >= 0, found inf"),
+        (
+            {"num_classes": "__drop__", "pretrained_cfg": {"num_classes": [7]}},
+            r"pretrained_cfg.num_classes must be an integer >= 0, found \[7\]",
+        ),
+        ({"pretrained_cfg": [1]}, r"pretrained_cfg must be a JSON object, found \[1\]"),
+        ({"model_args": {"proj_drop_rate": "0.1"}}, r"model_args.proj_drop_rate must be a number in \[0, 1\), found '0.1'"),
+        ({"model_args": {"proj_drop_rate": 1.5}}, r"proj_drop_rate must be a number in \[0, 1\), found 1.5"),
+        ({"model_args": {"proj_drop_rate": "__nan__"}}, r"proj_drop_rate must be a number in \[0, 1\), found nan"),
+        ({"model_args": {"proj_drop_rate": False}}, r"proj_drop_rate must be a number in \[0, 1\), found False"),
+    ],
+)
+def test_timm_config_numbers_are_checked_before_int_or_float(tmp_path, edit, message):
+    folder = tmp_path / "timm-densenet121"
+    folder.mkdir()
+    text = json.dumps({k: v for k, v in {**_TIMM, **edit}.items() if v != "__drop__"})
+    for marker, raw in (('"__1e400__"', "1e400"), ('"__nan__"', "NaN")):
+        text = text.replace(marker, raw)
+    (folder / "config.json").write_text(text)
+    de.densenet_bc(10, growth_rate=6).save_pretrained(tmp_path / "w")  # any weights: never reached
+    (folder / "model.safetensors").write_bytes((tmp_path / "w" / "model.safetensors").read_bytes())
+    with pytest.raises(UsageError, match=message) as err:  # was: ValueError/TypeError from int()/float()
+        de.from_pretrained(folder)
+    assert str(folder) in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: de.densenet_bc(40, growth_rate=10**6),
+        lambda: de.DenseNet(num_classes=10**12),
+        lambda: de.DenseNet(growth_rate=4, block_config=(10**7, 1), num_init_features=8),
+        lambda: de.create_model("densenet121", num_classes=2**40),
+    ],
+    ids=["growth-1e6", "classes-1e12", "layers-1e7", "create_model-classes-2**40"],
+)
+def test_a_model_too_large_for_the_machine_is_refused_before_allocating(build):
+    start = time.perf_counter()
+    with pytest.raises(UsageError, match=r"would have [\d,]+ parameters, .* more than the .* of memory of cpu"):
+        build()
+    assert time.perf_counter() - start < 0.5  # the count is closed form; nothing was allocated
+
+
+def test_the_size_limit_is_the_devices_memory(monkeypatch):
+    from densenet_efficient.models.planner import parameters
+
+    config = densenet_bc_config(40)
+    n = parameters.count_parameters(config)
+    monkeypatch.setattr(parameters, "device_memory", lambda device: 4 * n)  # exactly fits in fp32
+    assert parameters.check_model_size(config) == n
+    with pytest.raises(UsageError, match="in float64 before any gradient"):
+        parameters.check_model_size(config, dtype=torch.float64)
+    monkeypatch.setattr(parameters, "device_memory", lambda device: None)  # unknown: never refused
+    assert parameters.check_model_size(densenet_bc_config(40, 10**6)) > 10**15

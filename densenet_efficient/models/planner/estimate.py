@@ -31,8 +31,10 @@ from .recompute import extra_time
 from .timeline import peak, timeline
 
 __all__ = [
-    "ACTIVATION_MARGIN_PERCENT",
     "CPU_FIRST_STEP_OVERHEAD",
+    "CPU_FIRST_STEP_PER_LAYER",
+    "ENGINE_FIXED_MARGIN_PERCENT",
+    "PER_IMAGE_MARGIN_PERCENT",
     "CUDA_CONTEXT",
     "LOWEST_RATIO",
     "MemoryEstimate",
@@ -42,17 +44,23 @@ __all__ = [
 #: The planner's promise, checked on a measured grid (docs/planner.md, scripts/planner_grid.py):
 #: a measured whole step is at most ``total`` and at least this share of it.
 LOWEST_RATIO = 0.90
-#: The calibrated margin on the modelled activations + workspace of a setting that runs the
-#: engine anywhere, in percent: what measured whole steps held beyond the tensors the timeline
-#: counts (allocator rounding, small-tensor heap, kernel scratch). The largest shortfall on the
-#: grid of docs/planner.md was 18.4% (DenseNet-BC-100, bf16, "efficient"); all-naive settings
-#: measured within 0.4% and get none.
-ACTIVATION_MARGIN_PERCENT = 20
+#: The calibrated margins (docs/planner.md), on settings that run the engine anywhere; none for
+#: all-naive settings, which measured as counted. In percent of the per-image part of the peak
+#: (activations + workspace), and of the fixed part of the engine's workspace (its blocks'
+#: parameter gradients and autocast weight copies): what the engine's backward holds beyond the
+#: tensors the timeline counts varies with the CPU (oneDNN's convolution scratch and reorders
+#: depend on its instruction set), calibrated on the grid of docs/planner.md.
+PER_IMAGE_MARGIN_PERCENT = 8
+ENGINE_FIXED_MARGIN_PERCENT = 30
 
 _MIB = 1 << 20
-#: One-time allocations of the first training step on CPU (oneDNN kernels, thread pools, autograd
-#: engine): 20-56 MiB on torch 2.14's CPU build (first step - warm step, peak RSS; varies by machine).
-CPU_FIRST_STEP_OVERHEAD = 30 * _MIB
+#: One-time allocations of the first training step on CPU (oneDNN kernels and their per-shape
+#: primitives, thread pools, the autograd engine, heap the allocator keeps): they grow with the
+#: number of layers. Measured (fresh process - the same step again, peak RSS; docs/planner.md):
+#: 37-39 MiB at 18 dense layers, 53-60 MiB at 48-58, 63-72 MiB at 82-98, 84-86 MiB at 93
+#: (DenseNet-BC-190); this base plus the per-layer figure is an upper envelope of them.
+CPU_FIRST_STEP_OVERHEAD = 32 * _MIB
+CPU_FIRST_STEP_PER_LAYER = 563 * (1 << 10)  # 0.55 MiB per dense layer
 #: CUDA context + cuBLAS/cuDNN handles: device memory that ``max_memory_allocated`` never sees
 #: but a budget must leave room for (typically 300-600 MiB, depending on card and driver).
 CUDA_CONTEXT = 512 * _MIB
@@ -64,9 +72,10 @@ class MemoryEstimate:
 
     ``activations``: tensors autograd keeps for backward, at the end of forward.
     ``workspace``: extra live at the peak of backward (gradient buffers, recomputed tensors).
-    ``overhead``: fixed framework allocations counted by the measurement (CPU first step).
-    ``margin``: the calibrated share of ``activations + workspace`` that no tensor count sees
-    (:data:`ACTIVATION_MARGIN_PERCENT`, docs/planner.md).
+    ``overhead``: the first step's one-time allocations on CPU (:data:`CPU_FIRST_STEP_OVERHEAD`
+    plus :data:`CPU_FIRST_STEP_PER_LAYER` per dense layer).
+    ``margin``: the calibrated headroom of settings that run the engine, for what no tensor count
+    sees (:data:`PER_IMAGE_MARGIN_PERCENT`, :data:`ENGINE_FIXED_MARGIN_PERCENT`, docs/planner.md).
     ``peak``: ``activations + workspace + overhead + margin``, the figure the measurement protocol and
     the benchmark report. ``total`` adds parameters, gradients, optimizer state, the input batch
     and (CUDA) the context: what must fit the device. ``breakdown``: bytes kept per stage, a dense
@@ -156,7 +165,7 @@ def estimate_memory(
 
     >>> est = estimate_memory("densenet_bc_100", batch_size=64, mode="naive", device="cpu")
     >>> round(est.peak / 2**20)  # measured: 2159 MB on a 2-core CPU (docs/benchmarks.md)
-    2165
+    2194
     """
     image_size = renamed_keyword("image_size", image_size, "resolution", resolution, "estimate_memory")
     config = resolve_arch(arch)
@@ -188,22 +197,23 @@ def estimate(
     n_params = count_parameters(config)
     stages = timeline(config, setting, batch_size, image_size, image_size, act_bytes, param_bytes)
     activations, workspace = peak(stages)
-    if amp:
-        # autocast's half-precision weight copies are saved by every conv/linear for backward
-        activations += 2 * n_params
-    # The margin is a percentage of the per-image and the fixed part of activations + workspace
-    # separately (each rounded once), so that the estimate stays exactly affine in the batch.
-    percent = (
-        0
-        if setting in (NAIVE, TORCHVISION) or (isinstance(setting, Dial) and setting.all_naive)
-        else ACTIVATION_MARGIN_PERCENT
-    )
+    # The margin (docs/planner.md): a share of the per-image part of the peak (activations +
+    # workspace) of every setting, and of the fixed part of the engine's workspace (its blocks'
+    # parameter gradients and weight copies, none for all-naive settings). The two parts are read
+    # off batches 1 and 2 (every term is affine in the batch), which keeps the estimate affine.
     one, two = (
-        sum(peak(timeline(config, setting, b, image_size, image_size, act_bytes, param_bytes)))
-        for b in (1, 2)
+        peak(timeline(config, setting, b, image_size, image_size, act_bytes, param_bytes)) for b in (1, 2)
     )
-    per_image, fixed = two - one, 2 * one - two
-    margin = (fixed * percent // 100) + batch_size * (per_image * percent // 100)
+    per_image = sum(two) - sum(one)
+    engine = not (setting in (NAIVE, TORCHVISION) or (isinstance(setting, Dial) and setting.all_naive))
+    fixed_workspace = max(2 * one[1] - two[1], 0) if engine else 0
+    margin = (
+        batch_size * (per_image * PER_IMAGE_MARGIN_PERCENT // 100)
+        + fixed_workspace * ENGINE_FIXED_MARGIN_PERCENT // 100
+        if engine
+        else 0
+    )
+    overhead = CPU_FIRST_STEP_OVERHEAD + CPU_FIRST_STEP_PER_LAYER * sum(config.block_config)
     return MemoryEstimate(
         arch=name,
         mode=label,
@@ -213,7 +223,7 @@ def estimate(
         activation_dtype=amp or dtype,
         activations=activations,
         workspace=workspace,
-        overhead=CPU_FIRST_STEP_OVERHEAD if device == "cpu" else 0,
+        overhead=overhead if device == "cpu" else 0,
         parameters=n_params * param_bytes,
         gradients=n_params * param_bytes,
         optimizer_state=OPTIMIZER_STATES[optimizer] * n_params * param_bytes,

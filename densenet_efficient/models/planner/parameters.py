@@ -7,9 +7,15 @@
 
 from __future__ import annotations
 
-from ..config import ArchConfig
+import os
 
-__all__ = ["block_inputs", "count_parameters", "width_sum"]
+import torch
+
+from ...errors import UsageError
+from ..config import ArchConfig
+from .units import format_bytes
+
+__all__ = ["block_inputs", "check_model_size", "count_parameters", "device_memory", "width_sum"]
 
 
 def count_parameters(config: ArchConfig) -> int:
@@ -45,3 +51,43 @@ def block_inputs(config: ArchConfig) -> list[int]:
 def width_sum(c: int, k: int, first: int, count: int) -> int:
     """Channels read by layers ``first .. first+count-1`` of a block entered with ``c``: sum of ``c + i k``."""
     return count * c + k * (count * (2 * first + count - 1) // 2)
+
+
+def device_memory(device: torch.device) -> int | None:
+    """Bytes of memory ``device`` has in all (CPU: the machine's physical memory; CUDA: the card's),
+    or ``None`` where that is not known (a meta device, another backend, no ``sysconf``)."""
+    if device.type == "cpu":
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (AttributeError, ValueError, OSError):  # not POSIX
+            return None
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(device).total_memory
+    return None
+
+
+def check_model_size(config: ArchConfig, dtype: torch.dtype | None = None, device: torch.device | None = None) -> int:
+    """The parameter count of ``config``; a :class:`UsageError` when its parameters alone would not
+    fit the memory of the device they are made on (``torch.get_default_device()`` and
+    ``torch.get_default_dtype()`` unless given), said before anything is allocated.
+
+    ``densenet_bc(40, growth_rate=10**6)`` used to allocate until the machine ran out of memory:
+    the count is closed form (O(blocks)), so the refusal costs nothing at any size.
+
+    >>> from densenet_efficient.models.config import densenet_bc_config
+    >>> check_model_size(densenet_bc_config(100))
+    769162
+    """
+    n = count_parameters(config)
+    dtype = dtype or torch.get_default_dtype()
+    device = device or torch.get_default_device()
+    need = n * torch.empty((), dtype=dtype, device="meta").element_size()
+    have = device_memory(device)
+    if have is not None and need > have:
+        raise UsageError(
+            f"this DenseNet would have {n:,} parameters, {format_bytes(need)} in {str(dtype).removeprefix('torch.')} "
+            f"before any gradient or activation, more than the {format_bytes(have)} of memory of "
+            f"{device.type}; choose a smaller growth_rate, block_config, num_init_features, bn_size "
+            "or num_classes"
+        )
+    return n

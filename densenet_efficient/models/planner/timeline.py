@@ -121,39 +121,51 @@ def timeline(
         mode = MemoryPlan.uniform(mode, len(config.block_config))  # refuses an unknown mode
     c = config.num_init_features
     plan = None if isinstance(mode, str) else mode
-    stem, (h, w) = _stem_stage(config, plan.stem if plan else mode, n, height, width, e)
+    # autocast (activations in half precision, parameters not: e != pe): every convolution or
+    # linear layer run as a module keeps a half-precision copy of its weight for backward; the
+    # engine's blocks and transitions cast theirs for a moment instead (workspace, not kept).
+    copy = e if e != pe else 0
+    stem, (h, w) = _stem_stage(config, plan.stem if plan else mode, n, height, width, e, copy)
     stages = [stem]
     for b, layers in enumerate(config.block_config):
         name, s, cf = f"block{b + 1}", n * h * w, c + layers * config.growth_rate
         setting = plan.blocks[b] if plan else mode
         if setting in (NAIVE, TORCHVISION):
-            stages += _naive_block(config, name, c, layers, s, e)
+            stages += _naive_block(config, name, c, layers, s, e, copy)
         elif setting == TORCHVISION_EFFICIENT:
-            stages += _checkpointed_block(config, name, c, layers, s, e)
+            stages += _checkpointed_block(config, name, c, layers, s, e, copy)
         else:
-            stages += _engine_block(config, runs(setting, layers), name, c, s, e, pe)
+            stages += _engine_block(config, runs(setting, layers), name, c, s, e, pe, copy)
         if b < len(config.block_config) - 1:
             # naive: norm output (in-place ReLU; saved by conv) and conv output (saved by the pool);
             # engine: nothing beyond its input, the block's output
             naive = plan.all_naive if plan else True  # torchvision's transitions are naive
-            saved = (cf + cf // 2) * s * e if naive else 0
-            stages.append(Stage(f"transition{b + 1}", saved, cf * s * e, 2 * cf * s * e))
+            weight = cf * (cf // 2) * copy  # the conv's half-precision weight: kept, or cast briefly
+            saved = (cf + cf // 2) * s * e + weight if naive else 0
+            extra = 0 if naive else weight
+            stages.append(Stage(f"transition{b + 1}", saved, cf * s * e + extra, 2 * cf * s * e + extra))
             c = cf // 2
             h, w = h // 2, w // 2
         else:
             # the non-in-place final ReLU output (saved by ReLU and the average pool)
-            stages.append(Stage("head", cf * s * e, 0, 2 * cf * s * e))
+            # (and the classifier's half-precision weight and bias under autocast); its backward
+            # makes the classifier's weight gradient before adding it into .grad, while every
+            # activation is still kept: the step's peak for a naive ImageNet model
+            classifier = (cf + 1) * config.num_classes
+            stages.append(Stage("head", cf * s * e + classifier * copy, 0, 2 * cf * s * e + classifier * pe))
     return stages
 
 
 def _stem_stage(
-    config: ArchConfig, mode: str, n: int, h: int, w: int, e: int
+    config: ArchConfig, mode: str, n: int, h: int, w: int, e: int, copy: int = 0
 ) -> tuple[Stage, tuple[int, int]]:
-    """The stem's stage and the spatial size it hands to the first block."""
+    """The stem's stage and the spatial size it hands to the first block (``copy``: bytes per
+    element of conv0's weight copy under autocast, which conv0 keeps in every mode)."""
     c = config.num_init_features
+    weight = config.in_chans * c * (9 if config.small_inputs else 49) * copy
     if config.small_inputs:
         # conv0 saves only the input batch (counted in ``inputs``); its output is block 1's input.
-        return Stage("stem", 0, 0, 2 * c * n * h * w * e), (h, w)
+        return Stage("stem", weight, 0, 2 * c * n * h * w * e), (h, w)
     h, w = conv_out(h, 7, 2, 3), conv_out(w, 7, 2, 3)
     s0 = n * h * w
     h, w = conv_out(h, 3, 2, 1), conv_out(w, 3, 2, 1)
@@ -166,7 +178,8 @@ def _stem_stage(
         saved = 2 * c * s0 * e + indices
     # backward: the max-pool and BN gradients (2 c s0), plus in max_saving the recomputed
     # indices (its recomputed ReLU output is dead by the time BN's gradient is made)
-    return Stage("stem", saved, 0, 2 * c * s0 * e + (indices if mode == MAX_SAVING else 0)), (h, w)
+    backward = 2 * c * s0 * e + (indices if mode == MAX_SAVING else 0)
+    return Stage("stem", saved + weight, 0, backward), (h, w)
 
 
 def _layer_range(name: str, layers: int, first: int = 0) -> str:
@@ -174,14 +187,17 @@ def _layer_range(name: str, layers: int, first: int = 0) -> str:
     return f"{name}.layer{first + 1}" + (f"-{first + layers}" if layers > 1 else "")
 
 
-def _naive_block(config: ArchConfig, name: str, c: int, layers: int, s: int, e: int) -> list[Stage | Layers]:
+def _naive_block(
+    config: ArchConfig, name: str, c: int, layers: int, s: int, e: int, copy: int = 0
+) -> list[Stage | Layers]:
     k, bn = config.growth_rate, config.bn_size * config.growth_rate
-    # layer i, reading c_i = c + i k channels: keeps (2 c_i + 2B) S, needs 2 c_i S more in backward
+    # layer i, reading c_i = c + i k channels: keeps (2 c_i + 2B) S, needs 2 c_i S more in backward;
+    # under autocast also its two convolutions' weight copies, (c_i B + 9 B k) elements
     body = Layers(
         _layer_range(name, layers),
         layers,
-        saved0=(2 * c + 2 * bn) * s * e,
-        saved1=2 * k * s * e,
+        saved0=(2 * c + 2 * bn) * s * e + (c * bn + 9 * bn * k) * copy,
+        saved1=2 * k * s * e + k * bn * copy,
         forward=(lambda i: 0,),
         backward=(lambda i: 2 * (c + i * k) * s * e,),
     )
@@ -191,15 +207,16 @@ def _naive_block(config: ArchConfig, name: str, c: int, layers: int, s: int, e: 
 
 
 def _checkpointed_block(
-    config: ArchConfig, name: str, c: int, layers: int, s: int, e: int
+    config: ArchConfig, name: str, c: int, layers: int, s: int, e: int, copy: int = 0
 ) -> list[Stage | Layers]:
     k, bn = config.growth_rate, config.bn_size * config.growth_rate
-    # layer i keeps (2B + k) S; backward needs the recomputed concat + norm1 output, their
-    # gradients and the pending grads of earlier pieces: 4 c_i S
+    # layer i keeps (2B + k) S (and conv2's weight copy under autocast; conv1 runs checkpointed);
+    # backward needs the recomputed concat + norm1 output, their gradients and the pending grads
+    # of earlier pieces: 4 c_i S
     body = Layers(
         _layer_range(name, layers),
         layers,
-        saved0=(2 * bn + k) * s * e,
+        saved0=(2 * bn + k) * s * e + 9 * bn * k * copy,
         saved1=0,
         forward=(lambda i: 0,),
         backward=(lambda i: 4 * (c + i * k) * s * e,),
@@ -212,13 +229,23 @@ def _checkpointed_block(
 
 
 def _engine_block(
-    config: ArchConfig, runs: list[tuple[bool, int]], name: str, c: int, s: int, e: int, pe: int
+    config: ArchConfig,
+    runs: list[tuple[bool, int]],
+    name: str,
+    c: int,
+    s: int,
+    e: int,
+    pe: int,
+    copy: int = 0,
 ) -> list[Stage | Layers]:
     """The engine's block: its buffer, then each run of layers that keep (or recompute) their
     bottleneck as one closed-form item (one item for "efficient" or "max_saving")."""
     k, bn, layers = config.growth_rate, config.bn_size * config.growth_rate, sum(n for _, n in runs)
     cf = c + layers * k
     grads = 2 * cf * s * e  # incoming gradient + the gradient buffer accumulated in place
+    # under autocast the block casts all its convolution weights at the start of its forward and
+    # again of its backward (models/engine.py, _conv_weights): held through either, never kept
+    weights = (bn * (layers * c + k * (layers * (layers - 1) // 2)) + layers * 9 * bn * k) * copy
 
     def pending(i: int) -> int:
         """Parameter gradients of layers i..L-1, which the block Function returns all at once at
@@ -228,26 +255,33 @@ def _engine_block(
             (2 + bn) * (n * c + k * (layers * (layers - 1) // 2 - first)) + n * (2 * bn + 9 * bn * k)
         ) * pe
 
-    # Channel slices of the buffer are not contiguous, so the engine's BN calls copy them. A
-    # layer's backward peak is norm1's backward (gradient in, copied input, gradient out: 3 c_i)
-    # or conv2's backward: its gradient slice, norm1+ReLU and norm2+ReLU recomputed, the
-    # bottleneck gradient and about one bottleneck of convolution workspace (measured), plus the
-    # recomputed 1x1 output where it was not kept: the larger of the two, hence two pieces.
-    items: list[Stage | Layers] = [Stage(f"{name}.buffer", cf * s * e, 0, grads)]
+    # A layer's backward peak, as the allocation record of a measured step shows it (torch
+    # profiler, profile_memory; docs/planner.md): norm1's backward holds four c_i-channel tensors
+    # (the recomputed norm1+ReLU and its gradient, the dense copy of the input BN backward reads,
+    # its output), or the convolutions' backward holds one more buffer-sized tensor, two c_i-channel
+    # ones (the recomputed norm1+ReLU and the 1x1 convolution's input gradient) and two bottleneck-
+    # sized ones (the recomputed norm2+ReLU and its gradient; a not-kept bottleneck is recomputed
+    # into the same space). Which of the two is larger depends on c_i against C_final and B.
+    # At the block's end its convolutions' gradients, made in the compute dtype, are cast back to
+    # the parameters' (one _foreach_copy_): both copies, every parameter gradient and the weights'
+    # copy are alive together.
+    end = grads + pending(0) + 2 * weights
+    items: list[Stage | Layers] = [Stage(f"{name}.buffer", cf * s * e, 0, end)]
     start = 0
     for kept, count in runs:
         first = start
-        m = 3 if kept else 4
         items.append(
             Layers(
                 _layer_range(name, count, first),
                 count,
                 saved0=(bn if kept else 0) * s * e,
                 saved1=0,
-                forward=(lambda j, f=first: (2 * (c + (f + j) * k) + bn) * s * e,),
+                forward=(lambda j, f=first: (2 * (c + (f + j) * k) + bn) * s * e + weights,),
                 backward=(
-                    lambda j, f=first: grads + 3 * (c + (f + j) * k) * s * e + pending(f + j),
-                    lambda j, f=first, m=m: grads + (k + c + (f + j) * k + m * bn) * s * e + pending(f + j),
+                    lambda j, f=first: grads + weights + 3 * (c + (f + j) * k) * s * e + pending(f + j),
+                    lambda j, f=first: (
+                        grads + weights + (2 * (c + (f + j) * k) + 4 * bn) * s * e + pending(f + j)
+                    ),
                 ),
             )
         )
