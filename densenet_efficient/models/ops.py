@@ -15,7 +15,7 @@ statistics: they return each BN's batch mean and unbiased variance, and the trac
 (:class:`.engine._RunningUpdates`), and counts ``num_batches_tracked``.
 
 >>> import torch, densenet_efficient as de
->>> model = de.create_model("densenet_bc_40", memory_efficient=True)
+>>> model = de.densenet_bc_100(memory_efficient=True)
 >>> step = torch.compile(model, fullgraph=True)  # one graph, engine blocks included
 """
 
