@@ -392,6 +392,12 @@ def speed_rows(device: str, quick: bool, rounds: int = 10) -> list[dict[str, Any
     return rows
 
 
+def _memory_cells(row: dict[str, Any]) -> tuple[str, str]:
+    """A row's peak MB and memory ratio as table cells ("-" where not measured, e.g. on CPU)."""
+    mem = "-" if row["peak_mb"] is None else f"{row['peak_mb']:.0f}"
+    return mem, "-" if row["memory_ratio"] is None else f"{row['memory_ratio']:.3f}x"
+
+
 def speed_markdown(rows: list[dict[str, Any]], device: str) -> str:
     lines = [
         "| point | implementation | ms/step | time vs tv | img/s | activation MB | memory vs tv | ops/step |",
@@ -399,8 +405,7 @@ def speed_markdown(rows: list[dict[str, Any]], device: str) -> str:
     ]
     verdicts = []
     for r in rows:
-        mem = "-" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
-        mratio = "-" if r["memory_ratio"] is None else f"{r['memory_ratio']:.3f}x"
+        mem, mratio = _memory_cells(r)
         lines.append(
             f"| {r['point']} | {r['impl']} | {r['seconds'] * 1e3:.1f} | {r['time_ratio']:.3f}x | "
             f"{r['img_s']:.0f} | {mem} | {mratio} | {r['ops']} |"
@@ -508,8 +513,7 @@ def graph_markdown(rows: list[dict[str, Any]], device: str) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        mem = "-" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
-        mratio = "-" if r["memory_ratio"] is None else f"{r['memory_ratio']:.3f}x"
+        mem, mratio = _memory_cells(r)
         lines.append(
             f"| {r['point']} | {r['variant']} | {r['seconds'] * 1e3:.1f} | {r['time_ratio']:.3f}x | {mem} | "
             f"{mratio} | {r['compile_s']:.1f} |"
