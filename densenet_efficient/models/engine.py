@@ -670,7 +670,6 @@ def _block_backward(
     weights = _conv_weights(layers, plan.dtype)
     conv_grads: list[Tensor] = [None] * (2 * len(layers))  # type: ignore[list-item]
     bn_grads: list[Tensor] = [None] * (4 * len(layers))  # type: ignore[list-item]
-    _stat_dtype(plan.dtype)
     invstd = _invstd(saved.stats, layers) if saved.stats is not None else None
     dummies = saved.stats.dummies if saved.stats is not None else None
     # z1 is dead (after its ReLU backward) before the dense copy of the input that BN backward
