@@ -51,8 +51,8 @@ def _square_pool(pool: nn.MaxPool2d) -> _Pool:
     args = engine._pool_args(pool)
     if any(a[0] != a[1] for a in args[:4]):
         raise NotImplementedError(
-            f"the compiled engine runs a square stem max-pool (torchvision's), found {pool!r}; "
-            "use memory_efficient=False"
+            f"the compiled engine runs a square stem max-pool (torchvision's), found kernel, stride, "
+            f"padding, dilation = {args[:4]}; use memory_efficient=False"  # no repr: see _check_convs
         )
     return _Pool(args[0][0], args[1][0], args[2][0], args[3][0], bool(args[4]))
 
@@ -71,10 +71,6 @@ def _check_convs(convs: list[nn.Conv2d], expected: tuple, where: str) -> None:
                 f"dilation, groups = {expected}, no bias, zero padding), found {found}, bias "
                 f"{conv.bias is not None}, padding_mode {conv.padding_mode!r}; use memory_efficient=False"
             )
-
-
-def _stat_dtype_of(dtype: torch.dtype) -> torch.dtype:
-    return engine._stat_dtype(dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,7 +116,7 @@ def _block_impl(
     updates = engine._DeferredUpdates(n * h * w) if training else None
     with torch.autocast(x.device.type, enabled=False):
         buf, saved = engine._block_forward(x, plan, updates)
-    stat = _stat_dtype_of(dtype)
+    stat = engine._stat_dtype(dtype)
     if updates is not None:
         rows, unbiased, batch = saved.stats.rows, updates.shared, updates.batch
     else:
