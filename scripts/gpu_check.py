@@ -50,6 +50,7 @@ from densenet_efficient.io.atomic import atomic_write
 from densenet_efficient.models.config import ArchConfig, densenet_bc_config, get_config
 from densenet_efficient.models.engine import MODES
 from densenet_efficient.models.memory_plan import MemoryPlan
+from densenet_efficient.perf.measure import time_step
 
 #: More ``memory_efficient=`` settings for (a), checked like the modes: (label, config -> setting),
 #: the memory dial's per-block and per-layer settings.
@@ -256,17 +257,12 @@ def benchmark_markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def _step_seconds(step: Callable[[], None], cuda: bool) -> float:
-    """One call of ``step``, in seconds: CUDA events on a GPU (the device's time), else the wall clock."""
-    if not cuda:
-        t0 = time.perf_counter()
-        step()
-        return time.perf_counter() - t0
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    step()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / 1000
+    """One call of ``step`` in seconds (:func:`~densenet_efficient.perf.measure.time_step`)."""
+    return time_step(step, "cuda" if cuda else "cpu")
+
+
+def _memory_verdict(ratio: float) -> str:
+    return f"  memory {ratio:.3f}x naive's (target <= 0.25x): {'met' if ratio <= 0.25 else 'NOT met'}"
 
 
 def bf16_point(impl: str, batch: int, res: int, steps: int) -> dict[str, Any]:
@@ -420,8 +416,7 @@ def speed_markdown(rows: list[dict[str, Any]], device: str) -> str:
                 verdicts.append(f"- {r['point']}: efficient at {r['time_ratio']:.3f}x naive's step time "
                                 f"(target <= 1.15x): {'met' if ok else 'NOT met'}")
             if r["memory_ratio"] is not None:
-                verdicts.append(f"  memory {r['memory_ratio']:.3f}x naive's (target <= 0.25x): "
-                                f"{'met' if r['memory_ratio'] <= 0.25 else 'NOT met'}")
+                verdicts.append(_memory_verdict(r["memory_ratio"]))
     lines += [
         "",
         f"One process on {device.upper()}; implementations interleaved over rounds after two warm-up "
@@ -531,8 +526,7 @@ def graph_markdown(rows: list[dict[str, Any]], device: str) -> str:
                 m = ours["peak_mb"] / by[peer]["peak_mb"]
                 verdicts.append(f"  memory {m:.3f}x its (target <= 0.5x): {'met' if m <= 0.5 else 'NOT met'}")
         if ours["memory_ratio"] is not None:
-            verdicts.append(f"  memory {ours['memory_ratio']:.3f}x naive's (target <= 0.25x): "
-                            f"{'met' if ours['memory_ratio'] <= 0.25 else 'NOT met'}")
+            verdicts.append(_memory_verdict(ours["memory_ratio"]))
     lines += [
         "",
         f"One process on {device.upper()}; one variant at a time, compiled (and on CUDA captured) in "
