@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ..errors import UsageError, check_int, shown
 from ..io.state_dict import check_compatible, fill_legacy_batch_counters, remap_keys
-from . import engine, ops, planner
+from . import engine, native, ops, planner
 from .config import (
     ArchConfig,
     get_config,  # noqa: F401  (used by doctests)
@@ -258,6 +258,8 @@ class DenseNet(nn.Module, DenseNetHubMixin):
             model.set_memory_efficient(["max_saving", 6, True, "naive"])  # densenet121's 4 blocks
         """
         plan = resolve_memory_plan(mode, self.arch_config)
+        if not plan.all_naive:
+            native.ensure()  # the engine's kernels are chosen (the C++ ones built) before any trace
         self._plan = plan
         blocks = [m for m in self.features.children() if isinstance(m, _DenseBlock)]
         for block, setting in zip(blocks, plan.blocks, strict=True):

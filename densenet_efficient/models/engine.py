@@ -171,10 +171,9 @@ def _bn_train(x: Tensor, bn: nn.BatchNorm2d, dummies: _Dummies | None, updates: 
     dtype = _stat_dtype(x.dtype)
     weight, bias = _param(bn.weight, dtype), _param(bn.bias, dtype)
     c = x.shape[1]
-    if updates is not None and updates.in_kernel and bn.momentum is not None and bn.running_mean.dtype == dtype:
-        return _aten._batch_norm_with_update.default(
-            x, weight, bias, bn.running_mean, bn.running_var, float(bn.momentum), bn.eps
-        )
+    target = updates.kernel_target(bn, dtype) if updates is not None else None
+    if target is not None:
+        return _aten._batch_norm_with_update.default(x, weight, bias, *target, bn.eps)
     if dummies is None:
         dummies = _Dummies(x, c, dtype)
     rm, rv = dummies.narrow(c)
@@ -240,7 +239,14 @@ class _RunningUpdates:
     device, so a training step never synchronises with the host).
     """
 
-    in_kernel = True  # a BN kernel may update its own running buffers (see _bn_train)
+    def kernel_target(self, bn: Any, dtype: torch.dtype) -> tuple[Tensor, Tensor, float] | None:
+        """The running buffers and momentum a BN kernel applies ``bn``'s update to itself (see
+        :func:`_bn_train`), or ``None`` when the update must be queued (``momentum=None``, whose
+        factor lives on the device; buffers in bf16/fp16, which the kernel refuses beside float
+        statistics)."""
+        if bn.momentum is None or bn.running_mean.dtype != dtype:
+            return None
+        return bn.running_mean, bn.running_var, float(bn.momentum)
 
     def __init__(self, count: int) -> None:
         self.bessel = count / max(count - 1, 1)
@@ -275,17 +281,25 @@ class _RunningUpdates:
 class _DeferredUpdates(_RunningUpdates):
     """The batch statistics a running-statistics update needs, collected instead of applied: a
     custom op (:mod:`.ops`) must not mutate its inputs, so it returns them and its caller, which
-    the compiler traces, applies them with :class:`_RunningUpdates`."""
+    the compiler traces, applies them with :class:`_RunningUpdates`.
 
-    in_kernel = False
+    Each BN kernel writes its batch mean and unbiased variance itself, into a zeroed slot of
+    ``batch`` (``[2, slots, channels]``) with momentum 1 (``1 * batch + 0 * 0``: exact), so
+    collecting them costs no kernel.
+    """
 
-    def __init__(self, count: int) -> None:
+    def __init__(self, count: int, batch: Tensor) -> None:
         super().__init__(count)
-        self.batch: list[Tensor] = []  # mean, unbiased variance of each queued BN, in order
+        self.slots = batch.view(2, -1, batch.shape[-1])  # [2, C] (a tail) or [2, layers, C] (a block)
+        self.used = 0
         self.shared: Tensor | None = None
 
+    def kernel_target(self, bn: Any, dtype: torch.dtype) -> tuple[Tensor, Tensor, float]:
+        i, self.used = self.used, self.used + 1
+        return self.slots[0, i], self.slots[1, i], 1.0
+
     def add(self, bn: Any, mean: Tensor, var: Tensor) -> None:
-        self.batch += [mean, var]
+        raise RuntimeError("deferred statistics are written by the kernels (kernel_target)")
 
     def add_shared(self, norms: list[Any], mean: Tensor, var: Tensor) -> None:
         self.shared = var  # the mean is the block statistics' own row

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from . import engine
+from . import engine, native
 from .engine import _BN, EFFICIENT, _Conv, _Layer, _Plan
 
 _LIB = "densenet_efficient"
@@ -109,25 +109,53 @@ def _block_impl(
     graph: bool,
     dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor, Tensor, list[Tensor], list[Tensor], list[Tensor]]:
-    """``(buffer, statistics rows, their unbiased variances, norm2 means and variances, kept
+    """``(buffer, statistics rows (mean and biased variance of the channels later layers read),
+    their unbiased variances, norm2's batch means and unbiased variances [2, layers, k2], kept
     bottlenecks, dropout masks)``; the statistics are empty in eval."""
     plan = _block_plan(_layers(params, running, eps, drop), x, keep, training, graph, dtype)
     n, _, h, w = x.shape
-    updates = engine._DeferredUpdates(n * h * w) if training else None
+    stat = engine._stat_dtype(dtype)
+    updates = None
+    if training:
+        norm2 = x.new_zeros((2, len(drop), params[3].shape[0]), dtype=stat)
+        updates = engine._DeferredUpdates(n * h * w, norm2)
     with torch.autocast(x.device.type, enabled=False):
         buf, saved = engine._block_forward(x, plan, updates)
-    stat = engine._stat_dtype(dtype)
     if updates is not None:
-        rows, unbiased, batch = saved.stats.rows, updates.shared, updates.batch
+        rows, unbiased = saved.stats.rows, updates.shared
     else:
-        rows, unbiased, batch = x.new_empty(0, dtype=stat), x.new_empty(0, dtype=stat), []
+        rows, unbiased, norm2 = (x.new_empty(0, dtype=stat) for _ in range(3))
     kept = [b for b in saved.bottlenecks if b is not None]
     masks = [m for m in saved.masks if m is not None]
-    return buf, rows, unbiased, batch, kept, masks
+    return buf, rows, unbiased, norm2, kept, masks
 
 
-_block_op = torch.library.custom_op(f"{_LIB}::dense_block", _block_impl, mutates_args=())
-_block_op.register_fake(_block_impl)  # the same code on fake tensors: shapes and strides agree
+_SCHEMAS = {
+    "dense_block": (
+        "(Tensor x, Tensor[] params, Tensor[] running, float[] eps, float[] drop, bool[] keep, bool training, "
+        "bool graph, ScalarType dtype) -> (Tensor, Tensor, Tensor, Tensor, Tensor[], Tensor[])"
+    ),
+    "dense_block_backward": (
+        "(Tensor grad, Tensor buf, Tensor rows, Tensor[] params, Tensor[] running, Tensor[] kept, Tensor[] masks, "
+        "float[] eps, float[] drop, bool[] keep, bool training, ScalarType dtype, ScalarType input_dtype) "
+        "-> (Tensor, Tensor[])"
+    ),
+    "norm_relu_tail": (
+        "(Tensor x, Tensor[] bn, Tensor? conv_weight, str kind, int pool_kernel, int pool_stride, "
+        "int pool_padding, int pool_dilation, bool pool_ceil, float eps, bool training, bool keep, "
+        "ScalarType dtype) -> (Tensor, Tensor[], Tensor[])"
+    ),
+    "norm_relu_tail_backward": (
+        "(Tensor grad, Tensor x, Tensor[] bn, Tensor? conv_weight, Tensor[] kept, Tensor[] stats, str kind, "
+        "int pool_kernel, int pool_stride, int pool_padding, int pool_dilation, bool pool_ceil, float eps, "
+        "bool training, ScalarType dtype) -> (Tensor, Tensor, Tensor, Tensor[])"
+    ),
+}
+_lib = torch.library.Library(_LIB, "DEF")
+for _name, _schema in _SCHEMAS.items():
+    _lib.define(_name + _schema)
+_block_op = torch.ops.densenet_efficient.dense_block.default
+torch.library.register_fake(f"{_LIB}::dense_block", _block_impl)  # the Python engine on fake tensors
 
 
 def _block_backward_impl(
@@ -159,8 +187,8 @@ def _block_backward_impl(
     return gx.to(input_dtype), grads
 
 
-_block_backward_op = torch.library.custom_op(f"{_LIB}::dense_block_backward", _block_backward_impl, mutates_args=())
-_block_backward_op.register_fake(_block_backward_impl)
+_block_backward_op = torch.ops.densenet_efficient.dense_block_backward.default
+torch.library.register_fake(f"{_LIB}::dense_block_backward", _block_backward_impl)
 
 
 def _block_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
@@ -190,7 +218,7 @@ def _block_grad(ctx: Any, grad: Tensor, *unused: Any) -> tuple:
     return gx, grads, [None] * len(running), None, None, None, None, None, None
 
 
-_block_op.register_autograd(_block_grad, setup_context=_block_setup)
+
 
 
 def block_op_args(modules: list[nn.Module], x: Tensor, keep: tuple[bool, ...], training: bool) -> tuple:
@@ -207,16 +235,17 @@ def block_op_args(modules: list[nn.Module], x: Tensor, keep: tuple[bool, ...], t
     return x, params, running, eps, drop, keep, training, graph, engine._compute_dtype(x)
 
 
-def _compiled_block(modules: list[nn.Module], x: Tensor, keep: tuple[bool, ...], training: bool) -> Tensor:
+def _op_block(modules: list[nn.Module], x: Tensor, keep: tuple[bool, ...], training: bool) -> Tensor:
     """The block as one custom op; the running-statistics updates around it, traced."""
-    buf, rows, unbiased, batch, _, _ = _block_op(*block_op_args(modules, x, keep, training))
+    buf, rows, unbiased, norm2, _, _ = _block_op(*block_op_args(modules, x, keep, training))
     if training:  # no_grad: the statistics are op outputs, and a buffer must not join the graph
         n, _, h, w = x.shape
         with torch.no_grad():
             engine._count_batches([bn for layer in modules for bn in (layer.norm1, layer.norm2)])
             updates = engine._RunningUpdates(n * h * w)
-            for i, layer in enumerate(modules):
-                updates.add(layer.norm2, batch[2 * i], batch[2 * i + 1])
+            means, variances = (s.unbind(0) for s in norm2.unbind(0))
+            for layer, mean, var in zip(modules, means, variances, strict=True):
+                updates.add(layer.norm2, mean, var)
             updates.add_shared([layer.norm1 for layer in modules], rows[0], unbiased)
             updates.flush()
     return buf
@@ -256,20 +285,24 @@ def _tail_impl(
     dtype: torch.dtype,
 ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """``(output, kept, statistics)``: ``bn`` is ``[weight, bias, running_mean, running_var]``;
-    training statistics are ``[mean, unbiased variance]`` and, when kept, ``[invstd, reserve]``."""
+    training statistics are ``[batch mean and unbiased variance [2, C]]`` and, when kept, the
+    backward kernel's ``[mean, invstd, reserve]``."""
     pool = _Pool(pool_kernel, pool_stride, pool_padding, pool_dilation, pool_ceil)
     plan = _tail_plan(kind, bn, conv_weight, pool, eps, x, training, dtype)
-    updates = engine._DeferredUpdates(x.numel() // x.shape[1]) if training else None
+    updates = None
+    if training:
+        batch = x.new_zeros((2, x.shape[1]), dtype=engine._stat_dtype(dtype))
+        updates = engine._DeferredUpdates(x.numel() // x.shape[1], batch)
     out, kept, stats = engine._tail_forward(x.to(dtype), plan, _TAILS[kind], updates, keep)
     if kind == "identity":
         kept = []  # it keeps its output, which an op may not return twice: setup saves the output
     if updates is not None:
-        stats = [updates.batch[0], updates.batch[1], *stats[1:]]
+        stats = [batch, *stats]
     return out, kept, stats
 
 
-_tail_op = torch.library.custom_op(f"{_LIB}::norm_relu_tail", _tail_impl, mutates_args=())
-_tail_op.register_fake(_tail_impl)
+_tail_op = torch.ops.densenet_efficient.norm_relu_tail.default
+torch.library.register_fake(f"{_LIB}::norm_relu_tail", _tail_impl)
 
 
 def _tail_backward_impl(
@@ -296,8 +329,8 @@ def _tail_backward_impl(
     return dx.to(x.dtype), dg, dbeta, extra
 
 
-_tail_backward_op = torch.library.custom_op(f"{_LIB}::norm_relu_tail_backward", _tail_backward_impl, mutates_args=())
-_tail_backward_op.register_fake(_tail_backward_impl)
+_tail_backward_op = torch.ops.densenet_efficient.norm_relu_tail_backward.default
+torch.library.register_fake(f"{_LIB}::norm_relu_tail_backward", _tail_backward_impl)
 
 
 def _tail_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
@@ -307,8 +340,8 @@ def _tail_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
     ctx.args = (kind, pool, eps, training, dtype, conv_weight is not None)
     if kind == "identity" and keep:
         kept = [out]
-    # training: mean (stats[0]) and, when kept, invstd and reserve; eval: the running statistics
-    saved_stats = ([stats[0], *stats[2:]] if keep else []) if training else bn[2:]
+    # training, when kept: the backward kernel's mean, invstd and reserve; eval: the running statistics
+    saved_stats = (stats[1:] if keep else []) if training else bn[2:]
     ctx.counts = (len(kept), len(saved_stats))
     weights = [conv_weight] if conv_weight is not None else []
     ctx.save_for_backward(x, bn[0], bn[1], *weights, *kept, *saved_stats)
@@ -329,7 +362,22 @@ def _tail_grad(ctx: Any, grad: Tensor, *unused: Any) -> tuple:
     return dx, [dg, dbeta, None, None], extra[0] if has_conv else None, *[None] * 10
 
 
-_tail_op.register_autograd(_tail_grad, setup_context=_tail_setup)
+
+
+def _register_kernels(status: native.EngineStatus) -> None:
+    """The ops' kernels and derivative formulas: the C++ ones (registered by loading the library),
+    or the Python engine's and these formulas."""
+    if status.engine == "python":
+        for name, impl in (
+            ("dense_block", _block_impl), ("dense_block_backward", _block_backward_impl),
+            ("norm_relu_tail", _tail_impl), ("norm_relu_tail_backward", _tail_backward_impl),
+        ):  # fmt: skip
+            _lib.impl(name, impl, "CompositeExplicitAutograd")
+        torch.library.register_autograd(f"{_LIB}::dense_block", _block_grad, setup_context=_block_setup)
+        torch.library.register_autograd(f"{_LIB}::norm_relu_tail", _tail_grad, setup_context=_tail_setup)
+
+
+native.on_choice(_register_kernels)
 
 
 def tail_op_args(x: Tensor, norm: nn.BatchNorm2d, module: nn.Module | None, kind: str, mode: str) -> tuple:
@@ -347,13 +395,13 @@ def tail_op_args(x: Tensor, norm: nn.BatchNorm2d, module: nn.Module | None, kind
     return x, bn, conv_weight, kind, *pool, norm.eps, norm.training, keep, engine._compute_dtype(x)
 
 
-def _compiled_tail(x: Tensor, norm: nn.BatchNorm2d, module: nn.Module | None, kind: str, mode: str) -> Tensor:
+def _op_tail(x: Tensor, norm: nn.BatchNorm2d, module: nn.Module | None, kind: str, mode: str) -> Tensor:
     out, _, stats = _tail_op(*tail_op_args(x, norm, module, kind, mode))
     if norm.training:
-        with torch.no_grad():  # see _compiled_block
+        with torch.no_grad():  # see _op_block
             engine._count_batches([norm])
             updates = engine._RunningUpdates(x.numel() // x.shape[1])
-            updates.add(norm, stats[0], stats[1])
+            updates.add(norm, *stats[0].unbind(0))
             updates.flush()
     return out
 
@@ -371,15 +419,22 @@ def dense_block(block: nn.Module, x: Tensor, setting: str | tuple[bool, ...]) ->
     keep = engine.block_keeps(setting, len(modules))
     if x.shape[0] == 0:
         return engine._empty_block(modules, x)
-    if torch.compiler.is_compiling():
-        return _compiled_block(modules, x, keep, block.training)
+    if _through_ops():
+        return _op_block(modules, x, keep, block.training)
     return engine.eager_block(modules, x, keep, block.training)
 
 
+def _through_ops() -> bool:
+    """Whether a call runs the custom ops: always under the compiler (their kernels were chosen when
+    the model's engine mode was set, :func:`.native.ensure`), and eagerly when those kernels are the
+    C++ loops; else the Python engine's autograd Functions run it eagerly."""
+    return torch.compiler.is_compiling() or native.eager_native()
+
+
 def _tail(x: Tensor, norm: nn.BatchNorm2d, module: nn.Module | None, kind: str, mode: str) -> Tensor:
-    if x.shape[0] == 0 or not torch.compiler.is_compiling():
+    if x.shape[0] == 0 or not _through_ops():
         return engine._norm_relu_tail(x, [norm, module], _TAILS[kind], norm.training, mode)
-    return _compiled_tail(x, norm, module, kind, mode)
+    return _op_tail(x, norm, module, kind, mode)
 
 
 def transition(module: nn.Module, x: Tensor) -> Tensor:
