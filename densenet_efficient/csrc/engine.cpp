@@ -558,6 +558,7 @@ struct DenseBlockFunction : public torch::autograd::Function<DenseBlockFunction>
     out.insert(out.end(), kept.begin(), kept.end());
     out.insert(out.end(), masks.begin(), masks.end());
     ctx->mark_non_differentiable(slice(out, 1, out.size() - 1));
+    ctx->set_materialize_grads(false);  // no zero gradients for the statistics and kept tensors
     return out;
   }
 
@@ -567,6 +568,7 @@ struct DenseBlockFunction : public torch::autograd::Function<DenseBlockFunction>
     const auto counts = ctx->saved_data["counts"].toIntVector();
     const bool training = ctx->saved_data["training"].toBool();
     const size_t n_params = counts[0], n_running = counts[1], n_kept = counts[2];
+    if (!grads[0].defined()) return variable_list(1 + n_params + n_running + 6);  // output unused: zero gradients
     size_t at = 2;
     const auto params = slice(saved, at, n_params);
     at += n_params;
@@ -626,7 +628,7 @@ struct TailFunction : public torch::autograd::Function<TailFunction> {
     result.insert(result.end(), kept.begin(), kept.end());
     result.insert(result.end(), stats.begin(), stats.end());
     ctx->mark_non_differentiable(slice(result, 1, result.size() - 1));
-    ctx->saved_data["n_kept_out"] = static_cast<int64_t>(kept.size());
+    ctx->set_materialize_grads(false);  // see DenseBlockFunction
     return result;
   }
 
@@ -651,6 +653,7 @@ struct TailFunction : public torch::autograd::Function<TailFunction> {
     }
     const std::vector<Tensor> stats = training ? rest : std::vector<Tensor>{};
     const auto kind = ctx->saved_data["kind"].toStringRef();
+    if (!grads[0].defined()) return variable_list(16);  // output unused: zero gradients
     auto [dx, dg, dbeta, extra] = op.call(grads[0], saved[0], bn, conv_weight, kept, stats, kind, s[0], s[1], s[2], s[3],
                                           s[4], ctx->saved_data["eps"].toDouble(), training,
                                           ctx->saved_data["dtype"].toScalarType());
@@ -681,7 +684,7 @@ struct OnceDifferentiable : public torch::autograd::Function<OnceDifferentiable>
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     TORCH_CHECK(false,
-                "the memory-efficient engine's backward cannot be differentiated twice (double backward); "
+                "the memory-efficient engine's backward is differentiable once: it cannot differentiate twice (double backward); "
                 "use memory_efficient=False for higher-order gradients");
     return {};
   }

@@ -816,6 +816,7 @@ def block_keeps(setting: str | tuple[bool, ...], layers: int) -> tuple[bool, ...
 def eager_block(modules: list[nn.Module], x: Tensor, keep: tuple[bool, ...], training: bool) -> Tensor:
     """A dense block's layers (torchvision ``_DenseLayer``s) on a non-empty batch, eagerly: one autograd
     Function, or a plain forward when no backward follows. ``keep``: :func:`block_keeps`."""
+    _check_norms([m for layer in modules for m in (layer.norm1, layer.norm2)])
     layers = [_Layer.of(layer) for layer in modules]
     params = [p for layer in layers for p in layer.params()]
     mode = EFFICIENT if all(keep) else MAX_SAVING

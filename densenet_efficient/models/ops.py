@@ -61,15 +61,16 @@ def _conv_spec(conv: nn.Conv2d) -> tuple:
     return (tuple(conv.kernel_size), tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), conv.groups)
 
 
-def _check_convs(convs: list[nn.Conv2d], expected: tuple, where: str) -> None:
+def _check_convs(convs: list[nn.Conv2d], expected: tuple, where: str, fast: bool = False) -> None:
     for conv in convs:
         found = _conv_spec(conv)
-        if found != expected or conv.bias is not None or conv.padding_mode != "zeros":
+        bias = conv._parameters.get("bias") if fast else conv.bias
+        if found != expected or bias is not None or conv.padding_mode != "zeros":
             # no repr(conv) here: dynamo traces this message (it cannot trace Module.__repr__)
             raise NotImplementedError(
                 f"the compiled engine runs torchvision's {where} convolutions (kernel, stride, padding, "
                 f"dilation, groups = {expected}, no bias, zero padding), found {found}, bias "
-                f"{conv.bias is not None}, padding_mode {conv.padding_mode!r}; use memory_efficient=False"
+                f"{bias is not None}, padding_mode {conv.padding_mode!r}; use memory_efficient=False"
             )
 
 
@@ -221,34 +222,112 @@ def _block_grad(ctx: Any, grad: Tensor, *unused: Any) -> tuple:
 
 
 
-def block_op_args(modules: list[nn.Module], x: Tensor, keep: tuple[bool, ...], training: bool) -> tuple:
+class _Attrs:
+    """``module.<name>`` read as ``[name]``: how :func:`_block_tensors` reads a module whose tensors
+    are not plain dict entries (a parametrization's computed weight) and what the compiler traces."""
+
+    __slots__ = ("module",)
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __getitem__(self, name: str) -> Any:
+        return getattr(self.module, name)
+
+    def get(self, name: str) -> Any:
+        return getattr(self.module, name, None)
+
+
+class _BlockTensors(NamedTuple):
+    """A block's tensors and BN settings in the op's order, read once per call."""
+
+    params: list[Tensor]  # per layer: norm1 weight, bias, conv1 weight, norm2 weight, bias, conv2 weight
+    running: list[Tensor]  # per layer: norm1 mean, var, norm2 mean, var
+    counters: list[Tensor]  # every BN's num_batches_tracked
+    eps: list[float]  # per layer: norm1, norm2
+    drop: list[float]
+    momenta: list[float | None]  # per layer: norm1, norm2
+    norms: list[nn.Module]
+
+
+def _block_tensors(modules: list[nn.Module]) -> _BlockTensors:
+    """Read a block's layers. Eagerly through the modules' own dicts: ``module.name`` goes through
+    ``nn.Module.__getattr__`` in Python, which for a 24-layer block costs about as much as its
+    small kernels; a module without plain entries (parametrized) and the compiler read attributes."""
+    if not torch.compiler.is_compiling():
+        try:
+            return _read_block(modules, fast=True)
+        except KeyError:
+            pass
+    return _read_block(modules, fast=False)
+
+
+def _read_block(modules: list[nn.Module], fast: bool) -> _BlockTensors:
+    out = _BlockTensors([], [], [], [], [], [], [])
+    for layer in modules:
+        children = layer._modules if fast else _Attrs(layer)
+        norm1, conv1, norm2, conv2 = children["norm1"], children["conv1"], children["norm2"], children["conv2"]
+        engine._check_norms([norm1, norm2])
+        _check_convs([conv1], _LAYER_CONVS[0], "dense layers' 1x1", fast)
+        _check_convs([conv2], _LAYER_CONVS[1], "dense layers' 3x3", fast)
+        (p1, b1), (p2, b2) = ((bn._parameters, bn._buffers) if fast else (_Attrs(bn),) * 2 for bn in (norm1, norm2))
+        w1, w2 = ((c._parameters if fast else _Attrs(c))["weight"] for c in (conv1, conv2))
+        out.params.extend((p1["weight"], p1["bias"], w1, p2["weight"], p2["bias"], w2))
+        out.running.extend((b1["running_mean"], b1["running_var"], b2["running_mean"], b2["running_var"]))
+        out.counters.extend((b1["num_batches_tracked"], b2["num_batches_tracked"]))
+        out.eps.extend((norm1.eps, norm2.eps))
+        out.momenta.extend((norm1.momentum, norm2.momentum))
+        out.drop.append(float(layer.drop_rate))
+        out.norms.extend((norm1, norm2))
+    return out
+
+
+def block_op_args(
+    modules: list[nn.Module], x: Tensor, keep: tuple[bool, ...], training: bool, tensors: _BlockTensors | None = None
+) -> tuple:
     """The ``densenet_efficient::dense_block`` arguments that run ``modules`` (a block's layers) on ``x``."""
-    _check_convs([layer.conv1 for layer in modules], _LAYER_CONVS[0], "dense layers' 1x1")
-    _check_convs([layer.conv2 for layer in modules], _LAYER_CONVS[1], "dense layers' 3x3")
-    layers = [_Layer.of(layer) for layer in modules]
-    params = [p for layer in layers for p in layer.params()]
-    running = [t for layer in modules for t in engine._running_of(layer)]
-    eps = [bn.eps for layer in layers for bn in (layer.norm1, layer.norm2)]
-    drop = [layer.drop_rate for layer in layers]
-    graph = engine._needs_graph([x, *params])
+    t = tensors if tensors is not None else _block_tensors(modules)
+    graph = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in t.params))
     keep = [k and graph for k in keep]
-    return x, params, running, eps, drop, keep, training, graph, engine._compute_dtype(x)
+    return x, t.params, t.running, t.eps, t.drop, keep, training, graph, engine._compute_dtype(x)
 
 
 def _op_block(modules: list[nn.Module], x: Tensor, keep: tuple[bool, ...], training: bool) -> Tensor:
-    """The block as one custom op; the running-statistics updates around it, traced."""
-    buf, rows, unbiased, norm2, _, _ = _block_op(*block_op_args(modules, x, keep, training))
+    """The block as one custom op; the running-statistics updates around it (traced when compiled)."""
+    tensors = _block_tensors(modules)
+    args = block_op_args(modules, x, keep, training, tensors)
+    buf, rows, unbiased, norm2, _, _ = _block_op(*args)
     if training:  # no_grad: the statistics are op outputs, and a buffer must not join the graph
-        n, _, h, w = x.shape
         with torch.no_grad():
-            engine._count_batches([bn for layer in modules for bn in (layer.norm1, layer.norm2)])
-            updates = engine._RunningUpdates(n * h * w)
-            means, variances = (s.unbind(0) for s in norm2.unbind(0))
-            for layer, mean, var in zip(modules, means, variances, strict=True):
-                updates.add(layer.norm2, mean, var)
-            updates.add_shared([layer.norm1 for layer in modules], rows[0], unbiased)
-            updates.flush()
+            _update_block_stats(tensors, x, args[-1], rows, unbiased, norm2)
     return buf
+
+
+def _update_block_stats(
+    t: _BlockTensors, x: Tensor, dtype: torch.dtype, rows: Tensor, unbiased: Tensor, norm2: Tensor
+) -> None:
+    """nn.BatchNorm's running-statistics update of every BN of a block from the op's statistics: one
+    ``_foreach_add_`` for the counters and, with numeric momenta and float32+ buffers, one
+    ``_foreach_lerp_`` (else :class:`.engine._RunningUpdates` queues each, exactly as nn.BatchNorm)."""
+    counters = [c for c in t.counters if c is not None]
+    if counters:
+        torch._foreach_add_(counters, 1)
+    means2, variances2 = norm2[0].unbind(0), norm2[1].unbind(0)
+    stat = engine._stat_dtype(dtype)
+    if None not in t.momenta and all(r.dtype == stat for r in t.running):
+        sources: list[Tensor] = []
+        for i, (mean2, var2) in enumerate(zip(means2, variances2, strict=True)):
+            c = t.params[6 * i].shape[0]
+            sources += [rows[0, :c], unbiased[:c], mean2, var2]
+        weights = [float(m) for m in t.momenta for _ in range(2)]
+        torch._foreach_lerp_(t.running, sources, weights)
+        return
+    n, _, h, w = x.shape
+    updates = engine._RunningUpdates(n * h * w)
+    for norm2_bn, mean2, var2 in zip(t.norms[1::2], means2, variances2, strict=True):
+        updates.add(norm2_bn, mean2, var2)
+    updates.add_shared(t.norms[0::2], rows[0], unbiased)
+    updates.flush()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,9 +494,9 @@ def dense_block(block: nn.Module, x: Tensor, setting: str | tuple[bool, ...]) ->
     """Run ``block`` (a torchvision-layout ``_DenseBlock``) with the engine; returns the concatenated
     features. ``setting``: ``"efficient"``, ``"max_saving"`` or per-layer flags (:func:`.engine.block_keeps`)."""
     modules = list(block.values())
-    engine._check_norms([m for layer in modules for m in (layer.norm1, layer.norm2)])
     keep = engine.block_keeps(setting, len(modules))
     if x.shape[0] == 0:
+        engine._check_norms([m for layer in modules for m in (layer.norm1, layer.norm2)])
         return engine._empty_block(modules, x)
     if _through_ops():
         return _op_block(modules, x, keep, block.training)

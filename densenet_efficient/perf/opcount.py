@@ -63,17 +63,46 @@ def launches_kernel(func: Any) -> bool:
     return not returns or any("Tensor" in str(r.type) for r in returns)
 
 
+def _launches_kernel_named(name: str) -> bool:
+    """:func:`launches_kernel` for an op known only by its profiler name (``aten::foo``): a view or
+    allocation in any of its overloads launches no kernel."""
+    namespace, _, op = name.partition("::")
+    packet = getattr(getattr(torch.ops, namespace), op)
+    overloads = [getattr(packet, overload) for overload in packet.overloads()]
+    if any(o in _NO_KERNEL or getattr(o, "is_view", False) for o in overloads):
+        return False
+    return any(launches_kernel(o) for o in overloads)  # add.Tensor does, add.int (a list op) does not
+
+
 class OpCounter(TorchDispatchMode):
-    """Counts kernel-launching ATen ops while active (``with OpCounter() as c: ...; c.total``)."""
+    """Counts kernel-launching ATen ops while active (``with OpCounter() as c: ...; c.total``).
+
+    The engine's own ops (``densenet_efficient::*``) run native code that a dispatch mode cannot
+    see into: their count is the ATen ops they call directly, recorded by torch's profiler.
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.by_op: Counter[str] = Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch's hook
+        if func.namespace == "densenet_efficient":
+            return self._count_inside(func, args, kwargs or {})
         if launches_kernel(func):
             self.by_op[str(func.overloadpacket.__name__)] += 1
         return func(*args, **(kwargs or {}))
+
+    def _count_inside(self, func: Any, args: tuple, kwargs: dict) -> Any:
+        from torch.autograd.profiler import profile
+
+        with profile(use_cpu=True, use_kineto=False) as prof:  # the legacy one: no kineto log lines
+            out = func(*args, **kwargs)
+        outer = [e for e in prof.function_events if e.name.startswith("densenet_efficient::")]
+        for event in prof.function_events:
+            if event.cpu_parent is not None and event.cpu_parent in outer and event.name.startswith("aten::"):
+                if _launches_kernel_named(event.name):
+                    self.by_op[event.name.removeprefix("aten::")] += 1
+        return out
 
     @property
     def total(self) -> int:
