@@ -21,6 +21,7 @@ from .models.builders import *  # noqa: F403  every registered builder (densenet
 from .models.engine import MODES
 from .models.hub import save_hub_folder
 from .models.memory_plan import MemoryPlan
+from .models.native import EngineStatus, NativeBuildError, engine_status
 from .models.planner import (
     MemoryBudgetError,
     MemoryEstimate,
@@ -48,6 +49,9 @@ __all__ = [
     "ArchConfig",
     "DenseNet",
     "MODES",
+    "EngineStatus",
+    "NativeBuildError",
+    "engine_status",
     "densenet_bc_config",
     "get_config",
     "list_architectures",

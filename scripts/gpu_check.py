@@ -50,6 +50,7 @@ from densenet_efficient.io.atomic import atomic_write
 from densenet_efficient.models.config import ArchConfig, densenet_bc_config, get_config
 from densenet_efficient.models.engine import MODES
 from densenet_efficient.models.memory_plan import MemoryPlan
+from densenet_efficient.models.native import engine_status
 from densenet_efficient.perf.measure import time_step
 
 #: More ``memory_efficient=`` settings for (a), checked like the modes: (label, config -> setting),
@@ -742,6 +743,7 @@ def main(argv: list[str] | None = None) -> int:
             "",
             f"- Card: {card}",
             f"- torch {torch.__version__}, torchvision {torchvision.__version__}, CUDA {torch.version.cuda}",
+            f"- Engine: {engine_status()}",
             f"- Date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
             f"- Command: `python scripts/gpu_check.py {' '.join(argv if argv is not None else sys.argv[1:])}`".rstrip(),
             f"- Wall time: {time.monotonic() - started:.0f} s"

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
+import densenet_efficient as de
 from densenet_efficient.models.config import resolve_arch
 from densenet_efficient.perf.measure import build_implementation
 from densenet_efficient.perf.opcount import count_step_ops
@@ -42,6 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     x = torch.randn(args.batch_size, 3, res, res, device=dev).contiguous(memory_format=fmt)
     y = torch.randint(0, config.num_classes, (args.batch_size,), device=dev)
     amp = torch.bfloat16 if args.bf16 else None
+    print(f"engine: {de.engine_status()}")
     for impl in args.impl:
         model = build_implementation(impl, config).to(dev, memory_format=fmt).train()
         ops = count_step_ops(model, x, y, autocast=amp)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import sys
 import threading
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from filelock import FileLock
 
 from ..errors import UsageError
 
@@ -75,32 +77,64 @@ def build_dir() -> Path:
 
 
 def _build() -> Path:
-    """Compile (or reuse) the shared library and return its path."""
+    """Compile (or reuse) the shared library and return its path.
+
+    One process builds while the others wait on a lock beside the folder (``flock``: the kernel
+    releases it if the builder is killed); ``complete`` is written only after a whole build, so a
+    library another process is still linking is never loaded.
+    """
     directory = build_dir()
     library, complete = directory / f"{_LIBRARY}.so", directory / "complete"
-    if complete.is_file():  # written after a whole build: never a library another process is linking
+    if complete.is_file():
         return library
-    from torch.utils import cpp_extension  # imported here: it costs ~0.3 s and is only needed to build
-
-    directory.mkdir(parents=True, exist_ok=True)
-    print(
-        f"densenet_efficient: building the native engine for torch {torch.__version__} in {directory} "
-        "(once, about a minute)",
-        file=sys.stderr,
-        flush=True,
-    )
-    # cpp_extension holds a file lock in the build folder: a second process waits for this build.
-    cpp_extension.load(
-        name=_LIBRARY,
-        sources=[str(SOURCE)],
-        build_directory=str(directory),
-        extra_cflags=["-O2"],
-        is_python_module=False,
-        with_cuda=False,  # ATen calls only: CUDA kernels come from the installed torch at run time
-        verbose=False,
-    )
-    complete.write_text(torch.__version__)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(directory) + ".lock"):
+        if complete.is_file():  # another process built it while this one waited
+            return library
+        print(
+            f"densenet_efficient: building the native engine for torch {torch.__version__} in {directory} "
+            "(once, about a minute)",
+            file=sys.stderr,
+            flush=True,
+        )
+        directory.mkdir(exist_ok=True)
+        # under our lock nobody else builds here: a baton left by a killed build would block forever
+        (directory / "lock").unlink(missing_ok=True)
+        _compile(directory)
+        complete.write_text(torch.__version__)
     return library
+
+
+def _compile(directory: Path) -> None:
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)  # its "no CUDA runtime" notice is noise here: the source is CPU C++
+    try:
+        from torch.utils import cpp_extension  # imported here: it costs ~0.3 s and only builds need it
+
+        cpp_extension.load(
+            name=_LIBRARY,
+            sources=[str(SOURCE)],
+            build_directory=str(directory),
+            extra_cflags=["-O2"],
+            is_python_module=False,
+            with_cuda=False,  # ATen calls only: CUDA kernels come from the installed torch at run time
+            verbose=False,
+        )
+    except Exception as exc:
+        (directory / "build.log").write_text(str(exc))
+        raise NativeBuildError(f"{_error_line(exc)} (whole log: {directory / 'build.log'})") from exc
+    finally:
+        log.setLevel(level)
+
+
+def _error_line(exc: BaseException) -> str:
+    """The line of a build failure that says what went wrong (a compiler's ``error:``), else its first."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in lines:
+        if "error" in line.lower() and not line.startswith("["):
+            return line
+    return lines[0] if lines else type(exc).__name__
 
 
 def _choose() -> EngineStatus:
@@ -111,17 +145,12 @@ def _choose() -> EngineStatus:
         library = _build()
         torch.ops.load_library(str(library))
     except Exception as exc:  # no compiler, no ninja, a failed build: the Python engine serves
-        reason = f"the native engine could not be built: {type(exc).__name__}: {_first_line(exc)}"
+        reason = f"the native engine could not be built: {_error_line(exc)}"
         if setting == "1":
             raise NativeBuildError(f"{reason} ({ENV}=1 asks for it; unset it to fall back to Python)") from exc
         print(f"densenet_efficient: {reason}; running the Python engine", file=sys.stderr, flush=True)
         return EngineStatus("python", reason)
     return EngineStatus("native", f"C++ loops from {library}")
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [line for line in str(exc).splitlines() if line.strip()]
-    return lines[0] if lines else "no message"
 
 
 def ensure() -> EngineStatus:

@@ -265,12 +265,16 @@ def _one_line(err: BaseException) -> str:
 
 
 def machine_description(device: str) -> str:
-    """The machine in words, as docs must name it."""
+    """The machine in words, as docs must name it, and which engine ran (native C++ or Python)."""
     import torch
 
+    from ..models.native import engine_status
+
+    engine = f"{engine_status().engine} engine"
     if device == "cuda":
-        return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
-    return f"{os.cpu_count()}-core CPU {platform.machine()}, {torch.get_num_threads()} threads (torch {torch.__version__})"
+        return f"{torch.cuda.get_device_name()} (torch {torch.__version__}, {engine})"
+    threads = torch.get_num_threads()
+    return f"{os.cpu_count()}-core CPU {platform.machine()}, {threads} threads (torch {torch.__version__}, {engine})"
 
 
 def row_cells(row: dict[str, Any]) -> list[str]:

@@ -97,11 +97,12 @@ class OpCounter(TorchDispatchMode):
 
         with profile(use_cpu=True, use_kineto=False) as prof:  # the legacy one: no kineto log lines
             out = func(*args, **kwargs)
-        outer = [e for e in prof.function_events if e.name.startswith("densenet_efficient::")]
-        for event in prof.function_events:
-            if event.cpu_parent is not None and event.cpu_parent in outer and event.name.startswith("aten::"):
-                if _launches_kernel_named(event.name):
-                    self.by_op[event.name.removeprefix("aten::")] += 1
+        for event in prof.function_events:  # the ATen ops the engine's code calls itself
+            parent = event.cpu_parent
+            if parent is None or not parent.name.startswith("densenet_efficient::"):
+                continue
+            if event.name.startswith("aten::") and _launches_kernel_named(event.name):
+                self.by_op[event.name.removeprefix("aten::")] += 1
         return out
 
     @property
