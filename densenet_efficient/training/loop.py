@@ -813,13 +813,6 @@ def _optimizer_step(run: _Run, tally: _Tally) -> None:
         del run.optimizer.found_inf  # type: ignore[attr-defined]
 
 
-def _non_finite(loss_sum: float, desc: str) -> NonFiniteLossError:
-    return NonFiniteLossError(
-        f"the training loss became {loss_sum} in {desc}; stopping. The last good checkpoint "
-        "is kept; try a lower --lr, or --amp bf16 instead of fp16"
-    )
-
-
 def _train_epoch(run: _Run, loader: DataLoader, desc: str) -> tuple[float, float]:
     c, info = run.c, run.info
     run.net.train()
@@ -850,8 +843,11 @@ def _train_epoch(run: _Run, loader: DataLoader, desc: str) -> tuple[float, float
             run.optimizer.zero_grad(set_to_none=True)
         if tally.due(last=i + 1 == len(weights)):
             loss_sum, err_sum, count, seconds = tally.read()
-            if not math.isfinite(loss_sum):
-                raise _non_finite(loss_sum, desc)
+            if not math.isfinite(loss_sum):  # a non-finite loss made the sum so (inf or nan)
+                raise NonFiniteLossError(
+                    f"the training loss became {loss_sum} in {desc}; stopping. The last good checkpoint "
+                    "is kept; try a lower --lr, or --amp bf16 instead of fp16"
+                )
             bar.set_postfix(
                 loss=f"{loss_sum / count:.3f}",
                 acc=f"{100 * (1 - err_sum / count):.1f}%",
