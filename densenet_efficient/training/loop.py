@@ -403,8 +403,16 @@ def _build_run(
     if c.sync_bn and info.enabled:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     params = [p for p in model.parameters() if p.requires_grad]
+    # Fused: the whole update is one kernel (not a few per parameter), and it takes a device-side
+    # ``found_inf`` that skips the update, which is how the loop skips a step after a non-finite
+    # loss without reading the loss on the host (:func:`_optimizer_step`).
     optimizer = torch.optim.SGD(
-        params, lr=c.lr, momentum=c.momentum, nesterov=c.momentum > 0, weight_decay=c.weight_decay
+        params,
+        lr=c.lr,
+        momentum=c.momentum,
+        nesterov=c.momentum > 0,
+        weight_decay=c.weight_decay,
+        fused=True,
     )
     scheduler = torch.optim.lr_scheduler.MultiStepLR(
         optimizer, milestones=lr_milestones(c.n_epochs), gamma=0.1
@@ -450,6 +458,8 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> 
     fresh = optimizer.state_dict()["param_groups"]
     optimizer.load_state_dict(state)
     for group, template in zip(optimizer.param_groups, fresh, strict=True):
+        for name in _IMPLEMENTATION_KEYS:  # this build's choice, whatever the checkpoint's was
+            group[name] = template[name]
         for name, want in template.items():
             got = group.get(name)
             if name != "params" and _kind(got) != _kind(want):
@@ -460,6 +470,11 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> 
                 raise ValueError(
                     f"a momentum buffer of shape {shown(getattr(buf, 'shape', buf))} for a parameter of {tuple(p.shape)}"
                 )
+
+
+#: Param-group keys that say how torch computes the step, not what it computes: a checkpoint
+#: written before the loop used fused SGD holds ``fused=None``, and the step must stay fused.
+_IMPLEMENTATION_KEYS = ("foreach", "fused")
 
 
 def _kind(value: Any) -> str:
@@ -692,25 +707,110 @@ def _batch_sizes(loader: DataLoader) -> list[int]:
     return [size] * full + ([rest] if rest and not loader.drop_last else [])
 
 
-def _forward_backward(
-    run: _Run, x: torch.Tensor, y: torch.Tensor, weight: float, desc: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One micro-batch: forward, the loss (checked finite on every rank), and backward of
-    ``weight`` x the loss into the gradients already accumulated; returns the output and the loss."""
+#: Seconds between two host reads of the epoch's running sums (progress bar, non-finite check).
+READ_INTERVAL = 0.25
+
+
+class _Tally:
+    """The epoch's running loss and error sums, kept on the device and read a few times a second.
+
+    Reading a value on the host waits for everything queued before it: a read per micro-batch
+    would keep the CPU from queueing the next step while the device runs this one. So the sums
+    grow on the device, and :meth:`read` fetches them in one transfer when :meth:`due` says (the
+    first micro-batch, then about every :data:`READ_INTERVAL` seconds, and the epoch's last). A
+    non-finite loss makes the loss sum non-finite, which is also the flag that skips every
+    optimizer step after it (:func:`_optimizer_step`) until the read that stops the run.
+
+    The read schedule is a count of micro-batches, re-planned at each read from how long the last
+    ones took (at most doubling); under DDP the time is all-reduced with the sums, so every rank
+    reads, and stops, at the same micro-batch: a rank that stopped alone would leave the others
+    waiting in the next gradient all-reduce."""
+
+    def __init__(self, device: torch.device, info: DistInfo) -> None:
+        self.info = info
+        # float64 sums add exactly what a Python float did (a float32 loss times a count is exact in
+        # float64); MPS has no float64
+        dtype = torch.float32 if device.type == "mps" else torch.float64
+        self.loss_sum = torch.zeros((), dtype=dtype, device=device)
+        self.err_sum = torch.zeros((), dtype=torch.int64, device=device)
+        self.count = 0  # images: known on the host
+        self.done = 0  # micro-batches
+        self.started = self.last_read_at = time.perf_counter()
+        self.last_read_done, self.next_read = 0, 1
+
+    def add(self, loss: torch.Tensor, out: torch.Tensor, y: torch.Tensor) -> None:
+        """Add a micro-batch's mean ``loss`` (x its images) and its errors, on the device."""
+        n = y.numel()
+        self.loss_sum.add_(loss.detach(), alpha=n)
+        self.err_sum.add_((out.argmax(1) != y).sum())
+        self.count += n
+        self.done += 1
+
+    def found_inf(self) -> torch.Tensor:
+        """1.0 once a loss of this epoch (on any rank) was non-finite, else 0.0: a float32 scalar on
+        the device, as fused optimizers take it (a fused step is skipped where it is exactly 1)."""
+        found = torch.isfinite(self.loss_sum).logical_not().float()
+        if self.info.enabled:  # asynchronous on NCCL: it orders the device's work, not the host's
+            dist.all_reduce(found, op=dist.ReduceOp.MAX)
+        return found
+
+    def poison(self) -> torch.Tensor:
+        """1.0, or NaN once a loss of this epoch was non-finite: a factor that makes the gradients NaN."""
+        return torch.where(torch.isfinite(self.loss_sum), 1.0, math.nan)
+
+    def due(self, last: bool) -> bool:
+        """Whether the micro-batch just added ends with a read (:meth:`read`)."""
+        return last or self.done >= self.next_read
+
+    def read(self) -> tuple[float, float, float, float]:
+        """``(loss sum, error count, image count)`` of every rank so far, read in one transfer, and
+        this rank's seconds since the epoch began; plans the next read."""
+        now = time.perf_counter()
+        dtype, device = self.loss_sum.dtype, self.loss_sum.device
+        host = torch.tensor([self.count, now - self.last_read_at], dtype=dtype).to(device)
+        sums = torch.cat([torch.stack([self.loss_sum, self.err_sum.to(dtype)]), host])
+        if self.info.enabled:  # every rank reads at the same micro-batch: the collective is matched
+            dist.all_reduce(sums)
+        loss_sum, err_sum, count, interval = sums.tolist()
+        interval /= self.info.world_size  # the mean over ranks: every rank plans the same next read
+        steps = self.done - self.last_read_done
+        every = min(2 * steps, int(steps * READ_INTERVAL / max(interval, 1e-9)))
+        self.next_read = self.done + max(1, every)
+        self.last_read_done, self.last_read_at = self.done, time.perf_counter()
+        return loss_sum, err_sum, count, now - self.started
+
+
+def _forward_backward(run: _Run, x: torch.Tensor, y: torch.Tensor, weight: float, tally: _Tally) -> None:
+    """One micro-batch: forward, the loss (added to ``tally`` on the device), and backward of
+    ``weight`` x the loss into the gradients already accumulated. Nothing is read on the host: a
+    non-finite loss is found at ``tally``'s next read, and until then every optimizer step is
+    skipped on the device (:func:`_optimizer_step`)."""
     with _autocast(run.c, run.device):
         out = run.net(x)
         loss = _loss_fn(out.float(), y)
-    bad = torch.tensor(float(not torch.isfinite(loss.detach()).item()), device=run.device)
-    if run.info.enabled:  # every rank must stop together, or the others hang in all-reduce
-        dist.all_reduce(bad)
-    if bad.item():
-        raise NonFiniteLossError(
-            f"the training loss became {loss.item()} in {desc}; stopping. The last good checkpoint "
-            "is kept; try a lower --lr, or --amp bf16 instead of fp16"
-        )
+    tally.add(loss, out, y)
+    scaled = loss if weight == 1.0 else loss * weight
+    if run.scaler.is_enabled():
+        # GradScaler decides from the gradients whether to step: NaN gradients once a loss was
+        # non-finite make it skip every step until the read, as it skips any inf step (x 1.0 is exact)
+        scaled = scaled * tally.poison()
     # fp16: every micro-batch's loss is scaled; the scaler unscales the sum once, at the step
-    run.scaler.scale(loss if weight == 1.0 else loss * weight).backward()
-    return out, loss
+    run.scaler.scale(scaled).backward()
+
+
+def _optimizer_step(run: _Run, tally: _Tally) -> None:
+    """Step on the accumulated gradients, unless a loss of this epoch was non-finite: decided on the
+    device, so the parameters and momentum buffers stay exactly as after the last finite step."""
+    if run.scaler.is_enabled():
+        run.scaler.step(run.optimizer)  # fp16: unscales inside the fused step, skips it on inf/NaN
+        run.scaler.update()
+        return
+    # The contract GradScaler itself has with fused optimizers: the step reads ``found_inf``.
+    run.optimizer.found_inf = tally.found_inf()  # type: ignore[attr-defined]
+    try:
+        run.optimizer.step()
+    finally:
+        del run.optimizer.found_inf  # type: ignore[attr-defined]
 
 
 def _train_epoch(run: _Run, loader: DataLoader, desc: str) -> tuple[float, float]:
@@ -718,8 +818,6 @@ def _train_epoch(run: _Run, loader: DataLoader, desc: str) -> tuple[float, float
     run.net.train()
     if c.freeze_features:
         run.model.features.eval()  # frozen features keep their pretrained BN statistics too
-    loss_sum = err_sum = count = 0.0
-    t0 = time.perf_counter()
     bar = tqdm(
         loader,
         desc=desc,
@@ -730,6 +828,7 @@ def _train_epoch(run: _Run, loader: DataLoader, desc: str) -> tuple[float, float
     )
     weights = accumulation_weights(_batch_sizes(loader), c.accum_steps)
     ddp = getattr(run.net, "_orig_mod", run.net)  # under torch.compile, the DDP module (if any) inside
+    tally = _Tally(run.device, info)
     run.optimizer.zero_grad(set_to_none=True)
     for i, ((x, y), weight) in enumerate(
         zip(_batches(bar, run.device, c.channels_last), weights, strict=True)
@@ -738,19 +837,20 @@ def _train_epoch(run: _Run, loader: DataLoader, desc: str) -> tuple[float, float
         # DDP all-reduces gradients in backward: only on the micro-batch that ends the group
         sync = ddp.no_sync() if not steps and isinstance(ddp, DDP) else contextlib.nullcontext()
         with sync:
-            out, loss = _forward_backward(run, x, y, weight, desc)
+            _forward_backward(run, x, y, weight, tally)
         if steps:
-            run.scaler.step(run.optimizer)  # fp16: unscales the accumulated gradients once, then steps
-            run.scaler.update()
+            _optimizer_step(run, tally)
             run.optimizer.zero_grad(set_to_none=True)
-        n = y.numel()
-        loss_sum += loss.item() * n
-        err_sum += float((out.argmax(1) != y).sum())
-        count += n
-        bar.set_postfix(
-            loss=f"{loss_sum / count:.3f}",
-            acc=f"{100 * (1 - err_sum / count):.1f}%",
-            img_s=f"{count * info.world_size / (time.perf_counter() - t0):.0f}",
-        )
-    loss_sum, err_sum, count = all_reduce([loss_sum, err_sum, count], info, run.device)
+        if tally.due(last=i + 1 == len(weights)):
+            loss_sum, err_sum, count, seconds = tally.read()
+            if not math.isfinite(loss_sum):  # a non-finite loss made the sum so (inf or nan)
+                raise NonFiniteLossError(
+                    f"the training loss became {loss_sum} in {desc}; stopping. The last good checkpoint "
+                    "is kept; try a lower --lr, or --amp bf16 instead of fp16"
+                )
+            bar.set_postfix(
+                loss=f"{loss_sum / count:.3f}",
+                acc=f"{100 * (1 - err_sum / count):.1f}%",
+                img_s=f"{count / seconds:.0f}",
+            )
     return loss_sum / count, err_sum / count

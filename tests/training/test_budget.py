@@ -77,18 +77,19 @@ def test_accumulated_gradients_equal_the_full_batch_gradient_float64():
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [1])
     run = loop._Run(TrainConfig(), "digits", Path("unused"), model, optimizer, scheduler, scaler, DistInfo(),
                     torch.device("cpu"), net=model)  # fmt: skip
+    tally = loop._Tally(run.device, run.info)
 
-    loop._forward_backward(run, x, y, 1.0, "test")
+    loop._forward_backward(run, x, y, 1.0, tally)
     full = [p.grad.clone() for p in model.parameters()]
     model.zero_grad(set_to_none=True)
     for (xs, ys), w in zip([(x[:5], y[:5]), (x[5:], y[5:])], accumulation_weights([5, 3], 2), strict=True):
-        loop._forward_backward(run, xs, ys, w, "test")
+        loop._forward_backward(run, xs, ys, w, tally)
     for a, b in zip(full, (p.grad for p in model.parameters()), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-14)
     # without the weights it is the sum of two means, not the mean: the weights matter
     model.zero_grad(set_to_none=True)
     for xs, ys in [(x[:5], y[:5]), (x[5:], y[5:])]:
-        loop._forward_backward(run, xs, ys, 1.0, "test")
+        loop._forward_backward(run, xs, ys, 1.0, tally)
     assert not torch.allclose(next(model.parameters()).grad, full[0])
 
 
