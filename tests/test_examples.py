@@ -24,6 +24,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from densenet_efficient import cli
+from densenet_efficient.errors import UsageError
 from densenet_efficient.models import weights as W
 
 from .support import REPO
@@ -116,7 +117,7 @@ def test_finetune_plans_trains_saves_and_reloads(torchvision_weights, checkout, 
 
 
 def test_finetune_refuses_a_budget_no_mode_fits(flowers, tmp_path):
-    with pytest.raises(SystemExit, match=r"fits 1MiB in no mode .*; lower --batch-size or --image-size"):
+    with pytest.raises(UsageError, match=r"fits 1MiB in no mode .*; lower --batch-size or --image-size"):
         run_example("finetune", flowers, "--memory", "1MiB", "--device", "cpu", "--out", tmp_path / "run")
 
 

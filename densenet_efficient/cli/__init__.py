@@ -18,7 +18,7 @@ import contextlib
 import importlib
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ..errors import UsageError
 
@@ -55,6 +55,21 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         NotADirectoryError,
         IsADirectoryError,
     )
+
+
+def run_script(prog: str, main: Callable[[], object]) -> int:
+    """Run an example's or script's ``main()`` as the command line runs a subcommand: a user error
+    prints ``PROG: error: <one sentence>`` and returns 2, an interrupt returns 130, and anything
+    else (a bug) keeps its traceback. Use as ``sys.exit(run_script("finetune.py", main))``."""
+    try:
+        main()
+    except _user_errors() as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
 
 
 def _parser(argv: Sequence[str]) -> tuple[argparse.ArgumentParser, str | None]:
