@@ -26,7 +26,7 @@ from ..errors import UsageError
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": (
         "densenet_efficient.cli.train",
-        "train DenseNet-BC on CIFAR/an embedded data set, or fine-tune",
+        "train a DenseNet-BC (bundled digits, CIFAR) or fine-tune on an ImageFolder",
     ),
     "convert": (
         "densenet_efficient.cli.convert",
@@ -72,8 +72,22 @@ def run_script(prog: str, main: Callable[[], object]) -> int:
     return 0
 
 
+#: What ``densenet-efficient --help`` tells a user (the module docstring is for this package's developers).
+DESCRIPTION = """Memory-efficient DenseNets with torchvision's state_dict layout: train or fine-tune
+one, convert a checkpoint, measure memory and time per mode, or plan a memory budget."""
+EPILOG = """examples:
+  densenet-efficient train                      # DenseNet-BC on the bundled digits, no download
+  densenet-efficient plan --arch densenet121 --memory 8GiB
+  densenet-efficient COMMAND --help             # each command's options"""
+
+
 def _parser(argv: Sequence[str]) -> tuple[argparse.ArgumentParser, str | None]:
-    parser = argparse.ArgumentParser(prog="densenet-efficient", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="densenet-efficient",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # the examples keep their lines
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     chosen = next((a for a in argv if a in SUBCOMMANDS), None)
     for name, (module, help_) in SUBCOMMANDS.items():
