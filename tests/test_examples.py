@@ -152,3 +152,19 @@ def test_each_example_runs_as_a_script(name):
     )
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith(f"usage: {name}.py") and "Journey" in run.stdout
+
+
+def test_an_example_reports_a_user_error_in_one_line_as_the_cli_does(tmp_path):
+    """A bad source is the user's mistake: one line naming it and exit code 2, no traceback."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    run = subprocess.run(
+        [sys.executable, "examples/convert_torchvision.py", "no-such.pth", str(tmp_path / "out")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 2, run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("convert_torchvision.py: error: 'no-such.pth'"), run.stderr
+    assert not (tmp_path / "out").exists()
