@@ -300,7 +300,9 @@ def test_bash_commands_needing_an_extra_install_it_first():
             for word, extra in NEEDS_EXTRA.items():
                 if word in argv:
                     found.add(word)
-                    assert extra in installed, f"{shlex.join(argv)} needs the [{extra}] extra installed before it"
+                    assert extra in installed, (
+                        f"{shlex.join(argv)} needs the [{extra}] extra installed before it"
+                    )
     assert found == set(NEEDS_EXTRA)  # each entry is a command the README runs
 
 

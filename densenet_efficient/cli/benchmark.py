@@ -59,7 +59,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "fresh processes (1 + --rounds of them), minutes per process on a 2-core CPU",
     )
     compiled.add_argument(
-        "--no-compiled", action="store_true", help="no compiled rows (the default; kept for old command lines)"
+        "--no-compiled",
+        action="store_true",
+        help="no compiled rows (the default; kept for old command lines)",
     )
     parser.add_argument(
         "--compile-ours",

@@ -338,7 +338,7 @@ def test_a_mistyped_folder_that_is_no_repo_says_both(tmp_path, monkeypatch, hub_
 
 
 def test_a_repo_id_that_cannot_be_a_folder_here_goes_to_the_hub_unprobed(tmp_path, monkeypatch, hub_calls):
-    """"timm/densenet121.tv_in1k" with no ./timm folder is a repo id: huggingface_hub's own handling."""
+    """ "timm/densenet121.tv_in1k" with no ./timm folder is a repo id: huggingface_hub's own handling."""
     calls, _ = hub_calls
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match="not in the Hugging Face cache"):
@@ -356,7 +356,9 @@ def test_a_cached_repo_without_namespace_loads_unprobed(tmp_path, monkeypatch, h
         "huggingface_hub.hf_hub_download",
         lambda repo_id, filename, cache_dir, **kw: huggingface_hub_cached(repo_id, filename, cache_dir),
     )
-    assert torch.equal(outputs(de.from_pretrained("tiny-densenet", cache_dir=tmp_path / "hf")), outputs(model))
+    assert torch.equal(
+        outputs(de.from_pretrained("tiny-densenet", cache_dir=tmp_path / "hf")), outputs(model)
+    )
     assert calls["probe"] == []
 
 
