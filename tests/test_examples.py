@@ -168,3 +168,23 @@ def test_an_example_reports_a_user_error_in_one_line_as_the_cli_does(tmp_path):
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("convert_torchvision.py: error: 'no-such.pth'"), run.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("raised", "expected"),
+    [
+        (RuntimeError("It looks like there is no internet connection and the repo could not be found"), UsageError),
+        (OSError("<urlopen error [Errno -2] Name or service not known>"), UsageError),
+        (RuntimeError("a bug in an entrypoint"), RuntimeError),  # not the network: keeps its traceback
+    ],
+)
+def test_hub_predict_offline_is_one_line_not_a_traceback(raised, expected, monkeypatch, tmp_path):
+    def unreachable(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(torch.hub, "load", unreachable)
+    with pytest.raises(expected) as err:
+        run_example("hub_predict", tmp_path / "cat.jpg")
+    if expected is UsageError:
+        assert str(err.value).startswith("cannot fetch densenet-efficient/efficient_densenet from GitHub")
+        assert str(err.value).endswith("from a checkout: --repo PATH --source local")
