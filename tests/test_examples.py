@@ -173,7 +173,10 @@ def test_an_example_reports_a_user_error_in_one_line_as_the_cli_does(tmp_path):
 @pytest.mark.parametrize(
     ("raised", "expected"),
     [
-        (RuntimeError("It looks like there is no internet connection and the repo could not be found"), UsageError),
+        (
+            RuntimeError("It looks like there is no internet connection and the repo could not be found"),
+            UsageError,
+        ),
         (OSError("<urlopen error [Errno -2] Name or service not known>"), UsageError),
         (RuntimeError("a bug in an entrypoint"), RuntimeError),  # not the network: keeps its traceback
     ],
