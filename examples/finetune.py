@@ -71,6 +71,8 @@ def choose_mode(arch: str, memory: str, batch_size: int, image_size: int, device
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Plan, fine-tune, report, reload; returns the accuracy, the chosen mode and both reloaded models."""
     args = parse_args(argv)
+    if args.source == "github":  # fetched (or found cached) now: offline fails before training, not after
+        torch.hub.list(args.repo, trust_repo=True)
     mode = choose_mode(args.arch, args.memory, args.batch_size, args.image_size, args.device)
     result = train(
         TrainConfig(

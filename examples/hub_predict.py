@@ -20,7 +20,6 @@ from PIL import Image
 
 import densenet_efficient as de
 from densenet_efficient.cli import run_script
-from densenet_efficient.errors import UsageError
 from densenet_efficient.models.hub import HUB_REPO
 
 
@@ -40,21 +39,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _hub_load(args: argparse.Namespace, kwargs: dict[str, Any]) -> torch.nn.Module:
-    """The model from torch.hub; no connection (and no cached checkout) is the user's to fix, in one line."""
-    try:
-        return torch.hub.load(args.repo, args.arch, source=args.source, trust_repo=True, **kwargs).eval()
-    except (OSError, RuntimeError) as err:
-        # torch.hub says "no internet connection" with a RuntimeError, a failed download with an
-        # OSError (URLError, HTTPError); any other RuntimeError is a bug and keeps its traceback
-        offline = isinstance(err, OSError) or "internet connection" in str(err)
-        if args.source != "github" or not offline:
-            raise
-        raise UsageError(
-            f"cannot fetch {args.repo} from GitHub ({err}); from a checkout: --repo PATH --source local"
-        ) from None
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Load, preprocess, predict; prints the top classes and returns the best one."""
     args = parse_args(argv)
@@ -65,7 +49,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         kwargs, name = {}, None
     else:
         kwargs, name = {"weights": args.weights}, args.weights
-    model = _hub_load(args, kwargs)
+    model = torch.hub.load(args.repo, args.arch, source=args.source, trust_repo=True, **kwargs).eval()
 
     # The weights carry their preprocessing and class names; random weights still need the former.
     weights = de.get_weights(args.arch, name or "DEFAULT")

@@ -60,11 +60,22 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def run_script(prog: str, main: Callable[[], object]) -> int:
     """Run an example's or script's ``main()`` as the command line runs a subcommand: a user error
     prints ``PROG: error: <one sentence>`` and returns 2, an interrupt returns 130, and anything
-    else (a bug) keeps its traceback. Use as ``sys.exit(run_script("finetune.py", main))``."""
+    else (a bug) keeps its traceback. Use as ``sys.exit(run_script("finetune.py", main))``.
+
+    The examples also fetch this repository through torch.hub, so a machine without a connection
+    (torch.hub's ``RuntimeError`` "no internet connection", or a failed download) is one line too.
+    """
+    import urllib.error
+
     try:
         main()
-    except _user_errors() as err:
+    except (*_user_errors(), urllib.error.URLError) as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:
+        if "no internet connection" not in str(err):  # torch.hub's words; any other is a bug
+            raise
+        print(f"{prog}: error: {err}; from a checkout, pass --repo PATH --source local", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
