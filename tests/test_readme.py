@@ -18,8 +18,9 @@ the list does not know, or an entry with no block, fails :func:`test_every_block
 
 Beyond the blocks: each block that needs an optional extra names it (and a command that needs one
 refuses without it, naming it), every torch.hub load from GitHub passes ``trust_repo=True`` (else
-torch.hub prompts), and every link is absolute (the README is also the package index's page) and
-points at a file and heading this checkout has.
+torch.hub prompts), a folder is saved by a block before a later one loads it, and every link is
+absolute (the README is also the package index's page) and points at a file and heading this
+checkout has.
 """
 
 from __future__ import annotations
@@ -382,3 +383,20 @@ def test_links_are_absolute_and_resolve():
         path, _, anchor = path.partition("#")
         assert (REPO / path).exists() and (kind == "tree") == (REPO / path).is_dir(), link
         assert not anchor or anchor in _anchors(REPO / path), link
+
+
+def test_blocks_run_top_to_bottom_folders_are_saved_before_they_are_loaded():
+    """A folder a block loads (``timm``'s ``local-dir:``, ``from_pretrained``) is written by
+    ``save_pretrained`` in that block or an earlier one, so the README runs in reading order."""
+    saved: list[str] = []
+    loads = 0
+    for lang, code in readme_blocks().values():  # in README order (dicts keep insertion order)
+        if lang != "python":
+            continue
+        for line in code.splitlines():
+            saved += re.findall(r'save_pretrained\("([^"]+)"\)', line)
+            for folder in re.findall(r'local-dir:([^"]+)"|from_pretrained\("([^"/]+)"', line):
+                name = next(f for f in folder if f)
+                loads += 1
+                assert name in saved, f"{name!r} is loaded before a block saves it: {line.strip()}"
+    assert loads >= 2  # from_pretrained and timm's local-dir
