@@ -11,6 +11,8 @@ The package reads top-down, each layer importing only the ones above it in this 
 planner, benchmark) <- :mod:`.training` <- :mod:`.cli`. See docs/architecture.md.
 """
 
+from typing import TYPE_CHECKING
+
 from .conversion import ConversionError, ConvertResult, convert, infer_config
 from .io.checkpoint import CheckpointError, read_checkpoint
 from .io.download import WeightsIntegrityError
@@ -30,18 +32,28 @@ from .models.planner import (
     max_batch_size,
     parse_memory,
 )
-from .models.weights import (
-    DenseNet121_Weights,
-    DenseNet161_Weights,
-    DenseNet169_Weights,
-    DenseNet201_Weights,
-    WeightsNotAvailableError,
-    WeightsSpec,
-    get_weights,
-    list_weights,
-)
+from .models.weights import WeightsNotAvailableError, WeightsSpec, get_weights, list_weights
+
+if TYPE_CHECKING:  # at run time __getattr__ below makes them on first use
+    from .models.weights import (
+        DenseNet121_Weights,
+        DenseNet161_Weights,
+        DenseNet169_Weights,
+        DenseNet201_Weights,
+    )
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """``de.DenseNet121_Weights`` and the other weights enums: made on first use, because they
+    subclass torchvision's ``WeightsEnum`` and importing torchvision is slow (models/weights.py)."""
+    from .models import weights
+
+    if name in weights.LAZY_ENUMS and name != "WeightsEnum":
+        return getattr(weights, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     # architectures and models

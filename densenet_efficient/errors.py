@@ -17,16 +17,49 @@ densenet_efficient.errors.UsageError: growth_rate must be an integer >= 1, found
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import reprlib
 from typing import Any
 
-__all__ = ["UsageError", "check_int", "shown"]
+__all__ = ["EXTRAS", "MissingExtraError", "UsageError", "check_int", "require_extra", "shown"]
 
 
 class UsageError(ValueError):
     """An input, option or file that cannot work, explained in one sentence naming what was
     expected and what was found."""
+
+
+#: The optional extras (setup.cfg's ``[options.extras_require]``, which a test keeps equal to this):
+#: extra -> (the modules a feature imports, the requirements that install them).
+EXTRAS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "plot": (("matplotlib",), ("matplotlib>=3.5",)),
+    "timm": (("timm",), ("timm>=1.0",)),
+    "onnx": (("onnx", "onnxscript", "onnxruntime"), ("onnx>=1.16", "onnxscript>=0.2", "onnxruntime>=1.18")),
+}
+
+
+class MissingExtraError(UsageError):
+    """A feature whose optional dependency is not installed; the message is the line to run."""
+
+
+def require_extra(extra: str, feature: str) -> None:
+    """Refuse ``feature`` before it does any work when ``extra``'s modules are not installed.
+
+    A base install has no matplotlib, timm or onnx; without this check a command would work for
+    a minute and then fail on ``ModuleNotFoundError``.
+
+    The message names the missing modules and the line to run, e.g. ``benchmark --sweep needs
+    matplotlib, which is not installed: pip install "matplotlib>=3.5" (or the package's [plot] extra)``.
+    """
+    modules, requirements = EXTRAS[extra]
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        install = " ".join(f'"{r}"' for r in requirements)
+        raise MissingExtraError(
+            f"{feature} needs {' and '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not "
+            f"installed: pip install {install} (or the package's [{extra}] extra)"
+        )
 
 
 # A value read from a file or a flag is shown short and shallow: a 1e400, a 5000-digit number or

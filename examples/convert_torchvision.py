@@ -15,14 +15,16 @@ difference between their outputs is printed. With ``--run``, a training run of o
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
-import timm
 import torch
 import torchvision
 from safetensors.torch import load_file
 
 import densenet_efficient as de
+from densenet_efficient.cli import run_script
+from densenet_efficient.errors import UsageError, require_extra
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -41,7 +43,7 @@ def torchvision_model(folder: Path) -> torchvision.models.DenseNet:
     """torchvision's own DenseNet for a converted folder's architecture, its safetensors loaded strictly."""
     cfg = de.from_pretrained(folder).arch_config
     if cfg.small_inputs or cfg.in_chans != 3:
-        raise SystemExit(
+        raise UsageError(
             f"{folder} holds a CIFAR-stem or {cfg.in_chans}-channel DenseNet, which torchvision cannot build"
         )
     model = torchvision.models.DenseNet(
@@ -65,6 +67,9 @@ def max_abs_diff(a: torch.nn.Module, b: torch.nn.Module, resolution: int) -> flo
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """Convert, load three ways, optionally export a run; returns each printed difference by name."""
     args = parse_args(argv)
+    require_extra("timm", "convert_torchvision.py (it loads the folder with timm too)")  # before converting
+    import timm
+
     out = Path(args.out)
     result = de.convert(args.src, out / "hf")  # verified against the source; fails above 1e-5
     print(result.summary())
@@ -93,4 +98,4 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script("convert_torchvision.py", main))

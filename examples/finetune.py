@@ -12,12 +12,14 @@ and ``torch.hub.load(..., "from_pretrained", ...)``.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
 import densenet_efficient as de
+from densenet_efficient.cli import run_script
 from densenet_efficient.errors import UsageError
 from densenet_efficient.models.hub import HUB_REPO
 from densenet_efficient.training import TrainConfig, train
@@ -57,7 +59,7 @@ def choose_mode(arch: str, memory: str, batch_size: int, image_size: int, device
         print(f"{mode:>10}: at most {fits[mode]} images per step in {memory}")
     chosen = next((m for m in MODES if fits[m] >= batch_size), None)
     if chosen is None:
-        raise SystemExit(
+        raise UsageError(
             f"a batch of {batch_size} {arch} images at {image_size}x{image_size} fits {memory} in no mode "
             f"(at most {max(fits.values())}); lower --batch-size or --image-size"
         )
@@ -69,6 +71,8 @@ def choose_mode(arch: str, memory: str, batch_size: int, image_size: int, device
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Plan, fine-tune, report, reload; returns the accuracy, the chosen mode and both reloaded models."""
     args = parse_args(argv)
+    if args.source == "github":  # fetched (or found cached) now: offline fails before training, not after
+        torch.hub.list(args.repo, trust_repo=True)
     mode = choose_mode(args.arch, args.memory, args.batch_size, args.image_size, args.device)
     result = train(
         TrainConfig(
@@ -95,4 +99,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script("finetune.py", main))

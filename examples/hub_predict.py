@@ -12,12 +12,14 @@ mean/std for densenet121) and the prediction named with the weights' ``categorie
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 import torch
 from PIL import Image
 
 import densenet_efficient as de
+from densenet_efficient.cli import run_script
 from densenet_efficient.models.hub import HUB_REPO
 
 
@@ -68,4 +70,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script("hub_predict.py", main))

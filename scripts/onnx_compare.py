@@ -16,18 +16,19 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 import warnings
 from collections import Counter
 from pathlib import Path
 
-import onnx
-import onnxruntime as ort
 import torch
 import torchvision
 
 import densenet_efficient as de
+from densenet_efficient.cli import run_script
+from densenet_efficient.errors import require_extra
 
 
 def main() -> None:
@@ -36,6 +37,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--resolution", type=int, default=224)
     args = parser.parse_args()
+    require_extra("onnx", "scripts/onnx_compare.py")
+    import onnx
+    import onnxruntime as ort
+
     torch.set_num_threads(args.threads)
     x = torch.randn(1, 3, args.resolution, args.resolution)
     reference = torchvision.models.densenet121().eval()
@@ -83,4 +88,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script("scripts/onnx_compare.py", main))

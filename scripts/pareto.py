@@ -32,6 +32,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from densenet_efficient.cli import run_script
+from densenet_efficient.errors import require_extra
 from densenet_efficient.io.atomic import atomic_write
 from densenet_efficient.models.config import resolve_arch
 from densenet_efficient.models.planner import estimate_memory, fit_memory
@@ -136,6 +138,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def save(rows: list[dict[str, Any]], out: Path, arch: str, title: str) -> None:
+    require_extra("plot", "scripts/pareto.py (its PNG)")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -200,6 +203,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="one budget, one dial point (a smoke test)")
     p.add_argument("--out", default="docs")
     args = p.parse_args()
+    require_extra("plot", "scripts/pareto.py (its PNG)")  # before the measurements, not after
     config = resolve_arch(args.arch)
     res = args.resolution or config.default_resolution
     rows = run(args.arch, args.batch_size, res, args.rounds, args.steps, args.quick)
@@ -213,4 +217,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script("scripts/pareto.py", main))

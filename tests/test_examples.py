@@ -14,6 +14,7 @@ import os
 import runpy
 import subprocess
 import sys
+import urllib.error
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,9 @@ import torchvision
 from PIL import Image
 from safetensors.torch import load_file
 
+import densenet_efficient as de
 from densenet_efficient import cli
+from densenet_efficient.errors import UsageError
 from densenet_efficient.models import weights as W
 
 from .support import REPO
@@ -116,8 +119,19 @@ def test_finetune_plans_trains_saves_and_reloads(torchvision_weights, checkout, 
 
 
 def test_finetune_refuses_a_budget_no_mode_fits(flowers, tmp_path):
-    with pytest.raises(SystemExit, match=r"fits 1MiB in no mode .*; lower --batch-size or --image-size"):
-        run_example("finetune", flowers, "--memory", "1MiB", "--device", "cpu", "--out", tmp_path / "run")
+    with pytest.raises(UsageError, match=r"fits 1MiB in no mode .*; lower --batch-size or --image-size"):
+        run_example(
+            "finetune",
+            flowers,
+            "--memory",
+            "1MiB",
+            "--device",
+            "cpu",
+            "--out",
+            tmp_path / "run",
+            "--source",
+            "local",
+        )
 
 
 def test_convert_torchvision_round_trips_through_torchvision_us_and_timm(
@@ -151,3 +165,48 @@ def test_each_example_runs_as_a_script(name):
     )
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith(f"usage: {name}.py") and "Journey" in run.stdout
+
+
+def test_an_example_reports_a_user_error_in_one_line_as_the_cli_does(tmp_path):
+    """A bad source is the user's mistake: one line naming it and exit code 2, no traceback."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    run = subprocess.run(
+        [sys.executable, "examples/convert_torchvision.py", "no-such.pth", str(tmp_path / "out")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 2, run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("convert_torchvision.py: error: 'no-such.pth'"), run.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["hub_predict", "finetune"])
+@pytest.mark.parametrize(
+    "raised",
+    [
+        RuntimeError("It looks like there is no internet connection and the repo could not be found"),
+        urllib.error.URLError("[Errno -2] Name or service not known"),
+        RuntimeError("a bug in an entrypoint"),  # not the network: keeps its traceback
+    ],
+)
+def test_no_connection_is_one_line_before_any_work(name, raised, monkeypatch, tmp_path, capsys):
+    """hub_predict fetches this repository first, and finetune checks that it can before training."""
+
+    def unreachable(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(torch.hub, "load", unreachable)
+    monkeypatch.setattr(torch.hub, "list", unreachable)
+    monkeypatch.setattr(de, "max_batch_size", lambda *a, **k: pytest.fail("planned before the check"))
+    main = runpy.run_path(str(REPO / "examples" / f"{name}.py"))["main"]
+    run = lambda: main([str(tmp_path / "data")])  # noqa: E731
+    if "a bug" in str(raised):
+        with pytest.raises(RuntimeError, match="a bug"):
+            cli.run_script(f"{name}.py", run)
+        return
+    assert cli.run_script(f"{name}.py", run) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"{name}.py: error: ") and len(err.splitlines()) == 1, err

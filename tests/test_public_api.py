@@ -61,3 +61,28 @@ def test_user_errors_are_value_errors_and_typed():
         assert "6n+4" in str(err)
     else:
         raise AssertionError("depth 7 was accepted")
+
+
+def test_import_leaves_torchvision_until_the_weights_enums_are_used():
+    """``import densenet_efficient`` does not import torchvision (its ``__init__`` imports the whole
+    model zoo and torch._dynamo, as long as torch itself); the first use of an enum does, through
+    the package, the builders' signatures (torchvision's ``get_model_weights``) or pickle."""
+    import subprocess
+    import sys
+
+    probe = """
+import inspect, pickle, sys
+import densenet_efficient as de
+assert "torchvision" not in sys.modules and "torch._dynamo" not in sys.modules, "imported at import"
+de.densenet121(num_classes=3); de.get_weights("densenet121")  # building and the manifest need no enum
+assert "torchvision" not in sys.modules, "imported by a builder"
+import torchvision
+assert torchvision.models.get_model_weights(de.densenet121) is de.DenseNet121_Weights  # the signature made it
+assert isinstance(de.DenseNet161_Weights.DEFAULT, torchvision.models.WeightsEnum)
+assert pickle.loads(pickle.dumps(de.DenseNet201_Weights.DEFAULT)) is de.DenseNet201_Weights.IMAGENET1K_V1
+sig = inspect.signature(de.densenet169)
+assert sig.parameters["weights"].annotation == de.DenseNet169_Weights | str | None
+assert str(sig.replace(return_annotation=None)).startswith("(*, weights: densenet_efficient.models.weights")
+"""
+    run = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr

@@ -12,8 +12,15 @@ the list does not know, or an entry with no block, fails :func:`test_every_block
 * bash blocks run command by command: ``densenet-efficient`` command lines (also under ``torchrun``)
   go through the CLI's own parser, and ``plan`` (analytic, instant) runs; ``python examples/X.py``
   lines go through the example's parser (``tests/test_examples.py`` runs each example end to end);
-  ``pip install`` lines name extras that setup.cfg declares; the pytest line names real paths and
-  plugins. Training, conversion downloads and benchmarks would take minutes to hours: parsed only.
+  ``pip install`` lines name extras that setup.cfg declares (or PyTorch's CPU wheel index); the
+  pytest line names real paths and plugins. Training, conversion downloads and benchmarks would
+  take minutes to hours: parsed only.
+
+Beyond the blocks: each block that needs an optional extra names it (and a command that needs one
+refuses without it, naming it), every torch.hub load from GitHub passes ``trust_repo=True`` (else
+torch.hub prompts), a folder is saved by a block before a later one loads it, and every link is
+absolute (the README is also the package index's page) and points at a file and heading this
+checkout has.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import torch
 
 import densenet_efficient as de
 from densenet_efficient import cli
+from densenet_efficient.errors import EXTRAS
 from densenet_efficient.models import weights as W
 from densenet_efficient.models.hub import HUB_REPO
 
@@ -82,13 +90,17 @@ def _check_command(argv: list[str]) -> None:
         parser.parse_args(args)  # exits (failing the test) on an unknown option or bad value
         if chosen == "plan":
             assert cli.main(args) == 0
+    elif argv[:2] == ["pip", "install"] and "--index-url" in argv:  # PyTorch's CPU wheels, nothing else
+        assert argv[argv.index("--index-url") + 1] == "https://download.pytorch.org/whl/cpu", argv
+        assert [a for a in argv[2:] if not a.startswith("-") and "://" not in a] == ["torch", "torchvision"]
     elif argv[:2] == ["pip", "install"]:
         target = argv[argv.index("-e") + 1]
-        extras = re.fullmatch(r"\.(?:\[(\w+)\])?", target)
+        extras = re.fullmatch(r"\.(?:\[([\w,]+)\])?", target)
         assert extras, target
         declared = configparser.ConfigParser()
         declared.read(REPO / "setup.cfg")
-        assert extras.group(1) is None or extras.group(1) in declared["options.extras_require"], target
+        for extra in (extras.group(1) or "").split(",") if extras.group(1) else []:
+            assert extra in declared["options.extras_require"], target
     elif argv[:3] == ["python", "-m", "pytest"]:
         assert "-n" not in argv or importlib.util.find_spec("xdist") is not None
         assert all((REPO / a).exists() for a in argv[3:] if not a.startswith("-") and not a.isdigit())
@@ -198,6 +210,7 @@ BLOCKS: dict[tuple[str, int], Callable[..., None]] = {
     ("Three journeys", 1): check_bash,  # finetune.py
     ("Three journeys", 2): check_bash,  # train --save + convert_torchvision.py
     ("Install", 0): check_bash,
+    ("Install", 1): check_bash,  # CPU-only: PyTorch's CPU wheels, then the package
     ("Use", 0): run_use,
     ("The memory dial: any budget, not just three modes", 0): run_dial,
     ("Use it with ...", 0): resolve_ecosystem_calls,
@@ -235,3 +248,155 @@ def test_block_runs(key, tmp_path, monkeypatch, capsys):
 def test_a_wrong_readme_command_fails(argv, error):
     with pytest.raises(error):
         _check_command(argv)
+
+
+# ---- beyond the blocks: extras, torch.hub's prompt, links -------------------------------------
+
+#: A README command -> the extra it needs (an argv word that marks it); the extra must be installed
+#: by a ``pip install`` line earlier in the same block, and the command refuses without it.
+NEEDS_EXTRA = {"examples/convert_torchvision.py": "timm", "--sweep": "plot"}
+
+#: Calls that need an extra although the block imports nothing of it.
+CALLS_NEEDING_EXTRA = {"torch.onnx.export": "onnx"}
+
+
+def _extras_used(code: str) -> set[str]:
+    """The extras a python block needs: the modules it imports, the calls that load them."""
+    tree = ast.parse(code)
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    called = {ast.unparse(n.func) for n in ast.walk(tree) if isinstance(n, ast.Call)}
+    used = {extra for extra, (modules, _) in EXTRAS.items() if imported & set(modules)}
+    return used | {extra for call, extra in CALLS_NEEDING_EXTRA.items() if call in called}
+
+
+def _section_before(key: tuple[str, int]) -> str:
+    """The README text of the block's section up to the block (its prose and earlier blocks)."""
+    text = README.read_text(encoding="utf-8")
+    start = text.index(f" {key[0]}\n")
+    code = readme_blocks()[key][1]
+    return text[start : text.index(code, start)]
+
+
+def test_python_blocks_name_the_extras_they_need():
+    needed = set()
+    for key, (lang, code) in readme_blocks().items():
+        if lang == "python":
+            for extra in _extras_used(code):
+                needed.add(extra)
+                named = re.search(rf"\[([\w,]+,)?{extra}(,[\w,]+)?\]", _section_before(key))
+                assert f"[{extra}]" in code or named, f"{key} needs the [{extra}] extra and does not say so"
+    assert needed >= {"timm", "onnx"}  # "Use it with ..." needs both
+
+
+def test_bash_commands_needing_an_extra_install_it_first():
+    found = set()
+    for lang, code in readme_blocks().values():
+        if lang != "bash":
+            continue
+        installed: set[str] = set()
+        for argv in _commands(code):
+            if argv[:3] == ["pip", "install", "-e"] and "[" in argv[3]:
+                installed |= set(argv[3][argv[3].index("[") + 1 : -1].split(","))
+            for word, extra in NEEDS_EXTRA.items():
+                if word in argv:
+                    found.add(word)
+                    assert extra in installed, (
+                        f"{shlex.join(argv)} needs the [{extra}] extra installed before it"
+                    )
+    assert found == set(NEEDS_EXTRA)  # each entry is a command the README runs
+
+
+@pytest.fixture
+def base_install(monkeypatch):
+    """The extras' modules look uninstalled, as in ``pip install -e .``."""
+    from densenet_efficient import errors
+
+    hidden = {m for modules, _ in EXTRAS.values() for m in modules}
+    real = errors.importlib.util.find_spec
+    monkeypatch.setattr(
+        errors.importlib.util, "find_spec", lambda name, *a: None if name in hidden else real(name, *a)
+    )
+
+
+def test_sweep_refuses_without_plot_before_measuring(base_install, monkeypatch, capsys):
+    import densenet_efficient.perf.benchmark as bench
+
+    monkeypatch.setattr(bench, "measure", lambda spec: pytest.fail("measured before refusing"))
+    assert cli.main(["benchmark", "--sweep", "depth", "--quiet", "--device", "cpu"]) == 2
+    assert "[plot] extra" in capsys.readouterr().err
+
+
+def test_convert_example_refuses_without_timm_before_converting(base_install, monkeypatch, tmp_path):
+    from densenet_efficient.errors import MissingExtraError
+
+    monkeypatch.setattr(de, "convert", lambda *a, **k: pytest.fail("converted before refusing"))
+    main = runpy.run_path(str(REPO / "examples" / "convert_torchvision.py"))["main"]
+    with pytest.raises(MissingExtraError, match=r"needs timm, .*\[timm\] extra"):
+        main(["densenet121", str(tmp_path / "out")])
+
+
+def test_github_hub_loads_do_not_prompt():
+    """torch.hub asks "Do you trust this repository" for a GitHub repo or tag it has not seen (an
+    EOFError without a terminal) unless ``trust_repo=True``; local checkouts are not asked about."""
+    loads = []
+    for lang, code in readme_blocks().values():
+        if lang == "python":
+            loads += [
+                n
+                for n in ast.walk(ast.parse(code))
+                if isinstance(n, ast.Call) and ast.unparse(n.func) == "torch.hub.load"
+            ]
+    github = [
+        n
+        for n in loads
+        if not any(k.arg == "source" and ast.literal_eval(k.value) == "local" for k in n.keywords)
+    ]
+    assert len(github) >= 2  # the main branch and the pinned tag
+    for call in github:
+        trust = [k for k in call.keywords if k.arg == "trust_repo"]
+        assert trust and ast.literal_eval(trust[0].value) is True, ast.unparse(call)
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _anchors(path: Path) -> set[str]:
+    return {_slug(h) for h in re.findall(r"^#{1,6} (.+)$", path.read_text(encoding="utf-8"), re.M)}
+
+
+def test_links_are_absolute_and_resolve():
+    """The README is also the package index's page, where relative links break: each link is
+    absolute, and a link into this repository names a file (and heading) this checkout has."""
+    base = f"https://github.com/{HUB_REPO}/"
+    links = re.findall(r"\]\(([^)\s]+)\)", README.read_text(encoding="utf-8"))
+    assert len(links) >= 10
+    for link in links:
+        if link.startswith("#"):
+            assert link[1:] in _anchors(README), link
+            continue
+        assert link.startswith(base), f"{link} is relative or outside the project"
+        kind, branch, path = link[len(base) :].split("/", 2)
+        assert (kind, branch) in {("blob", "main"), ("tree", "main")}, link
+        path, _, anchor = path.partition("#")
+        assert (REPO / path).exists() and (kind == "tree") == (REPO / path).is_dir(), link
+        assert not anchor or anchor in _anchors(REPO / path), link
+
+
+def test_blocks_run_top_to_bottom_folders_are_saved_before_they_are_loaded():
+    """A folder a block loads (``timm``'s ``local-dir:``, ``from_pretrained``) is written by
+    ``save_pretrained`` in that block or an earlier one, so the README runs in reading order."""
+    saved: list[str] = []
+    loads = 0
+    for lang, code in readme_blocks().values():  # in README order (dicts keep insertion order)
+        if lang != "python":
+            continue
+        for line in code.splitlines():
+            saved += re.findall(r'save_pretrained\("([^"]+)"\)', line)
+            for folder in re.findall(r'local-dir:([^"]+)"|from_pretrained\("([^"/]+)"', line):
+                name = next(f for f in folder if f)
+                loads += 1
+                assert name in saved, f"{name!r} is loaded before a block saves it: {line.strip()}"
+    assert loads >= 2  # from_pretrained and timm's local-dir

@@ -18,7 +18,7 @@ import contextlib
 import importlib
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ..errors import UsageError
 
@@ -26,7 +26,7 @@ from ..errors import UsageError
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": (
         "densenet_efficient.cli.train",
-        "train DenseNet-BC on CIFAR/an embedded data set, or fine-tune",
+        "train a DenseNet-BC (bundled digits, CIFAR) or fine-tune on an ImageFolder",
     ),
     "convert": (
         "densenet_efficient.cli.convert",
@@ -57,8 +57,48 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     )
 
 
+def run_script(prog: str, main: Callable[[], object]) -> int:
+    """Run an example's or script's ``main()`` as the command line runs a subcommand: a user error
+    prints ``PROG: error: <one sentence>`` and returns 2, an interrupt returns 130, and anything
+    else (a bug) keeps its traceback. Use as ``sys.exit(run_script("finetune.py", main))``.
+
+    The examples also fetch this repository through torch.hub, so a machine without a connection
+    (torch.hub's ``RuntimeError`` "no internet connection", or a failed download) is one line too.
+    """
+    import urllib.error
+
+    try:
+        main()
+    except (*_user_errors(), urllib.error.URLError) as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:
+        if "no internet connection" not in str(err):  # torch.hub's words; any other is a bug
+            raise
+        print(f"{prog}: error: {err}; from a checkout, pass --repo PATH --source local", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+#: What ``densenet-efficient --help`` tells a user (the module docstring is for this package's developers).
+DESCRIPTION = """Memory-efficient DenseNets with torchvision's state_dict layout: train or fine-tune
+one, convert a checkpoint, measure memory and time per mode, or plan a memory budget."""
+EPILOG = """examples:
+  densenet-efficient train                      # DenseNet-BC on the bundled digits, no download
+  densenet-efficient plan --arch densenet121 --memory 8GiB
+  densenet-efficient COMMAND --help             # each command's options"""
+
+
 def _parser(argv: Sequence[str]) -> tuple[argparse.ArgumentParser, str | None]:
-    parser = argparse.ArgumentParser(prog="densenet-efficient", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="densenet-efficient",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # the examples keep their lines
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     chosen = next((a for a in argv if a in SUBCOMMANDS), None)
     for name, (module, help_) in SUBCOMMANDS.items():

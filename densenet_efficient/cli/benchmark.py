@@ -3,8 +3,12 @@
 densenet-efficient benchmark                                   # DenseNet-BC-100, batch 64, 32x32
 densenet-efficient benchmark --arch densenet121 --batch-size 8 --resolution 224 --markdown
 densenet-efficient benchmark --sweep depth --out docs/         # memory vs depth: PNG + CSV
-densenet-efficient benchmark --no-compiled                     # skip the torch.compile rows
+densenet-efficient benchmark --compiled-budgets                # + torch.compile rows (slow on a CPU)
 densenet-efficient benchmark --compiled-budgets 0.3 --compile-ours efficient
+
+The eager rows are the default: one fresh process per row for memory and one per row and speed
+round (one round by default: a quick look; ``--rounds 5`` for a ratio with its range). The torch.compile rows compile in every one of their processes, minutes each on a 2-core
+CPU, so they are asked for by name.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..errors import UsageError
+from ..errors import UsageError, require_extra
 from ..models.engine import MODES
 from ..perf.benchmark import (
     DEFAULT_COMPILED_BUDGETS,
@@ -48,15 +52,16 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         type=float,
         nargs="*",
         metavar="BUDGET",
-        help="rows for torch.compile(torchvision naive) with torch._functorch.config."
+        help="add rows for torch.compile(torchvision naive) with torch._functorch.config."
         "activation_memory_budget set to each activation budget, a fraction in (0, 1] of what the "
-        f"default partitioner saves, not bytes (default: {defaults}; 1.0 is the "
-        "compiler's default partitioner). Every row compiles in each of its fresh processes: on a "
-        "2-core CPU that takes minutes per budget (inductor's cache shortens the later ones). Give "
-        "the flag with no values, or --no-compiled, to skip them",
+        f"default partitioner saves, not bytes (given with no values: {defaults}; 1.0 is the "
+        "compiler's default partitioner). Off by default: every such row compiles in each of its "
+        "fresh processes (1 + --rounds of them), minutes per process on a 2-core CPU",
     )
     compiled.add_argument(
-        "--no-compiled", action="store_true", help="no compiled torchvision rows (same as --compiled-budgets)"
+        "--no-compiled",
+        action="store_true",
+        help="no compiled rows (the default; kept for old command lines)",
     )
     parser.add_argument(
         "--compile-ours",
@@ -66,7 +71,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         metavar="MODE",
         help=f"also measure these of our modes under torch.compile ({', '.join(MODES)}; default none)",
     )
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved speed rounds (default 3)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="interleaved speed rounds (default 1, a quick look; 5 or more give the time ratio's range)",
+    )
     parser.add_argument(
         "--steps", type=int, default=3, help="timed steps per round after a warm-up (default 3)"
     )
@@ -91,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_sweep(args: argparse.Namespace, device: str) -> int:
+    require_extra("plot", "benchmark --sweep (its PNG)")  # before minutes of measuring, not after
     batch = args.batch_size if args.batch_size is not None else (64 if args.sweep == "depth" else 16)
     growth_rate = 12 if args.growth_rate is None else args.growth_rate  # 0 is refused, not the default
     arch = args.arch if args.arch != "densenet_bc_100" or args.sweep == "depth" else "densenet121"
@@ -116,9 +127,9 @@ def _run_rows(args: argparse.Namespace, device: str) -> int:
     config = arch_from_args(args)
     batch = args.batch_size if args.batch_size is not None else (64 if config.small_inputs else 8)
     activation_budgets = args.compiled_budgets
-    if args.no_compiled:
+    if args.no_compiled or activation_budgets is None:  # compiled rows only when asked for
         activation_budgets = []
-    elif activation_budgets is None:
+    elif not activation_budgets:  # the flag alone: the default sweep of budgets
         activation_budgets = list(DEFAULT_COMPILED_BUDGETS)
     rows = benchmark(
         config,

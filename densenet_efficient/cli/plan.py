@@ -42,7 +42,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--mode", action="append", choices=ESTIMABLE, help="mode(s) to plan (default: all, torchvision too)"
     )
-    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="where training runs")
+    parser.add_argument(
+        "--device",
+        choices=("cuda", "cpu"),
+        help="where training will run (default: cuda when this machine has it, else cpu); a CUDA "
+        "step also holds the CUDA context, which the plan counts",
+    )
     parser.add_argument(
         "--optimizer",
         default=DEFAULT_OPTIMIZER,
@@ -62,6 +67,10 @@ def run(args: argparse.Namespace) -> int:
     arch = arch_from_args(args)
     name = arch.name
     budget = parse_memory(args.memory)
+    if args.device is None:  # the machine at hand, as `train` and `benchmark` default; said below
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     modes = tuple(dict.fromkeys(args.mode or ESTIMABLE))
     kwargs = dict(
         image_size=args.image_size,
@@ -83,8 +92,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         res = args.image_size or arch.default_resolution
         print(
-            f"{name} at {res}x{res}, {args.amp or args.dtype} activations, {args.device}, optimizer {args.optimizer}: "
-            f"budget {format_bytes(budget)}"
+            f"{name} at {res}x{res}, {args.amp or args.dtype} activations, optimizer {args.optimizer}, "
+            f"training on {args.device}: budget {format_bytes(budget)}"
         )
         header = ["mode", "per image", "max batch", "peak step", "total at max"]
         if args.batch_size:

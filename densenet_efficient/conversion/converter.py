@@ -185,7 +185,7 @@ def convert(
     Args:
         src: a checkpoint file (torch ``.pth``/``.pth.tar`` or ``.safetensors``), a Hub repo folder
             holding ``model.safetensors`` or ``pytorch_model.bin`` (a timm snapshot), an http(s) URL
-            (a torchvision-style ``name-<sha256 prefix>.pth`` is hash-checked) or a architecture name
+            (a torchvision-style ``name-<sha256 prefix>.pth`` is hash-checked) or an architecture name
             such as ``"densenet121"`` (torchvision's file, hash-checked).
         out_dir: the folder to create; it must not exist. Written in a temporary sibling and
             renamed into place, so an error leaves nothing behind.

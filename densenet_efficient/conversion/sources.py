@@ -1,7 +1,7 @@
 """Step zero of a conversion: find the checkpoint file a SRC names and say what format it is in.
 
 SRC is a file, a Hub-style folder (a timm snapshot), an http(s) URL (a torchvision-style
-``name-<sha256 prefix>.pth`` is hash-checked) or a architecture name (torchvision's file, hash-checked).
+``name-<sha256 prefix>.pth`` is hash-checked) or an architecture name (torchvision's file, hash-checked).
 """
 
 from __future__ import annotations
@@ -59,14 +59,14 @@ def fetch_source(src: str | os.PathLike, workdir: Path, progress: bool, model_di
                 return path / name
         raise IsADirectoryError(
             f"{path} is a folder without {' or '.join(_FOLDER_WEIGHTS)}; SRC must be a checkpoint file, "
-            "a Hub-style folder, an http(s) URL or a architecture name"
+            "a Hub-style folder, an http(s) URL or an architecture name"
         )
     if path.exists():
         return path
     if text in ARCHITECTURES:
         return _published_file(text, progress, model_dir)
     raise FileNotFoundError(
-        f"{text!r} is not a file, an http(s) URL or a architecture name ({', '.join(sorted(ARCHITECTURES))})"
+        f"{text!r} is not a file, an http(s) URL or an architecture name ({', '.join(sorted(ARCHITECTURES))})"
     )
 
 

@@ -18,7 +18,6 @@ import torch.nn as nn
 from ..io.state_dict import fill_legacy_batch_counters
 from ..models.config import ArchConfig
 from ..models.densenet import DenseNet
-from ..models.reference import torchvision_densenet
 from .infer import ConversionError
 
 __all__ = ["TOLERANCE", "assigned_model", "converted_model", "max_abs_diff", "reference_model"]
@@ -53,9 +52,17 @@ def assigned_model(build: Callable[[], nn.Module], state_dict: Mapping[str, Any]
     return model
 
 
+def _reference(config: ArchConfig) -> nn.Module:
+    """torchvision's own DenseNet for ``config`` (imported here: torchvision is slow to import, and
+    only a verification against a torchvision file needs it)."""
+    from ..models.reference import torchvision_densenet
+
+    return torchvision_densenet(config)
+
+
 def _torchvision_densenet(config: ArchConfig) -> nn.Module:
     """torchvision's DenseNet for ``config``; CIFAR configs get the 3x3 stem with no norm0/pool0."""
-    return _uninitialised(lambda: torchvision_densenet(config))
+    return _uninitialised(lambda: _reference(config))
 
 
 class _GivenWeights:
@@ -87,7 +94,7 @@ def reference_model(
             loader(model, _GivenWeights(raw), progress=False)
             return model, "torchvision.models.DenseNet loaded by torchvision's own loader"
         except TypeError:  # a torchvision whose private loader changed shape: map names ourselves
-            return assigned_model(lambda: torchvision_densenet(config), mapped), "torchvision.models.DenseNet"
+            return assigned_model(lambda: _reference(config), mapped), "torchvision.models.DenseNet"
     return assigned_model(
         lambda: _our_model(config), mapped
     ), "densenet_efficient.DenseNet (naive path) on the source tensors mapped by name"

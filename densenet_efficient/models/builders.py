@@ -8,11 +8,14 @@ for Hugging Face folders.
 ['densenet121', 'densenet161', 'densenet169', 'densenet201', 'densenet_bc_100']
 """
 
-# No ``from __future__ import annotations`` here: torchvision.models.get_model_weights reads the
-# builders' ``weights`` annotation at run time and needs real types, not strings.
+# torchvision.models.get_model_weights(densenet121) reads the ``weights`` annotation of the builder's
+# signature and needs the real enum class, a subclass of torchvision's WeightsEnum. The enums are made
+# on first use (importing torchvision costs as much as importing torch; see .weights), so the
+# annotations below are strings and each builder's ``__signature__`` resolves them on first read.
 
+import inspect
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
@@ -21,16 +24,10 @@ from ..errors import UsageError
 from .config import ArchConfig, densenet_bc_config, get_config
 from .densenet import DenseNet, DenseNetFeatures
 from .registry import get_model, get_model_builder, list_models, register_model
-from .weights import (
-    DenseNet121_Weights,
-    DenseNet161_Weights,
-    DenseNet169_Weights,
-    DenseNet201_Weights,
-    WeightsSpec,
-    load_weights,
-    pretrained_cfg,
-    resolve_weights,
-)
+from .weights import WeightsSpec, load_weights, pretrained_cfg, resolve_weights, weights_enum
+
+if TYPE_CHECKING:  # the annotations' names, for readers and type checkers; made on first use at run time
+    from .weights import DenseNet121_Weights, DenseNet161_Weights, DenseNet169_Weights, DenseNet201_Weights
 
 #: The helpers; ``@register_model`` appends each builder (``densenet121``, ...) as it is defined.
 __all__ = ["create_model", "densenet_bc", "from_pretrained", "get_model", "list_models"]
@@ -103,10 +100,53 @@ def create_model(
     return get_model_builder(name)(weights=weights, progress=progress, pretrained=pretrained, **kwargs)
 
 
+class _WeightsSignature(inspect.Signature):
+    """A builder's signature whose ``weights`` annotation becomes its enum (``DenseNet121_Weights |
+    str | None``) on first read: ``inspect.signature`` returns a function's ``__signature__``, so
+    only what reads the parameters (torchvision's ``get_model_weights``, ``help()``) imports
+    torchvision. Everything else is :class:`inspect.Signature`'s, over the resolved signature."""
+
+    __slots__ = ("_arch", "_plain", "_resolved")
+
+    def __init__(self, builder: Any) -> None:  # no super().__init__: the parameters come later
+        self._arch = builder.__name__
+        self._plain = inspect.signature(builder)  # before __signature__ is set: the string annotation
+        self._resolved: inspect.Signature | None = None
+
+    def _signature(self) -> inspect.Signature:
+        if self._resolved is None:
+            annotation = weights_enum(self._arch) | str | None
+            params = self._plain.parameters.values()
+            params = [p.replace(annotation=annotation) if p.name == "weights" else p for p in params]
+            self._resolved = self._plain.replace(parameters=params)
+        return self._resolved
+
+    @property  # the slots inspect.Signature's own methods read
+    def _parameters(self):  # type: ignore[override]
+        return self._signature().parameters
+
+    @property
+    def _return_annotation(self):  # type: ignore[override]
+        return self._signature().return_annotation
+
+    def replace(self, **changes: Any) -> inspect.Signature:  # Signature.replace would call our __init__
+        return self._signature().replace(**changes)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return self._signature().__reduce__()
+
+
+def _enum_annotated(builder: Any) -> Any:
+    """Give a builder with published weights its :class:`_WeightsSignature`."""
+    builder.__signature__ = _WeightsSignature(builder)
+    return builder
+
+
 @register_model
+@_enum_annotated
 def densenet121(
     *,
-    weights: DenseNet121_Weights | str | None = None,
+    weights: "DenseNet121_Weights | str | None" = None,
     progress: bool = True,
     pretrained: bool = False,
     **kwargs: Any,
@@ -130,9 +170,10 @@ def densenet121(
 
 
 @register_model
+@_enum_annotated
 def densenet161(
     *,
-    weights: DenseNet161_Weights | str | None = None,
+    weights: "DenseNet161_Weights | str | None" = None,
     progress: bool = True,
     pretrained: bool = False,
     **kwargs: Any,
@@ -142,9 +183,10 @@ def densenet161(
 
 
 @register_model
+@_enum_annotated
 def densenet169(
     *,
-    weights: DenseNet169_Weights | str | None = None,
+    weights: "DenseNet169_Weights | str | None" = None,
     progress: bool = True,
     pretrained: bool = False,
     **kwargs: Any,
@@ -154,9 +196,10 @@ def densenet169(
 
 
 @register_model
+@_enum_annotated
 def densenet201(
     *,
-    weights: DenseNet201_Weights | str | None = None,
+    weights: "DenseNet201_Weights | str | None" = None,
     progress: bool = True,
     pretrained: bool = False,
     **kwargs: Any,

@@ -388,12 +388,57 @@ def _locate(name_or_path: str, opts: dict[str, Any]) -> _HubFiles:
         raise FileNotFoundError(f"{local} has {CONFIG_NAME} but no {WEIGHTS_NAME}")
     if local.exists():
         raise FileNotFoundError(f"{local} is a file; expected a folder or a Hugging Face repo id")
+    _check_hub_lookup(name_or_path, opts)
     config = Path(_hub_file(name_or_path, CONFIG_NAME, opts))
     try:
         weights = Path(_hub_file(name_or_path, WEIGHTS_NAME, opts))
     except RemoteEntryNotFoundError:  # older timm repos ship only the pickle
         weights = Path(_hub_file(name_or_path, PICKLE_WEIGHTS_NAME, opts))
     return _HubFiles(name_or_path, config, weights)
+
+
+def _may_be_a_folder(name: str) -> bool:
+    """Whether a valid repo id may as well be a mistyped folder here: it has no namespace
+    ("my-densenet", as ``save_pretrained`` names folders) or its first component is a folder here
+    ("runs/flowers/bset" next to ./runs)."""
+    first, slash, _ = name.partition("/")
+    return not slash or Path(first).is_dir()
+
+
+def _check_hub_lookup(name: str, opts: Mapping[str, Any]) -> None:
+    """Refuse at once a name that is not a folder here, may be a mistyped one, is not cached and
+    cannot be looked up on the Hub.
+
+    Without this, ``hf_hub_download`` retries an unreachable Hub five times with backoff (~23 s)
+    before its error; a typo in a local path deserves the answer at once. One request to the Hub
+    (``repo_exists``) tells an unreachable Hub apart; names that cannot be folders here
+    ("timm/densenet121.tv_in1k") keep huggingface_hub's own retries.
+    """
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    if constants.HF_HUB_OFFLINE or opts.get("local_files_only") or not _may_be_a_folder(name):
+        return  # offline: huggingface_hub answers from the cache at once, without retrying
+    try:
+        cached = try_to_load_from_cache(
+            name, CONFIG_NAME, cache_dir=opts.get("cache_dir"), revision=opts.get("revision")
+        )
+    except HFValidationError:
+        return  # not a repo id at all: _hub_file says so in one sentence
+    if isinstance(cached, str):
+        return
+    where = f"no folder {name!r} in {Path.cwd()}"
+    try:
+        exists = HfApi().repo_exists(name, token=opts.get("token"))
+    except Exception as err:  # any failure to ask (no network, proxy, 5xx): the typo is likelier
+        reason = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
+        raise FileNotFoundError(
+            f"{where}, and the Hugging Face Hub could not be reached to look it up as a repo id ({reason})"
+        ) from None
+    if not exists:
+        raise FileNotFoundError(
+            f"{where}, and no Hugging Face repo {name!r} (or it is private: log in with `hf auth login`)"
+        )
 
 
 _DOWNLOAD_OPTIONS = ("revision", "cache_dir", "force_download", "token", "local_files_only", "proxies")

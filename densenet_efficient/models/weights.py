@@ -32,11 +32,10 @@ from dataclasses import dataclass, field
 from enum import Enum
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
-from torchvision.models import WeightsEnum as _TorchvisionWeightsEnum
 
 from ..errors import UsageError
 from ..io.download import WeightsIntegrityError, fetch_state_dict, hash_prefix, url_filename
@@ -293,81 +292,115 @@ def get_weights(arch: str, name: str = "DEFAULT") -> WeightsSpec:
 
 
 # -- torchvision-style enums --------------------------------------------------------------------------
+#
+# The enums subclass torchvision's ``WeightsEnum``, and importing anything of torchvision runs its
+# package ``__init__``, which imports its whole model zoo and ``torchvision.ops`` (and with it
+# ``torch._dynamo``): about as long as importing torch. So they are made on first use (PEP 562
+# ``__getattr__`` below, or :func:`weights_enum`), not when this package is imported; the
+# builders' signatures name them the same way (``builders._WeightsSignature``).
 
+if TYPE_CHECKING:  # bound by _make_enums on first use
+    WeightsEnum: type[Enum]
+    DenseNet121_Weights: type[Enum]
+    DenseNet161_Weights: type[Enum]
+    DenseNet169_Weights: type[Enum]
+    DenseNet201_Weights: type[Enum]
 
-class WeightsEnum(_TorchvisionWeightsEnum):
-    """torchvision-style enum of one architecture's weights (a subclass of torchvision's
-    ``WeightsEnum``, so ``torchvision.models.get_model_weights`` and torchvision's helpers accept it);
-    members act like their :class:`WeightsSpec`, read from the manifest on every access.
-
-    >>> DenseNet121_Weights.DEFAULT is DenseNet121_Weights.IMAGENET1K_V1
-    True
-    >>> DenseNet121_Weights.IMAGENET1K_V1.meta["acc@5"]
-    91.972
-    """
-
-    @property
-    def spec(self) -> WeightsSpec:
-        return get_weights(_ENUM_ARCH[type(self).__name__], self.name)
-
-    @property
-    def url(self) -> str:
-        return self.spec.url
-
-    @property
-    def meta(self) -> dict[str, Any]:
-        return self.spec.meta
-
-    @property
-    def num_classes(self) -> int:
-        return self.spec.num_classes
-
-    def transforms(self) -> nn.Module:
-        return self.spec.transforms()
-
-    def get_state_dict(self, progress: bool = True, model_dir: str | os.PathLike | None = None) -> dict:
-        return self.spec.get_state_dict(progress=progress, model_dir=model_dir)
-
-    def __str__(self) -> str:
-        return f"{type(self).__name__}.{self.name}"
-
-    def __reduce_ex__(self, protocol: int) -> tuple[Any, ...]:
-        # by name: the member's value holds callables, and the manifest may change between processes
-        return getattr, (type(self), self.name)
-
-
+#: the enum names this module makes on first use
+LAZY_ENUMS = (
+    "WeightsEnum",
+    "DenseNet121_Weights",
+    "DenseNet161_Weights",
+    "DenseNet169_Weights",
+    "DenseNet201_Weights",
+)
+#: architecture -> the name of its enum
+_ENUM_NAMES = {
+    "densenet121": "DenseNet121_Weights",
+    "densenet161": "DenseNet161_Weights",
+    "densenet169": "DenseNet169_Weights",
+    "densenet201": "DenseNet201_Weights",
+}
 #: enum class name -> architecture (an Enum class cannot carry extra attributes of its own)
-_ENUM_ARCH: dict[str, str] = {}
-#: architecture -> its enum, filled as each enum below is made
-_ENUMS: dict[str, type[WeightsEnum]] = {}
+_ENUM_ARCH: dict[str, str] = {name: arch for arch, name in _ENUM_NAMES.items()}
+#: architecture -> its enum, filled by :func:`_make_enums`
+_ENUMS: dict[str, type[Enum]] = {}
 
 
-def _weights_enum(cls_name: str, arch: str) -> type[WeightsEnum]:
+@cache
+def _make_enums() -> dict[str, type]:
+    """Make ``WeightsEnum`` and each architecture's enum once (importing torchvision), and bind them
+    as this module's attributes; returns them by name."""
     from torchvision.models import Weights
+    from torchvision.models import WeightsEnum as TorchvisionWeightsEnum
 
-    entry = _BUILTIN["architectures"][arch]
-    members = []
-    for name, data in entry["weights"].items():
-        spec = _spec(arch, name, data)
-        # torchvision's own member value type; the properties above read the manifest instead
-        members.append((name, Weights(url=data["url"], transforms=spec.transforms, meta=spec.meta)))
-    default = dict(members)[entry["default"]]
-    members.append(("DEFAULT", default))  # the same value: an alias, as in torchvision
-    _ENUM_ARCH[cls_name] = arch
-    enum = WeightsEnum(cls_name, members, module=__name__, qualname=cls_name)
-    _ENUMS[arch] = enum
-    return enum
+    class WeightsEnum(TorchvisionWeightsEnum):
+        """torchvision-style enum of one architecture's weights (a subclass of torchvision's
+        ``WeightsEnum``, so ``torchvision.models.get_model_weights`` and torchvision's helpers accept
+        it); members act like their :class:`WeightsSpec`, read from the manifest on every access.
+
+        >>> from densenet_efficient.models.weights import DenseNet121_Weights
+        >>> DenseNet121_Weights.DEFAULT is DenseNet121_Weights.IMAGENET1K_V1
+        True
+        >>> DenseNet121_Weights.IMAGENET1K_V1.meta["acc@5"]
+        91.972
+        """
+
+        @property
+        def spec(self) -> WeightsSpec:
+            return get_weights(_ENUM_ARCH[type(self).__name__], self.name)
+
+        @property
+        def url(self) -> str:
+            return self.spec.url
+
+        @property
+        def meta(self) -> dict[str, Any]:
+            return self.spec.meta
+
+        @property
+        def num_classes(self) -> int:
+            return self.spec.num_classes
+
+        def transforms(self) -> nn.Module:
+            return self.spec.transforms()
+
+        def get_state_dict(self, progress: bool = True, model_dir: str | os.PathLike | None = None) -> dict:
+            return self.spec.get_state_dict(progress=progress, model_dir=model_dir)
+
+        def __str__(self) -> str:
+            return f"{type(self).__name__}.{self.name}"
+
+        def __reduce_ex__(self, protocol: int) -> tuple[Any, ...]:
+            # by name: the member's value holds callables, and the manifest may change between processes
+            return getattr, (type(self), self.name)
+
+    WeightsEnum.__qualname__ = WeightsEnum.__name__  # made here, but importable from this module by name
+    made: dict[str, type] = {"WeightsEnum": WeightsEnum}
+    for arch, cls_name in _ENUM_NAMES.items():
+        entry = _BUILTIN["architectures"][arch]
+        members = []
+        for name, data in entry["weights"].items():
+            spec = _spec(arch, name, data)
+            # torchvision's own member value type; the properties above read the manifest instead
+            members.append((name, Weights(url=data["url"], transforms=spec.transforms, meta=spec.meta)))
+        default = dict(members)[entry["default"]]
+        members.append(("DEFAULT", default))  # the same value: an alias, as in torchvision
+        _ENUMS[arch] = made[cls_name] = WeightsEnum(cls_name, members, module=__name__, qualname=cls_name)
+    globals().update(made)  # later lookups are plain attribute reads
+    return made
 
 
-DenseNet121_Weights = _weights_enum("DenseNet121_Weights", "densenet121")
-DenseNet161_Weights = _weights_enum("DenseNet161_Weights", "densenet161")
-DenseNet169_Weights = _weights_enum("DenseNet169_Weights", "densenet169")
-DenseNet201_Weights = _weights_enum("DenseNet201_Weights", "densenet201")
+def __getattr__(name: str) -> Any:
+    """``DenseNet121_Weights`` and the other enums, made on first use (PEP 562)."""
+    if name in LAZY_ENUMS:
+        return _make_enums()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def weights_enum(arch: str) -> type[WeightsEnum] | None:
+def weights_enum(arch: str) -> type[Enum] | None:
     """The weights enum of a named architecture (``DenseNet121_Weights``), or None if it has none."""
-    return _ENUMS.get(arch)
+    return _make_enums().get(_ENUM_NAMES[arch]) if arch in _ENUM_NAMES else None
 
 
 def pretrained_cfg(spec: WeightsSpec) -> dict[str, Any]:
@@ -425,7 +458,7 @@ def resolve_weights(arch: str | None, weights: Any, pretrained: bool) -> Weights
 def _coerce(arch: str, weights: Any) -> WeightsSpec:
     if isinstance(weights, WeightsSpec):
         return weights
-    if isinstance(weights, WeightsEnum):
+    if isinstance(weights, Enum) and type(weights) in _ENUMS.values():  # ours (made, since one exists)
         return weights.spec
     if isinstance(weights, Enum) and type(weights).__module__.startswith("torchvision"):
         return _from_torchvision(weights)

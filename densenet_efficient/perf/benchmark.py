@@ -37,12 +37,13 @@ import io
 import os
 import platform
 import statistics
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import UsageError, check_int
+from ..errors import UsageError, check_int, require_extra
 from ..io.atomic import atomic_write
 from ..models.config import ArchConfig, densenet_bc_config, resolve_arch
 from ..models.engine import MODES
@@ -73,7 +74,7 @@ __all__ = [
 
 _MB = 1 << 20
 
-#: The command line's default ``--compiled-budgets``: the activation budgets (fractions, see
+#: What the command line's ``--compiled-budgets`` given with no values measures: the activation budgets (fractions, see
 #: :func:`.measure.check_activation_budget`) of the compiled torchvision rows.
 DEFAULT_COMPILED_BUDGETS = (1.0, 0.5, 0.3, 0.1)
 
@@ -172,6 +173,8 @@ def benchmark(
     plan = [_Row(i, i) for i in impls]
     plan += [_Row(compiled_label(TORCHVISION, b), TORCHVISION, True, b) for b in activation_budgets]
     plan += [_Row(compiled_label(m), m, True) for m in ours]
+    if progress:  # what the user will wait for, said before the first process starts
+        print(_announcement(plan, rounds if speed else 0), file=sys.stderr)
 
     def spec(row: _Row, kind: str) -> StepSpec:
         return StepSpec(
@@ -243,6 +246,18 @@ def benchmark(
             res["time_ratio_range"] = low_high
     meta = {"arch": config.name, "batch_size": batch_size, "resolution": resolution, "device": device}
     return [{**meta, **results[r.label]} for r in plan]
+
+
+def _announcement(plan: list[_Row], rounds: int) -> str:
+    """One line: how many rows and fresh processes the table takes, and which rows are slow."""
+    processes = len(plan) * (1 + rounds)
+    line = f"benchmark: {len(plan)} rows, {processes} fresh processes (memory"
+    line += f", then {rounds} speed round{'s' * (rounds > 1)})" if rounds else " only)"
+    line += "; the progress bar estimates the time left"
+    compiled = sum(r.compile for r in plan)
+    if compiled:  # inductor compiles anew in every process; the eager rows take seconds
+        line += f"; the {compiled} compiled rows take minutes per process on a CPU"
+    return line
 
 
 def _count_ops(config: ArchConfig, impls: list[str], device: str) -> dict[str, int]:
@@ -368,6 +383,7 @@ def sweep(
 
 def save_sweep(rows: list[dict[str, Any]], kind: str, out_dir: Path, title: str) -> tuple[Path, Path]:
     """Write ``memory_vs_<kind>.csv`` and ``.png`` (matplotlib, Agg) into ``out_dir``."""
+    require_extra("plot", "save_sweep (its PNG)")
     import matplotlib
 
     matplotlib.use("Agg")

@@ -69,3 +69,18 @@ def test_a_bug_is_not_dressed_up_as_a_user_error(monkeypatch):
 def test_no_subcommand_prints_help_and_exits_2(capsys):
     assert cli.main([]) == 2
     assert "COMMAND" in capsys.readouterr().out
+
+
+def test_help_is_written_for_users(capsys):
+    """``densenet-efficient --help`` says what the tool does and how to start, not how it is built."""
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert cli.DESCRIPTION.split("\n")[0] in out and "densenet-efficient COMMAND --help" in out
+    assert all(f"    {name}" in out for name in cli.SUBCOMMANDS)
+    assert "module per subcommand" not in out  # the developers' docstring stays out of it
+    for line in cli.EPILOG.splitlines()[1:]:  # the examples parse as written
+        argv = line.split("#")[0].split()[1:]
+        if "COMMAND" not in argv:
+            cli._parser(argv)[0].parse_args(argv)

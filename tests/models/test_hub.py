@@ -287,6 +287,89 @@ def test_unusable_folders_are_explained(tmp_path):
         de.from_pretrained(str(tmp_path / "does" / "not" / "exist"))
 
 
+@pytest.fixture
+def hub_calls(monkeypatch):
+    """Record every Hub request of a load: the ``repo_exists`` probe and each ``hf_hub_download``
+    (which answers as an unreachable Hub would, at once instead of after its retries)."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    calls: dict[str, list[str]] = {"probe": [], "download": []}
+    probe: dict[str, object] = {"answer": ConnectionError("[Errno -2] Name or service not known")}
+
+    def repo_exists(self, repo_id, **kwargs):
+        calls["probe"].append(repo_id)
+        if isinstance(probe["answer"], Exception):
+            raise probe["answer"]
+        return probe["answer"]
+
+    def download(repo_id, filename, **kwargs):
+        calls["download"].append(repo_id)
+        raise LocalEntryNotFoundError("unreachable")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "repo_exists", repo_exists)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    return calls, probe
+
+
+@pytest.mark.parametrize("typo", ["my-densnet", "runs/bset"])
+def test_a_mistyped_folder_fails_at_once_when_the_hub_is_unreachable(typo, tmp_path, monkeypatch, hub_calls):
+    """A name that may be a folder here ("my-densnet"; "runs/bset" next to ./runs) is not retried
+    against an unreachable Hub (huggingface_hub's five retries took ~23 s): one probe, one sentence."""
+    calls, _ = hub_calls
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(FileNotFoundError) as err:
+        de.from_pretrained(typo, cache_dir=tmp_path / "hf")
+    assert str(err.value) == (
+        f"no folder {typo!r} in {tmp_path}, and the Hugging Face Hub could not be reached to look it up "
+        "as a repo id ([Errno -2] Name or service not known)"
+    )
+    assert calls == {"probe": [typo], "download": []}
+
+
+def test_a_mistyped_folder_that_is_no_repo_says_both(tmp_path, monkeypatch, hub_calls):
+    calls, probe = hub_calls
+    probe["answer"] = False
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"^no folder 'my-densnet' in .*, and no Hugging Face repo"):
+        de.from_pretrained("my-densnet", cache_dir=tmp_path / "hf")
+    assert calls["download"] == []
+
+
+def test_a_repo_id_that_cannot_be_a_folder_here_goes_to_the_hub_unprobed(tmp_path, monkeypatch, hub_calls):
+    """ "timm/densenet121.tv_in1k" with no ./timm folder is a repo id: huggingface_hub's own handling."""
+    calls, _ = hub_calls
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="not in the Hugging Face cache"):
+        de.from_pretrained("timm/densenet121.tv_in1k", cache_dir=tmp_path / "hf")
+    assert calls == {"probe": [], "download": ["timm/densenet121.tv_in1k"]}
+
+
+def test_a_cached_repo_without_namespace_loads_unprobed(tmp_path, monkeypatch, hub_calls):
+    calls, _ = hub_calls
+    model = tiny()
+    model.save_pretrained(tmp_path / "m")
+    make_hf_cache(tmp_path / "hf", "tiny-densenet", tmp_path / "m")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(  # the cached snapshot, as hf_hub_download returns it when the Hub is unreachable
+        "huggingface_hub.hf_hub_download",
+        lambda repo_id, filename, cache_dir, **kw: huggingface_hub_cached(repo_id, filename, cache_dir),
+    )
+    assert torch.equal(
+        outputs(de.from_pretrained("tiny-densenet", cache_dir=tmp_path / "hf")), outputs(model)
+    )
+    assert calls["probe"] == []
+
+
+def huggingface_hub_cached(repo_id: str, filename: str, cache_dir: Path) -> str:
+    from huggingface_hub import try_to_load_from_cache
+
+    path = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir)
+    assert isinstance(path, str), (repo_id, filename)
+    return path
+
+
 # -- timm repos --------------------------------------------------------------------------------------
 
 TIMM_CONFIG = {

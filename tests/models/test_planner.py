@@ -302,10 +302,24 @@ def test_plan_cli_table(capsys):
 
 
 def test_plan_cli_json_matches_api(capsys):
-    assert main(["plan", "--depth", "100", "--memory", "12GB", "--mode", "efficient", "--json"]) == 0
+    argv = ["plan", "--depth", "100", "--memory", "12GB", "--mode", "efficient", "--device", "cuda"]
+    assert main([*argv, "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)["rows"]
     assert [r["mode"] for r in rows] == ["efficient"]
     assert rows[0]["max_batch_size"] == max_batch_size("densenet_bc_100", "12GB", mode="efficient")
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_plan_cli_plans_for_the_machine_and_says_so(cuda, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    assert main(["plan", "--arch", "densenet121", "--memory", "8GiB", "--mode", "efficient", "--json"]) == 0
+    device = "cuda" if cuda else "cpu"
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert rows[0]["max_batch_size"] == max_batch_size("densenet121", "8GiB", mode="efficient", device=device)
+    assert main(["plan", "--arch", "densenet121", "--memory", "8GiB", "--mode", "efficient"]) == 0
+    assert f"training on {device}: budget 8 GiB" in capsys.readouterr().out.splitlines()[0]
 
 
 @pytest.mark.parametrize(
@@ -426,7 +440,8 @@ def test_absurd_depths_are_answered_at_once():
 
 
 def test_plan_cli_shows_the_dial_setting_for_a_batch(capsys):
-    argv = ["plan", "--arch", "densenet121", "--memory", "1.4GiB", "--amp", "bf16", "--batch-size", "64"]
+    argv = ["plan", "--arch", "densenet121", "--memory", "1.4GiB", "--amp", "bf16", "--device", "cuda"]
+    argv += ["--batch-size", "64"]
     assert main(argv) == 0
     fitted = fit_memory("densenet121", "1.4GiB", batch_size=64, amp="bf16", device="cuda")
     last = capsys.readouterr().out.strip().splitlines()[-1]
@@ -546,7 +561,8 @@ def test_plan_cli_extremes_are_one_line_exit_2_at_once(argv, message, capsys):
 
 
 def test_plan_cli_100_tib_answers_at_once(capsys):
-    assert _fast(lambda: main(["plan", "--arch", "densenet121", "--memory", "100TiB", "--json"])) == 0
+    argv = ["plan", "--arch", "densenet121", "--memory", "100TiB", "--device", "cuda", "--json"]
+    assert _fast(lambda: main(argv)) == 0
     rows = json.loads(capsys.readouterr().out)["rows"]
     assert rows[1]["max_batch_size"] == max_batch_size("densenet121", "100TiB", mode="efficient") > 10**6
 

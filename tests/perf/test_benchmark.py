@@ -152,9 +152,49 @@ def test_benchmark_cli_errors_exit_2(argv, message, capsys, monkeypatch):
     assert re.search(message, err) and len(err.strip().splitlines()) == 1, err
 
 
+@pytest.mark.parametrize(
+    ("extra", "budgets"),
+    [
+        ([], []),  # the default: eager rows only, minutes not hours on a CPU
+        (["--compiled-budgets"], [1.0, 0.5, 0.3, 0.1]),  # the flag alone: the default sweep
+        (["--compiled-budgets", "0.3"], [0.3]),
+        (["--no-compiled"], []),
+    ],
+)
+def test_benchmark_cli_compiles_only_when_asked(extra, budgets, capsys, monkeypatch):
+    import densenet_efficient.perf.benchmark as bench
+
+    def first_process(spec):
+        raise UsageError("stop here")  # the announcement and the first row's spec are all this test wants
+
+    monkeypatch.setattr(bench, "measure", first_process)
+    assert main(["benchmark", "--depth", "10", "--device", "cpu", *extra]) == 2
+    announced = capsys.readouterr().err.splitlines()[0]  # said before any process starts
+    rows = 5 + len(budgets)
+    assert announced.startswith(f"benchmark: {rows} rows, {rows * 2} fresh processes (memory, then 1 speed round)")
+    assert ("compiled rows take minutes" in announced) == bool(budgets)
+
+
+def test_sweep_without_matplotlib_refuses_before_measuring(capsys, monkeypatch):
+    import densenet_efficient.errors as errors
+    import densenet_efficient.perf.benchmark as bench
+
+    real = errors.importlib.util.find_spec
+    monkeypatch.setattr(
+        errors.importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a)
+    )
+    monkeypatch.setattr(bench, "measure", lambda spec: pytest.fail(f"measured {spec} first"))
+    assert main(["benchmark", "--sweep", "depth", "--device", "cpu", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "densenet-efficient benchmark: error: benchmark --sweep (its PNG) needs matplotlib, which is "
+        'not installed: pip install "matplotlib>=3.5" (or the package\'s [plot] extra)'
+    )
+
+
 def test_benchmark_cli_json(capsys):
     argv = ["benchmark", "--depth", "10", "--batch-size", "4", "--resolution", "16", "--device", "cpu"]
-    argv += ["--no-compiled"]  # the compiled rows are the default; compiling takes minutes on a CPU
+    argv += ["--no-compiled"]  # the default now; still accepted from old command lines
     assert main([*argv, "--modes", "torchvision", "efficient", "--no-speed", "--json", "--quiet"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["machine"] == machine_description("cpu")
