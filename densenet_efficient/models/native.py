@@ -147,7 +147,9 @@ def _choose() -> EngineStatus:
     except Exception as exc:  # no compiler, no ninja, a failed build: the Python engine serves
         reason = f"the native engine could not be built: {_error_line(exc)}"
         if setting == "1":
-            raise NativeBuildError(f"{reason} ({ENV}=1 asks for it; unset it to fall back to Python)") from exc
+            raise NativeBuildError(
+                f"{reason} ({ENV}=1 asks for it; unset it to fall back to Python)"
+            ) from exc
         print(f"densenet_efficient: {reason}; running the Python engine", file=sys.stderr, flush=True)
         return EngineStatus("python", reason)
     return EngineStatus("native", f"C++ loops from {library}")

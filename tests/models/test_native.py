@@ -141,7 +141,9 @@ def test_two_processes_share_one_build(tmp_path):
     code = STATUS + "; import torch, densenet_efficient.models.ops"
     env = {**os.environ, native.CACHE_ENV: str(tmp_path), "PYTHONPATH": str(ROOT)}
     procs = [
-        subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        subprocess.Popen(
+            [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
         for _ in range(2)
     ]
     results = [p.communicate(timeout=900) for p in procs]
