@@ -24,6 +24,8 @@ PUBLIC = {
 ADDED = {"get_model", "list_models"}
 #: The memory dial (issue: fit any DenseNet into any memory budget).
 ADDED |= {"MemoryBudgetError", "MemoryPlan", "fit_memory", "parse_memory"}
+#: Which engine runs and why (issue: the engine's loops in C++).
+ADDED |= {"EngineStatus", "NativeBuildError", "engine_status"}
 #: A model registered later is exported under its name too (``@register_model``).
 ADDED |= set(de.list_models())
 

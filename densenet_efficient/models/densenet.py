@@ -383,6 +383,10 @@ class DenseNet(nn.Module, DenseNetHubMixin):
 
     @torch.jit.unused
     def _engine_features(self, x: Tensor) -> Tensor:
+        with ops.batched_running_updates():  # every engine BN's running statistics in two kernels
+            return self._engine_layers(x)
+
+    def _engine_layers(self, x: Tensor) -> Tensor:
         f = self.features
         done = ("norm5",)
         if not self.arch_config.small_inputs:

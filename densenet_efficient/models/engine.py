@@ -387,6 +387,7 @@ class _Plan:
     autocast: tuple[str, bool] = ("cpu", False)
     graph: bool = True  # a backward will follow (autograd is recording)
     keep: tuple[bool, ...] = ()  # blocks: which layers keep their bottleneck output for backward
+    dense_copy: bool = False  # BN with fixed statistics on a dense copy (CPU), see _copies_for_dense_kernel
 
 
 class _BN(NamedTuple):
@@ -504,6 +505,7 @@ def _plan(modules: list[nn.Module], mode: str, x: Tensor, training: bool, params
         _memory_format(x),
         (device, torch.is_autocast_enabled(device)),
         _needs_graph([x, *params]),
+        dense_copy=_copies_for_dense_kernel(x.device),
     )
 
 
@@ -579,7 +581,7 @@ def _copies_for_dense_kernel(device: torch.device) -> bool:
 
 
 def _norm1_forward(
-    buf: Tensor, layer: nn.Module, s: _Stats, c: int, scratch: _Scratch, dense: Tensor | None = None
+    buf: Tensor, layer: nn.Module, s: _Stats, c: int, scratch: _Scratch, copy: bool, dense: Tensor | None = None
 ) -> Tensor:
     """``relu(norm1(buf[:, :c]))`` with fixed statistics, into the scratch (``dense``: the same
     channels as a dense tensor, the block's own input for its first layer).
@@ -589,7 +591,7 @@ def _norm1_forward(
     normalises a dense copy in place, one op more. CUDA's kernel reads the view directly.
     """
     x, out = buf.narrow(1, 0, c) if dense is None else dense, scratch.view(c)
-    if dense is None and _copies_for_dense_kernel(buf.device):
+    if dense is None and copy:
         x = out.copy_(x)
     return _apply_bn(x, layer.norm1, s, out, scratch.unused).relu_()
 
@@ -618,7 +620,7 @@ def _block_forward(x: Tensor, plan: _Plan, updates: _RunningUpdates | None) -> t
     for i, layer in enumerate(layers):
         c = c0 + i * k
         s1 = _norm1_stats(layer, stats, c)
-        z1 = _norm1_forward(buf, layer, s1, c, scratch, dense if i == 0 else None)
+        z1 = _norm1_forward(buf, layer, s1, c, scratch, plan.dense_copy, dense if i == 0 else None)
         bottleneck = _conv(z1, layer.conv1, weights[2 * i])
         del z1
         if plan.training:
@@ -698,7 +700,7 @@ def _block_backward(
         s1 = _norm1_stats(layer, saved.stats, c)
         if invstd is not None:
             s1.invstd = invstd[:c] if invstd.dim() == 1 else invstd[i, :c]
-        z1 = _norm1_forward(buf, layer, s1, c, scratch)
+        z1 = _norm1_forward(buf, layer, s1, c, scratch, plan.dense_copy)
         bottleneck, bottlenecks[i] = bottlenecks[i], None
         if bottleneck is None:  # not kept (max_saving): recompute the 1x1 convolution too
             bottleneck = _conv(z1, layer.conv1, weights[2 * i])

@@ -21,6 +21,8 @@ statistics: they return each BN's batch mean and unbiased variance, and the trac
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import torch
@@ -94,9 +96,12 @@ def _layers(params: list[Tensor], running: list[Tensor], eps: list[float], drop:
     return out
 
 
-def _block_plan(layers: list[_Layer], x: Tensor, keep: list[bool], training: bool, graph: bool, dtype: torch.dtype) -> _Plan:
+def _block_plan(
+    layers: list[_Layer], x: Tensor, keep: list[bool], training: bool, graph: bool, dense_copy: bool, dtype: torch.dtype
+) -> _Plan:
     mode = EFFICIENT if all(keep) else engine.MAX_SAVING
-    return _Plan(layers, mode, training, dtype, engine._memory_format(x), (x.device.type, False), graph, tuple(keep))
+    fmt = engine._memory_format(x)
+    return _Plan(layers, mode, training, dtype, fmt, (x.device.type, False), graph, tuple(keep), dense_copy)
 
 
 def _block_impl(
@@ -108,12 +113,13 @@ def _block_impl(
     keep: list[bool],
     training: bool,
     graph: bool,
+    dense_copy: bool,
     dtype: torch.dtype,
-) -> tuple[Tensor, Tensor, Tensor, list[Tensor], list[Tensor], list[Tensor]]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, list[Tensor], list[Tensor]]:
     """``(buffer, statistics rows (mean and biased variance of the channels later layers read),
     their unbiased variances, norm2's batch means and unbiased variances [2, layers, k2], kept
     bottlenecks, dropout masks)``; the statistics are empty in eval."""
-    plan = _block_plan(_layers(params, running, eps, drop), x, keep, training, graph, dtype)
+    plan = _block_plan(_layers(params, running, eps, drop), x, keep, training, graph, dense_copy, dtype)
     n, _, h, w = x.shape
     stat = engine._stat_dtype(dtype)
     updates = None
@@ -134,11 +140,12 @@ def _block_impl(
 _SCHEMAS = {
     "dense_block": (
         "(Tensor x, Tensor[] params, Tensor[] running, float[] eps, float[] drop, bool[] keep, bool training, "
-        "bool graph, ScalarType dtype) -> (Tensor, Tensor, Tensor, Tensor, Tensor[], Tensor[])"
+        "bool graph, bool dense_copy, ScalarType dtype) -> (Tensor, Tensor, Tensor, Tensor, Tensor[], Tensor[])"
     ),
     "dense_block_backward": (
         "(Tensor grad, Tensor buf, Tensor rows, Tensor[] params, Tensor[] running, Tensor[] kept, Tensor[] masks, "
-        "float[] eps, float[] drop, bool[] keep, bool training, ScalarType dtype, ScalarType input_dtype) "
+        "float[] eps, float[] drop, bool[] keep, bool training, bool dense_copy, ScalarType dtype, "
+        "ScalarType input_dtype) "
         "-> (Tensor, Tensor[])"
     ),
     "norm_relu_tail": (
@@ -171,12 +178,13 @@ def _block_backward_impl(
     drop: list[float],
     keep: list[bool],
     training: bool,
+    dense_copy: bool,
     dtype: torch.dtype,
     input_dtype: torch.dtype,
 ) -> tuple[Tensor, list[Tensor]]:
     """``(input gradient, parameter gradients in the op's parameter order)``."""
     layers = _layers(params, running, eps, drop)
-    plan = _block_plan(layers, buf, keep, training, True, dtype)
+    plan = _block_plan(layers, buf, keep, training, True, dense_copy, dtype)
     k = params[5].shape[0]
     stats = engine._BlockStats.of_rows(rows, buf, params[3].shape[0]) if training else None
     saved = engine._BlockSaved(
@@ -193,10 +201,10 @@ torch.library.register_fake(f"{_LIB}::dense_block_backward", _block_backward_imp
 
 
 def _block_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
-    x, params, running, eps, drop, keep, training, graph, dtype = inputs
-    buf, rows, unbiased, batch, kept, masks = output
-    ctx.mark_non_differentiable(rows, unbiased, *batch, *kept, *masks)
-    ctx.args = (eps, drop, keep, training, dtype, x.dtype)
+    x, params, running, eps, drop, keep, training, graph, dense_copy, dtype = inputs
+    buf, rows, unbiased, norm2, kept, masks = output
+    ctx.mark_non_differentiable(rows, unbiased, norm2, *kept, *masks)
+    ctx.args = (eps, drop, keep, training, dense_copy, dtype, x.dtype)
     ctx.counts = (len(params), len(running) if not training else 0, len(kept))
     # eval: the running statistics are what backward normalises with (saved: version-checked)
     ctx.save_for_backward(buf, rows, *params, *(running if not training else []), *kept, *masks)
@@ -208,15 +216,16 @@ def _block_grad(ctx: Any, grad: Tensor, *unused: Any) -> tuple:
     params, rest = rest[:n_params], rest[n_params:]
     running, rest = rest[:n_running], rest[n_running:]
     kept, masks = rest[:n_kept], rest[n_kept:]
-    eps, drop, keep, training, dtype, input_dtype = ctx.args
+    eps, drop, keep, training, dense_copy, dtype, input_dtype = ctx.args
     if training:  # stand-ins: training backward never reads the running statistics
         running = [rows] * (4 * len(drop))
     gx, grads = _block_backward_op(
-        grad, buf, rows, list(params), list(running), list(kept), list(masks), eps, drop, keep, training, dtype, input_dtype
-    )
-    # one entry per input (x, params, running, eps, drop, keep, training, graph, dtype): tensor and
-    # int lists mirror the input list (autograd flattens them), float and bool lists are one leaf
-    return gx, grads, [None] * len(running), None, None, None, None, None, None
+        grad, buf, rows, list(params), list(running), list(kept), list(masks), eps, drop, keep, training,
+        dense_copy, dtype, input_dtype,
+    )  # fmt: skip
+    # one entry per input (x, params, running, eps, drop, keep, training, graph, dense_copy, dtype):
+    # tensor and int lists mirror the input list (autograd flattens them), float and bool lists are one leaf
+    return gx, grads, [None] * len(running), None, None, None, None, None, None, None
 
 
 
@@ -289,7 +298,8 @@ def block_op_args(
     t = tensors if tensors is not None else _block_tensors(modules)
     graph = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in t.params))
     keep = [k and graph for k in keep]
-    return x, t.params, t.running, t.eps, t.drop, keep, training, graph, engine._compute_dtype(x)
+    dense_copy = engine._copies_for_dense_kernel(x.device)
+    return x, t.params, t.running, t.eps, t.drop, keep, training, graph, dense_copy, engine._compute_dtype(x)
 
 
 def _op_block(modules: list[nn.Module], x: Tensor, keep: tuple[bool, ...], training: bool) -> Tensor:
@@ -303,25 +313,81 @@ def _op_block(modules: list[nn.Module], x: Tensor, keep: tuple[bool, ...], train
     return buf
 
 
+class _RunningBatch:
+    """Running-statistics updates queued by the engine's calls and applied together: one
+    ``_foreach_add_`` for every ``num_batches_tracked`` and one ``_foreach_lerp_`` (nn.BatchNorm's
+    momentum rule) for every running mean and variance. Exact, because nothing reads a running
+    statistic during a training forward; :func:`batched_running_updates` spans a whole model."""
+
+    def __init__(self) -> None:
+        self.counters: list[Tensor] = []
+        self.running: list[Tensor] = []
+        self.batch: list[Tensor] = []
+        self.momenta: list[float] = []
+
+    def add(self, counters: list[Tensor | None], running: list[Tensor], batch: list[Tensor], momenta: list) -> None:
+        self.counters += [c for c in counters if c is not None]
+        self.running += running
+        self.batch += batch
+        self.momenta += [float(m) for m in momenta for _ in range(2)]  # a mean and a variance each
+
+    def flush(self) -> None:
+        if self.counters:
+            torch._foreach_add_(self.counters, 1)
+        if self.running:
+            torch._foreach_lerp_(self.running, self.batch, self.momenta)
+        self.__init__()
+
+
+_queue: _RunningBatch | None = None  # set by batched_running_updates()
+
+
+@contextlib.contextmanager
+def batched_running_updates() -> Iterator[None]:
+    """Inside, eager engine calls queue their running-statistics updates; they are applied on exit,
+    as two ``_foreach`` kernels for the whole model instead of two per block and tail (nothing
+    reads them before). The compiler traces each call's own update instead."""
+    global _queue
+    if _queue is not None or torch.compiler.is_compiling():
+        yield
+        return
+    _queue = _RunningBatch()
+    try:
+        yield
+        _queue.flush()
+    finally:
+        _queue = None
+
+
+def _queue_or_apply(counters: list, running: list[Tensor], batch: list[Tensor], momenta: list) -> None:
+    if _queue is not None and not torch.compiler.is_compiling():
+        _queue.add(counters, running, batch, momenta)
+        return
+    updates = _RunningBatch()
+    updates.add(counters, running, batch, momenta)
+    updates.flush()
+
+
+def _fixed_momenta(momenta: list, running: list[Tensor], dtype: torch.dtype) -> bool:
+    """Whether the one-lerp update applies: numeric momenta and float32+ buffers (else each BN's
+    update is queued by :class:`.engine._RunningUpdates`, exactly as nn.BatchNorm does it)."""
+    stat = engine._stat_dtype(dtype)
+    return None not in momenta and all(r.dtype == stat for r in running)
+
+
 def _update_block_stats(
     t: _BlockTensors, x: Tensor, dtype: torch.dtype, rows: Tensor, unbiased: Tensor, norm2: Tensor
 ) -> None:
-    """nn.BatchNorm's running-statistics update of every BN of a block from the op's statistics: one
-    ``_foreach_add_`` for the counters and, with numeric momenta and float32+ buffers, one
-    ``_foreach_lerp_`` (else :class:`.engine._RunningUpdates` queues each, exactly as nn.BatchNorm)."""
-    counters = [c for c in t.counters if c is not None]
-    if counters:
-        torch._foreach_add_(counters, 1)
+    """nn.BatchNorm's running-statistics update of every BN of a block from the op's statistics."""
     means2, variances2 = norm2[0].unbind(0), norm2[1].unbind(0)
-    stat = engine._stat_dtype(dtype)
-    if None not in t.momenta and all(r.dtype == stat for r in t.running):
+    if _fixed_momenta(t.momenta, t.running, dtype):
         sources: list[Tensor] = []
         for i, (mean2, var2) in enumerate(zip(means2, variances2, strict=True)):
             c = t.params[6 * i].shape[0]
             sources += [rows[0, :c], unbiased[:c], mean2, var2]
-        weights = [float(m) for m in t.momenta for _ in range(2)]
-        torch._foreach_lerp_(t.running, sources, weights)
+        _queue_or_apply(t.counters, t.running, sources, t.momenta)
         return
+    engine._count_batches(t.norms)  # now: momentum=None's factor reads the counters below
     n, _, h, w = x.shape
     updates = engine._RunningUpdates(n * h * w)
     for norm2_bn, mean2, var2 in zip(t.norms[1::2], means2, variances2, strict=True):
@@ -475,13 +541,18 @@ def tail_op_args(x: Tensor, norm: nn.BatchNorm2d, module: nn.Module | None, kind
 
 
 def _op_tail(x: Tensor, norm: nn.BatchNorm2d, module: nn.Module | None, kind: str, mode: str) -> Tensor:
-    out, _, stats = _tail_op(*tail_op_args(x, norm, module, kind, mode))
+    args = tail_op_args(x, norm, module, kind, mode)
+    out, _, stats = _tail_op(*args)
     if norm.training:
         with torch.no_grad():  # see _op_block
-            engine._count_batches([norm])
-            updates = engine._RunningUpdates(x.numel() // x.shape[1])
-            updates.add(norm, *stats[0].unbind(0))
-            updates.flush()
+            running, mean, var = [norm.running_mean, norm.running_var], *stats[0].unbind(0)
+            if _fixed_momenta([norm.momentum], running, args[-1]):
+                _queue_or_apply([norm.num_batches_tracked], running, [mean, var], [norm.momentum])
+            else:
+                engine._count_batches([norm])
+                updates = engine._RunningUpdates(x.numel() // x.shape[1])
+                updates.add(norm, mean, var)
+                updates.flush()
     return out
 
 

@@ -15,7 +15,11 @@ from run to run (docs/measurement.md, "Ops per step").
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,6 +78,21 @@ def _launches_kernel_named(name: str) -> bool:
     return any(launches_kernel(o) for o in overloads)  # add.Tensor does, add.int (a list op) does not
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """File descriptor 2 to /dev/null: the profiler's C++ side logs two lines per start and stop
+    there (a CPU-only machine adds a GPU-count error), and no setting turns them off."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 class OpCounter(TorchDispatchMode):
     """Counts kernel-launching ATen ops while active (``with OpCounter() as c: ...; c.total``).
 
@@ -95,7 +114,7 @@ class OpCounter(TorchDispatchMode):
     def _count_inside(self, func: Any, args: tuple, kwargs: dict) -> Any:
         from torch.autograd.profiler import profile
 
-        with profile(use_cpu=True, use_kineto=False) as prof:  # the legacy one: no kineto log lines
+        with _native_stderr_silenced(), profile(use_cpu=True) as prof:
             out = func(*args, **kwargs)
         for event in prof.function_events:  # the ATen ops the engine's code calls itself
             parent = event.cpu_parent
