@@ -115,7 +115,7 @@ def _read_source(
 def _folder_pretrained_cfg(src: str | os.PathLike) -> dict[str, Any]:
     """A Hub folder's ``pretrained_cfg`` (timm's: preprocessing, licence...), kept by the conversion."""
     config = Path(src) / CONFIG_NAME
-    if not config.is_file():
+    if not config.exists():  # a FIFO or a folder there is refused by name when read
         return {}
     try:
         cfg = read_json_object(config, os.fspath(src)).get("pretrained_cfg")

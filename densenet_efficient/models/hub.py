@@ -377,13 +377,13 @@ def _locate(name_or_path: str, opts: dict[str, Any]) -> _HubFiles:
     local = Path(name_or_path)
     if local.is_dir():
         config = local / CONFIG_NAME
-        if not config.is_file():
+        if not config.exists():  # anything else there is refused when read (a FIFO, a folder)
             raise FileNotFoundError(
                 f"{local} has no {CONFIG_NAME}; expected a folder written by save_pretrained/save_hub_folder "
                 f"({CONFIG_NAME} + {WEIGHTS_NAME}) or a copy of a timm DenseNet repo"
             )
         for name in (WEIGHTS_NAME, PICKLE_WEIGHTS_NAME):
-            if (local / name).is_file():
+            if (local / name).exists():
                 return _HubFiles(name_or_path, config, local / name)
         raise FileNotFoundError(f"{local} has {CONFIG_NAME} but no {WEIGHTS_NAME}")
     if local.exists():

@@ -98,7 +98,7 @@ def read_run_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> d
     path = Path(path)
     if path.is_dir():
         raise UsageError(f"cannot resume from {path}: it is a folder, expected the run's checkpoint file")
-    if not path.is_file():
+    if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint to resume from: {path} does not exist")
     try:
         ckpt = load_torch_file(path, map_location=map_location)
