@@ -201,7 +201,8 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> TrainResult:
     check_settings(config.to_dict())  # types and ranges first: nothing below trusts a value unchecked
     info, device = init_distributed(config.device)
     try:
-        return _train(config, info, device, given)
+        with contextlib.ExitStack() as held:  # the run folder's lock, until the run ends
+            return _train(config, info, device, given, held)
     finally:
         if info.enabled and dist.is_initialized():
             dist.destroy_process_group()
@@ -269,22 +270,24 @@ def _dataset(config: TrainConfig) -> str:
 
 def _open_run(
     config: TrainConfig, given: frozenset[str]
-) -> tuple[TrainConfig, Path, dict[str, Any] | None, list[str]]:
-    """The run folder, and with ``resume`` the checkpoint and the settings it continues with
+) -> tuple[TrainConfig, Path, dict[str, Any] | None, os.stat_result | None, list[str]]:
+    """The run folder, and with ``resume`` the checkpoint, its ``os.stat`` from before it was read
+    (the run folder's lock checks it is still that file) and the settings it continues with
     (:func:`.config.resume_config`), plus notices about settings the resume changed."""
     save_dir = Path(config.save or f"runs/{run_name(config)}-{time.strftime('%Y%m%d-%H%M%S')}")
     ckpt_path = save_dir / CHECKPOINT_NAME
     if config.resume:
-        ckpt = read_run_checkpoint(ckpt_path)  # also type-checks every stored setting
+        read_stat = os.stat(ckpt_path) if os.path.exists(ckpt_path) else None
+        ckpt = read_run_checkpoint(ckpt_path)  # refuses a missing one: read_stat is set below  # also type-checks every stored setting
         asked = dataclasses.replace(config, save=str(save_dir))
         config, notices = resume_config(TrainConfig(**ckpt["config"]), asked, given, ckpt["epoch"])
-        return config, save_dir, ckpt, notices
+        return config, save_dir, ckpt, read_stat, notices
     if ckpt_path.exists() and not config.overwrite:
         raise FileExistsError(
             f"{save_dir} already holds a training run ({CHECKPOINT_NAME}); pass --resume to continue it "
             "or --overwrite to start again"
         )
-    return config, save_dir, None, []
+    return config, save_dir, None, None, []
 
 
 def _configure_backends(c: TrainConfig, device: torch.device) -> None:
@@ -504,8 +507,10 @@ def compile_mode(device: torch.device) -> str | None:
     return "reduce-overhead" if device.type == "cuda" else None
 
 
-def _train(config: TrainConfig, info: DistInfo, device: torch.device, given: frozenset[str]) -> TrainResult:
-    config, save_dir, ckpt, notices = _open_run(config, given)
+def _train(
+    config: TrainConfig, info: DistInfo, device: torch.device, given: frozenset[str], held: contextlib.ExitStack
+) -> TrainResult:
+    config, save_dir, ckpt, read_stat, notices = _open_run(config, given)
     dataset = _dataset(config)
     c = resolve_config(config, dataset, given=given, save_dir=save_dir)
     if ckpt is None:  # a --growth-rate of a million: refused before any data is read or written (a
@@ -521,7 +526,7 @@ def _train(config: TrainConfig, info: DistInfo, device: torch.device, given: fro
         _restore(run, ckpt)
     train_loader, sampler = _loader(data.train, c, info, shuffle=True, device=device)
     valid_loader = _loader(data.valid, c, info, shuffle=False, device=device)[0] if data.valid else None
-    _check_run_folder(save_dir, info, device)
+    _check_run_folder(save_dir, info, device, held, read_stat, c.overwrite)
     run.net = _wrap(run)
     _announce(run, data, choice, notices)
     provenance = {
@@ -619,14 +624,18 @@ def _finish(run: _Run, data: DataBundle, end_epoch: int) -> TrainResult:
     return result
 
 
-def _check_run_folder(save_dir: Path, info: DistInfo, device: torch.device) -> None:
-    """Rank 0 checks the run folder can be written (:func:`.checkpoint.check_run_folder`) before
-    any training; every rank raises together, or the others would wait for rank 0 forever."""
-    problem = None
+def _check_run_folder(
+    save_dir: Path, info: DistInfo, device: torch.device, held: contextlib.ExitStack,
+    read_stat: os.stat_result | None, overwrite: bool,
+) -> None:  # fmt: skip
+    """Rank 0 claims the run folder and checks it can be written (:func:`.checkpoint.check_run_folder`)
+    before any training, holding its lock in ``held``; every rank raises together, or the others
+    would wait for rank 0 forever. ``read_stat``: a resumed run's checkpoint as it was read."""
+    problem: Exception | None = None
     if info.main:
         try:
-            check_run_folder(save_dir)
-        except UsageError as err:
+            held.enter_context(check_run_folder(save_dir, expect_checkpoint=read_stat, overwrite=overwrite))
+        except (UsageError, FileExistsError) as err:
             problem = err
     (failed,) = all_reduce([float(problem is not None)], info, device)
     if problem is not None:
