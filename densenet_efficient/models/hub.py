@@ -622,27 +622,34 @@ class DenseNetHubMixin(
         model_card_kwargs: dict[str, Any] | None = None,
         **push_to_hub_kwargs: Any,
     ) -> str | None:
-        """The mixin's ``save_pretrained``, after checking its arguments (nothing is written otherwise).
+        """The mixin's ``save_pretrained``, after checking its arguments (nothing is written otherwise),
+        written through :func:`~densenet_efficient.io.atomic.staged_folder` as :func:`save_hub_folder` is.
 
         ``config.json`` is derived from the architecture, so ``config`` is refused;
         ``model_card_kwargs`` may hold ``provenance`` (a dict), ``repo_id`` and ``license``.
-        Existing files of this package in ``save_directory`` are replaced (each atomically), a
-        model card already there is kept (as the mixin does), nothing else is touched.
+        A new ``save_directory`` appears complete or not at all; in an existing one this package's
+        files are replaced, each atomically (a reader finds the old or the new file, never none),
+        a model card already there is kept (as the mixin does), nothing else is touched. A kill or
+        a full disk half-way leaves the folder as it was.
         """
         # Overridden because the mixin creates the folder and deletes its config.json before
-        # `_save_pretrained` runs: arguments it cannot honour must be refused before that.
+        # `_save_pretrained` runs, so a kill or a full disk in between left a folder that no longer
+        # loads. The mixin writes into a staging folder instead, moved into place when complete.
         _check_save_args(config, model_card_kwargs)
         push_to_hub_kwargs.pop("overwrite", None)  # accepted for compatibility: folders are updated in place
         out = Path(save_directory)
         if out.exists() and not out.is_dir():
             raise FileExistsError(f"{out} is a file; expected a folder path for the Hub files")
-        return super().save_pretrained(
-            out,
-            repo_id=repo_id,
-            push_to_hub=push_to_hub,
-            model_card_kwargs=model_card_kwargs,
-            **push_to_hub_kwargs,
-        )
+        keep_card = (out / CARD_NAME).exists()
+        with staged_folder(out, replace=True) as tmp:
+            super().save_pretrained(tmp, model_card_kwargs=model_card_kwargs)
+            if keep_card:  # the mixin never overwrites a model card: neither does the move
+                (tmp / CARD_NAME).unlink(missing_ok=True)
+        if push_to_hub:  # as the mixin's own save_pretrained does, once the folder is complete
+            return self.push_to_hub(
+                repo_id=repo_id or out.name, model_card_kwargs=model_card_kwargs, **push_to_hub_kwargs
+            )
+        return None
 
     def push_to_hub(
         self,
