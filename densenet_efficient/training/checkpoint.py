@@ -180,6 +180,9 @@ def _checkpoint_problem(ckpt: dict[str, Any]) -> str | None:
     for key in ("scaler", "best_model"):
         if ckpt.get(key) is not None and not isinstance(ckpt[key], dict):
             return f"its {key} entry is a {type(ckpt[key]).__name__}, expected a dict or None"
+    classes = ckpt.get("classes")  # absent in checkpoints written before it was stored
+    if classes is not None and (not isinstance(classes, list) or not all(isinstance(c, str) for c in classes)):
+        return f"its classes are {shown(classes)}, expected a list of class names"
     best_error, best_epoch = ckpt.get("best_valid_error"), ckpt.get("best_epoch")
     if best_error is not None and not _is_number(best_error):
         return f"its best_valid_error is {shown(best_error)}, expected a number or None"
@@ -280,6 +283,9 @@ def check_run_folder(
                 os.fsync(f.fileno())
         finally:
             os.unlink(probe)
+    except FileExistsError:  # an OSError, but ours: a checkpoint appeared (_check_outputs)
+        folder.release(failed=True)
+        raise
     except OSError as err:
         folder.release(failed=True)
         raise UsageError(f"cannot write the run folder {save_dir}: {err.strerror or err}") from None
@@ -425,6 +431,8 @@ def save_epoch(
         "best_valid_error": best.error,
         "best_epoch": best.epoch,
         "best_model": best.state,
+        # what each label means: a resumed run refuses data whose classes are others (loop._check_classes)
+        "classes": [str(name) for name in provenance["classes"]],
     }
     if trainables.get("memory_plan") is not None:  # chosen by --memory: a resumed run keeps it
         state["memory_plan"] = trainables["memory_plan"].to_json()

@@ -223,7 +223,11 @@ class _Log:
         if not self.enabled:
             return
         try:
-            print(text, flush=True)
+            try:
+                print(text, flush=True)
+            except UnicodeEncodeError:  # a path the terminal's encoding cannot show: escape it
+                encoding = getattr(sys.stdout, "encoding", None) or "ascii"
+                print(text.encode(encoding, "backslashreplace").decode(encoding), flush=True)
         except (BrokenPipeError, ValueError):  # ValueError: the stream was closed in this process
             self.enabled = False
             with contextlib.suppress(OSError, ValueError, AttributeError):
@@ -353,6 +357,27 @@ def _arch_config(c: TrainConfig, num_classes: int) -> ArchConfig:
     if c.arch is None:
         return densenet_bc_config(c.depth, c.growth_rate, num_classes=num_classes)
     return resolve_arch(c.arch).with_classes(num_classes)
+
+
+def _check_classes(ckpt: dict[str, Any], data: DataBundle, path: Path) -> None:
+    """Refuse to resume on data whose classes are not the run's, in the run's order: label i must
+    mean the class it meant when the weights were trained (a renamed class folder shifts the
+    sorted order, and the run would go on learning every label as another class)."""
+    stored = ckpt.get("classes")
+    if stored is None or list(stored) == list(data.classes):
+        return  # the same classes (or a checkpoint from before they were stored: shapes only)
+    differ = next(
+        (i for i, (a, b) in enumerate(zip(stored, data.classes, strict=False)) if a != b),
+        min(len(stored), len(data.classes)),
+    )
+    run_has = shown(stored[differ]) if differ < len(stored) else "nothing"
+    data_has = shown(data.classes[differ]) if differ < len(data.classes) else "nothing"
+    raise UsageError(
+        f"checkpoint {path} was trained on {len(stored)} classes {shown(stored)}, the data has "
+        f"{len(data.classes)}: {shown(list(data.classes))}; label {differ} is {run_has} in the run and "
+        f"{data_has} in the data, so resuming would train labels as other classes. Resume with the "
+        "run's class folders, or start a new run (--overwrite or another --save)"
+    )
 
 
 def _check_checkpoint_fits(
@@ -520,6 +545,7 @@ def _train(
     data = _load_data(c, dataset, info)
     c, choice = _choose_budget(c, data, info, device, ckpt)
     if ckpt is not None:
+        _check_classes(ckpt, data, save_dir / CHECKPOINT_NAME)
         _check_checkpoint_fits(c, data.num_classes, ckpt, choice, save_dir / CHECKPOINT_NAME)
     run = _build_run(c, dataset, save_dir, data, info, device, choice)
     if ckpt is not None:
@@ -540,6 +566,7 @@ def _train(
         _seed_epoch(c.seed, epoch, info.rank, train_loader)
         sampler.set_epoch(epoch)
         row = _run_epoch(run, epoch, train_loader, valid_loader)
+        _check_finite(row, valid_loader is not None)
         run.history.append(row)
         improved = run.best.update(
             row["valid_error"] if valid_loader else row["train_error"], epoch + 1, run.model
@@ -569,6 +596,24 @@ def _announce(run: _Run, data: DataBundle, choice: BudgetChoice | None, notices:
         run.log(
             f"the run in {run.save_dir} has already completed its {c.n_epochs} epochs: nothing to train "
             "(pass a larger --n-epochs to continue it)"
+        )
+
+
+def _check_finite(row: dict[str, Any], validated: bool) -> None:
+    """Refuse an epoch whose losses are not finite, before it can be selected as best or saved.
+
+    A model whose outputs are NaN still has an error rate (NaN logits argmax to class 0), so
+    such an epoch could even look best; its weights are never written and the last good
+    checkpoint stays (the run stops as for a diverged training loss)."""
+    names = ("train_loss", "valid_loss") if validated else ("train_loss",)
+    bad = [(name, row[name]) for name in names if not math.isfinite(row[name])]
+    if bad:
+        label = {"train_loss": "training", "valid_loss": "validation"}
+        what = " and ".join(f"the {label[name]} loss is {value}" for name, value in bad)
+        raise NonFiniteLossError(
+            f"{what} in epoch {row['epoch']}: the model's outputs are not finite; stopping, nothing of "
+            "this epoch is saved and the last good checkpoint is kept. Try a lower --lr, or --amp bf16 "
+            "instead of fp16"
         )
 
 
