@@ -25,6 +25,7 @@ for any mixin model. This module knows models only through what every DenseNet o
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from collections.abc import Mapping
@@ -511,6 +512,16 @@ def _hub_error(err: Exception, name: str, opts: Mapping[str, Any], filename: str
             f"Hugging Face cache ({cache}) and "
             f"{_offline_reason(bool(opts.get('local_files_only')))}"
         )
+    if isinstance(err, OSError) and err.errno in _DISK_FULL:
+        from ..io.download import DownloadError
+
+        cache = opts.get("cache_dir") or constants.HF_HUB_CACHE
+        error = DownloadError(
+            f"cannot store {filename or 'the files'} of {name!r} in the Hugging Face cache ({cache}): "
+            f"{err.strerror or err}; make room there, or set HF_HUB_CACHE to another folder"
+        )
+        error.errno = err.errno
+        return error
     if isinstance(err, HFValidationError):
         return FileNotFoundError(
             f"{name!r} is neither an existing local folder nor a valid Hugging Face repo id (org/name)"
@@ -525,6 +536,8 @@ def _hub_error(err: Exception, name: str, opts: Mapping[str, Any], filename: str
 
 
 _MODEL_CARD_KWARGS = ("provenance", "repo_id", "license")
+#: errno values of a cache that cannot take a download (full, over quota, read-only, not ours)
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
 
 
 class DenseNetHubMixin(
