@@ -137,12 +137,21 @@ def remove_stale_temporaries(folder: str | os.PathLike, names: Iterable[str]) ->
     with contextlib.suppress(FileNotFoundError, NotADirectoryError):
         for entry in folder.iterdir():
             m = _TEMPORARY.match(entry.name)
-            if m is None or m["name"] not in wanted or entry.is_symlink():
+            if m is None or _destination(m["name"]) not in wanted or entry.is_symlink():
                 continue
             kind_ok = entry.is_file() if m["kind"] == "tmp" else entry.is_dir()
             if kind_ok and _remove_if_unused(entry, m["kind"] == "partial"):
                 removed.append(entry)
     return removed
+
+
+def _destination(name: str) -> str:
+    """The destination a temporary's name is for, through nesting: a staged folder written into
+    another one's staging folder (``convert`` saves into its own) is named
+    ``..out.k3j_x9qa.partial.0hz2m1pd.partial``, and is ``out``'s as much as the outer one."""
+    while (m := _TEMPORARY.match(name)) is not None:
+        name = m["name"]
+    return name
 
 
 def _umask() -> int:
