@@ -18,6 +18,7 @@ computes (:mod:`.verify`).
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -163,6 +164,13 @@ def _verify_folder(
     result in its model card; raise :class:`ConversionError` above :data:`TOLERANCE`."""
     loaded = DenseNet.from_pretrained(folder, memory_efficient=False)
     diff, shape = max_abs_diff(reference, loaded)
+    if not math.isfinite(diff):  # the source's own numbers, not the conversion (nan - nan is nan)
+        bad = next((k for k, v in model.state_dict().items() if v.is_floating_point() and not v.isfinite().all()), None)
+        where = f"tensor {bad} holds NaN or infinite values" if bad else "outputs are not finite"
+        raise ConversionError(
+            f"verification cannot compare the models: the source checkpoint's {where}, so both models "
+            "output NaN; fix the source, or pass --no-verify to convert it as it is"
+        )
     if not diff <= TOLERANCE:
         raise ConversionError(
             f"verification failed: the converted model differs from {reference_name} by "

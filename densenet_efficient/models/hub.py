@@ -410,7 +410,9 @@ def _same(value: Any, saved: Any) -> bool:
     """Whether a keyword argument repeats what config.json says (the mixin passes both along)."""
     if isinstance(value, (tuple, list)) and isinstance(saved, (tuple, list)):
         return list(value) == list(saved)
-    return value == saved
+    # the mixin passes config.json's own NaN along, and NaN != NaN: it is the file's value (refused
+    # naming the file when read), not the caller's choice
+    return value is saved or value == saved or (value != value and saved != saved)
 
 
 def load_hub_folder(
