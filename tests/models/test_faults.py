@@ -260,3 +260,47 @@ def test_a_full_hugging_face_cache_is_named(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", full)
     with pytest.raises(DownloadError, match=rf"cannot store config.json of 'org/densenet' in the Hugging Face cache \({tmp_path}\): No space left"):
         de.from_pretrained("org/densenet", cache_dir=str(tmp_path))
+
+
+# -- 16 and 17. conversions: a URL source's errors, a killed conversion's staging --------------------
+
+_KILLED_CONVERT = textwrap.dedent(
+    """
+    import os, sys
+    import densenet_efficient.conversion.converter as converter
+
+    def killed(*args, **kwargs):
+        os._exit(9)  # during verification: the staged folder is complete and model-sized
+
+    converter._verify_folder = killed
+    converter.convert(sys.argv[1], sys.argv[2], progress=False)
+    """
+)
+
+
+def test_a_killed_conversions_staging_is_removed_by_the_next_conversion(tmp_path):
+    src = tmp_path / "src" / "bc.pth"
+    src.parent.mkdir()
+    torch.save(_small().state_dict(), src)
+    out = tmp_path / "hub" / "model"
+    out.parent.mkdir()
+    proc = subprocess.run([sys.executable, "-c", _KILLED_CONVERT, str(src), str(out)],
+                          env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
+    assert proc.returncode == 9
+    left = os.listdir(out.parent)
+    assert left and all(n.startswith(".") and n.endswith(".partial") for n in left), left
+    assert sum(f.stat().st_size for f in out.parent.rglob("*") if f.is_file()) > 10_000  # model-sized
+    de.convert(src, out, progress=False)
+    assert os.listdir(out.parent) == ["model"]
+
+
+def test_a_url_sources_error_names_the_url_not_a_deleted_copy(tmp_path):
+    from ..support.hub_server import serve
+
+    (tmp_path / "served").mkdir()
+    (tmp_path / "served" / "broken.pth").write_bytes(b"garbage, not a checkpoint")
+    with serve(tmp_path / "served") as base, pytest.raises(UsageError, match="not a torch checkpoint") as caught:
+        de.convert(f"{base}/broken.pth", tmp_path / "out", progress=False)
+    message = str(caught.value)
+    assert f"{base}/broken.pth (as downloaded)" in message and "partial" not in message, message
+    assert os.listdir(tmp_path) == ["served"]
