@@ -178,15 +178,12 @@ def scratch_folder(beside: str | os.PathLike) -> Iterator[Path]:
     fd, scratch = _new_temporary(make)
     try:
         yield scratch
-    except BaseException:
-        shutil.rmtree(scratch, ignore_errors=True)
-        for d in reversed(created):
-            with contextlib.suppress(OSError):  # not empty: someone else wrote there meanwhile
-                d.rmdir()
-        raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)  # gone already when staged_folder renamed it
         os.close(fd)
+        for d in reversed(created):  # made for the scratch folder only: removed when left empty
+            with contextlib.suppress(OSError):  # not empty: it holds the result, or others' files
+                d.rmdir()
 
 
 @contextlib.contextmanager
