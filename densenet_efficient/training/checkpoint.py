@@ -237,11 +237,12 @@ def check_run_folder(
 ) -> RunFolder:
     """Claim ``save_dir`` for a run before any training time is spent, and make sure it can be saved.
 
+    Returns the claimed :class:`RunFolder`: hold it (``with``) for as long as the run writes there.
     The folder is the run's when it holds the run marker, or is new, or holds none of the names
     the run writes (``checkpoint.pt``, ``log.csv``, ``last/``, ``best/``), or holds a checkpoint of
     this package's (a run of a version before the marker). Otherwise it is refused, naming the
     files: they are someone else's. The marker is then created and locked; a folder another run
-    holds is refused naming its process. Under the lock: the run's own names must not be links
+    holds locked is refused. Under the lock: the run's own names must not be links
     (a ``last`` linking elsewhere would be written through); a checkpoint that appeared since the
     run was set up (another run finished there) is refused unless ``overwrite``; a resumed run's
     checkpoint must be the one it read (``expect_checkpoint``, its ``os.stat``). Then what an
