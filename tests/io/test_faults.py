@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from densenet_efficient import cli
 from densenet_efficient.errors import UsageError
@@ -331,3 +332,34 @@ def test_train_pretrained_download_failures_are_one_line(tmp_path, monkeypatch, 
         err = capsys.readouterr().err.strip()
         assert f"{W.URL_BASE_ENV} {bad!r} is not a valid URL" in err and "\n" not in err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_full_torch_home_is_one_line_naming_the_cache(tmp_path, monkeypatch):
+    from ..support.disk import mount_tmpfs
+    from ..support.hub_server import serve
+
+    served = tmp_path / "served"
+    served.mkdir()
+    torch.save({"w": torch.zeros(100_000)}, served / "payload")  # 400 KB: more than the room left
+    name = f"w-{D.sha256_file(served / 'payload')[:8]}.pth"
+    (served / "payload").rename(served / name)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    mounted = mount_tmpfs(cache)
+    try:
+        if mounted:
+            (cache / "filler").write_bytes(bytes(2048 * 1024 - 40 * 1024))
+        else:  # no tmpfs here: a writer failing as a full disk makes it fail
+            real = os.fsync
+
+            def full(fd):
+                real(fd)
+                raise OSError(28, os.strerror(28))
+
+            monkeypatch.setattr(os, "fsync", full)
+        with serve(served) as base, pytest.raises(D.DownloadError, match=f"cannot store the download in {cache}: No space left on device"):
+            D.fetch_state_dict(f"{base}/{name}", name, cache, False)
+        assert sorted(os.listdir(cache)) == (["filler"] if mounted else [])
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(cache)], check=True)
