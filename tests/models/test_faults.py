@@ -128,6 +128,17 @@ def test_a_reader_during_a_re_save_always_finds_a_loadable_folder(tmp_path):
     assert failures == [] and loads > 0
 
 
+def test_a_fifo_where_config_json_should_be_is_refused_without_blocking(tmp_path):
+    out = tmp_path / "model"
+    _small().save_pretrained(out)
+    (out / "config.json").unlink()
+    os.mkfifo(out / "config.json")
+    from ..io.test_faults import _within
+
+    with _within(30), pytest.raises(UsageError, match=r"config.json: it is a FIFO \(named pipe\), expected a regular file"):
+        de.from_pretrained(out)
+
+
 # -- 7. integer weights --------------------------------------------------------------------------
 
 

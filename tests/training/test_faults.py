@@ -117,6 +117,20 @@ def test_a_link_among_the_runs_own_names_is_not_written_through(finished, tmp_pa
     assert _snapshot(elsewhere) == before
 
 
+def test_a_run_of_a_version_before_the_marker_is_still_the_packages(finished, tmp_path):
+    (finished / RUN_MARKER).unlink()  # as an earlier version left its run folders
+    train(**_tiny(tmp_path, resume=True))
+    assert (finished / RUN_MARKER).is_file()
+    assert torch.load(finished / "checkpoint.pt", weights_only=True)["epoch"] == 2
+
+
+def test_a_fifo_where_the_checkpoint_should_be_is_refused_without_blocking(finished, tmp_path):
+    (finished / "checkpoint.pt").unlink()
+    os.mkfifo(finished / "checkpoint.pt")
+    with _within(30), pytest.raises(UsageError, match=r"checkpoint.pt: it is a FIFO \(named pipe\)"):
+        train(**_tiny(tmp_path, resume=True))
+
+
 # -- 3. two runs into one folder --------------------------------------------------------------------
 
 _HOLDER = textwrap.dedent(
