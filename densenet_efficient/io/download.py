@@ -39,6 +39,7 @@ from .checkpoint import sha256_file
 
 __all__ = [
     "DOWNLOAD_TIMEOUT_ENV",
+    "MAX_DOWNLOAD_BYTES",
     "MIN_RATE",
     "DownloadError",
     "WeightsIntegrityError",
@@ -57,6 +58,10 @@ _CHUNK = 1 << 16
 #: Bytes a second a download must keep up, averaged over each span of the timeout: a server that
 #: sends one byte before every read timeout would otherwise hold the caller forever.
 MIN_RATE = 1024
+#: The bound of a download whose size nobody states (a URL given to ``convert``): far above any
+#: DenseNet checkpoint (DenseNet-161's is 110 MiB; a training checkpoint holds a few copies), far
+#: below what a server streaming forever would fill a disk with.
+MAX_DOWNLOAD_BYTES = 4 * 2**30
 
 # 8 to 64 hex digits right before the extension. Stricter than torch.hub.HASH_REGEX: user file names
 # often carry other dashes ("run-3.pth") that are not hashes.
@@ -120,7 +125,7 @@ def _download(url: str, dst: Path, prefix: str, progress: bool, max_bytes: int |
 
     Every connect and read waits at most :func:`download_timeout` seconds; a timeout is retried
     once, then raised as one :class:`TimeoutError` that says how to wait longer. More than
-    ``max_bytes`` (announced or sent), or less than :data:`MIN_RATE` bytes a second over a
+    ``max_bytes`` (announced or sent; default :data:`MAX_DOWNLOAD_BYTES`), or less than :data:`MIN_RATE` bytes a second over a
     timeout's span, stops the download (:class:`_Unbounded`). On any failure ``dst`` is left as
     it was (nothing partial: :func:`atomic_write`).
     """
@@ -128,13 +133,15 @@ def _download(url: str, dst: Path, prefix: str, progress: bool, max_bytes: int |
 
     timeout = download_timeout()
     request = urllib.request.Request(url, headers={"User-Agent": "densenet_efficient"})
+    if max_bytes is None:
+        max_bytes = MAX_DOWNLOAD_BYTES
 
     def write(f) -> None:
         digest = hashlib.sha256()
         with urllib.request.urlopen(request, timeout=timeout) as response:
             size = response.headers.get("Content-Length")
             total = int(size) if size and size.isdigit() else None
-            if max_bytes is not None and total is not None and total > max_bytes:
+            if total is not None and total > max_bytes:
                 raise _Unbounded(f"the server announced {total} bytes, more than the expected {max_bytes}")
             # read1: what has arrived (read(n) would wait for all n bytes, a day at one byte a second)
             read = getattr(response, "read1", response.read)
@@ -142,7 +149,7 @@ def _download(url: str, dst: Path, prefix: str, progress: bool, max_bytes: int |
             with tqdm(total=total, disable=not progress, unit="B", unit_scale=True, unit_divisor=1024) as bar:
                 while chunk := read(_CHUNK):
                     received += len(chunk)
-                    if max_bytes is not None and received > max_bytes:
+                    if received > max_bytes:
                         raise _Unbounded(f"the server sent more than the expected {max_bytes} bytes")
                     f.write(chunk)
                     digest.update(chunk)

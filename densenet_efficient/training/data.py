@@ -228,6 +228,11 @@ def _build_digits(valid_size: int | float, seed: int) -> DataBundle:
 
 def _cifar_dataset(name: str, root: Path, train: bool, download: bool) -> datasets.CIFAR10:
     cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+    for file_name, _ in (*cls.train_list, *cls.test_list):  # torchvision hashes them: a FIFO blocks
+        if os.path.lexists(root / cls.base_folder / file_name):
+            require_regular_file(root / cls.base_folder / file_name, f"{name.upper()} batch")
+    if os.path.lexists(root / cls.filename):
+        require_regular_file(root / cls.filename, f"{name.upper()} archive")
     try:
         return cls(str(root), train=train, download=download)
     except RuntimeError as err:  # torchvision: "Dataset not found or corrupted"

@@ -363,3 +363,10 @@ def test_a_full_torch_home_is_one_line_naming_the_cache(tmp_path, monkeypatch):
     finally:
         if mounted:
             subprocess.run(["umount", str(cache)], check=True)
+
+
+def test_a_download_of_no_stated_size_is_bounded_too(tmp_path, short_timeout, monkeypatch):
+    monkeypatch.setattr(D, "MAX_DOWNLOAD_BYTES", 200_000)
+    with _server(_endless) as base, _within(30), pytest.raises(D.DownloadError, match="more than the expected 200000 bytes"):
+        D.download_file(f"{base}/source.pth", tmp_path / "source.pth", progress=False)
+    assert os.listdir(tmp_path) == []

@@ -368,3 +368,14 @@ def test_check_run_folder_releases_its_lock(tmp_path):
         pass
     with check_run_folder(tmp_path / "run"):  # released: claimed again at once
         pass
+
+
+def test_a_fifo_among_the_cifar_batches_is_refused_without_blocking(tmp_path, monkeypatch):
+    from ..support.fakedata import point_cifar10_at, write_fake_cifar10
+
+    point_cifar10_at(monkeypatch, write_fake_cifar10(tmp_path / "cifar", per_batch=2, test_size=2))
+    batch = tmp_path / "cifar" / "cifar-10-batches-py" / "data_batch_3"
+    batch.unlink()
+    os.mkfifo(batch)
+    with _within(30), pytest.raises(UsageError, match=r"CIFAR10 batch .*data_batch_3: it is a FIFO"):
+        build_data("cifar10", tmp_path / "cifar")
