@@ -282,7 +282,7 @@ def _open_run(
     ckpt_path = save_dir / CHECKPOINT_NAME
     if config.resume:
         read_stat = os.stat(ckpt_path) if os.path.exists(ckpt_path) else None
-        ckpt = read_run_checkpoint(ckpt_path)  # refuses a missing one: read_stat is set below  # also type-checks every stored setting
+        ckpt = read_run_checkpoint(ckpt_path)  # refuses a missing one; type-checks every stored setting
         asked = dataclasses.replace(config, save=str(save_dir))
         config, notices = resume_config(TrainConfig(**ckpt["config"]), asked, given, ckpt["epoch"])
         return config, save_dir, ckpt, read_stat, notices
