@@ -145,6 +145,9 @@ def builtin_manifest() -> dict[str, Any]:
 def manifest() -> dict[str, Any]:
     """The effective manifest: the built-in one, with ``$DENSENET_EFFICIENT_WEIGHTS_MANIFEST`` applied."""
     data = builtin_manifest()
+    base = os.environ.get(URL_BASE_ENV)
+    if base:  # every lookup reads the manifest first: a mirror urllib cannot fetch is refused here
+        check_url(base, URL_BASE_ENV)
     path = os.environ.get(MANIFEST_ENV)
     if path:
         extra = _read_manifest(Path(path))
@@ -305,7 +308,7 @@ def _categories(name: str) -> tuple[str, ...]:
     raise UsageError(f"unknown category set {name!r}; expected 'imagenet-1k' or an explicit list of names")
 
 
-def _spec(arch: str, name: str, data: Mapping[str, Any], mirror: bool = True) -> WeightsSpec:
+def _spec(arch: str, name: str, data: Mapping[str, Any]) -> WeightsSpec:
     for key in ("url", "num_classes"):
         if key not in data:
             raise UsageError(f"weights entry {arch}.{name} has no {key!r}")
@@ -316,9 +319,9 @@ def _spec(arch: str, name: str, data: Mapping[str, Any], mirror: bool = True) ->
             "manifest files must be named <name>-<first 8+ hex digits of sha256>.pth"
         )
     url = data["url"]
-    base = os.environ.get(URL_BASE_ENV) if mirror else None
-    if base:
-        url = check_url(base, URL_BASE_ENV).rstrip("/") + "/" + filename
+    base = os.environ.get(URL_BASE_ENV)
+    if base:  # checked by manifest(), which every lookup reads first
+        url = base.rstrip("/") + "/" + filename
     return WeightsSpec(arch, name, url, int(data["num_classes"]), dict(data))
 
 
@@ -417,7 +420,7 @@ def _weights_enum(cls_name: str, arch: str) -> type[WeightsEnum]:
     entry = _BUILTIN["architectures"][arch]
     members = []
     for name, data in entry["weights"].items():
-        spec = _spec(arch, name, data, mirror=False)  # at import: a bad mirror is refused when used
+        spec = _spec(arch, name, data)
         # torchvision's own member value type; the properties above read the manifest instead
         members.append((name, Weights(url=data["url"], transforms=spec.transforms, meta=spec.meta)))
     default = dict(members)[entry["default"]]
