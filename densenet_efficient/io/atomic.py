@@ -206,7 +206,15 @@ def staged_folder(out: str | os.PathLike, *, replace: bool = False) -> Iterator[
             yield staging
             _public(staging)
             if not out.exists():
-                os.rename(staging, out)  # fails (not replaces) if a non-empty out appeared meanwhile
+                try:
+                    os.rename(staging, out)  # fails (not replaces) if a non-empty out appeared meanwhile
+                except OSError as err:
+                    if err.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                        raise
+                    if not replace:  # another writer's complete folder: theirs, not replaced
+                        raise FileExistsError(f"{out} appeared while it was being written; not replacing it") from None
+                    for item in sorted(staging.iterdir()):
+                        os.replace(item, out / item.name)
                 return
             if not replace:
                 raise FileExistsError(f"{out} appeared while it was being written; not replacing it")

@@ -370,3 +370,18 @@ def test_a_download_of_no_stated_size_is_bounded_too(tmp_path, short_timeout, mo
     with _server(_endless) as base, _within(30), pytest.raises(D.DownloadError, match="more than the expected 200000 bytes"):
         D.download_file(f"{base}/source.pth", tmp_path / "source.pth", progress=False)
     assert os.listdir(tmp_path) == []
+
+
+def test_a_folder_another_writer_completes_first_is_not_replaced(tmp_path):
+    out = tmp_path / "model"
+    with (
+        pytest.raises(FileExistsError, match="appeared while it was being written; not replacing it"),
+        staged_folder(out) as tmp,
+    ):
+        (tmp / "config.json").write_text("ours")
+        out.mkdir()  # the other conversion into the same OUT_DIR finished first
+        (out / "config.json").write_text("theirs")
+    assert (out / "config.json").read_text() == "theirs" and os.listdir(tmp_path) == ["model"]
+    with staged_folder(out, replace=True) as tmp:  # replacing was asked for: each file replaced
+        (tmp / "config.json").write_text("ours")
+    assert (out / "config.json").read_text() == "ours"
