@@ -43,11 +43,12 @@ class CLIError(UsageError):
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean "bad input", not "bug" (imported late: the CLI stays cheap to load)."""
-    from ..io.download import WeightsIntegrityError
+    from ..io.download import DownloadError, WeightsIntegrityError
     from ..io.state_dict import StateDictMismatchError
 
     return (
         UsageError,
+        DownloadError,
         StateDictMismatchError,
         WeightsIntegrityError,
         FileNotFoundError,

@@ -18,8 +18,8 @@ computes (:mod:`.verify`).
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,8 +27,8 @@ from typing import Any
 import torch.nn as nn
 
 from ..errors import UsageError
-from ..io.atomic import staged_folder
-from ..io.checkpoint import Checkpoint, read_checkpoint
+from ..io.atomic import scratch_folder, staged_folder
+from ..io.checkpoint import Checkpoint, CheckpointError, read_checkpoint
 from ..io.json_file import read_json_object
 from ..io.state_dict import StateDictMismatchError
 from ..models.config import ARCHITECTURES, ArchConfig, get_config
@@ -97,12 +97,21 @@ class _Source:
 
 
 def _read_source(
-    src: str | os.PathLike, checkpoint_key: str | None, progress: bool, model_dir: str | None
+    src: str | os.PathLike, checkpoint_key: str | None, progress: bool, model_dir: str | None, out_dir: Path
 ) -> _Source:
-    """Fetch ``src``, read it without unsafe unpickling, rename its keys and infer its architecture."""
-    with tempfile.TemporaryDirectory(prefix="densenet-convert-") as downloads:
-        path = fetch_source(src, Path(downloads), progress, model_dir)
-        ckpt = read_checkpoint(path, key=checkpoint_key)
+    """Fetch ``src``, read it without unsafe unpickling, rename its keys and infer its architecture.
+
+    A URL is downloaded into a scratch folder beside ``out_dir`` (:func:`..io.atomic.scratch_folder`):
+    removed when done, and by the next conversion into ``out_dir`` if this one is killed."""
+    with scratch_folder(out_dir) as downloads:
+        path = fetch_source(src, downloads, progress, model_dir)
+        try:
+            ckpt = read_checkpoint(path, key=checkpoint_key)
+        except CheckpointError as err:
+            if not path.is_relative_to(downloads):
+                raise
+            # the downloaded copy is deleted when this returns: name what the user gave instead
+            raise CheckpointError(str(err).replace(str(path), f"{os.fspath(src)} (as downloaded)")) from None
     sd, prefix = normalize_keys(ckpt.state_dict)
     config = infer_config(sd)
     # torchvision's own class (the independent reference) has 3 input channels and a classifier
@@ -115,7 +124,7 @@ def _read_source(
 def _folder_pretrained_cfg(src: str | os.PathLike) -> dict[str, Any]:
     """A Hub folder's ``pretrained_cfg`` (timm's: preprocessing, licence...), kept by the conversion."""
     config = Path(src) / CONFIG_NAME
-    if not config.is_file():
+    if not config.exists():  # a FIFO or a folder there is refused by name when read
         return {}
     try:
         cfg = read_json_object(config, os.fspath(src)).get("pretrained_cfg")
@@ -155,6 +164,13 @@ def _verify_folder(
     result in its model card; raise :class:`ConversionError` above :data:`TOLERANCE`."""
     loaded = DenseNet.from_pretrained(folder, memory_efficient=False)
     diff, shape = max_abs_diff(reference, loaded)
+    if not math.isfinite(diff):  # the source's own numbers, not the conversion (nan - nan is nan)
+        bad = next((k for k, v in model.state_dict().items() if v.is_floating_point() and not v.isfinite().all()), None)
+        where = f"tensor {bad} holds NaN or infinite values" if bad else "outputs are not finite"
+        raise ConversionError(
+            f"verification cannot compare the models: the source checkpoint's {where}, so both models "
+            "output NaN; fix the source, or pass --no-verify to convert it as it is"
+        )
     if not diff <= TOLERANCE:
         raise ConversionError(
             f"verification failed: the converted model differs from {reference_name} by "
@@ -211,7 +227,7 @@ def convert(
         get_config(arch)  # unknown name: fail before any work
     if os.path.lexists(out_dir):
         raise FileExistsError(f"output folder {out_dir} already exists; remove it or choose another OUT_DIR")
-    source = _read_source(src, checkpoint_key, progress, model_dir)
+    source = _read_source(src, checkpoint_key, progress, model_dir, out_dir)
     check_against(source.config, arch, num_classes)
     model = converted_model(source.config, source.state_dict)
     model.pretrained_cfg = {**model.pretrained_cfg, **source.pretrained_cfg, "num_classes": model.num_classes}

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..io.checkpoint import CheckpointError
-from ..io.state_dict import StateDictMismatchError, remap_keys
+from ..io.state_dict import StateDictMismatchError, non_float_tensor, remap_keys
 from ..models.config import ArchConfig, get_config
 
 __all__ = ["ConversionError", "check_against", "infer_config", "normalize_keys"]
@@ -120,12 +120,12 @@ def _check_tensors(sd: Mapping[str, Any]) -> None:
     for key, value in sd.items():
         if not isinstance(value, torch.Tensor):
             raise ConversionError(f"{key} should be a tensor, found a {type(value).__name__}")
-        if key.endswith("num_batches_tracked"):
-            continue
-        if not value.is_floating_point():
+        if non_float_tensor({key: value}) is not None:  # the check loading and resuming make too
             raise ConversionError(
                 f"{key} should hold floating-point numbers (weights or BatchNorm statistics), found {value.dtype}"
             )
+        if key.endswith("num_batches_tracked"):
+            continue
         if 0 in value.shape:
             raise ConversionError(
                 f"{key} has a zero-size dimension (shape {tuple(value.shape)}): no DenseNet has empty tensors"

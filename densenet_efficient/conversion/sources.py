@@ -55,7 +55,7 @@ def fetch_source(src: str | os.PathLike, workdir: Path, progress: bool, model_di
     if path.is_dir():
         # a downloaded Hub repo (timm's densenet121.tv_in1k snapshot, say): take its weights file
         for name in _FOLDER_WEIGHTS:
-            if (path / name).is_file():
+            if (path / name).exists():  # not a regular file: refused by name when read
                 return path / name
         raise IsADirectoryError(
             f"{path} is a folder without {' or '.join(_FOLDER_WEIGHTS)}; SRC must be a checkpoint file, "

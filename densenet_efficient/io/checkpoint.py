@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from ..errors import UsageError
+from .files import require_regular_file
 
 __all__ = [
     "Checkpoint",
@@ -92,7 +93,7 @@ class Checkpoint:
 def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
     """Hex sha256 of a file, read in chunks (checkpoints can be hundreds of MB)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open(require_regular_file(path), "rb") as f:
         while block := f.read(chunk_size):
             digest.update(block)
     return digest.hexdigest()
@@ -137,7 +138,7 @@ def load_torch_file(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
 
     The one place this package unpickles: tensors, plain containers and ``argparse.Namespace``.
     """
-    path = Path(path)
+    path = require_regular_file(path, "checkpoint")  # a FIFO would block torch.load forever
     try:
         # Training scripts (timm, many others) store their argparse arguments next to the weights;
         # Namespace is a plain attribute bag, so allowing it cannot run code.
@@ -270,8 +271,9 @@ def read_checkpoint(path: str | os.PathLike, *, key: str | None = None) -> Check
         CheckpointError: truncated/corrupt file, unsafe pickle content, or no tensors found.
     """
     path = Path(path)
-    if not path.is_file():
+    if not os.path.exists(path):
         raise FileNotFoundError(f"no such checkpoint file: {path}")
+    require_regular_file(path, "checkpoint")  # a FIFO or a device would block or never end
     container = _sniff(path)
     metadata: dict[str, str] = {}
     if container == "safetensors":

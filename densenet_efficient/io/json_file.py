@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError, shown
+from .files import require_regular_file
 
 __all__ = ["deepest_field", "read_json_object"]
 
@@ -60,6 +61,7 @@ def read_json_object(path: Path, source: str) -> dict[str, Any]:
             (naming the top-level field that does), or holds something other than an object.
     """
     name = path.name
+    require_regular_file(path, f"{source}: {name}")  # a FIFO would block the read forever
     try:
         text = path.read_text(encoding="utf-8")
         data = json.loads(text)

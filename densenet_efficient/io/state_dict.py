@@ -118,6 +118,21 @@ def _shape_of(value: Any) -> tuple[int, ...] | None:
     return None
 
 
+def non_float_tensor(tensors: Mapping[str, Any]) -> tuple[str, Any] | None:
+    """The first ``(key, dtype)`` of a tensor that should hold floating-point numbers and does not.
+
+    Every DenseNet tensor is a weight or a BatchNorm statistic (floating point) except the
+    ``num_batches_tracked`` counters. ``load_state_dict`` copies integer or boolean values into
+    float parameters without a word (a model whose outputs are then garbage or NaN), so loading,
+    resuming and converting all refuse them here. Values that are shapes (a file's header) pass.
+    """
+    for key, value in tensors.items():
+        is_float = getattr(value, "is_floating_point", None)
+        if callable(is_float) and not key.endswith("num_batches_tracked") and not is_float():
+            return key, value.dtype
+    return None
+
+
 def check_shapes(
     expected: Mapping[str, tuple[int, ...]],
     found: Mapping[str, Any],
@@ -153,6 +168,12 @@ def check_shapes(
         problems.append(f"unexpected keys: {_first_few(unexpected)}")
     if shapes:
         problems.append(f"shape mismatch: {_first_few(shapes, 3)}")
+    wrong_type = non_float_tensor({k: v for k, v in found.items() if not ignored(k)})
+    if wrong_type is not None:
+        problems.append(
+            f"{wrong_type[0]} holds {wrong_type[1]} numbers, expected floating point (weights and "
+            "BatchNorm statistics are never integers; loading would cast them silently)"
+        )
     if problems:
         raise StateDictMismatchError(f"checkpoint does not fit {target}: " + "; ".join(problems))
 

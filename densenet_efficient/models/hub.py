@@ -25,6 +25,7 @@ for any mixin model. This module knows models only through what every DenseNet o
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from collections.abc import Mapping
@@ -377,13 +378,13 @@ def _locate(name_or_path: str, opts: dict[str, Any]) -> _HubFiles:
     local = Path(name_or_path)
     if local.is_dir():
         config = local / CONFIG_NAME
-        if not config.is_file():
+        if not config.exists():  # anything else there is refused when read (a FIFO, a folder)
             raise FileNotFoundError(
                 f"{local} has no {CONFIG_NAME}; expected a folder written by save_pretrained/save_hub_folder "
                 f"({CONFIG_NAME} + {WEIGHTS_NAME}) or a copy of a timm DenseNet repo"
             )
         for name in (WEIGHTS_NAME, PICKLE_WEIGHTS_NAME):
-            if (local / name).is_file():
+            if (local / name).exists():
                 return _HubFiles(name_or_path, config, local / name)
         raise FileNotFoundError(f"{local} has {CONFIG_NAME} but no {WEIGHTS_NAME}")
     if local.exists():
@@ -454,7 +455,9 @@ def _same(value: Any, saved: Any) -> bool:
     """Whether a keyword argument repeats what config.json says (the mixin passes both along)."""
     if isinstance(value, (tuple, list)) and isinstance(saved, (tuple, list)):
         return list(value) == list(saved)
-    return value == saved
+    # the mixin passes config.json's own NaN along, and NaN != NaN: it is the file's value (refused
+    # naming the file when read), not the caller's choice
+    return value is saved or value == saved or (value != value and saved != saved)
 
 
 def load_hub_folder(
@@ -556,6 +559,16 @@ def _hub_error(err: Exception, name: str, opts: Mapping[str, Any], filename: str
             f"Hugging Face cache ({cache}) and "
             f"{_offline_reason(bool(opts.get('local_files_only')))}"
         )
+    if isinstance(err, OSError) and err.errno in _DISK_FULL:
+        from ..io.download import DownloadError
+
+        cache = opts.get("cache_dir") or constants.HF_HUB_CACHE
+        error = DownloadError(
+            f"cannot store {filename or 'the files'} of {name!r} in the Hugging Face cache ({cache}): "
+            f"{err.strerror or err}; make room there, or set HF_HUB_CACHE to another folder"
+        )
+        error.errno = err.errno
+        return error
     if isinstance(err, HFValidationError):
         return FileNotFoundError(
             f"{name!r} is neither an existing local folder nor a valid Hugging Face repo id (org/name)"
@@ -570,6 +583,8 @@ def _hub_error(err: Exception, name: str, opts: Mapping[str, Any], filename: str
 
 
 _MODEL_CARD_KWARGS = ("provenance", "repo_id", "license")
+#: errno values of a cache that cannot take a download (full, over quota, read-only, not ours)
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
 
 
 class DenseNetHubMixin(
@@ -667,27 +682,34 @@ class DenseNetHubMixin(
         model_card_kwargs: dict[str, Any] | None = None,
         **push_to_hub_kwargs: Any,
     ) -> str | None:
-        """The mixin's ``save_pretrained``, after checking its arguments (nothing is written otherwise).
+        """The mixin's ``save_pretrained``, after checking its arguments (nothing is written otherwise),
+        written through :func:`~densenet_efficient.io.atomic.staged_folder` as :func:`save_hub_folder` is.
 
         ``config.json`` is derived from the architecture, so ``config`` is refused;
         ``model_card_kwargs`` may hold ``provenance`` (a dict), ``repo_id`` and ``license``.
-        Existing files of this package in ``save_directory`` are replaced (each atomically), a
-        model card already there is kept (as the mixin does), nothing else is touched.
+        A new ``save_directory`` appears complete or not at all; in an existing one this package's
+        files are replaced, each atomically (a reader finds the old or the new file, never none),
+        a model card already there is kept (as the mixin does), nothing else is touched. A kill or
+        a full disk half-way leaves the folder as it was.
         """
         # Overridden because the mixin creates the folder and deletes its config.json before
-        # `_save_pretrained` runs: arguments it cannot honour must be refused before that.
+        # `_save_pretrained` runs, so a kill or a full disk in between left a folder that no longer
+        # loads. The mixin writes into a staging folder instead, moved into place when complete.
         _check_save_args(config, model_card_kwargs)
         push_to_hub_kwargs.pop("overwrite", None)  # accepted for compatibility: folders are updated in place
         out = Path(save_directory)
         if out.exists() and not out.is_dir():
             raise FileExistsError(f"{out} is a file; expected a folder path for the Hub files")
-        return super().save_pretrained(
-            out,
-            repo_id=repo_id,
-            push_to_hub=push_to_hub,
-            model_card_kwargs=model_card_kwargs,
-            **push_to_hub_kwargs,
-        )
+        keep_card = (out / CARD_NAME).exists()
+        with staged_folder(out, replace=True) as tmp:
+            super().save_pretrained(tmp, model_card_kwargs=model_card_kwargs)
+            if keep_card:  # the mixin never overwrites a model card: neither does the move
+                (tmp / CARD_NAME).unlink(missing_ok=True)
+        if push_to_hub:  # as the mixin's own save_pretrained does, once the folder is complete
+            return self.push_to_hub(
+                repo_id=repo_id or out.name, model_card_kwargs=model_card_kwargs, **push_to_hub_kwargs
+            )
+        return None
 
     def push_to_hub(
         self,

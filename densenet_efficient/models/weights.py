@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -37,8 +38,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn as nn
 
-from ..errors import UsageError
-from ..io.download import WeightsIntegrityError, fetch_state_dict, hash_prefix, url_filename
+from ..errors import UsageError, check_int, shown
+from ..io.download import WeightsIntegrityError, check_url, fetch_state_dict, hash_prefix, url_filename
+from ..io.json_file import read_json_object
 from ..io.state_dict import load_state_dict_into, remap_keys
 from .config import ARCHITECTURES
 from .hub import IMAGENET_MEAN, IMAGENET_STD
@@ -67,6 +69,7 @@ __all__ = [
 URL_BASE_ENV = "DENSENET_EFFICIENT_WEIGHTS_URL_BASE"
 MANIFEST_ENV = "DENSENET_EFFICIENT_WEIGHTS_MANIFEST"
 MANIFEST_FORMAT = "densenet_efficient-weights-manifest/1"
+_CHUNK_SLACK = 1 << 16  # a download's bound is checked per chunk read
 
 # torchvision's ImageNet preprocessing for these weights (torchvision.transforms._presets.ImageClassification).
 _IMAGENET_PREPROCESSING = {
@@ -141,6 +144,9 @@ def builtin_manifest() -> dict[str, Any]:
 def manifest() -> dict[str, Any]:
     """The effective manifest: the built-in one, with ``$DENSENET_EFFICIENT_WEIGHTS_MANIFEST`` applied."""
     data = builtin_manifest()
+    base = os.environ.get(URL_BASE_ENV)
+    if base:  # every lookup reads the manifest first: a mirror urllib cannot fetch is refused here
+        check_url(base, URL_BASE_ENV)
     path = os.environ.get(MANIFEST_ENV)
     if path:
         extra = _read_manifest(Path(path))
@@ -153,20 +159,69 @@ def manifest() -> dict[str, Any]:
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+    """The manifest ``$DENSENET_EFFICIENT_WEIGHTS_MANIFEST`` names, every entry type-checked
+    (:func:`_check_entry`): a file users write by hand is refused naming the field and the value,
+    never a ``KeyError`` or ``int("ten")`` deep in a download."""
+    try:  # one reader of edited JSON: a FIFO, non-UTF-8, nesting past the parser are one sentence
+        data = read_json_object(path, f"{MANIFEST_ENV}={path}")
     except FileNotFoundError:
         raise FileNotFoundError(f"{MANIFEST_ENV} points at {path}, which does not exist") from None
-    except json.JSONDecodeError as e:
-        raise UsageError(f"{MANIFEST_ENV}: {path} is not valid JSON ({e})") from None
-    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
-        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+    if data.get("format") != MANIFEST_FORMAT:
         raise UsageError(
-            f"{path}: expected a weights manifest with format {MANIFEST_FORMAT!r}, found {found!r}"
+            f"{path}: expected a weights manifest with format {MANIFEST_FORMAT!r}, found {shown(data.get('format'))}"
         )
     if not isinstance(data.get("architectures"), dict):
         raise UsageError(f"{path}: expected an 'architectures' object mapping names to weights")
+    for arch, entry in data["architectures"].items():
+        where = f"{path}: architectures.{arch}"
+        if not isinstance(entry, dict):
+            raise UsageError(f"{where} must be an object with 'weights' (and 'default'), found {shown(entry)}")
+        weights = entry.get("weights", {})
+        if not isinstance(weights, dict):
+            raise UsageError(f"{where}.weights must be an object mapping names to entries, found {shown(weights)}")
+        if "default" in entry and entry["default"] is not None and not isinstance(entry["default"], str):
+            raise UsageError(f"{where}.default must be a weights name or null, found {shown(entry['default'])}")
+        for name, spec in weights.items():
+            _check_entry(spec, f"{where}.weights.{name}")
     return data
+
+
+def _check_entry(spec: Any, where: str) -> None:
+    """Refuse a manifest entry whose fields are of the wrong type or range, naming field and value."""
+    if not isinstance(spec, dict):
+        raise UsageError(f"{where} must be an object with 'url' and 'num_classes', found {shown(spec)}")
+    for key in ("url", "num_classes"):
+        if key not in spec:
+            raise UsageError(f"{where} has no {key!r}")
+    if not isinstance(spec["url"], str):
+        raise UsageError(f"{where}.url must be a string, found {shown(spec['url'])}")
+    check_url(spec["url"], f"{where}.url")
+    check_int(spec["num_classes"], f"{where}.num_classes")
+    size = spec.get("file_size")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, (int, float)) or not 0 < size < 2**40):
+        raise UsageError(f"{where}.file_size must be a positive number of MiB, found {shown(size)}")
+    pre = spec.get("preprocessing")
+    if pre is not None:
+        if not isinstance(pre, dict):
+            raise UsageError(f"{where}.preprocessing must be an object, found {shown(pre)}")
+        for key in ("crop_size", "resize_size"):
+            check_int(pre.get(key), f"{where}.preprocessing.{key}")
+        for key in ("mean", "std"):
+            value = pre.get(key)
+            if not (isinstance(value, list) and len(value) in (1, 3)
+                    and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)):  # fmt: skip
+                raise UsageError(f"{where}.preprocessing.{key} must be a list of 3 numbers, found {shown(value)}")
+        modes = {"nearest", "bilinear", "bicubic", "box", "hamming", "lanczos"}
+        if pre.get("interpolation") not in modes:
+            raise UsageError(
+                f"{where}.preprocessing.interpolation must be one of {', '.join(sorted(modes))}, "
+                f"found {shown(pre.get('interpolation'))}"
+            )
+    categories = spec.get("categories")
+    if categories is not None and not (
+        isinstance(categories, str) or (isinstance(categories, list) and all(isinstance(c, str) for c in categories))
+    ):
+        raise UsageError(f"{where}.categories must be a category set name or a list of names, found {shown(categories)}")
 
 
 @dataclass(frozen=True)
@@ -225,9 +280,21 @@ class WeightsSpec:
             antialias=p.get("antialias", True),
         )
 
+    @property
+    def max_bytes(self) -> int | None:
+        """The most bytes a download of this file may take: the manifest's ``file_size`` (MiB, as
+        torchvision rounds it to 3 decimals) and 1%; None when the manifest gives no size."""
+        size = self.data.get("file_size")
+        if isinstance(size, bool) or not isinstance(size, (int, float)) or not 0 < size < 2**40:
+            return None
+        return math.ceil(size * 2**20 * 1.01) + _CHUNK_SLACK
+
     def get_state_dict(self, progress: bool = True, model_dir: str | os.PathLike | None = None) -> dict:
-        """Download (or reuse the verified cached copy of) this file; keys remapped to the current layout."""
-        return remap_keys(fetch_state_dict(self.url, self.filename, model_dir=model_dir, progress=progress))
+        """Download (or reuse the verified cached copy of) this file; keys remapped to the current layout.
+        A server sending more than :attr:`max_bytes`, or dripping, is cut off (nothing cached)."""
+        return remap_keys(
+            fetch_state_dict(self.url, self.filename, model_dir=model_dir, progress=progress, max_bytes=self.max_bytes)
+        )
 
 
 @cache
@@ -252,7 +319,7 @@ def _spec(arch: str, name: str, data: Mapping[str, Any]) -> WeightsSpec:
         )
     url = data["url"]
     base = os.environ.get(URL_BASE_ENV)
-    if base:
+    if base:  # checked by manifest(), which every lookup reads first
         url = base.rstrip("/") + "/" + filename
     return WeightsSpec(arch, name, url, int(data["num_classes"]), dict(data))
 
@@ -285,6 +352,11 @@ def get_weights(arch: str, name: str = "DEFAULT") -> WeightsSpec:
         raise WeightsNotAvailableError(f"no pretrained weights are published for {arch} yet; {_TRAIN_HINT}")
     wanted = entry.get("default") if name == "DEFAULT" else name
     if wanted not in entry["weights"]:
+        if name == "DEFAULT":  # the manifest's own default names nothing: say so, not "DEFAULT"
+            raise UsageError(
+                f"the default weights of {arch} in {os.environ.get(MANIFEST_ENV) or 'the manifest'} are "
+                f"{shown(wanted)}, which it does not hold; expected one of {', '.join(sorted(entry['weights']))}"
+            )
         raise UsageError(
             f"unknown weights {name!r} for {arch}; expected one of DEFAULT, {', '.join(sorted(entry['weights']))}"
         )

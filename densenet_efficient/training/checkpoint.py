@@ -4,6 +4,11 @@ A save directory holds ``checkpoint.pt`` (everything needed to resume, rewritten
 epoch), ``log.csv`` (one row per epoch), and ``best/`` and ``last/`` Hugging Face-ready model
 folders that :func:`densenet_efficient.from_pretrained` loads. The checkpoint is written last,
 so a checkpoint for epoch e implies everything else of epoch e is on disk.
+
+A run owns its folder through one marker file, ``.densenet-efficient-run`` (:func:`check_run_folder`):
+a folder holding files of the run's names without it is someone else's, never written over, and
+the run holds the marker locked (``flock``) from its check until it ends, so a second training
+into the same folder is refused instead of silently replacing the first one's files.
 """
 
 from __future__ import annotations
@@ -11,11 +16,14 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import json
 import os
 import random
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import numpy as np
@@ -23,8 +31,9 @@ import torch
 import torch.nn as nn
 
 from ..errors import UsageError, shown
-from ..io.atomic import atomic_write, remove_stale_temporaries
+from ..io.atomic import atomic_write, lock_exclusive, remove_stale_temporaries
 from ..io.checkpoint import CheckpointError, load_torch_file
+from ..io.files import file_kind
 from ..models.hub import save_hub_folder
 from ..models.memory_plan import MemoryPlan
 from .config import TrainConfig, check_settings
@@ -33,7 +42,9 @@ __all__ = [
     "CHECKPOINT_NAME",
     "LOG_COLUMNS",
     "LOG_NAME",
+    "RUN_MARKER",
     "BestModel",
+    "RunFolder",
     "check_run_folder",
     "read_run_checkpoint",
     "restore_rng_state",
@@ -54,9 +65,14 @@ LOG_COLUMNS = (
     "epoch_seconds",
     "peak_memory_mb",
 )
+#: The run folder's ownership marker and lock (see the module docstring).
+RUN_MARKER = ".densenet-efficient-run"
+_MARKER_FORMAT = "densenet_efficient.run/1"
+#: What a run writes in its folder: files, then model folders.
+_OUTPUT_FILES, _OUTPUT_FOLDERS = (CHECKPOINT_NAME, LOG_NAME), ("last", "best")
 #: What a run writes in its folder, atomically (so a killed save may leave their temporaries).
 _PROBE = "write-probe"
-_RUN_FILES = (CHECKPOINT_NAME, LOG_NAME, "last", "best", _PROBE)
+_RUN_FILES = (*_OUTPUT_FILES, *_OUTPUT_FOLDERS, _PROBE)
 _CHECKPOINT_FORMAT = "densenet_efficient.train/1"  # the format tag of existing run files: never renamed
 
 
@@ -98,7 +114,7 @@ def read_run_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> d
     path = Path(path)
     if path.is_dir():
         raise UsageError(f"cannot resume from {path}: it is a folder, expected the run's checkpoint file")
-    if not path.is_file():
+    if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint to resume from: {path} does not exist")
     try:
         ckpt = load_torch_file(path, map_location=map_location)
@@ -164,6 +180,9 @@ def _checkpoint_problem(ckpt: dict[str, Any]) -> str | None:
     for key in ("scaler", "best_model"):
         if ckpt.get(key) is not None and not isinstance(ckpt[key], dict):
             return f"its {key} entry is a {type(ckpt[key]).__name__}, expected a dict or None"
+    classes = ckpt.get("classes")  # absent in checkpoints written before it was stored
+    if classes is not None and (not isinstance(classes, list) or not all(isinstance(c, str) for c in classes)):
+        return f"its classes are {shown(classes)}, expected a list of class names"
     best_error, best_epoch = ckpt.get("best_valid_error"), ckpt.get("best_epoch")
     if best_error is not None and not _is_number(best_error):
         return f"its best_valid_error is {shown(best_error)}, expected a number or None"
@@ -183,28 +202,168 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def check_run_folder(save_dir: Path) -> None:
-    """Make sure the run can be saved in ``save_dir`` before any training time is spent.
+class RunFolder:
+    """A run folder this process owns: its marker held locked until :meth:`release` (or the end of
+    a ``with`` block, or the process). Leaving a ``with`` block on an error removes the folder again
+    when the run created it and wrote nothing into it but the marker."""
 
-    Creates the folder when missing, removes what an interrupted save of an earlier invocation
-    left (this package's own temporaries only, see :func:`..io.atomic.remove_stale_temporaries`),
-    then writes and removes a probe file of our own. Raises :class:`UsageError` naming the folder
-    and the reason (a file in the way, read-only file system, no permission, disk full)."""
+    def __init__(self, path: Path, fd: int, created: bool) -> None:
+        self.path, self._fd, self._created = path, fd, created
+
+    def release(self, failed: bool = False) -> None:
+        if self._fd < 0:
+            return
+        try:
+            if failed and self._created and set(os.listdir(self.path)) <= {RUN_MARKER}:
+                (self.path / RUN_MARKER).unlink(missing_ok=True)  # our own, in a folder we made
+                self.path.rmdir()
+        except OSError:
+            pass  # someone else put a file there meanwhile: the folder stays
+        finally:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> RunFolder:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.release(failed=kind is not None)
+
+
+def check_run_folder(
+    save_dir: Path, *, expect_checkpoint: os.stat_result | None = None, overwrite: bool = False
+) -> RunFolder:
+    """Claim ``save_dir`` for a run before any training time is spent, and make sure it can be saved.
+
+    Returns the claimed :class:`RunFolder`: hold it (``with``) for as long as the run writes there.
+    The folder is the run's when it holds the run marker, or is new, or holds none of the names
+    the run writes (``checkpoint.pt``, ``log.csv``, ``last/``, ``best/``), or holds a checkpoint of
+    this package's (a run of a version before the marker). Otherwise it is refused, naming the
+    files: they are someone else's. The marker is then created and locked; a folder another run
+    holds locked is refused. Under the lock: the run's own names must not be links
+    (a ``last`` linking elsewhere would be written through); a checkpoint that appeared since the
+    run was set up (another run finished there) is refused unless ``overwrite``; a resumed run's
+    checkpoint must be the one it read (``expect_checkpoint``, its ``os.stat``). Then what an
+    interrupted save left is removed (:func:`..io.atomic.remove_stale_temporaries`) and a probe
+    file is written and removed. Raises :class:`UsageError` naming the folder and the reason."""
     if save_dir.exists() and not save_dir.is_dir():
         raise UsageError(f"--save {save_dir} is a file; expected a folder for the run (new or existing)")
+    marker = save_dir / RUN_MARKER
     try:
+        created = not save_dir.exists()
         save_dir.mkdir(parents=True, exist_ok=True)
+        if not os.path.lexists(marker):
+            _check_unowned(save_dir, expect_checkpoint)
+        fd = os.open(marker, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | os.O_NONBLOCK, 0o666)
+    except OSError as err:
+        if os.path.islink(marker) or (os.path.lexists(marker) and not os.path.isfile(marker)):
+            raise UsageError(
+                f"--save {save_dir}: its {RUN_MARKER} is not a regular file; this package did not write it"
+            ) from None
+        raise UsageError(f"cannot write the run folder {save_dir}: {err.strerror or err}") from None
+    folder = RunFolder(save_dir, fd, created)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UsageError(f"--save {save_dir}: its {RUN_MARKER} is not a regular file; this package did not write it")
+        if not lock_exclusive(fd):
+            raise UsageError(
+                f"--save {save_dir} is in use by another training run (it holds {RUN_MARKER} locked); "
+                "wait for it to end, or choose another folder"
+            )
+        if os.fstat(fd).st_size == 0:  # written once, when the run folder is claimed
+            os.pwrite(fd, (json.dumps({"format": _MARKER_FORMAT}) + "\n").encode(), 0)
+        _check_outputs(save_dir, expect_checkpoint, overwrite)
         remove_stale_temporaries(save_dir, _RUN_FILES)
-        fd, probe = tempfile.mkstemp(prefix=f".{_PROBE}.", suffix=".tmp", dir=save_dir)
+        probe_fd, probe = tempfile.mkstemp(prefix=f".{_PROBE}.", suffix=".tmp", dir=save_dir)
         try:
-            with os.fdopen(fd, "wb") as f:
+            with os.fdopen(probe_fd, "wb") as f:
                 f.write(b"densenet-efficient write probe\n")
                 f.flush()
                 os.fsync(f.fileno())
         finally:
             os.unlink(probe)
+    except FileExistsError:  # an OSError, but ours: a checkpoint appeared (_check_outputs)
+        folder.release(failed=True)
+        raise
     except OSError as err:
+        folder.release(failed=True)
         raise UsageError(f"cannot write the run folder {save_dir}: {err.strerror or err}") from None
+    except BaseException:
+        folder.release(failed=True)
+        raise
+    return folder
+
+
+def _check_unowned(save_dir: Path, expect_checkpoint: os.stat_result | None) -> None:
+    """Refuse a folder without the marker that holds files of the run's names, unless they are a
+    run of this package's from before the marker (its checkpoint reads as one)."""
+    found = [n for n in (*_OUTPUT_FILES, *_OUTPUT_FOLDERS) if os.path.lexists(save_dir / n)]
+    if not found:
+        return
+    checkpoint = save_dir / CHECKPOINT_NAME
+    if expect_checkpoint is not None or _is_run_checkpoint(checkpoint):
+        return  # resumed (read and checked already), or an --overwrite of such a run
+    shown_names = ", ".join(f"{n}/" if (save_dir / n).is_dir() else n for n in found)
+    raise UsageError(
+        f"--save {save_dir} already holds {shown_names}, which no training run of this package wrote "
+        f"there (it has no {RUN_MARKER}); a run would write over them: choose a new or empty folder, "
+        "or move them away"
+    )
+
+
+def _is_run_checkpoint(path: Path) -> bool:
+    if not os.path.isfile(path) or os.path.islink(path):
+        return False
+    try:
+        read_run_checkpoint(path)
+    except (UsageError, OSError):
+        return False
+    return True
+
+
+def _check_outputs(save_dir: Path, expect_checkpoint: os.stat_result | None, overwrite: bool) -> None:
+    """Under the lock: the run's names are ours to replace (no links, the right kinds), and the
+    checkpoint is still the one the run was set up with."""
+    for name in (*_OUTPUT_FILES, *_OUTPUT_FOLDERS):
+        path = save_dir / name
+        if path.is_symlink():
+            raise UsageError(
+                f"--save {save_dir}: its {name} is a symbolic link (to {os.readlink(path)}); the run "
+                "would write through it into another folder: remove the link"
+            )
+        if os.path.lexists(path):
+            mode = path.lstat().st_mode
+            want_folder = name in _OUTPUT_FOLDERS
+            if stat.S_ISDIR(mode) != want_folder or not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+                raise UsageError(
+                    f"--save {save_dir}: its {name} is {file_kind(mode)}, expected "
+                    f"{'a folder' if want_folder else 'a regular file'}: move it away"
+                )
+    checkpoint = save_dir / CHECKPOINT_NAME
+    now = _stat(checkpoint)
+    if expect_checkpoint is None:
+        if now is not None and not overwrite:
+            raise FileExistsError(
+                f"{save_dir} already holds a training run ({CHECKPOINT_NAME}, written while this one was "
+                "being set up); pass --resume to continue it or --overwrite to start again"
+            )
+    elif now is None or not _same_file(now, expect_checkpoint):
+        raise UsageError(
+            f"{checkpoint} changed after it was read (another run wrote it meanwhile); run --resume again"
+        )
+
+
+def _stat(path: Path) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except FileNotFoundError:
+        return None
+
+
+def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_ino, a.st_dev, a.st_size, a.st_mtime_ns) == (b.st_ino, b.st_dev, b.st_size, b.st_mtime_ns)
 
 
 def write_log(path: Path, history: list[dict[str, float]]) -> None:
@@ -273,6 +432,8 @@ def save_epoch(
         "best_valid_error": best.error,
         "best_epoch": best.epoch,
         "best_model": best.state,
+        # what each label means: a resumed run refuses data whose classes are others (loop._check_classes)
+        "classes": [str(name) for name in provenance["classes"]],
     }
     if trainables.get("memory_plan") is not None:  # chosen by --memory: a resumed run keeps it
         state["memory_plan"] = trainables["memory_plan"].to_json()

@@ -257,6 +257,26 @@ def _number(low: float, high: float | None = None, *, above: bool = False):
     return check
 
 
+#: The largest float32: the optimiser multiplies float32 parameters by the rates, so a larger one
+#: is infinity at the first step (and the run would fail there, after its folder was made).
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _float32(check: Callable[[Any, str], Any]) -> Callable[[Any, str], Any]:
+    """``check``, then refuse a value float32 cannot hold."""
+
+    def checked(value: Any, label: str) -> Any:
+        check(value, label)
+        if value is not None and abs(value) > _FLOAT32_MAX:
+            raise UsageError(
+                f"{label} must be at most {_FLOAT32_MAX:.8g} (the largest float32, the parameters' type), "
+                f"found {shown(value)}"
+            )
+        return value
+
+    return checked
+
+
 def _integer(minimum: int, maximum: int | None = None, *, optional: bool = False, also: tuple = ()):
     def check(value: Any, label: str) -> Any:
         if (optional and value is None) or (value in also and isinstance(value, str)):
@@ -320,9 +340,9 @@ _CHECKS: dict[str, Callable[[Any, str], Any]] = {
     "n_epochs": _integer(1, optional=True),
     "batch_size": _integer(1, also=("auto",)),
     "accum_steps": _integer(1),
-    "lr": lambda v, label: v if v is None else _number(0, above=True)(v, label),
+    "lr": _float32(lambda v, label: v if v is None else _number(0, above=True)(v, label)),
     "momentum": _number(0, 1),
-    "weight_decay": _number(0),
+    "weight_decay": _float32(_number(0)),
     "seed": _integer(0, _MAX_SEED),
     "memory": _memory,
     "amp": _choice((None, "bf16", "fp16")),

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
@@ -37,16 +38,19 @@ from torchvision import datasets
 from torchvision import transforms as T
 
 from ..errors import UsageError
+from ..io.files import require_regular_file
 from ..models.hub import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
     "DATASETS",
     "DATA_DEFAULTS",
     "DataBundle",
+    "ImageChangedError",
     "TransformedSubset",
     "build_data",
     "detect_dataset",
     "imagenet_transforms",
+    "load_image",
     "mix_seed",
     "split_indices",
 ]
@@ -224,6 +228,11 @@ def _build_digits(valid_size: int | float, seed: int) -> DataBundle:
 
 def _cifar_dataset(name: str, root: Path, train: bool, download: bool) -> datasets.CIFAR10:
     cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+    for file_name, _ in (*cls.train_list, *cls.test_list):  # torchvision hashes them: a FIFO blocks
+        if os.path.lexists(root / cls.base_folder / file_name):
+            require_regular_file(root / cls.base_folder / file_name, f"{name.upper()} batch")
+    if os.path.lexists(root / cls.filename):
+        require_regular_file(root / cls.filename, f"{name.upper()} archive")
     try:
         return cls(str(root), train=train, download=download)
     except RuntimeError as err:  # torchvision: "Dataset not found or corrupted"
@@ -310,6 +319,65 @@ def _first_int(value: Any, default: int) -> int:
     return int(value[0]) if isinstance(value, (list, tuple)) else int(value)
 
 
+#: 16-bit integer modes PIL opens 16-bit grey PNGs and TIFFs in. ``convert("RGB")`` clips their
+#: values to 255 (a 16-bit X-ray becomes almost all white); they are scaled to 8 bits instead.
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _pixel_problem(image: Image.Image) -> str | None:
+    """Why ``image``'s pixels cannot be mapped onto 0..255 faithfully (None when they can)."""
+    if image.mode in ("I", "F", "I;16S") or image.mode.startswith(("I;32", "F;")):
+        kind = "floating-point" if image.mode.startswith("F") else "32-bit or signed integer"
+        return (
+            f"{kind} pixels (PIL mode {image.mode}) have no fixed range to scale to 0..255, and "
+            "clipping them would change the image; export it as 8- or 16-bit"
+        )
+    return None
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` as 8-bit RGB: 16-bit grey scaled by 255/65535 (never clipped), everything else as
+    PIL's ``convert("RGB")`` (palette, CMYK, grey+alpha, ...)."""
+    if image.mode in _SIXTEEN_BIT:
+        pixels = np.asarray(image).astype(np.uint32)  # native order whatever the file's
+        scaled = ((pixels * 255 + 32767) // 65535).astype(np.uint8)  # rounded: 65535 -> 255
+        return Image.fromarray(scaled).convert("RGB")  # 2-D uint8: mode L
+    return image.convert("RGB")
+
+
+class ImageChangedError(UsageError):
+    """An image that passed the check before training cannot be read when its epoch comes."""
+
+    def __init__(self, message: str) -> None:
+        # A DataLoader worker's exception is raised again in the main process as
+        # ``type(err)(text)``, the text being "Caught ... in DataLoader worker process N", the
+        # worker's traceback, then "<module>.ImageChangedError: <message>": keep the message.
+        if message.startswith("Caught ImageChangedError") and "Error: " in message:
+            message = message.rstrip().rsplit("ImageChangedError: ", 1)[-1]
+        super().__init__(message)
+
+
+def load_image(path: str) -> Image.Image:
+    """The 8-bit RGB image the model sees for ``path`` (ImageFolders' loader, see :func:`_to_rgb`).
+
+    Raises:
+        ImageChangedError: the file cannot be read now (it passed the check before training, so
+            it was replaced, truncated or removed since), naming it.
+    """
+    try:
+        require_regular_file(path, "image")  # a FIFO put there since would block a worker forever
+        with Image.open(path) as image:
+            problem = _pixel_problem(image)
+            if problem is None:
+                return _to_rgb(image)
+    except (OSError, SyntaxError, ValueError, EOFError) as err:  # UsageError is a ValueError
+        problem = f"{type(err).__name__}: {err}"
+    raise ImageChangedError(
+        f"{path} cannot be read any more ({problem}); it passed the check before training, so it "
+        "changed since: the last checkpoint is kept, restore or remove the file and continue with --resume"
+    )
+
+
 class _ImageFolder(datasets.ImageFolder):
     """torchvision's ImageFolder, safe against hostile folders.
 
@@ -322,7 +390,10 @@ class _ImageFolder(datasets.ImageFolder):
       the data), so a file that is not an image, is empty or truncated, or is larger than
       ``PIL.Image.MAX_IMAGE_PIXELS`` is refused before training, naming the files, instead of
       failing mid-epoch (in a DataLoader worker). Refused, not skipped: a data set silently
-      smaller than the folder would give numbers for other data than the user pointed at.
+      smaller than the folder would give numbers for other data than the user pointed at. A
+      FIFO or device named like an image is refused without being opened (it would block).
+    * Images are read by :func:`load_image`: 16-bit grey (medical exports) is scaled to 8 bits,
+      never clipped; pixels of no fixed range (32-bit, float) are refused by name.
 
     Samples are in torchvision's order (sorted folders, then sorted names), so splits are
     unchanged for well-formed folders.
@@ -388,6 +459,7 @@ def _walk_once(top: Path) -> list[str]:
 def _image_problem(path: str) -> str | None:
     """Why ``path`` cannot be trained on (None if it decodes within the size limit)."""
     try:
+        require_regular_file(path, "image")  # a FIFO named like an image would block Image.open
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below instead
             with Image.open(path) as image:
@@ -395,10 +467,15 @@ def _image_problem(path: str) -> str | None:
                 limit = Image.MAX_IMAGE_PIXELS
                 if limit and width * height > limit:
                     return f"{width}x{height} pixels, over PIL's limit of {limit:,}"
+                problem = _pixel_problem(image)
+                if problem is not None:
+                    return problem
                 image.draft("RGB", (max(1, width // 8), max(1, height // 8)))  # JPEG: 1/8-scale decode
                 image.load()
     except Image.DecompressionBombError as err:
         return str(err).split(" could be")[0].rstrip(",")  # over twice the limit: PIL refuses to open
+    except UsageError as err:  # not a regular file: the sentence already names the path
+        return str(err).rsplit(": ", 1)[-1]
     except (OSError, SyntaxError, ValueError, EOFError) as err:  # not an image, empty, truncated
         return f"{type(err).__name__}: {err}"
     return None
@@ -421,7 +498,7 @@ def _check_images(folder: datasets.ImageFolder, root: Path) -> None:
 
 def _load_folder(root: Path) -> datasets.ImageFolder:
     """An :class:`_ImageFolder` of ``root``, its images checked."""
-    folder = _ImageFolder(str(root))  # raises FileNotFoundError on empty/classless folders
+    folder = _ImageFolder(str(root), loader=load_image)  # FileNotFoundError: empty/classless folders
     _check_images(folder, root)
     return folder
 

@@ -201,7 +201,8 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> TrainResult:
     check_settings(config.to_dict())  # types and ranges first: nothing below trusts a value unchecked
     info, device = init_distributed(config.device)
     try:
-        return _train(config, info, device, given)
+        with contextlib.ExitStack() as held:  # the run folder's lock, until the run ends
+            return _train(config, info, device, given, held)
     finally:
         if info.enabled and dist.is_initialized():
             dist.destroy_process_group()
@@ -222,7 +223,11 @@ class _Log:
         if not self.enabled:
             return
         try:
-            print(text, flush=True)
+            try:
+                print(text, flush=True)
+            except UnicodeEncodeError:  # a path the terminal's encoding cannot show: escape it
+                encoding = getattr(sys.stdout, "encoding", None) or "ascii"
+                print(text.encode(encoding, "backslashreplace").decode(encoding), flush=True)
         except (BrokenPipeError, ValueError):  # ValueError: the stream was closed in this process
             self.enabled = False
             with contextlib.suppress(OSError, ValueError, AttributeError):
@@ -269,22 +274,24 @@ def _dataset(config: TrainConfig) -> str:
 
 def _open_run(
     config: TrainConfig, given: frozenset[str]
-) -> tuple[TrainConfig, Path, dict[str, Any] | None, list[str]]:
-    """The run folder, and with ``resume`` the checkpoint and the settings it continues with
+) -> tuple[TrainConfig, Path, dict[str, Any] | None, os.stat_result | None, list[str]]:
+    """The run folder, and with ``resume`` the checkpoint, its ``os.stat`` from before it was read
+    (the run folder's lock checks it is still that file) and the settings it continues with
     (:func:`.config.resume_config`), plus notices about settings the resume changed."""
     save_dir = Path(config.save or f"runs/{run_name(config)}-{time.strftime('%Y%m%d-%H%M%S')}")
     ckpt_path = save_dir / CHECKPOINT_NAME
     if config.resume:
-        ckpt = read_run_checkpoint(ckpt_path)  # also type-checks every stored setting
+        read_stat = os.stat(ckpt_path) if os.path.exists(ckpt_path) else None
+        ckpt = read_run_checkpoint(ckpt_path)  # refuses a missing one; type-checks every stored setting
         asked = dataclasses.replace(config, save=str(save_dir))
         config, notices = resume_config(TrainConfig(**ckpt["config"]), asked, given, ckpt["epoch"])
-        return config, save_dir, ckpt, notices
+        return config, save_dir, ckpt, read_stat, notices
     if ckpt_path.exists() and not config.overwrite:
         raise FileExistsError(
             f"{save_dir} already holds a training run ({CHECKPOINT_NAME}); pass --resume to continue it "
             "or --overwrite to start again"
         )
-    return config, save_dir, None, []
+    return config, save_dir, None, None, []
 
 
 def _configure_backends(c: TrainConfig, device: torch.device) -> None:
@@ -350,6 +357,27 @@ def _arch_config(c: TrainConfig, num_classes: int) -> ArchConfig:
     if c.arch is None:
         return densenet_bc_config(c.depth, c.growth_rate, num_classes=num_classes)
     return resolve_arch(c.arch).with_classes(num_classes)
+
+
+def _check_classes(ckpt: dict[str, Any], data: DataBundle, path: Path) -> None:
+    """Refuse to resume on data whose classes are not the run's, in the run's order: label i must
+    mean the class it meant when the weights were trained (a renamed class folder shifts the
+    sorted order, and the run would go on learning every label as another class)."""
+    stored = ckpt.get("classes")
+    if stored is None or list(stored) == list(data.classes):
+        return  # the same classes (or a checkpoint from before they were stored: shapes only)
+    differ = next(
+        (i for i, (a, b) in enumerate(zip(stored, data.classes, strict=False)) if a != b),
+        min(len(stored), len(data.classes)),
+    )
+    run_has = shown(stored[differ]) if differ < len(stored) else "nothing"
+    data_has = shown(data.classes[differ]) if differ < len(data.classes) else "nothing"
+    raise UsageError(
+        f"checkpoint {path} was trained on {len(stored)} classes {shown(stored)}, the data has "
+        f"{len(data.classes)}: {shown(list(data.classes))}; label {differ} is {run_has} in the run and "
+        f"{data_has} in the data, so resuming would train labels as other classes. Resume with the "
+        "run's class folders, or start a new run (--overwrite or another --save)"
+    )
 
 
 def _check_checkpoint_fits(
@@ -519,8 +547,10 @@ def compile_mode(device: torch.device) -> str | None:
     return "reduce-overhead" if device.type == "cuda" else None
 
 
-def _train(config: TrainConfig, info: DistInfo, device: torch.device, given: frozenset[str]) -> TrainResult:
-    config, save_dir, ckpt, notices = _open_run(config, given)
+def _train(
+    config: TrainConfig, info: DistInfo, device: torch.device, given: frozenset[str], held: contextlib.ExitStack
+) -> TrainResult:
+    config, save_dir, ckpt, read_stat, notices = _open_run(config, given)
     dataset = _dataset(config)
     c = resolve_config(config, dataset, given=given, save_dir=save_dir)
     if ckpt is None:  # a --growth-rate of a million: refused before any data is read or written (a
@@ -530,13 +560,14 @@ def _train(config: TrainConfig, info: DistInfo, device: torch.device, given: fro
     data = _load_data(c, dataset, info)
     c, choice = _choose_budget(c, data, info, device, ckpt)
     if ckpt is not None:
+        _check_classes(ckpt, data, save_dir / CHECKPOINT_NAME)
         _check_checkpoint_fits(c, data.num_classes, ckpt, choice, save_dir / CHECKPOINT_NAME)
     run = _build_run(c, dataset, save_dir, data, info, device, choice)
     if ckpt is not None:
         _restore(run, ckpt)
     train_loader, sampler = _loader(data.train, c, info, shuffle=True, device=device)
     valid_loader = _loader(data.valid, c, info, shuffle=False, device=device)[0] if data.valid else None
-    _check_run_folder(save_dir, info, device)
+    _check_run_folder(save_dir, info, device, held, read_stat, c.overwrite)
     run.net = _wrap(run)
     _announce(run, data, choice, notices)
     provenance = {
@@ -550,6 +581,7 @@ def _train(config: TrainConfig, info: DistInfo, device: torch.device, given: fro
         _seed_epoch(c.seed, epoch, info.rank, train_loader)
         sampler.set_epoch(epoch)
         row = _run_epoch(run, epoch, train_loader, valid_loader)
+        _check_finite(row, valid_loader is not None)
         run.history.append(row)
         improved = run.best.update(
             row["valid_error"] if valid_loader else row["train_error"], epoch + 1, run.model
@@ -579,6 +611,24 @@ def _announce(run: _Run, data: DataBundle, choice: BudgetChoice | None, notices:
         run.log(
             f"the run in {run.save_dir} has already completed its {c.n_epochs} epochs: nothing to train "
             "(pass a larger --n-epochs to continue it)"
+        )
+
+
+def _check_finite(row: dict[str, Any], validated: bool) -> None:
+    """Refuse an epoch whose losses are not finite, before it can be selected as best or saved.
+
+    A model whose outputs are NaN still has an error rate (NaN logits argmax to class 0), so
+    such an epoch could even look best; its weights are never written and the last good
+    checkpoint stays (the run stops as for a diverged training loss)."""
+    names = ("train_loss", "valid_loss") if validated else ("train_loss",)
+    bad = [(name, row[name]) for name in names if not math.isfinite(row[name])]
+    if bad:
+        label = {"train_loss": "training", "valid_loss": "validation"}
+        what = " and ".join(f"the {label[name]} loss is {value}" for name, value in bad)
+        raise NonFiniteLossError(
+            f"{what} in epoch {row['epoch']}: the model's outputs are not finite; stopping, nothing of "
+            "this epoch is saved and the last good checkpoint is kept. Try a lower --lr, or --amp bf16 "
+            "instead of fp16"
         )
 
 
@@ -634,14 +684,18 @@ def _finish(run: _Run, data: DataBundle, end_epoch: int) -> TrainResult:
     return result
 
 
-def _check_run_folder(save_dir: Path, info: DistInfo, device: torch.device) -> None:
-    """Rank 0 checks the run folder can be written (:func:`.checkpoint.check_run_folder`) before
-    any training; every rank raises together, or the others would wait for rank 0 forever."""
-    problem = None
+def _check_run_folder(
+    save_dir: Path, info: DistInfo, device: torch.device, held: contextlib.ExitStack,
+    read_stat: os.stat_result | None, overwrite: bool,
+) -> None:  # fmt: skip
+    """Rank 0 claims the run folder and checks it can be written (:func:`.checkpoint.check_run_folder`)
+    before any training, holding its lock in ``held``; every rank raises together, or the others
+    would wait for rank 0 forever. ``read_stat``: a resumed run's checkpoint as it was read."""
+    problem: Exception | None = None
     if info.main:
         try:
-            check_run_folder(save_dir)
-        except UsageError as err:
+            held.enter_context(check_run_folder(save_dir, expect_checkpoint=read_stat, overwrite=overwrite))
+        except (UsageError, FileExistsError) as err:
             problem = err
     (failed,) = all_reduce([float(problem is not None)], info, device)
     if problem is not None:

@@ -8,9 +8,7 @@ is downloaded: URL and registry sources are served from a localhost HTTP server.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import errno
 import functools
 import hashlib
 import http.server
@@ -23,7 +21,6 @@ import subprocess
 import sys
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -38,6 +35,7 @@ from densenet_efficient.models.config import ARCHITECTURES, ArchConfig, densenet
 
 from ..support import REPO
 from ..support.archs import torchvision_reference
+from ..support.disk import full_disk
 
 # Small architectures (conversion does not care about size): an ImageNet-stem one with bn_size 2
 # and 7 classes, and a CIFAR DenseNet-BC-16 with k=6.
@@ -468,53 +466,13 @@ def test_bad_input_cli(make, message, tmp_path, capsys):
     assert os.listdir(out_root) == []
 
 
-@contextlib.contextmanager
-def _full_disk(root: Path, how: str, monkeypatch) -> Iterator[None]:
-    """``root`` on a disk with no room for a converted model.
-
-    ``"disk"``: a 2 MB tmpfs filled but for 40 KB, when this process may mount one (root in a
-    container), else a writer that fails with ENOSPC the way open() does. ``"safetensors"``: the
-    model writer fails the way safetensors' Rust code reports a full disk.
-    """
-    if how == "disk" and _mount_tmpfs(root):
-        try:
-            (root / "filler").write_bytes(bytes(2048 * 1024 - 40 * 1024))
-            yield
-        finally:
-            subprocess.run(["umount", str(root)], check=True)
-        return
-    import safetensors.torch
-
-    def full(tensors, filename=None, metadata=None):
-        if how == "safetensors":
-            raise safetensors.SafetensorError(
-                "Error while serializing: I/O error: No space left on device (os error 28)"
-            )
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    # whichever serializer the writer uses: to a file, or to bytes it then writes itself
-    monkeypatch.setattr(safetensors.torch, "save_file", full)
-    monkeypatch.setattr(safetensors.torch, "save", full)
-    yield
-
-
-def _mount_tmpfs(root: Path) -> bool:
-    try:
-        done = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(root)], capture_output=True, timeout=10
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return done.returncode == 0
-
-
 @pytest.mark.parametrize("how", ["disk", "safetensors"])
 def test_full_disk_cli(how, tmp_path, monkeypatch, capsys):
     """A full disk is one sentence with the OS error, not a SafetensorError traceback; nothing is left."""
     src = _bad_legacy_cut(10**9)(tmp_path)  # the whole file
     root = tmp_path / "disk"
     root.mkdir()
-    with _full_disk(root, how, monkeypatch):
+    with full_disk(root, how, monkeypatch):
         before = sorted(os.listdir(root))
         assert cli.main(["convert", str(src), str(root / "model"), "--quiet"]) == 2
         err = capsys.readouterr().err.strip()

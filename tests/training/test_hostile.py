@@ -332,5 +332,6 @@ def test_remove_stale_temporaries_touches_only_the_names_asked_for(tmp_path):
     assert [p.name for p in removed] == [".a.txt.abc_1234.tmp"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [".a.txt.abc_1234.partial", ".b.txt.abc_1234.tmp"]
     assert remove_stale_temporaries(tmp_path / "missing", ["a.txt"]) == []
-    check_run_folder(tmp_path)  # a run folder check cleans only the run's own names
+    with check_run_folder(tmp_path):  # a run folder check cleans only the run's own names
+        pass
     assert (tmp_path / ".b.txt.abc_1234.tmp").exists()

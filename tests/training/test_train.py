@@ -687,7 +687,7 @@ def test_default_run_folder_is_named_after_the_data_set(tmp_path, monkeypatch, o
     write_fake_cifar10(tmp_path / "cifar", per_batch=1, test_size=1)
     write_image_folder(tmp_path / "flowers", per_class=1, size=8)
     monkeypatch.chdir(tmp_path)
-    _, save_dir, ckpt, notices = train_mod._open_run(TrainConfig(**options), frozenset())
+    _, save_dir, ckpt, _, notices = train_mod._open_run(TrainConfig(**options), frozenset())
     assert (
         re.fullmatch(rf"runs/{folder}-\d{{8}}-\d{{6}}", save_dir.as_posix()) and ckpt is None and not notices
     )
