@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -31,21 +30,7 @@ from densenet_efficient.io.files import NotARegularFileError, require_regular_fi
 from densenet_efficient.io.json_file import read_json_object
 
 from ..support import REPO
-
-
-@contextlib.contextmanager
-def _within(seconds: int):
-    def expired(*_):
-        raise TimeoutError(f"blocked for more than {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, expired)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
-
+from ..support.timeouts import within
 
 # -- 8. downloads are bounded --------------------------------------------------------------------
 
@@ -119,7 +104,7 @@ def short_timeout(monkeypatch):
 )
 def test_a_hostile_server_ends_in_one_line_and_caches_nothing(tmp_path, short_timeout, answer, max_bytes, message):
     cache = tmp_path / "cache"
-    with _server(answer) as base, _within(30):
+    with _server(answer) as base, within(30):
         with pytest.raises(D.DownloadError, match=message) as caught:
             D.fetch_state_dict(f"{base}/w-0123abcd.pth", "w-0123abcd.pth", cache, False, max_bytes)
         assert "\n" not in str(caught.value) and base in str(caught.value)
@@ -133,7 +118,7 @@ def test_the_manifest_file_size_bounds_a_download(tmp_path, monkeypatch, short_t
 
     from ..support.hub_server import manifest_override
 
-    with _server(_endless) as base, _within(30):
+    with _server(_endless) as base, within(30):
         manifest = manifest_override(tmp_path / "manifest.json", {"densenet121": f"{base}/densenet121-0123abcd.pth"})
         monkeypatch.setenv(W.MANIFEST_ENV, str(manifest))
         spec = W.get_weights("densenet121")
@@ -186,7 +171,7 @@ def fifo(tmp_path) -> Path:
     ids=["read_checkpoint", "load_torch_file", "read_json_object", "sha256_file"],
 )
 def test_a_fifo_where_a_file_is_expected_is_refused_at_once(fifo, reader):
-    with _within(20), pytest.raises(NotARegularFileError, match=r"it is a FIFO \(named pipe\), expected a regular file"):
+    with within(20), pytest.raises(NotARegularFileError, match=r"it is a FIFO \(named pipe\), expected a regular file"):
         reader(fifo)
 
 
@@ -203,7 +188,7 @@ def test_devices_and_folders_are_named_for_what_they_are(tmp_path):
 
 
 def test_a_fifo_checkpoint_on_the_command_line_is_one_line(fifo, tmp_path, capsys):
-    with _within(30):
+    with within(30):
         assert cli.main(["convert", str(fifo), str(tmp_path / "out"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert "FIFO" in err and "\n" not in err and not (tmp_path / "out").exists()
@@ -367,7 +352,7 @@ def test_a_full_torch_home_is_one_line_naming_the_cache(tmp_path, monkeypatch):
 
 def test_a_download_of_no_stated_size_is_bounded_too(tmp_path, short_timeout, monkeypatch):
     monkeypatch.setattr(D, "MAX_DOWNLOAD_BYTES", 200_000)
-    with _server(_endless) as base, _within(30), pytest.raises(D.DownloadError, match="more than the expected 200000 bytes"):
+    with _server(_endless) as base, within(30), pytest.raises(D.DownloadError, match="more than the expected 200000 bytes"):
         D.download_file(f"{base}/source.pth", tmp_path / "source.pth", progress=False)
     assert os.listdir(tmp_path) == []
 

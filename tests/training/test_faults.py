@@ -8,10 +8,8 @@ bounded by an alarm, so a regression fails instead of blocking the suite.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -30,22 +28,7 @@ from densenet_efficient.training.data import ImageChangedError, build_data, load
 
 from ..support import REPO
 from ..support.fakedata import write_image_folder
-
-
-@contextlib.contextmanager
-def _within(seconds: int):
-    """Fail (instead of hanging the suite) if the block blocks for more than ``seconds``."""
-
-    def expired(*_):
-        raise TimeoutError(f"blocked for more than {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, expired)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
+from ..support.timeouts import within
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
@@ -127,7 +110,7 @@ def test_a_run_of_a_version_before_the_marker_is_still_the_packages(finished, tm
 def test_a_fifo_where_the_checkpoint_should_be_is_refused_without_blocking(finished, tmp_path):
     (finished / "checkpoint.pt").unlink()
     os.mkfifo(finished / "checkpoint.pt")
-    with _within(30), pytest.raises(UsageError, match=r"checkpoint.pt: it is a FIFO \(named pipe\)"):
+    with within(30), pytest.raises(UsageError, match=r"checkpoint.pt: it is a FIFO \(named pipe\)"):
         train(**_tiny(tmp_path, resume=True))
 
 
@@ -322,7 +305,7 @@ def test_pixels_of_no_fixed_range_are_refused_by_name(tmp_path):
 def test_a_fifo_named_like_an_image_is_refused_without_blocking(tmp_path):
     root = write_image_folder(tmp_path / "f", classes=("a", "b"), per_class=2, size=8)
     os.mkfifo(root / "a" / "pipe.png")
-    with _within(20), pytest.raises(UsageError, match=r"pipe.png \(it is a FIFO \(named pipe\), expected a regular file\)"):
+    with within(20), pytest.raises(UsageError, match=r"pipe.png \(it is a FIFO \(named pipe\), expected a regular file\)"):
         build_data("imagefolder", root, valid_size=0)
 
 
@@ -335,7 +318,7 @@ def test_an_image_changed_after_the_check_is_one_sentence_naming_it(tmp_path, wo
     bundle = build_data("imagefolder", root, valid_size=0, image_size=8)
     (root / "a" / "0.png").write_bytes(b"no longer a PNG")
     loader = torch.utils.data.DataLoader(bundle.train, batch_size=4, num_workers=workers)
-    with _within(60), pytest.raises(ImageChangedError) as caught:
+    with within(60), pytest.raises(ImageChangedError) as caught:
         list(loader)
     message = str(caught.value)
     assert "\n" not in message, message
@@ -377,5 +360,5 @@ def test_a_fifo_among_the_cifar_batches_is_refused_without_blocking(tmp_path, mo
     batch = tmp_path / "cifar" / "cifar-10-batches-py" / "data_batch_3"
     batch.unlink()
     os.mkfifo(batch)
-    with _within(30), pytest.raises(UsageError, match=r"CIFAR10 batch .*data_batch_3: it is a FIFO"):
+    with within(30), pytest.raises(UsageError, match=r"CIFAR10 batch .*data_batch_3: it is a FIFO"):
         build_data("cifar10", tmp_path / "cifar")
