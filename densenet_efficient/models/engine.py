@@ -70,6 +70,7 @@ user-facing form of that dial and :mod:`.planner` its memory model.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
@@ -138,6 +139,8 @@ def _apply_bn(x: Tensor, bn: nn.BatchNorm2d, stats: _Stats, out: Tensor, unused:
     (which may be ``x``): the inference batch-norm kernel, one native call. ``unused``: an empty
     tensor for the kernel's statistics outputs, which inference leaves untouched."""
     dtype = stats.mean.dtype
+    if unused.numel():  # meta and fake kernels resize the statistics outputs the real one leaves alone
+        unused.resize_(0)
     _aten.native_batch_norm.out(
         x, _param(bn.weight, dtype), _param(bn.bias, dtype), stats.mean, _param(stats.var, dtype), False,
         0.0, bn.eps, out=out, save_mean=unused, save_invstd=unused,
@@ -468,10 +471,22 @@ def _memory_format(x: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def _autocast_on(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` (never where it does not exist: ``meta``)."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
+def no_autocast(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast off for ``device_type`` inside (a no-op where autocast does not exist: ``meta``)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _compute_dtype(x: Tensor) -> torch.dtype:
     """The activation dtype: autocast's low-precision type when active (convolutions run in it)."""
     device = x.device.type
-    if torch.is_autocast_enabled(device) and x.is_floating_point():
+    if _autocast_on(device) and x.is_floating_point():
         return torch.get_autocast_dtype(device)
     return x.dtype
 
@@ -503,7 +518,7 @@ def _plan(modules: list[nn.Module], mode: str, x: Tensor, training: bool, params
         training,
         dtype,
         _memory_format(x),
-        (device, torch.is_autocast_enabled(device)),
+        (device, _autocast_on(device)),
         _needs_graph([x, *params]),
         dense_copy=_copies_for_dense_kernel(x.device),
     )
@@ -538,7 +553,7 @@ class _BlockStats:
     def measure(self, x: Tensor, start: int) -> None:
         """Mean and biased variance of ``x``'s channels into ``[start, start + x.shape[1])``: the native
         statistics kernel, its two results written into place by one stack."""
-        if is_fake(x):  # a custom op's fake kernel (ops.py): the kernel has no symbolic-shape meta; values unused
+        if is_fake(x) or x.is_meta:  # a fake or meta kernel (ops.py): the kernel has no meta; values unused
             return
         c = x.shape[1]
         rm, rv = self.dummies.narrow(c)  # float buffers keep bf16/fp16 inputs' statistics in float32
@@ -652,7 +667,7 @@ def _run_block(x: Tensor, plan: _Plan) -> tuple[Tensor, _BlockSaved]:
         n, _, h, w = x.shape
         _count_batches([bn for layer in plan.modules for bn in (layer.norm1, layer.norm2)])
         updates = _RunningUpdates(n * h * w)
-    with torch.autocast(plan.autocast[0], enabled=False):
+    with no_autocast(plan.autocast[0]):
         buf, saved = _block_forward(x, plan, updates)
     if updates is not None:
         updates.flush()
@@ -777,7 +792,7 @@ class _DenseBlockFunction(torch.autograd.Function):
         )
         layers = ctx.plan.modules
         plan = replace(ctx.plan, modules=[layer.bind(params[6 * i : 6 * i + 6]) for i, layer in enumerate(layers)])
-        with torch.autocast(plan.autocast[0], enabled=False):
+        with no_autocast(plan.autocast[0]):
             gx, param_grads = _block_backward(grad, buf, plan, saved)
         return (gx.to(ctx.input_dtype), None, *param_grads)
 
@@ -936,7 +951,7 @@ def _tail_forward(
     """``tail(relu(norm(x)))`` in ``plan.dtype``: ``(out, kept, stats)``, ``kept`` what the tail keeps
     for its backward (``keep``), ``stats`` the batch statistics and reserve it then needs too."""
     bn = plan.modules[0]
-    with torch.autocast(plan.autocast[0], enabled=False):
+    with no_autocast(plan.autocast[0]):
         x = x.to(plan.dtype)
         if plan.training:
             z, mean, invstd, reserve = _bn_train(x, bn, None, updates)
@@ -954,7 +969,7 @@ def _tail_backward(
     parameters): ``(dx, dweight, dbias, the tail's own parameter gradients)``, ``dx`` in ``x``'s dtype."""
     bn, module = plan.modules
     extra: list[Tensor] = []
-    with torch.autocast(plan.autocast[0], enabled=False):
+    with no_autocast(plan.autocast[0]):
         grad = grad.to(plan.dtype)
         dummies = _Dummies(x, x.shape[1], _stat_dtype(x.dtype))
         if kept:

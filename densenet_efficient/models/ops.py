@@ -126,7 +126,7 @@ def _block_impl(
     if training:
         norm2 = x.new_zeros((2, len(drop), params[3].shape[0]), dtype=stat)
         updates = engine._DeferredUpdates(n * h * w, norm2)
-    with torch.autocast(x.device.type, enabled=False):
+    with engine.no_autocast(x.device.type):
         buf, saved = engine._block_forward(x, plan, updates)
     if updates is not None:
         rows, unbiased = saved.stats.rows, updates.shared
@@ -191,7 +191,7 @@ def _block_backward_impl(
         buf.shape[1] - k * len(layers), k, stats,
         engine._unpack(kept, list(keep)), engine._unpack(masks, [rate > 0 and training for rate in drop]), [],
     )  # fmt: skip
-    with torch.autocast(buf.device.type, enabled=False):
+    with engine.no_autocast(buf.device.type):
         gx, grads = engine._block_backward(grad, buf, plan, saved)
     return gx.to(input_dtype), grads
 
@@ -509,14 +509,21 @@ def _tail_grad(ctx: Any, grad: Tensor, *unused: Any) -> tuple:
 
 
 
+_PYTHON_KERNELS = (
+    ("dense_block", _block_impl), ("dense_block_backward", _block_backward_impl),
+    ("norm_relu_tail", _tail_impl), ("norm_relu_tail_backward", _tail_backward_impl),
+)  # fmt: skip
+for _name, _impl in _PYTHON_KERNELS:
+    # the meta device (shape inference, FLOP counting) runs the fake kernels' code: some ATen
+    # kernels the C++ loops call (batch_norm_update_stats) have no meta implementation
+    _lib.impl(_name, _impl, "Meta")
+
+
 def _register_kernels(status: native.EngineStatus) -> None:
     """The ops' kernels and derivative formulas: the C++ ones (registered by loading the library),
     or the Python engine's and these formulas."""
     if status.engine == "python":
-        for name, impl in (
-            ("dense_block", _block_impl), ("dense_block_backward", _block_backward_impl),
-            ("norm_relu_tail", _tail_impl), ("norm_relu_tail_backward", _tail_backward_impl),
-        ):  # fmt: skip
+        for name, impl in _PYTHON_KERNELS:
             _lib.impl(name, impl, "CompositeExplicitAutograd")
         torch.library.register_autograd(f"{_LIB}::dense_block", _block_grad, setup_context=_block_setup)
         torch.library.register_autograd(f"{_LIB}::norm_relu_tail", _tail_grad, setup_context=_tail_setup)

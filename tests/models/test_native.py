@@ -153,3 +153,20 @@ def test_two_processes_share_one_build(tmp_path):
     assert building == 1, results
     again = _python(STATUS, tmp_path)
     assert again.stdout.startswith("native engine") and again.stderr == ""
+
+
+@pytest.mark.parametrize("mode", ["efficient", "max_saving"])
+def test_the_meta_device_runs_every_engine_mode(mode):
+    """Shape inference and FLOP counting move a model to ``meta``: a training step and inference
+    give naive's shapes (the ops run their Python kernels there: some ATen kernels have no meta)."""
+    x = torch.randn(2, 3, 32, 32, device="meta")
+    shapes = {}
+    for setting in ("naive", mode):
+        model = de.DenseNet(**TINY_IMAGENET, memory_efficient=setting).to("meta")
+        y = model(x)
+        y.sum().backward()
+        model.eval()
+        with torch.no_grad():
+            shapes[setting] = (y.shape, model(x).shape, [p.grad.shape for p in model.parameters()])
+        assert y.device.type == "meta"
+    assert shapes[mode] == shapes["naive"]
