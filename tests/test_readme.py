@@ -133,6 +133,14 @@ def run_use(code: str, **_: object) -> None:
     assert scope["model"].memory_efficient == "efficient"
 
 
+def run_native(code: str, capsys, **_: object) -> None:
+    """The engine-status example prints which engine runs, in the form its comment shows."""
+    exec(compile(code, "README.md#the-native-engine", "exec"), {})
+    printed = capsys.readouterr().out.strip()
+    assert printed == str(de.engine_status())
+    assert printed.startswith(("native engine (C++ loops from ", "python engine ("))
+
+
 def run_dial(code: str, capsys, **_: object) -> None:
     """The dial example runs and prints what its comments say."""
     scope: dict = {}
@@ -212,6 +220,7 @@ BLOCKS: dict[tuple[str, int], Callable[..., None]] = {
     ("Install", 0): check_bash,
     ("Install", 1): check_bash,  # CPU-only: PyTorch's CPU wheels, then the package
     ("Use", 0): run_use,
+    ("The native engine", 0): run_native,
     ("The memory dial: any budget, not just three modes", 0): run_dial,
     ("Use it with ...", 0): resolve_ecosystem_calls,
     ("Pretrained weights, torch.hub, Hugging Face Hub", 0): run_pretrained,

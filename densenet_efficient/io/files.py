@@ -12,7 +12,7 @@ file) asks :func:`require_regular_file` first: ``os.stat`` never blocks, whateve
 >>> require_regular_file(fifo, "image")  # doctest: +ELLIPSIS
 Traceback (most recent call last):
 ...
-densenet_efficient.errors.UsageError: cannot read image .../x.png: it is a FIFO (named pipe), expected a regular file
+densenet_efficient.io.files.NotARegularFileError: cannot read image .../x.png: it is a FIFO (named pipe), expected a regular file
 """
 
 from __future__ import annotations

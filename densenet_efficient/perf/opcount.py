@@ -97,32 +97,38 @@ class OpCounter(TorchDispatchMode):
     """Counts kernel-launching ATen ops while active (``with OpCounter() as c: ...; c.total``).
 
     The engine's own ops (``densenet_efficient::*``) run native code that a dispatch mode cannot
-    see into: their count is the ATen ops they call directly, recorded by torch's profiler.
+    see into: their count is the ATen ops they call directly, recorded by torch's profiler, which
+    runs while the counter is active.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.by_op: Counter[str] = Counter()
+        self._profile: Any = None
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch's hook
-        if func.namespace == "densenet_efficient":
-            return self._count_inside(func, args, kwargs or {})
-        if launches_kernel(func):
-            self.by_op[str(func.overloadpacket.__name__)] += 1
-        return func(*args, **(kwargs or {}))
-
-    def _count_inside(self, func: Any, args: tuple, kwargs: dict) -> Any:
+    def __enter__(self) -> OpCounter:
         from torch.autograd.profiler import profile
 
-        with _native_stderr_silenced(), profile(use_cpu=True) as prof:
-            out = func(*args, **kwargs)
-        for event in prof.function_events:  # the ATen ops the engine's code calls itself
+        self._quiet = _native_stderr_silenced()
+        self._quiet.__enter__()
+        self._profile = profile(use_cpu=True).__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        super().__exit__(*exc)
+        self._profile.__exit__(*exc)
+        self._quiet.__exit__(*exc)
+        for event in self._profile.function_events:  # the ATen ops the engine's native code calls
             parent = event.cpu_parent
             if parent is None or not parent.name.startswith("densenet_efficient::"):
                 continue
             if event.name.startswith("aten::") and _launches_kernel_named(event.name):
                 self.by_op[event.name.removeprefix("aten::")] += 1
-        return out
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch's hook
+        if launches_kernel(func) and func.namespace != "densenet_efficient":  # those: see __exit__
+            self.by_op[str(func.overloadpacket.__name__)] += 1
+        return func(*args, **(kwargs or {}))
 
     @property
     def total(self) -> int:

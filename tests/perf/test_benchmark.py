@@ -198,7 +198,7 @@ def test_benchmark_cli_json(capsys):
     assert main([*argv, "--modes", "torchvision", "efficient", "--no-speed", "--json", "--quiet"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["machine"] == machine_description("cpu")
-    assert re.fullmatch(r"\d+-core CPU \S+, \d+ threads \(torch \S+\)", out["machine"]), out["machine"]
+    assert re.fullmatch(r"\d+-core CPU \S+, \d+ threads \(torch \S+, (native|python) engine\)", out["machine"]), out["machine"]
     assert [r["implementation"] for r in out["rows"]] == ["torchvision", "efficient"]
     assert all(r["batch_size"] == 4 and r["resolution"] == 16 and "peak_mb" in r for r in out["rows"])
 
