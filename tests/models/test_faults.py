@@ -133,9 +133,9 @@ def test_a_fifo_where_config_json_should_be_is_refused_without_blocking(tmp_path
     _small().save_pretrained(out)
     (out / "config.json").unlink()
     os.mkfifo(out / "config.json")
-    from ..io.test_faults import _within
+    from ..support.timeouts import within
 
-    with _within(30), pytest.raises(UsageError, match=r"config.json: it is a FIFO \(named pipe\), expected a regular file"):
+    with within(30), pytest.raises(UsageError, match=r"config.json: it is a FIFO \(named pipe\), expected a regular file"):
         de.from_pretrained(out)
 
 
