@@ -383,6 +383,8 @@ class DenseNet(nn.Module, DenseNetHubMixin):
 
     @torch.jit.unused
     def _engine_features(self, x: Tensor) -> Tensor:
+        if torch.compiler.is_compiling():  # the compiler traces each call's own update
+            return self._engine_layers(x)
         with ops.batched_running_updates():  # every engine BN's running statistics in two kernels
             return self._engine_layers(x)
 

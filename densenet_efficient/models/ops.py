@@ -344,12 +344,11 @@ _queue: _RunningBatch | None = None  # set by batched_running_updates()
 
 @contextlib.contextmanager
 def batched_running_updates() -> Iterator[None]:
-    """Inside, engine calls queue their running-statistics updates; they are applied on exit, as
-    two ``_foreach`` kernels for the whole model instead of two per block and tail (nothing reads
-    them before). Under ``torch.compile`` the same happens in the traced graph: its functional
-    updates then cost a few fused kernels, not some eighty small ones."""
+    """Inside, eager engine calls queue their running-statistics updates; they are applied on exit,
+    as two ``_foreach`` kernels for the whole model instead of two per block and tail (nothing
+    reads them before). The compiler traces each call's own update instead."""
     global _queue
-    if _queue is not None:
+    if _queue is not None or torch.compiler.is_compiling():
         yield
         return
     _queue = _RunningBatch()
@@ -361,7 +360,7 @@ def batched_running_updates() -> Iterator[None]:
 
 
 def _queue_or_apply(counters: list, running: list[Tensor], batch: list[Tensor], momenta: list) -> None:
-    if _queue is not None:
+    if _queue is not None and not torch.compiler.is_compiling():
         _queue.add(counters, running, batch, momenta)
         return
     updates = _RunningBatch()
