@@ -20,10 +20,9 @@ from .io.state_dict import StateDictMismatchError, remap_keys
 from .models import ARCHITECTURES, ArchConfig, DenseNet, densenet_bc_config, get_config, list_architectures
 from .models import builders as _builders
 from .models.builders import *  # noqa: F403  every registered builder (densenet121, ...), create_model, get_model, ...
-from .models.engine import MODES
+from .models.engine import MODES, EngineStatus, NativeBuildError, engine_status
 from .models.hub import save_hub_folder
 from .models.memory_plan import MemoryPlan
-from .models.native import EngineStatus, NativeBuildError, engine_status
 from .models.planner import (
     MemoryBudgetError,
     MemoryEstimate,

@@ -6,7 +6,7 @@ bookkeeping, the Python around each call). Every implementation runs in this one
 after the warm-up steps the rounds interleave them (A B C A B C ...), each round times one step of
 each (``zero_grad(set_to_none=True)`` as optimizers do, forward, cross-entropy, backward), and a
 ratio is the median of the per-round ratios to torchvision's naive model. ``efficient (python)`` is the same engine mode on the Python reference
-engine (:func:`densenet_efficient.models.native.reference_engine`), so the native engine's gain
+engine (:func:`densenet_efficient.models.engine.reference_engine`), so the native engine's gain
 is measured side by side. Run it on a quiet machine (load below 1.5):
 
     python scripts/dispatch_bound.py --rounds 40
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import densenet_efficient as de
-from densenet_efficient.models import native
+from densenet_efficient.models.engine import native
 from densenet_efficient.models.reference import torchvision_densenet
 from densenet_efficient.perf.measure import paired_ratio, time_step
 

@@ -48,9 +48,8 @@ import torch.nn.functional as F
 
 from densenet_efficient.io.atomic import atomic_write
 from densenet_efficient.models.config import ArchConfig, densenet_bc_config, get_config
-from densenet_efficient.models.engine import MODES
+from densenet_efficient.models.engine import MODES, engine_status
 from densenet_efficient.models.memory_plan import MemoryPlan
-from densenet_efficient.models.native import engine_status
 from densenet_efficient.perf.measure import time_step
 
 #: More ``memory_efficient=`` settings for (a), checked like the modes: (label, config -> setting),

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ..errors import UsageError, check_int, shown
 from ..io.state_dict import check_compatible, fill_legacy_batch_counters, remap_keys
-from . import engine, native, ops, planner
+from . import engine, planner
 from .config import (
     ArchConfig,
     get_config,  # noqa: F401  (used by doctests)
@@ -90,15 +90,15 @@ class _DenseBlock(nn.ModuleDict):
         for i in range(num_layers):
             layer = _DenseLayer(num_input_features + i * growth_rate, growth_rate, bn_size, drop_rate)
             self.add_module(f"denselayer{i + 1}", layer)
-        # "naive", "efficient", "max_saving" or per-layer "keeps its bottleneck" flags (memory_plan)
-        self.memory_efficient: str | tuple[bool, ...] = engine.NAIVE
+        # per layer: keeps its bottleneck output for backward; None: naive (engine.ExecutionPlan)
+        self.keep: engine.Keep | None = None
 
     def forward(self, init_features: Tensor) -> Tensor:
         # TorchScript prunes a branch under `not is_scripting()` only when that is the whole condition,
         # so it compiles the naive path alone.
         if not torch.jit.is_scripting():  # noqa: SIM102
-            if self.memory_efficient != engine.NAIVE and not capturing_graph():
-                return ops.dense_block(self, init_features, self.memory_efficient)
+            if self.keep is not None and not capturing_graph():
+                return engine.dense_block(self, init_features, self.keep)
         features = [init_features]
         for _, layer in self.items():
             features.append(layer(torch.cat(features, 1)))
@@ -112,12 +112,12 @@ class _Transition(nn.Sequential):
         self.relu = nn.ReLU(inplace=True)
         self.conv = nn.Conv2d(num_input_features, num_output_features, kernel_size=1, stride=1, bias=False)
         self.pool = nn.AvgPool2d(kernel_size=2, stride=2)
-        self.memory_efficient = engine.NAIVE
+        self.keep: bool | None = None  # False: the engine's (keeps only its input); None: naive
 
     def forward(self, x: Tensor) -> Tensor:
         if not torch.jit.is_scripting():  # noqa: SIM102 (see _DenseBlock.forward)
-            if self.memory_efficient != engine.NAIVE and not capturing_graph():
-                return ops.transition(self, x)
+            if self.keep is not None and not capturing_graph():
+                return engine.transition(self, x)
         return self.pool(self.conv(self.relu(self.norm(x))))
 
 
@@ -258,17 +258,16 @@ class DenseNet(nn.Module, DenseNetHubMixin):
             model.set_memory_efficient(["max_saving", 6, True, "naive"])  # densenet121's 4 blocks
         """
         plan = resolve_memory_plan(mode, self.arch_config)
-        if not plan.all_naive:
-            native.ensure()  # the engine's kernels are chosen (the C++ ones built) before any trace
-        self._plan = plan
+        execution = engine.ExecutionPlan.of(plan.blocks, plan.stem, self.arch_config.block_config)
+        if not execution.all_naive:
+            engine.engine_status()  # the kernels are chosen (the C++ ones built) before any trace
+        self._plan, self._execution = plan, execution
         blocks = [m for m in self.features.children() if isinstance(m, _DenseBlock)]
-        for block, setting in zip(blocks, plan.blocks, strict=True):
-            block.memory_efficient = setting
+        for block, keep in zip(blocks, execution.blocks, strict=True):
+            block.keep = keep
         for m in self.features.children():
             if isinstance(m, _Transition):
-                # the engine's transition keeps only its input: never more memory than torchvision's,
-                # and faster (it pools before the 1x1 conv); naive only in the all-naive model
-                m.memory_efficient = engine.NAIVE if plan.all_naive else engine.EFFICIENT
+                m.keep = execution.transitions
         return self
 
     def fit_memory(
@@ -377,7 +376,7 @@ class DenseNet(nn.Module, DenseNetHubMixin):
         if not torch.jit.is_scripting():
             if not _fx_tracing():  # a Proxy has no concrete shape to check
                 self._check_input(x)
-            if not self._plan.all_naive and not capturing_graph():
+            if not self._execution.all_naive and not capturing_graph():
                 return self._engine_features(x)
         return F.relu(self.features(x), inplace=True)
 
@@ -385,7 +384,7 @@ class DenseNet(nn.Module, DenseNetHubMixin):
     def _engine_features(self, x: Tensor) -> Tensor:
         if torch.compiler.is_compiling():  # the compiler traces each call's own update
             return self._engine_layers(x)
-        with ops.batched_running_updates():  # every engine BN's running statistics in two kernels
+        with engine.batched_running_updates():  # every engine BN's running statistics in two kernels
             return self._engine_layers(x)
 
     def _engine_layers(self, x: Tensor) -> Tensor:
@@ -393,17 +392,17 @@ class DenseNet(nn.Module, DenseNetHubMixin):
         done = ("norm5",)
         if not self.arch_config.small_inputs:
             # ImageNet stem: conv0 as usual, then norm0-relu0-pool0 without keeping norm0's output.
-            if self._plan.stem == engine.NAIVE:  # naive stem, engine blocks
+            if self._execution.stem is None:  # naive stem, engine blocks
                 x = f.pool0(f.relu0(f.norm0(f.conv0(x))))
             else:
-                x = ops.stem(f.norm0, f.pool0, f.conv0(x), self._plan.stem)
+                x = engine.stem(f.norm0, f.pool0, f.conv0(x), self._execution.stem)
             done += _IMAGENET_STEM
         for name, module in f.named_children():
             if name not in done:
                 x = module(x)
         # norm5 + ReLU keeps only its input, which the last block keeps anyway (and, unlike
         # nn.BatchNorm2d with momentum=None, never reads num_batches_tracked on the host).
-        return ops.norm_relu(f.norm5, x)
+        return engine.norm_relu(f.norm5, x)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         """Global average pooling, then the classifier (``pre_logits=True``: the pooled features)."""

@@ -32,7 +32,7 @@ from typing import Any
 
 from ..errors import UsageError, check_int, shown
 from .config import ArchConfig
-from .engine import EFFICIENT, MAX_SAVING, MODES, NAIVE, resolve_mode
+from .engine.plan import EFFICIENT, MAX_SAVING, MODES, NAIVE, resolve_mode
 
 __all__ = ["BlockSetting", "MemoryPlan", "MemorySetting", "resolve_memory_plan"]
 

@@ -15,7 +15,7 @@ The compiled peer adds rows: ``torch.compile`` on torchvision's naive DenseNet w
 budgets, fractions in (0, 1] of what the compiler's default partitioner saves, not bytes; label
 ``torchvision compiled (budget 0.3)``, budget 1.0 being the compiler's default partitioner), and
 any of our modes compiled (``compile_ours``; label ``efficient compiled``: our blocks,
-transitions, stem and norm5 are custom ops inside one compiled graph, ``models/ops.py``). Compiled rows are
+transitions, stem and norm5 are custom ops inside one compiled graph, ``models/engine/ops.py``). Compiled rows are
 measured warm (docs/measurement.md), have no planner estimate, and a row whose compilation fails
 keeps its one-line ``error`` while every other row is still measured.
 
@@ -283,7 +283,7 @@ def machine_description(device: str) -> str:
     """The machine in words, as docs must name it, and which engine ran (native C++ or Python)."""
     import torch
 
-    from ..models.native import engine_status
+    from ..models.engine import engine_status
 
     engine = f"{engine_status().engine} engine"
     if device == "cuda":

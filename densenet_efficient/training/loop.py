@@ -542,7 +542,7 @@ def _wrap(run: _Run) -> nn.Module:
 
 def compile_mode(device: torch.device) -> str | None:
     """``torch.compile``'s mode for ``train --compile``: on CUDA ``"reduce-overhead"``, which replays
-    the whole step (engine blocks included, models/ops.py) as CUDA graphs, the remedy for a step
+    the whole step (engine blocks included, models/engine/ops.py) as CUDA graphs, the remedy for a step
     bound by kernel launches; elsewhere the default (CPU has no graphs to replay)."""
     return "reduce-overhead" if device.type == "cuda" else None
 

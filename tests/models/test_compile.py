@@ -1,6 +1,6 @@
 """torch.compile sees the engine: one graph (fullgraph=True) in every mode, equal to eager.
 
-The blocks, transitions, stem and norm5 run as custom ops under the compiler (models/ops.py). These
+The blocks, transitions, stem and norm5 run as custom ops under the compiler (models/engine/ops.py). These
 tests compile with the ``aot_eager`` backend (dynamo + AOTAutograd + functionalization, where the
 ops' schemas, fake kernels and autograd formulas matter) and once with inductor.
 """
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import densenet_efficient as de
-from densenet_efficient.models import ops
+from densenet_efficient.models.engine import ops
 from densenet_efficient.models.memory_plan import MemoryPlan
 
 from .test_engine import TINY, TINY_IMAGENET, _assert_same_state, _randomise_bn, _rel

@@ -74,11 +74,12 @@ def test_memory_efficient_reports_a_mode_or_the_plan():
         "block3": "naive",
         "block4": "efficient",
     }
-    assert model.features.denseblock3.memory_efficient == "naive"
-    assert model.features.transition3.memory_efficient == "efficient"  # engine unless all naive
+    # the one form the engine runs, derived once: per block its layers' keep flags or None (naive)
+    assert [getattr(model.features, f"denseblock{i}").keep for i in (1, 2, 3, 4)] == [(True, True), (False, False), None, (True, True)]
+    assert model.features.transition3.keep is False  # the engine's transition (keeps only its input)
     model.set_memory_efficient(False)
     assert model.memory_efficient == "naive"
-    assert model.features.transition1.memory_efficient == "naive"
+    assert model.features.transition1.keep is None and model.features.denseblock1.keep is None
     # timm's switch leaves a memory-saving plan alone and turns naive into the engine
     model.set_memory_efficient([1, 0, "naive", True]).set_grad_checkpointing(True)
     assert isinstance(model.memory_efficient, MemoryPlan)

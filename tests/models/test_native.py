@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import densenet_efficient as de
-from densenet_efficient.models import native
+from densenet_efficient.models.engine import native
 
 from .test_engine import TINY, TINY_IMAGENET, _randomise_bn
 
@@ -138,7 +138,7 @@ def test_no_compiler_falls_back_to_python_with_one_line(tmp_path):
 def test_two_processes_share_one_build(tmp_path):
     """Started together on an empty cache, two processes build once (one "building" line) and
     both run the native engine; a third finds the build and says nothing."""
-    code = STATUS + "; import torch, densenet_efficient.models.ops"
+    code = STATUS + "; import torch, densenet_efficient.models.engine.ops"
     env = {**os.environ, native.CACHE_ENV: str(tmp_path), "PYTHONPATH": str(ROOT)}
     procs = [
         subprocess.Popen(

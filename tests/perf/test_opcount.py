@@ -86,9 +86,9 @@ def test_dial_settings_stay_below_torchvision(torchvision_counts):
 def cuda_path(monkeypatch):
     """The engine's CUDA code path, counted on this CPU: the one device-dependent choice (BN with
     fixed statistics on a dense copy, CPU, or on the strided view, CUDA) switched to CUDA's."""
-    from densenet_efficient.models import engine
+    from densenet_efficient.models.engine import context
 
-    monkeypatch.setattr(engine, "_copies_for_dense_kernel", lambda device: False)
+    monkeypatch.setattr(context, "copies_for_dense_kernel", lambda device: False)
 
 
 @pytest.mark.parametrize("arch", POINTS)

@@ -15,7 +15,7 @@ from typing import Any
 
 from ...errors import UsageError
 from ..config import ArchConfig
-from ..engine import EFFICIENT, MODES, NAIVE, block_keeps
+from ..engine import EFFICIENT, MAX_SAVING, MODES, NAIVE
 from ..memory_plan import BlockSetting, MemoryPlan, resolve_memory_plan
 
 __all__ = [
@@ -160,5 +160,7 @@ def runs(setting: BlockSetting | int, layers: int) -> list[tuple[bool, int]]:
     if isinstance(setting, int) and not isinstance(setting, bool):
         return [(kept, n) for kept, n in ((False, layers - setting), (True, setting)) if n]
     if isinstance(setting, str):
-        return [(block_keeps(setting, 1)[0], layers)]
+        if setting not in (EFFICIENT, MAX_SAVING):
+            raise ValueError(f"an engine block runs 'efficient', 'max_saving' or per-layer flags, got {setting!r}")
+        return [(setting == EFFICIENT, layers)]
     return [(kept, len(list(run))) for kept, run in itertools.groupby(setting)]

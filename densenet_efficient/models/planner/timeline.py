@@ -244,7 +244,7 @@ def _engine_block(
     cf = c + layers * k
     grads = 2 * cf * s * e  # incoming gradient + the gradient buffer accumulated in place
     # under autocast the block casts all its convolution weights at the start of its forward and
-    # again of its backward (models/engine.py, _conv_weights): held through either, never kept
+    # again of its backward (models/engine/kernels.py, conv_weights): held through either, never kept
     weights = (bn * (layers * c + k * (layers * (layers - 1) // 2)) + layers * 9 * bn * k) * copy
 
     def pending(i: int) -> int:

@@ -1,18 +1,16 @@
-"""The engine's entry points, and the engine as ``torch.library`` custom ops for the compiler.
+"""The engine as ``torch.library`` custom ops: what the C++ loops and the compiler run.
 
-Eagerly, a dense block, transition, stem or ``norm5`` runs as one autograd Function of
-:mod:`.engine`. Under ``torch.compile`` (``fullgraph=True`` included) each runs as one opaque
-custom op instead: the compiler places it in its graph without tracing the kernels inside, so
-the engine's memory layout and kernels are kept, and CUDA graphs (``mode="reduce-overhead"``)
-replay it with the rest of the step. The ops compute exactly what the eager Functions compute,
-with the same code (:func:`.engine._block_forward`, :func:`.engine._block_backward`,
-:func:`.engine._tail_forward`, :func:`.engine._tail_backward`); their fake kernels run that same
-code on fake tensors, so shapes and strides agree by construction.
+A dense block, transition, stem or ``norm5`` runs as one op (``densenet_efficient::dense_block``,
+``norm_relu_tail``, and their backwards). Their kernels are the C++ loops of ``csrc/engine.cpp``
+when :mod:`.native` could build them, else the Python engine (:mod:`.block`, :mod:`.tails`);
+their fake kernels run the Python engine on fake tensors, so shapes and strides agree by
+construction. Under ``torch.compile`` (``fullgraph=True`` included) each op stays opaque in the
+graph: the engine's memory layout and kernels are kept, and CUDA graphs
+(``mode="reduce-overhead"``) replay them with the rest of the step.
 
 A custom op with an autograd formula must be functional, so the ops never touch the running
-statistics: they return each BN's batch mean and unbiased variance, and the traced caller applies
-``nn.BatchNorm``'s update with the same ``_foreach`` kernels as the eager path
-(:class:`.engine._RunningUpdates`), and counts ``num_batches_tracked``.
+statistics: they return each BN's batch mean and unbiased variance, and their caller (traced when
+compiled) applies ``nn.BatchNorm``'s update (:mod:`.running`).
 
 >>> import torch, densenet_efficient as de
 >>> model = de.densenet_bc_100(memory_efficient=True)
@@ -21,19 +19,33 @@ statistics: they return each BN's batch mean and unbiased variance, and the trac
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
-from . import engine, native
-from .engine import _BN, EFFICIENT, _Conv, _Layer, _Plan
+from . import context, native
+from .block import BlockSaved, BlockStats, block_backward, block_forward, unpack
+from .context import (
+    BN,
+    BlockTensors,
+    Call,
+    Conv,
+    Layer,
+    check_norms,
+    compute_dtype,
+    memory_format,
+    needs_graph,
+    no_autocast,
+    stat_dtype,
+)
+from .kernels import pool_args
+from .plan import Keep
+from .running import DeferredUpdates, update_block_stats, update_tail_stats
+from .tails import TAILS, tail_backward, tail_forward
 
 _LIB = "densenet_efficient"
-_TAILS = {"transition": engine._TRANSITION, "stem": engine._STEM, "identity": engine._IDENTITY}
 #: torchvision's dense layer: conv1 1x1 and conv2 3x3 "same", stride 1, no bias (what the ops assume)
 _LAYER_CONVS = (((1, 1), (1, 1), (0, 0), (1, 1), 1), ((3, 3), (1, 1), (1, 1), (1, 1), 1))
 _TRANSITION_CONV = _LAYER_CONVS[0]
@@ -50,7 +62,7 @@ class _Pool(NamedTuple):
 
 
 def _square_pool(pool: nn.MaxPool2d) -> _Pool:
-    args = engine._pool_args(pool)
+    args = pool_args(pool)
     if any(a[0] != a[1] for a in args[:4]):
         raise NotImplementedError(
             f"the compiled engine runs a square stem max-pool (torchvision's), found kernel, stride, "
@@ -81,27 +93,25 @@ def _check_convs(convs: list[nn.Conv2d], expected: tuple, where: str, fast: bool
 # ---------------------------------------------------------------------------------------------
 
 
-def _layers(params: list[Tensor], running: list[Tensor], eps: list[float], drop: list[float]) -> list[_Layer]:
+def _layers(params: list[Tensor], running: list[Tensor], eps: list[float], drop: list[float]) -> list[Layer]:
     """The engine's view of a block's layers, rebuilt from the op's flat arguments."""
     out = []
     for i, rate in enumerate(drop):
         p, r = params[6 * i : 6 * i + 6], running[4 * i : 4 * i + 4]
-        conv1, conv2 = (_Conv(w, spec[1], spec[2], spec[3], spec[4]) for w, spec in zip((p[2], p[5]), _LAYER_CONVS, strict=True))
+        conv1, conv2 = (Conv(w, spec[1], spec[2], spec[3], spec[4]) for w, spec in zip((p[2], p[5]), _LAYER_CONVS, strict=True))
         out.append(
-            _Layer(
-                _BN(p[0], p[1], r[0], r[1], None, None, eps[2 * i]), conv1,
-                _BN(p[3], p[4], r[2], r[3], None, None, eps[2 * i + 1]), conv2, rate,
+            Layer(
+                BN(p[0], p[1], r[0], r[1], None, None, eps[2 * i]), conv1,
+                BN(p[3], p[4], r[2], r[3], None, None, eps[2 * i + 1]), conv2, rate,
             )
         )  # fmt: skip
     return out
 
 
-def _block_plan(
-    layers: list[_Layer], x: Tensor, keep: list[bool], training: bool, graph: bool, dense_copy: bool, dtype: torch.dtype
-) -> _Plan:
-    mode = EFFICIENT if all(keep) else engine.MAX_SAVING
-    fmt = engine._memory_format(x)
-    return _Plan(layers, mode, training, dtype, fmt, (x.device.type, False), graph, tuple(keep), dense_copy)
+def _block_call(
+    layers: list[Layer], x: Tensor, keep: list[bool], training: bool, graph: bool, dense_copy: bool, dtype: torch.dtype
+) -> Call:
+    return Call(layers, training, dtype, memory_format(x), (x.device.type, False), graph, tuple(keep), dense_copy)
 
 
 def _block_impl(
@@ -119,15 +129,15 @@ def _block_impl(
     """``(buffer, statistics rows (mean and biased variance of the channels later layers read),
     their unbiased variances, norm2's batch means and unbiased variances [2, layers, k2], kept
     bottlenecks, dropout masks)``; the statistics are empty in eval."""
-    plan = _block_plan(_layers(params, running, eps, drop), x, keep, training, graph, dense_copy, dtype)
+    call = _block_call(_layers(params, running, eps, drop), x, keep, training, graph, dense_copy, dtype)
     n, _, h, w = x.shape
-    stat = engine._stat_dtype(dtype)
+    stat = stat_dtype(dtype)
     updates = None
     if training:
         norm2 = x.new_zeros((2, len(drop), params[3].shape[0]), dtype=stat)
-        updates = engine._DeferredUpdates(n * h * w, norm2)
-    with engine.no_autocast(x.device.type):
-        buf, saved = engine._block_forward(x, plan, updates)
+        updates = DeferredUpdates(n * h * w, norm2)
+    with no_autocast(x.device.type):
+        buf, saved = block_forward(x, call, updates)
     if updates is not None:
         rows, unbiased = saved.stats.rows, updates.shared
     else:
@@ -184,15 +194,15 @@ def _block_backward_impl(
 ) -> tuple[Tensor, list[Tensor]]:
     """``(input gradient, parameter gradients in the op's parameter order)``."""
     layers = _layers(params, running, eps, drop)
-    plan = _block_plan(layers, buf, keep, training, True, dense_copy, dtype)
+    call = _block_call(layers, buf, keep, training, True, dense_copy, dtype)
     k = params[5].shape[0]
-    stats = engine._BlockStats.of_rows(rows, buf, params[3].shape[0]) if training else None
-    saved = engine._BlockSaved(
+    stats = BlockStats.of_rows(rows, buf, params[3].shape[0]) if training else None
+    saved = BlockSaved(
         buf.shape[1] - k * len(layers), k, stats,
-        engine._unpack(kept, list(keep)), engine._unpack(masks, [rate > 0 and training for rate in drop]), [],
+        unpack(kept, list(keep)), unpack(masks, [rate > 0 and training for rate in drop]), [],
     )  # fmt: skip
-    with engine.no_autocast(buf.device.type):
-        gx, grads = engine._block_backward(grad, buf, plan, saved)
+    with no_autocast(buf.device.type):
+        gx, grads = block_backward(grad, buf, call, saved)
     return gx.to(input_dtype), grads
 
 
@@ -228,9 +238,6 @@ def _block_grad(ctx: Any, grad: Tensor, *unused: Any) -> tuple:
     return gx, grads, [None] * len(running), None, None, None, None, None, None, None
 
 
-
-
-
 class _Attrs:
     """``module.<name>`` read as ``[name]``: how :func:`_block_tensors` reads a module whose tensors
     are not plain dict entries (a parametrization's computed weight) and what the compiler traces."""
@@ -247,19 +254,7 @@ class _Attrs:
         return getattr(self.module, name, None)
 
 
-class _BlockTensors(NamedTuple):
-    """A block's tensors and BN settings in the op's order, read once per call."""
-
-    params: list[Tensor]  # per layer: norm1 weight, bias, conv1 weight, norm2 weight, bias, conv2 weight
-    running: list[Tensor]  # per layer: norm1 mean, var, norm2 mean, var
-    counters: list[Tensor]  # every BN's num_batches_tracked
-    eps: list[float]  # per layer: norm1, norm2
-    drop: list[float]
-    momenta: list[float | None]  # per layer: norm1, norm2
-    norms: list[nn.Module]
-
-
-def _block_tensors(modules: list[nn.Module]) -> _BlockTensors:
+def _block_tensors(modules: list[nn.Module]) -> BlockTensors:
     """Read a block's layers. Eagerly through the modules' own dicts: ``module.name`` goes through
     ``nn.Module.__getattr__`` in Python, which for a 24-layer block costs about as much as its
     small kernels; a module without plain entries (parametrized) and the compiler read attributes."""
@@ -271,12 +266,12 @@ def _block_tensors(modules: list[nn.Module]) -> _BlockTensors:
     return _read_block(modules, fast=False)
 
 
-def _read_block(modules: list[nn.Module], fast: bool) -> _BlockTensors:
-    out = _BlockTensors([], [], [], [], [], [], [])
+def _read_block(modules: list[nn.Module], fast: bool) -> BlockTensors:
+    out = BlockTensors([], [], [], [], [], [], [])
     for layer in modules:
         children = layer._modules if fast else _Attrs(layer)
         norm1, conv1, norm2, conv2 = children["norm1"], children["conv1"], children["norm2"], children["conv2"]
-        engine._check_norms([norm1, norm2])
+        check_norms([norm1, norm2])
         _check_convs([conv1], _LAYER_CONVS[0], "dense layers' 1x1", fast)
         _check_convs([conv2], _LAYER_CONVS[1], "dense layers' 3x3", fast)
         (p1, b1), (p2, b2) = ((bn._parameters, bn._buffers) if fast else (_Attrs(bn),) * 2 for bn in (norm1, norm2))
@@ -292,108 +287,25 @@ def _read_block(modules: list[nn.Module], fast: bool) -> _BlockTensors:
 
 
 def block_op_args(
-    modules: list[nn.Module], x: Tensor, keep: tuple[bool, ...], training: bool, tensors: _BlockTensors | None = None
+    modules: list[nn.Module], x: Tensor, keep: Keep, training: bool, tensors: BlockTensors | None = None
 ) -> tuple:
     """The ``densenet_efficient::dense_block`` arguments that run ``modules`` (a block's layers) on ``x``."""
     t = tensors if tensors is not None else _block_tensors(modules)
     graph = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in t.params))
     keep = [k and graph for k in keep]
-    dense_copy = engine._copies_for_dense_kernel(x.device)
-    return x, t.params, t.running, t.eps, t.drop, keep, training, graph, dense_copy, engine._compute_dtype(x)
+    dense_copy = context.copies_for_dense_kernel(x.device)
+    return x, t.params, t.running, t.eps, t.drop, keep, training, graph, dense_copy, compute_dtype(x)
 
 
-def _op_block(modules: list[nn.Module], x: Tensor, keep: tuple[bool, ...], training: bool) -> Tensor:
+def op_block(modules: list[nn.Module], x: Tensor, keep: Keep, training: bool) -> Tensor:
     """The block as one custom op; the running-statistics updates around it (traced when compiled)."""
     tensors = _block_tensors(modules)
     args = block_op_args(modules, x, keep, training, tensors)
     buf, rows, unbiased, norm2, _, _ = _block_op(*args)
     if training:  # no_grad: the statistics are op outputs, and a buffer must not join the graph
         with torch.no_grad():
-            _update_block_stats(tensors, x, args[-1], rows, unbiased, norm2)
+            update_block_stats(tensors, x, args[-1], rows, unbiased, norm2)
     return buf
-
-
-class _RunningBatch:
-    """Running-statistics updates queued by the engine's calls and applied together: one
-    ``_foreach_add_`` for every ``num_batches_tracked`` and one ``_foreach_lerp_`` (nn.BatchNorm's
-    momentum rule) for every running mean and variance. Exact, because nothing reads a running
-    statistic during a training forward; :func:`batched_running_updates` spans a whole model."""
-
-    def __init__(self) -> None:
-        self.counters: list[Tensor] = []
-        self.running: list[Tensor] = []
-        self.batch: list[Tensor] = []
-        self.momenta: list[float] = []
-
-    def add(self, counters: list[Tensor | None], running: list[Tensor], batch: list[Tensor], momenta: list) -> None:
-        self.counters += [c for c in counters if c is not None]
-        self.running += running
-        self.batch += batch
-        self.momenta += [float(m) for m in momenta for _ in range(2)]  # a mean and a variance each
-
-    def flush(self) -> None:
-        if self.counters:
-            torch._foreach_add_(self.counters, 1)
-        if self.running:
-            torch._foreach_lerp_(self.running, self.batch, self.momenta)
-        self.__init__()
-
-
-_queue: _RunningBatch | None = None  # set by batched_running_updates()
-
-
-@contextlib.contextmanager
-def batched_running_updates() -> Iterator[None]:
-    """Inside, eager engine calls queue their running-statistics updates; they are applied on exit,
-    as two ``_foreach`` kernels for the whole model instead of two per block and tail (nothing
-    reads them before). The compiler traces each call's own update instead."""
-    global _queue
-    if _queue is not None or torch.compiler.is_compiling():
-        yield
-        return
-    _queue = _RunningBatch()
-    try:
-        yield
-        _queue.flush()
-    finally:
-        _queue = None
-
-
-def _queue_or_apply(counters: list, running: list[Tensor], batch: list[Tensor], momenta: list) -> None:
-    if _queue is not None and not torch.compiler.is_compiling():
-        _queue.add(counters, running, batch, momenta)
-        return
-    updates = _RunningBatch()
-    updates.add(counters, running, batch, momenta)
-    updates.flush()
-
-
-def _fixed_momenta(momenta: list, running: list[Tensor], dtype: torch.dtype) -> bool:
-    """Whether the one-lerp update applies: numeric momenta and float32+ buffers (else each BN's
-    update is queued by :class:`.engine._RunningUpdates`, exactly as nn.BatchNorm does it)."""
-    stat = engine._stat_dtype(dtype)
-    return None not in momenta and all(r.dtype == stat for r in running)
-
-
-def _update_block_stats(
-    t: _BlockTensors, x: Tensor, dtype: torch.dtype, rows: Tensor, unbiased: Tensor, norm2: Tensor
-) -> None:
-    """nn.BatchNorm's running-statistics update of every BN of a block from the op's statistics."""
-    means2, variances2 = norm2[0].unbind(0), norm2[1].unbind(0)
-    if _fixed_momenta(t.momenta, t.running, dtype):
-        sources: list[Tensor] = []
-        for i, (mean2, var2) in enumerate(zip(means2, variances2, strict=True)):
-            c = t.params[6 * i].shape[0]
-            sources += [rows[0, :c], unbiased[:c], mean2, var2]
-        _queue_or_apply(t.counters, t.running, sources, t.momenta)
-        return
-    engine._count_batches(t.norms)  # now: momentum=None's factor reads the counters below
-    n, _, h, w = x.shape
-    updates = engine._RunningUpdates(n * h * w)
-    for norm2_bn, mean2, var2 in zip(t.norms[1::2], means2, variances2, strict=True):
-        updates.add(norm2_bn, mean2, var2)
-    updates.add_shared(t.norms[0::2], rows[0], unbiased)
-    updates.flush()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -401,17 +313,17 @@ def _update_block_stats(
 # ---------------------------------------------------------------------------------------------
 
 
-def _tail_plan(
+def _tail_call(
     kind: str, bn: list[Tensor], conv_weight: Tensor | None, pool: _Pool, eps: float, x: Tensor,
     training: bool, dtype: torch.dtype,
-) -> _Plan:  # fmt: skip
-    norm = _BN(bn[0], bn[1], bn[2], bn[3], None, None, eps)
+) -> Call:  # fmt: skip
+    norm = BN(bn[0], bn[1], bn[2], bn[3], None, None, eps)
     if kind == "transition":
         spec = _TRANSITION_CONV
-        module: Any = _Conv(conv_weight, spec[1], spec[2], spec[3], spec[4])
+        module: Any = Conv(conv_weight, spec[1], spec[2], spec[3], spec[4])
     else:
         module = pool if kind == "stem" else None
-    return _Plan([norm, module], EFFICIENT, training, dtype, engine._memory_format(x), (x.device.type, False))
+    return Call([norm, module], training, dtype, memory_format(x), (x.device.type, False))
 
 
 def _tail_impl(
@@ -433,12 +345,12 @@ def _tail_impl(
     training statistics are ``[batch mean and unbiased variance [2, C]]`` and, when kept, the
     backward kernel's ``[mean, invstd, reserve]``."""
     pool = _Pool(pool_kernel, pool_stride, pool_padding, pool_dilation, pool_ceil)
-    plan = _tail_plan(kind, bn, conv_weight, pool, eps, x, training, dtype)
+    call = _tail_call(kind, bn, conv_weight, pool, eps, x, training, dtype)
     updates = None
     if training:
-        batch = x.new_zeros((2, x.shape[1]), dtype=engine._stat_dtype(dtype))
-        updates = engine._DeferredUpdates(x.numel() // x.shape[1], batch)
-    out, kept, stats = engine._tail_forward(x.to(dtype), plan, _TAILS[kind], updates, keep)
+        batch = x.new_zeros((2, x.shape[1]), dtype=stat_dtype(dtype))
+        updates = DeferredUpdates(x.numel() // x.shape[1], batch)
+    out, kept, stats = tail_forward(x.to(dtype), call, TAILS[kind], updates, keep)
     if kind == "identity":
         kept = []  # it keeps its output, which an op may not return twice: setup saves the output
     if updates is not None:
@@ -469,8 +381,8 @@ def _tail_backward_impl(
 ) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
     """``(dx in x's dtype, dweight, dbias, [dconv_weight] for a transition)``."""
     pool = _Pool(pool_kernel, pool_stride, pool_padding, pool_dilation, pool_ceil)
-    plan = _tail_plan(kind, bn, conv_weight, pool, eps, x, training, dtype)
-    dx, dg, dbeta, extra = engine._tail_backward(grad, x.to(dtype), plan, _TAILS[kind], kept, stats)
+    call = _tail_call(kind, bn, conv_weight, pool, eps, x, training, dtype)
+    dx, dg, dbeta, extra = tail_backward(grad, x.to(dtype), call, TAILS[kind], kept, stats)
     return dx.to(x.dtype), dg, dbeta, extra
 
 
@@ -507,8 +419,6 @@ def _tail_grad(ctx: Any, grad: Tensor, *unused: Any) -> tuple:
     return dx, [dg, dbeta, None, None], extra[0] if has_conv else None, *[None] * 10
 
 
-
-
 _PYTHON_KERNELS = (
     ("dense_block", _block_impl), ("dense_block_backward", _block_backward_impl),
     ("norm_relu_tail", _tail_impl), ("norm_relu_tail_backward", _tail_backward_impl),
@@ -532,79 +442,26 @@ def _register_kernels(status: native.EngineStatus) -> None:
 native.on_choice(_register_kernels)
 
 
-def tail_op_args(x: Tensor, norm: nn.BatchNorm2d, module: nn.Module | None, kind: str, mode: str) -> tuple:
+def tail_op_args(x: Tensor, norm: nn.BatchNorm2d, module: nn.Module | None, kind: str, keep: bool) -> tuple:
     """The ``densenet_efficient::norm_relu_tail`` arguments: BN-ReLU of ``x``, then ``module`` (a
     transition's conv, the stem's max-pool or ``None``; ``kind``: ``"transition"``, ``"stem"``,
-    ``"identity"``)."""
-    engine._check_norms([norm])
+    ``"identity"``); ``keep``: the tail's flag (:class:`.plan.ExecutionPlan`)."""
+    check_norms([norm])
     if kind == "transition":
         _check_convs([module], _TRANSITION_CONV, "transitions' 1x1")
     conv_weight = module.weight if kind == "transition" else None
     pool = _square_pool(module) if kind == "stem" else _Pool(0, 0, 0, 0, False)
     bn = [norm.weight, norm.bias, norm.running_mean, norm.running_var]
     params = [norm.weight, norm.bias] + ([conv_weight] if conv_weight is not None else [])
-    keep = engine._needs_graph([x, *params]) and _TAILS[kind].keeps(mode)
-    return x, bn, conv_weight, kind, *pool, norm.eps, norm.training, keep, engine._compute_dtype(x)
+    keep = keep and needs_graph([x, *params])
+    return x, bn, conv_weight, kind, *pool, norm.eps, norm.training, keep, compute_dtype(x)
 
 
-def _op_tail(x: Tensor, norm: nn.BatchNorm2d, module: nn.Module | None, kind: str, mode: str) -> Tensor:
-    args = tail_op_args(x, norm, module, kind, mode)
+def op_tail(x: Tensor, norm: nn.BatchNorm2d, module: nn.Module | None, kind: str, keep: bool) -> Tensor:
+    """A tail as one custom op; its running-statistics update after it (see :func:`op_block`)."""
+    args = tail_op_args(x, norm, module, kind, keep)
     out, _, stats = _tail_op(*args)
     if norm.training:
-        with torch.no_grad():  # see _op_block
-            running, mean, var = [norm.running_mean, norm.running_var], *stats[0].unbind(0)
-            if _fixed_momenta([norm.momentum], running, args[-1]):
-                _queue_or_apply([norm.num_batches_tracked], running, [mean, var], [norm.momentum])
-            else:
-                engine._count_batches([norm])
-                updates = engine._RunningUpdates(x.numel() // x.shape[1])
-                updates.add(norm, mean, var)
-                updates.flush()
+        with torch.no_grad():  # see op_block
+            update_tail_stats(norm, x, args[-1], stats[0])
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Entry points (what the model's modules call).
-# ---------------------------------------------------------------------------------------------
-
-
-def dense_block(block: nn.Module, x: Tensor, setting: str | tuple[bool, ...]) -> Tensor:
-    """Run ``block`` (a torchvision-layout ``_DenseBlock``) with the engine; returns the concatenated
-    features. ``setting``: ``"efficient"``, ``"max_saving"`` or per-layer flags (:func:`.engine.block_keeps`)."""
-    modules = list(block.values())
-    keep = engine.block_keeps(setting, len(modules))
-    if x.shape[0] == 0:
-        engine._check_norms([m for layer in modules for m in (layer.norm1, layer.norm2)])
-        return engine._empty_block(modules, x)
-    if _through_ops():
-        return _op_block(modules, x, keep, block.training)
-    return engine.eager_block(modules, x, keep, block.training)
-
-
-def _through_ops() -> bool:
-    """Whether a call runs the custom ops: always under the compiler (their kernels were chosen when
-    the model's engine mode was set, :func:`.native.ensure`), and eagerly when those kernels are the
-    C++ loops; else the Python engine's autograd Functions run it eagerly."""
-    return torch.compiler.is_compiling() or native.eager_native()
-
-
-def _tail(x: Tensor, norm: nn.BatchNorm2d, module: nn.Module | None, kind: str, mode: str) -> Tensor:
-    if x.shape[0] == 0 or not _through_ops():
-        return engine._norm_relu_tail(x, [norm, module], _TAILS[kind], norm.training, mode)
-    return _op_tail(x, norm, module, kind, mode)
-
-
-def transition(module: nn.Module, x: Tensor) -> Tensor:
-    """``pool(conv(relu(norm(x))))`` of a torchvision ``_Transition``, storing only ``x`` for backward."""
-    return _tail(x, module.norm, module.conv, "transition", EFFICIENT)
-
-
-def stem(norm: nn.BatchNorm2d, pool: nn.MaxPool2d, x: Tensor, mode: str = EFFICIENT) -> Tensor:
-    """``pool0(relu0(norm0(x)))`` of the ImageNet stem (x is conv0's output) for backward storing
-    ``x`` and, in ``"efficient"`` mode, the pooling indices and the sign of the output."""
-    return _tail(x, norm, pool, "stem", engine.resolve_mode(mode))
-
-
-def norm_relu(norm: nn.BatchNorm2d, x: Tensor) -> Tensor:
-    """``relu(norm(x))`` (the network's ``norm5`` and its ReLU), storing only ``x`` for backward."""
-    return _tail(x, norm, None, "identity", EFFICIENT)

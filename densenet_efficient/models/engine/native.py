@@ -31,11 +31,11 @@ from typing import NamedTuple
 import torch
 from filelock import FileLock
 
-from ..errors import UsageError
+from ...errors import UsageError
 
 ENV = "DENSENET_EFFICIENT_NATIVE"
 CACHE_ENV = "DENSENET_EFFICIENT_CACHE"
-SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "engine.cpp"
+SOURCE = Path(__file__).resolve().parent / "csrc" / "engine.cpp"
 _LIBRARY = "densenet_efficient_native"
 
 
