@@ -31,6 +31,7 @@ from .models.planner import (
     max_batch_size,
     parse_memory,
 )
+from .models.sync_batchnorm import SyncBatchNorm2d, convert_sync_batchnorm
 from .models.weights import WeightsNotAvailableError, WeightsSpec, get_weights, list_weights
 
 if TYPE_CHECKING:  # at run time __getattr__ below makes them on first use
@@ -63,6 +64,8 @@ __all__ = [
     "EngineStatus",
     "NativeBuildError",
     "engine_status",
+    "SyncBatchNorm2d",
+    "convert_sync_batchnorm",
     "densenet_bc_config",
     "get_config",
     "list_architectures",

@@ -26,6 +26,8 @@ ADDED = {"get_model", "list_models"}
 ADDED |= {"MemoryBudgetError", "MemoryPlan", "fit_memory", "parse_memory"}
 #: Which engine runs and why (issue: the engine's loops in C++).
 ADDED |= {"EngineStatus", "NativeBuildError", "engine_status"}
+#: Synchronised batch norm on any backend (issue: SyncBatchNorm in every engine mode).
+ADDED |= {"SyncBatchNorm2d", "convert_sync_batchnorm"}
 #: A model registered later is exported under its name too (``@register_model``).
 ADDED |= set(de.list_models())
 

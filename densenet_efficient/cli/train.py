@@ -104,7 +104,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--amp", choices=("bf16", "fp16"), help="mixed precision (fp16 needs CUDA)")
     g.add_argument("--channels-last", action="store_true")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm under torchrun (naive mode only)")
+    g.add_argument("--sync-bn", action="store_true", help="synchronised batch norm under torchrun, every mode and backend")
     g.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms")
     g.add_argument("--workers", type=int, help=f"DataLoader worker processes (default {d('workers')})")
     g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")

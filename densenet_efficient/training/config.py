@@ -447,13 +447,9 @@ def resolve_config(
             "class of images (or as images of one); save the run outside the data folder"
         )
     c.mode = engine.resolve_mode(c.mode)
-    if c.sync_bn and c.memory is not None:
+    if c.sync_bn and c.compile and (c.mode != engine.NAIVE or c.memory is not None):
         raise UsageError(
-            "--sync-bn works only with --mode naive, and --memory chooses an engine plan; drop one"
-        )
-    if c.sync_bn and c.mode != engine.NAIVE:
-        raise UsageError(
-            f"--sync-bn works only with --mode naive: the {c.mode} engine computes batch statistics "
-            "per process and does not support SyncBatchNorm"
+            "--sync-bn with --compile runs only with --mode naive (the engine's synchronised batch norm "
+            "runs eagerly); drop --compile, or use --mode naive without --memory"
         )
     return c

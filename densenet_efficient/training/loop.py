@@ -40,6 +40,7 @@ from ..models.config import ArchConfig, densenet_bc_config, resolve_arch
 from ..models.densenet import DenseNet
 from ..models.memory_plan import MemoryPlan, resolve_memory_plan
 from ..models.planner.parameters import check_model_size
+from ..models.sync_batchnorm import convert_sync_batchnorm
 from ..models.weights import resolve_weights
 from ..perf.measure import peak_rss_bytes
 from .budget import BudgetChoice, accumulation_weights, choose_budget
@@ -429,7 +430,9 @@ def _build_run(
     if c.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if c.sync_bn and info.enabled:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        # ours on any backend and in every mode; compiled (naive only) torch's, which it traces
+        convert = nn.SyncBatchNorm.convert_sync_batchnorm if c.compile else convert_sync_batchnorm
+        model = convert(model)
     params = [p for p in model.parameters() if p.requires_grad]
     # Fused: the whole update is one kernel (not a few per parameter), and it takes a device-side
     # ``found_inf`` that skips the update, which is how the loop skips a step after a non-finite

@@ -223,7 +223,11 @@ def snapshot():
             "depth must be of the form 6n\\+4 with n >= 1 \\(e.g. 46, 52\\), got 50",
         ),
         (lambda d: None, ["--amp", "fp16", "--device", "cpu"], "--amp fp16 needs a CUDA GPU"),
-        (lambda d: None, ["--sync-bn", "--mode", "efficient"], "--sync-bn works only with --mode naive"),
+        (
+            lambda d: None,
+            ["--sync-bn", "--compile", "--mode", "efficient"],
+            "--sync-bn with --compile runs only with --mode naive",
+        ),
         (lambda d: None, ["--arch", "densenet999"], "unknown architecture 'densenet999'"),
         (lambda d: None, ["--device", "foo"], "--device 'foo' is not a device training can run on"),
         (lambda d: None, ["--device", "meta"], "--device 'meta' is not a device training can run on"),
@@ -412,8 +416,10 @@ def test_pretrained_without_a_named_architecture_is_refused(tmp_path, capsys):
 # -- many processes -------------------------------------------------------------------------------
 
 
-def test_torchrun_two_processes_gloo_only_rank0_writes(tmp_path):
-    """``torchrun --nproc_per_node 2`` on CPU: DDP + DistributedSampler, and one writer."""
+@pytest.mark.parametrize("mode", ["naive", "efficient"])
+def test_torchrun_two_processes_gloo_only_rank0_writes(tmp_path, mode):
+    """``torchrun --nproc_per_node 2`` on CPU: DDP + DistributedSampler, one writer, and batch norm
+    synchronised over the two processes (``--sync-bn``) in a naive and an engine mode."""
     data = tmp_path / "data"
     write_image_folder(data / "train", classes=("a", "b", "c"), per_class=6, size=32)
     write_image_folder(data / "val", classes=("a", "b", "c"), per_class=2, size=32, seed=1)
@@ -434,6 +440,13 @@ def test_torchrun_two_processes_gloo_only_rank0_writes(tmp_path):
             return wrapped
         t.atomic_write = spy(t.atomic_write, 0)
         t._save_model_folder = spy(t._save_model_folder, 1)
+        from densenet_efficient.models.engine import sync
+        gather = sync._all_gather
+        def counted(*args):  # one line per synchronised statistics gather
+            with open(os.path.join({str(spy_dir)!r}, "gathers" + os.environ["RANK"]), "a") as f:
+                f.write("1\\n")
+            return gather(*args)
+        sync._all_gather = counted
         sys.exit(cli.main(sys.argv[1:]))
     """)
     )
@@ -466,6 +479,9 @@ def test_torchrun_two_processes_gloo_only_rank0_writes(tmp_path):
             "--save",
             str(save),
             "--no-progress",
+            "--sync-bn",
+            "--mode",
+            mode,
         ],
         capture_output=True,
         text=True,
@@ -474,7 +490,9 @@ def test_torchrun_two_processes_gloo_only_rank0_writes(tmp_path):
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert sorted(p.name for p in spy_dir.iterdir()) == ["rank0"]
+    gathers = [len((spy_dir / f"gathers{r}").read_text().splitlines()) for r in (0, 1)]
+    assert gathers[0] == gathers[1] > 0  # both ranks synchronised every batch norm, in step
+    assert sorted(p.name for p in spy_dir.iterdir() if p.name.startswith("rank")) == ["rank0"]
     writes = (spy_dir / "rank0").read_text().splitlines()
     assert sum(w.endswith("checkpoint.pt") for w in writes) == 2
     assert proc.stdout.count("epoch 2/2:") == 1  # rank-0-only logging

@@ -85,7 +85,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from . import native, ops
+from . import native, ops, sync
 from .block import eager_block, empty_block
 from .context import check_norms, no_autocast
 from .native import EngineStatus, NativeBuildError, engine_status, reference_engine
@@ -123,7 +123,7 @@ def dense_block(block: nn.Module, x: Tensor, keep: Keep) -> Tensor:
     if x.shape[0] == 0:
         check_norms([m for layer in modules for m in (layer.norm1, layer.norm2)])
         return empty_block(modules, x)
-    if _through_ops():
+    if _through_ops(modules[0].norm1):
         return ops.op_block(modules, x, keep, block.training)
     return eager_block(modules, x, keep, block.training)
 
@@ -144,14 +144,22 @@ def norm_relu(norm: nn.BatchNorm2d, x: Tensor) -> Tensor:
     return _tail(x, norm, None, "identity", True)
 
 
-def _through_ops() -> bool:
+def _through_ops(norm: nn.Module) -> bool:
     """Whether a call runs the custom ops: always under the compiler (their kernels were chosen when
     the model's memory setting was applied, :func:`.native.ensure`), and eagerly when those kernels
-    are the C++ loops; else the Python engine's autograd Functions run it eagerly."""
+    are the C++ loops; else the Python engine's autograd Functions run it eagerly. Synchronised
+    batch norm (``norm``'s kind says) runs the Python engine, whose collectives run eagerly."""
+    if norm.training and sync.process_group([norm]) is not None:
+        if torch.compiler.is_compiling():
+            raise NotImplementedError(
+                "torch.compile of a model with synchronised batch norm in an engine mode is not supported "
+                "yet: train it eagerly, or compile it with memory_efficient=False"
+            )
+        return False
     return torch.compiler.is_compiling() or native.eager_native()
 
 
 def _tail(x: Tensor, norm: nn.BatchNorm2d, module: nn.Module | None, kind: str, keep: bool) -> Tensor:
-    if x.shape[0] == 0 or not _through_ops():
+    if x.shape[0] == 0 or not _through_ops(norm):
         return eager_tail(x, [norm, module], TAILS[kind], norm.training, keep)
     return ops.op_tail(x, norm, module, kind, keep)

@@ -15,6 +15,7 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 from torch.autograd.function import once_differentiable
 
+from . import sync
 from .batchnorm import (
     Dummies,
     Stats,
@@ -40,10 +41,18 @@ class BlockStats:
     normalises; layer ``l``'s ``norm1`` reads the prefix ``[:c_l]`` of both (views, no copies).
     """
 
-    def __init__(self, like: Tensor, channels: int, dummies: int, dtype: torch.dtype) -> None:
+    #: synchronised batch norm (:mod:`.sync`): the process group, the group's batch x H x W
+    #: (a 0-d tensor) and each layer's norm2 ``(mean, invstd)``, kept for backward so that its
+    #: recompute needs no second collective
+    group: Any = None
+    count: Tensor | None = None
+    norm2: list[tuple[Tensor, Tensor]]
+
+    def __init__(self, like: Tensor, channels: int, dummies: int, dtype: torch.dtype, group: Any = None) -> None:
         self.rows = torch.empty(2, channels, dtype=dtype, device=like.device)
         self.mean, self.var = self.rows.unbind(0)
         self.dummies = Dummies(like, max(channels, dummies), dtype)  # also serve norm2's kernels
+        self.group, self.norm2 = group, []
 
     @classmethod
     def of_rows(cls, rows: Tensor, like: Tensor, dummies: int) -> BlockStats:
@@ -60,6 +69,10 @@ class BlockStats:
         if is_fake(x) or x.is_meta:  # a fake or meta kernel (ops.py): the kernel has no meta; values unused
             return
         c = x.shape[1]
+        if self.group is not None:  # the whole process group's statistics: one collective
+            mean, var, self.count = sync.batch_stats(x, self.group)
+            torch.stack([mean, var], out=self.rows.narrow(1, start, c))
+            return
         rm, rv = self.dummies.narrow(c)  # float buffers keep bf16/fp16 inputs' statistics in float32
         mean, var = torch.batch_norm_update_stats(x, rm, rv, 0.0)
         torch.stack([mean, var], out=self.rows.narrow(1, start, c))
@@ -117,8 +130,10 @@ def block_forward(x: Tensor, call: Call, updates: RunningUpdates | None) -> tupl
 
     stats = None
     if call.training:
-        stats = BlockStats(x, channels - k, layers[0].norm2.num_features, stat_dtype(call.dtype))
+        stats = BlockStats(x, channels - k, layers[0].norm2.num_features, stat_dtype(call.dtype), call.group)
         stats.measure(dense if dense is not None else buf.narrow(1, 0, c0), 0)
+        if call.group is not None:  # running variances are unbiased over the group's batch
+            updates.bessel = stats.count / (stats.count - 1).clamp_(min=1)
 
     bottlenecks: list[Tensor | None] = []
     masks: list[Tensor | None] = []
@@ -129,7 +144,9 @@ def block_forward(x: Tensor, call: Call, updates: RunningUpdates | None) -> tupl
         z1 = _norm1_forward(buf, layer, s1, c, scratch, call.dense_copy, dense if i == 0 else None)
         bottleneck = conv(z1, layer.conv1, weights[2 * i])
         del z1
-        if call.training:
+        if call.group is not None:
+            z2 = _norm2_synchronised(bottleneck, layer.norm2, stats, updates)
+        elif call.training:
             z2 = bn_train(bottleneck, layer.norm2, stats.dummies, updates)[0]
         else:
             z2 = bn_eval(bottleneck, layer.norm2)
@@ -148,6 +165,15 @@ def block_forward(x: Tensor, call: Call, updates: RunningUpdates | None) -> tupl
         updates.add_shared([layer.norm1 for layer in layers], stats.rows[0], stats.rows[1] * updates.bessel)
     running = [] if call.training else [t for layer in layers for t in _running_of(layer)]
     return buf, BlockSaved(c0, k, stats, bottlenecks, masks, running)
+
+
+def _norm2_synchronised(bottleneck: Tensor, norm2: Any, stats: BlockStats, updates: RunningUpdates) -> Tensor:
+    """A layer's norm2 with the process group's statistics (one collective), kept for backward."""
+    mean, var, count = sync.batch_stats(bottleneck, stats.group)
+    invstd = torch.rsqrt(var + norm2.eps)
+    updates.add(norm2, mean, var * updates.bessel)
+    stats.norm2.append((mean, invstd))
+    return sync.bn_forward(bottleneck, norm2.weight, norm2.bias, mean, invstd)
 
 
 def _run_block(x: Tensor, call: Call) -> tuple[Tensor, BlockSaved]:
@@ -194,6 +220,7 @@ def block_backward(
     bn_grads: list[Tensor] = [None] * (4 * len(layers))  # type: ignore[list-item]
     invstd = _invstd(saved.stats, layers) if saved.stats is not None else None
     dummies = saved.stats.dummies if saved.stats is not None else None
+    group = saved.stats.group if saved.stats is not None else None
     # z1 is dead (after its ReLU backward) before the dense copy of the input that BN backward
     # reads (2x faster than the strided view on CPU, the fused kernel on CUDA): one scratch serves both.
     scratch = Scratch(buf, c0 + k * (len(layers) - 1), fmt)
@@ -210,7 +237,10 @@ def block_backward(
         bottleneck, bottlenecks[i] = bottlenecks[i], None
         if bottleneck is None:  # not kept (max_saving): recompute the 1x1 convolution too
             bottleneck = conv(z1, layer.conv1, weights[2 * i])
-        if call.training:
+        if group is not None:  # the group's statistics, kept by forward: no collective
+            mean2, invstd2 = saved.stats.norm2[i]
+            z2 = sync.bn_forward(bottleneck, layer.norm2.weight, layer.norm2.bias, mean2, invstd2)
+        elif call.training:
             z2, mean2, invstd2, reserve = bn_train(bottleneck, layer.norm2, dummies, None)
         else:
             z2 = bn_eval(bottleneck, layer.norm2)
@@ -219,7 +249,10 @@ def block_backward(
         del dy
         relu_backward_(dz2, z2)
         del z2
-        if call.training:
+        if group is not None:
+            w2, count = layer.norm2.weight, saved.stats.count
+            db, dg2, dbeta2 = sync.bn_backward(dz2, bottleneck, w2, mean2, invstd2, count, group)
+        elif call.training:
             db, dg2, dbeta2 = bn_train_backward(dz2, bottleneck, layer.norm2, mean2, invstd2, reserve, dummies)
         else:
             db, dg2, dbeta2 = bn_fixed_backward(dz2, bottleneck, layer.norm2, running_stats(layer.norm2))
@@ -228,7 +261,12 @@ def block_backward(
         del db
         relu_backward_(dz1, z1)
         del z1
-        dx, dg1, dbeta1 = bn_fixed_backward(dz1, scratch.view(c).copy_(buf.narrow(1, 0, c)), layer.norm1, s1)
+        x1 = scratch.view(c).copy_(buf.narrow(1, 0, c))
+        if group is not None:
+            dx, dg1, dbeta1 = sync.bn_backward(dz1, x1, layer.norm1.weight, s1.mean, s1.invstd, saved.stats.count, group)
+        else:
+            dx, dg1, dbeta1 = bn_fixed_backward(dz1, x1, layer.norm1, s1)
+        del x1
         del dz1
         gbuf.narrow(1, 0, c).add_(dx)
         del dx
@@ -307,10 +345,11 @@ def eager_block(modules: list[nn.Module], x: Tensor, keep: Keep, training: bool)
     """A dense block's layers (torchvision ``_DenseLayer``s) on a non-empty batch, eagerly: one autograd
     Function, or a plain forward when no backward follows. ``keep``: the block's flags
     (:class:`.plan.ExecutionPlan`)."""
-    check_norms([m for layer in modules for m in (layer.norm1, layer.norm2)])
+    norms = [m for layer in modules for m in (layer.norm1, layer.norm2)]
+    check_norms(norms)
     layers = [Layer.of(layer) for layer in modules]
     params = [p for layer in layers for p in layer.params()]
-    call = make_call(layers, keep, x, training, params)
+    call = make_call(layers, keep, x, training, params, sync.process_group(norms))
     if not call.graph:
         with torch.no_grad():
             return _run_block(x, call)[0]

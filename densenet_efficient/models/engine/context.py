@@ -31,6 +31,7 @@ class Call:
     graph: bool = True  # a backward will follow (autograd is recording)
     keep: Keep = ()  # a block's layers, a tail's one flag: keeps what backward needs (ExecutionPlan)
     dense_copy: bool = False  # BN with fixed statistics on a dense copy (CPU), see copies_for_dense_kernel
+    group: Any = None  # training with synchronised batch norm: the process group (.sync)
 
 
 class BN(NamedTuple):
@@ -137,13 +138,11 @@ def compute_dtype(x: Tensor) -> torch.dtype:
 
 
 def check_norms(norms: list[nn.Module]) -> None:
+    """The engine runs affine batch norms that track running statistics: ``nn.BatchNorm2d``, this
+    package's synchronised one (a subclass) and torch's ``nn.SyncBatchNorm``."""
     for bn in norms:
-        if isinstance(bn, nn.SyncBatchNorm):
-            raise NotImplementedError(
-                "SyncBatchNorm is not supported by the memory-efficient engine (its batch statistics are "
-                "per process); use memory_efficient=False with SyncBatchNorm, or plain BatchNorm with DDP"
-            )
-        if not isinstance(bn, nn.BatchNorm2d) or not bn.affine or not bn.track_running_stats:
+        plain = isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm))
+        if not plain or not bn.affine or not bn.track_running_stats:
             raise NotImplementedError(
                 f"the memory-efficient engine expects affine nn.BatchNorm2d layers tracking running stats, "
                 f"found {bn!r}; use memory_efficient=False"
@@ -161,7 +160,9 @@ def copies_for_dense_kernel(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-def make_call(modules: list[Any], keep: Keep, x: Tensor, training: bool, params: list[Tensor]) -> Call:
+def make_call(
+    modules: list[Any], keep: Keep, x: Tensor, training: bool, params: list[Tensor], group: Any = None
+) -> Call:
     """The call's settings from its input: the compute dtype (autocast's), the memory format, and
     whether a backward will follow (else nothing is kept)."""
     dtype = compute_dtype(x)
@@ -175,6 +176,7 @@ def make_call(modules: list[Any], keep: Keep, x: Tensor, training: bool, params:
         needs_graph([x, *params]),
         keep,
         copies_for_dense_kernel(x.device),
+        group if training else None,
     )
 
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from . import sync
 from .batchnorm import (
     Dummies,
     bn_eval,
@@ -117,7 +118,12 @@ def tail_forward(
     bn = call.modules[0]
     with no_autocast(call.autocast[0]):
         x = x.to(call.dtype)
-        if call.training:
+        if call.group is not None:  # the group's statistics, always kept: backward needs no collective
+            mean, var, count = sync.batch_stats(x, call.group)
+            invstd = torch.rsqrt(var + bn.eps)
+            updates.add(bn, mean, var * (count / (count - 1).clamp_(min=1)))
+            z, stats = sync.bn_forward(x, bn.weight, bn.bias, mean, invstd), [mean, invstd, count]
+        elif call.training:
             z, mean, invstd, reserve = bn_train(x, bn, None, updates)
             stats = [mean, invstd, reserve] if keep else []
         else:
@@ -135,6 +141,8 @@ def tail_backward(
     extra: list[Tensor] = []
     with no_autocast(call.autocast[0]):
         grad = grad.to(call.dtype)
+        if call.group is not None:
+            return _synchronised_backward(grad, x, call, tail, kept, stats)
         dummies = Dummies(x, x.shape[1], stat_dtype(x.dtype))
         if kept:
             dz = tail.kept_backward(grad, kept, x, module)
@@ -154,6 +162,23 @@ def tail_backward(
         else:
             dx, dg, dbeta = bn_fixed_backward(dz, x, bn, running_stats(bn))
     return dx, dg, dbeta, extra
+
+
+def _synchronised_backward(
+    grad: Tensor, x: Tensor, call: Call, tail: Tail, kept: list[Tensor], stats: list[Tensor]
+) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+    """:func:`tail_backward` with the process group's statistics that forward kept (one collective)."""
+    bn, module = call.modules
+    mean, invstd, count = stats
+    extra: list[Tensor] = []
+    if kept:
+        dz = tail.kept_backward(grad, kept, x, module)
+    else:
+        z = sync.bn_forward(x, bn.weight, bn.bias, mean, invstd).relu_()
+        dz, extra = tail.backward(grad, z, module, call)
+        relu_backward_(dz, z)
+        del z
+    return (*sync.bn_backward(dz, x, bn.weight, mean, invstd, count, call.group), extra)
 
 
 class _NormReluTailFunction(torch.autograd.Function):
@@ -201,7 +226,7 @@ def eager_tail(x: Tensor, modules: list[nn.Module | None], tail: Tail, training:
         return z if modules[1] is None else modules[1](z)
     specs = [BN.of(modules[0]), Conv.of(modules[1]) if isinstance(tail, TransitionTail) else modules[1]]
     params = [modules[0].weight, modules[0].bias, *tail.params(modules)]
-    call = make_call(specs, (keep,), x, training, params)
+    call = make_call(specs, (keep,), x, training, params, sync.process_group([modules[0]]))
     if not call.graph:
         with torch.no_grad():
             return _NormReluTailFunction.forward(_NoCtx(), x, call, tail, *params)
