@@ -141,6 +141,22 @@ def run_native(code: str, capsys, **_: object) -> None:
     assert printed.startswith(("native engine (C++ loops from ", "python engine ("))
 
 
+def run_sync(code: str, tmp_path: Path, **_: object) -> None:
+    """The synchronised batch norm example, in a one-process gloo group (what torchrun would set up)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        scope: dict = {"torch": torch, "de": de}
+        exec(compile(code, "README.md#synchronised-batch-norm", "exec"), scope)
+    finally:
+        dist.destroy_process_group()
+    model = scope["model"]
+    assert isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    assert isinstance(model.module.features.norm0, de.SyncBatchNorm2d)
+    assert model.module.memory_efficient == "efficient"
+
+
 def run_dial(code: str, capsys, **_: object) -> None:
     """The dial example runs and prints what its comments say."""
     scope: dict = {}
@@ -221,6 +237,7 @@ BLOCKS: dict[tuple[str, int], Callable[..., None]] = {
     ("Install", 1): check_bash,  # CPU-only: PyTorch's CPU wheels, then the package
     ("Use", 0): run_use,
     ("The native engine", 0): run_native,
+    ("Synchronised batch norm, on any backend", 0): run_sync,
     ("The memory dial: any budget, not just three modes", 0): run_dial,
     ("Use it with ...", 0): resolve_ecosystem_calls,
     ("Pretrained weights, torch.hub, Hugging Face Hub", 0): run_pretrained,

@@ -108,7 +108,7 @@ def bn_backward(
 def _all_gather(t: Tensor, group: Any) -> Tensor:
     from torch.distributed import _functional_collectives as funcol
 
-    gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor  # renamed in torch 2.10
+    gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor  # its newer name
     return funcol.wait_tensor(gather(t, 0, group))
 
 
