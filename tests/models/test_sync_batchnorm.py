@@ -102,7 +102,9 @@ def _run_world(tmp_path: Path, sizes: list[int]) -> list[dict]:
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(len(sizes))]
 
 
-@pytest.mark.parametrize("sizes", [[2, 2], [3, 1], [2, 1, 3]], ids=["2-even", "2-uneven", "3-uneven"])
+@pytest.mark.parametrize(
+    "sizes", [[2, 2], [3, 1], [2, 1, 3], [3, 0]], ids=["2-even", "2-uneven", "3-uneven", "2-one-empty"]
+)
 def test_synchronised_batch_norm_equals_one_process_on_the_whole_batch(tmp_path, sizes):
     ranks = _run_world(tmp_path, sizes)
     total = sum(sizes)

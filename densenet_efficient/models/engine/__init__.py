@@ -120,10 +120,11 @@ def dense_block(block: nn.Module, x: Tensor, keep: Keep) -> Tensor:
     modules = list(block.values())
     if len(keep) != len(modules):
         raise ValueError(f"expected {len(modules)} per-layer flags for this block, got {len(keep)}")
-    if x.shape[0] == 0:
+    synchronised = _synchronised(modules[0].norm1)
+    if x.shape[0] == 0 and not synchronised:  # a synchronised rank takes part in the collectives
         check_norms([m for layer in modules for m in (layer.norm1, layer.norm2)])
         return empty_block(modules, x)
-    if _through_ops(modules[0].norm1):
+    if not synchronised and _through_ops():
         return ops.op_block(modules, x, keep, block.training)
     return eager_block(modules, x, keep, block.training)
 
@@ -144,22 +145,27 @@ def norm_relu(norm: nn.BatchNorm2d, x: Tensor) -> Tensor:
     return _tail(x, norm, None, "identity", True)
 
 
-def _through_ops(norm: nn.Module) -> bool:
+def _through_ops() -> bool:
     """Whether a call runs the custom ops: always under the compiler (their kernels were chosen when
     the model's memory setting was applied, :func:`.native.ensure`), and eagerly when those kernels
-    are the C++ loops; else the Python engine's autograd Functions run it eagerly. Synchronised
-    batch norm (``norm``'s kind says) runs the Python engine, whose collectives run eagerly."""
-    if norm.training and sync.process_group([norm]) is not None:
-        if torch.compiler.is_compiling():
-            raise NotImplementedError(
-                "torch.compile of a model with synchronised batch norm in an engine mode is not supported "
-                "yet: train it eagerly, or compile it with memory_efficient=False"
-            )
-        return False
+    are the C++ loops; else the Python engine's autograd Functions run it eagerly."""
     return torch.compiler.is_compiling() or native.eager_native()
 
 
+def _synchronised(norm: nn.Module) -> bool:
+    """Whether ``norm`` synchronises its training statistics over a process group: then the Python
+    engine runs the call, eagerly, with the collectives (:mod:`.sync`)."""
+    if not norm.training or sync.process_group([norm]) is None:
+        return False
+    if torch.compiler.is_compiling():
+        raise NotImplementedError(
+            "torch.compile of a model with synchronised batch norm in an engine mode is not supported "
+            "yet: train it eagerly, or compile it with memory_efficient=False"
+        )
+    return True
+
+
 def _tail(x: Tensor, norm: nn.BatchNorm2d, module: nn.Module | None, kind: str, keep: bool) -> Tensor:
-    if x.shape[0] == 0 or not _through_ops(norm):
+    if _synchronised(norm) or x.shape[0] == 0 or not _through_ops():
         return eager_tail(x, [norm, module], TAILS[kind], norm.training, keep)
     return ops.op_tail(x, norm, module, kind, keep)

@@ -60,8 +60,9 @@ def batch_stats(x: Tensor, group: Any) -> tuple[Tensor, Tensor, Tensor]:
     least float32; ``count`` is a 0-d tensor (the group's batch x H x W), never read on the host."""
     dtype = stat_dtype(x.dtype)
     c = x.shape[1]
-    scratch = torch.empty(2, c, dtype=dtype, device=x.device)  # float statistics of bf16/fp16 input
-    mean, var = torch.batch_norm_update_stats(x, scratch[0], scratch[1], 0.0)
+    scratch = torch.zeros(2, c, dtype=dtype, device=x.device)  # float statistics of bf16/fp16 input
+    # a rank with an empty batch still takes part (the others wait for it), with weight 0
+    mean, var = torch.batch_norm_update_stats(x, scratch[0], scratch[1], 0.0) if x.numel() else scratch
     count = torch.full((1,), x.numel() // c, dtype=dtype, device=x.device)
     local = torch.cat([mean, var, count])
     gathered = _all_gather(local, group).view(-1, 2 * c + 1)  # [ranks, mean | var | count]

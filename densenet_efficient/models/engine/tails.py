@@ -219,14 +219,15 @@ def eager_tail(x: Tensor, modules: list[nn.Module | None], tail: Tail, training:
     """``tail(relu(norm(x)))`` eagerly (``modules``: the BN and what follows it): one autograd Function,
     or a plain forward when no backward follows. ``keep``: the tail's flag (:class:`.plan.ExecutionPlan`)."""
     check_norms([modules[0]])
-    if x.shape[0] == 0:  # an empty batch: the modules' own forward (see empty_block)
+    group = sync.process_group([modules[0]]) if training else None
+    if x.shape[0] == 0 and group is None:  # an empty batch: the modules' own forward (see empty_block)
         z = F.relu(modules[0](x))
         if isinstance(tail, TransitionTail):
             return F.avg_pool2d(modules[1](z), 2, 2)
         return z if modules[1] is None else modules[1](z)
     specs = [BN.of(modules[0]), Conv.of(modules[1]) if isinstance(tail, TransitionTail) else modules[1]]
     params = [modules[0].weight, modules[0].bias, *tail.params(modules)]
-    call = make_call(specs, (keep,), x, training, params, sync.process_group([modules[0]]))
+    call = make_call(specs, (keep,), x, training, params, group)
     if not call.graph:
         with torch.no_grad():
             return _NormReluTailFunction.forward(_NoCtx(), x, call, tail, *params)
