@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import socket
 
@@ -11,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import densenet_efficient as de
+from densenet_efficient.errors import UsageError
 from densenet_efficient.models import engine
 from densenet_efficient.models.config import get_config
 
@@ -261,16 +263,20 @@ def test_double_backward_is_refused():
         g.sum().backward()
 
 
-def test_sync_batchnorm_is_refused():
-    model = nn.SyncBatchNorm.convert_sync_batchnorm(de.DenseNet(**TINY, memory_efficient=True))
-    with pytest.raises(NotImplementedError, match="SyncBatchNorm is not supported"):
-        model(torch.randn(2, 3, 8, 8))
+def test_torch_sync_batchnorm_without_a_process_group_is_plain_batch_norm():
+    """The engine reads torch's SyncBatchNorm modules (synchronised runs: test_sync_batchnorm.py);
+    outside a process group they are batch norm, as torch's own module is."""
+    torch.manual_seed(0)
+    plain = de.DenseNet(**TINY, memory_efficient=True)
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(plain))
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(model(x), plain(x), rtol=0, atol=0)
 
 
 def test_mode_switch_keeps_parameters():
     model = de.densenet_bc(16)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    for mode in ("max_saving", True, "naive", "max"):
+    for mode in ("max_saving", True, "naive", "max_saving"):
         model.set_memory_efficient(mode)
     assert model.memory_efficient == "max_saving"
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -337,4 +343,7 @@ def test_ddp_gloo_two_processes_same_gradients(tmp_path):
 def test_engine_mode_names():
     assert engine.resolve_mode(True) == "efficient"
     assert engine.resolve_mode(False) == "naive"
-    assert engine.resolve_mode("max") == "max_saving"
+    assert engine.resolve_mode("max_saving") == "max_saving"
+    for alias in ("max", "default", "fast"):  # one name per mode: "default" would not mean the default
+        with pytest.raises(UsageError, match="memory_efficient must be"):
+            engine.resolve_mode(alias)

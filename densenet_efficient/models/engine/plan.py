@@ -28,13 +28,8 @@ EFFICIENT = "efficient"
 MAX_SAVING = "max_saving"
 MODES = (NAIVE, EFFICIENT, MAX_SAVING)
 
-_ALIASES: dict[Any, str] = {
-    False: NAIVE,
-    None: NAIVE,
-    True: EFFICIENT,
-    "default": EFFICIENT,
-    "max": MAX_SAVING,
-}
+#: ``memory_efficient``'s booleans (torchvision's flag) and ``None``, the other names of the modes.
+_ALIASES: dict[Any, str] = {False: NAIVE, None: NAIVE, True: EFFICIENT}
 
 #: Per layer of a dense block: whether it keeps its bottleneck output for backward (else backward
 #: recomputes the 1x1 convolution).
@@ -44,7 +39,7 @@ Keep = tuple[bool, ...]
 def resolve_mode(mode: bool | str | None) -> str:
     """Normalise a ``memory_efficient`` value to one of :data:`MODES`.
 
-    >>> resolve_mode(True), resolve_mode(False), resolve_mode("max")
+    >>> resolve_mode(True), resolve_mode(False), resolve_mode("max_saving")
     ('efficient', 'naive', 'max_saving')
     """
     if isinstance(mode, str) and mode in MODES:

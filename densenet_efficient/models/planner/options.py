@@ -147,7 +147,7 @@ def resolve_setting(mode: Any, config: ArchConfig) -> MemoryPlan | str:
     """A torchvision baseline's name as it is, anything else as the model would resolve it."""
     if isinstance(mode, str) and mode in (TORCHVISION, TORCHVISION_EFFICIENT):
         return mode
-    if isinstance(mode, str) and mode not in MODES and mode not in ("default", "max"):
+    if isinstance(mode, str) and mode not in MODES:
         raise UsageError(
             f"memory_efficient must be one of {', '.join(ESTIMABLE)} or per-block settings, got {mode!r}"
         )
