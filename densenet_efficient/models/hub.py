@@ -42,7 +42,7 @@ from ..io.atomic import atomic_write, staged_folder
 from ..io.checkpoint import read_checkpoint
 from ..io.json_file import read_json_object
 from ..io.state_dict import StateDictMismatchError, load_state_dict_into
-from .config import ARCHITECTURES, ArchConfig, get_config
+from .config import ARCHITECTURES, IMAGENET_MEAN, IMAGENET_STD, ArchConfig, get_config
 
 __all__ = [
     "CONFIG_NAME",
@@ -66,8 +66,6 @@ CARD_NAME = "README.md"
 HUB_REPO = "densenet-efficient/efficient_densenet"
 PACKAGE_LICENSE = "mit"  # the code's licence; weights carry their own in pretrained_cfg
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 #: The fields of timm's ``PretrainedCfg`` this package reads and writes (timm refuses unknown ones).
 PRETRAINED_CFG_KEYS = (
     "architecture", "tag", "hf_hub_id", "url", "custom_load", "input_size", "test_input_size",
