@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="exit 1 naming stale files; write nothing")
     args = parser.parse_args(argv)
-    stale = {p: text for p, text in generated_files().items() if p.read_text(encoding="utf-8") != text}
+    stale = {p: text for p, text in generated_files(REPO).items() if p.read_text(encoding="utf-8") != text}
     for path, text in stale.items():
         if not args.check:
             atomic_write(path, text.encode("utf-8"))
