@@ -15,6 +15,7 @@ TV_PARAMS = {
     "densenet161": 28_681_000,
     "densenet169": 14_149_480,
     "densenet201": 20_013_928,
+    "densenet264": 33_337_704,  # torchvision.models.DenseNet(32, (6, 12, 64, 48), 64) counts the same
     "densenet_bc_100": 769_162,
 }
 
