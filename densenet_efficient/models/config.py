@@ -95,21 +95,38 @@ class ArchConfig:
                 "field (how blocks execute is chosen when loading, never saved); remove it and pass "
                 "memory_efficient= when loading"
             )
-        kwargs = {f.name: data[f.name] for f in fields(cls) if f.name in data}
-        blocks = kwargs["block_config"]
+        return cls.checked(source, **{f.name: data[f.name] for f in fields(cls) if f.name in data})
+
+    @classmethod
+    def checked(cls, source: str | None = None, **values: Any) -> ArchConfig:
+        """The config of these field values, each type- and range-checked first: the one check of an
+        architecture, whether its fields come from ``DenseNet(...)``'s arguments or a file.
+
+        A string, float, null, bool or 1e400 where an integer belongs, an empty ``block_config`` or
+        a ``small_inputs`` other than True/False is a :class:`UsageError` naming the field, the
+        value and ``source`` (when given).
+
+        >>> ArchConfig.checked(growth_rate=12, block_config=[16, 16, 16], num_init_features=24).block_config
+        (16, 16, 16)
+        >>> ArchConfig.checked(growth_rate=12, block_config=(), num_init_features=24)
+        Traceback (most recent call last):
+        ...
+        densenet_efficient.errors.UsageError: block_config must be a list of ints, found ()
+        """
+        where = f"{source}: " if source else ""
+        blocks = values["block_config"]
         if not isinstance(blocks, (list, tuple)) or not blocks:
-            raise UsageError(f"{source}: block_config must be a list of ints, found {shown(blocks)}")
+            raise UsageError(f"{where}block_config must be a list of ints, found {shown(blocks)}")
         for i, layers in enumerate(blocks):
-            check_int(layers, f"{source}: block_config[{i}]")
+            check_int(layers, f"{where}block_config[{i}]")
         for name, least in _INT_FIELDS.items():
-            if name in kwargs:
-                check_int(kwargs[name], f"{source}: {name}", least)
-        if "small_inputs" in kwargs and not isinstance(kwargs["small_inputs"], bool):
+            if name in values:
+                check_int(values[name], f"{where}{name}", least)
+        if "small_inputs" in values and not isinstance(values["small_inputs"], bool):
             raise UsageError(
-                f"{source}: small_inputs must be true or false, found {shown(kwargs['small_inputs'])}"
+                f"{where}small_inputs must be true or false, found {shown(values['small_inputs'])}"
             )
-        kwargs["block_config"] = tuple(blocks)
-        return cls(**kwargs)
+        return cls(**{**values, "block_config": tuple(blocks)})
 
     def state_dict_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every key of the model's ``state_dict()`` and its tensor's shape, in the same order,

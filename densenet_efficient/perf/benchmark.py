@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import UsageError, check_int, require_extra
+from ..errors import UsageError, check_int, first_line, require_extra
 from ..io.atomic import atomic_write
 from ..models.config import ArchConfig, densenet_bc_config, resolve_arch
 from ..models.engine import MODES
@@ -197,7 +197,7 @@ def benchmark(
         except RuntimeError as err:
             if not row.compile:
                 raise
-            results[row.label]["error"] = _one_line(err)
+            results[row.label]["error"] = first_line(err)
             return None
 
     results: dict[str, dict[str, Any]] = {r.label: {"implementation": r.label} for r in plan}
@@ -273,10 +273,6 @@ def _count_ops(config: ArchConfig, impls: list[str], device: str) -> dict[str, i
         model = build_implementation(impl, config).to(device)
         counts[impl] = count_step_ops(model, x).total
     return counts
-
-
-def _one_line(err: BaseException) -> str:
-    return next((ln.strip() for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
 
 
 def machine_description(device: str) -> str:

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from ..errors import UsageError
+from ..errors import UsageError, first_line
 from ..models.config import ArchConfig
 from ..models.engine import MODES
 from ..models.memory_plan import MemoryPlan
@@ -316,14 +316,9 @@ def _compile_step(step: Callable[[], None]) -> None:
     try:
         step()
     except torch.OutOfMemoryError as err:
-        raise _CompileFailed(f"out of memory in the compiling step: {_first_line(err)}") from err
+        raise _CompileFailed(f"out of memory in the compiling step: {first_line(err)}") from err
     except Exception as err:
-        raise _CompileFailed(f"torch.compile failed: {type(err).__name__}: {_first_line(err)}") from err
-
-
-def _first_line(err: BaseException, limit: int = 300) -> str:
-    line = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), "")
-    return line if len(line) <= limit else line[: limit - 3] + "..."
+        raise _CompileFailed(f"torch.compile failed: {type(err).__name__}: {first_line(err)}") from err
 
 
 def _step_memory(step: Callable[[], None], spec: StepSpec, device: Any) -> dict[str, Any]:

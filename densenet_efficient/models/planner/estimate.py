@@ -11,6 +11,7 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ...errors import check_int
 from ..config import ArchConfig, resolve_arch
 from ..engine import EFFICIENT, NAIVE
 from ..memory_plan import MemorySetting
@@ -22,7 +23,6 @@ from .options import (
     check_image_size,
     check_options,
     dtype_bytes,
-    positive_int,
     renamed_keyword,
     resolve_setting,
 )
@@ -171,7 +171,7 @@ def estimate_memory(
     config = resolve_arch(arch)
     name = arch if isinstance(arch, str) else config.name
     setting = resolve_setting(mode, config)
-    batch_size = positive_int("batch_size", batch_size)
+    batch_size = check_int(batch_size, "batch_size")
     image_size = check_image_size(config, image_size, name)
     amp = check_options(dtype, amp, optimizer, device)
     label = setting if isinstance(setting, str) else (setting.mode or str(setting))

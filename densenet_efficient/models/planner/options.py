@@ -13,7 +13,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-from ...errors import UsageError
+from ...errors import UsageError, check_int
 from ..config import ArchConfig
 from ..engine import EFFICIENT, MAX_SAVING, MODES, NAIVE
 from ..memory_plan import BlockSetting, MemoryPlan, resolve_memory_plan
@@ -29,7 +29,6 @@ __all__ = [
     "check_options",
     "check_resolution",
     "dtype_bytes",
-    "positive_int",
     "renamed_keyword",
     "resolve_setting",
     "runs",
@@ -66,13 +65,6 @@ def dtype_bytes(dtype: str) -> int:
     return _DTYPE_BYTES[dtype]
 
 
-def positive_int(name: str, value: Any) -> int:
-    """``value`` when it is an int >= 1 (not a bool), else a UsageError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UsageError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
 def renamed_keyword(new: str, new_value: Any, old: str, old_value: Any, where: str) -> Any:
     """The value of a keyword that was renamed: ``old`` still works, with a DeprecationWarning."""
     if old_value is None:
@@ -96,7 +88,7 @@ def check_image_size(
     """
     if image_size is None:
         return config.default_resolution
-    image_size = positive_int(option, image_size)
+    image_size = check_int(image_size, option)
     least = config.min_input_size()
     if image_size < least:
         raise UsageError(

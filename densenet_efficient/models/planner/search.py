@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from ...errors import UsageError
+from ...errors import UsageError, check_int
 from ..config import ArchConfig, densenet_bc_config, resolve_arch
 from ..engine import EFFICIENT, MAX_SAVING
 from ..memory_plan import MemoryPlan, resolve_memory_plan
@@ -22,7 +22,6 @@ from .options import (
     Dial,
     check_image_size,
     check_options,
-    positive_int,
     renamed_keyword,
     resolve_setting,
     runs,
@@ -192,7 +191,7 @@ def fit_memory(
     if "mode" in kwargs:
         raise TypeError("fit_memory() picks the memory setting itself: it takes no mode=")
     budget = parse_memory(budget)
-    batch_size = positive_int("batch_size", batch_size)
+    batch_size = check_int(batch_size, "batch_size")
     step = Step(arch, image_size, kwargs, "fit_memory")
     config = step.config
 
@@ -271,7 +270,7 @@ def deepest_densenet_bc(
     True
     """
     budget = parse_memory(memory)
-    batch_size = positive_int("batch_size", batch_size)
+    batch_size = check_int(batch_size, "batch_size")
 
     def fits(n: int) -> bool:
         cfg = densenet_bc_config(6 * n + 4, growth_rate)
