@@ -22,7 +22,6 @@ from .options import (
     Dial,
     check_image_size,
     check_options,
-    renamed_keyword,
     resolve_setting,
     runs,
 )
@@ -58,10 +57,9 @@ class Step:
     """One training step's settings, checked once; ``total(setting, batch)`` is its estimate."""
 
     def __init__(self, arch: str | ArchConfig, image_size: int | None, kwargs: dict[str, Any], where: str):
-        unknown = set(kwargs) - {"mode", "dtype", "amp", "device", "optimizer", "resolution"}
+        unknown = set(kwargs) - {"mode", "dtype", "amp", "device", "optimizer"}
         if unknown:
             raise TypeError(f"{where}() got unexpected keyword arguments: {', '.join(sorted(unknown))}")
-        image_size = renamed_keyword("image_size", image_size, "resolution", kwargs.get("resolution"), where)
         self.config = resolve_arch(arch)
         self.name = arch if isinstance(arch, str) else self.config.name
         self.image_size = check_image_size(self.config, image_size, self.name)
@@ -178,8 +176,7 @@ def fit_memory(
     """The plan with the least recompute whose training step (``MemoryEstimate.total``) fits ``budget``.
 
     ``kwargs`` are :func:`~.estimate.estimate_memory`'s (``amp``, ``dtype``, ``device``,
-    ``optimizer``, default ``"momentum"``; ``resolution`` is the deprecated name of
-    ``image_size``). The search runs over the width below which layers recompute their
+    ``optimizer``, default ``"momentum"``). The search runs over the width below which layers recompute their
     bottleneck (see :func:`_plan_below`), with the stem keeping or recomputing its indices, so it
     takes ``O(blocks * log(width))`` estimates at any depth. Raises :class:`MemoryBudgetError`
     below the ``"max_saving"`` floor.
