@@ -128,12 +128,18 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     for arch, entry in data["architectures"].items():
         where = f"{path}: architectures.{arch}"
         if not isinstance(entry, dict):
-            raise UsageError(f"{where} must be an object with 'weights' (and 'default'), found {shown(entry)}")
+            raise UsageError(
+                f"{where} must be an object with 'weights' (and 'default'), found {shown(entry)}"
+            )
         weights = entry.get("weights", {})
         if not isinstance(weights, dict):
-            raise UsageError(f"{where}.weights must be an object mapping names to entries, found {shown(weights)}")
+            raise UsageError(
+                f"{where}.weights must be an object mapping names to entries, found {shown(weights)}"
+            )
         if "default" in entry and entry["default"] is not None and not isinstance(entry["default"], str):
-            raise UsageError(f"{where}.default must be a weights name or null, found {shown(entry['default'])}")
+            raise UsageError(
+                f"{where}.default must be a weights name or null, found {shown(entry['default'])}"
+            )
         for name, spec in weights.items():
             _check_entry(spec, f"{where}.weights.{name}")
     return data
@@ -151,7 +157,9 @@ def _check_entry(spec: Any, where: str) -> None:
     check_url(spec["url"], f"{where}.url")
     check_int(spec["num_classes"], f"{where}.num_classes")
     size = spec.get("file_size")
-    if size is not None and (isinstance(size, bool) or not isinstance(size, (int, float)) or not 0 < size < 2**40):
+    if size is not None and (
+        isinstance(size, bool) or not isinstance(size, (int, float)) or not 0 < size < 2**40
+    ):
         raise UsageError(f"{where}.file_size must be a positive number of MiB, found {shown(size)}")
     pre = spec.get("preprocessing")
     if pre is not None:
@@ -163,7 +171,9 @@ def _check_entry(spec: Any, where: str) -> None:
             value = pre.get(key)
             if not (isinstance(value, list) and len(value) in (1, 3)
                     and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)):  # fmt: skip
-                raise UsageError(f"{where}.preprocessing.{key} must be a list of 3 numbers, found {shown(value)}")
+                raise UsageError(
+                    f"{where}.preprocessing.{key} must be a list of 3 numbers, found {shown(value)}"
+                )
         modes = {"nearest", "bilinear", "bicubic", "box", "hamming", "lanczos"}
         if pre.get("interpolation") not in modes:
             raise UsageError(
@@ -172,9 +182,12 @@ def _check_entry(spec: Any, where: str) -> None:
             )
     categories = spec.get("categories")
     if categories is not None and not (
-        isinstance(categories, str) or (isinstance(categories, list) and all(isinstance(c, str) for c in categories))
+        isinstance(categories, str)
+        or (isinstance(categories, list) and all(isinstance(c, str) for c in categories))
     ):
-        raise UsageError(f"{where}.categories must be a category set name or a list of names, found {shown(categories)}")
+        raise UsageError(
+            f"{where}.categories must be a category set name or a list of names, found {shown(categories)}"
+        )
 
 
 @dataclass(frozen=True)
@@ -246,7 +259,9 @@ class WeightsSpec:
         """Download (or reuse the verified cached copy of) this file; keys remapped to the current layout.
         A server sending more than :attr:`max_bytes`, or dripping, is cut off (nothing cached)."""
         return remap_keys(
-            fetch_state_dict(self.url, self.filename, model_dir=model_dir, progress=progress, max_bytes=self.max_bytes)
+            fetch_state_dict(
+                self.url, self.filename, model_dir=model_dir, progress=progress, max_bytes=self.max_bytes
+            )
         )
 
 
