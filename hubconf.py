@@ -16,8 +16,9 @@ The package is imported only when an entrypoint is called, so ``torch.hub.list``
 """
 
 # torch.hub finds entrypoints as this module's functions, and listing them must not import the
-# package, so the registered models (densenet_efficient.list_models()) are named here once more;
-# tests/test_hubconf.py fails until a newly registered model has its entrypoint.
+# package, so one entrypoint per row of the model table (densenet_efficient/models/config.py,
+# MODEL_TABLE) is written out below by scripts/generate_files.py; tests/test_generated.py fails
+# while they differ from the table.
 
 dependencies = ["torch", "torchvision", "huggingface_hub"]
 
@@ -28,8 +29,10 @@ def _registered(name: str, pretrained: bool, progress: bool, kwargs: dict):
     return get_model(name, pretrained=pretrained, progress=progress, **kwargs)
 
 
+# --- begin generated: entrypoints (scripts/generate_files.py, from MODEL_TABLE) ---
 def densenet121(pretrained: bool = False, progress: bool = True, **kwargs):
-    """DenseNet-121 (k=32, blocks 6-12-24-16, 7,978,856 parameters); ImageNet acc@1 74.434 with pretrained=True.
+    """DenseNet-121 (k=32, blocks 6-12-24-16, 64 init features, 7,978,856 parameters;
+    224x224 inputs, 1000 classes). ImageNet-1K acc@1 74.434 with pretrained=True (IMAGENET1K_V1).
 
     Example::
 
@@ -39,45 +42,61 @@ def densenet121(pretrained: bool = False, progress: bool = True, **kwargs):
 
 
 def densenet161(pretrained: bool = False, progress: bool = True, **kwargs):
-    """DenseNet-161 (k=48, blocks 6-12-36-24, 96 init features, 28,681,000 parameters); acc@1 77.138 pretrained.
+    """DenseNet-161 (k=48, blocks 6-12-36-24, 96 init features, 28,681,000 parameters;
+    224x224 inputs, 1000 classes). ImageNet-1K acc@1 77.138 with pretrained=True (IMAGENET1K_V1).
 
     Example::
 
-        model = torch.hub.load(repo, "densenet161", weights="IMAGENET1K_V1", num_classes=10)  # fine-tune head
+        model = torch.hub.load(repo, "densenet161", pretrained=True, memory_efficient=True)
     """
     return _registered("densenet161", pretrained, progress, kwargs)
 
 
 def densenet169(pretrained: bool = False, progress: bool = True, **kwargs):
-    """DenseNet-169 (k=32, blocks 6-12-32-32, 14,149,480 parameters); acc@1 75.600 with pretrained=True.
+    """DenseNet-169 (k=32, blocks 6-12-32-32, 64 init features, 14,149,480 parameters;
+    224x224 inputs, 1000 classes). ImageNet-1K acc@1 75.6 with pretrained=True (IMAGENET1K_V1).
 
     Example::
 
-        model = torch.hub.load(repo, "densenet169", pretrained=True)
+        model = torch.hub.load(repo, "densenet169", pretrained=True, memory_efficient=True)
     """
     return _registered("densenet169", pretrained, progress, kwargs)
 
 
 def densenet201(pretrained: bool = False, progress: bool = True, **kwargs):
-    """DenseNet-201 (k=32, blocks 6-12-48-32, 20,013,928 parameters); acc@1 76.896 with pretrained=True.
+    """DenseNet-201 (k=32, blocks 6-12-48-32, 64 init features, 20,013,928 parameters;
+    224x224 inputs, 1000 classes). ImageNet-1K acc@1 76.896 with pretrained=True (IMAGENET1K_V1).
 
     Example::
 
-        model = torch.hub.load(repo, "densenet201", pretrained=True, memory_efficient="max_saving")
+        model = torch.hub.load(repo, "densenet201", pretrained=True, memory_efficient=True)
     """
     return _registered("densenet201", pretrained, progress, kwargs)
 
 
-def densenet_bc_100(pretrained: bool = False, progress: bool = True, **kwargs):
-    """CIFAR DenseNet-BC-100 (k=12, blocks 16-16-16, 769,162 parameters, 32x32 inputs, 10 classes).
+def densenet264(pretrained: bool = False, progress: bool = True, **kwargs):
+    """DenseNet-264 (k=32, blocks 6-12-64-48, 64 init features, 33,337,704 parameters;
+    224x224 inputs, 1000 classes). No pretrained weights are published: pretrained=True raises and says how to train them.
 
-    No pretrained weights are published: ``pretrained=True`` raises and says how to train them.
+    Example::
+
+        model = torch.hub.load(repo, "densenet264", memory_efficient=True)
+    """
+    return _registered("densenet264", pretrained, progress, kwargs)
+
+
+def densenet_bc_100(pretrained: bool = False, progress: bool = True, **kwargs):
+    """CIFAR DenseNet-BC-100 (k=12, blocks 16-16-16, 24 init features, 769,162 parameters;
+    32x32 inputs, 10 classes). No pretrained weights are published: pretrained=True raises and says how to train them.
 
     Example::
 
         model = torch.hub.load(repo, "densenet_bc_100", memory_efficient=True)
     """
     return _registered("densenet_bc_100", pretrained, progress, kwargs)
+
+
+# --- end generated: entrypoints ---
 
 
 def densenet_bc(depth: int = 100, growth_rate: int = 12, num_classes: int = 10, **kwargs):

@@ -8,10 +8,9 @@
 The package reads top-down, each layer importing only the ones above it in this list:
 :mod:`.io` (files) <- :mod:`.models` (configs, modules, engine, weights, builders) <-
 :mod:`.conversion` (any checkpoint -> verified Hub folder) <- :mod:`.perf` (measurement,
-planner, benchmark) <- :mod:`.training` <- :mod:`.cli`. See docs/architecture.md.
+benchmark) <- :mod:`.training` <- :mod:`.cli`; the memory planner is :mod:`.models.planner`.
+See docs/architecture.md.
 """
-
-from typing import TYPE_CHECKING
 
 from .conversion import ConversionError, ConvertResult, convert, infer_config
 from .io.checkpoint import CheckpointError, read_checkpoint
@@ -32,15 +31,8 @@ from .models.planner import (
     parse_memory,
 )
 from .models.sync_batchnorm import SyncBatchNorm2d, convert_sync_batchnorm
+from .models.weights import ENUM_NAMES as _ENUM_NAMES
 from .models.weights import WeightsNotAvailableError, WeightsSpec, get_weights, list_weights
-
-if TYPE_CHECKING:  # at run time __getattr__ below makes them on first use
-    from .models.weights import (
-        DenseNet121_Weights,
-        DenseNet161_Weights,
-        DenseNet169_Weights,
-        DenseNet201_Weights,
-    )
 
 __version__ = "0.1.0"
 
@@ -72,11 +64,8 @@ __all__ = [
     # the builders: create_model, densenet_bc, from_pretrained, get_model, list_models and every
     # registered model (densenet121, ...), which @register_model adds to builders.__all__
     *_builders.__all__,
-    # weights and hubs
-    "DenseNet121_Weights",
-    "DenseNet161_Weights",
-    "DenseNet169_Weights",
-    "DenseNet201_Weights",
+    # weights and hubs: every published architecture's enum (DenseNet121_Weights, ...), made on first use
+    *_ENUM_NAMES.values(),
     "WeightsIntegrityError",
     "WeightsNotAvailableError",
     "WeightsSpec",

@@ -1,5 +1,7 @@
-"""The one exception every layer shares, :class:`UsageError` (a bad input or setting), and the two
-checks every layer makes of what it reads: :func:`check_int` and :func:`shown`.
+"""The one exception every layer shares, :class:`UsageError` (a bad input or setting), and the
+checks every layer makes of what it reads: :func:`check_int`, :func:`check_fraction` and
+:func:`shown` (a value cut to a line for the message); :func:`first_line` quotes another
+library's error in one.
 
 :class:`UsageError` subclasses :class:`ValueError` (so ``except ValueError`` keeps working) and lets
 the command line tell a user's mistake (one sentence, exit code 2) from a bug (a traceback): the CLI
@@ -22,7 +24,16 @@ import math
 import reprlib
 from typing import Any
 
-__all__ = ["EXTRAS", "MissingExtraError", "UsageError", "check_int", "require_extra", "shown"]
+__all__ = [
+    "EXTRAS",
+    "MissingExtraError",
+    "UsageError",
+    "check_fraction",
+    "check_int",
+    "first_line",
+    "require_extra",
+    "shown",
+]
 
 
 class UsageError(ValueError):
@@ -98,3 +109,31 @@ def check_int(value: Any, name: str, minimum: int = 1, maximum: int | None = Non
         wanted = f">= {minimum}" if maximum is None else f"in {minimum}..{maximum}"
         raise UsageError(f"{name} must be an integer {wanted}, found {shown(value)}")
     return value
+
+
+def check_fraction(value: Any, name: str) -> float:
+    """``value`` as a float if it is a number in [0, 1) (not a bool, a string, NaN or 1e400).
+
+    >>> check_fraction(0.2, "drop_rate")
+    0.2
+    >>> check_fraction("0.5", "drop_rate")
+    Traceback (most recent call last):
+    ...
+    densenet_efficient.errors.UsageError: drop_rate must be a number in [0, 1), found '0.5'
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise UsageError(f"{name} must be a number in [0, 1), found {shown(value)}")
+    return float(value)
+
+
+def first_line(err: BaseException, limit: int = 300) -> str:
+    """The first non-blank line of ``err``'s message (its type's name when there is none), cut to
+    ``limit`` characters: another library's multi-line error quoted inside one sentence.
+
+    >>> first_line(RuntimeError("\\n  out of memory\\n  (traceback...)"))
+    'out of memory'
+    >>> first_line(KeyError())
+    'KeyError'
+    """
+    line = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
+    return line if len(line) <= limit else line[: limit - 3] + "..."

@@ -34,7 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("out", help="a new folder: OUT/hf, and with --run OUT/run and OUT/torchvision.pth")
     parser.add_argument("--run", help="a run folder of `densenet-efficient train --save RUN` to export")
     parser.add_argument(
-        "--resolution", type=int, default=224, help="the comparison batch's size (default 224)"
+        "--image-size", type=int, default=224, help="the comparison batch's size (default 224)"
     )
     return parser.parse_args(argv)
 
@@ -57,9 +57,9 @@ def torchvision_model(folder: Path) -> torchvision.models.DenseNet:
     return model.eval()
 
 
-def max_abs_diff(a: torch.nn.Module, b: torch.nn.Module, resolution: int) -> float:
+def max_abs_diff(a: torch.nn.Module, b: torch.nn.Module, image_size: int) -> float:
     """The largest output difference of two models on one random batch (eval mode)."""
-    x = torch.randn(2, 3, resolution, resolution, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         return float((a.eval()(x) - b.eval()(x)).abs().max())
 
@@ -78,8 +78,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ours = de.from_pretrained(out / "hf", memory_efficient=True)
     tm = timm.create_model(f"local-dir:{out / 'hf'}", pretrained=True)
     diffs = {
-        "torchvision vs ours": max_abs_diff(tv, ours, args.resolution),
-        "torchvision vs timm": max_abs_diff(tv, tm, args.resolution),
+        "torchvision vs ours": max_abs_diff(tv, ours, args.image_size),
+        "torchvision vs timm": max_abs_diff(tv, tm, args.image_size),
     }
 
     if args.run:  # a fine-tuned run of ours, back into torchvision's layout
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         exported = torchvision_model(out / "run")
         torch.save(exported.state_dict(), out / "torchvision.pth")
         diffs["run: torchvision vs ours"] = max_abs_diff(
-            exported, de.from_pretrained(run / "last"), args.resolution
+            exported, de.from_pretrained(run / "last"), args.image_size
         )
         print(f"wrote {out / 'torchvision.pth'}: torchvision.models.DenseNet(...).load_state_dict reads it")
 

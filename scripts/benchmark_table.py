@@ -4,7 +4,7 @@
 A thin wrapper over ``densenet-efficient benchmark --markdown``; any of its arguments pass through:
 
     python scripts/benchmark_table.py                                   # DenseNet-BC-100, batch 64
-    python scripts/benchmark_table.py --arch densenet121 --batch-size 8 --resolution 224
+    python scripts/benchmark_table.py --arch densenet121 --batch-size 8 --image-size 224
     python scripts/benchmark_table.py --sweep depth --out docs/
 
 It imports the installed package: run it from a checkout after

@@ -218,7 +218,7 @@ def eager_rows(config: ArchConfig, batch: int, res: int, device: str) -> list[di
     from densenet_efficient.perf.measure import IMPLEMENTATIONS
 
     return benchmark(
-        config, batch_size=batch, resolution=res, implementations=IMPLEMENTATIONS, rounds=2, steps=5,
+        config, batch_size=batch, image_size=res, implementations=IMPLEMENTATIONS, rounds=2, steps=5,
         device=device, progress=False,
     )  # fmt: skip
 
@@ -231,7 +231,7 @@ def compiled_row(
 
     kwargs = {"compile_ours": [variant]} if isinstance(variant, str) else {"compiled_budgets": [variant]}
     (row,) = benchmark(
-        config, batch_size=batch, resolution=res, implementations=[], rounds=1, steps=5, device=device,
+        config, batch_size=batch, image_size=res, implementations=[], rounds=1, steps=5, device=device,
         progress=False, **kwargs,
     )  # fmt: skip
     if base and row.get("peak_mb") is not None:
@@ -550,7 +550,7 @@ def planner_rows(eager: list[dict[str, Any]], device: str, quick: bool) -> list[
     from densenet_efficient.perf.measure import StepSpec, measure
 
     rows = [
-        {"arch": r["arch"], "mode": r["implementation"], "batch": r["batch_size"], "resolution": r["resolution"],
+        {"arch": r["arch"], "mode": r["implementation"], "batch": r["batch_size"], "resolution": r["image_size"],
          "amp": None, "estimate_mb": r["estimate_mb"], "measured_mb": r["peak_mb"]}
         for r in eager if r.get("estimate_mb") and r.get("peak_mb")
     ]  # fmt: skip
@@ -785,7 +785,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _not_measured(like: dict[str, Any], label: str, why: str) -> dict[str, Any]:
-    keys = ("arch", "batch_size", "resolution", "device")
+    keys = ("arch", "batch_size", "image_size", "device")
     return {
         **{k: like[k] for k in keys}, "implementation": label, "peak_mb": None, "memory_ratio": None,
         "seconds": None, "time_ratio": None, "time_ratio_range": None, "estimate_mb": None, "error": why.splitlines()[0],

@@ -35,14 +35,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--resolution", type=int, default=224)
+    parser.add_argument("--image-size", type=int, default=224)
     args = parser.parse_args()
     require_extra("onnx", "scripts/onnx_compare.py")
     import onnx
     import onnxruntime as ort
 
     torch.set_num_threads(args.threads)
-    x = torch.randn(1, 3, args.resolution, args.resolution)
+    x = torch.randn(1, 3, args.image_size, args.image_size)
     reference = torchvision.models.densenet121().eval()
     models = {"torchvision": reference}
     for mode in de.MODES:
@@ -73,7 +73,7 @@ def main() -> None:
                 start = time.perf_counter()
                 session.run(None, {session.get_inputs()[0].name: feed})
                 times[key].append(time.perf_counter() - start)
-    print(f"densenet121, batch 1, {args.resolution}x{args.resolution}, torch {torch.__version__}, "
+    print(f"densenet121, batch 1, {args.image_size}x{args.image_size}, torch {torch.__version__}, "
           f"onnxruntime {ort.__version__}, {args.threads} threads")  # fmt: skip
     print("| model | exporter | ONNX nodes | Concat | ScatterND | Slice | export s | ORT ms (median) |")
     print("|---|---|---|---|---|---|---|---|")

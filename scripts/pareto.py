@@ -197,7 +197,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", default="densenet121")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--resolution", type=int)
+    p.add_argument("--image-size", type=int)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="one budget, one dial point (a smoke test)")
@@ -205,7 +205,7 @@ def main() -> None:
     args = p.parse_args()
     require_extra("plot", "scripts/pareto.py (its PNG)")  # before the measurements, not after
     config = resolve_arch(args.arch)
-    res = args.resolution or config.default_resolution
+    res = args.image_size or config.default_resolution
     rows = run(args.arch, args.batch_size, res, args.rounds, args.steps, args.quick)
     title = (
         f"{args.arch}, batch {args.batch_size}, {res}x{res}, fp32 training step; {machine_description('cpu')}"

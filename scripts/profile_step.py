@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", default="densenet121")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--resolution", type=int)
+    p.add_argument("--image-size", type=int)
     p.add_argument("--impl", nargs="+", default=["torchvision", "efficient"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast")
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-profile", action="store_true", help="op counts only (no timing profile)")
     args = p.parse_args(argv)
     config = resolve_arch(args.arch)
-    res = args.resolution or config.default_resolution
+    res = args.image_size or config.default_resolution
     dev = torch.device(args.device)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     x = torch.randn(args.batch_size, 3, res, res, device=dev).contiguous(memory_format=fmt)

@@ -141,7 +141,7 @@ def test_convert_torchvision_round_trips_through_torchvision_us_and_timm(
     run = tmp_path / "fine-tuned"
     train = ["train", "--arch", "densenet121", "--data", flowers, "--image-size", "32", "--n-epochs", "1"]
     assert cli.main([str(a) for a in [*train, "--batch-size", "6", "--workers", "0", "--save", run]]) == 0
-    diffs = run_example("convert_torchvision", src, tmp_path / "out", "--run", run, "--resolution", 32)
+    diffs = run_example("convert_torchvision", src, tmp_path / "out", "--run", run, "--image-size", 32)
     assert set(diffs) == {"torchvision vs ours", "torchvision vs timm", "run: torchvision vs ours"}
     assert all(d <= 1e-5 for d in diffs.values()), diffs
     printed = capsys.readouterr().out

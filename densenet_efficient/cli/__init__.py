@@ -8,7 +8,7 @@ bug and keeps its traceback. A reader that closes stdout early (``plan ... | hea
 command silently with code 141, as SIGPIPE would.
 
     densenet-efficient train --depth 100 --n-epochs 300
-    python -m densenet_efficient benchmark --arch densenet121 --batch-size 8 --resolution 224
+    python -m densenet_efficient benchmark --arch densenet121 --batch-size 8 --image-size 224
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """``densenet-efficient benchmark``: training-step memory and time per implementation, side by side.
 
 densenet-efficient benchmark                                   # DenseNet-BC-100, batch 64, 32x32
-densenet-efficient benchmark --arch densenet121 --batch-size 8 --resolution 224 --markdown
+densenet-efficient benchmark --arch densenet121 --batch-size 8 --image-size 224 --markdown
 densenet-efficient benchmark --sweep depth --out docs/         # memory vs depth: PNG + CSV
 densenet-efficient benchmark --compiled-budgets                # + torch.compile rows (slow on a CPU)
 densenet-efficient benchmark --compiled-budgets 0.3 --compile-ours efficient
@@ -41,7 +41,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``densenet-efficient benchmark``."""
     add_arch_arguments(parser, "densenet_bc_100")
     parser.add_argument("--batch-size", type=int, help="default 64 (CIFAR configs) or 8 (ImageNet)")
-    parser.add_argument("--resolution", type=int, help="default 32 (CIFAR configs) or 224 (ImageNet)")
+    parser.add_argument(
+        "--image-size", type=int, help="input height/width: default 32 (CIFAR configs) or 224 (ImageNet)"
+    )
     parser.add_argument(
         "--modes", nargs="+", choices=IMPLEMENTATIONS, default=list(IMPLEMENTATIONS), help="rows to measure"
     )
@@ -110,7 +112,7 @@ def _run_sweep(args: argparse.Namespace, device: str) -> int:
         values=args.values,
         arch=arch,
         batch_size=batch,
-        resolution=args.resolution,
+        image_size=args.image_size,
         growth_rate=growth_rate,
         implementations=args.modes,
         device=device,
@@ -134,7 +136,7 @@ def _run_rows(args: argparse.Namespace, device: str) -> int:
     rows = benchmark(
         config,
         batch_size=batch,
-        resolution=args.resolution,
+        image_size=args.image_size,
         implementations=args.modes,
         rounds=args.rounds,
         steps=args.steps,
@@ -149,7 +151,7 @@ def _run_rows(args: argparse.Namespace, device: str) -> int:
         return 0
     r0 = rows[0]
     print(
-        f"{r0['arch']}, batch {r0['batch_size']}, {r0['resolution']}x{r0['resolution']}; {machine_description(device)}"
+        f"{r0['arch']}, batch {r0['batch_size']}, {r0['image_size']}x{r0['image_size']}; {machine_description(device)}"
     )
     print(to_markdown(rows) if args.markdown else format_table(HEADER, [row_cells(r) for r in rows]))
     for note in error_notes(rows):

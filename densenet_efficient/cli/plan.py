@@ -29,7 +29,6 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     add_arch_arguments(parser, "densenet121")
     parser.add_argument(
         "--image-size",
-        "--resolution",  # its old name, still accepted
         dest="image_size",
         type=int,
         help="input height/width (default 224, CIFAR configs 32)",

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from ..errors import UsageError
+from ..errors import UsageError, first_line
 from .files import require_regular_file
 
 __all__ = [
@@ -128,7 +128,7 @@ def _load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
     except Exception as err:  # safetensors raises its own SafetensorError for truncated/corrupt files
         raise CheckpointError(
-            f"cannot read {path}: truncated or corrupt safetensors file ({_one_line(err)})"
+            f"cannot read {path}: truncated or corrupt safetensors file ({first_line(err)})"
         ) from None
     return tensors, metadata
 
@@ -147,14 +147,14 @@ def load_torch_file(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     except pickle.UnpicklingError as err:
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
         if found or "weights only load failed" in str(err).lower():
-            what = f"it references {found.group(1)}" if found else _unsafe_globals(path) or _one_line(err)
+            what = f"it references {found.group(1)}" if found else _unsafe_globals(path) or first_line(err)
             raise CheckpointError(
                 f"refusing to read {path}: it pickles Python objects other than tensors and plain "
                 f"containers, which could run code when loaded ({what}); "
                 "re-save just the weights with torch.save(model.state_dict(), ...)"
             ) from None
         raise CheckpointError(
-            f"cannot read {path}: truncated or corrupt torch file ({_one_line(err)})"
+            f"cannot read {path}: truncated or corrupt torch file ({first_line(err)})"
         ) from None
     # Corruption surfaces as whatever the unpickler trips over: struct.error for a legacy (pre-zip)
     # file cut inside its tensor data, AssertionError/TypeError for damaged storage records.
@@ -162,7 +162,7 @@ def load_torch_file(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
         RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, struct.error, AssertionError, TypeError
     ) as err:  # fmt: skip
         raise CheckpointError(
-            f"cannot read {path}: truncated or corrupt torch file ({_one_line(err)})"
+            f"cannot read {path}: truncated or corrupt torch file ({first_line(err)})"
         ) from None
 
 
@@ -174,11 +174,6 @@ def _unsafe_globals(path: Path) -> str:
         return ""
     names = [n for n in names if n != "argparse.Namespace"]
     return "it references " + ", ".join(names[:5]) if names else ""
-
-
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
 
 
 def _is_state_dict(obj: Any) -> bool:

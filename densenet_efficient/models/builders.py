@@ -5,17 +5,18 @@ for Hugging Face folders.
 >>> create_model("densenet_bc_100", memory_efficient="max_saving").memory_efficient
 'max_saving'
 >>> list_models()
-['densenet121', 'densenet161', 'densenet169', 'densenet201', 'densenet_bc_100']
+['densenet121', 'densenet161', 'densenet169', 'densenet201', 'densenet264', 'densenet_bc_100']
 """
 
 # torchvision.models.get_model_weights(densenet121) reads the ``weights`` annotation of the builder's
 # signature and needs the real enum class, a subclass of torchvision's WeightsEnum. The enums are made
 # on first use (importing torchvision costs as much as importing torch; see .weights), so the
-# annotations below are strings and each builder's ``__signature__`` resolves them on first read.
+# annotations below are strings, and every builder whose table row has weights gets a
+# ``__signature__`` that resolves its enum on first read (the loop at the end of this module).
 
 import inspect
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -24,10 +25,12 @@ from ..errors import UsageError
 from .config import ArchConfig, densenet_bc_config, get_config
 from .densenet import DenseNet, DenseNetFeatures
 from .registry import get_model, get_model_builder, list_models, register_model
-from .weights import WeightsSpec, load_weights, pretrained_cfg, resolve_weights, weights_enum
+from .weights import ENUM_NAMES, WeightsSpec, load_weights, pretrained_cfg, resolve_weights, weights_enum
 
-if TYPE_CHECKING:  # the annotations' names, for readers and type checkers; made on first use at run time
-    from .weights import DenseNet121_Weights, DenseNet161_Weights, DenseNet169_Weights, DenseNet201_Weights
+#: What a builder's ``weights=`` takes: a name (``"DEFAULT"``, ``"IMAGENET1K_V1"``), a weights enum
+#: member (this package's or torchvision's), a :class:`~.weights.WeightsSpec`, or None; the
+#: builder's ``__signature__`` names its own enum (``DenseNet121_Weights | str | None``).
+WeightsArg = Any
 
 #: The helpers; ``@register_model`` appends each builder (``densenet121``, ...) as it is defined.
 __all__ = ["create_model", "densenet_bc", "from_pretrained", "get_model", "list_models"]
@@ -136,17 +139,10 @@ class _WeightsSignature(inspect.Signature):
         return self._signature().__reduce__()
 
 
-def _enum_annotated(builder: Any) -> Any:
-    """Give a builder with published weights its :class:`_WeightsSignature`."""
-    builder.__signature__ = _WeightsSignature(builder)
-    return builder
-
-
 @register_model
-@_enum_annotated
 def densenet121(
     *,
-    weights: "DenseNet121_Weights | str | None" = None,
+    weights: WeightsArg = None,
     progress: bool = True,
     pretrained: bool = False,
     **kwargs: Any,
@@ -170,10 +166,9 @@ def densenet121(
 
 
 @register_model
-@_enum_annotated
 def densenet161(
     *,
-    weights: "DenseNet161_Weights | str | None" = None,
+    weights: WeightsArg = None,
     progress: bool = True,
     pretrained: bool = False,
     **kwargs: Any,
@@ -183,10 +178,9 @@ def densenet161(
 
 
 @register_model
-@_enum_annotated
 def densenet169(
     *,
-    weights: "DenseNet169_Weights | str | None" = None,
+    weights: WeightsArg = None,
     progress: bool = True,
     pretrained: bool = False,
     **kwargs: Any,
@@ -196,10 +190,9 @@ def densenet169(
 
 
 @register_model
-@_enum_annotated
 def densenet201(
     *,
-    weights: "DenseNet201_Weights | str | None" = None,
+    weights: WeightsArg = None,
     progress: bool = True,
     pretrained: bool = False,
     **kwargs: Any,
@@ -209,8 +202,22 @@ def densenet201(
 
 
 @register_model
+def densenet264(
+    *, weights: WeightsArg = None, progress: bool = True, pretrained: bool = False, **kwargs: Any
+) -> DenseNet:
+    """DenseNet-264 (k=32, blocks 6-12-64-48), the paper's deepest ImageNet model; arguments as
+    :func:`densenet121`. torchvision publishes no weights for it.
+
+    Example::
+
+        model = densenet264(num_classes=10, memory_efficient="max_saving")
+    """
+    return _named("densenet264", weights, progress, pretrained, **kwargs)
+
+
+@register_model
 def densenet_bc_100(
-    *, weights: str | None = None, progress: bool = True, pretrained: bool = False, **kwargs: Any
+    *, weights: WeightsArg = None, progress: bool = True, pretrained: bool = False, **kwargs: Any
 ) -> DenseNet:
     """CIFAR DenseNet-BC-100 (k=12, blocks 16-16-16, 24 init features, 10 classes, 769,162 parameters).
 
@@ -252,3 +259,13 @@ def from_pretrained(repo_id_or_path: str | os.PathLike, **kwargs: Any) -> DenseN
         model = from_pretrained("timm/densenet121.tv_in1k", memory_efficient=True)
     """
     return DenseNet.from_pretrained(repo_id_or_path, **kwargs)
+
+
+def _annotate_weights() -> None:
+    """Give the builder of every table row with published weights its :class:`_WeightsSignature`."""
+    for arch in ENUM_NAMES:
+        builder = get_model_builder(arch)
+        builder.__signature__ = _WeightsSignature(builder)
+
+
+_annotate_weights()

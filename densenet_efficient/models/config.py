@@ -1,10 +1,13 @@
 """Architecture configurations as data: everything the package knows about an architecture.
 
-Every named architecture is one :class:`ArchConfig` in :data:`ARCHITECTURES`; builders, the
-hubs, conversion and the memory planner all read the same entries. A new model is one row here
-and one builder decorated with ``@register_model`` (:mod:`.registry`), from which every list of
-model names derives. An architecture's name, its smallest and default input size and its JSON
-form are methods of :class:`ArchConfig`, written once.
+Every named architecture is one :class:`ModelEntry` row of :data:`MODEL_TABLE`: its title, its
+:class:`ArchConfig` and its published weights (URL with the sha256 prefix, accuracy, size,
+preprocessing). Builders, the hubs, conversion, the weights manifest and enums, the memory planner
+and the generated files (``weights/manifest.json``, hubconf.py's entrypoints, README tables) all
+read the same rows. A new model is one row here and one builder decorated with
+``@register_model`` (:mod:`.registry`), then ``python scripts/generate_files.py``. An
+architecture's name, its smallest and default input size and its JSON form are methods of
+:class:`ArchConfig`, written once.
 
 >>> get_config("densenet121").block_config
 (6, 12, 24, 16)
@@ -14,19 +17,27 @@ form are methods of :class:`ArchConfig`, written once.
 
 from __future__ import annotations
 
+import json
+import math
 import re
-from collections.abc import Iterable, Mapping
-from dataclasses import MISSING, asdict, dataclass, fields, replace
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any
 
 from ..errors import UsageError, check_int, shown
 
 __all__ = [
     "ARCHITECTURES",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "MODEL_TABLE",
     "ArchConfig",
+    "ModelEntry",
+    "Weights",
     "densenet_bc_config",
     "get_config",
     "list_architectures",
+    "num_params",
     "resolve_arch",
 ]
 
@@ -84,21 +95,38 @@ class ArchConfig:
                 "field (how blocks execute is chosen when loading, never saved); remove it and pass "
                 "memory_efficient= when loading"
             )
-        kwargs = {f.name: data[f.name] for f in fields(cls) if f.name in data}
-        blocks = kwargs["block_config"]
+        return cls.checked(source, **{f.name: data[f.name] for f in fields(cls) if f.name in data})
+
+    @classmethod
+    def checked(cls, source: str | None = None, **values: Any) -> ArchConfig:
+        """The config of these field values, each type- and range-checked first: the one check of an
+        architecture, whether its fields come from ``DenseNet(...)``'s arguments or a file.
+
+        A string, float, null, bool or 1e400 where an integer belongs, an empty ``block_config`` or
+        a ``small_inputs`` other than True/False is a :class:`UsageError` naming the field, the
+        value and ``source`` (when given).
+
+        >>> ArchConfig.checked(growth_rate=12, block_config=[16, 16, 16], num_init_features=24).block_config
+        (16, 16, 16)
+        >>> ArchConfig.checked(growth_rate=12, block_config=(), num_init_features=24)
+        Traceback (most recent call last):
+        ...
+        densenet_efficient.errors.UsageError: block_config must be a list of ints, found ()
+        """
+        where = f"{source}: " if source else ""
+        blocks = values["block_config"]
         if not isinstance(blocks, (list, tuple)) or not blocks:
-            raise UsageError(f"{source}: block_config must be a list of ints, found {shown(blocks)}")
+            raise UsageError(f"{where}block_config must be a list of ints, found {shown(blocks)}")
         for i, layers in enumerate(blocks):
-            check_int(layers, f"{source}: block_config[{i}]")
+            check_int(layers, f"{where}block_config[{i}]")
         for name, least in _INT_FIELDS.items():
-            if name in kwargs:
-                check_int(kwargs[name], f"{source}: {name}", least)
-        if "small_inputs" in kwargs and not isinstance(kwargs["small_inputs"], bool):
+            if name in values:
+                check_int(values[name], f"{where}{name}", least)
+        if "small_inputs" in values and not isinstance(values["small_inputs"], bool):
             raise UsageError(
-                f"{source}: small_inputs must be true or false, found {shown(kwargs['small_inputs'])}"
+                f"{where}small_inputs must be true or false, found {shown(values['small_inputs'])}"
             )
-        kwargs["block_config"] = tuple(blocks)
-        return cls(**kwargs)
+        return cls(**{**values, "block_config": tuple(blocks)})
 
     def state_dict_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every key of the model's ``state_dict()`` and its tensor's shape, in the same order,
@@ -297,15 +325,145 @@ def densenet_bc_config(depth: int, growth_rate: int = 12, num_classes: int = 10)
     )
 
 
-#: Named architectures. ImageNet configs are torchvision's; DenseNet-BC-100 is the CIFAR model of
-#: the original memory-efficient DenseNet report (k=12, 769,162 parameters).
-ARCHITECTURES: dict[str, ArchConfig] = {
-    "densenet121": ArchConfig(32, (6, 12, 24, 16), 64),
-    "densenet161": ArchConfig(48, (6, 12, 36, 24), 96),
-    "densenet169": ArchConfig(32, (6, 12, 32, 32), 64),
-    "densenet201": ArchConfig(32, (6, 12, 48, 32), 64),
-    "densenet_bc_100": densenet_bc_config(100),
+#: torchvision's ImageNet normalisation, which its DenseNet weights (and timm's copies) expect.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+#: torchvision's preprocessing for its ImageNet weights (``transforms._presets.ImageClassification``).
+IMAGENET_PREPROCESSING: dict[str, Any] = {
+    "resize_size": 256,
+    "crop_size": 224,
+    "interpolation": "bilinear",
+    "antialias": True,
+    "mean": IMAGENET_MEAN,
+    "std": IMAGENET_STD,
 }
+
+
+@dataclass(frozen=True)
+class Weights:
+    """One published weights file of a table row, as data: where it is and what it is.
+
+    ``url``'s file name carries the first 8+ hex digits of the file's sha256 (torch.hub's
+    convention: the download is checked against it); ``meta`` holds the rest of the manifest entry
+    (``acc@1``/``acc@5``, ``GFLOPS``, ``file_size`` in MiB, ``categories``, ``preprocessing``,
+    ``recipe``, ``license``, ``docs``). The parameter count and smallest input are not written here:
+    they follow from the row's config (:meth:`ModelEntry.manifest_entry`).
+    """
+
+    url: str
+    meta: Mapping[str, Any]
+    num_classes: int = 1000
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One row of :data:`MODEL_TABLE`: an architecture and its published weights (first = default)."""
+
+    title: str
+    config: ArchConfig
+    weights: Mapping[str, Weights] = field(default_factory=dict)
+
+    @property
+    def default_weights(self) -> str | None:
+        """The name ``weights="DEFAULT"`` / ``pretrained=True`` selects: the row's first weights."""
+        return next(iter(self.weights), None)
+
+    def manifest_entry(self, name: str) -> dict[str, Any]:
+        """Weights ``name`` in the JSON form of ``weights/manifest.json`` (a fresh dict): the table's
+        data, with the parameter count and smallest input the config implies."""
+        weights = self.weights[name]
+        least = self.config.min_input_size()
+        return {
+            "url": weights.url,
+            "num_classes": weights.num_classes,
+            "num_params": num_params(self.config.with_classes(weights.num_classes)),
+            "min_size": [least, least],
+            **json.loads(json.dumps(dict(weights.meta))),  # deep and JSON-typed (tuples -> lists)
+        }
+
+
+def num_params(config: ArchConfig) -> int:
+    """Trainable parameters of ``config`` (weights and biases, no running statistics), by arithmetic.
+
+    >>> num_params(get_config("densenet121"))
+    7978856
+    """
+    buffers = ("running_mean", "running_var", "num_batches_tracked")
+    shapes = config.state_dict_shapes()
+    return sum(math.prod(shape) for key, shape in shapes.items() if not key.endswith(buffers))
+
+
+def _torchvision_weights(file: str, acc1: float, acc5: float, gflops: float, mib: float) -> Weights:
+    """torchvision's ``IMAGENET1K_V1`` file ``file`` and its published figures."""
+    return Weights(
+        url=f"https://download.pytorch.org/models/{file}",
+        meta={
+            "dataset": "ImageNet-1K",
+            "categories": "imagenet-1k",
+            "acc@1": acc1,
+            "acc@5": acc5,
+            "GFLOPS": gflops,
+            "file_size": mib,
+            "preprocessing": IMAGENET_PREPROCESSING,
+            "recipe": "https://github.com/pytorch/vision/pull/116",
+            "license": "BSD-3-Clause",
+            "docs": "torchvision's IMAGENET1K_V1 weights, ported from LuaTorch (torchvision.models.densenet).",
+        },
+    )
+
+
+#: Every named architecture and its published weights: the one place a model is described. The
+#: builders' registry, ``ARCHITECTURES``, ``list_models``, the weights manifest and its enums,
+#: ``weights/manifest.json``, hubconf.py's entrypoints and the model tables of README.md and
+#: weights/README.md all derive from it (``python scripts/generate_files.py`` rewrites the generated
+#: files; a test fails while they are stale). ImageNet configs and figures are torchvision's
+#: (0.29: acc@1, acc@5, GFLOPS, file size in MiB); DenseNet-BC-100 is the CIFAR model of the original
+#: memory-efficient DenseNet report; densenet264 is the paper's deepest ImageNet model, which
+#: torchvision does not publish.
+MODEL_TABLE: dict[str, ModelEntry] = {
+    "densenet121": ModelEntry(
+        "DenseNet-121",
+        ArchConfig(32, (6, 12, 24, 16), 64),
+        {"IMAGENET1K_V1": _torchvision_weights("densenet121-a639ec97.pth", 74.434, 91.972, 2.834, 30.845)},
+    ),
+    "densenet161": ModelEntry(
+        "DenseNet-161",
+        ArchConfig(48, (6, 12, 36, 24), 96),
+        {"IMAGENET1K_V1": _torchvision_weights("densenet161-8d451a50.pth", 77.138, 93.560, 7.728, 110.369)},
+    ),
+    "densenet169": ModelEntry(
+        "DenseNet-169",
+        ArchConfig(32, (6, 12, 32, 32), 64),
+        {"IMAGENET1K_V1": _torchvision_weights("densenet169-b2777c0a.pth", 75.600, 92.806, 3.36, 54.708)},
+    ),
+    "densenet201": ModelEntry(
+        "DenseNet-201",
+        ArchConfig(32, (6, 12, 48, 32), 64),
+        {"IMAGENET1K_V1": _torchvision_weights("densenet201-c1103571.pth", 76.896, 93.370, 4.291, 77.373)},
+    ),
+    "densenet264": ModelEntry("DenseNet-264", ArchConfig(32, (6, 12, 64, 48), 64)),
+    "densenet_bc_100": ModelEntry("CIFAR DenseNet-BC-100", densenet_bc_config(100)),
+}
+
+
+class _ConfigView(Mapping[str, ArchConfig]):
+    """Name -> :class:`ArchConfig` of :data:`MODEL_TABLE`, read through (a view, never a copy)."""
+
+    def __getitem__(self, name: str) -> ArchConfig:
+        return MODEL_TABLE[name].config
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(MODEL_TABLE)
+
+    def __len__(self) -> int:
+        return len(MODEL_TABLE)
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
+
+
+#: Named architectures: the configs of :data:`MODEL_TABLE`, by name (a read-only view of it).
+ARCHITECTURES: Mapping[str, ArchConfig] = _ConfigView()
 
 
 def list_architectures() -> list[str]:

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import UsageError, check_int, shown
+from ..errors import UsageError, check_fraction, check_int
 from ..io.state_dict import check_compatible, fill_legacy_batch_counters, remap_keys
 from . import engine, planner
 from .config import (
@@ -177,20 +177,17 @@ class DenseNet(nn.Module, DenseNetHubMixin):
         in_chans: int = 3,
     ) -> None:
         super().__init__()
-        _validate_arch(
-            growth_rate, block_config, num_init_features, bn_size, drop_rate, num_classes, in_chans
+        self.arch_config = ArchConfig.checked(
+            growth_rate=growth_rate,
+            block_config=block_config,
+            num_init_features=num_init_features,
+            bn_size=bn_size,
+            num_classes=num_classes,
+            small_inputs=small_inputs,
+            in_chans=in_chans,
         )
-        self.arch_config = ArchConfig(
-            growth_rate,
-            tuple(block_config),
-            num_init_features,
-            bn_size,
-            num_classes,
-            bool(small_inputs),
-            in_chans,
-        )
+        self.drop_rate = check_fraction(drop_rate, "drop_rate")  # as config.json's drop_rate is checked
         check_model_size(self.arch_config)  # refuses what cannot fit before allocating any of it
-        self.drop_rate = float(drop_rate)
 
         if small_inputs:
             conv0 = nn.Conv2d(in_chans, num_init_features, kernel_size=3, stride=1, padding=1, bias=False)
@@ -464,8 +461,7 @@ class DenseNet(nn.Module, DenseNetHubMixin):
             raise UsageError(
                 f"global_pool must be 'avg' (the only pooling of this DenseNet), got {global_pool!r}"
             )
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
-            raise UsageError(f"num_classes must be an int >= 0, got {num_classes!r}")
+        check_int(num_classes, "num_classes", 0)
         ref = next(iter(self.features.norm5.parameters()))
         if num_classes == 0:
             self.classifier = nn.Identity()
@@ -595,24 +591,3 @@ def _take_indices(count: int, indices: int | Sequence[int] | None) -> list[int]:
     if not take or any(not 0 <= i < count for i in take):
         raise UsageError(f"feature indices must lie in [0, {count}), got {list(indices)}")
     return sorted(set(take))
-
-
-def _validate_arch(
-    growth_rate, block_config, num_init_features, bn_size, drop_rate, num_classes, in_chans
-) -> None:
-    for name, value, least in (
-        ("growth_rate", growth_rate, 1),
-        ("num_init_features", num_init_features, 1),
-        ("bn_size", bn_size, 1),
-        ("num_classes", num_classes, 0),
-        ("in_chans", in_chans, 1),
-    ):
-        check_int(value, name, least)
-    if not isinstance(block_config, (tuple, list)) or not block_config:
-        raise UsageError(
-            f"block_config must be a non-empty sequence of positive ints, got {shown(block_config)}"
-        )
-    for i, layers in enumerate(block_config):
-        check_int(layers, f"block_config[{i}]")
-    if not 0.0 <= float(drop_rate) < 1.0:
-        raise UsageError(f"drop_rate must be in [0, 1), got {drop_rate!r}")

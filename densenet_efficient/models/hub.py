@@ -37,12 +37,12 @@ import torch
 import torch.nn as nn
 from huggingface_hub import PyTorchModelHubMixin
 
-from ..errors import UsageError, check_int, shown
+from ..errors import UsageError, check_fraction, check_int, shown
 from ..io.atomic import atomic_write, staged_folder
 from ..io.checkpoint import read_checkpoint
 from ..io.json_file import read_json_object
 from ..io.state_dict import StateDictMismatchError, load_state_dict_into
-from .config import ARCHITECTURES, ArchConfig, get_config
+from .config import ARCHITECTURES, IMAGENET_MEAN, IMAGENET_STD, ArchConfig, get_config
 
 __all__ = [
     "CONFIG_NAME",
@@ -66,8 +66,6 @@ CARD_NAME = "README.md"
 HUB_REPO = "densenet-efficient/efficient_densenet"
 PACKAGE_LICENSE = "mit"  # the code's licence; weights carry their own in pretrained_cfg
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 #: The fields of timm's ``PretrainedCfg`` this package reads and writes (timm refuses unknown ones).
 PRETRAINED_CFG_KEYS = (
     "architecture", "tag", "hf_hub_id", "url", "custom_load", "input_size", "test_input_size",
@@ -274,7 +272,7 @@ def _model_kwargs(config: Any, source: str) -> tuple[dict[str, Any], dict[str, A
         raise UsageError(f"{source}: pretrained_cfg must be a JSON object, found {pretrained_cfg!r}")
     if "growth_rate" in config:  # this package's fields
         kwargs = ArchConfig.from_json(config, source=f"{source}: config.json").to_kwargs()
-        kwargs["drop_rate"] = _drop_rate(config.get("drop_rate", 0.0), f"{source}: drop_rate")
+        kwargs["drop_rate"] = check_fraction(config.get("drop_rate", 0.0), f"{source}: drop_rate")
         return kwargs, dict(pretrained_cfg)
     arch = config.get("architecture")
     if arch is None:
@@ -283,14 +281,6 @@ def _model_kwargs(config: Any, source: str) -> tuple[dict[str, Any], dict[str, A
             "'architecture'; expected a folder written by save_pretrained/save_hub_folder or a timm DenseNet repo"
         )
     return _timm_kwargs(config, str(arch), source), dict(pretrained_cfg)
-
-
-def _drop_rate(value: Any, name: str) -> float:
-    """``value`` as a float when it is a number in [0, 1) (not a bool, NaN or 1e400); else a
-    UsageError naming ``name`` and the value."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-        raise UsageError(f"{name} must be a number in [0, 1), found {shown(value)}")
-    return float(value)
 
 
 def _timm_kwargs(config: Mapping[str, Any], arch: str, source: str) -> dict[str, Any]:
@@ -329,7 +319,7 @@ def _timm_kwargs(config: Mapping[str, Any], arch: str, source: str) -> dict[str,
     field = "num_classes" if "num_classes" in config else "pretrained_cfg.num_classes"
     classes = config.get("num_classes", pretrained_cfg.get("num_classes", 1000))
     kwargs["num_classes"] = check_int(classes, f"{source}: config.json's {field}", 0)
-    kwargs["drop_rate"] = _drop_rate(  # timm's per-layer dropout
+    kwargs["drop_rate"] = check_fraction(  # timm's per-layer dropout
         model_args.get("proj_drop_rate", 0.0), f"{source}: config.json's model_args.proj_drop_rate"
     )
     return kwargs

@@ -1,23 +1,25 @@
 """The one list of buildable models: builders register themselves by name, as in timm and torchvision.
 
-A builder is a function named after its row in the architecture table
-(:data:`~.config.ARCHITECTURES`) and decorated with :func:`register_model`; every list of model
-names derives from the registration: :func:`list_models`, :func:`get_model` /
-``create_model``, the exported names (the decorator adds the builder to its module's ``__all__``,
-as timm's does) and the tests' parametrisation. A new architecture is therefore one table row and
-one decorated builder::
+A builder is a function named after its row in the model table (:data:`~.config.MODEL_TABLE`,
+which holds the architecture and its published weights) and decorated with
+:func:`register_model`; every list of model names derives from the registration:
+:func:`list_models`, :func:`get_model` / ``create_model``, the exported names (the decorator adds
+the builder to its module's ``__all__``, as timm's does) and the tests' parametrisation. A new
+model is therefore one table row and one decorated builder, then ``python
+scripts/generate_files.py`` for the files written from the table (hubconf.py's entrypoints, which
+``torch.hub.list`` reads without importing the package; the manifest; the README tables)::
 
-    # models/config.py, ARCHITECTURES
-    "densenet264": ArchConfig(32, (6, 12, 64, 48), 64),
+    # models/config.py, MODEL_TABLE
+    "densenet264": ModelEntry("DenseNet-264", ArchConfig(32, (6, 12, 64, 48), 64)),
 
     # models/builders.py
     @register_model
-    def densenet264(*, weights: str | None = None, progress: bool = True, pretrained: bool = False, **kwargs):
+    def densenet264(*, weights: WeightsArg = None, progress: bool = True, pretrained: bool = False, **kwargs):
         \"\"\"DenseNet-264 (k=32, blocks 6-12-64-48); arguments as :func:`densenet121`.\"\"\"
         return _named("densenet264", weights, progress, pretrained, **kwargs)
 
-(``hubconf.py`` names its entrypoints itself, because ``torch.hub.list`` must not import the
-package; ``tests/test_hubconf.py`` fails until the new name is there too.)
+A row with published weights lists them (``{"IMAGENET1K_V1": Weights(url, meta)}``); its enum
+(``DenseNet264_Weights``), manifest entry and builder signature follow.
 
 >>> list_models("densenet1*")
 ['densenet121', 'densenet161', 'densenet169']
@@ -44,14 +46,14 @@ _MODELS: dict[str, Callable[..., Any]] = {}
 def register_model(builder: F) -> F:
     """Register ``builder`` under its function name and export it from its module's ``__all__``.
 
-    The name must be a row of :data:`~.config.ARCHITECTURES` (the builder builds that row) and
+    The name must be a row of :data:`~.config.MODEL_TABLE` (the builder builds that row) and
     not registered yet; both mistakes fail at import, naming the builder.
     """
     name = builder.__name__
     if name not in ARCHITECTURES:
         raise RuntimeError(
             f"@register_model {builder.__module__}.{name}: no architecture {name!r} in "
-            "models/config.py ARCHITECTURES; add its row first"
+            "models/config.py MODEL_TABLE; add its row first"
         )
     if name in _MODELS:
         raise RuntimeError(f"@register_model: {name!r} is registered twice ({builder.__module__})")

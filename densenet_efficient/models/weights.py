@@ -1,7 +1,9 @@
-"""Published pretrained weights: the manifest (as data), torchvision-style enums, ``weights=`` resolution.
+"""Published pretrained weights: the manifest, torchvision-style enums, ``weights=`` resolution.
 
-The ImageNet weights are torchvision's own files: the ``state_dict`` layout is identical, so the
-manifest only records where each file lives (a URL whose name carries its sha256 prefix, as
+The weights' data are the rows of the model table (:data:`~.config.MODEL_TABLE`); the manifest is
+that data in JSON form, with ``$DENSENET_EFFICIENT_WEIGHTS_MANIFEST`` applied. The ImageNet weights
+are torchvision's own files: the ``state_dict`` layout is identical, so the table only records
+where each file lives (a URL whose name carries its sha256 prefix, as
 torch.hub expects) and what it is (accuracy, size, preprocessing). Loading always goes through
 ``torch.hub.load_state_dict_from_url(check_hash=True, weights_only=True)``; a cached file is
 re-hashed before it is trusted, so a file corrupted after download is caught too
@@ -42,14 +44,9 @@ from ..errors import UsageError, check_int, shown
 from ..io.download import WeightsIntegrityError, check_url, fetch_state_dict, hash_prefix, url_filename
 from ..io.json_file import read_json_object
 from ..io.state_dict import load_state_dict_into, remap_keys
-from .config import ARCHITECTURES
-from .hub import IMAGENET_MEAN, IMAGENET_STD
+from .config import ARCHITECTURES, MODEL_TABLE
 
 __all__ = [
-    "DenseNet121_Weights",
-    "DenseNet161_Weights",
-    "DenseNet169_Weights",
-    "DenseNet201_Weights",
     "WeightsEnum",
     "WeightsSpec",
     "WeightsNotAvailableError",
@@ -71,57 +68,6 @@ MANIFEST_ENV = "DENSENET_EFFICIENT_WEIGHTS_MANIFEST"
 MANIFEST_FORMAT = "densenet_efficient-weights-manifest/1"
 _CHUNK_SLACK = 1 << 16  # a download's bound is checked per chunk read
 
-# torchvision's ImageNet preprocessing for these weights (torchvision.transforms._presets.ImageClassification).
-_IMAGENET_PREPROCESSING = {
-    "resize_size": 256,
-    "crop_size": 224,
-    "interpolation": "bilinear",
-    "antialias": True,
-    "mean": list(IMAGENET_MEAN),
-    "std": list(IMAGENET_STD),
-}
-
-
-def _torchvision_imagenet(filename: str, acc1: float, acc5: float, params: int, gflops: float, mb: float):
-    return {
-        "url": f"https://download.pytorch.org/models/{filename}",
-        "num_classes": 1000,
-        "dataset": "ImageNet-1K",
-        "categories": "imagenet-1k",
-        "acc@1": acc1,
-        "acc@5": acc5,
-        "num_params": params,
-        "GFLOPS": gflops,
-        "file_size": mb,
-        "min_size": [29, 29],
-        "preprocessing": _IMAGENET_PREPROCESSING,
-        "recipe": "https://github.com/pytorch/vision/pull/116",
-        "license": "BSD-3-Clause",
-        "docs": "torchvision's IMAGENET1K_V1 weights, ported from LuaTorch (torchvision.models.densenet).",
-    }
-
-
-# The built-in manifest, as data (values copied from torchvision/models/densenet.py, 0.29).
-# weights/manifest.json is this dict written out (:func:`manifest_json`); a test
-# keeps the two identical.
-# torchvision's IMAGENET1K_V1 files: (filename, acc@1, acc@5, parameters, GFLOPS, file MB).
-_TORCHVISION_FILES = {
-    "densenet121": ("densenet121-a639ec97.pth", 74.434, 91.972, 7978856, 2.834, 30.845),
-    "densenet161": ("densenet161-8d451a50.pth", 77.138, 93.560, 28681000, 7.728, 110.369),
-    "densenet169": ("densenet169-b2777c0a.pth", 75.600, 92.806, 14149480, 3.36, 54.708),
-    "densenet201": ("densenet201-c1103571.pth", 76.896, 93.370, 20013928, 4.291, 77.373),
-}
-_BUILTIN: dict[str, Any] = {
-    "format": MANIFEST_FORMAT,
-    "architectures": {
-        **{
-            arch: {"default": "IMAGENET1K_V1", "weights": {"IMAGENET1K_V1": _torchvision_imagenet(*row)}}
-            for arch, row in _TORCHVISION_FILES.items()
-        },
-        "densenet_bc_100": {"default": None, "weights": {}},
-    },
-}
-
 _TV_ENUM_NAME = re.compile(r"^DenseNet(\d+)_Weights$")
 _TRAIN_HINT = (
     "train them with `densenet-efficient train` (see `densenet-efficient train --help`) and load the "
@@ -137,8 +83,15 @@ class WeightsNotAvailableError(UsageError):
 
 
 def builtin_manifest() -> dict[str, Any]:
-    """The manifest shipped with the package (a deep copy; the source of ``weights/manifest.json``)."""
-    return copy.deepcopy(_BUILTIN)
+    """The manifest shipped with the package: :data:`~.config.MODEL_TABLE`'s weights in the JSON
+    form of ``weights/manifest.json`` (a fresh dict each call)."""
+    return {
+        "format": MANIFEST_FORMAT,
+        "architectures": {
+            arch: {"default": row.default_weights, "weights": {n: row.manifest_entry(n) for n in row.weights}}
+            for arch, row in MODEL_TABLE.items()
+        },
+    }
 
 
 def manifest() -> dict[str, Any]:
@@ -175,12 +128,18 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     for arch, entry in data["architectures"].items():
         where = f"{path}: architectures.{arch}"
         if not isinstance(entry, dict):
-            raise UsageError(f"{where} must be an object with 'weights' (and 'default'), found {shown(entry)}")
+            raise UsageError(
+                f"{where} must be an object with 'weights' (and 'default'), found {shown(entry)}"
+            )
         weights = entry.get("weights", {})
         if not isinstance(weights, dict):
-            raise UsageError(f"{where}.weights must be an object mapping names to entries, found {shown(weights)}")
+            raise UsageError(
+                f"{where}.weights must be an object mapping names to entries, found {shown(weights)}"
+            )
         if "default" in entry and entry["default"] is not None and not isinstance(entry["default"], str):
-            raise UsageError(f"{where}.default must be a weights name or null, found {shown(entry['default'])}")
+            raise UsageError(
+                f"{where}.default must be a weights name or null, found {shown(entry['default'])}"
+            )
         for name, spec in weights.items():
             _check_entry(spec, f"{where}.weights.{name}")
     return data
@@ -198,7 +157,9 @@ def _check_entry(spec: Any, where: str) -> None:
     check_url(spec["url"], f"{where}.url")
     check_int(spec["num_classes"], f"{where}.num_classes")
     size = spec.get("file_size")
-    if size is not None and (isinstance(size, bool) or not isinstance(size, (int, float)) or not 0 < size < 2**40):
+    if size is not None and (
+        isinstance(size, bool) or not isinstance(size, (int, float)) or not 0 < size < 2**40
+    ):
         raise UsageError(f"{where}.file_size must be a positive number of MiB, found {shown(size)}")
     pre = spec.get("preprocessing")
     if pre is not None:
@@ -210,7 +171,9 @@ def _check_entry(spec: Any, where: str) -> None:
             value = pre.get(key)
             if not (isinstance(value, list) and len(value) in (1, 3)
                     and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)):  # fmt: skip
-                raise UsageError(f"{where}.preprocessing.{key} must be a list of 3 numbers, found {shown(value)}")
+                raise UsageError(
+                    f"{where}.preprocessing.{key} must be a list of 3 numbers, found {shown(value)}"
+                )
         modes = {"nearest", "bilinear", "bicubic", "box", "hamming", "lanczos"}
         if pre.get("interpolation") not in modes:
             raise UsageError(
@@ -219,9 +182,12 @@ def _check_entry(spec: Any, where: str) -> None:
             )
     categories = spec.get("categories")
     if categories is not None and not (
-        isinstance(categories, str) or (isinstance(categories, list) and all(isinstance(c, str) for c in categories))
+        isinstance(categories, str)
+        or (isinstance(categories, list) and all(isinstance(c, str) for c in categories))
     ):
-        raise UsageError(f"{where}.categories must be a category set name or a list of names, found {shown(categories)}")
+        raise UsageError(
+            f"{where}.categories must be a category set name or a list of names, found {shown(categories)}"
+        )
 
 
 @dataclass(frozen=True)
@@ -293,7 +259,9 @@ class WeightsSpec:
         """Download (or reuse the verified cached copy of) this file; keys remapped to the current layout.
         A server sending more than :attr:`max_bytes`, or dripping, is cut off (nothing cached)."""
         return remap_keys(
-            fetch_state_dict(self.url, self.filename, model_dir=model_dir, progress=progress, max_bytes=self.max_bytes)
+            fetch_state_dict(
+                self.url, self.filename, model_dir=model_dir, progress=progress, max_bytes=self.max_bytes
+            )
         )
 
 
@@ -307,7 +275,9 @@ def _categories(name: str) -> tuple[str, ...]:
     raise UsageError(f"unknown category set {name!r}; expected 'imagenet-1k' or an explicit list of names")
 
 
-def _spec(arch: str, name: str, data: Mapping[str, Any]) -> WeightsSpec:
+def _spec(arch: str, name: str, data: Mapping[str, Any], mirror: bool = True) -> WeightsSpec:
+    """The spec of manifest entry ``data``; its URL on ``$DENSENET_EFFICIENT_WEIGHTS_URL_BASE`` when
+    ``mirror`` (lookups) and that variable is set, else the entry's own (the enums' members)."""
     for key in ("url", "num_classes"):
         if key not in data:
             raise UsageError(f"weights entry {arch}.{name} has no {key!r}")
@@ -318,7 +288,7 @@ def _spec(arch: str, name: str, data: Mapping[str, Any]) -> WeightsSpec:
             "manifest files must be named <name>-<first 8+ hex digits of sha256>.pth"
         )
     url = data["url"]
-    base = os.environ.get(URL_BASE_ENV)
+    base = os.environ.get(URL_BASE_ENV) if mirror else None
     if base:  # checked by manifest(), which every lookup reads first
         url = base.rstrip("/") + "/" + filename
     return WeightsSpec(arch, name, url, int(data["num_classes"]), dict(data))
@@ -371,32 +341,28 @@ def get_weights(arch: str, name: str = "DEFAULT") -> WeightsSpec:
 # ``__getattr__`` below, or :func:`weights_enum`), not when this package is imported; the
 # builders' signatures name them the same way (``builders._WeightsSignature``).
 
-if TYPE_CHECKING:  # bound by _make_enums on first use
-    WeightsEnum: type[Enum]
-    DenseNet121_Weights: type[Enum]
-    DenseNet161_Weights: type[Enum]
-    DenseNet169_Weights: type[Enum]
-    DenseNet201_Weights: type[Enum]
 
+def enum_name(arch: str) -> str:
+    """The weights enum's name for ``arch``, torchvision's pattern (``densenet121`` ->
+    ``DenseNet121_Weights``, ``densenet_bc_100`` -> ``DenseNetBC100_Weights``)."""
+    parts = arch.removeprefix("densenet").split("_")
+    return "DenseNet" + "".join(p.upper() if p.isalpha() else p for p in parts) + "_Weights"
+
+
+if TYPE_CHECKING:  # bound by _make_enums on first use, as is each architecture's enum
+    WeightsEnum: type[Enum]
+
+#: architecture -> the name of its enum, for every row of the table with published weights
+ENUM_NAMES: dict[str, str] = {arch: enum_name(arch) for arch, row in MODEL_TABLE.items() if row.weights}
+__all__ += ENUM_NAMES.values()  # noqa: PLE0605  exported, made on first use (__getattr__ below)
 #: the enum names this module makes on first use
-LAZY_ENUMS = (
-    "WeightsEnum",
-    "DenseNet121_Weights",
-    "DenseNet161_Weights",
-    "DenseNet169_Weights",
-    "DenseNet201_Weights",
-)
-#: architecture -> the name of its enum
-_ENUM_NAMES = {
-    "densenet121": "DenseNet121_Weights",
-    "densenet161": "DenseNet161_Weights",
-    "densenet169": "DenseNet169_Weights",
-    "densenet201": "DenseNet201_Weights",
-}
+LAZY_ENUMS = ("WeightsEnum", *ENUM_NAMES.values())
 #: enum class name -> architecture (an Enum class cannot carry extra attributes of its own)
-_ENUM_ARCH: dict[str, str] = {name: arch for arch, name in _ENUM_NAMES.items()}
+_ENUM_ARCH: dict[str, str] = {name: arch for arch, name in ENUM_NAMES.items()}
 #: architecture -> its enum, filled by :func:`_make_enums`
 _ENUMS: dict[str, type[Enum]] = {}
+#: (enum name, member name) -> the member's spec, built once from the table (no environment)
+_MEMBER_SPECS: dict[tuple[str, str], WeightsSpec] = {}
 
 
 @cache
@@ -409,7 +375,9 @@ def _make_enums() -> dict[str, type]:
     class WeightsEnum(TorchvisionWeightsEnum):
         """torchvision-style enum of one architecture's weights (a subclass of torchvision's
         ``WeightsEnum``, so ``torchvision.models.get_model_weights`` and torchvision's helpers accept
-        it); members act like their :class:`WeightsSpec`, read from the manifest on every access.
+        it). ``url``, ``meta`` and ``transforms`` are torchvision's: plain reads of the member's
+        value, made once from the table; loading (a builder's ``weights=``, :meth:`get_state_dict`)
+        looks the member up in the manifest, so a mirror or manifest override applies there.
 
         >>> from densenet_efficient.models.weights import DenseNet121_Weights
         >>> DenseNet121_Weights.DEFAULT is DenseNet121_Weights.IMAGENET1K_V1
@@ -420,44 +388,33 @@ def _make_enums() -> dict[str, type]:
 
         @property
         def spec(self) -> WeightsSpec:
-            return get_weights(_ENUM_ARCH[type(self).__name__], self.name)
-
-        @property
-        def url(self) -> str:
-            return self.spec.url
-
-        @property
-        def meta(self) -> dict[str, Any]:
-            return self.spec.meta
+            """The built-in :class:`WeightsSpec` of this member (the table's URL)."""
+            return _MEMBER_SPECS[type(self).__name__, self.name]
 
         @property
         def num_classes(self) -> int:
             return self.spec.num_classes
 
-        def transforms(self) -> nn.Module:
-            return self.spec.transforms()
-
         def get_state_dict(self, progress: bool = True, model_dir: str | os.PathLike | None = None) -> dict:
-            return self.spec.get_state_dict(progress=progress, model_dir=model_dir)
+            arch = _ENUM_ARCH[type(self).__name__]
+            return get_weights(arch, self.name).get_state_dict(progress=progress, model_dir=model_dir)
 
         def __str__(self) -> str:
             return f"{type(self).__name__}.{self.name}"
 
         def __reduce_ex__(self, protocol: int) -> tuple[Any, ...]:
-            # by name: the member's value holds callables, and the manifest may change between processes
+            # by name: the member's value holds callables
             return getattr, (type(self), self.name)
 
     WeightsEnum.__qualname__ = WeightsEnum.__name__  # made here, but importable from this module by name
     made: dict[str, type] = {"WeightsEnum": WeightsEnum}
-    for arch, cls_name in _ENUM_NAMES.items():
-        entry = _BUILTIN["architectures"][arch]
+    for arch, cls_name in ENUM_NAMES.items():
+        row = MODEL_TABLE[arch]
         members = []
-        for name, data in entry["weights"].items():
-            spec = _spec(arch, name, data)
-            # torchvision's own member value type; the properties above read the manifest instead
-            members.append((name, Weights(url=data["url"], transforms=spec.transforms, meta=spec.meta)))
-        default = dict(members)[entry["default"]]
-        members.append(("DEFAULT", default))  # the same value: an alias, as in torchvision
+        for name in row.weights:
+            spec = _MEMBER_SPECS[cls_name, name] = _spec(arch, name, row.manifest_entry(name), mirror=False)
+            members.append((name, Weights(url=spec.url, transforms=spec.transforms, meta=spec.meta)))
+        members.append(("DEFAULT", dict(members)[row.default_weights]))  # the same value: an alias
         _ENUMS[arch] = made[cls_name] = WeightsEnum(cls_name, members, module=__name__, qualname=cls_name)
     globals().update(made)  # later lookups are plain attribute reads
     return made
@@ -472,7 +429,7 @@ def __getattr__(name: str) -> Any:
 
 def weights_enum(arch: str) -> type[Enum] | None:
     """The weights enum of a named architecture (``DenseNet121_Weights``), or None if it has none."""
-    return _make_enums().get(_ENUM_NAMES[arch]) if arch in _ENUM_NAMES else None
+    return _make_enums()[ENUM_NAMES[arch]] if arch in ENUM_NAMES else None
 
 
 def pretrained_cfg(spec: WeightsSpec) -> dict[str, Any]:
@@ -531,7 +488,7 @@ def _coerce(arch: str, weights: Any) -> WeightsSpec:
     if isinstance(weights, WeightsSpec):
         return weights
     if isinstance(weights, Enum) and type(weights) in _ENUMS.values():  # ours (made, since one exists)
-        return weights.spec
+        return get_weights(_ENUM_ARCH[type(weights).__name__], weights.name)  # mirror and overrides apply
     if isinstance(weights, Enum) and type(weights).__module__.startswith("torchvision"):
         return _from_torchvision(weights)
     if isinstance(weights, str):
@@ -539,7 +496,7 @@ def _coerce(arch: str, weights: Any) -> WeightsSpec:
         if not dot:
             return get_weights(arch, weights)
         m = _TV_ENUM_NAME.match(owner)
-        owner_arch = f"densenet{m.group(1)}" if m else owner
+        owner_arch = _ENUM_ARCH.get(owner) or (f"densenet{m.group(1)}" if m else owner)
         if owner_arch not in ARCHITECTURES:
             raise UsageError(
                 f"weights {weights!r} name no DenseNet architecture; expected e.g. "

@@ -20,7 +20,7 @@ measured warm (docs/measurement.md), have no planner estimate, and a row whose c
 keeps its one-line ``error`` while every other row is still measured.
 
     densenet-efficient benchmark                                   # DenseNet-BC-100, batch 64, 32x32
-    densenet-efficient benchmark --arch densenet121 --batch-size 8 --resolution 224 --markdown
+    densenet-efficient benchmark --arch densenet121 --batch-size 8 --image-size 224 --markdown
     densenet-efficient benchmark --sweep depth --out docs/         # memory vs depth: PNG + CSV
 
 Python::
@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import UsageError, check_int, require_extra
+from ..errors import UsageError, check_int, first_line, require_extra
 from ..io.atomic import atomic_write
 from ..models.config import ArchConfig, densenet_bc_config, resolve_arch
 from ..models.engine import MODES
@@ -124,7 +124,7 @@ def benchmark(
     arch: str | ArchConfig = "densenet_bc_100",
     *,
     batch_size: int = 64,
-    resolution: int | None = None,
+    image_size: int | None = None,
     implementations: Sequence[str] = IMPLEMENTATIONS,
     rounds: int = 3,
     steps: int = 3,
@@ -153,7 +153,7 @@ def benchmark(
     ones). A compiled row that fails records ``"error"`` (one line) instead of figures.
     """
     config = resolve_arch(arch)
-    resolution = check_image_size(config, resolution, option="resolution")
+    image_size = check_image_size(config, image_size)
     device = resolve_device(device)
     impls = list(dict.fromkeys(implementations))
     for impl in impls:
@@ -181,7 +181,7 @@ def benchmark(
             row.impl,
             config,
             batch_size,
-            resolution,
+            image_size,
             kind=kind,
             device=device,
             steps=steps,
@@ -197,7 +197,7 @@ def benchmark(
         except RuntimeError as err:
             if not row.compile:
                 raise
-            results[row.label]["error"] = _one_line(err)
+            results[row.label]["error"] = first_line(err)
             return None
 
     results: dict[str, dict[str, Any]] = {r.label: {"implementation": r.label} for r in plan}
@@ -227,7 +227,7 @@ def benchmark(
         res["estimate_mb"] = None
         if not row.compile:  # the planner models eager execution only
             est = estimate_memory(
-                config, batch_size=batch_size, image_size=resolution, mode=row.impl, device=device
+                config, batch_size=batch_size, image_size=image_size, mode=row.impl, device=device
             )
             res["estimate_mb"] = est.peak / _MB
         if speed:
@@ -244,7 +244,7 @@ def benchmark(
         if base and speed and measured:
             res["time_ratio"], *low_high = paired_ratio(res["seconds_rounds"], base["seconds_rounds"])
             res["time_ratio_range"] = low_high
-    meta = {"arch": config.name, "batch_size": batch_size, "resolution": resolution, "device": device}
+    meta = {"arch": config.name, "batch_size": batch_size, "image_size": image_size, "device": device}
     return [{**meta, **results[r.label]} for r in plan]
 
 
@@ -273,10 +273,6 @@ def _count_ops(config: ArchConfig, impls: list[str], device: str) -> dict[str, i
         model = build_implementation(impl, config).to(device)
         counts[impl] = count_step_ops(model, x).total
     return counts
-
-
-def _one_line(err: BaseException) -> str:
-    return next((ln.strip() for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
 
 
 def machine_description(device: str) -> str:
@@ -337,7 +333,7 @@ def sweep(
     values: Sequence[int] | None = None,
     arch: str = "densenet121",
     batch_size: int = 16,
-    resolution: int | None = None,
+    image_size: int | None = None,
     growth_rate: int = 12,
     implementations: Sequence[str] = (TORCHVISION, *MODES),
     device: str | None = None,
@@ -360,11 +356,11 @@ def sweep(
     else:
         raise UsageError(f"sweep must be 'depth' or 'batch', got {kind!r}")
     for config, _, _ in points:  # every point checked before the first is measured
-        check_image_size(config, resolution, option="resolution")
+        check_image_size(config, image_size)
     rows = []
     with _progress(len(points) * len(implementations), f"sweep {kind}", progress) as bar:
         for config, batch, x in points:
-            res = check_image_size(config, resolution, option="resolution")
+            res = check_image_size(config, image_size)
             for impl in implementations:
                 bar.set_postfix_str(f"{kind}={x} {impl}")
                 r = measure(StepSpec(impl, config, batch, res, device=device))

@@ -27,7 +27,6 @@ import statistics
 import subprocess
 import sys
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,7 +34,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from ..errors import UsageError
+from ..errors import UsageError, first_line
 from ..models.config import ArchConfig
 from ..models.engine import MODES
 from ..models.memory_plan import MemoryPlan
@@ -48,7 +47,6 @@ __all__ = [
     "StepSpec",
     "build_implementation",
     "check_activation_budget",
-    "check_memory_budget",
     "current_rss_bytes",
     "measure",
     "paired_ratio",
@@ -98,26 +96,32 @@ def check_activation_budget(value: Any) -> float:
     return float(value)
 
 
-def check_memory_budget(value: Any) -> float:
-    """Deprecated name of :func:`check_activation_budget`."""
-    warnings.warn(
-        "check_memory_budget is deprecated, use check_activation_budget", DeprecationWarning, stacklevel=2
-    )
-    return check_activation_budget(value)
-
-
 class _CompileFailed(RuntimeError):
     """The compiled model's first step (where ``torch.compile`` compiles) failed; one line."""
 
 
-#: Keywords of :class:`StepSpec` renamed in 0.x: old name -> new name (the old ones still work,
-#: with a DeprecationWarning, and :meth:`StepSpec.from_json` reads specs written with them).
-_RENAMED = {"resolution": "image_size", "memory_budget": "activation_budget"}
-
-
 @dataclass(frozen=True)
-class _StepFields:
-    """What a :class:`StepSpec` holds (its fields, checks and JSON form; see :class:`StepSpec`)."""
+class StepSpec:
+    """One measurement: which implementation, which config, what to record.
+
+    ``kind="memory"`` records the peak of one training step, ``kind="speed"`` the median time
+    of ``steps`` steps after one warm-up step, ``kind="whole_step"`` the peak of everything a
+    training step holds (see :func:`_whole_step_memory`: what the planner's ``total`` bounds).
+    ``image_size`` is the input's height and width; ``amp`` is ``None``, ``"bf16"`` or ``"fp16"``.
+    ``warmup=True`` (memory on CPU) runs one step first and resets the peak (Linux
+    ``/proc/self/clear_refs``) so the figure leaves out one-time allocations (oneDNN kernel
+    caches, thread pools: 0-60 MB depending on the machine); the default is the
+    first-step protocol (docs/measurement.md), which the published figures use.
+    ``compile=True`` wraps the model in ``torch.compile`` after setting
+    ``torch._functorch.config.activation_memory_budget`` to ``activation_budget``, a fraction in
+    (0, 1] (when given; only valid with ``compile``). A compiled spec is always measured warm: the
+    step that compiles forward and backward runs first and is left out (on CPU the peak is reset
+    after it, as with ``warmup=True``; speed and CUDA runs add one more warm-up step).
+
+    >>> from densenet_efficient.models.config import densenet_bc_config
+    >>> StepSpec("efficient", densenet_bc_config(40), 16, 32, kind="speed").image_size
+    32
+    """
 
     impl: str
     config: ArchConfig
@@ -151,67 +155,9 @@ class _StepFields:
 
     @classmethod
     def from_json(cls, text: str) -> StepSpec:
-        """The spec :meth:`to_json` wrote; one written before the renames reads as well."""
+        """The spec :meth:`to_json` wrote."""
         data = json.loads(text)
-        for old, new in _RENAMED.items():
-            if old in data:
-                data.setdefault(new, data.pop(old))
-        return StepSpec(config=ArchConfig.from_json(data.pop("config")), **data)
-
-
-class StepSpec(_StepFields):
-    """One measurement: which implementation, which config, what to record.
-
-    ``kind="memory"`` records the peak of one training step, ``kind="speed"`` the median time
-    of ``steps`` steps after one warm-up step, ``kind="whole_step"`` the peak of everything a
-    training step holds (see :func:`_whole_step_memory`: what the planner's ``total`` bounds).
-    ``image_size`` is the input's height and width; ``amp`` is ``None``, ``"bf16"`` or ``"fp16"``.
-    ``warmup=True`` (memory on CPU) runs one step first and resets the peak (Linux
-    ``/proc/self/clear_refs``) so the figure leaves out one-time allocations (oneDNN kernel
-    caches, thread pools: 0-60 MB depending on the machine); the default is the
-    first-step protocol (docs/measurement.md), which the published figures use.
-    ``compile=True`` wraps the model in ``torch.compile`` after setting
-    ``torch._functorch.config.activation_memory_budget`` to ``activation_budget``, a fraction in
-    (0, 1] (when given; only valid with ``compile``). A compiled spec is always measured warm: the
-    step that compiles forward and backward runs first and is left out (on CPU the peak is reset
-    after it, as with ``warmup=True``; speed and CUDA runs add one more warm-up step).
-
-    ``resolution`` and ``memory_budget`` are the deprecated old names of ``image_size`` and
-    ``activation_budget``, as keywords and as attributes (with a DeprecationWarning).
-
-    >>> from densenet_efficient.models.config import densenet_bc_config
-    >>> StepSpec("efficient", densenet_bc_config(40), 16, 32, kind="speed").image_size
-    32
-    """
-
-    # A subclass with its own __init__ rather than InitVars: an InitVar would be read back by
-    # dataclasses.replace (Python 3.11), so it could not also be a deprecated read-only attribute.
-    def __init__(
-        self, *args: Any, resolution: int | None = None, memory_budget: float | None = None, **kwargs: Any
-    ) -> None:
-        for old, value in (("resolution", resolution), ("memory_budget", memory_budget)):
-            if value is None:
-                continue
-            new = _RENAMED[old]
-            if new in kwargs or (new == "image_size" and len(args) > 3):
-                raise UsageError(f"StepSpec: pass {new}= only ({old}= is its old name), not both")
-            warnings.warn(f"StepSpec: {old}= is deprecated, use {new}=", DeprecationWarning, stacklevel=2)
-            kwargs[new] = value
-        super().__init__(*args, **kwargs)
-
-    @property
-    def resolution(self) -> int:
-        """Deprecated name of :attr:`image_size`."""
-        warnings.warn("StepSpec.resolution is deprecated, use image_size", DeprecationWarning, stacklevel=2)
-        return self.image_size
-
-    @property
-    def memory_budget(self) -> float | None:
-        """Deprecated name of :attr:`activation_budget`."""
-        warnings.warn(
-            "StepSpec.memory_budget is deprecated, use activation_budget", DeprecationWarning, stacklevel=2
-        )
-        return self.activation_budget
+        return cls(config=ArchConfig.from_json(data.pop("config")), **data)
 
 
 def _amp_dtype(amp: str | None):
@@ -316,14 +262,9 @@ def _compile_step(step: Callable[[], None]) -> None:
     try:
         step()
     except torch.OutOfMemoryError as err:
-        raise _CompileFailed(f"out of memory in the compiling step: {_first_line(err)}") from err
+        raise _CompileFailed(f"out of memory in the compiling step: {first_line(err)}") from err
     except Exception as err:
-        raise _CompileFailed(f"torch.compile failed: {type(err).__name__}: {_first_line(err)}") from err
-
-
-def _first_line(err: BaseException, limit: int = 300) -> str:
-    line = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), "")
-    return line if len(line) <= limit else line[: limit - 3] + "..."
+        raise _CompileFailed(f"torch.compile failed: {type(err).__name__}: {first_line(err)}") from err
 
 
 def _step_memory(step: Callable[[], None], spec: StepSpec, device: Any) -> dict[str, Any]:

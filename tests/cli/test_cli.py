@@ -24,12 +24,12 @@ FLAGS = {
     ]),
     "benchmark": ([], [
         "--arch", "--batch-size", "--compile-ours", "--compiled-budgets", "--depth", "--device",
-        "--growth-rate", "--json", "--markdown", "--modes", "--no-compiled", "--no-speed", "--out", "--quiet",
-        "--resolution", "--rounds", "--steps", "--sweep", "--values",
+        "--growth-rate", "--image-size", "--json", "--markdown", "--modes", "--no-compiled", "--no-speed",
+        "--out", "--quiet", "--rounds", "--steps", "--sweep", "--values",
     ]),
     "plan": ([], [
         "--amp", "--arch", "--batch-size", "--depth", "--device", "--dtype", "--growth-rate",
-        "--image-size", "--json", "--memory", "--mode", "--optimizer", "--resolution",
+        "--image-size", "--json", "--memory", "--mode", "--optimizer",
     ]),
 }  # fmt: skip
 

@@ -60,6 +60,7 @@ def test_default_and_minimum_sizes_of_the_named_architectures():
         "densenet161": (224, 29),
         "densenet169": (224, 29),
         "densenet201": (224, 29),
+        "densenet264": (224, 29),
         "densenet_bc_100": (32, 4),
     }
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -15,6 +17,7 @@ TV_PARAMS = {
     "densenet161": 28_681_000,
     "densenet169": 14_149_480,
     "densenet201": 20_013_928,
+    "densenet264": 33_337_704,  # torchvision.models.DenseNet(32, (6, 12, 64, 48), 64) counts the same
     "densenet_bc_100": 769_162,
 }
 
@@ -189,7 +192,31 @@ def test_bad_mode(bad):
 def test_bad_arch_arguments():
     with pytest.raises(ValueError, match="growth_rate must be an integer >= 1, found 0"):
         de.DenseNet(growth_rate=0)
-    with pytest.raises(ValueError, match="block_config"):
+    with pytest.raises(ValueError, match=r"block_config must be a list of ints, found \(\)"):
         de.DenseNet(block_config=())
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("drop_rate", "0.5", r"drop_rate must be a number in \[0, 1\), found '0.5'"),
+        ("drop_rate", True, r"drop_rate must be a number in \[0, 1\), found True"),
+        ("drop_rate", float("nan"), r"drop_rate must be a number in \[0, 1\), found nan"),
+        ("small_inputs", "yes", "small_inputs must be true or false, found 'yes'"),
+        ("block_config", [1, "12"], r"block_config\[1\] must be an integer >= 1, found '12'"),
+        ("num_classes", 2.0, "num_classes must be an integer >= 0, found 2.0"),
+    ],
+)
+def test_constructor_arguments_are_checked_as_config_json_is(tmp_path, field, value, message):
+    """DenseNet(...) and a config.json refuse the same values with the same sentence (config.json's
+    naming the file): one check of both."""
+    with pytest.raises(de.errors.UsageError, match=f"^{message}$"):
+        de.DenseNet(**{"growth_rate": 4, "block_config": (1, 1), "num_init_features": 8, field: value})
+    model = de.DenseNet(growth_rate=4, block_config=(1, 1), num_init_features=8)
+    model.save_pretrained(tmp_path / "m")
+    data = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**data, field: value}))
+    with pytest.raises(de.errors.UsageError, match=f": {message}$"):
+        de.from_pretrained(tmp_path / "m")
     with pytest.raises(ValueError, match="unknown architecture 'densenet999'"):
         de.create_model("densenet999")

@@ -278,7 +278,7 @@ def test_parse_memory_rejects_nonsense(bad):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"batch_size": 0}, "batch_size must be a positive integer"),
+        ({"batch_size": 0}, "batch_size must be an integer >= 1, found 0"),
         ({"batch_size": 2, "image_size": 16}, "too small .* at least 29"),
         ({"batch_size": 2, "mode": "fastest"}, "memory_efficient must be"),
         ({"batch_size": 2, "amp": "int8"}, "amp must be"),
@@ -328,8 +328,8 @@ def test_plan_cli_plans_for_the_machine_and_says_so(cuda, capsys, monkeypatch):
         (["--arch", "densenet999", "--memory", "8GiB"], "unknown architecture 'densenet999'"),
         (["--memory", "100MiB"], "fits no batch in any mode.*needs"),
         (["--memory", "lots"], "memory budget must look like"),
-        (["--image-size", "-1", "--memory", "8GiB"], "image_size must be a positive integer"),
-        (["--resolution", "0", "--memory", "8GiB"], "image_size must be a positive integer, got 0"),
+        (["--image-size", "-1", "--memory", "8GiB"], "image_size must be an integer >= 1, found -1"),
+        (["--image-size", "0", "--memory", "8GiB"], "image_size must be an integer >= 1, found 0"),
         (["--depth", "10", "--growth-rate", "0", "--memory", "8GiB"], "growth_rate must be >= 1, got 0"),
         (["--depth", "41", "--memory", "8GiB"], "6n\\+4"),
     ],
@@ -551,7 +551,7 @@ def test_deepest_densenet_bc_at_16_eib_is_answered_at_once():
             "fits no batch in any mode",
         ),
         (["--image-size", str(10**12), "--memory", "8GiB"], "fits no batch in any mode"),
-        (["--batch-size", "0", "--memory", "8GiB"], "batch_size must be a positive integer, got 0"),
+        (["--batch-size", "0", "--memory", "8GiB"], "batch_size must be an integer >= 1, found 0"),
     ],
 )
 def test_plan_cli_extremes_are_one_line_exit_2_at_once(argv, message, capsys):
@@ -582,24 +582,18 @@ def test_bisection_finds_the_boundary_with_log_calls():
 # -- one name and one default per idea ---------------------------------------------------------------
 
 
-def test_resolution_is_a_deprecated_alias_of_image_size():
+def test_image_size_is_the_one_name_of_the_input_size():
+    """No release has shipped ``resolution``: the planner's functions refuse it as an unknown
+    keyword, and an estimate and its JSON carry ``image_size`` only."""
     new = estimate_memory("densenet121", batch_size=4, image_size=160)
-    with pytest.warns(DeprecationWarning, match="resolution= is deprecated, use image_size="):
-        old = estimate_memory("densenet121", batch_size=4, resolution=160)
-    assert old == new and new.image_size == 160
-    with pytest.warns(DeprecationWarning, match="use image_size"):
-        assert new.resolution == 160
-    with pytest.warns(DeprecationWarning):
-        assert max_batch_size("densenet121", "8GiB", resolution=160) == max_batch_size(
-            "densenet121", "8GiB", image_size=160
-        )
-    with pytest.warns(DeprecationWarning):
-        assert fit_memory("densenet121", "2GiB", batch_size=8, resolution=160) == fit_memory(
-            "densenet121", "2GiB", batch_size=8, image_size=160
-        )
-    with pytest.raises(UsageError, match="not both"):
-        estimate_memory("densenet121", batch_size=4, image_size=160, resolution=160)
-    assert new.to_dict()["resolution"] == new.to_dict()["image_size"] == 160  # --json readers
+    assert new.image_size == 160 and "resolution" not in new.to_dict() and not hasattr(new, "resolution")
+    for call in (
+        lambda: estimate_memory("densenet121", batch_size=4, resolution=160),
+        lambda: max_batch_size("densenet121", "8GiB", resolution=160),
+        lambda: fit_memory("densenet121", "2GiB", batch_size=8, resolution=160),
+    ):
+        with pytest.raises(TypeError, match="resolution"):
+            call()
 
 
 def test_one_optimizer_default_everywhere():

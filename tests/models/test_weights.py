@@ -19,9 +19,10 @@ import torchvision
 import densenet_efficient as de
 from densenet_efficient.io.state_dict import StateDictMismatchError
 from densenet_efficient.models import weights as W
+from densenet_efficient.models.config import MODEL_TABLE, num_params
 
 from ..support import REPO
-from ..support.archs import IMAGENET_ARCHS
+from ..support.archs import ALL_ARCHS, IMAGENET_ARCHS
 from ..support.hub_server import legacy_checkpoint, manifest_override, serve, sha256, torchvision_from_url
 
 X32 = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
@@ -83,14 +84,18 @@ def test_transforms_match_torchvision():
     assert de.DenseNet121_Weights.DEFAULT.transforms().resize_size == [256]
 
 
-def test_manifest_file_matches_package_registry():
-    text = (REPO / "weights" / "manifest.json").read_text()
-    assert text == W.manifest_json(), "regenerate weights/manifest.json (see weights/README.md)"
-    readme = (REPO / "weights" / "README.md").read_text()
-    for arch in IMAGENET_ARCHS:
-        spec = de.get_weights(arch)
-        assert spec.filename in readme and str(spec.meta["acc@1"]) in readme
-    assert json.loads(text)["architectures"]["densenet_bc_100"]["weights"] == {}
+def test_manifest_file_and_tables_come_from_the_model_table():
+    """weights/manifest.json is the table's weights (tests/test_generated.py keeps the file current);
+    the parameter counts are the configs' own."""
+    data = json.loads((REPO / "weights" / "manifest.json").read_text())
+    assert data == W.builtin_manifest()
+    for arch, row in MODEL_TABLE.items():
+        entry = data["architectures"][arch]
+        assert entry["default"] == row.default_weights and list(entry["weights"]) == list(row.weights)
+        for spec in entry["weights"].values():
+            assert spec["num_params"] == num_params(row.config)
+    assert data["architectures"]["densenet_bc_100"]["weights"] == {}
+    assert data["architectures"]["densenet264"]["weights"] == {}
 
 
 def test_list_and_enums():
@@ -100,6 +105,27 @@ def test_list_and_enums():
     assert str(de.DenseNet161_Weights.DEFAULT) == "DenseNet161_Weights.IMAGENET1K_V1"
     assert de.DenseNet169_Weights.IMAGENET1K_V1.num_classes == 1000
     assert pickle.loads(pickle.dumps(de.DenseNet201_Weights.DEFAULT)) is de.DenseNet201_Weights.IMAGENET1K_V1
+
+
+def test_enum_attributes_are_plain_reads(monkeypatch):
+    """A member's url, meta, num_classes and transforms are its value's, made once: reading them
+    builds no manifest and reads no environment (a mirror applies where weights are loaded)."""
+    member = de.DenseNet121_Weights.IMAGENET1K_V1
+
+    def no_manifest():
+        raise AssertionError("an attribute read built the manifest")
+
+    monkeypatch.setattr(W, "manifest", no_manifest)
+    monkeypatch.setattr(W, "builtin_manifest", no_manifest)
+    monkeypatch.setenv(W.URL_BASE_ENV, "http://mirror.local/models")
+    assert member.url == "https://download.pytorch.org/models/densenet121-a639ec97.pth"
+    assert member.meta is member.meta and member.meta["acc@1"] == 74.434 and member.num_classes == 1000
+    assert member.spec.url == member.url and member.transforms().crop_size == [224]
+    monkeypatch.undo()
+    monkeypatch.setenv(W.URL_BASE_ENV, "http://mirror.local/models")
+    assert W.resolve_weights("densenet121", member, False).url == (
+        "http://mirror.local/models/densenet121-a639ec97.pth"
+    )
 
 
 # -- weights= / pretrained= forms ---------------------------------------------------------------------
@@ -191,6 +217,35 @@ def test_generated_file_is_made_like_torchvisions_2017_files(tv_file):
     assert "features.denseblock1.denselayer1.norm.1.weight" in sd
     assert not any(k.endswith("num_batches_tracked") for k in sd)
     assert getattr(sd, "_metadata", None) is None
+
+
+@pytest.mark.parametrize("arch", [a for a in ALL_ARCHS if a not in IMAGENET_ARCHS])
+def test_a_model_without_published_weights_loads_a_served_file(arch, tmp_path, monkeypatch):
+    """densenet264 and DenseNet-BC-100 (no torchvision files): a file of their own, named with its
+    sha256 prefix and served from localhost through a manifest, loads with pretrained=True."""
+    torch.manual_seed(0)
+    saved = de.create_model(arch).state_dict()
+    served = tmp_path / "served"
+    served.mkdir()
+    payload = served / "payload.tmp"
+    torch.save(saved, payload)
+    name = f"{arch}-{sha256(payload)[:8]}.pth"
+    payload.rename(served / name)
+    with pytest.raises(de.WeightsNotAvailableError, match=f"no pretrained weights are published for {arch}"):
+        de.create_model(arch, pretrained=True)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    with serve(served) as base:
+        entry = {"url": f"{base}/{name}", "num_classes": saved["classifier.bias"].numel()}
+        manifest = {
+            "format": W.MANIFEST_FORMAT,
+            "architectures": {arch: {"weights": {"V1": entry}, "default": "V1"}},
+        }
+        (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+        monkeypatch.setenv(W.MANIFEST_ENV, str(tmp_path / "manifest.json"))
+        model = de.create_model(arch, pretrained=True, progress=False)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, saved[key]), key
+    assert de.list_weights(arch) == [f"{arch}.V1"] and W.weights_enum(arch) is None
 
 
 def test_pretrained_equals_torchvision_on_the_same_file(tv_file, hub_env):

@@ -32,7 +32,7 @@ def test_benchmark_rows_and_ratios():
     rows = benchmark(
         TINY,
         batch_size=8,
-        resolution=32,
+        image_size=32,
         implementations=["max_saving", "torchvision"],  # the base row need not come first
         rounds=2,
         steps=1,
@@ -63,7 +63,7 @@ def test_benchmark_rows_and_ratios():
 
 def test_benchmark_memory_only_and_bad_input():
     rows = benchmark(
-        TINY, batch_size=4, resolution=16, implementations=["efficient"], speed=False, progress=False
+        TINY, batch_size=4, image_size=16, implementations=["efficient"], speed=False, progress=False
     )
     assert rows[0]["memory_ratio"] is None and "seconds" not in rows[0]  # no torchvision row to compare with
     with pytest.raises(ValueError, match="unknown implementation 'fast'"):
@@ -71,10 +71,10 @@ def test_benchmark_memory_only_and_bad_input():
     with pytest.raises(ValueError, match="must be an integer >= 1"):
         benchmark(TINY, batch_size=0, progress=False)
     # 0 is refused, not read as "the default" (the Python API is checked, not only the CLI)
-    with pytest.raises(ValueError, match="resolution must be a positive integer, got 0"):
-        benchmark(TINY, resolution=0, device="cpu", progress=False)
-    with pytest.raises(ValueError, match="resolution 2 is too small"):
-        sweep("depth", values=[10], resolution=2, device="cpu", progress=False)
+    with pytest.raises(ValueError, match="image_size must be an integer >= 1, found 0"):
+        benchmark(TINY, image_size=0, device="cpu", progress=False)
+    with pytest.raises(ValueError, match="image_size 2 is too small"):
+        sweep("depth", values=[10], image_size=2, device="cpu", progress=False)
     with pytest.raises(ValueError, match=r"threads must be an integer >= 1, found 0"):
         benchmark(TINY, threads=0, device="cpu", progress=False)
 
@@ -84,7 +84,7 @@ def test_depth_sweep_writes_csv_and_png(tmp_path):
         "depth",
         values=[10, 22],
         batch_size=4,
-        resolution=16,
+        image_size=16,
         implementations=["naive", "max_saving"],
         progress=False,
     )
@@ -111,14 +111,14 @@ def test_depth_sweep_writes_csv_and_png(tmp_path):
         (["--batch-size", "0", "--depth", "10"], "must be an integer >= 1"),
         (["--sweep", "width"], None),  # argparse rejects the choice
         (
-            ["--depth", "10", "--resolution", "2"],
-            "resolution 2 is too small for densenet_bc_10: .* at least 4x4",
+            ["--depth", "10", "--image-size", "2"],
+            "image_size 2 is too small for densenet_bc_10: .* at least 4x4",
         ),
-        (["--arch", "densenet121", "--resolution", "16"], "resolution 16 is too small for densenet121"),
-        (["--depth", "10", "--resolution", "0"], "resolution must be a positive integer, got 0"),
+        (["--arch", "densenet121", "--image-size", "16"], "image_size 16 is too small for densenet121"),
+        (["--depth", "10", "--image-size", "0"], "image_size must be an integer >= 1, found 0"),
         (["--depth", "10", "--growth-rate", "0"], "growth_rate must be >= 1, got 0"),
         (["--sweep", "depth", "--values", "10", "--growth-rate", "0"], "growth_rate must be >= 1, got 0"),
-        (["--sweep", "batch", "--resolution", "16"], "resolution 16 is too small for densenet121"),
+        (["--sweep", "batch", "--image-size", "16"], "image_size 16 is too small for densenet121"),
         (["--device", "cuda"], "CUDA is not available here"),
         (
             ["--depth", "10", "--compiled-budgets", "1.5"],
@@ -193,14 +193,14 @@ def test_sweep_without_matplotlib_refuses_before_measuring(capsys, monkeypatch):
 
 
 def test_benchmark_cli_json(capsys):
-    argv = ["benchmark", "--depth", "10", "--batch-size", "4", "--resolution", "16", "--device", "cpu"]
+    argv = ["benchmark", "--depth", "10", "--batch-size", "4", "--image-size", "16", "--device", "cpu"]
     argv += ["--no-compiled"]  # the default now; still accepted from old command lines
     assert main([*argv, "--modes", "torchvision", "efficient", "--no-speed", "--json", "--quiet"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["machine"] == machine_description("cpu")
     assert re.fullmatch(r"\d+-core CPU \S+, \d+ threads \(torch \S+, (native|python) engine\)", out["machine"]), out["machine"]
     assert [r["implementation"] for r in out["rows"]] == ["torchvision", "efficient"]
-    assert all(r["batch_size"] == 4 and r["resolution"] == 16 and "peak_mb" in r for r in out["rows"])
+    assert all(r["batch_size"] == 4 and r["image_size"] == 16 and "peak_mb" in r for r in out["rows"])
 
 
 # --- the compiled peer: torch.compile(torchvision) with activation_memory_budget -----------------
@@ -240,7 +240,7 @@ def test_bad_budget_is_refused_before_anything_runs(budget, monkeypatch):
     monkeypatch.setattr(bench, "measure", no_measuring)
     with pytest.raises(UsageError, match=re.escape(f"got {budget!r}")):
         benchmark(
-            TINY, batch_size=2, resolution=32, device="cpu", compiled_budgets=[0.5, budget], progress=False
+            TINY, batch_size=2, image_size=32, device="cpu", compiled_budgets=[0.5, budget], progress=False
         )
     with pytest.raises(UsageError, match="unknown mode 'fast'"):
         benchmark(TINY, device="cpu", compile_ours=["efficient", "fast"], progress=False)
@@ -251,34 +251,17 @@ def test_bad_budget_is_refused_before_anything_runs(budget, monkeypatch):
             StepSpec("torchvision", TINY, 2, 32, compile=True, activation_budget=budget)
 
 
-def test_step_spec_old_names_still_work_with_a_warning():
-    """``resolution``/``memory_budget`` were StepSpec's names for ``image_size``/``activation_budget``
-    (a fraction, not the planner's bytes): keywords, attributes, JSON written with them."""
-    from densenet_efficient.perf.measure import check_activation_budget, check_memory_budget
-
-    new = StepSpec("torchvision", TINY, 2, image_size=16, compile=True, activation_budget=0.5)
-    with pytest.warns(DeprecationWarning) as caught:
-        old = StepSpec("torchvision", TINY, 2, resolution=16, compile=True, memory_budget=0.5)
-    assert [str(w.message) for w in caught] == [
-        "StepSpec: resolution= is deprecated, use image_size=",
-        "StepSpec: memory_budget= is deprecated, use activation_budget=",
-    ]
-    assert caught[0].filename == __file__  # the warning points at the caller's line
-    assert old == new and "resolution" not in new.to_json() and "memory_budget" not in new.to_json()
-    with pytest.warns(DeprecationWarning, match="StepSpec.resolution is deprecated"):
-        assert new.resolution == 16
-    with pytest.warns(DeprecationWarning, match="StepSpec.memory_budget is deprecated"):
-        assert new.memory_budget == 0.5
-    with pytest.raises(UsageError, match=r"pass image_size= only \(resolution= is its old name\)"):
-        StepSpec("torchvision", TINY, 2, 16, resolution=16)
-    with pytest.raises(UsageError, match="pass activation_budget= only"):
-        StepSpec("torchvision", TINY, 2, 16, compile=True, activation_budget=0.5, memory_budget=0.5)
-    saved = json.loads(new.to_json())  # a spec written before the rename
-    saved["resolution"], saved["memory_budget"] = saved.pop("image_size"), saved.pop("activation_budget")
-    assert StepSpec.from_json(json.dumps(saved)) == new
-    assert dataclasses.replace(new, kind="speed").image_size == 16  # replace() copies fields only
-    with pytest.warns(DeprecationWarning, match="use check_activation_budget"):
-        assert check_memory_budget(0.3) == check_activation_budget(0.3) == 0.3
+def test_step_spec_has_one_name_per_field():
+    """``image_size`` and ``activation_budget`` (a fraction, not the planner's bytes) are the only
+    names: the old ``resolution``/``memory_budget`` are unknown keywords, and the JSON a spec
+    writes reads back to the same spec."""
+    spec = StepSpec("torchvision", TINY, 2, image_size=16, compile=True, activation_budget=0.5)
+    for old in ({"resolution": 16}, {"memory_budget": 0.5}):
+        with pytest.raises(TypeError, match=f"unexpected keyword argument '{next(iter(old))}'"):
+            StepSpec("torchvision", TINY, 2, 16, compile=True, **old)
+    assert not hasattr(spec, "resolution") and not hasattr(spec, "memory_budget")
+    assert StepSpec.from_json(spec.to_json()) == spec
+    assert dataclasses.replace(spec, kind="speed").image_size == 16
 
 
 def _fake_eager_figures(spec) -> dict:
@@ -302,7 +285,7 @@ def test_failed_compilation_is_recorded_on_its_row(monkeypatch, capsys):
     rows = benchmark(
         TINY,
         batch_size=2,
-        resolution=32,
+        image_size=32,
         implementations=["torchvision"],
         compiled_budgets=[1, 0.3],
         compile_ours=["efficient"],

@@ -29,7 +29,6 @@ from .options import (
     TORCHVISION,
     TORCHVISION_EFFICIENT,
     check_image_size,
-    check_resolution,
 )
 from .parameters import count_parameters
 from .recompute import ELEMENTWISE_MACS, extra_time
@@ -51,7 +50,6 @@ __all__ = [
     "MemoryBudgetError",
     "MemoryEstimate",
     "check_image_size",
-    "check_resolution",
     "count_parameters",
     "deepest_densenet_bc",
     "estimate_memory",

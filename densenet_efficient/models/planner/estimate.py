@@ -7,10 +7,10 @@ True
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ...errors import check_int
 from ..config import ArchConfig, resolve_arch
 from ..engine import EFFICIENT, NAIVE
 from ..memory_plan import MemorySetting
@@ -22,8 +22,6 @@ from .options import (
     check_image_size,
     check_options,
     dtype_bytes,
-    positive_int,
-    renamed_keyword,
     resolve_setting,
 )
 from .parameters import count_parameters
@@ -81,8 +79,7 @@ class MemoryEstimate:
     and (CUDA) the context: what must fit the device. ``breakdown``: bytes kept per stage, a dense
     block's layers together as one entry (``block1.layer1-16``), so its size does not grow with depth.
     ``extra_time``: recomputation beyond the ``"efficient"`` mode's, as a fraction of the step
-    (:func:`~.recompute.extra_time`). ``image_size``: the input's height and width (its old name
-    ``resolution`` still reads, with a DeprecationWarning).
+    (:func:`~.recompute.extra_time`). ``image_size``: the input's height and width.
     """
 
     arch: str
@@ -113,19 +110,10 @@ class MemoryEstimate:
             self.parameters + self.gradients + self.optimizer_state + self.inputs + self.context + self.peak
         )
 
-    @property
-    def resolution(self) -> int:
-        """Deprecated name of :attr:`image_size`."""
-        warnings.warn(
-            "MemoryEstimate.resolution is deprecated, use image_size", DeprecationWarning, stacklevel=2
-        )
-        return self.image_size
-
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready fields with ``peak`` and ``total``; ``resolution`` repeats ``image_size`` for
-        readers of the format before the rename."""
+        """JSON-ready fields with ``peak`` and ``total``."""
         d = asdict(self)
-        d.update(peak=self.peak, total=self.total, resolution=self.image_size)
+        d.update(peak=self.peak, total=self.total)
         return d
 
 
@@ -139,7 +127,6 @@ def estimate_memory(
     amp: str | None = None,
     device: str = "cuda",
     optimizer: str = DEFAULT_OPTIMIZER,
-    resolution: int | None = None,
 ) -> MemoryEstimate:
     """Analytic peak memory of one training step (forward, loss, backward); no model is run.
 
@@ -147,7 +134,6 @@ def estimate_memory(
         arch: an architecture name (``"densenet121"``), ``"densenet_bc_<depth>"`` or an :class:`ArchConfig`.
         batch_size: images per step.
         image_size: input height and width (default: 32 for CIFAR configs, 224 otherwise).
-            ``resolution`` is its deprecated old name.
         mode: anything the model's ``memory_efficient`` takes (``"naive"``, ``"efficient"``,
             ``"max_saving"``, ``False``/``True``, per-block settings, a :class:`MemoryPlan`), or
             ``"torchvision"``/``"torchvision_efficient"`` for torchvision's own DenseNet.
@@ -167,11 +153,10 @@ def estimate_memory(
     >>> round(est.peak / 2**20)  # measured: 2159 MB on a 2-core CPU (docs/benchmarks.md)
     2194
     """
-    image_size = renamed_keyword("image_size", image_size, "resolution", resolution, "estimate_memory")
     config = resolve_arch(arch)
     name = arch if isinstance(arch, str) else config.name
     setting = resolve_setting(mode, config)
-    batch_size = positive_int("batch_size", batch_size)
+    batch_size = check_int(batch_size, "batch_size")
     image_size = check_image_size(config, image_size, name)
     amp = check_options(dtype, amp, optimizer, device)
     label = setting if isinstance(setting, str) else (setting.mode or str(setting))

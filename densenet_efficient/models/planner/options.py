@@ -9,11 +9,10 @@ size and memory settings, and the internal form of a setting (:class:`Dial`).
 from __future__ import annotations
 
 import itertools
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
-from ...errors import UsageError
+from ...errors import UsageError, check_int
 from ..config import ArchConfig
 from ..engine import EFFICIENT, MAX_SAVING, MODES, NAIVE
 from ..memory_plan import BlockSetting, MemoryPlan, resolve_memory_plan
@@ -27,10 +26,7 @@ __all__ = [
     "Dial",
     "check_image_size",
     "check_options",
-    "check_resolution",
     "dtype_bytes",
-    "positive_int",
-    "renamed_keyword",
     "resolve_setting",
     "runs",
 ]
@@ -66,29 +62,12 @@ def dtype_bytes(dtype: str) -> int:
     return _DTYPE_BYTES[dtype]
 
 
-def positive_int(name: str, value: Any) -> int:
-    """``value`` when it is an int >= 1 (not a bool), else a UsageError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UsageError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
-def renamed_keyword(new: str, new_value: Any, old: str, old_value: Any, where: str) -> Any:
-    """The value of a keyword that was renamed: ``old`` still works, with a DeprecationWarning."""
-    if old_value is None:
-        return new_value
-    if new_value is not None:
-        raise UsageError(f"{where}: pass {new}= only ({old}= is its old name), not both")
-    warnings.warn(f"{where}: {old}= is deprecated, use {new}=", DeprecationWarning, stacklevel=3)
-    return old_value
-
-
 def check_image_size(
     config: ArchConfig, image_size: int | None, name: str | None = None, option: str = "image_size"
 ) -> int:
     """``image_size``, or the architecture's default when None, checked to be a size the model
     accepts (a :class:`UsageError` says the smallest one otherwise; 0 is not "the default").
-    ``option``: what the caller's user calls the size (the benchmark's ``resolution``).
+    ``option``: what the caller's user calls the size (a command line's ``--image-size``).
 
     >>> from densenet_efficient.models.config import densenet_bc_config
     >>> check_image_size(densenet_bc_config(40), None)
@@ -96,19 +75,13 @@ def check_image_size(
     """
     if image_size is None:
         return config.default_resolution
-    image_size = positive_int(option, image_size)
+    image_size = check_int(image_size, option)
     least = config.min_input_size()
     if image_size < least:
         raise UsageError(
             f"{option} {image_size} is too small for {name or config.name}: it needs at least {least}x{least}"
         )
     return image_size
-
-
-def check_resolution(config: ArchConfig, resolution: int | None, name: str | None = None) -> int:
-    """Deprecated name of :func:`check_image_size`."""
-    warnings.warn("check_resolution is deprecated, use check_image_size", DeprecationWarning, stacklevel=2)
-    return check_image_size(config, resolution, name, option="resolution")
 
 
 def check_options(dtype: str, amp: str | None, optimizer: str, device: str) -> str | None:

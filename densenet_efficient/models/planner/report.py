@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ...errors import UsageError
+from ...errors import UsageError, check_int
 from ..config import ArchConfig
-from .options import ESTIMABLE, positive_int
+from .options import ESTIMABLE
 from .search import Step, largest_batch
 from .units import parse_memory
 
@@ -35,7 +35,7 @@ def plan(
     """
     budget = parse_memory(memory)
     if batch_size is not None:
-        batch_size = positive_int("batch_size", batch_size)
+        batch_size = check_int(batch_size, "batch_size")
     rows = []
     for mode in modes:
         step = Step(arch, image_size, {**kwargs, "mode": mode}, "plan")

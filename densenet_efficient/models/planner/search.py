@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from ...errors import UsageError
+from ...errors import UsageError, check_int
 from ..config import ArchConfig, densenet_bc_config, resolve_arch
 from ..engine import EFFICIENT, MAX_SAVING
 from ..memory_plan import MemoryPlan, resolve_memory_plan
@@ -22,8 +22,6 @@ from .options import (
     Dial,
     check_image_size,
     check_options,
-    positive_int,
-    renamed_keyword,
     resolve_setting,
     runs,
 )
@@ -59,10 +57,9 @@ class Step:
     """One training step's settings, checked once; ``total(setting, batch)`` is its estimate."""
 
     def __init__(self, arch: str | ArchConfig, image_size: int | None, kwargs: dict[str, Any], where: str):
-        unknown = set(kwargs) - {"mode", "dtype", "amp", "device", "optimizer", "resolution"}
+        unknown = set(kwargs) - {"mode", "dtype", "amp", "device", "optimizer"}
         if unknown:
             raise TypeError(f"{where}() got unexpected keyword arguments: {', '.join(sorted(unknown))}")
-        image_size = renamed_keyword("image_size", image_size, "resolution", kwargs.get("resolution"), where)
         self.config = resolve_arch(arch)
         self.name = arch if isinstance(arch, str) else self.config.name
         self.image_size = check_image_size(self.config, image_size, self.name)
@@ -179,8 +176,7 @@ def fit_memory(
     """The plan with the least recompute whose training step (``MemoryEstimate.total``) fits ``budget``.
 
     ``kwargs`` are :func:`~.estimate.estimate_memory`'s (``amp``, ``dtype``, ``device``,
-    ``optimizer``, default ``"momentum"``; ``resolution`` is the deprecated name of
-    ``image_size``). The search runs over the width below which layers recompute their
+    ``optimizer``, default ``"momentum"``). The search runs over the width below which layers recompute their
     bottleneck (see :func:`_plan_below`), with the stem keeping or recomputing its indices, so it
     takes ``O(blocks * log(width))`` estimates at any depth. Raises :class:`MemoryBudgetError`
     below the ``"max_saving"`` floor.
@@ -192,7 +188,7 @@ def fit_memory(
     if "mode" in kwargs:
         raise TypeError("fit_memory() picks the memory setting itself: it takes no mode=")
     budget = parse_memory(budget)
-    batch_size = positive_int("batch_size", batch_size)
+    batch_size = check_int(batch_size, "batch_size")
     step = Step(arch, image_size, kwargs, "fit_memory")
     config = step.config
 
@@ -271,7 +267,7 @@ def deepest_densenet_bc(
     True
     """
     budget = parse_memory(memory)
-    batch_size = positive_int("batch_size", batch_size)
+    batch_size = check_int(batch_size, "batch_size")
 
     def fits(n: int) -> bool:
         cfg = densenet_bc_config(6 * n + 4, growth_rate)
