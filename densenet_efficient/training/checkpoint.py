@@ -158,6 +158,11 @@ def _checkpoint_problem(ckpt: dict[str, Any]) -> str | None:
             f"its config has settings this version does not know ({', '.join(map(str, unknown))}); "
             "was it written by a newer densenet-efficient?"
         )
+    if config.get("batch_size") == "auto":  # a run stores the batch "auto" resolved to, never "auto"
+        return (
+            "its config's batch_size is 'auto', expected the batch size the run trained with "
+            "(an integer: a run stores the batch --batch-size auto chose)"
+        )
     epoch, history, n_epochs = ckpt["epoch"], ckpt["history"], config.get("n_epochs")
     if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 1:
         return f"its epoch is {shown(epoch)}, expected a count of completed epochs >= 1"
