@@ -43,7 +43,7 @@ from ..io.download import WeightsIntegrityError, check_url, fetch_state_dict, ha
 from ..io.json_file import read_json_object
 from ..io.state_dict import load_state_dict_into, remap_keys
 from .config import ARCHITECTURES
-from .hub import IMAGENET_MEAN, IMAGENET_STD
+from .imagenet import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
     "DenseNet121_Weights",

@@ -123,7 +123,7 @@ def test_failed_write_leaves_no_partial_folder(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(hub, "model_card", broken)  # fails after model.safetensors is written
+    monkeypatch.setattr(de.DenseNet, "generate_model_card", broken)  # after model.safetensors is written
     with pytest.raises(OSError, match="disk full"):
         de.save_hub_folder(tiny(), tmp_path / "m")
     assert list(tmp_path.iterdir()) == []
