@@ -79,33 +79,38 @@ def load_files(
 ) -> nn.Module:
     """``model_cls`` built from ``kwargs`` (``config.json``'s, checked) with ``files.weights``
     loaded, in eval mode on ``map_location``; ``num_classes`` other than the file's gets a new head."""
-    source, weights_name = files.source, files.weights.name
     state_dict = read_checkpoint(files.weights).state_dict
-    _check_classes(state_dict, kwargs["num_classes"], source, weights_name)
+    _check_classes(state_dict, kwargs["num_classes"], files)
     try:  # before building: a config asking for gigabytes is refused against a small file at once
         ArchConfig(**{k: v for k, v in kwargs.items() if k != "drop_rate"}).check_shapes(state_dict)
-    except StateDictMismatchError as e:
-        raise StateDictMismatchError(f"{source}: {weights_name} does not match its {CONFIG_NAME}: {e}") from None
+    except StateDictMismatchError as err:
+        raise _does_not_match(files, err) from None
     if num_classes is not None:
         kwargs = {**kwargs, "num_classes": num_classes}
     model = model_cls(**kwargs, memory_efficient=memory_efficient)
     model.pretrained_cfg = {**model.pretrained_cfg, **pretrained_cfg, "num_classes": model.num_classes}
     try:
         if strict:
-            load_state_dict_into(model, state_dict, source=source)
+            load_state_dict_into(model, state_dict, source=files.source)
         else:
             model.load_state_dict(state_dict, strict=False)
-    except StateDictMismatchError as e:
-        raise StateDictMismatchError(f"{source}: {weights_name} does not match its {CONFIG_NAME}: {e}") from None
+    except StateDictMismatchError as err:
+        raise _does_not_match(files, err) from None
     return model.to(map_location).eval()
 
 
-def _check_classes(state_dict: Mapping[str, Any], num_classes: int, source: str, weights_name: str) -> None:
+def _check_classes(state_dict: Mapping[str, Any], num_classes: int, files: HubFiles) -> None:
     """A config.json whose class count contradicts its weights is an error, never a silent new head."""
     head = state_dict.get("classifier.weight")
     found = 0 if head is None else int(head.shape[0])
     if found != num_classes:
         raise StateDictMismatchError(
-            f"{source}: {CONFIG_NAME} says num_classes={num_classes} but {weights_name} holds a classifier "
-            f"with {found} outputs; fix the folder, or pass num_classes= to re-initialise the head"
+            f"{files.source}: {CONFIG_NAME} says num_classes={num_classes} but {files.weights.name} holds a "
+            f"classifier with {found} outputs; fix the folder, or pass num_classes= to re-initialise the head"
         )
+
+
+def _does_not_match(files: HubFiles, err: StateDictMismatchError) -> StateDictMismatchError:
+    return StateDictMismatchError(
+        f"{files.source}: {files.weights.name} does not match its {CONFIG_NAME}: {err}"
+    )

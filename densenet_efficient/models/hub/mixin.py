@@ -98,9 +98,10 @@ class DenseNetHubMixin(
         # arguments the mixin copied from it (growth_rate, block_config, ...; the caller's own
         # were refused by from_pretrained). The architecture is read from `config` itself, which
         # timm's format needs anyway; `num_classes` is the caller's or the file's own.
-        opts = {"revision": revision, "cache_dir": cache_dir, "force_download": force_download, "token": token}
-        opts.update(local_files_only=local_files_only, **({"proxies": proxies} if proxies is not None else {}))
-        files = locate(model_id, opts)  # from_pretrained hands a local folder: found at once
+        opts = dict(revision=revision, cache_dir=cache_dir, force_download=force_download, token=token,
+                    local_files_only=local_files_only, proxies=proxies)  # fmt: skip
+        # from_pretrained hands a local folder: found at once, nothing fetched
+        files = locate(model_id, {k: v for k, v in opts.items() if v is not None})
         kwargs, pretrained_cfg = folder_kwargs(
             config if config is not None else read_config(files.config, files.source), files.source
         )
