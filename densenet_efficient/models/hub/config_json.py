@@ -99,7 +99,7 @@ def folder_kwargs(config: Any, source: str) -> tuple[dict[str, Any], dict[str, A
         raise UsageError(f"{source}: pretrained_cfg must be a JSON object, found {shown(pretrained_cfg)}")
     if "growth_rate" in config:  # this package's fields
         kwargs = ArchConfig.from_json(config, source=f"{source}: config.json").to_kwargs()
-        kwargs["drop_rate"] = _drop_rate(config.get("drop_rate", 0.0), f"{source}: drop_rate")
+        kwargs["drop_rate"] = _drop_rate(config.get("drop_rate", 0.0), f"{source}: config.json: drop_rate")
         return kwargs, dict(pretrained_cfg)
     arch = config.get("architecture")
     if arch is None:
