@@ -154,7 +154,7 @@ def _checkpoint_problem(ckpt: dict[str, Any]) -> str | None:
     """What makes a checkpoint of the right format unusable (None when its bookkeeping is sound).
 
     Only the cheap, structural facts; whether the weights, optimiser and RNG states fit the model
-    is checked when they are restored (``loop._restore``)."""
+    is checked when they are restored (:func:`restore_training_state`)."""
     config = ckpt["config"]
     if not isinstance(config, dict):
         return f"its config is a {type(config).__name__}, expected a dict of settings"
