@@ -603,6 +603,10 @@ def test_architecture_arguments_are_refused_before_any_file_is_looked_for(tmp_pa
         ValueError, match=r"org/x: from_pretrained cannot change the saved architecture \(bn_size=2\)"
     ):
         de.DenseNet.from_pretrained("org/x", bn_size=2)
+    with pytest.raises(
+        ValueError, match=r"org/x: from_pretrained has no argument colour; it accepts memory_efficient"
+    ):
+        de.DenseNet.from_pretrained("org/x", colour="red")  # not handed on to the hook unread
     tiny().save_pretrained(tmp_path / "m")
     loaded = de.DenseNet.from_pretrained(tmp_path / "m", num_classes=7, memory_efficient="max_saving")
     assert loaded.num_classes == 7 and loaded.memory_efficient == "max_saving"

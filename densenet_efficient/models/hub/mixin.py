@@ -36,6 +36,8 @@ __all__ = ["DenseNetHubMixin", "load_hub_folder", "save_hub_folder"]
 
 #: ``from_pretrained`` arguments that are not the architecture's: how to run and load it.
 _LOAD_CHOICES = ("memory_efficient", "num_classes", "map_location", "strict")
+#: ``from_pretrained`` arguments about fetching, the mixin's ("resume_download": accepted, unused).
+_FETCH_OPTIONS = (*DOWNLOAD_OPTIONS, "resume_download")
 
 
 class DenseNetHubMixin(
@@ -70,7 +72,7 @@ class DenseNetHubMixin(
         # are fetched once, here, with one-sentence errors; the mixin then reads the folder found
         # (a repo's snapshot in the Hugging Face cache) and calls `_from_pretrained` on it.
         name = os.fspath(pretrained_model_name_or_path)
-        _refuse_architecture_arguments(cls, kwargs, name)
+        _check_load_arguments(cls, kwargs, name)
         files = locate(name, {k: kwargs[k] for k in DOWNLOAD_OPTIONS if kwargs.get(k) is not None})
         folder_kwargs(read_config(files.config, name), name)  # every field checked, naming `name`
         return super().from_pretrained(files.folder, **kwargs)
@@ -189,16 +191,21 @@ class DenseNetHubMixin(
         return render_card(self, provenance=provenance, repo_id=repo_id, license=license)
 
 
-def _refuse_architecture_arguments(cls: type, kwargs: Mapping[str, Any], source: str) -> None:
-    """Refuse constructor arguments other than :data:`_LOAD_CHOICES`: the architecture is the saved one."""
-    fixed = [p for p in inspect.signature(cls.__init__).parameters if p != "self" and p not in _LOAD_CHOICES]
-    chosen = {k: kwargs[k] for k in fixed if k in kwargs}
+def _check_load_arguments(cls: type, kwargs: Mapping[str, Any], source: str) -> None:
+    """Refuse what ``from_pretrained`` cannot honour: constructor arguments other than
+    :data:`_LOAD_CHOICES` (the architecture is the saved one), and names it does not know (the
+    mixin would hand them on to ``_from_pretrained`` beside the ones it copies from config.json)."""
+    accepts = f"it accepts {', '.join(_LOAD_CHOICES)} and the Hub download options"
+    init = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    chosen = {k: v for k, v in kwargs.items() if k in init and k not in _LOAD_CHOICES}
     if chosen:
         raise UsageError(
             f"{source}: from_pretrained cannot change the saved architecture "
-            f"({', '.join(f'{k}={v!r}' for k, v in chosen.items())}); it accepts "
-            f"{', '.join(_LOAD_CHOICES[:-1])} and {_LOAD_CHOICES[-1]} and the Hub download options"
+            f"({', '.join(f'{k}={v!r}' for k, v in chosen.items())}); {accepts}"
         )
+    unknown = sorted(set(kwargs) - {*init, *_LOAD_CHOICES, *_FETCH_OPTIONS})
+    if unknown:
+        raise UsageError(f"{source}: from_pretrained has no argument {', '.join(unknown)}; {accepts}")
 
 
 def _check_save_args(config: Any, model_card_kwargs: Mapping[str, Any] | None) -> None:
