@@ -314,8 +314,7 @@ def test_torchrun_ranks_stop_together_when_one_ranks_loss_is_non_finite(tmp_path
     launcher.write_text(
         textwrap.dedent("""
         import math, os, sys
-        import densenet_efficient.training.checkpoint as checkpoint
-import densenet_efficient.training.loop as loop
+        import densenet_efficient.training.loop as loop
         from densenet_efficient import cli
         real, calls = loop._loss_fn, [0]
         def diverges_on_rank_1(out, y):
