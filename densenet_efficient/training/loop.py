@@ -451,13 +451,8 @@ def _train(
     data = _load_data(c, dataset, info)
     c, choice = _choose_budget(c, data, info, device, ckpt)
     if ckpt is not None:
-        check_resumable(
-            ckpt,
-            save_dir / CHECKPOINT_NAME,
-            arch=_arch_config(c, data.num_classes),
-            classes=data.classes,
-            plan=choice.plan if choice is not None else None,
-        )
+        arch, plan = _arch_config(c, data.num_classes), choice.plan if choice is not None else None
+        check_resumable(ckpt, save_dir / CHECKPOINT_NAME, arch=arch, classes=data.classes, plan=plan)
     run = _build_run(c, dataset, save_dir, data, info, device, choice)
     if ckpt is not None:
         _restore(run, ckpt)
