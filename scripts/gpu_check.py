@@ -35,11 +35,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import operator
 import statistics
 import sys
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +52,7 @@ from densenet_efficient.io.atomic import atomic_write
 from densenet_efficient.models.config import ArchConfig, densenet_bc_config, get_config
 from densenet_efficient.models.engine import MODES, engine_status
 from densenet_efficient.models.memory_plan import MemoryPlan
+from densenet_efficient.perf.benchmark import DEFAULT_COMPILED_BUDGETS, benchmark
 from densenet_efficient.perf.measure import time_step
 
 #: More ``memory_efficient=`` settings for (a), checked like the modes: (label, config -> setting),
@@ -73,7 +76,6 @@ PRECISIONS = {
     "fp32": (torch.float32, None, 1e-4, False),
     "bf16 autocast": (torch.float32, torch.bfloat16, 2e-2, False),
 }
-COMPILED_BUDGETS = (1.0, 0.5, 0.3, 0.1)
 MB, GB = 1 << 20, 1 << 30
 
 
@@ -214,7 +216,6 @@ def benchmark_points(quick: bool) -> list[tuple[ArchConfig, int, int]]:
 
 
 def eager_rows(config: ArchConfig, batch: int, res: int, device: str) -> list[dict[str, Any]]:
-    from densenet_efficient.perf.benchmark import benchmark
     from densenet_efficient.perf.measure import IMPLEMENTATIONS
 
     return benchmark(
@@ -227,8 +228,6 @@ def compiled_row(
     config: ArchConfig, batch: int, res: int, device: str, variant: Any, base: dict[str, Any] | None
 ) -> dict[str, Any]:
     """One compiled variant (a budget for torchvision, or ``"efficient"``), measured once; ratios to ``base``."""
-    from densenet_efficient.perf.benchmark import benchmark
-
     kwargs = {"compile_ours": [variant]} if isinstance(variant, str) else {"compiled_budgets": [variant]}
     (row,) = benchmark(
         config, batch_size=batch, image_size=res, implementations=[], rounds=1, steps=5, device=device,
@@ -256,13 +255,17 @@ def benchmark_markdown(rows: list[dict[str, Any]]) -> str:
 # --- (c) densenet121 at scale, bf16 channels_last -------------------------------------------------
 
 
-def _step_seconds(step: Callable[[], None], cuda: bool) -> float:
-    """One call of ``step`` in seconds (:func:`~densenet_efficient.perf.measure.time_step`)."""
-    return time_step(step, "cuda" if cuda else "cpu")
+_COMPARE = {"<=": operator.le, ">=": operator.ge, "<": operator.lt}
+
+
+def _verdict(prefix: str, ratio: float, what: str, op: str, target: str) -> str:
+    """One line against a target: ``- point: efficient at 1.020x naive's step time (target <= 1.15x): met``."""
+    met = _COMPARE[op](ratio, float(target.removesuffix("x")))
+    return f"{prefix}{ratio:.3f}x {what} (target {op} {target}): {'met' if met else 'NOT met'}"
 
 
 def _memory_verdict(ratio: float) -> str:
-    return f"  memory {ratio:.3f}x naive's (target <= 0.25x): {'met' if ratio <= 0.25 else 'NOT met'}"
+    return _verdict("  memory ", ratio, "naive's", "<=", "0.25x")
 
 
 def bf16_point(impl: str, batch: int, res: int, steps: int) -> dict[str, Any]:
@@ -289,7 +292,7 @@ def bf16_point(impl: str, batch: int, res: int, steps: int) -> dict[str, Any]:
         torch.cuda.synchronize()
         times = []
         for _ in range(steps):
-            times.append(_step_seconds(step, cuda=True))
+            times.append(time_step(step, "cuda"))
         peak = torch.cuda.max_memory_allocated()
         return {"impl": impl, "peak_gb": peak / GB, "img_s": batch / statistics.median(times)}
     except torch.OutOfMemoryError:
@@ -327,7 +330,10 @@ def speed_points(quick: bool) -> list[tuple[str, ArchConfig, int, int, bool]]:
     """(label, config, batch, resolution, bf16 autocast + channels_last)."""
     if quick:
         tiny = ArchConfig(growth_rate=4, block_config=(1, 2, 1, 1), num_init_features=8, num_classes=10)
-        return [("DenseNet-BC-10 fp32", densenet_bc_config(10), 4, 16, False), ("tiny bf16 CL", tiny, 2, 32, True)]
+        return [
+            ("DenseNet-BC-10 fp32", densenet_bc_config(10), 4, 16, False),
+            ("tiny bf16 CL", tiny, 2, 32, True),
+        ]
     return [
         ("DenseNet-BC-100 b64 fp32", densenet_bc_config(100), 64, 32, False),
         ("densenet121 b64 224 fp32", get_config("densenet121"), 64, 224, False),
@@ -346,7 +352,9 @@ def speed_rows(device: str, quick: bool, rounds: int = 10) -> list[dict[str, Any
         fmt = torch.channels_last if low else torch.contiguous_format
         x = torch.randn(batch, 3, res, res, device=device).contiguous(memory_format=fmt)
         y = torch.randint(0, config.num_classes, (batch,), device=device)
-        models = {i: build_implementation(i, config).to(device, memory_format=fmt).train() for i in SPEED_IMPLS}
+        models = {
+            i: build_implementation(i, config).to(device, memory_format=fmt).train() for i in SPEED_IMPLS
+        }
 
         def step(model: torch.nn.Module, x=x, y=y, low=low) -> None:
             with torch.autocast(device, dtype=torch.bfloat16, enabled=low):
@@ -355,7 +363,7 @@ def speed_rows(device: str, quick: bool, rounds: int = 10) -> list[dict[str, Any
             model.zero_grad(set_to_none=True)
 
         def timed(model: torch.nn.Module, step=step) -> float:
-            return _step_seconds(lambda: step(model), cuda)
+            return time_step(lambda: step(model), device)
 
         peaks = {}
         for impl, model in models.items():
@@ -408,13 +416,21 @@ def speed_markdown(rows: list[dict[str, Any]], device: str) -> str:
         )
         if r["impl"] == "efficient":  # the issue's targets, judged here
             if r["low"]:
-                ok = 1 / r["time_ratio"] >= 0.95
-                verdicts.append(f"- {r['point']}: efficient at {1 / r['time_ratio']:.3f}x torchvision's img/s "
-                                f"(target >= 0.95x): {'met' if ok else 'NOT met'}")
+                verdicts.append(
+                    _verdict(
+                        f"- {r['point']}: efficient at ",
+                        1 / r["time_ratio"],
+                        "torchvision's img/s",
+                        ">=",
+                        "0.95x",
+                    )
+                )
             else:
-                ok = r["time_ratio"] <= 1.15
-                verdicts.append(f"- {r['point']}: efficient at {r['time_ratio']:.3f}x naive's step time "
-                                f"(target <= 1.15x): {'met' if ok else 'NOT met'}")
+                verdicts.append(
+                    _verdict(
+                        f"- {r['point']}: efficient at ", r["time_ratio"], "naive's step time", "<=", "1.15x"
+                    )
+                )
             if r["memory_ratio"] is not None:
                 verdicts.append(_memory_verdict(r["memory_ratio"]))
     lines += [
@@ -445,8 +461,12 @@ def _compiled(model: torch.nn.Module, mode: str | None, budget: float | None, cu
     if mode is None:
         return model
     if mode == "graphs":  # our blocks are custom ops: one graph, and on CUDA graphs replay it
-        return torch.compile(model, fullgraph=True, mode="reduce-overhead" if cuda else None,
-                             backend="inductor" if cuda else "aot_eager")
+        return torch.compile(
+            model,
+            fullgraph=True,
+            mode="reduce-overhead" if cuda else None,
+            backend="inductor" if cuda else "aot_eager",
+        )
     return torch.compile(model, backend="inductor" if cuda else "aot_eager")
 
 
@@ -490,7 +510,7 @@ def graph_rows(device: str, quick: bool, rounds: int = 10) -> list[dict[str, Any
                 torch.cuda.synchronize()
             warm = time.perf_counter() - t0
             peak = (torch.cuda.max_memory_allocated() - before) / MB if cuda else None
-            times = [_step_seconds(step, cuda) for _ in range(2 if quick else rounds)]
+            times = [time_step(step, device) for _ in range(2 if quick else rounds)]
             measured[name] = (statistics.median(times), peak, warm)
             del net, model, step
         base_t, base_m, _ = measured["naive eager"]
@@ -517,14 +537,19 @@ def graph_markdown(rows: list[dict[str, Any]], device: str) -> str:
     for point in dict.fromkeys(r["point"] for r in rows):
         by = {r["variant"]: r for r in rows if r["point"] == point}
         ours = by["efficient captured"]
-        verdicts.append(f"- {point}: captured efficient at {ours['time_ratio']:.3f}x naive eager's time "
-                        f"(target < 1.00x): {'met' if ours['time_ratio'] < 1 else 'NOT met'}")
+        verdicts.append(
+            _verdict(
+                f"- {point}: captured efficient at ", ours["time_ratio"], "naive eager's time", "<", "1.00x"
+            )
+        )
         for peer in ("torchvision compiled", "torchvision compiled (budget 0.3)"):
-            t = ours["seconds"] / by[peer]["seconds"]
-            verdicts.append(f"  vs {peer}: {t:.3f}x its time (target <= 1.00x): {'met' if t <= 1 else 'NOT met'}")
+            verdicts.append(
+                _verdict(f"  vs {peer}: ", ours["seconds"] / by[peer]["seconds"], "its time", "<=", "1.00x")
+            )
             if ours["peak_mb"] is not None:
-                m = ours["peak_mb"] / by[peer]["peak_mb"]
-                verdicts.append(f"  memory {m:.3f}x its (target <= 0.5x): {'met' if m <= 0.5 else 'NOT met'}")
+                verdicts.append(
+                    _verdict("  memory ", ours["peak_mb"] / by[peer]["peak_mb"], "its", "<=", "0.5x")
+                )
         if ours["memory_ratio"] is not None:
             verdicts.append(_memory_verdict(ours["memory_ratio"]))
     lines += [
@@ -591,11 +616,152 @@ def planner_markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-# --- driver ---------------------------------------------------------------------------------------
+# --- driver: the table of sections ----------------------------------------------------------------
 
 
-def _guarded(name: str, fn: Callable[[], str]) -> str:
-    """``fn()``'s Markdown, or the exception in its place (the other sections still run)."""
+@dataclass
+class Run:
+    """What the sections share: the command line's choices, and what earlier sections measured."""
+
+    device: str
+    quick: bool
+    deadline: float  #: ``time.monotonic()`` after which (b)'s compiled rows are skipped
+    failures: list[str] = field(default_factory=list)  #: failed correctness rows, for the exit status
+    eager: dict[int, list[dict[str, Any]]] = field(default_factory=dict)  #: (b)'s eager rows; (d) reads them
+
+    @property
+    def cuda(self) -> bool:
+        return self.device == "cuda"
+
+
+#: What a section's ``run`` returns: its Markdown, or a function that finishes it (and returns
+#: its Markdown) after every other section has run.
+Outcome = str | Callable[[], str]
+
+
+@dataclass(frozen=True)
+class Section:
+    """One ``## (letter) title`` of the report."""
+
+    letter: str
+    title: Callable[[Run], str]
+    run: Callable[[Run], Outcome]
+    needs_cuda: bool
+
+
+def section_a(run: Run) -> str:
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        rows = correctness_rows(run.device, run.quick)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    run.failures.extend(f"(a) {r['config']} {r['precision']} {r['setting']}" for r in rows if not r["passed"])
+    return correctness_markdown(rows)
+
+
+def section_b(run: Run) -> Callable[[], str]:
+    """The eager rows now (``run.eager``, which (d) reads); the compiled rows, the expensive part,
+    after every other section, while the time budget lasts."""
+    points = benchmark_points(run.quick)
+    for i, (config, batch, res) in enumerate(points):
+        run.eager[i] = eager_rows(config, batch, res, run.device)
+    return lambda: benchmark_section(run, points)
+
+
+def compiled_rows(run: Run, points: list[tuple[ArchConfig, int, int]]) -> dict[int, list[dict[str, Any]]]:
+    """(b)'s compiled rows, each variant on every configuration before the next variant, while
+    ``run.deadline`` allows (the next one's compile time guessed from the last)."""
+    variants: list[Any] = [0.5] if run.quick else [*DEFAULT_COMPILED_BUDGETS, "efficient"]
+    rows: dict[int, list[dict[str, Any]]] = {i: [] for i in run.eager}
+    last = 60.0  # the first compilation's guess, in seconds
+    for variant in variants:
+        for i, (config, batch, res) in enumerate(points):
+            if i not in run.eager:
+                continue
+            label = (
+                "efficient compiled" if variant == "efficient" else f"torchvision compiled (budget {variant})"
+            )
+            if time.monotonic() + last > run.deadline:
+                rows[i].append(_not_measured(run.eager[i][0], label, "skipped: time budget spent"))
+                continue
+            t0 = time.monotonic()
+            base = next((r for r in run.eager[i] if r["implementation"] == "torchvision"), None)
+            try:
+                rows[i].append(compiled_row(config, batch, res, run.device, variant, base))
+            except Exception as err:
+                rows[i].append(_not_measured(run.eager[i][0], label, f"{type(err).__name__}: {err}"))
+            last = max(0.6 * last, time.monotonic() - t0)
+    return rows
+
+
+def benchmark_section(run: Run, points: list[tuple[ArchConfig, int, int]]) -> str:
+    compiled = compiled_rows(run, points)
+    parts = []
+    for i, (config, batch, res) in enumerate(points):
+        parts.append(f"### {config.name}, batch {batch}, {res}x{res}, fp32\n")
+        parts.append(benchmark_markdown(run.eager[i] + compiled[i]) + "\n")
+    parts.append(
+        "Peak MB: `max_memory_allocated` over one step after a warm-up minus the memory allocated "
+        "before it (fresh process per figure). Eager rows: 2 interleaved rounds of 5 timed steps, "
+        "ratios paired by round with torchvision naive. Compiled rows (`torch.compile`, "
+        "`activation_memory_budget` as labelled; `efficient compiled`: our blocks are custom ops "
+        "inside one compiled graph) are measured once, warm (the compiling step and one more "
+        "step excluded), their ratios against the eager rows' torchvision figures."
+    )
+    return "\n".join(parts)
+
+
+def section_c(run: Run) -> str:
+    batch, res, steps = (8, 64, 3) if run.quick else (256, 224, 10)
+    impls = ["torchvision", "efficient", "max_saving"]
+    return bf16_markdown([bf16_point(i, batch, res, steps) for i in impls], batch, res)
+
+
+def section_d(run: Run) -> str:
+    eager = [r for rows in run.eager.values() for r in rows]
+    return planner_markdown(planner_rows(eager, run.device, run.quick))
+
+
+def section_s(run: Run) -> str:
+    """Runs on the CPU too (plumbing; the figures that matter are the GPU's)."""
+    return speed_markdown(speed_rows(run.device, run.quick), run.device)
+
+
+def section_g(run: Run) -> str:
+    """The captured step; on the CPU plumbing with aot_eager."""
+    return graph_markdown(graph_rows(run.device, run.quick), run.device)
+
+
+#: The report, in order. Sections run in this order too, except what a section defers (the
+#: compiled rows of (b)), which runs after all of them.
+SECTIONS = (
+    Section("a", lambda run: f"Correctness on {run.device.upper()}", section_a, needs_cuda=False),
+    Section("b", lambda run: "Benchmark table", section_b, needs_cuda=True),
+    Section(
+        "c",
+        lambda run: (
+            "densenet121, bf16, channels_last (quick: small batch)"
+            if run.quick
+            else "densenet121, batch 256, bf16, channels_last"
+        ),
+        section_c,
+        needs_cuda=True,
+    ),
+    Section("d", lambda run: "Planner estimate vs measurement", section_d, needs_cuda=True),
+    Section("s", lambda run: "Speed: step time, memory and ops per step", section_s, needs_cuda=False),
+    Section(
+        "g",
+        lambda run: "Graphs: the captured step against naive and the compiler",
+        section_g,
+        needs_cuda=False,
+    ),
+)
+LETTERS = "".join(s.letter for s in SECTIONS)
+
+
+def _guarded(fn: Callable[[], Outcome]) -> Outcome:
+    """``fn()``'s outcome, or the exception in its place (the other sections still run)."""
     try:
         return fn()
     except Exception as err:
@@ -603,7 +769,27 @@ def _guarded(name: str, fn: Callable[[], str]) -> str:
         return f"**Section failed:** `{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}`"
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_sections(run: Run, letters: str) -> dict[str, str]:
+    """Every section's Markdown by letter: run, skipped (no CUDA) or not asked for."""
+    texts: dict[str, str] = {}
+    deferred: dict[str, Callable[[], str]] = {}
+    for section in SECTIONS:
+        if section.letter not in letters:
+            texts[section.letter] = "not run (--sections)"
+        elif section.needs_cuda and not run.cuda:
+            texts[section.letter] = "skipped: no CUDA (this run used the CPU)"
+        else:
+            outcome = _guarded(lambda section=section: section.run(run))
+            if callable(outcome):
+                deferred[section.letter] = outcome
+            else:
+                texts[section.letter] = outcome
+    for letter, finish in deferred.items():
+        texts[letter] = _guarded(finish)
+    return texts
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "--out", default="docs/gpu_check.md", help="Markdown report (default docs/gpu_check.md)"
@@ -617,171 +803,54 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds; compiled rows of (b) stop when spent (default 450)",
     )
     parser.add_argument(
-        "--sections", default="abcdgs", help="which sections to run, e.g. 'as' (default abcdgs: all)"
+        "--sections", default=LETTERS, help=f"which sections to run, e.g. 'as' (default {LETTERS}: all)"
     )
+    return parser
+
+
+def report(run: Run, texts: dict[str, str], argv: list[str], wall_s: float) -> str:
+    """The whole Markdown document: the machine, then every section in :data:`SECTIONS`' order."""
+    import torchvision
+
+    card = torch.cuda.get_device_name() if run.cuda else "none (CPU run)"
+    lines = [
+        "# GPU readiness check",
+        "",
+        f"- Card: {card}",
+        f"- torch {torch.__version__}, torchvision {torchvision.__version__}, CUDA {torch.version.cuda}",
+        f"- Engine: {engine_status()}",
+        f"- Date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- Command: `python scripts/gpu_check.py {' '.join(argv)}`".rstrip(),
+        f"- Wall time: {wall_s:.0f} s" + (" (--quick: tiny sizes)" if run.quick else ""),
+        "",
+    ]
+    for section in SECTIONS:
+        lines += [f"## ({section.letter}) {section.title(run)}", "", texts[section.letter], ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
     args = parser.parse_args(argv)
-    if not args.sections or set(args.sections) - set("abcdgs"):
-        parser.error(f"--sections takes letters from 'abcdgs', got {args.sections!r}")
+    if not args.sections or set(args.sections) - set(LETTERS):
+        parser.error(f"--sections takes letters from {LETTERS!r}, got {args.sections!r}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         print("gpu_check: error: --device cuda asked for, but CUDA is not available here", file=sys.stderr)
         return 2
-    cuda = device == "cuda"
-    started = time.monotonic()
-    deadline = started + args.time_budget
-    if not cuda:  # (a) alone runs, on tiny models: one thread, immune to a busy machine's oversubscription
+    if device == "cpu":  # tiny models: one thread, immune to a busy machine's oversubscription
         torch.set_num_threads(1)
-    skipped = "skipped: no CUDA (this run used the CPU)"
-    failures: list[str] = []
-
-    # (a)
-    def section_a() -> str:
-        tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-        try:
-            rows = correctness_rows(device, args.quick)
-        finally:
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
-        failures.extend(f"(a) {r['config']} {r['precision']} {r['setting']}" for r in rows if not r["passed"])
-        return correctness_markdown(rows)
-
-    not_asked = "not run (--sections)"
-    text_a = _guarded("a", section_a) if "a" in args.sections else not_asked
-
-    # (b) eager rows now, compiled rows last (they are the expensive part)
-    points = benchmark_points(args.quick)
-    eager: dict[int, list[dict[str, Any]]] = {}
-
-    def section_b_eager() -> str:
-        for i, (config, batch, res) in enumerate(points):
-            eager[i] = eager_rows(config, batch, res, device)
-        return ""
-
-    err_b = (_guarded("b", section_b_eager) if cuda else skipped) if "b" in args.sections else not_asked
-
-    # (c)
-    c_batch, c_res, c_steps = (8, 64, 3) if args.quick else (256, 224, 10)
-
-    def section_c() -> str:
-        impls = ["torchvision", "efficient", "max_saving"]
-        return bf16_markdown([bf16_point(i, c_batch, c_res, c_steps) for i in impls], c_batch, c_res)
-
-    text_c = (_guarded("c", section_c) if cuda else skipped) if "c" in args.sections else not_asked
-
-    # (d)
-    def section_d() -> str:
-        return planner_markdown(
-            planner_rows([r for rows in eager.values() for r in rows], device, args.quick)
-        )
-
-    text_d = (_guarded("d", section_d) if cuda else skipped) if "d" in args.sections else not_asked
-
-    # (s): runs on the CPU too (plumbing; the figures that matter are the GPU's)
-    def section_s() -> str:
-        return speed_markdown(speed_rows(device, args.quick), device)
-
-    text_s = _guarded("s", section_s) if "s" in args.sections else not_asked
-
-    # (g): the captured step; on the CPU plumbing with aot_eager
-    def section_g() -> str:
-        return graph_markdown(graph_rows(device, args.quick), device)
-
-    text_g = _guarded("g", section_g) if "g" in args.sections else not_asked
-
-    # (b) compiled rows, while the time budget lasts; variants alternate between the configurations
-    compiled: dict[int, list[dict[str, Any]]] = {i: [] for i in range(len(points))}
-    variants: list[Any] = [0.5] if args.quick else [*COMPILED_BUDGETS, "efficient"]
-    if cuda and eager:
-        last = 60.0  # the first compilation's guess, in seconds
-        for variant in variants:
-            for i, (config, batch, res) in enumerate(points):
-                if i not in eager:
-                    continue
-                label = (
-                    "efficient compiled"
-                    if variant == "efficient"
-                    else f"torchvision compiled (budget {variant})"
-                )
-                if time.monotonic() + last > deadline:
-                    compiled[i].append(_not_measured(eager[i][0], label, "skipped: time budget spent"))
-                    continue
-                t0 = time.monotonic()
-                base = next((r for r in eager[i] if r["implementation"] == "torchvision"), None)
-                try:
-                    compiled[i].append(compiled_row(config, batch, res, device, variant, base))
-                except Exception as err:
-                    compiled[i].append(_not_measured(eager[i][0], label, f"{type(err).__name__}: {err}"))
-                last = max(0.6 * last, time.monotonic() - t0)
-
-    def section_b() -> str:
-        if not eager:
-            return err_b
-        parts = []
-        for i, (config, batch, res) in enumerate(points):
-            if i in eager:
-                parts.append(f"### {config.name}, batch {batch}, {res}x{res}, fp32\n")
-                parts.append(benchmark_markdown(eager[i] + compiled[i]) + "\n")
-        parts.append(
-            "Peak MB: `max_memory_allocated` over one step after a warm-up minus the memory allocated "
-            "before it (fresh process per figure). Eager rows: 2 interleaved rounds of 5 timed steps, "
-            "ratios paired by round with torchvision naive. Compiled rows (`torch.compile`, "
-            "`activation_memory_budget` as labelled; `efficient compiled`: our blocks are custom ops "
-            "inside one compiled graph) are measured once, warm (the compiling step and one more "
-            "step excluded), their ratios against the eager rows' torchvision figures."
-        )
-        return "\n".join(parts)
-
-    text_b = _guarded("b", section_b) if cuda else skipped
-
-    card = torch.cuda.get_device_name() if cuda else "none (CPU run)"
-    import torchvision
-
-    doc = "\n".join(
-        [
-            "# GPU readiness check",
-            "",
-            f"- Card: {card}",
-            f"- torch {torch.__version__}, torchvision {torchvision.__version__}, CUDA {torch.version.cuda}",
-            f"- Engine: {engine_status()}",
-            f"- Date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
-            f"- Command: `python scripts/gpu_check.py {' '.join(argv if argv is not None else sys.argv[1:])}`".rstrip(),
-            f"- Wall time: {time.monotonic() - started:.0f} s"
-            + (" (--quick: tiny sizes)" if args.quick else ""),
-            "",
-            f"## (a) Correctness on {device.upper()}",
-            "",
-            text_a,
-            "",
-            "## (b) Benchmark table",
-            "",
-            text_b,
-            "",
-            "## (c) densenet121, batch 256, bf16, channels_last"
-            if not args.quick
-            else "## (c) densenet121, bf16, channels_last (quick: small batch)",
-            "",
-            text_c,
-            "",
-            "## (d) Planner estimate vs measurement",
-            "",
-            text_d,
-            "",
-            "## (s) Speed: step time, memory and ops per step",
-            "",
-            text_s,
-            "",
-            "## (g) Graphs: the captured step against naive and the compiler",
-            "",
-            text_g,
-            "",
-        ]
-    )
+    started = time.monotonic()
+    run = Run(device, args.quick, deadline=started + args.time_budget)
+    texts = run_sections(run, args.sections)
+    doc = report(run, texts, argv, time.monotonic() - started)
     atomic_write(Path(args.out), doc.encode())
     print(doc)
     print(f"wrote {args.out}", file=sys.stderr)
-    if failures:
-        print("FAILED: " + "; ".join(failures), file=sys.stderr)
-    return 1 if failures or "**Section failed:**" in doc else 0
+    if run.failures:
+        print("FAILED: " + "; ".join(run.failures), file=sys.stderr)
+    return 1 if run.failures or "**Section failed:**" in doc else 0
 
 
 def _not_measured(like: dict[str, Any], label: str, why: str) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any
 
 from ..errors import UsageError, check_int, shown
+from .imagenet import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
     "ARCHITECTURES",
@@ -326,8 +327,6 @@ def densenet_bc_config(depth: int, growth_rate: int = 12, num_classes: int = 10)
 
 
 #: torchvision's ImageNet normalisation, which its DenseNet weights (and timm's copies) expect.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 #: torchvision's preprocessing for its ImageNet weights (``transforms._presets.ImageClassification``).
 IMAGENET_PREPROCESSING: dict[str, Any] = {
     "resize_size": 256,

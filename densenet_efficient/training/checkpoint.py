@@ -21,6 +21,8 @@ import os
 import random
 import stat
 import tempfile
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -34,9 +36,11 @@ from ..errors import UsageError, shown
 from ..io.atomic import atomic_write, lock_exclusive, remove_stale_temporaries
 from ..io.checkpoint import CheckpointError, load_torch_file
 from ..io.files import file_kind
+from ..io.state_dict import StateDictMismatchError
+from ..models.config import ArchConfig
 from ..models.hub import save_hub_folder
-from ..models.memory_plan import MemoryPlan
-from .config import TrainConfig, check_settings
+from ..models.memory_plan import MemoryPlan, resolve_memory_plan
+from .config import TrainConfig, check_settings, lr_milestones
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -45,9 +49,12 @@ __all__ = [
     "RUN_MARKER",
     "BestModel",
     "RunFolder",
+    "check_resumable",
     "check_run_folder",
     "read_run_checkpoint",
+    "rescheduled",
     "restore_rng_state",
+    "restore_training_state",
     "rng_state",
     "save_epoch",
     "write_log",
@@ -147,7 +154,7 @@ def _checkpoint_problem(ckpt: dict[str, Any]) -> str | None:
     """What makes a checkpoint of the right format unusable (None when its bookkeeping is sound).
 
     Only the cheap, structural facts; whether the weights, optimiser and RNG states fit the model
-    is checked when they are restored (``loop._restore``)."""
+    is checked when they are restored (:func:`restore_training_state`)."""
     config = ckpt["config"]
     if not isinstance(config, dict):
         return f"its config is a {type(config).__name__}, expected a dict of settings"
@@ -157,6 +164,11 @@ def _checkpoint_problem(ckpt: dict[str, Any]) -> str | None:
         return (
             f"its config has settings this version does not know ({', '.join(map(str, unknown))}); "
             "was it written by a newer densenet-efficient?"
+        )
+    if config.get("batch_size") == "auto":  # a run stores the batch "auto" resolved to, never "auto"
+        return (
+            "its config's batch_size is 'auto', expected the batch size the run trained with "
+            "(an integer: a run stores the batch --batch-size auto chose)"
         )
     epoch, history, n_epochs = ckpt["epoch"], ckpt["history"], config.get("n_epochs")
     if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 1:
@@ -181,7 +193,9 @@ def _checkpoint_problem(ckpt: dict[str, Any]) -> str | None:
         if ckpt.get(key) is not None and not isinstance(ckpt[key], dict):
             return f"its {key} entry is a {type(ckpt[key]).__name__}, expected a dict or None"
     classes = ckpt.get("classes")  # absent in checkpoints written before it was stored
-    if classes is not None and (not isinstance(classes, list) or not all(isinstance(c, str) for c in classes)):
+    if classes is not None and (
+        not isinstance(classes, list) or not all(isinstance(c, str) for c in classes)
+    ):
         return f"its classes are {shown(classes)}, expected a list of class names"
     best_error, best_epoch = ckpt.get("best_valid_error"), ckpt.get("best_epoch")
     if best_error is not None and not _is_number(best_error):
@@ -266,7 +280,9 @@ def check_run_folder(
     folder = RunFolder(save_dir, fd, created)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise UsageError(f"--save {save_dir}: its {RUN_MARKER} is not a regular file; this package did not write it")
+            raise UsageError(
+                f"--save {save_dir}: its {RUN_MARKER} is not a regular file; this package did not write it"
+            )
         if not lock_exclusive(fd):
             raise UsageError(
                 f"--save {save_dir} is in use by another training run (it holds {RUN_MARKER} locked); "
@@ -442,3 +458,166 @@ def save_epoch(
     buffer = io.BytesIO()
     torch.save(state, buffer)
     atomic_write(save_dir / CHECKPOINT_NAME, buffer.getvalue())
+
+
+# -- resuming: what a checkpoint must fit, and restoring from it -----------------------------------
+
+
+def check_resumable(
+    ckpt: dict[str, Any], path: Path, *, arch: ArchConfig, classes: Sequence[str], plan: MemoryPlan | None
+) -> None:
+    """Refuse, before any model is built, a checkpoint the run cannot continue from: data whose
+    classes are not the run's (:func:`_check_classes`), stored weights or a stored plan that do not
+    fit ``arch``, the architecture its settings describe (:func:`_check_fits`)."""
+    _check_classes(ckpt, classes, path)
+    _check_fits(ckpt, arch, plan, path)
+
+
+def _check_classes(ckpt: dict[str, Any], classes: Sequence[str], path: Path) -> None:
+    """Label i must mean the class it meant when the weights were trained (a renamed class folder
+    shifts the sorted order, and the run would go on learning every label as another class)."""
+    stored = ckpt.get("classes")
+    if stored is None or list(stored) == list(classes):
+        return  # the same classes (or a checkpoint from before they were stored: shapes only)
+    differ = next(
+        (i for i, (a, b) in enumerate(zip(stored, classes, strict=False)) if a != b),
+        min(len(stored), len(classes)),
+    )
+    run_has = shown(stored[differ]) if differ < len(stored) else "nothing"
+    data_has = shown(classes[differ]) if differ < len(classes) else "nothing"
+    raise UsageError(
+        f"checkpoint {path} was trained on {len(stored)} classes {shown(stored)}, the data has "
+        f"{len(classes)}: {shown(list(classes))}; label {differ} is {run_has} in the run and "
+        f"{data_has} in the data, so resuming would train labels as other classes. Resume with the "
+        "run's class folders, or start a new run (--overwrite or another --save)"
+    )
+
+
+def _check_fits(ckpt: dict[str, Any], arch: ArchConfig, plan: MemoryPlan | None, path: Path) -> None:
+    """Compared from the numbers alone, so an edited ``growth_rate=100000`` is an error naming the
+    file, not an allocation of gigabytes."""
+    for key in ("model", "best_model"):
+        state = ckpt.get(key)
+        if state is None:
+            continue
+        odd = next((k for k, v in state.items() if not isinstance(v, torch.Tensor)), None)
+        try:
+            if odd is not None:
+                raise StateDictMismatchError(
+                    f"its entry {shown(odd)} is a {type(state[odd]).__name__}, not a tensor"
+                )
+            arch.check_shapes(state)
+        except StateDictMismatchError as err:
+            detail = str(err).removeprefix(f"checkpoint does not fit {arch.describe()}: ")
+            raise UsageError(
+                f"checkpoint {path}: its {key.replace('_', ' ')} does not fit the {arch.name} its settings "
+                f"describe: {detail}"
+            ) from None
+    if plan is not None:
+        try:
+            resolve_memory_plan(plan, arch)
+        except UsageError as err:
+            raise UsageError(
+                f"checkpoint {path}: its memory_plan does not fit the {arch.name}: {err}"
+            ) from None
+
+
+def restore_training_state(
+    ckpt: dict[str, Any],
+    path: Path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.MultiStepLR,
+    scaler: torch.amp.GradScaler,
+    n_epochs: int,
+) -> None:
+    """Load the checkpoint's weights, optimiser, LR schedule (for ``n_epochs``, see
+    :func:`rescheduled`), AMP scaler and RNG states into the run's fresh objects.
+
+    The weights were compared with the architecture before it was built (:func:`check_resumable`);
+    a part that still cannot be restored is refused with a :class:`UsageError` naming it, before
+    anything is trained or written.
+    """
+    steps = {
+        "model": lambda: model.load_state_dict(ckpt["model"]),
+        "optimizer": lambda: _load_optimizer(optimizer, ckpt["optimizer"]),
+        "scheduler": lambda: _load_schedule(
+            scheduler, optimizer, ckpt["scheduler"], ckpt["config"]["n_epochs"], n_epochs
+        ),
+        "scaler": lambda: ckpt.get("scaler") and scaler.load_state_dict(ckpt["scaler"]),
+        "rng": lambda: restore_rng_state(ckpt["rng"]),
+    }
+    for key, step in steps.items():
+        try:
+            step()
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as err:
+            reason = (str(err).strip().splitlines() or [""])[0][:200]
+            raise UsageError(
+                f"checkpoint {path}: its {key} state cannot be restored ({type(err).__name__}: {reason})"
+            ) from None
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """``optimizer.load_state_dict(state)``, refusing what it would accept and fail on later:
+    ``torch.optim`` takes a hyperparameter of another type, or a momentum buffer of another
+    shape, as it is, and the first step would raise in the middle of an epoch."""
+    fresh = optimizer.state_dict()["param_groups"]
+    optimizer.load_state_dict(state)
+    for group, template in zip(optimizer.param_groups, fresh, strict=True):
+        for name in _IMPLEMENTATION_KEYS:  # this build's choice, whatever the checkpoint's was
+            group[name] = template[name]
+        for name, want in template.items():
+            got = group.get(name)
+            if name != "params" and _kind(got) != _kind(want):
+                raise TypeError(f"param group {name} is {shown(got)}, expected a {_kind(want)}")
+        for p in group["params"]:
+            buf = optimizer.state.get(p, {}).get("momentum_buffer")
+            if buf is not None and (not isinstance(buf, torch.Tensor) or buf.shape != p.shape):
+                raise ValueError(
+                    f"a momentum buffer of shape {shown(getattr(buf, 'shape', buf))} for a parameter of {tuple(p.shape)}"
+                )
+
+
+#: Param-group keys that say how torch computes the step, not what it computes: a checkpoint
+#: written before the loop used fused SGD holds ``fused=None``, and the step must stay fused.
+_IMPLEMENTATION_KEYS = ("foreach", "fused")
+
+
+def _kind(value: Any) -> str:
+    """A value's kind as a type check needs it: an int where a float was is still a number."""
+    if isinstance(value, bool) or value is None:
+        return type(value).__name__
+    return "number" if isinstance(value, (int, float)) else type(value).__name__
+
+
+def _load_schedule(
+    scheduler: torch.optim.lr_scheduler.MultiStepLR,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    planned: int,
+    n_epochs: int,
+) -> None:
+    """The stored schedule, planned for ``planned`` epochs, continued for ``n_epochs``; the
+    optimiser's LR is the one the schedule gives now."""
+    scheduler.load_state_dict(state if n_epochs == planned else rescheduled(state, n_epochs))
+    for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True):
+        group["lr"] = lr
+
+
+def rescheduled(state: dict[str, Any], n_epochs: int) -> dict[str, Any]:
+    """A ``MultiStepLR`` state dict as a run planned for ``n_epochs`` from the start holds it at
+    the same epoch: that run's milestones (:func:`.config.lr_milestones`) and the LR they give now.
+
+    The LR is multiplied milestone by milestone, as MultiStepLR itself does, so it is bit for bit
+    what that run uses at this epoch. The result goes through the scheduler's ``load_state_dict``.
+    """
+    milestones = Counter(lr_milestones(n_epochs))
+    passed = sorted(m for m in milestones if m <= state["last_epoch"])
+    lrs = []
+    for base in state["base_lrs"]:
+        lr = base
+        for milestone in passed:
+            lr *= state["gamma"] ** milestones[milestone]
+        lrs.append(lr)
+    return {**state, "milestones": milestones, "_last_lr": lrs}

@@ -39,7 +39,7 @@ from torchvision import transforms as T
 
 from ..errors import UsageError
 from ..io.files import require_regular_file
-from ..models.hub import IMAGENET_MEAN, IMAGENET_STD
+from ..models.imagenet import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
     "DATASETS",

@@ -17,7 +17,6 @@ import os
 import random
 import sys
 import time
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,12 +32,11 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
-from ..errors import UsageError, shown
-from ..io.state_dict import StateDictMismatchError
+from ..errors import UsageError
 from ..models.builders import create_model, densenet_bc
 from ..models.config import ArchConfig, densenet_bc_config, resolve_arch
 from ..models.densenet import DenseNet
-from ..models.memory_plan import MemoryPlan, resolve_memory_plan
+from ..models.memory_plan import MemoryPlan
 from ..models.planner.parameters import check_model_size
 from ..models.sync_batchnorm import convert_sync_batchnorm
 from ..models.weights import resolve_weights
@@ -47,9 +45,10 @@ from .budget import BudgetChoice, accumulation_weights, choose_budget
 from .checkpoint import (
     CHECKPOINT_NAME,
     BestModel,
+    check_resumable,
     check_run_folder,
     read_run_checkpoint,
-    restore_rng_state,
+    restore_training_state,
     save_epoch,
 )
 from .config import (
@@ -360,60 +359,6 @@ def _arch_config(c: TrainConfig, num_classes: int) -> ArchConfig:
     return resolve_arch(c.arch).with_classes(num_classes)
 
 
-def _check_classes(ckpt: dict[str, Any], data: DataBundle, path: Path) -> None:
-    """Refuse to resume on data whose classes are not the run's, in the run's order: label i must
-    mean the class it meant when the weights were trained (a renamed class folder shifts the
-    sorted order, and the run would go on learning every label as another class)."""
-    stored = ckpt.get("classes")
-    if stored is None or list(stored) == list(data.classes):
-        return  # the same classes (or a checkpoint from before they were stored: shapes only)
-    differ = next(
-        (i for i, (a, b) in enumerate(zip(stored, data.classes, strict=False)) if a != b),
-        min(len(stored), len(data.classes)),
-    )
-    run_has = shown(stored[differ]) if differ < len(stored) else "nothing"
-    data_has = shown(data.classes[differ]) if differ < len(data.classes) else "nothing"
-    raise UsageError(
-        f"checkpoint {path} was trained on {len(stored)} classes {shown(stored)}, the data has "
-        f"{len(data.classes)}: {shown(list(data.classes))}; label {differ} is {run_has} in the run and "
-        f"{data_has} in the data, so resuming would train labels as other classes. Resume with the "
-        "run's class folders, or start a new run (--overwrite or another --save)"
-    )
-
-
-def _check_checkpoint_fits(
-    c: TrainConfig, num_classes: int, ckpt: dict[str, Any], choice: BudgetChoice | None, path: Path
-) -> None:
-    """Refuse, before any model is built, stored weights (and a stored plan) that do not fit the
-    architecture the stored settings describe: compared from the numbers alone, so an edited
-    ``growth_rate=100000`` is an error naming the file, not an allocation of gigabytes."""
-    arch = _arch_config(c, num_classes)
-    for key in ("model", "best_model"):
-        state = ckpt.get(key)
-        if state is None:
-            continue
-        odd = next((k for k, v in state.items() if not isinstance(v, torch.Tensor)), None)
-        try:
-            if odd is not None:
-                raise StateDictMismatchError(
-                    f"its entry {shown(odd)} is a {type(state[odd]).__name__}, not a tensor"
-                )
-            arch.check_shapes(state)
-        except StateDictMismatchError as err:
-            detail = str(err).removeprefix(f"checkpoint does not fit {arch.describe()}: ")
-            raise UsageError(
-                f"checkpoint {path}: its {key.replace('_', ' ')} does not fit the {arch.name} its settings "
-                f"describe: {detail}"
-            ) from None
-    if choice is not None:
-        try:
-            resolve_memory_plan(choice.plan, arch)
-        except UsageError as err:
-            raise UsageError(
-                f"checkpoint {path}: its memory_plan does not fit the {arch.name}: {err}"
-            ) from None
-
-
 def _build_run(
     c: TrainConfig, dataset: str, save_dir: Path, data: DataBundle, info: DistInfo, device: torch.device,
     choice: BudgetChoice | None,
@@ -455,80 +400,19 @@ def _build_run(
 
 
 def _restore(run: _Run, ckpt: dict[str, Any]) -> None:
-    """Continue exactly where the checkpoint stopped: weights, optimiser, schedule, RNGs, history.
-
-    The weights were compared with the architecture before it was built
-    (:func:`_check_checkpoint_fits`); a part that still cannot be restored is refused with a
-    :class:`UsageError` naming it, before anything is trained or written."""
-    path = run.save_dir / CHECKPOINT_NAME
-    steps = {
-        "model": lambda: run.model.load_state_dict(ckpt["model"]),
-        "optimizer": lambda: _load_optimizer(run.optimizer, ckpt["optimizer"]),
-        "scheduler": lambda: run.scheduler.load_state_dict(ckpt["scheduler"]),
-        "scaler": lambda: ckpt.get("scaler") and run.scaler.load_state_dict(ckpt["scaler"]),
-        "rng": lambda: restore_rng_state(ckpt["rng"]),
-    }
-    for key, step in steps.items():
-        try:
-            step()
-        except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as err:
-            reason = (str(err).strip().splitlines() or [""])[0][:200]
-            raise UsageError(
-                f"checkpoint {path}: its {key} state cannot be restored ({type(err).__name__}: {reason})"
-            ) from None
+    """Continue exactly where the checkpoint stopped: weights, optimiser, schedule (for the run's
+    epoch count), RNGs, history (:func:`.checkpoint.restore_training_state`)."""
+    restore_training_state(
+        ckpt,
+        run.save_dir / CHECKPOINT_NAME,
+        model=run.model,
+        optimizer=run.optimizer,
+        scheduler=run.scheduler,
+        scaler=run.scaler,
+        n_epochs=run.c.n_epochs,
+    )
     run.start_epoch, run.history, run.resumed = int(ckpt["epoch"]), list(ckpt["history"]), True
     run.best = BestModel(ckpt.get("best_valid_error"), ckpt.get("best_epoch"), ckpt.get("best_model"))
-    if run.c.n_epochs != ckpt["config"]["n_epochs"]:
-        _reschedule(run.scheduler, run.optimizer, run.c.n_epochs)
-
-
-def _load_optimizer(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    """``optimizer.load_state_dict(state)``, refusing what it would accept and fail on later:
-    ``torch.optim`` takes a hyperparameter of another type, or a momentum buffer of another
-    shape, as it is, and the first step would raise in the middle of an epoch."""
-    fresh = optimizer.state_dict()["param_groups"]
-    optimizer.load_state_dict(state)
-    for group, template in zip(optimizer.param_groups, fresh, strict=True):
-        for name in _IMPLEMENTATION_KEYS:  # this build's choice, whatever the checkpoint's was
-            group[name] = template[name]
-        for name, want in template.items():
-            got = group.get(name)
-            if name != "params" and _kind(got) != _kind(want):
-                raise TypeError(f"param group {name} is {shown(got)}, expected a {_kind(want)}")
-        for p in group["params"]:
-            buf = optimizer.state.get(p, {}).get("momentum_buffer")
-            if buf is not None and (not isinstance(buf, torch.Tensor) or buf.shape != p.shape):
-                raise ValueError(
-                    f"a momentum buffer of shape {shown(getattr(buf, 'shape', buf))} for a parameter of {tuple(p.shape)}"
-                )
-
-
-#: Param-group keys that say how torch computes the step, not what it computes: a checkpoint
-#: written before the loop used fused SGD holds ``fused=None``, and the step must stay fused.
-_IMPLEMENTATION_KEYS = ("foreach", "fused")
-
-
-def _kind(value: Any) -> str:
-    """A value's kind as a type check needs it: an int where a float was is still a number."""
-    if isinstance(value, bool) or value is None:
-        return type(value).__name__
-    return "number" if isinstance(value, (int, float)) else type(value).__name__
-
-
-def _reschedule(
-    scheduler: torch.optim.lr_scheduler.MultiStepLR, optimizer: torch.optim.Optimizer, n_epochs: int
-) -> None:
-    """Give a restored schedule the milestones of ``n_epochs`` and the LR that schedule has now.
-
-    The LR is multiplied milestone by milestone, as MultiStepLR itself does, so it is bit for bit
-    what a run planned for ``n_epochs`` from the start would use at this epoch."""
-    scheduler.milestones = Counter(lr_milestones(n_epochs))
-    for group, base in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
-        lr = base
-        for milestone in sorted(m for m in scheduler.milestones if m <= scheduler.last_epoch):
-            lr *= scheduler.gamma ** scheduler.milestones[milestone]
-        group["lr"] = lr
-    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 def _wrap(run: _Run) -> nn.Module:
@@ -551,7 +435,11 @@ def compile_mode(device: torch.device) -> str | None:
 
 
 def _train(
-    config: TrainConfig, info: DistInfo, device: torch.device, given: frozenset[str], held: contextlib.ExitStack
+    config: TrainConfig,
+    info: DistInfo,
+    device: torch.device,
+    given: frozenset[str],
+    held: contextlib.ExitStack,
 ) -> TrainResult:
     config, save_dir, ckpt, read_stat, notices = _open_run(config, given)
     dataset = _dataset(config)
@@ -563,8 +451,8 @@ def _train(
     data = _load_data(c, dataset, info)
     c, choice = _choose_budget(c, data, info, device, ckpt)
     if ckpt is not None:
-        _check_classes(ckpt, data, save_dir / CHECKPOINT_NAME)
-        _check_checkpoint_fits(c, data.num_classes, ckpt, choice, save_dir / CHECKPOINT_NAME)
+        arch, plan = _arch_config(c, data.num_classes), choice.plan if choice is not None else None
+        check_resumable(ckpt, save_dir / CHECKPOINT_NAME, arch=arch, classes=data.classes, plan=plan)
     run = _build_run(c, dataset, save_dir, data, info, device, choice)
     if ckpt is not None:
         _restore(run, ckpt)

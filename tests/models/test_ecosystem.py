@@ -329,7 +329,7 @@ def test_save_pretrained_replaces_our_files_and_keeps_everyone_elses(tmp_path):
     assert json.loads((out / "config.json").read_text())["num_classes"] == 4
     assert de.from_pretrained(out).num_classes == 4
     assert (out / "notes.txt").read_text() == "mine"
-    assert (out / "README.md").read_text() == "my own card"  # the mixin keeps an existing card
+    assert (out / "README.md").read_text() == "my own card"  # a card this package did not write stays
     assert sorted(p.name for p in out.iterdir()) == [
         "README.md",
         "config.json",

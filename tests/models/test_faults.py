@@ -8,6 +8,7 @@ import errno
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -50,14 +51,13 @@ _KILLED_SAVE = textwrap.dedent(
     """
     import os, sys
     import densenet_efficient as de
-    import densenet_efficient.models.hub as hub
 
-    def weights_then_killed(model, folder):
+    def weights_then_killed(model, folder):  # the mixin's hook, where the files are written
         from safetensors.torch import save_file
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
         os._exit(9)  # killed before config.json is written
 
-    hub._write_model_files = weights_then_killed
+    de.DenseNet._save_pretrained = weights_then_killed
     de.densenet_bc(16, 12, num_classes=5).save_pretrained(sys.argv[1])
     """
 )
@@ -170,15 +170,30 @@ def test_integer_batch_counters_are_still_fine(tmp_path):
 # -- 16. NaN in config.json and in a conversion's source -------------------------------------------
 
 
-def test_a_nan_in_config_json_is_blamed_on_the_file(tmp_path):
+@pytest.mark.parametrize(
+    ("field", "expected"),
+    [
+        ("drop_rate", r"drop_rate must be a number in \[0, 1\), found nan"),
+        ("growth_rate", "growth_rate must be an integer >= 1, found nan"),
+        ("num_classes", "num_classes must be an integer >= 0, found nan"),
+    ],
+)
+@pytest.mark.parametrize("load", [de.from_pretrained, de.DenseNet.from_pretrained], ids=["de", "DenseNet"])
+@pytest.mark.parametrize(
+    "choices", [{}, {"num_classes": 3, "memory_efficient": True}], ids=["plain", "choices"]
+)
+def test_a_nan_in_config_json_is_blamed_on_the_file(tmp_path, field, expected, load, choices):
+    """The caller's arguments are checked before huggingface_hub's mixin copies config.json's
+    fields into them, so a NaN there (NaN != NaN) is never taken for the caller's choice."""
     out = tmp_path / "model"
     _small().save_pretrained(out)
     config = json.loads((out / "config.json").read_text())
-    config["drop_rate"] = math.nan
+    config[field] = math.nan
     (out / "config.json").write_text(json.dumps(config))  # json writes NaN
-    with pytest.raises(UsageError, match=r"model: drop_rate must be a number in \[0, 1\), found nan") as caught:
-        de.from_pretrained(out)
+    with pytest.raises(UsageError, match=rf"^{re.escape(str(out))}: config.json: {expected}$") as caught:
+        load(out, **choices)
     assert "cannot change the saved architecture" not in str(caught.value)
+    assert len(str(caught.value).splitlines()) == 1
 
 
 def test_a_nan_in_a_conversions_source_is_named_not_reported_as_a_bad_conversion(tmp_path):

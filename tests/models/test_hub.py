@@ -123,7 +123,7 @@ def test_failed_write_leaves_no_partial_folder(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(hub, "model_card", broken)  # fails after model.safetensors is written
+    monkeypatch.setattr(de.DenseNet, "generate_model_card", broken)  # after model.safetensors is written
     with pytest.raises(OSError, match="disk full"):
         de.save_hub_folder(tiny(), tmp_path / "m")
     assert list(tmp_path.iterdir()) == []
@@ -548,3 +548,65 @@ def _edit_config(folder, **changes):
     config = json.loads((folder / "config.json").read_text())
     config.update(changes)
     (folder / "config.json").write_text(json.dumps(config))
+
+
+# -- one way to write a folder ----------------------------------------------------------------------
+
+
+def test_both_writers_replace_a_card_this_package_wrote_and_keep_anyone_elses(tmp_path):
+    """save_pretrained and save_hub_folder write through one path: this package's card describes
+    the files beside it and is rewritten with them; a person's README.md is never replaced."""
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    for write in (
+        lambda model, out: model.save_pretrained(out),
+        lambda model, out: de.save_hub_folder(model, out, overwrite=True),
+    ):
+        tiny(7).save_pretrained(ours)
+        write(tiny(3), ours)
+        assert "3 classes" in (ours / "README.md").read_text()  # not the stale card of the 7-class model
+        theirs.mkdir(exist_ok=True)
+        (theirs / "README.md").write_text("my own card")
+        write(tiny(3), theirs)
+        assert (theirs / "README.md").read_text() == "my own card"
+        assert json.loads((theirs / "config.json").read_text())["num_classes"] == 3
+
+
+def test_save_pretrained_takes_overwrite_false_as_save_hub_folder_does(tmp_path):
+    out = tmp_path / "m"
+    tiny().save_pretrained(out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(FileExistsError, match="already exists and is not empty; pass overwrite=True"):
+        tiny(3).save_pretrained(out, overwrite=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_a_readme_that_is_a_fifo_is_kept_and_never_read(tmp_path):
+    import os
+
+    out = tmp_path / "m"
+    out.mkdir()
+    os.mkfifo(out / "README.md")  # reading it would block forever
+    tiny().save_pretrained(out)
+    assert (out / "README.md").is_fifo() and (out / "model.safetensors").is_file()
+
+
+def test_architecture_arguments_are_refused_before_any_file_is_looked_for(tmp_path, monkeypatch):
+    """The caller's own arguments are checked before the mixin fills the rest from config.json,
+    so a value in the file (a NaN included) is never mistaken for the caller's."""
+    import huggingface_hub
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("a file was fetched")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_download)
+    with pytest.raises(
+        ValueError, match=r"org/x: from_pretrained cannot change the saved architecture \(bn_size=2\)"
+    ):
+        de.DenseNet.from_pretrained("org/x", bn_size=2)
+    with pytest.raises(
+        ValueError, match=r"org/x: from_pretrained has no argument colour; it accepts memory_efficient"
+    ):
+        de.DenseNet.from_pretrained("org/x", colour="red")  # not handed on to the hook unread
+    tiny().save_pretrained(tmp_path / "m")
+    loaded = de.DenseNet.from_pretrained(tmp_path / "m", num_classes=7, memory_efficient="max_saving")
+    assert loaded.num_classes == 7 and loaded.memory_efficient == "max_saving"

@@ -221,6 +221,9 @@ def _edit(ckpt: dict, what: str) -> str:
     if what == "plan_bad_block":
         ckpt["memory_plan"] = {**plan_fields, "blocks": ["efficient", {"keep": 1}, 3]}
         return r"its memory_plan: blocks\[1\] must be a mode, a layer count or a list of booleans"
+    if what == "batch_size_auto":  # was: ValueError from int() deep in the budget code
+        config["batch_size"] = "auto"
+        return "its config's batch_size is 'auto', expected the batch size the run trained with"
     if what == "history_extra_column":
         ckpt["history"][0]["note"] = "good epoch"
         return "its history has a row with {'note': 'good epoch'}"
@@ -248,8 +251,8 @@ def _edit(ckpt: dict, what: str) -> str:
 
 EDITS = [
     "lr_string", "seed_huge", "workers_negative", "depth_float", "n_epochs_inf", "growth_huge",
-    "plan_unknown_key", "plan_string_number", "plan_bad_block", "history_extra_column", "history_string",
-    "best_epoch", "weight_not_tensor", "optimizer_lr_string", "optimizer_buffer_shape",
+    "plan_unknown_key", "plan_string_number", "plan_bad_block", "batch_size_auto", "history_extra_column",
+    "history_string", "best_epoch", "weight_not_tensor", "optimizer_lr_string", "optimizer_buffer_shape",
 ]  # fmt: skip
 
 
@@ -270,6 +273,25 @@ def test_an_edited_checkpoint_is_refused_naming_the_file_the_field_and_the_value
     with pytest.raises(UsageError, match=message) as err:
         train(save=str(run), resume=True, progress=False, n_epochs=2)
     assert str(path) in str(err.value) and len(str(err.value).splitlines()) == 1
+    assert _snapshot(run) == before
+
+
+def test_resume_of_a_checkpoint_saying_batch_size_auto_is_one_line_from_the_cli(copy, capsys):
+    """The case that ended in ``ValueError: invalid literal for int()``: a stored plan beside a
+    stored ``"batch_size": "auto"`` (a run always stores the batch it resolved)."""
+    from densenet_efficient import cli
+
+    run = copy / "run"
+    path = run / "checkpoint.pt"
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["config"]["batch_size"] = "auto"
+    ckpt["memory_plan"] = {"blocks": ["efficient"] * 3, "stem": "efficient"}
+    torch.save(ckpt, path)
+    before = _snapshot(run)
+    assert cli.main(["train", "--save", str(run), "--resume", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert f"checkpoint {path} cannot be resumed: its config's batch_size is 'auto'" in err
     assert _snapshot(run) == before
 
 

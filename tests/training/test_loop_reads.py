@@ -17,6 +17,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import densenet_efficient.training.checkpoint as checkpoint
 import densenet_efficient.training.loop as loop
 from densenet_efficient import densenet_bc
 from densenet_efficient.training import NonFiniteLossError, TrainConfig, train
@@ -259,7 +260,7 @@ def test_a_checkpoint_of_unfused_sgd_resumes_into_the_fused_step():
     saved = old.state_dict()
     assert saved["param_groups"][0]["fused"] is None
     new = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, fused=True)
-    loop._load_optimizer(new, saved)
+    checkpoint._load_optimizer(new, saved)
     group = new.param_groups[0]
     assert group["fused"] is True and group["lr"] == 0.05
     buffers = [new.state[p]["momentum_buffer"] for p in model.parameters()]
@@ -267,6 +268,40 @@ def test_a_checkpoint_of_unfused_sgd_resumes_into_the_fused_step():
         torch.equal(a, old.state[p]["momentum_buffer"])
         for a, p in zip(buffers, model.parameters(), strict=True)
     )
+
+
+@pytest.mark.parametrize(("planned", "longer", "at"), [(4, 8, 3), (4, 10, 4), (2, 7, 2), (8, 9, 6)])
+def test_a_lengthened_schedule_is_bit_for_bit_the_one_planned_for_it(planned, longer, at):
+    """``rescheduled`` gives the schedule, through ``load_state_dict``, the state a MultiStepLR
+    planned for ``longer`` epochs from the start has after ``at`` epochs: milestones, LR, and the
+    LR it gives from there on."""
+    import warnings
+
+    from densenet_efficient.training.config import lr_milestones
+
+    def stepped(
+        n_epochs: int, epochs: int
+    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.MultiStepLR]:
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1, momentum=0.9)
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=lr_milestones(n_epochs), gamma=0.1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # stepping the schedule without training
+            for _ in range(epochs):
+                sched.step()
+        return opt, sched
+
+    _, stored = stepped(planned, at)
+    want_opt, want = stepped(longer, at)
+    got_opt, got = stepped(longer, 0)
+    checkpoint._load_schedule(got, got_opt, stored.state_dict(), planned, longer)
+    assert got.milestones == want.milestones and got.get_last_lr() == want.get_last_lr()
+    assert [g["lr"] for g in got_opt.param_groups] == [g["lr"] for g in want_opt.param_groups]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(longer - at):
+            got.step()
+            want.step()
+            assert got.get_last_lr() == want.get_last_lr()
 
 
 def test_torchrun_ranks_stop_together_when_one_ranks_loss_is_non_finite(tmp_path):
