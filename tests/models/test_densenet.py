@@ -10,7 +10,7 @@ import torch
 import densenet_efficient as de
 from densenet_efficient.models.config import get_config
 
-from ..support.archs import ALL_ARCHS, IMAGENET_ARCHS, input_size, torchvision_reference
+from ..support.archs import ALL_ARCHS, IMAGENET_ARCHS, input_size, numerics_config, torchvision_reference
 
 TV_PARAMS = {
     "densenet121": 7_978_856,
@@ -51,9 +51,9 @@ def test_same_seed_same_parameters(arch):
 
 
 def _pair(arch, dtype=torch.float32):
-    cfg = get_config(arch)
+    cfg = numerics_config(arch)
     ref = torchvision_reference(cfg).to(dtype)
-    ours = de.create_model(arch).to(dtype)
+    ours = de.DenseNet(**cfg.to_kwargs()).to(dtype)
     ours.load_state_dict(ref.state_dict())
     return ours, ref, cfg
 

@@ -26,7 +26,7 @@ from densenet_efficient.models.builders import adapt_input_conv
 from densenet_efficient.models.config import ARCHITECTURES, ArchConfig, densenet_bc_config
 from densenet_efficient.models.weights import pretrained_cfg
 
-from ..support.archs import torchvision_reference
+from ..support.archs import numerics_config, torchvision_reference
 
 MODES = de.MODES
 # ImageNet stem with four blocks (transitions and the engine's stem path) and the CIFAR stem.
@@ -126,8 +126,8 @@ def test_every_mode_captures_one_graph_with_the_same_eval_outputs(name):
 def test_every_architecture_captures_torchvisions_graph(arch):
     """In an engine mode the traced graph is torchvision's, node for node, and torchvision's node
     names select the same features."""
-    config = ARCHITECTURES[arch]
-    ours = de.create_model(arch, memory_efficient="efficient").eval()
+    config = numerics_config(arch)
+    ours = de.DenseNet(**config.to_kwargs(), memory_efficient="efficient").eval()
     reference = torchvision_reference(config).eval()
     reference.load_state_dict(ours.state_dict())
     ops = [n.op + ":" + str(n.target) for n in torch.fx.symbolic_trace(ours).graph.nodes]

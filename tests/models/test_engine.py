@@ -14,9 +14,8 @@ import torch.nn.functional as F
 import densenet_efficient as de
 from densenet_efficient.errors import UsageError
 from densenet_efficient.models import engine
-from densenet_efficient.models.config import get_config
 
-from ..support.archs import ALL_ARCHS, train_size
+from ..support.archs import ALL_ARCHS, numerics_config, train_size
 
 EFFICIENT_MODES = ["efficient", "max_saving"]
 TINY = dict(growth_rate=4, block_config=(2, 3), num_init_features=6, num_classes=5, small_inputs=True)
@@ -83,7 +82,7 @@ class _NaiveRuns:
     def __call__(self, arch: str) -> dict:
         if arch != self.arch:
             self.arch, self.run = None, None  # the previous one is freed before the next is built
-            self.run, self.arch = self._steps(get_config(arch)), arch
+            self.run, self.arch = self._steps(numerics_config(arch)), arch
         return self.run
 
     @staticmethod
@@ -112,11 +111,11 @@ def naive_runs() -> _NaiveRuns:
 @pytest.mark.parametrize("mode", EFFICIENT_MODES)
 @pytest.mark.parametrize("arch", ALL_ARCHS)
 def test_every_arch_matches_naive_float64(arch, mode, naive_runs):
-    """Full size, every registered architecture: outputs, input and parameter gradients and BN
+    """Every registered architecture (full size: :data:`FULL_WIDTH`): outputs, input and parameter gradients and BN
     statistics of three float64 training steps equal the naive path's (run once per architecture
     for both modes, from the same initial state and the same inputs)."""
     naive = naive_runs(arch)
-    eff = de.DenseNet(**get_config(arch).to_kwargs(), memory_efficient=mode).to(torch.float64)
+    eff = de.DenseNet(**numerics_config(arch).to_kwargs(), memory_efficient=mode).to(torch.float64)
     eff.load_state_dict(naive["initial"])
     for x, g in naive["pairs"]:
         xb = x.clone().requires_grad_()
