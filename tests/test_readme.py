@@ -167,7 +167,7 @@ def run_dial(code: str, capsys, **_: object) -> None:
     plan = scope["plan"]
     assert printed[0] == str(plan) and scope["model"].memory_plan == plan
     assert plan.estimated_peak <= de.parse_memory("1.5GiB")
-    assert "max_saving mode (1.4 GiB); the largest batch that fits 1 GiB is 32" in printed[2]
+    assert "max_saving mode (1.34 GiB); the largest batch that fits 1 GiB is 32" in printed[2]
 
 
 def resolve_ecosystem_calls(code: str, **_: object) -> None:
