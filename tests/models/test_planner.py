@@ -76,12 +76,21 @@ def test_the_simulation_is_the_step_at_every_batch():
 
 
 def test_cpu_scratch_is_the_reorders_of_a_convolution():
-    x, w, g = torch.empty(2, 8, 4, 4), torch.empty(3, 8, 1, 1), torch.empty(2, 3, 4, 4)
+    """What the CPU model adds inside a convolution, and only where ATen runs it on oneDNN."""
+    x, w, g = torch.empty(16, 8, 4, 4), torch.empty(3, 8, 1, 1), torch.empty(16, 3, 4, 4)
     conv, back = torch.ops.aten.convolution.default, torch.ops.aten.convolution_backward.default
-    assert cpu_scratch(conv, (x, w)) == x.numel() * 4
-    assert cpu_scratch(back, (g, x, w)) == (g.numel() + x.numel()) * 4
-    assert cpu_scratch(conv, (x.to(memory_format=torch.channels_last), w)) == 0  # read as it is
-    assert cpu_scratch(torch.ops.aten.add.Tensor, (x, x)) == 0
+    fwd = (x, w, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1)
+    bwd = (g, x, w, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, True, False])
+    out = g.numel() * 4
+    assert (
+        cpu_scratch(conv, fwd, batch=16, threads=1) == x.numel() * 4 + out // 4
+    )  # input, a quarter of the output
+    assert cpu_scratch(back, bwd, batch=16, threads=1) == int((out + x.numel() * 4) * 1.08)
+    # a 1x1 convolution of a batch under 16 on one thread runs without oneDNN: no reorder
+    assert cpu_scratch(conv, fwd, batch=8, threads=1) == 0 < cpu_scratch(conv, fwd, batch=8, threads=2)
+    cl = (x.to(memory_format=torch.channels_last), *fwd[1:])
+    assert cpu_scratch(conv, cl, batch=16, threads=1) == 0  # an NHWC input is read as it is
+    assert cpu_scratch(torch.ops.aten.add.Tensor, (x, x), batch=16) == 0
 
 
 @pytest.mark.parametrize("amp", [None, "bf16"])
