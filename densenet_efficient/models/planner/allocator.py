@@ -22,10 +22,9 @@ every block of 64 KiB or more):
 CUDA (analytic, no device here):
 
 * every storage is rounded to the caching allocator's 512-byte blocks inside the simulation
-  (:data:`~.simulate.CUDA_BLOCK`); the segments it carves them from (2 MiB for blocks under 1 MiB,
-  20 MiB up to 10 MiB, the block rounded to 2 MiB beyond) are reserved beyond the blocks:
-  :func:`cuda_reserve` adds a 2 MiB segment's worth per live size class, an upper bound of the
-  tail a segment leaves unused;
+  (:data:`~.simulate.CUDA_BLOCK`). The segments it carves them from (2 MiB for blocks under
+  1 MiB, 20 MiB up to 10 MiB, larger ones rounded to 2 MiB) and their fragmentation are not
+  modelled: ``fit_memory(verify=True)`` measures them on the device and plans below them;
 * :data:`CUDA_WORKSPACE`: cuDNN's convolution workspace, which its heuristics size at run time
   (torch caps what benchmark mode may take; the default algorithms of a DenseNet's 1x1 and 3x3
   convolutions take a few MiB to tens of MiB);
@@ -59,8 +58,6 @@ CPU_PER_LAYER = 205 * (1 << 10)
 CPU_PER_LAYER_AMP = 360 * (1 << 10)
 CUDA_CONTEXT = 512 * _MIB
 CUDA_WORKSPACE = 64 * _MIB
-#: the caching allocator's segments: what one live segment can leave unused at its end
-CUDA_SEGMENT_SLACK = 2 * _MIB
 
 
 def device_overhead(config: ArchConfig, device: str, amp: str | None = None) -> int:
