@@ -10,7 +10,7 @@ the list does not know, or an entry with no block, fails :func:`test_every_block
   The one exception, "Use it with ...", drives long exports and compiles: each name it calls is
   resolved here, and ``tests/models/test_ecosystem.py`` runs them.
 * bash blocks run command by command: ``densenet-efficient`` command lines (also under ``torchrun``)
-  go through the CLI's own parser, and ``plan`` (analytic, instant) runs; ``python examples/X.py``
+  go through the CLI's own parser, and ``plan`` runs (it simulates the step); ``python examples/X.py``
   lines go through the example's parser (``tests/test_examples.py`` runs each example end to end);
   ``pip install`` lines name extras that setup.cfg declares (or PyTorch's CPU wheel index); the
   pytest line names real paths and plugins. Training, conversion downloads and benchmarks would
