@@ -3,9 +3,9 @@
     python examples/finetune.py ~/flowers --memory 8GiB --batch-size 64 --out runs/flowers
 
 ``DATA`` is an ImageFolder (``DATA/<class>/*.jpg``, or ``DATA/train`` and ``DATA/val``). The
-script picks the fastest memory mode whose training step fits ``--memory`` (the analytic planner,
-``de.estimate_memory`` / ``de.max_batch_size``), fine-tunes from torchvision's weights, reports
-the validation accuracy, and reloads the saved Hugging Face folder two ways: ``de.from_pretrained``
+script picks the fastest memory mode whose training step fits ``--memory`` (the planner, which
+simulates the step on fake tensors: ``de.estimate_memory`` / ``de.max_batch_size``), fine-tunes
+from torchvision's weights, reports the validation accuracy, and reloads the saved Hugging Face folder two ways: ``de.from_pretrained``
 and ``torch.hub.load(..., "from_pretrained", ...)``.
 """
 

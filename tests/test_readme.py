@@ -10,7 +10,7 @@ the list does not know, or an entry with no block, fails :func:`test_every_block
   The one exception, "Use it with ...", drives long exports and compiles: each name it calls is
   resolved here, and ``tests/models/test_ecosystem.py`` runs them.
 * bash blocks run command by command: ``densenet-efficient`` command lines (also under ``torchrun``)
-  go through the CLI's own parser, and ``plan`` (analytic, instant) runs; ``python examples/X.py``
+  go through the CLI's own parser, and ``plan`` runs (it simulates the step); ``python examples/X.py``
   lines go through the example's parser (``tests/test_examples.py`` runs each example end to end);
   ``pip install`` lines name extras that setup.cfg declares (or PyTorch's CPU wheel index); the
   pytest line names real paths and plugins. Training, conversion downloads and benchmarks would
@@ -167,7 +167,7 @@ def run_dial(code: str, capsys, **_: object) -> None:
     plan = scope["plan"]
     assert printed[0] == str(plan) and scope["model"].memory_plan == plan
     assert plan.estimated_peak <= de.parse_memory("1.5GiB")
-    assert "max_saving mode (1.4 GiB); the largest batch that fits 1 GiB is 32" in printed[2]
+    assert "max_saving mode (1.34 GiB); the largest batch that fits 1 GiB is 32" in printed[2]
 
 
 def resolve_ecosystem_calls(code: str, **_: object) -> None:

@@ -24,15 +24,15 @@ from torch import Tensor
 
 from ..errors import UsageError, check_fraction, check_int
 from ..io.state_dict import check_compatible, fill_legacy_batch_counters, remap_keys
-from . import engine, planner
+from . import engine
 from .config import (
     ArchConfig,
     get_config,  # noqa: F401  (used by doctests)
 )
 from .hub import DenseNetHubMixin, default_pretrained_cfg
 from .memory_plan import MemoryPlan, MemorySetting, resolve_memory_plan
-from .planner.parameters import check_model_size
-from .planner.verify import measure_step, step_down
+from .parameters import check_model_size
+from .registry import register_model_class
 
 __all__ = ["DenseNet", "DenseNetFeatures", "FeatureInfo", "capturing_graph", "feature_info"]
 
@@ -121,6 +121,7 @@ class _Transition(nn.Sequential):
         return self.pool(self.conv(self.relu(self.norm(x))))
 
 
+@register_model_class
 class DenseNet(nn.Module, DenseNetHubMixin):
     r"""DenseNet-BC (`Huang et al. <https://arxiv.org/abs/1608.06993>`_) with a memory-efficient engine.
 
@@ -274,7 +275,7 @@ class DenseNet(nn.Module, DenseNetHubMixin):
         batch_size: int,
         image_size: int | None = None,
         amp: str | None = None,
-        optimizer: str = planner.DEFAULT_OPTIMIZER,
+        optimizer: str = "momentum",
         device: str | None = None,
         verify: bool = False,
     ) -> MemoryPlan:
@@ -299,34 +300,12 @@ class DenseNet(nn.Module, DenseNetHubMixin):
         >>> plan.estimated_peak <= 2**30
         True
         """
-        dtype = next(self.parameters()).dtype
-        kwargs = dict(
-            batch_size=batch_size,
-            image_size=image_size,
-            amp=amp,
-            optimizer=optimizer,
-            device=device or next(self.parameters()).device.type,
-            dtype={torch.float64: "fp64", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32"),
-        )
-        plan = planner.fit_memory(self.arch_config, budget, **kwargs)
-        if verify:
-            if kwargs["device"] != "cuda":
-                raise UsageError(
-                    "fit_memory(verify=True) measures the step on CUDA; on CPU the planner's figure is "
-                    "checked against fresh-process measurements instead (docs/planner.md)"
-                )
-            size = plan.image_size
+        from .planner.verify import fit_model  # the planner loads only when asked for a plan
 
-            def measure(p: MemoryPlan) -> int:
-                return measure_step(
-                    self, p, batch_size=batch_size, image_size=size, amp=amp, optimizer=optimizer
-                )
-
-            plan = step_down(
-                lambda b: planner.fit_memory(self.arch_config, b, **kwargs),
-                measure,
-                planner.parse_memory(budget),
-            )
+        plan = fit_model(
+            self, budget, batch_size=batch_size, image_size=image_size, amp=amp, optimizer=optimizer,
+            device=device, verify=verify,
+        )  # fmt: skip
         self.set_memory_efficient(plan)
         return plan
 

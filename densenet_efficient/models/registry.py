@@ -43,6 +43,24 @@ F = TypeVar("F", bound=Callable[..., Any])
 _MODELS: dict[str, Callable[..., Any]] = {}
 
 
+#: the model class every builder makes (``DenseNet``), registered by its module
+_MODEL_CLASS: list[type] = []
+
+
+def register_model_class(cls: type) -> type:
+    """Register the class a config builds (``DenseNet(**config.to_kwargs())``): what the memory
+    planner simulates, found here so that it never imports the model module that calls it."""
+    _MODEL_CLASS[:] = [cls]
+    return cls
+
+
+def model_class() -> type:
+    """The class registered by :func:`register_model_class` (importing the package registers it)."""
+    if not _MODEL_CLASS:
+        raise RuntimeError("no model class registered: import densenet_efficient.models first")
+    return _MODEL_CLASS[0]
+
+
 def register_model(builder: F) -> F:
     """Register ``builder`` under its function name and export it from its module's ``__all__``.
 

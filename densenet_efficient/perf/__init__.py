@@ -1,7 +1,7 @@
 """Performance: how much memory and time a training step takes.
 
 * :mod:`.measure` - one figure per fresh process (the protocol of docs/measurement.md).
-* :mod:`..models.planner` (re-exported here) - the analytic estimate: peak memory per mode, largest batch, deepest model.
+* :mod:`..models.planner` (re-exported here) - the simulated estimate: peak memory per mode, largest batch, deepest model.
 * :mod:`.benchmark` - implementations side by side, ratios to torchvision, sweeps.
 """
 

@@ -140,6 +140,9 @@ class StepSpec:
     channels_last: bool = False
     compile: bool = False
     activation_budget: float | None = None
+    #: whole steps: the optimizer whose state the step holds ("momentum": SGD with momentum 0.9,
+    #: "sgd", "adam", "adamw")
+    optimizer: str = "momentum"
 
     def __post_init__(self) -> None:
         if self.activation_budget is not None:
@@ -233,18 +236,22 @@ def _whole_step_memory(spec: StepSpec, device: Any) -> dict[str, Any]:
     else:
         reset_peak_rss()
         base = current_rss_bytes()
-    model = build_implementation(spec.impl, spec.config, spec.memory_plan).to(device).train()
+    fmt = torch.channels_last if spec.channels_last else torch.contiguous_format
+    model = build_implementation(spec.impl, spec.config, spec.memory_plan).to(device, memory_format=fmt)
+    model.train()
     x = torch.randn(spec.batch_size, 3, spec.image_size, spec.image_size, device=device)
+    x = x.contiguous(memory_format=fmt)
     y = torch.randint(0, spec.config.num_classes, (spec.batch_size,), device=device)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    optimizer = _whole_step_optimizer(spec.optimizer, list(model.parameters()))
     amp_dtype = _amp_dtype(spec.amp)
     for _ in range(2):
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             loss = F.cross_entropy(model(x), y)
         loss.backward()
-        optimizer.step()
+        if optimizer is not None:
+            optimizer.step()
     if cuda:
         torch.cuda.synchronize(device)
         return {
@@ -252,6 +259,19 @@ def _whole_step_memory(spec: StepSpec, device: Any) -> dict[str, Any]:
             "reserved_bytes": torch.cuda.max_memory_reserved(device),
         }
     return {"peak_bytes": peak_rss_bytes() - base, "baseline_rss_bytes": base}
+
+
+def _whole_step_optimizer(name: str, params: list) -> Any:
+    """The optimizer a whole step runs (None for "none"), as the planner's ``optimizer`` names it."""
+    import torch
+
+    if name == "none":
+        return None
+    if name in ("sgd", "momentum"):
+        return torch.optim.SGD(params, lr=1e-3, momentum=0.9 if name == "momentum" else 0.0)
+    if name in ("adam", "adamw"):
+        return (torch.optim.AdamW if name == "adamw" else torch.optim.Adam)(params, lr=1e-3)
+    raise UsageError(f"optimizer must be none, sgd, momentum, adam or adamw, got {name!r}")
 
 
 def _compile_step(step: Callable[[], None]) -> None:

@@ -37,7 +37,7 @@ from ..models.builders import create_model, densenet_bc
 from ..models.config import ArchConfig, densenet_bc_config, resolve_arch
 from ..models.densenet import DenseNet
 from ..models.memory_plan import MemoryPlan
-from ..models.planner.parameters import check_model_size
+from ..models.parameters import check_model_size
 from ..models.sync_batchnorm import convert_sync_batchnorm
 from ..models.weights import resolve_weights
 from ..perf.measure import peak_rss_bytes

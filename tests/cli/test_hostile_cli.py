@@ -66,7 +66,7 @@ def test_resume_from_a_folder_named_checkpoint_is_one_line(tmp_path, capsys):
 
 def test_a_closed_stdout_ends_plan_silently(tmp_path):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "densenet_efficient", "plan", "--arch", "densenet169", "--memory", "12GiB",
+        [sys.executable, "-m", "densenet_efficient", "plan", "--depth", "40", "--memory", "2GiB",
          "--batch-size", "16"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_ENV,
     )  # fmt: skip

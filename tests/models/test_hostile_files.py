@@ -294,7 +294,7 @@ def test_a_model_too_large_for_the_machine_is_refused_before_allocating(build):
 
 
 def test_the_size_limit_is_the_devices_memory(monkeypatch):
-    from densenet_efficient.models.planner import parameters
+    from densenet_efficient.models import parameters
 
     config = densenet_bc_config(40)
     n = parameters.count_parameters(config)

@@ -1,27 +1,30 @@
-"""Training-step memory, estimated analytically (no model is run), and what follows from it.
+"""Training-step memory, read off the step itself simulated on fake tensors, and what follows from it.
 
 One job per module, each importing only those before it:
 
 * :mod:`.units` - ``"8GiB"`` -> bytes and back (:func:`parse_memory`, :func:`format_bytes`).
 * :mod:`.bisection` - the one search every question below reduces to.
-* :mod:`.options` - what the functions accept, checked once; :class:`~.options.Dial`, the
-  internal form of a memory setting.
+* :mod:`.options` - what the functions accept, checked once.
 * :mod:`.parameters` - parameter counts and channel widths from a config.
-* :mod:`.timeline` - the memory model: what each stage of a step keeps for backward, its peak.
 * :mod:`.recompute` - the time side: recomputation a plan adds (:func:`extra_time`).
+* :mod:`.simulate` - the training step on fake tensors, live bytes counted per op.
+* :mod:`.allocator` - what a device holds beyond the tensors (CPU runtime, CUDA rounding, context).
 * :mod:`.estimate` - :class:`MemoryEstimate` and :func:`estimate_memory`.
+* :mod:`.compose` - a plan priced from the segments of two simulated steps.
 * :mod:`.search` - :func:`max_batch_size`, :func:`fit_memory`, :func:`deepest_densenet_bc`.
 * :mod:`.report` - :func:`plan`, the rows ``densenet-efficient plan`` prints.
 * :mod:`.verify` - ``model.fit_memory(..., verify=True)``: the real peak of a step on CUDA.
 
-docs/planner.md says how the figures are calibrated against measured steps.
+docs/planner.md says how the figures compare with measured steps.
 
->>> est = estimate_memory("densenet121", batch_size=32, mode="efficient", amp="bf16")
+>>> est = estimate_memory("densenet_bc_40", batch_size=32, mode="efficient", amp="bf16")
 >>> est.total < parse_memory("8GiB")
 True
 """
 
-from .estimate import CPU_FIRST_STEP_OVERHEAD, CUDA_CONTEXT, LOWEST_RATIO, MemoryEstimate, estimate_memory
+from ..parameters import count_parameters
+from .allocator import CPU_RUNTIME, CUDA_CONTEXT
+from .estimate import LOWEST_RATIO, MemoryEstimate, estimate_memory
 from .options import (
     DEFAULT_OPTIMIZER,
     ESTIMABLE,
@@ -30,14 +33,13 @@ from .options import (
     TORCHVISION_EFFICIENT,
     check_image_size,
 )
-from .parameters import count_parameters
 from .recompute import ELEMENTWISE_MACS, extra_time
 from .report import plan
 from .search import MemoryBudgetError, deepest_densenet_bc, fit_memory, max_batch_size
 from .units import MAX_BUDGET, format_bytes, parse_memory
 
 __all__ = [
-    "CPU_FIRST_STEP_OVERHEAD",
+    "CPU_RUNTIME",
     "CUDA_CONTEXT",
     "DEFAULT_OPTIMIZER",
     "ELEMENTWISE_MACS",

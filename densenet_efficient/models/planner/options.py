@@ -1,5 +1,5 @@
 """What the planner's functions accept, checked once: dtypes, autocast, optimizer, device, input
-size and memory settings, and the internal form of a setting (:class:`Dial`).
+and memory settings.
 
 >>> from densenet_efficient.models.config import resolve_arch
 >>> check_image_size(resolve_arch("densenet121"), None)
@@ -8,14 +8,12 @@ size and memory settings, and the internal form of a setting (:class:`Dial`).
 
 from __future__ import annotations
 
-import itertools
-from dataclasses import dataclass
 from typing import Any
 
 from ...errors import UsageError, check_int
 from ..config import ArchConfig
-from ..engine import EFFICIENT, MAX_SAVING, MODES, NAIVE
-from ..memory_plan import BlockSetting, MemoryPlan, resolve_memory_plan
+from ..engine import MODES
+from ..memory_plan import MemoryPlan, resolve_memory_plan
 
 __all__ = [
     "DEFAULT_OPTIMIZER",
@@ -23,12 +21,10 @@ __all__ = [
     "OPTIMIZER_STATES",
     "TORCHVISION",
     "TORCHVISION_EFFICIENT",
-    "Dial",
     "check_image_size",
     "check_options",
     "dtype_bytes",
     "resolve_setting",
-    "runs",
 ]
 
 #: torchvision's DenseNet, naive and with its own ``memory_efficient=True`` (checkpointing): the
@@ -97,43 +93,12 @@ def check_options(dtype: str, amp: str | None, optimizer: str, device: str) -> s
     return _AMP[amp]
 
 
-@dataclass(frozen=True)
-class Dial:
-    """A memory setting as the planner computes with it: per block a mode, per-layer flags, or an
-    int, how many of its *last* layers keep their bottleneck. The int form is what the plan search
-    moves through: it costs O(1) at any depth, where a :class:`MemoryPlan` holds one flag per layer.
-    """
-
-    blocks: tuple[BlockSetting | int, ...]
-    stem: str = EFFICIENT
-
-    @property
-    def all_naive(self) -> bool:
-        return self.stem == NAIVE and all(b == NAIVE for b in self.blocks)
-
-    @classmethod
-    def of(cls, plan: MemoryPlan) -> Dial:
-        return cls(plan.blocks, plan.stem)
-
-
 def resolve_setting(mode: Any, config: ArchConfig) -> MemoryPlan | str:
     """A torchvision baseline's name as it is, anything else as the model would resolve it."""
     if isinstance(mode, str) and mode in (TORCHVISION, TORCHVISION_EFFICIENT):
         return mode
-    if isinstance(mode, str) and mode not in MODES:
+    if isinstance(mode, str) and mode not in MODES and mode not in ("default", "max"):
         raise UsageError(
             f"memory_efficient must be one of {', '.join(ESTIMABLE)} or per-block settings, got {mode!r}"
         )
     return resolve_memory_plan(mode, config)
-
-
-def runs(setting: BlockSetting | int, layers: int) -> list[tuple[bool, int]]:
-    """An engine block's layers as runs of (keeps its bottleneck, how many layers): one or two runs
-    for a mode or a count of kept last layers, so that a block of any depth costs O(1)."""
-    if isinstance(setting, int) and not isinstance(setting, bool):
-        return [(kept, n) for kept, n in ((False, layers - setting), (True, setting)) if n]
-    if isinstance(setting, str):
-        if setting not in (EFFICIENT, MAX_SAVING):
-            raise ValueError(f"an engine block runs 'efficient', 'max_saving' or per-layer flags, got {setting!r}")
-        return [(setting == EFFICIENT, layers)]
-    return [(kept, len(list(run))) for kept, run in itertools.groupby(setting)]

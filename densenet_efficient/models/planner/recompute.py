@@ -3,21 +3,21 @@
 
 from __future__ import annotations
 
+import itertools
+
 from ..config import ArchConfig
 from ..engine import MAX_SAVING, NAIVE
-from ..memory_plan import MemoryPlan
-from .options import Dial, runs
-from .parameters import width_sum
-from .timeline import conv_out
+from ..memory_plan import BlockSetting, MemoryPlan
+from ..parameters import width_sum
 
-__all__ = ["ELEMENTWISE_MACS", "extra_time"]
+__all__ = ["ELEMENTWISE_MACS", "conv_out", "extra_time", "runs"]
 
 #: Cost of one elementwise pass over one element, in multiply-adds: what recomputing BN/ReLU/pooling
 #: costs next to convolutions (about 40 on a 2-core CPU and on an H100 alike, within 2x).
 ELEMENTWISE_MACS = 40
 
 
-def extra_time(config: ArchConfig, plan: MemoryPlan | Dial, image_size: int) -> float:
+def extra_time(config: ArchConfig, plan: MemoryPlan, image_size: int) -> float:
     """Recomputation a plan adds over ``"efficient"``, as a fraction of a training step's work.
 
     Counted in multiply-adds (a training step is three times the forward's: forward, input
@@ -52,3 +52,15 @@ def extra_time(config: ArchConfig, plan: MemoryPlan | Dial, image_size: int) -> 
             forward += c * (c // 2) * (h // 2) * (w // 2)
             c, h, w = c // 2, h // 2, w // 2
     return extra / (3 * forward)
+
+
+def conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
+    """Output height (or width) of a convolution or pooling layer."""
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def runs(setting: BlockSetting, layers: int) -> list[tuple[bool, int]]:
+    """An engine block's layers as runs of (keeps its bottleneck, how many layers)."""
+    if isinstance(setting, str):
+        return [(setting != MAX_SAVING, layers)]
+    return [(kept, len(list(run))) for kept, run in itertools.groupby(setting)]

@@ -25,12 +25,12 @@ import torch.nn.functional as F
 
 from ...errors import UsageError
 from ..memory_plan import MemoryPlan
-from .estimate import CUDA_CONTEXT
+from .allocator import CUDA_CONTEXT
 from .options import OPTIMIZER_STATES
-from .search import MemoryBudgetError
-from .units import format_bytes
+from .search import MemoryBudgetError, fit_memory
+from .units import format_bytes, parse_memory
 
-__all__ = ["MAX_VERIFY_ROUNDS", "measure_step", "step_down"]
+__all__ = ["MAX_VERIFY_ROUNDS", "fit_model", "measure_step", "step_down"]
 
 #: How many times a plan is stepped down before verification gives up.
 MAX_VERIFY_ROUNDS = 4
@@ -123,3 +123,43 @@ def measure_step(
         model.set_memory_efficient(old_plan).train(was_training)
         torch.cuda.empty_cache()
     return real
+
+
+_DTYPES = {torch.float64: "fp64", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def fit_model(
+    model: nn.Module,
+    budget: int | str,
+    *,
+    batch_size: int,
+    image_size: int | None,
+    amp: str | None,
+    optimizer: str,
+    device: str | None,
+    verify: bool,
+) -> MemoryPlan:
+    """What :meth:`DenseNet.fit_memory` returns (it applies it): the plan :func:`fit_memory` picks
+    for the model's architecture, its parameters' dtype and device (unless ``device`` is given),
+    stepped down on CUDA while its measured step exceeds the budget (``verify``)."""
+    param = next(model.parameters())
+    kwargs = dict(
+        batch_size=batch_size, image_size=image_size, amp=amp, optimizer=optimizer,
+        device=device or param.device.type, dtype=_DTYPES.get(param.dtype, "fp32"),
+    )  # fmt: skip
+    config = model.arch_config
+    plan = fit_memory(config, budget, **kwargs)
+    if not verify:
+        return plan
+    if kwargs["device"] != "cuda":
+        raise UsageError(
+            "fit_memory(verify=True) measures the step on CUDA; on CPU the planner's figure is "
+            "checked against fresh-process measurements instead (docs/planner.md)"
+        )
+
+    def measure(p: MemoryPlan) -> int:
+        return measure_step(
+            model, p, batch_size=batch_size, image_size=plan.image_size, amp=amp, optimizer=optimizer
+        )
+
+    return step_down(lambda b: fit_memory(config, b, **kwargs), measure, parse_memory(budget))

@@ -11,9 +11,8 @@ import os
 
 import torch
 
-from ...errors import UsageError
-from ..config import ArchConfig
-from .units import format_bytes
+from ..errors import UsageError
+from .config import ArchConfig
 
 __all__ = ["block_inputs", "check_model_size", "count_parameters", "device_memory", "width_sum"]
 
@@ -66,7 +65,9 @@ def device_memory(device: torch.device) -> int | None:
     return None
 
 
-def check_model_size(config: ArchConfig, dtype: torch.dtype | None = None, device: torch.device | None = None) -> int:
+def check_model_size(
+    config: ArchConfig, dtype: torch.dtype | None = None, device: torch.device | None = None
+) -> int:
     """The parameter count of ``config``; a :class:`UsageError` when its parameters alone would not
     fit the memory of the device they are made on (``torch.get_default_device()`` and
     ``torch.get_default_dtype()`` unless given), said before anything is allocated.
@@ -85,9 +86,13 @@ def check_model_size(config: ArchConfig, dtype: torch.dtype | None = None, devic
     have = device_memory(device)
     if have is not None and need > have:
         raise UsageError(
-            f"this DenseNet would have {n:,} parameters, {format_bytes(need)} in {str(dtype).removeprefix('torch.')} "
-            f"before any gradient or activation, more than the {format_bytes(have)} of memory of "
+            f"this DenseNet would have {n:,} parameters, {_gib(need)} in {str(dtype).removeprefix('torch.')} "
+            f"before any gradient or activation, more than the {_gib(have)} of memory of "
             f"{device.type}; choose a smaller growth_rate, block_config, num_init_features, bn_size "
             "or num_classes"
         )
     return n
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.3g} GiB"

@@ -1,0 +1,421 @@
+"""The training step run on fake tensors, with the bytes alive after every op counted.
+
+No formula of the engine lives here: the model is built on the meta device, its parameters and
+buffers become fake CPU tensors (:class:`torch._subclasses.FakeTensorMode`: shapes, dtypes and
+strides, no data), and the step that will really run (forward, cross-entropy, backward, the
+optimizer's step with its state) runs on them under :class:`LiveBytes`, a dispatch mode that
+counts every storage an op creates and, through a weak reference, every one that dies, as
+``torch.distributed._tools.mem_tracker.MemTracker`` does. The engine runs as its Python reference
+(:func:`~densenet_efficient.models.engine.reference_engine`), whose allocations are those of the
+C++ loops line for line and, unlike the custom ops', all visible to a dispatch mode.
+
+One simulation gives the step at every batch size. The batch is a prime larger than any other
+dimension, so a storage scales with the batch exactly when its size is a multiple of that prime;
+every count is kept as ``fixed + per_image * batch`` (:class:`Line`), and the peak at a batch is
+the largest of those lines there (the op at which memory peaks may change with the batch).
+
+Each dense block and transition is a *segment*: :class:`Segment` keeps what it adds to the bytes
+alive when it ends its forward, and the most it needs above its start in forward and in backward.
+:mod:`.compose` adds segments of different simulations to price a plan without simulating it.
+
+>>> from densenet_efficient.models.config import densenet_bc_config
+>>> sim = simulate(densenet_bc_config(40), "efficient", image_size=32)
+>>> sim.peak(64) > sim.peak(16) > sim.persistent.at(16)
+True
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from ..config import ArchConfig
+from ..engine import reference_engine
+from ..memory_plan import MemoryPlan
+from ..registry import model_class
+from .allocator import cpu_scratch
+
+__all__ = ["Line", "LiveBytes", "Segment", "Simulation", "simulate", "simulation_batch"]
+
+#: Where the CUDA caching allocator rounds every block to (``kMinBlockSize``): a tensor of n bytes
+#: holds ``ceil(n / 512) * 512`` on the device. Applied per storage when simulating for CUDA.
+CUDA_BLOCK = 512
+
+
+@dataclass(frozen=True, order=True)
+class Line:
+    """Bytes as ``fixed + per_image * batch``."""
+
+    fixed: int
+    per_image: int
+
+    def at(self, batch: int) -> int:
+        return self.fixed + self.per_image * batch
+
+    def __add__(self, other: Line) -> Line:
+        return Line(self.fixed + other.fixed, self.per_image + other.per_image)
+
+    def __sub__(self, other: Line) -> Line:
+        return Line(self.fixed - other.fixed, self.per_image - other.per_image)
+
+
+ZERO = Line(0, 0)
+
+
+def upper_hull(lines: list[Line]) -> tuple[Line, ...]:
+    """The lines that are the largest at some batch >= 1 (the rest never decide a maximum)."""
+    best: dict[int, int] = {}
+    for ln in lines:  # per slope, the largest intercept
+        if ln.fixed > best.get(ln.per_image, -(1 << 62)):
+            best[ln.per_image] = ln.fixed
+    kept: list[Line] = []
+    for slope in sorted(best):
+        ln = Line(best[slope], slope)
+        # at batch 1 (and beyond) a steeper line that is also higher makes the others useless
+        kept = [k for k in kept if k.at(1) > ln.at(1)]
+        kept.append(ln)
+    return tuple(kept)
+
+
+def hull_max(lines: tuple[Line, ...], batch: int) -> int:
+    return max(ln.at(batch) for ln in lines) if lines else 0
+
+
+class LiveBytes(TorchDispatchMode):
+    """Counts the bytes of every storage alive, as (fixed, per image), after each op.
+
+    ``batch``: the prime that marks a batch-sized storage (its bytes are a multiple of it).
+    ``round_to``: allocation granularity (1 on CPU, :data:`CUDA_BLOCK` for the caching allocator).
+    ``trace`` holds (fixed, per_image) after every op; :meth:`mark` names a moment of it.
+    """
+
+    def __init__(self, batch: int, round_to: int = 1, scratch: Any = None) -> None:
+        super().__init__()
+        self.batch, self.round_to, self.scratch = batch, round_to, scratch
+        # storage id -> its counted size; the weak reference's callback takes it off when it dies
+        # (before the id can be reused: the callback runs as the storage is freed)
+        self.sizes: dict[int, tuple[int, int]] = {}
+        self.refs: dict[int, weakref.ref] = {}
+        self.fixed = self.per = 0
+        self.trace: list[tuple[int, int]] = []
+
+    def _split(self, nbytes: int) -> tuple[int, int]:
+        n = -(-nbytes // self.round_to) * self.round_to
+        if nbytes and nbytes % self.batch == 0:
+            return 0, n // self.batch
+        return n, 0
+
+    def track(self, t: torch.Tensor) -> None:
+        """Count ``t``'s storage, once, until it dies (a resized one at its new size)."""
+        st = t.untyped_storage()
+        key, new = id(st), self._split(st.nbytes())
+        old = self.sizes.get(key)
+        if old == new:
+            return
+        if old is None:
+            self.refs[key] = weakref.ref(st, functools.partial(self._freed, key))
+            old = (0, 0)
+        self.sizes[key] = new
+        self.fixed += new[0] - old[0]
+        self.per += new[1] - old[1]
+
+    def _freed(self, key: int, ref: weakref.ref) -> None:
+        size = self.sizes.pop(key, None)
+        self.refs.pop(key, None)
+        if size is not None:
+            self.fixed -= size[0]
+            self.per -= size[1]
+
+    def mark(self) -> int:
+        """The index of the current moment in ``trace``."""
+        self.trace.append((self.fixed, self.per))
+        return len(self.trace) - 1
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.track(t)
+        for t in tree_leaves(kwargs or {}):  # out= arguments may have been resized
+            if isinstance(t, torch.Tensor):
+                self.track(t)
+        hidden = self.scratch(func, args) if self.scratch is not None else 0
+        if hidden:  # the backend's copies of batch tensors, alive with the op's outputs until it returns
+            self.trace.append((self.fixed, self.per + -(-hidden // self.batch)))
+        self.trace.append((self.fixed, self.per))
+        return out
+
+    def line(self, i: int) -> Line:
+        return Line(*self.trace[i])
+
+    def hull(self, start: int, stop: int, base: Line = ZERO) -> tuple[Line, ...]:
+        """The upper hull of the trace over ``[start, stop]``, less ``base``."""
+        pts = {self.trace[i] for i in range(start, stop + 1)}
+        return upper_hull([Line(f, p) - base for f, p in pts])
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One dense block or transition in one simulated setting, relative to the bytes alive when
+    its forward starts: ``kept`` is what it adds by the time the next segment starts (what it
+    saves, its output, less an input it does not keep), ``forward``/``backward`` the upper hulls of
+    what it needs above its start while it runs."""
+
+    name: str
+    kept: Line
+    forward: tuple[Line, ...]
+    backward: tuple[Line, ...]
+
+
+@dataclass(frozen=True)
+class Simulation:
+    """A simulated step. ``persistent``: parameters, buffers, gradients, optimizer state and the
+    batch; ``activations``: what is alive more at the end of forward (the loss computed);
+    ``trace``: the upper hull of the whole run; ``segments``: per dense block and transition;
+    ``stem``/``head``/``optimizer``: the hulls of the rest, relative to the start of forward
+    (stem), the end of the last segment's forward (head: norm5, pooling, classifier, loss and
+    their backward) and to nothing (the optimizer's step, after backward)."""
+
+    persistent: Line
+    parameters: int
+    gradients: int
+    optimizer_state: int
+    inputs: Line
+    activations: Line
+    trace: tuple[Line, ...]
+    segments: tuple[Segment, ...] = ()
+    stem: tuple[Line, ...] = ()
+    stem_kept: Line = ZERO
+    head: tuple[Line, ...] = ()
+    optimizer: tuple[Line, ...] = ()
+
+    def peak(self, batch: int) -> int:
+        """Bytes alive at the step's peak for ``batch`` images."""
+        return hull_max(self.trace, batch)
+
+
+def simulation_batch(config: ArchConfig, image_size: int) -> int:
+    """A prime above every channel count, the class count and the input size: a storage's size is
+    a multiple of it exactly when it holds one slice per image."""
+    widest = config.num_init_features + sum(config.block_config) * config.growth_rate
+    bound = max(widest, config.bn_size * config.growth_rate, config.num_classes, image_size, 3) * 4
+    n = bound | 1
+    while any(n % d == 0 for d in range(3, int(n**0.5) + 1, 2)):
+        n += 2
+    return n
+
+
+@functools.lru_cache(maxsize=1)
+def _fake_mode() -> Any:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    return FakeTensorMode(allow_non_fake_inputs=True)
+
+
+@functools.lru_cache(maxsize=16)
+def _fake_model(config: ArchConfig, torchvision: str | None, dtype: str, channels_last: bool) -> nn.Module:
+    """The model with fake CPU parameters and buffers: built on the meta device (nothing is
+    allocated or initialised for real), then converted; reused by every simulation of it."""
+    with torch.device("meta"):
+        if torchvision is not None:
+            from ..reference import torchvision_densenet  # imports torchvision: only when asked
+
+            model = torchvision_densenet(config, memory_efficient=torchvision == "torchvision_efficient")
+        else:
+            model = model_class()(**config.to_kwargs())
+    mode, cpu, param_dtype = _fake_mode(), torch.device("cpu"), _DTYPES[dtype]
+
+    def fake(t: torch.Tensor) -> torch.Tensor:
+        if t.is_floating_point() and t.dtype != param_dtype:
+            t = t.to(param_dtype)
+        t = mode.fake_tensor_converter.from_meta_and_device(mode, t, cpu)
+        return t.contiguous(memory_format=torch.channels_last) if channels_last and t.dim() == 4 else t
+
+    return model._apply(fake)
+
+
+_AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+
+
+#: One simulation at a time: the fake-tensor mode and the cached fake models are shared.
+_LOCK = threading.Lock()
+
+
+def simulate(
+    config: ArchConfig,
+    setting: MemoryPlan | str,
+    *,
+    image_size: int,
+    dtype: str = "fp32",
+    amp: str | None = None,
+    optimizer: str = "momentum",
+    channels_last: bool = False,
+    device: str = "cpu",
+    regime: int = 16,
+) -> Simulation:
+    """Simulate one steady training step of ``config`` run with ``setting`` (a :class:`MemoryPlan`,
+    or ``"torchvision"``/``"torchvision_efficient"`` for torchvision's own DenseNet).
+
+    The step is the whole-step protocol's second one: parameters with zeroed gradients and the
+    optimizer's state already made (one optimizer step runs first), then forward, cross-entropy,
+    backward and the optimizer's step. ``device="cuda"`` rounds every storage as the caching
+    allocator does; the ops are simulated on CPU (the same shapes; autocast's CPU op lists).
+    ``regime``: a batch size for what depends on it beyond the bytes (on CPU, ATen's choice of
+    oneDNN for a convolution: 1, below 16 or not; see :func:`.allocator.regime`).
+    """
+    with _LOCK:
+        return _simulate(config, setting, image_size, dtype, amp, optimizer, channels_last, device, regime)
+
+
+def _simulate(
+    config: ArchConfig, setting: MemoryPlan | str, image_size: int, dtype: str, amp: str | None,
+    optimizer: str, channels_last: bool, device: str, regime: int,
+) -> Simulation:  # fmt: skip
+    tv = setting if isinstance(setting, str) else None
+    model = _fake_model(config, tv, dtype, channels_last)
+    if tv is None:
+        model.set_memory_efficient(setting)
+    batch = simulation_batch(config, image_size)
+    param_dtype = _DTYPES[dtype]
+    scratch = functools.partial(cpu_scratch, batch=regime) if device == "cpu" else None
+    live = LiveBytes(batch, CUDA_BLOCK if device == "cuda" else 1, scratch)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    amp_dtype = _AMP.get(amp or "")
+    stamps: dict[str, int] = {}
+    with _fake_mode():
+        params = list(model.parameters())
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        x = torch.empty(batch, config.in_chans, image_size, image_size, dtype=param_dtype).contiguous(
+            memory_format=fmt
+        )
+        y = torch.zeros(batch, dtype=torch.long)
+        opt = _optimizer(optimizer, params)
+        for t in (*params, *model.buffers(), *(p.grad for p in params), x, y):
+            live.track(t)
+        with live:
+            stamps["params"] = live.mark()
+            if opt is not None:  # the state the steady step runs with
+                opt.step()
+            stamps["state"] = live.mark()
+            hooks = _segment_hooks(model, live, stamps) if tv is None else []
+            with reference_engine(), torch.autocast("cpu", dtype=amp_dtype, enabled=amp_dtype is not None):
+                stamps["forward"] = live.mark()
+                logits = model(x)
+                stamps["head"] = stamps.get("head", stamps["forward"])
+                loss = F.cross_entropy(logits, y)
+            del logits
+            stamps["loss"] = live.mark()
+            loss.backward()
+            del loss
+            stamps["backward"] = live.mark()
+            if opt is not None:
+                opt.step()
+            stamps["end"] = live.mark()
+            for h in hooks:
+                h.remove()
+        inputs = Line(0, (x.numel() * x.element_size() + y.numel() * y.element_size()) // batch)
+        sim = _summarise(live, stamps, model, opt, inputs)
+        for p in params:
+            p.grad = None
+    return sim
+
+
+def _optimizer(name: str, params: list[torch.Tensor]) -> torch.optim.Optimizer | None:
+    if name in ("none", "sgd"):
+        return torch.optim.SGD(params, lr=1e-3) if name == "sgd" else None
+    if name == "momentum":
+        return torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+    cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
+    return cls(params, lr=1e-3)
+
+
+def _segment_hooks(model: nn.Module, live: LiveBytes, stamps: dict[str, int]) -> list[Any]:
+    """Stamp each dense block's and transition's forward start and its backward's start and end
+    (gradient hooks on its output and its input)."""
+    handles = []
+    for name, module in model.features.named_children():
+        if not name.startswith(("denseblock", "transition")):  # torchvision's names, the model's too
+            continue
+
+        def pre(mod: nn.Module, args: tuple, name: str = name) -> None:
+            stamps[f"{name}.forward"] = live.mark()
+            x = args[0]
+            if x.requires_grad:
+                x.register_hook(lambda g, name=name: _stamp(stamps, f"{name}.backward_end", live))
+
+        def post(mod: nn.Module, args: tuple, out: torch.Tensor, name: str = name) -> None:
+            stamps[f"{name}.forward_end"] = live.mark()
+            stamps["head"] = live.mark()  # overwritten by each later segment: the last one's end
+            if out.requires_grad:
+                out.register_hook(lambda g, name=name: _stamp(stamps, f"{name}.backward", live))
+
+        handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    return handles
+
+
+def _stamp(stamps: dict[str, int], key: str, live: LiveBytes) -> None:
+    stamps[key] = live.mark()
+
+
+def _summarise(
+    live: LiveBytes, stamps: dict[str, int], model: nn.Module, opt: Any, inputs: Line
+) -> Simulation:
+    line, hull = live.line, live.hull
+    params = list(model.parameters())
+    n_param = sum(p.numel() * p.element_size() for p in params)
+    state = sum(
+        t.numel() * t.element_size()
+        for s in (opt.state.values() if opt is not None else ())
+        for t in s.values()
+        if isinstance(t, torch.Tensor) and t.dim() > 0
+    )
+    start = line(stamps["forward"])
+    names = [k.removesuffix(".forward") for k in stamps if k.endswith(".forward")]
+    segments = []
+    for i, name in enumerate(names):
+        o = line(stamps[f"{name}.forward"])
+        last = i == len(names) - 1
+        end = line(stamps[f"{name}.forward_end"] if last else stamps[f"{names[i + 1]}.forward"])
+        segments.append(
+            Segment(
+                name,
+                kept=end - o,
+                forward=hull(stamps[f"{name}.forward"], stamps[f"{name}.forward_end"], o),
+                backward=hull(stamps[f"{name}.backward"], stamps[f"{name}.backward_end"], o),
+            )
+        )
+    if names:
+        first, last = names[0], names[-1]
+        stem = hull(stamps["forward"], stamps[f"{first}.forward"], start) + hull(
+            stamps[f"{first}.backward_end"], stamps["backward"], start
+        )
+        head_base = line(stamps[f"{last}.forward_end"])
+        head = hull(stamps[f"{last}.forward_end"], stamps[f"{last}.backward"], head_base)
+        stem_kept = line(stamps[f"{first}.forward"]) - start
+    else:
+        stem, head, stem_kept = (), (), ZERO
+    return Simulation(
+        persistent=start,
+        parameters=n_param,
+        gradients=n_param,
+        optimizer_state=state,
+        inputs=inputs,
+        activations=line(stamps["loss"]) - start,
+        trace=hull(0, len(live.trace) - 1),
+        segments=tuple(segments),
+        stem=upper_hull(list(stem)),
+        stem_kept=stem_kept,
+        head=head,
+        optimizer=hull(stamps["backward"], stamps["end"]) + hull(stamps["params"], stamps["state"]),
+    )
