@@ -115,14 +115,14 @@ GRID = (
     Point("densenet201", 4, 224, "max_saving", optimizer=ADAM),
     Point("densenet161", 2, 224, "efficient"),
     Point("densenet161", 2, 224, "naive"),
-    Point("densenet121", 8, 224, budget="480MiB"),
-    Point("densenet121", 8, 224, budget="520MiB"),
-    Point("densenet121", 8, 224, amp="bf16", budget="400MiB"),
-    Point("densenet169", 4, 224, budget="460MiB"),
-    Point("densenet_bc_190", 16, 32, budget="400MiB"),
+    Point("densenet121", 8, 224, budget="380MiB"),
+    Point("densenet121", 8, 224, budget="410MiB"),
+    Point("densenet121", 8, 224, amp="bf16", budget="320MiB"),
+    Point("densenet169", 4, 224, budget="370MiB"),
+    Point("densenet_bc_190", 16, 32, budget="340MiB"),
     Point("densenet_bc_100", 64, 32, budget="600MiB"),
     Point("densenet_bc_100", 64, 32, optimizer=ADAM, budget="650MiB"),
-    Point("densenet121", 4, 224, channels_last=CL, budget="375MiB"),
+    Point("densenet121", 4, 224, channels_last=CL, budget="285MiB"),
 )
 
 

@@ -22,7 +22,7 @@ from ..support.fakedata import point_cifar10_at, write_fake_cifar10
 #: The fake CIFAR-10 below: 100 training images, 20 held out -> 80 train at 32x32.
 TRAIN_IMAGES = 80
 #: A budget that fits a batch of a few dozen of the tiny model in max_saving but not 64.
-SMALL = "200MiB"
+SMALL = "100MiB"
 PLANNER = {"image_size": 32, "device": "cpu", "optimizer": "momentum", "amp": None}
 
 
@@ -132,10 +132,10 @@ def test_batch_size_auto_takes_the_largest_batch_that_fits(cifar, tmp_path, caps
 
 
 def test_memory_applies_the_fitted_plan_to_the_model(cifar, tmp_path, capsys):
-    # DenseNet-BC-16 (k=6), batch 32 on CPU: 202.0 MiB in max_saving, 205.9 MiB efficient; fit_memory
-    # plans for 98% of 208 MiB, 203.8 MiB: between
-    result = train(_config(cifar, tmp_path / "run", depth=16, batch_size=32, memory="208MiB"))
-    plan = fit_memory(densenet_bc_config(16, 6, num_classes=10), "208MiB", batch_size=32, **PLANNER)
+    # DenseNet-BC-16 (k=6), batch 32 on CPU: 104.0 MiB in max_saving, 107.8 MiB efficient; fit_memory
+    # plans for 98% of 108 MiB, 105.8 MiB: between
+    result = train(_config(cifar, tmp_path / "run", depth=16, batch_size=32, memory="108MiB"))
+    plan = fit_memory(densenet_bc_config(16, 6, num_classes=10), "108MiB", batch_size=32, **PLANNER)
     assert plan.mode is None, "a budget between the modes: a mixed plan"
     assert str(result.model.memory_plan) == str(plan)
     out = capsys.readouterr().out
@@ -147,8 +147,8 @@ def test_memory_applies_the_fitted_plan_to_the_model(cifar, tmp_path, capsys):
     [
         (
             ["--memory", SMALL, "--batch-size", "64"],
-            r"^densenet-efficient train: error: 200 MiB is below what densenet_bc_10_k6 needs for a batch of "
-            r"64 .*; the largest batch that fits 200 MiB is (\d+); train with --batch-size (\d+) "
+            r"^densenet-efficient train: error: 100 MiB is below what densenet_bc_10_k6 needs for a batch of "
+            r"64 .*; the largest batch that fits 100 MiB is (\d+); train with --batch-size (\d+) "
             r"--accum-steps (\d+) for an effective batch of (\d+), or give a larger --memory$",
         ),
         (["--memory", "8MiB"], r"not even a batch of 1 fits 8 MiB"),

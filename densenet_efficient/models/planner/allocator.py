@@ -4,15 +4,16 @@ The simulation (:mod:`.simulate`) counts the bytes of every tensor storage alive
 really holds differs by what no tensor shows; these are its only measured or analytic constants,
 and tests/models/test_planner.py checks each against what it stands for.
 
-CPU (the whole-step protocol of docs/planner.md: peak RSS of a fresh process, glibc returning
-every block of 64 KiB or more):
+CPU (the whole-step protocol of docs/planner.md: the peak of a fresh process's anonymous memory,
+glibc returning every block of 64 KiB or more; the pages of torch's libraries are not counted):
 
 * :data:`CPU_RUNTIME`: the first optimizer made in a process imports torch's compiler stack
-  (``torch.optim`` pulls in ``torch._dynamo``: about 890 modules, 148 MiB of RSS here) and the
-  first step loads oneDNN's kernels and thread pools. Measured fresh minus simulated at batch 1.
-* :data:`CPU_PER_LAYER`, :data:`CPU_PER_LAYER_AMP`: the first step's oneDNN primitives per dense
-  layer, read off the measured grid (fresh minus simulated, 0.1-0.3 MiB per layer in fp32,
-  0.3-0.35 under bf16 autocast).
+  (``torch.optim`` pulls in ``torch._dynamo``, about 890 modules) and the first step starts
+  oneDNN. Read off the measured grid (fresh minus simulated: 79-84 MiB on the smallest models).
+* :data:`CPU_PER_LAYER`, :data:`CPU_PER_LAYER_3X3`: oneDNN's primitives for each dense layer's
+  own convolution shapes, made by the first step, per dense layer: both convolutions on oneDNN
+  (under autocast, or fp32 at a batch ATen hands its 1x1 convolutions to oneDNN, see
+  :func:`uses_onednn`: 0.33-0.36 MiB on the grid), or only the 3x3 one (0.15 MiB).
 * :func:`cpu_scratch`: oneDNN's convolutions reorder a plain (NCHW) input, and in backward the
   output's gradient too, into their blocked layout: copies the size of those tensors, made and
   freed inside the op, where no dispatch mode sees them. Read off the peak RSS of each op of a
@@ -51,19 +52,20 @@ __all__ = [
 ]
 
 _MIB = 1 << 20
-CPU_RUNTIME = 176 * _MIB
-#: oneDNN's per-shape primitives (each dense layer's convolutions have shapes of their own), per
-#: dense layer, fp32 and under autocast (half-precision kernels and their weight reorders).
-CPU_PER_LAYER = 205 * (1 << 10)
-CPU_PER_LAYER_AMP = 360 * (1 << 10)
+_KIB = 1 << 10
+CPU_RUNTIME = 77 * _MIB
+CPU_PER_LAYER = 368 * _KIB
+CPU_PER_LAYER_3X3 = 154 * _KIB
 CUDA_CONTEXT = 512 * _MIB
 CUDA_WORKSPACE = 64 * _MIB
 
 
-def device_overhead(config: ArchConfig, device: str, amp: str | None = None) -> int:
-    """Bytes a training process holds on ``device`` beyond the tensors of its step."""
+def device_overhead(config: ArchConfig, device: str, amp: str | None = None, batch: int = 16) -> int:
+    """Bytes a training process holds on ``device`` beyond the tensors of its step (``batch``:
+    its batch size, which decides on CPU whether oneDNN runs the 1x1 convolutions too)."""
     if device == "cpu":
-        return CPU_RUNTIME + (CPU_PER_LAYER_AMP if amp else CPU_PER_LAYER) * sum(config.block_config)
+        both = amp is not None or regime(batch) >= 16
+        return CPU_RUNTIME + (CPU_PER_LAYER if both else CPU_PER_LAYER_3X3) * sum(config.block_config)
     return CUDA_CONTEXT + CUDA_WORKSPACE
 
 

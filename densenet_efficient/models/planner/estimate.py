@@ -186,7 +186,7 @@ def estimate(
         activation_dtype=amp or dtype,
         activations=activations,
         workspace=sim.peak(b) - persistent - activations,
-        overhead=device_overhead(config, device, amp) if device == "cpu" else 0,
+        overhead=device_overhead(config, device, amp, b) if device == "cpu" else 0,
         parameters=persistent - sim.gradients - sim.optimizer_state - inputs,
         gradients=sim.gradients,
         optimizer_state=sim.optimizer_state,
