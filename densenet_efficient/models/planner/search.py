@@ -290,7 +290,7 @@ def deepest_densenet_bc(
     budget that a DenseNet-BC deeper than :data:`MAX_SIMULATED_LAYERS` dense layers would fit is
     refused, saying so.
 
-    >>> deepest_densenet_bc("400MB", batch_size=2, mode="naive", device="cpu") > 40  # the CPU runtime counts 77 MiB
+    >>> deepest_densenet_bc("120MB", batch_size=2, mode="naive", device="cpu") > 40  # 77 MiB of it: the CPU runtime
     True
     """
     budget = parse_memory(memory)
