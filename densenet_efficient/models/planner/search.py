@@ -17,7 +17,7 @@ from ..config import ArchConfig, densenet_bc_config, resolve_arch
 from ..engine import EFFICIENT, MAX_SAVING
 from ..memory_plan import MemoryPlan, resolve_memory_plan
 from ..parameters import block_inputs
-from .bisection import first_true, last_true
+from .bisection import first_true, last_true, last_within
 from .compose import Composer
 from .estimate import MemoryEstimate, estimate, simulation
 from .options import (
@@ -286,7 +286,7 @@ def deepest_densenet_bc(
 ) -> int:
     """The greatest depth 6n+4 of a DenseNet-BC whose training step fits ``memory`` (0 if none).
 
-    Each depth tried is simulated (``O(log depth)`` of them, the deepest costing the most); a
+    Each depth tried is simulated (a handful, the deepest costing the most); a
     budget that a DenseNet-BC deeper than :data:`MAX_SIMULATED_LAYERS` dense layers would fit is
     refused, saying so.
 
@@ -297,16 +297,15 @@ def deepest_densenet_bc(
     batch_size = check_int(batch_size, "batch_size")
     most = MAX_SIMULATED_LAYERS // 3  # n: 3n dense layers
 
-    def fits(n: int) -> bool:
+    def total(n: int) -> int:
         cfg = densenet_bc_config(6 * n + 4, growth_rate)
-        step = Step(cfg, image_size, {**kwargs, "mode": mode}, "deepest_densenet_bc")
-        return step.total(batch_size) <= budget
+        return Step(cfg, image_size, {**kwargs, "mode": mode}, "deepest_densenet_bc").total(batch_size)
 
-    if not fits(1):
+    if total(1) > budget:
         return 0
-    # doubling up from the shallow end, then bisecting: a simulation costs in proportion to its
-    # depth, so the deepest one tried is at most twice the answer (not the limit)
-    n = last_true(lambda n: n <= most and fits(n), 1)
+    # a simulation costs in proportion to its depth: guided by the bytes of the depths simulated
+    # (they grow smoothly), the search simulates few depths, none far beyond the answer
+    n = last_within(total, budget, 1, most)
     if n == most:
         raise UsageError(
             f"{format_bytes(budget)} fits a DenseNet-BC of {3 * most} dense layers (depth {6 * most + 4}) "
