@@ -25,7 +25,7 @@ from densenet_efficient.models.planner import (
     parse_memory,
 )
 from densenet_efficient.models.planner.allocator import cpu_scratch
-from densenet_efficient.models.planner.bisection import first_true, last_true
+from densenet_efficient.models.planner.bisection import first_true, last_true, last_within
 from densenet_efficient.models.planner.compose import Composer
 from densenet_efficient.models.planner.estimate import simulation
 from densenet_efficient.models.planner.simulate import LiveBytes
@@ -218,6 +218,33 @@ def test_bisection_finds_the_boundary_with_log_calls():
     assert last_true(fits, 1) == 10**18 and len(calls) < 130
     assert first_true(lambda i: i >= 7, 0, 7) == 7 and first_true(lambda i: i >= 3, 0, 7) == 3
     assert last_true(lambda n: n <= 5, 2, 9) == 5 and last_true(lambda n: n <= 5, 5, 5) == 5
+
+
+@pytest.mark.parametrize(
+    "cost",
+    [
+        lambda n: 2.4e6 * n * n + 3e8 * n + 6e8,  # a DenseNet-BC step's bytes against n, roughly
+        lambda n: 100 + 5 * n,
+        lambda n: n**3,
+        lambda n: 2 ** min(n, 60),  # far from any parabola
+        lambda n: 50 * n + (n // 7) * 30,  # steps
+        lambda n: 10**12 if n > 40 else n,  # a wall
+    ],
+)
+def test_guided_search_gives_bisections_answer_and_simulates_less_depth(cost):
+    budget = 12e9
+    tried: list[int] = []
+
+    def counted(n):
+        tried.append(n)
+        return cost(n)
+
+    expected = last_true(lambda n: cost(n) <= budget, 1, 5000)
+    assert last_within(counted, budget, 1, 5000) == expected
+    bisected: list[int] = []
+    last_true(lambda n: bisected.append(n) or cost(n) <= budget, 1, 5000)
+    assert len(tried) <= 2 * len(bisected) + 4 and max(tried) <= max(4 * expected + 4, expected + 1)
+    assert last_within(cost, budget, 1, min(expected, 30)) == min(expected, 30)  # the limit fits
 
 
 # -- one name and one default per idea ---------------------------------------------------------------
