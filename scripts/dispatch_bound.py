@@ -13,6 +13,15 @@ is measured side by side. Run it on a quiet machine (load below 1.5):
 
 ``--clock cpu`` times the thread's CPU time instead of the wall clock: a rough figure while other
 work shares the machine (cache and memory-bandwidth contention still show), never a published one.
+
+``--compiled`` runs the compiled comparison instead, the same way (one process, interleaved
+rounds, paired ratios): DenseNet-BC-100 at batch 64, 32x32, two threads, torchvision's model and
+ours in the default mode, each eager and under ``torch.compile`` (torchvision's with the
+compiler's activation budget 0.3, ``torch._functorch.config.activation_memory_budget``); the
+compiling steps are the warm-up. ``OMP_WAIT_POLICY=PASSIVE`` keeps inductor's OpenMP threads from
+spinning against ATen's (docs/benchmarks.md):
+
+    OMP_WAIT_POLICY=PASSIVE python scripts/dispatch_bound.py --compiled --rounds 6
 """
 
 from __future__ import annotations
@@ -32,12 +41,30 @@ from densenet_efficient.perf.measure import paired_ratio, time_step
 
 CONFIGS = (("densenet_bc_100", 8), ("densenet121", 32))
 IMPLS = ("torchvision", "naive", "efficient", "max_saving", "efficient (python)", "max_saving (python)")
+#: --compiled: the compiler's activation budget for torchvision's model (its fast end that still
+#: saves memory) and what runs
+BUDGET = 0.3
+COMPILED_IMPLS = ("torchvision", "efficient", "efficient compiled", f"torchvision compiled@{BUDGET}")
 
 
 def _model(arch: str, impl: str) -> torch.nn.Module:
+    if " compiled" in impl:
+        return torch.compile(_model(arch, impl.split()[0]), fullgraph=True)
     if impl == "torchvision":
         return torchvision_densenet(de.get_config(arch))
     return de.create_model(arch, memory_efficient=impl.split()[0])
+
+
+def _context(impl: str) -> contextlib.AbstractContextManager:
+    """What ``impl``'s steps run under: the Python engine, or the compiler's activation budget
+    (read when the first step compiles)."""
+    if impl.endswith("(python)"):
+        return native.reference_engine()
+    if "@" in impl:
+        import torch._functorch.config as functorch_config
+
+        return functorch_config.patch(activation_memory_budget=float(impl.split("@")[1]))
+    return contextlib.nullcontext()
 
 
 def _cpu_seconds(step) -> float:
@@ -47,37 +74,36 @@ def _cpu_seconds(step) -> float:
 
 
 def run(
-    arch: str, size: int, rounds: int, warmup: int, clock: str = "wall"
+    arch: str, size: int, rounds: int, warmup: int, clock: str = "wall", impls: tuple = IMPLS, batch: int = 2
 ) -> dict[str, tuple[float, float, float, float]]:
     """``{impl: (median step seconds, ratio to torchvision, low, high)}``."""
     torch.manual_seed(0)
-    models = {impl: _model(arch, impl) for impl in IMPLS}
-    x = torch.randn(2, 3, size, size)
-    y = torch.randint(0, de.get_config(arch).num_classes, (2,))
+    models = {impl: _model(arch, impl) for impl in impls}
+    x = torch.randn(batch, 3, size, size)
+    y = torch.randint(0, de.get_config(arch).num_classes, (batch,))
 
     timer = time_step if clock == "wall" else _cpu_seconds
 
     def step(impl: str) -> float:
         model = models[impl]
-        engine = native.reference_engine() if impl.endswith("(python)") else contextlib.nullcontext()
 
         def train_step() -> None:
             model.zero_grad(set_to_none=True)
             F.cross_entropy(model(x), y).backward()
 
-        with engine:
+        with _context(impl):
             return timer(train_step)
 
     for _ in range(warmup):
-        for impl in IMPLS:
+        for impl in impls:
             step(impl)
-    times: dict[str, list[float]] = {impl: [] for impl in IMPLS}
+    times: dict[str, list[float]] = {impl: [] for impl in impls}
     for _ in range(rounds):
-        for impl in IMPLS:
+        for impl in impls:
             times[impl].append(step(impl))
     return {
         impl: (statistics.median(times[impl]), *paired_ratio(times[impl], times["torchvision"]))
-        for impl in IMPLS
+        for impl in impls
     }
 
 
@@ -86,19 +112,23 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
+    parser.add_argument("--compiled", action="store_true", help="the compiled comparison (see above)")
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    threads, batch = (2, 64) if args.compiled else (1, 2)
+    configs = (("densenet_bc_100", 32),) if args.compiled else CONFIGS
+    impls = COMPILED_IMPLS if args.compiled else IMPLS
+    torch.set_num_threads(threads)
     print(
-        f"engine: {native.engine_status()}; torch {torch.__version__}; 1 thread; batch 2; {args.clock} clock"
+        f"engine: {native.engine_status()}; torch {torch.__version__}; {threads} thread(s); "
+        f"batch {batch}; {args.clock} clock"
     )
-    for arch, size in CONFIGS:
+    for arch, size in configs:
         print(f"\n{arch} {size}x{size}, {args.rounds} rounds")
-        results = run(arch, size, args.rounds, args.warmup, args.clock)
+        results = run(arch, size, args.rounds, args.warmup, args.clock, impls, batch)
         for impl, (median, ratio, low, high) in results.items():
-            vs_naive = median / results["naive"][0]
             print(
-                f"  {impl:20s} {median * 1e3:8.2f} ms  {ratio:.3f}x torchvision ({low:.2f}-{high:.2f})"
-                f"  {vs_naive:.3f}x naive (medians)"
+                f"  {impl:26s} {median * 1e3:8.2f} ms  {ratio:.3f}x torchvision ({low:.2f}-{high:.2f})"
+                f"  {median / results[impls[1]][0]:.3f}x {impls[1]} (medians)"
             )
 
 
