@@ -371,11 +371,8 @@ def peak_rss_bytes() -> int:
     same high-water mark for this process's own address space, which exec starts afresh.
     """
     try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
+        return _status_bytes("VmHWM")["VmHWM"]
+    except (OSError, RuntimeError):
         pass
     import resource  # POSIX only
 
