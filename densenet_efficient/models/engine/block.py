@@ -66,12 +66,12 @@ class BlockStats:
     def measure(self, x: Tensor, start: int) -> None:
         """Mean and biased variance of ``x``'s channels into ``[start, start + x.shape[1])``: the native
         statistics kernel, its two results written into place by one stack."""
-        if is_fake(x) or x.is_meta:  # a fake or meta kernel (ops.py): the kernel has no meta; values unused
-            return
         c = x.shape[1]
         if self.group is not None:  # the whole process group's statistics: one collective
             mean, var, self.count = sync.batch_stats(x, self.group)
             torch.stack([mean, var], out=self.rows.narrow(1, start, c))
+            return
+        if is_fake(x) or x.is_meta:  # a fake or meta kernel (ops.py): the kernel has no meta; values unused
             return
         rm, rv = self.dummies.narrow(c)  # float buffers keep bf16/fp16 inputs' statistics in float32
         mean, var = torch.batch_norm_update_stats(x, rm, rv, 0.0)

@@ -91,7 +91,10 @@ class DeferredUpdates(RunningUpdates):
         return self.slots[0, i], self.slots[1, i], 1.0
 
     def add(self, bn: Any, mean: Tensor, var: Tensor) -> None:
-        raise RuntimeError("deferred statistics are written by the kernels (kernel_target)")
+        """Statistics computed outside a BN kernel (synchronised batch norm's): into the next slot."""
+        mean_slot, var_slot, _ = self.kernel_target(bn, mean.dtype)
+        mean_slot.copy_(mean)
+        var_slot.copy_(var)
 
     def add_shared(self, norms: list[Any], mean: Tensor, var: Tensor) -> None:
         self.shared = var  # the mean is the block statistics' own row

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 from .context import stat_dtype
 
@@ -61,8 +62,11 @@ def batch_stats(x: Tensor, group: Any) -> tuple[Tensor, Tensor, Tensor]:
     dtype = stat_dtype(x.dtype)
     c = x.shape[1]
     scratch = torch.zeros(2, c, dtype=dtype, device=x.device)  # float statistics of bf16/fp16 input
-    # a rank with an empty batch still takes part (the others wait for it), with weight 0
-    mean, var = torch.batch_norm_update_stats(x, scratch[0], scratch[1], 0.0) if x.numel() else scratch
+    # a rank with an empty batch still takes part (the others wait for it), with weight 0; on fake
+    # or meta tensors (the ops' fake kernels, the planner's simulation) only shapes matter, and
+    # the statistics kernel has no meta implementation
+    measured = x.numel() and not (is_fake(x) or x.is_meta)
+    mean, var = torch.batch_norm_update_stats(x, scratch[0], scratch[1], 0.0) if measured else scratch
     count = torch.full((1,), x.numel() // c, dtype=dtype, device=x.device)
     local = torch.cat([mean, var, count])
     gathered = _all_gather(local, group).view(-1, 2 * c + 1)  # [ranks, mean | var | count]
