@@ -447,9 +447,4 @@ def resolve_config(
             "class of images (or as images of one); save the run outside the data folder"
         )
     c.mode = engine.resolve_mode(c.mode)
-    if c.sync_bn and c.compile and (c.mode != engine.NAIVE or c.memory is not None):
-        raise UsageError(
-            "--sync-bn with --compile runs only with --mode naive (the engine's synchronised batch norm "
-            "runs eagerly); drop --compile, or use --mode naive without --memory"
-        )
     return c

@@ -374,10 +374,8 @@ def _build_run(
         model.features.requires_grad_(False)
     if c.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if c.sync_bn and info.enabled:
-        # ours on any backend and in every mode; compiled (naive only) torch's, which it traces
-        convert = nn.SyncBatchNorm.convert_sync_batchnorm if c.compile else convert_sync_batchnorm
-        model = convert(model)
+    if c.sync_bn and info.enabled:  # ours: any backend, every mode, eager and compiled
+        model = convert_sync_batchnorm(model)
     params = [p for p in model.parameters() if p.requires_grad]
     # Fused: the whole update is one kernel (not a few per parameter), and it takes a device-side
     # ``found_inf`` that skips the update, which is how the loop skips a step after a non-finite

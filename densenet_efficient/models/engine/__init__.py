@@ -81,6 +81,8 @@ between; :mod:`..memory_plan` is the user-facing form of that dial, :mod:`..plan
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn as nn
 from torch import Tensor
@@ -120,11 +122,13 @@ def dense_block(block: nn.Module, x: Tensor, keep: Keep) -> Tensor:
     modules = list(block.values())
     if len(keep) != len(modules):
         raise ValueError(f"expected {len(modules)} per-layer flags for this block, got {len(keep)}")
-    synchronised = _synchronised(modules[0].norm1)
-    if x.shape[0] == 0 and not synchronised:  # a synchronised rank takes part in the collectives
+    group = _sync_group(modules[0].norm1)
+    if group is not None and torch.compiler.is_compiling():
+        return ops.op_sync_block(modules, x, keep, group)
+    if x.shape[0] == 0 and group is None:  # a synchronised rank takes part in the collectives
         check_norms([m for layer in modules for m in (layer.norm1, layer.norm2)])
         return empty_block(modules, x)
-    if not synchronised and _through_ops():
+    if group is None and _through_ops():
         return ops.op_block(modules, x, keep, block.training)
     return eager_block(modules, x, keep, block.training)
 
@@ -152,20 +156,19 @@ def _through_ops() -> bool:
     return torch.compiler.is_compiling() or native.eager_native()
 
 
-def _synchronised(norm: nn.Module) -> bool:
-    """Whether ``norm`` synchronises its training statistics over a process group: then the Python
-    engine runs the call, eagerly, with the collectives (:mod:`.sync`)."""
-    if not norm.training or sync.process_group([norm]) is None:
-        return False
-    if torch.compiler.is_compiling():
-        raise NotImplementedError(
-            "torch.compile of a model with synchronised batch norm in an engine mode is not supported "
-            "yet: train it eagerly, or compile it with memory_efficient=False"
-        )
-    return True
+def _sync_group(norm: nn.Module) -> Any | None:
+    """The process group ``norm`` synchronises its training statistics over, or ``None``. Eagerly the
+    Python engine runs a synchronised call with the collectives (:mod:`.sync`); under the compiler,
+    the synchronised ops, whose kernels are that same Python engine (:func:`.ops.op_sync_block`)."""
+    if not norm.training:
+        return None
+    return sync.process_group([norm])
 
 
 def _tail(x: Tensor, norm: nn.BatchNorm2d, module: nn.Module | None, kind: str, keep: bool) -> Tensor:
-    if _synchronised(norm) or x.shape[0] == 0 or not _through_ops():
+    group = _sync_group(norm)
+    if group is not None and torch.compiler.is_compiling():
+        return ops.op_sync_tail(x, norm, module, kind, keep, group)
+    if group is not None or x.shape[0] == 0 or not _through_ops():
         return eager_tail(x, [norm, module], TAILS[kind], norm.training, keep)
     return ops.op_tail(x, norm, module, kind, keep)

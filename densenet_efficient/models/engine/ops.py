@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from . import context, native
+from . import context, native, sync
 from .block import BlockSaved, BlockStats, block_backward, block_forward, unpack
 from .context import (
     BN,
@@ -109,9 +109,32 @@ def _layers(params: list[Tensor], running: list[Tensor], eps: list[float], drop:
 
 
 def _block_call(
-    layers: list[Layer], x: Tensor, keep: list[bool], training: bool, graph: bool, dense_copy: bool, dtype: torch.dtype
-) -> Call:
-    return Call(layers, training, dtype, memory_format(x), (x.device.type, False), graph, tuple(keep), dense_copy)
+    layers: list[Layer], x: Tensor, keep: list[bool], training: bool, graph: bool, dense_copy: bool,
+    dtype: torch.dtype, group: str | None = None,
+) -> Call:  # fmt: skip
+    return Call(
+        layers, training, dtype, memory_format(x), (x.device.type, False), graph, tuple(keep), dense_copy,
+        sync.resolve_group(group),
+    )  # fmt: skip
+
+
+def _block_forward(
+    x: Tensor, params: list[Tensor], running: list[Tensor], eps: list[float], drop: list[float], keep: list[bool],
+    training: bool, graph: bool, dense_copy: bool, dtype: torch.dtype, group: str | None = None,
+) -> tuple[Tensor, BlockSaved, DeferredUpdates | None, list[Tensor], list[Tensor]]:  # fmt: skip
+    """The Python engine's block forward on the op's arguments: ``(buffer, saved, the deferred
+    running-statistics updates (training), kept bottlenecks, dropout masks)``."""
+    call = _block_call(_layers(params, running, eps, drop), x, keep, training, graph, dense_copy, dtype, group)
+    n, _, h, w = x.shape
+    updates = None
+    if training:
+        norm2 = x.new_zeros((2, len(drop), params[3].shape[0]), dtype=stat_dtype(dtype))
+        updates = DeferredUpdates(n * h * w, norm2)
+    with no_autocast(x.device.type):
+        buf, saved = block_forward(x, call, updates)
+    kept = [b for b in saved.bottlenecks if b is not None]
+    masks = [m for m in saved.masks if m is not None]
+    return buf, saved, updates, kept, masks
 
 
 def _block_impl(
@@ -129,21 +152,13 @@ def _block_impl(
     """``(buffer, statistics rows (mean and biased variance of the channels later layers read),
     their unbiased variances, norm2's batch means and unbiased variances [2, layers, k2], kept
     bottlenecks, dropout masks)``; the statistics are empty in eval."""
-    call = _block_call(_layers(params, running, eps, drop), x, keep, training, graph, dense_copy, dtype)
-    n, _, h, w = x.shape
-    stat = stat_dtype(dtype)
-    updates = None
-    if training:
-        norm2 = x.new_zeros((2, len(drop), params[3].shape[0]), dtype=stat)
-        updates = DeferredUpdates(n * h * w, norm2)
-    with no_autocast(x.device.type):
-        buf, saved = block_forward(x, call, updates)
+    buf, saved, updates, kept, masks = _block_forward(
+        x, params, running, eps, drop, keep, training, graph, dense_copy, dtype
+    )
     if updates is not None:
-        rows, unbiased = saved.stats.rows, updates.shared
+        rows, unbiased, norm2 = saved.stats.rows, updates.shared, updates.batch
     else:
-        rows, unbiased, norm2 = (x.new_empty(0, dtype=stat) for _ in range(3))
-    kept = [b for b in saved.bottlenecks if b is not None]
-    masks = [m for m in saved.masks if m is not None]
+        rows, unbiased, norm2 = (x.new_empty(0, dtype=stat_dtype(dtype)) for _ in range(3))
     return buf, rows, unbiased, norm2, kept, masks
 
 
@@ -191,12 +206,18 @@ def _block_backward_impl(
     dense_copy: bool,
     dtype: torch.dtype,
     input_dtype: torch.dtype,
+    synchronised: tuple[Tensor, Tensor, str] | None = None,
 ) -> tuple[Tensor, list[Tensor]]:
-    """``(input gradient, parameter gradients in the op's parameter order)``."""
+    """``(input gradient, parameter gradients in the op's parameter order)``. ``synchronised``:
+    norm2's group statistics ``[2, layers, k2]`` (mean, invstd), the group's count and its name."""
     layers = _layers(params, running, eps, drop)
-    call = _block_call(layers, buf, keep, training, True, dense_copy, dtype)
+    group = synchronised[2] if synchronised is not None else None
+    call = _block_call(layers, buf, keep, training, True, dense_copy, dtype, group)
     k = params[5].shape[0]
     stats = BlockStats.of_rows(rows, buf, params[3].shape[0]) if training else None
+    if synchronised is not None:
+        norm2, stats.count, _ = synchronised
+        stats.group, stats.norm2 = call.group, list(zip(norm2[0].unbind(0), norm2[1].unbind(0), strict=True))
     saved = BlockSaved(
         buf.shape[1] - k * len(layers), k, stats,
         unpack(kept, list(keep)), unpack(masks, [rate > 0 and training for rate in drop]), [],
@@ -315,7 +336,7 @@ def op_block(modules: list[nn.Module], x: Tensor, keep: Keep, training: bool) ->
 
 def _tail_call(
     kind: str, bn: list[Tensor], conv_weight: Tensor | None, pool: _Pool, eps: float, x: Tensor,
-    training: bool, dtype: torch.dtype,
+    training: bool, dtype: torch.dtype, group: str | None = None,
 ) -> Call:  # fmt: skip
     norm = BN(bn[0], bn[1], bn[2], bn[3], None, None, eps)
     if kind == "transition":
@@ -323,7 +344,8 @@ def _tail_call(
         module: Any = Conv(conv_weight, spec[1], spec[2], spec[3], spec[4])
     else:
         module = pool if kind == "stem" else None
-    return Call([norm, module], training, dtype, memory_format(x), (x.device.type, False))
+    fmt, autocast = memory_format(x), (x.device.type, False)
+    return Call([norm, module], training, dtype, fmt, autocast, group=sync.resolve_group(group))
 
 
 def _tail_impl(
@@ -340,12 +362,14 @@ def _tail_impl(
     training: bool,
     keep: bool,
     dtype: torch.dtype,
+    group: str | None = None,
 ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """``(output, kept, statistics)``: ``bn`` is ``[weight, bias, running_mean, running_var]``;
     training statistics are ``[batch mean and unbiased variance [2, C]]`` and, when kept, the
-    backward kernel's ``[mean, invstd, reserve]``."""
+    backward kernel's ``[mean, invstd, reserve]`` (synchronised over ``group``: always the
+    group's ``[mean, invstd, count]``)."""
     pool = _Pool(pool_kernel, pool_stride, pool_padding, pool_dilation, pool_ceil)
-    call = _tail_call(kind, bn, conv_weight, pool, eps, x, training, dtype)
+    call = _tail_call(kind, bn, conv_weight, pool, eps, x, training, dtype, group)
     updates = None
     if training:
         batch = x.new_zeros((2, x.shape[1]), dtype=stat_dtype(dtype))
@@ -378,10 +402,11 @@ def _tail_backward_impl(
     eps: float,
     training: bool,
     dtype: torch.dtype,
+    group: str | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
     """``(dx in x's dtype, dweight, dbias, [dconv_weight] for a transition)``."""
     pool = _Pool(pool_kernel, pool_stride, pool_padding, pool_dilation, pool_ceil)
-    call = _tail_call(kind, bn, conv_weight, pool, eps, x, training, dtype)
+    call = _tail_call(kind, bn, conv_weight, pool, eps, x, training, dtype, group)
     dx, dg, dbeta, extra = tail_backward(grad, x.to(dtype), call, TAILS[kind], kept, stats)
     return dx.to(x.dtype), dg, dbeta, extra
 
@@ -464,4 +489,141 @@ def op_tail(x: Tensor, norm: nn.BatchNorm2d, module: nn.Module | None, kind: str
     if norm.training:
         with torch.no_grad():  # see op_block
             update_tail_stats(norm, x, args[-1], stats[0])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Synchronised batch norm under the compiler: the same ops with the process group's name, whose
+# kernels are always the Python engine's synchronised path (:mod:`.sync`: functional collectives
+# inside the opaque op, so the compiled graph keeps the engine's memory and every rank issues the
+# same collectives in the same order). Training only: in eval a synchronised BN is a plain one.
+# ---------------------------------------------------------------------------------------------
+
+_SYNC_SCHEMAS = {
+    "sync_dense_block": (
+        "(Tensor x, Tensor[] params, Tensor[] running, float[] eps, float[] drop, bool[] keep, bool graph, "
+        "bool dense_copy, ScalarType dtype, str group) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor[], Tensor[])"
+    ),
+    "sync_dense_block_backward": (
+        "(Tensor grad, Tensor buf, Tensor rows, Tensor norm2, Tensor count, Tensor[] params, Tensor[] kept, "
+        "Tensor[] masks, float[] eps, float[] drop, bool[] keep, bool dense_copy, ScalarType dtype, "
+        "ScalarType input_dtype, str group) -> (Tensor, Tensor[])"
+    ),
+    "sync_norm_relu_tail": _SCHEMAS["norm_relu_tail"].replace("ScalarType dtype)", "ScalarType dtype, str group)"),
+    "sync_norm_relu_tail_backward": _SCHEMAS["norm_relu_tail_backward"].replace(
+        "ScalarType dtype)", "ScalarType dtype, str group)"
+    ),
+}
+
+
+def _sync_block_impl(
+    x: Tensor, params: list[Tensor], running: list[Tensor], eps: list[float], drop: list[float], keep: list[bool],
+    graph: bool, dense_copy: bool, dtype: torch.dtype, group: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, list[Tensor], list[Tensor]]:  # fmt: skip
+    """:func:`_block_impl`'s outputs (training) with the group's statistics, plus what backward
+    reads instead of a second collective: norm2's ``[2, layers, k2]`` (mean, invstd) and the
+    group's batch x H x W (0-d)."""
+    buf, saved, updates, kept, masks = _block_forward(
+        x, params, running, eps, drop, keep, True, graph, dense_copy, dtype, group
+    )
+    stats = saved.stats
+    norm2 = torch.stack([torch.stack(pair) for pair in stats.norm2], 1)
+    return buf, stats.rows, updates.shared, updates.batch, norm2, stats.count, kept, masks
+
+
+def _sync_block_backward_impl(
+    grad: Tensor, buf: Tensor, rows: Tensor, norm2: Tensor, count: Tensor, params: list[Tensor],
+    kept: list[Tensor], masks: list[Tensor], eps: list[float], drop: list[float], keep: list[bool],
+    dense_copy: bool, dtype: torch.dtype, input_dtype: torch.dtype, group: str,
+) -> tuple[Tensor, list[Tensor]]:  # fmt: skip
+    running = [rows] * (4 * len(drop))  # stand-ins: training backward never reads them
+    return _block_backward_impl(
+        grad, buf, rows, params, running, kept, masks, eps, drop, keep, True, dense_copy, dtype, input_dtype,
+        (norm2, count, group),
+    )  # fmt: skip
+
+
+def _sync_block_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
+    x, params, running, eps, drop, keep, graph, dense_copy, dtype, group = inputs
+    buf, rows, unbiased, norm2, saved2, count, kept, masks = output
+    ctx.mark_non_differentiable(rows, unbiased, norm2, saved2, count, *kept, *masks)
+    ctx.args = (eps, drop, keep, dense_copy, dtype, x.dtype, group)
+    ctx.counts = (len(params), len(kept))
+    ctx.save_for_backward(buf, rows, saved2, count, *params, *kept, *masks)
+
+
+def _sync_block_grad(ctx: Any, grad: Tensor, *unused: Any) -> tuple:
+    buf, rows, norm2, count, *rest = ctx.saved_tensors
+    n_params, n_kept = ctx.counts
+    params, kept, masks = rest[:n_params], rest[n_params : n_params + n_kept], rest[n_params + n_kept :]
+    eps, drop, keep, dense_copy, dtype, input_dtype, group = ctx.args
+    gx, grads = _sync_block_backward_op(
+        grad, buf, rows, norm2, count, list(params), list(kept), list(masks), eps, drop, keep, dense_copy,
+        dtype, input_dtype, group,
+    )  # fmt: skip
+    # one entry per input (x, params, running, eps, drop, keep, graph, dense_copy, dtype, group)
+    return gx, grads, [None] * (4 * len(drop)), *[None] * 7
+
+
+def _sync_tail_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
+    x, bn, conv_weight, kind, *pool, eps, training, keep, dtype, group = inputs
+    out, kept, stats = output
+    ctx.mark_non_differentiable(*kept, *stats)
+    ctx.args = (kind, pool, eps, dtype, group, conv_weight is not None)
+    if kind == "identity" and keep:
+        kept = [out]
+    ctx.n_kept = len(kept)
+    weights = [conv_weight] if conv_weight is not None else []
+    ctx.save_for_backward(x, bn[0], bn[1], *weights, *kept, *stats[1:])  # the group's mean, invstd, count
+
+
+def _sync_tail_grad(ctx: Any, grad: Tensor, *unused: Any) -> tuple:
+    kind, pool, eps, dtype, group, has_conv = ctx.args
+    x, weight, bias, *rest = ctx.saved_tensors
+    conv_weight = rest.pop(0) if has_conv else None
+    kept, stats = rest[: ctx.n_kept], rest[ctx.n_kept :]
+    dx, dg, dbeta, extra = _sync_tail_backward_op(
+        grad, x, [weight, bias, weight, weight], conv_weight, list(kept), list(stats), kind, *pool, eps, True,
+        dtype, group,
+    )  # fmt: skip
+    # one entry per input (x, bn, conv_weight, kind, 5 pool settings, eps, training, keep, dtype, group)
+    return dx, [dg, dbeta, None, None], extra[0] if has_conv else None, *[None] * 11
+
+
+for _name, _schema in _SYNC_SCHEMAS.items():
+    _lib.define(_name + _schema)
+_SYNC_KERNELS = (
+    ("sync_dense_block", _sync_block_impl), ("sync_dense_block_backward", _sync_block_backward_impl),
+    ("sync_norm_relu_tail", _tail_impl), ("sync_norm_relu_tail_backward", _tail_backward_impl),
+)  # fmt: skip
+for _name, _impl in _SYNC_KERNELS:
+    _lib.impl(_name, _impl, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"{_LIB}::{_name}", _impl)
+torch.library.register_autograd(f"{_LIB}::sync_dense_block", _sync_block_grad, setup_context=_sync_block_setup)
+torch.library.register_autograd(f"{_LIB}::sync_norm_relu_tail", _sync_tail_grad, setup_context=_sync_tail_setup)
+_sync_block_op = torch.ops.densenet_efficient.sync_dense_block.default
+_sync_block_backward_op = torch.ops.densenet_efficient.sync_dense_block_backward.default
+_sync_tail_op = torch.ops.densenet_efficient.sync_norm_relu_tail.default
+_sync_tail_backward_op = torch.ops.densenet_efficient.sync_norm_relu_tail_backward.default
+
+
+def op_sync_block(modules: list[nn.Module], x: Tensor, keep: Keep, group: Any) -> Tensor:
+    """:func:`op_block` in training with the batch norms synchronised over ``group``."""
+    tensors = _block_tensors(modules)
+    x, params, running, eps, drop, keep, _, graph, dense_copy, dtype = block_op_args(modules, x, keep, True, tensors)
+    buf, rows, unbiased, norm2, *_ = _sync_block_op(
+        x, params, running, eps, drop, keep, graph, dense_copy, dtype, sync.group_name(group)
+    )
+    with torch.no_grad():
+        update_block_stats(tensors, x, dtype, rows, unbiased, norm2)
+    return buf
+
+
+def op_sync_tail(x: Tensor, norm: nn.BatchNorm2d, module: nn.Module | None, kind: str, keep: bool, group: Any) -> Tensor:
+    """:func:`op_tail` in training with the batch norm synchronised over ``group``."""
+    args = tail_op_args(x, norm, module, kind, keep)
+    out, _, stats = _sync_tail_op(*args, sync.group_name(group))
+    with torch.no_grad():
+        update_tail_stats(norm, x, args[-1], stats[0])
     return out

@@ -82,6 +82,7 @@ class DeferredUpdates(RunningUpdates):
 
     def __init__(self, count: int, batch: Tensor) -> None:
         super().__init__(count)
+        self.batch = batch
         self.slots = batch.view(2, -1, batch.shape[-1])  # [2, C] (a tail) or [2, layers, C] (a block)
         self.used = 0
         self.shared: Tensor | None = None

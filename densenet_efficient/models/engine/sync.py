@@ -52,6 +52,20 @@ def process_group(norms: list[Any]) -> Any | None:
 _PLAIN = object()
 
 
+def group_name(group: Any) -> str:
+    """The name the custom ops take for ``group`` (an op's schema has no process-group type)."""
+    return group.group_name
+
+
+def resolve_group(name: str | None) -> Any | None:
+    """The process group of :func:`group_name` (``None`` for plain batch norm)."""
+    if name is None:
+        return None
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    return _resolve_process_group(name)
+
+
 def _synchronising(bn: Any) -> bool:
     return isinstance(bn, nn.SyncBatchNorm) or getattr(bn, "synchronised", False)
 
@@ -65,7 +79,7 @@ def batch_stats(x: Tensor, group: Any) -> tuple[Tensor, Tensor, Tensor]:
     # a rank with an empty batch still takes part (the others wait for it), with weight 0; on fake
     # or meta tensors (the ops' fake kernels, the planner's simulation) only shapes matter, and
     # the statistics kernel has no meta implementation
-    measured = x.numel() and not (is_fake(x) or x.is_meta)
+    measured = x.numel() and (torch.compiler.is_compiling() or not (is_fake(x) or x.is_meta))
     mean, var = torch.batch_norm_update_stats(x, scratch[0], scratch[1], 0.0) if measured else scratch
     count = torch.full((1,), x.numel() // c, dtype=dtype, device=x.device)
     local = torch.cat([mean, var, count])
