@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import densenet_efficient as de
-from densenet_efficient.models.engine import sync
+from densenet_efficient.models.engine import ops, sync
 
 from .test_engine import TINY, TINY_IMAGENET
 
@@ -173,3 +173,38 @@ def test_without_a_process_group_it_is_plain_batch_norm():
     x, y = _batch(8, 4)
     torch.testing.assert_close(_step(converted, x, y, 1.0), _step(plain, x, y, 1.0), rtol=0, atol=0)
     assert sync.process_group([converted.features.norm5]) is None
+
+
+@pytest.fixture
+def one_rank_group():
+    """A gloo process group of one rank in this process: the synchronised ops' collectives run on it."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("keep", [(True, True), (False, True)], ids=str)
+def test_synchronised_block_op_passes_opcheck(one_rank_group, keep):
+    """Schema, fake kernel (static and dynamic shapes), autograd registration, AOT dispatch."""
+    model = de.convert_sync_batchnorm(de.DenseNet(**{**TINY_IMAGENET, "drop_rate": 0.2}).double())
+    x = torch.randn(2, 8, 8, 8, dtype=torch.float64, requires_grad=True)
+    x, params, running, eps, drop, keep, _, graph, dense_copy, dtype = ops.block_op_args(
+        list(model.features.denseblock1.values()), x, keep, True
+    )
+    args = (x, params, running, eps, drop, keep, graph, dense_copy, dtype, sync.group_name(one_rank_group))
+    torch.library.opcheck(torch.ops.densenet_efficient.sync_dense_block.default, args)
+
+
+@pytest.mark.parametrize("kind,keep", [("transition", False), ("stem", True), ("identity", True)])
+def test_synchronised_tail_op_passes_opcheck(one_rank_group, kind, keep):
+    f = de.convert_sync_batchnorm(de.DenseNet(**TINY_IMAGENET).double()).features
+    norm, module = {
+        "transition": (f.transition1.norm, f.transition1.conv),
+        "stem": (f.norm0, f.pool0),
+        "identity": (f.norm5, None),
+    }[kind]
+    x = torch.randn(2, norm.num_features, 8, 8, dtype=torch.float64, requires_grad=True)
+    args = (*ops.tail_op_args(x, norm, module, kind, keep), sync.group_name(one_rank_group))
+    torch.library.opcheck(torch.ops.densenet_efficient.sync_norm_relu_tail.default, args)
