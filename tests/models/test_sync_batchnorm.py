@@ -100,6 +100,11 @@ def _worker(rank: int, world: int, sizes: list[int], folder: str, compiled: bool
                 dist.all_reduce(p.grad)
                 p.grad /= world
         results[name] = {"out": out, "state": _state(model), "calls": dict(calls)}
+        with torch.no_grad():  # eval: the running statistics, no collective
+            results[name]["eval"] = model.eval()(x[start : start + sizes[rank]])
+        results[name]["eval_calls"] = (
+            calls["gather"] + calls["reduce"] - sum(results[name]["calls"][k] for k in ("gather", "reduce"))
+        )
     torch.save(results, Path(folder) / f"rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -135,9 +140,17 @@ def _check_world(ranks: list[dict], sizes: list[int], cases: list) -> None:
         torch.testing.assert_close(out, expected_out, rtol=1e-10, atol=1e-12, msg=name)
         for r in ranks:  # every rank holds the global running statistics and (DDP-averaged) gradients
             for key, value in expected.items():
-                torch.testing.assert_close(r[name]["state"][key], value, rtol=1e-9, atol=1e-11, msg=f"{name} {key}")
+                torch.testing.assert_close(
+                    r[name]["state"][key], value, rtol=1e-9, atol=1e-11, msg=f"{name} {key}"
+                )
         calls = ranks[0][name]["calls"]
         assert calls["gather"] > 0 and calls["reduce"] > 0, name
+        with torch.no_grad():
+            expected_eval = model.eval()(x)
+        assert all(r[name]["eval_calls"] == 0 for r in ranks), name
+        torch.testing.assert_close(
+            torch.cat([r[name]["eval"] for r in ranks]), expected_eval, rtol=1e-9, atol=1e-11, msg=name
+        )
 
 
 def test_collectives_per_step_and_what_they_carry(tmp_path):
@@ -153,7 +166,11 @@ def test_collectives_per_step_and_what_they_carry(tmp_path):
     for mode in ("efficient", "max_saving"):
         engine = calls[f"cifar-{mode}"]["calls"]
         assert (engine["gather"], engine["reduce"]) == (norms, norms), (mode, engine)
-        assert engine["gathered"] < naive["gathered"] and engine["reduced"] == naive["reduced"], (mode, engine, naive)
+        assert engine["gathered"] < naive["gathered"] and engine["reduced"] == naive["reduced"], (
+            mode,
+            engine,
+            naive,
+        )
 
 
 def test_converted_weights_load_into_unconverted_and_torchvision_models():
