@@ -299,6 +299,30 @@ class SimulatedGroup:
     all_reduces: int = 0
 
 
+@functools.cache
+def _stats_meta() -> Any:
+    """A meta kernel for ``aten::batch_norm_update_stats``, which ATen lacks: the synchronised
+    statistics (:func:`..engine.sync.batch_stats`) call it, and a fake tensor falls back to running
+    an op without one on real zeros of the input's size (tens of GiB at the simulation's batch).
+    Returns the registration (alive while referenced); ``None`` when torch has its own kernel."""
+    name = "aten::batch_norm_update_stats"
+    if torch._C._dispatch_has_kernel_for_dispatch_key(name, "Meta"):
+        return None
+
+    def meta(
+        x: torch.Tensor, running_mean: Any, running_var: Any, momentum: float
+    ) -> tuple[torch.Tensor, ...]:
+        # ATen's rule: the running statistics' dtype, else float for a half-precision input
+        dtype = (
+            running_mean.dtype if running_mean is not None else torch.promote_types(x.dtype, torch.float32)
+        )
+        return tuple(x.new_empty(x.shape[1], dtype=dtype) for _ in range(2))
+
+    lib = torch.library.Library("aten", "IMPL")
+    lib.impl("batch_norm_update_stats", meta, "Meta")
+    return lib
+
+
 @contextlib.contextmanager
 def simulated_collectives(world: int) -> Iterator[SimulatedGroup]:
     """Within: converted batch norms (:class:`~densenet_efficient.SyncBatchNorm2d`) in training
@@ -318,6 +342,7 @@ def simulated_collectives(world: int) -> Iterator[SimulatedGroup]:
     """
     world = check_sync_world(world)
     group = SimulatedGroup(world)
+    _stats_meta()
 
     def process_group(norms: list[Any]) -> SimulatedGroup | None:
         return group if isinstance(norms[0], SyncBatchNorm2d) else None
@@ -386,15 +411,12 @@ def simulate(
     """
     world = check_sync_world(sync_bn_world_size)
     with _LOCK:
-        if world == 1:
-            return _simulate(
-                config, setting, image_size, dtype, amp, optimizer, channels_last, device, regime, 1
-            )
-        with simulated_collectives(world) as group:
+        collectives = simulated_collectives(world) if world > 1 else contextlib.nullcontext()
+        with collectives as group:
             sim = _simulate(
                 config, setting, image_size, dtype, amp, optimizer, channels_last, device, regime, world
             )
-        return replace(sim, gathers=group.gathers, all_reduces=group.all_reduces)
+    return sim if group is None else replace(sim, gathers=group.gathers, all_reduces=group.all_reduces)
 
 
 def _simulate(
