@@ -312,10 +312,8 @@ def _stats_meta() -> Any:
     def meta(
         x: torch.Tensor, running_mean: Any, running_var: Any, momentum: float
     ) -> tuple[torch.Tensor, ...]:
-        # ATen's rule: the running statistics' dtype, else float for a half-precision input
-        dtype = (
-            running_mean.dtype if running_mean is not None else torch.promote_types(x.dtype, torch.float32)
-        )
+        # ATen's CPU kernel: the running statistics' dtype, else the input's
+        dtype = running_mean.dtype if running_mean is not None else x.dtype
         return tuple(x.new_empty(x.shape[1], dtype=dtype) for _ in range(2))
 
     lib = torch.library.Library("aten", "IMPL")
