@@ -48,7 +48,6 @@ from torch.utils._pytree import tree_leaves
 
 from ...errors import check_int
 from ..config import ArchConfig
-from ..engine import block as engine_block
 from ..engine import reference_engine, sync
 from ..memory_plan import MemoryPlan
 from ..registry import model_class
@@ -299,28 +298,6 @@ class SimulatedGroup:
     all_reduces: int = 0
 
 
-@functools.cache
-def _stats_meta() -> Any:
-    """A meta kernel for ``aten::batch_norm_update_stats``, which ATen lacks: the synchronised
-    statistics (:func:`..engine.sync.batch_stats`) call it, and a fake tensor falls back to running
-    an op without one on real zeros of the input's size (tens of GiB at the simulation's batch).
-    Returns the registration (alive while referenced); ``None`` when torch has its own kernel."""
-    name = "aten::batch_norm_update_stats"
-    if torch._C._dispatch_has_kernel_for_dispatch_key(name, "Meta"):
-        return None
-
-    def meta(
-        x: torch.Tensor, running_mean: Any, running_var: Any, momentum: float
-    ) -> tuple[torch.Tensor, ...]:
-        # ATen's CPU kernel: the running statistics' dtype, else the input's
-        dtype = running_mean.dtype if running_mean is not None else x.dtype
-        return tuple(x.new_empty(x.shape[1], dtype=dtype) for _ in range(2))
-
-    lib = torch.library.Library("aten", "IMPL")
-    lib.impl("batch_norm_update_stats", meta, "Meta")
-    return lib
-
-
 @contextlib.contextmanager
 def simulated_collectives(world: int) -> Iterator[SimulatedGroup]:
     """Within: converted batch norms (:class:`~densenet_efficient.SyncBatchNorm2d`) in training
@@ -340,7 +317,6 @@ def simulated_collectives(world: int) -> Iterator[SimulatedGroup]:
     """
     world = check_sync_world(world)
     group = SimulatedGroup(world)
-    _stats_meta()
 
     def process_group(norms: list[Any]) -> SimulatedGroup | None:
         return group if isinstance(norms[0], SyncBatchNorm2d) else None
@@ -353,26 +329,15 @@ def simulated_collectives(world: int) -> Iterator[SimulatedGroup]:
         group.all_reduces += 1
         return torch.empty_like(t)
 
-    patches = [
-        (sync, "process_group", process_group),
-        (sync, "_all_gather", all_gather),
-        (sync, "_all_reduce", all_reduce),
-    ]
-    # The engine skips a block's statistics on fake tensors (engine/block.py BlockStats.measure:
-    # its custom ops' fake kernels need no values), and with them the group's collective and its
-    # count, which the synchronised step cannot do without; the synchronised path never runs
-    # through those ops, so its statistics are measured here (batch_norm_update_stats has a fake
-    # kernel). Drop this once measure synchronises before that check.
-    if hasattr(engine_block, "is_fake"):
-        patches.append((engine_block, "is_fake", lambda t: False))
-    saved = [(module, name, getattr(module, name)) for module, name, _ in patches]
+    stand_ins = {"process_group": process_group, "_all_gather": all_gather, "_all_reduce": all_reduce}
+    originals = {name: getattr(sync, name) for name in stand_ins}
     try:
-        for module, name, value in patches:
-            setattr(module, name, value)
+        for name, value in stand_ins.items():
+            setattr(sync, name, value)
         yield group
     finally:
-        for module, name, value in saved:
-            setattr(module, name, value)
+        for name, value in originals.items():
+            setattr(sync, name, value)
 
 
 def simulate(
