@@ -348,6 +348,7 @@ def _choose_budget(
             train_images=len(data.train),
             device=device,
             info=info,
+            sync_bn=c.sync_bn,
         )
     return dataclasses.replace(c, batch_size=choice.batch_size, memory=c.memory or "auto"), choice
 

@@ -24,7 +24,7 @@ from .options import (
     resolve_setting,
 )
 from .recompute import extra_time
-from .simulate import Simulation, simulate
+from .simulate import Simulation, check_sync_world, simulate
 
 __all__ = ["LOWEST_RATIO", "MemoryEstimate", "estimate_memory", "simulation"]
 
@@ -48,6 +48,7 @@ class MemoryEstimate:
     to the bytes alive by the end of its forward.
     ``extra_time``: recomputation beyond the ``"efficient"`` mode's, as a fraction of the step
     (:func:`~.recompute.extra_time`). ``image_size``: the input's height and width.
+    ``sync_bn_world_size``: the processes the batch norms synchronise over (1: plain batch norm).
     """
 
     arch: str
@@ -67,6 +68,7 @@ class MemoryEstimate:
     breakdown: dict[str, int] = field(default_factory=dict, compare=False)
     extra_time: float = 0.0
     margin: int = 0
+    sync_bn_world_size: int = 1
 
     @property
     def peak(self) -> int:
@@ -96,6 +98,7 @@ def estimate_memory(
     device: str = "cuda",
     optimizer: str = DEFAULT_OPTIMIZER,
     channels_last: bool = False,
+    sync_bn_world_size: int = 1,
 ) -> MemoryEstimate:
     """Peak memory of one training step (forward, loss, backward, the optimizer's step), simulated.
 
@@ -114,12 +117,19 @@ def estimate_memory(
             SGD: none), ``"adam"``/``"adamw"`` (two buffers) or ``"none"``.
 
     ``channels_last``: model and batch in ``torch.channels_last``.
+    ``sync_bn_world_size``: the processes of a ``torchrun`` job whose batch norms synchronise
+    (``convert_sync_batchnorm``, ``train --sync-bn``); 1 (the default) is plain batch norm. The
+    synchronised step runs the engine's synchronised path with simulated collectives: its
+    gathered statistics and its backward's temporaries are counted, per process.
 
     The step runs on fake tensors (:func:`~.simulate.simulate`, cached per setting: one
     simulation answers every batch size).
 
     >>> est = estimate_memory("densenet_bc_100", batch_size=64, mode="naive", device="cpu")
     >>> est.total > est.peak > est.activations > 0
+    True
+    >>> estimate_memory("densenet_bc_100", batch_size=64, mode="naive", device="cpu",
+    ...                 sync_bn_world_size=4).total > est.total
     True
     """
     config = resolve_arch(arch)
@@ -128,9 +138,21 @@ def estimate_memory(
     batch_size = check_int(batch_size, "batch_size")
     image_size = check_image_size(config, image_size, name)
     amp = check_options(dtype, amp, optimizer, device)
+    world = check_sync_world(sync_bn_world_size)
     label = setting if isinstance(setting, str) else (setting.mode or str(setting))
     return estimate(
-        config, name, label, setting, batch_size, image_size, dtype, amp, device, optimizer, channels_last
+        config,
+        name,
+        label,
+        setting,
+        batch_size,
+        image_size,
+        dtype,
+        amp,
+        device,
+        optimizer,
+        channels_last,
+        world,
     )
 
 
@@ -140,23 +162,25 @@ def _key(setting: MemoryPlan | str) -> Any:
 
 @functools.lru_cache(maxsize=256)
 def _simulation(config: ArchConfig, key: Any, image_size: int, dtype: str, amp: str | None,
-                optimizer: str, channels_last: bool, device: str, batches: int) -> Simulation:  # fmt: skip
+                optimizer: str, channels_last: bool, device: str, batches: int, world: int) -> Simulation:  # fmt: skip
     setting = key if isinstance(key, str) else MemoryPlan(*key)
     return simulate(
         config, setting, image_size=image_size, dtype=dtype, amp=amp, optimizer=optimizer,
-        channels_last=channels_last, device=device, regime=batches,
+        channels_last=channels_last, device=device, regime=batches, sync_bn_world_size=world,
     )  # fmt: skip
 
 
 def simulation(config: ArchConfig, setting: MemoryPlan | str, image_size: int, dtype: str = "fp32",
                amp: str | None = None, optimizer: str = DEFAULT_OPTIMIZER, channels_last: bool = False,
-               device: str = "cpu", batch: int = 16) -> Simulation:  # fmt: skip
+               device: str = "cpu", batch: int = 16, sync_bn_world_size: int = 1) -> Simulation:  # fmt: skip
     """The simulated step of a setting, cached per process: every batch size ATen runs alike
-    (:func:`~.allocator.regime`) reads the same one."""
+    (:func:`~.allocator.regime`) reads the same one (per ``sync_bn_world_size``: the gathered
+    statistics grow with the ranks)."""
     batches = regime(batch) if device == "cpu" else 16
     return _simulation(
-        config, _key(setting), image_size, dtype, amp, optimizer, channels_last, device, batches
-    )
+        config, _key(setting), image_size, dtype, amp, optimizer, channels_last, device, batches,
+        sync_bn_world_size,
+    )  # fmt: skip
 
 
 def estimate(
@@ -171,9 +195,21 @@ def estimate(
     device: str,
     optimizer: str,
     channels_last: bool = False,
+    sync_bn_world_size: int = 1,
 ) -> MemoryEstimate:
     """:func:`estimate_memory` on checked arguments."""
-    sim = simulation(config, setting, image_size, dtype, amp, optimizer, channels_last, device, batch_size)
+    sim = simulation(
+        config,
+        setting,
+        image_size,
+        dtype,
+        amp,
+        optimizer,
+        channels_last,
+        device,
+        batch_size,
+        sync_bn_world_size,
+    )
     b = batch_size
     persistent, activations = sim.persistent.at(b), sim.activations.at(b)
     inputs = sim.inputs.at(b)
@@ -195,4 +231,5 @@ def estimate(
         breakdown={sg.name: sg.kept.at(b) for sg in sim.segments},
         extra_time=0.0 if isinstance(setting, str) else extra_time(config, setting, image_size),
         margin=0,
+        sync_bn_world_size=sync_bn_world_size,
     )

@@ -27,6 +27,7 @@ from .options import (
     resolve_setting,
 )
 from .recompute import extra_time
+from .simulate import check_sync_world
 from .units import format_bytes, parse_memory
 
 __all__ = [
@@ -58,7 +59,15 @@ class Step:
     """One training step's settings, checked once; ``total(setting, batch)`` is its estimate."""
 
     def __init__(self, arch: str | ArchConfig, image_size: int | None, kwargs: dict[str, Any], where: str):
-        unknown = set(kwargs) - {"mode", "dtype", "amp", "device", "optimizer", "channels_last"}
+        unknown = set(kwargs) - {
+            "mode",
+            "dtype",
+            "amp",
+            "device",
+            "optimizer",
+            "channels_last",
+            "sync_bn_world_size",
+        }
         if unknown:
             raise TypeError(f"{where}() got unexpected keyword arguments: {', '.join(sorted(unknown))}")
         self.config = resolve_arch(arch)
@@ -75,6 +84,7 @@ class Step:
         self.optimizer = kwargs.get("optimizer", DEFAULT_OPTIMIZER)
         self.amp = check_options(self.dtype, kwargs.get("amp"), self.optimizer, self.device)
         self.channels_last = bool(kwargs.get("channels_last", False))
+        self.sync_world = check_sync_world(kwargs.get("sync_bn_world_size", 1))
         setting = resolve_setting(kwargs.get("mode", EFFICIENT), self.config)
         self.label = setting if isinstance(setting, str) else (setting.mode or str(setting))
         self.setting = setting
@@ -84,7 +94,7 @@ class Step:
         label = self.label if setting is self.setting else "plan"
         return estimate(
             self.config, self.name, label, setting, batch, self.image_size,
-            self.dtype, self.amp, self.device, self.optimizer, self.channels_last,
+            self.dtype, self.amp, self.device, self.optimizer, self.channels_last, self.sync_world,
         )  # fmt: skip
 
     def total(self, batch: int, setting: str | MemoryPlan | None = None) -> int:
@@ -101,7 +111,7 @@ class Step:
     def simulation(self, plan: MemoryPlan, batch: int):  # noqa: ANN201 (a Simulation)
         return simulation(
             self.config, plan, self.image_size, self.dtype, self.amp, self.optimizer,
-            self.channels_last, self.device, batch,
+            self.channels_last, self.device, batch, self.sync_world,
         )  # fmt: skip
 
 
@@ -111,7 +121,7 @@ def max_batch_size(
     """The largest batch whose training step fits ``memory`` (bytes or ``"8GiB"``).
 
     ``kwargs`` are :func:`~.estimate.estimate_memory`'s (``mode``, ``dtype``, ``amp``, ``device``,
-    ``optimizer``). Raises a UsageError, naming the minimum needed, when not even one image fits.
+    ``optimizer``, ``sync_bn_world_size``: the per-process batch of a synchronised job). Raises a UsageError, naming the minimum needed, when not even one image fits.
     Bisection: ``O(log batch)`` estimates (a 16 EiB budget takes about a hundred).
 
     >>> max_batch_size("densenet_bc_100", "12GB", mode="efficient") > 1000
@@ -210,7 +220,8 @@ def fit_memory(
     """The plan with the least recompute whose training step (``MemoryEstimate.total``) fits ``budget``.
 
     ``kwargs`` are :func:`~.estimate.estimate_memory`'s (``amp``, ``dtype``, ``device``,
-    ``optimizer``, default ``"momentum"``, ``channels_last``). The search runs over the width below which layers recompute their
+    ``optimizer``, default ``"momentum"``, ``channels_last``, ``sync_bn_world_size``: every batch
+    norm synchronised over that many processes, each running ``batch_size`` images). The search runs over the width below which layers recompute their
     bottleneck, then gives blocks back what still fits, with the stem keeping or recomputing its
     indices; plans are priced by composing the simulated ``"efficient"`` and ``"max_saving"``
     steps (:mod:`.compose`) and the one returned is simulated whole: its ``estimated_peak`` is
@@ -218,6 +229,9 @@ def fit_memory(
 
     >>> plan = fit_memory("densenet_bc_40", "400MiB", batch_size=64, device="cpu")
     >>> plan.estimated_peak <= parse_memory("400MiB")
+    True
+    >>> synced = fit_memory("densenet_bc_40", "400MiB", batch_size=64, device="cpu", sync_bn_world_size=2)
+    >>> synced.estimated_peak <= parse_memory("400MiB")
     True
     """
     if "mode" in kwargs:

@@ -9,6 +9,12 @@ counts every storage an op creates and, through a weak reference, every one that
 (:func:`~densenet_efficient.models.engine.reference_engine`), whose allocations are those of the
 C++ loops line for line and, unlike the custom ops', all visible to a dispatch mode.
 
+Synchronised batch norm (``sync_bn_world_size > 1``): the fake model's batch norms are converted
+(:func:`~densenet_efficient.convert_sync_batchnorm`) and the engine's synchronised path runs as it
+will on every rank, its collectives simulated (:func:`simulated_collectives`): each returns a fresh
+tensor of the size the real one returns, so the gathered statistics, the reduced sums and the
+synchronised backward's temporaries are all counted, by the engine's own ops.
+
 One simulation gives the step at every batch size. The batch is a prime larger than any other
 dimension, so a storage scales with the batch exactly when its size is a multiple of that prime;
 every count is kept as ``fixed + per_image * batch`` (:class:`Line`), and the peak at a batch is
@@ -26,10 +32,12 @@ True
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 import weakref
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -38,13 +46,25 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from ...errors import check_int
 from ..config import ArchConfig
-from ..engine import reference_engine
+from ..engine import reference_engine, sync
 from ..memory_plan import MemoryPlan
 from ..registry import model_class
+from ..sync_batchnorm import SyncBatchNorm2d, convert_sync_batchnorm
 from .allocator import cpu_scratch
 
-__all__ = ["Line", "LiveBytes", "Segment", "Simulation", "simulate", "simulation_batch"]
+__all__ = [
+    "Line",
+    "LiveBytes",
+    "Segment",
+    "SimulatedGroup",
+    "Simulation",
+    "check_sync_world",
+    "simulate",
+    "simulated_collectives",
+    "simulation_batch",
+]
 
 #: Where the CUDA caching allocator rounds every block to (``kMinBlockSize``): a tensor of n bytes
 #: holds ``ceil(n / 512) * 512`` on the device. Applied per storage when simulating for CUDA.
@@ -183,7 +203,8 @@ class Simulation:
     ``trace``: the upper hull of the whole run; ``segments``: per dense block and transition;
     ``stem``/``head``/``optimizer``: the hulls of the rest, relative to the start of forward
     (stem), the end of the last segment's forward (head: norm5, pooling, classifier, loss and
-    their backward) and to nothing (the optimizer's step, after backward)."""
+    their backward) and to nothing (the optimizer's step, after backward). ``gathers`` and
+    ``all_reduces``: the synchronised batch norms' collectives in the step (0 without them)."""
 
     persistent: Line
     parameters: int
@@ -197,17 +218,22 @@ class Simulation:
     stem_kept: Line = ZERO
     head: tuple[Line, ...] = ()
     optimizer: tuple[Line, ...] = ()
+    gathers: int = 0
+    all_reduces: int = 0
 
     def peak(self, batch: int) -> int:
         """Bytes alive at the step's peak for ``batch`` images."""
         return hull_max(self.trace, batch)
 
 
-def simulation_batch(config: ArchConfig, image_size: int) -> int:
-    """A prime above every channel count, the class count and the input size: a storage's size is
-    a multiple of it exactly when it holds one slice per image."""
+def simulation_batch(config: ArchConfig, image_size: int, sync_bn_world_size: int = 1) -> int:
+    """A prime above every channel count, the class count, the input size and the ranks a batch
+    norm gathers from: a storage's size is a multiple of it exactly when it holds one slice per image."""
     widest = config.num_init_features + sum(config.block_config) * config.growth_rate
-    bound = max(widest, config.bn_size * config.growth_rate, config.num_classes, image_size, 3) * 4
+    bound = max(
+        widest, config.bn_size * config.growth_rate, config.num_classes, image_size, sync_bn_world_size, 3
+    )
+    bound *= 4
     n = bound | 1
     while any(n % d == 0 for d in range(3, int(n**0.5) + 1, 2)):
         n += 2
@@ -222,9 +248,13 @@ def _fake_mode() -> Any:
 
 
 @functools.lru_cache(maxsize=16)
-def _fake_model(config: ArchConfig, torchvision: str | None, dtype: str, channels_last: bool) -> nn.Module:
+def _fake_model(
+    config: ArchConfig, torchvision: str | None, dtype: str, channels_last: bool, synchronised: bool = False
+) -> nn.Module:
     """The model with fake CPU parameters and buffers: built on the meta device (nothing is
-    allocated or initialised for real), then converted; reused by every simulation of it."""
+    allocated or initialised for real), then converted; reused by every simulation of it.
+    ``synchronised``: its batch norms converted as ``train --sync-bn`` converts them (a model of
+    its own: the plain one stays plain)."""
     with torch.device("meta"):
         if torchvision is not None:
             from ..reference import torchvision_densenet  # imports torchvision: only when asked
@@ -240,15 +270,74 @@ def _fake_model(config: ArchConfig, torchvision: str | None, dtype: str, channel
         t = mode.fake_tensor_converter.from_meta_and_device(mode, t, cpu)
         return t.contiguous(memory_format=torch.channels_last) if channels_last and t.dim() == 4 else t
 
-    return model._apply(fake)
+    model = model._apply(fake)
+    return convert_sync_batchnorm(model) if synchronised else model
 
 
 _AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 
 
-#: One simulation at a time: the fake-tensor mode and the cached fake models are shared.
+#: One simulation at a time: the fake-tensor mode and the cached fake models are shared, and
+#: :func:`simulated_collectives` patches a module of the engine.
 _LOCK = threading.Lock()
+
+
+def check_sync_world(value: Any) -> int:
+    """``sync_bn_world_size`` checked: the processes whose batch norms synchronise (1: plain)."""
+    return check_int(value, "sync_bn_world_size")
+
+
+@dataclass
+class SimulatedGroup:
+    """The process group a simulated step's synchronised batch norms synchronise over: ``world``
+    ranks, none of them real; counts the collectives the step issues through it."""
+
+    world: int
+    gathers: int = 0
+    all_reduces: int = 0
+
+
+@contextlib.contextmanager
+def simulated_collectives(world: int) -> Iterator[SimulatedGroup]:
+    """Within: converted batch norms (:class:`~densenet_efficient.SyncBatchNorm2d`) in training
+    synchronise over a :class:`SimulatedGroup` of ``world`` ranks, whatever process group exists.
+
+    The engine's three seams (:mod:`..engine.sync`) are replaced: ``process_group`` returns the
+    stand-in group, ``_all_gather`` a fresh ``world``-times-larger tensor, ``_all_reduce`` a fresh
+    one of its input's shape, as the functional collectives do (their values are never read on
+    fake tensors). Everything is restored on leaving, also on an error. The engine module is
+    patched for every thread: callers hold the simulation's lock (:func:`simulate` does).
+
+    >>> with simulated_collectives(4) as group:
+    ...     sync._all_gather(torch.zeros(3), group).shape
+    torch.Size([12])
+    >>> group.gathers
+    1
+    """
+    world = check_sync_world(world)
+    group = SimulatedGroup(world)
+
+    def process_group(norms: list[Any]) -> SimulatedGroup | None:
+        return group if isinstance(norms[0], SyncBatchNorm2d) else None
+
+    def all_gather(t: torch.Tensor, _group: Any) -> torch.Tensor:
+        group.gathers += 1
+        return t.new_empty(world * t.numel())
+
+    def all_reduce(t: torch.Tensor, _group: Any) -> torch.Tensor:
+        group.all_reduces += 1
+        return torch.empty_like(t)
+
+    stand_ins = {"process_group": process_group, "_all_gather": all_gather, "_all_reduce": all_reduce}
+    originals = {name: getattr(sync, name) for name in stand_ins}
+    try:
+        for name, value in stand_ins.items():
+            setattr(sync, name, value)
+        yield group
+    finally:
+        for name, value in originals.items():
+            setattr(sync, name, value)
 
 
 def simulate(
@@ -262,6 +351,7 @@ def simulate(
     channels_last: bool = False,
     device: str = "cpu",
     regime: int = 16,
+    sync_bn_world_size: int = 1,
 ) -> Simulation:
     """Simulate one steady training step of ``config`` run with ``setting`` (a :class:`MemoryPlan`,
     or ``"torchvision"``/``"torchvision_efficient"`` for torchvision's own DenseNet).
@@ -272,20 +362,35 @@ def simulate(
     allocator does; the ops are simulated on CPU (the same shapes; autocast's CPU op lists).
     ``regime``: a batch size for what depends on it beyond the bytes (on CPU, ATen's choice of
     oneDNN for a convolution: 1, below 16 or not; see :func:`.allocator.regime`).
+    ``sync_bn_world_size``: above 1, every batch norm synchronised over that many processes, as
+    ``train --sync-bn`` runs under torchrun (:func:`simulated_collectives`); ``gathers`` and
+    ``all_reduces`` of the result count the collectives.
+
+    >>> from densenet_efficient.models.config import densenet_bc_config
+    >>> plain = simulate(densenet_bc_config(16), "efficient", image_size=32)
+    >>> synced = simulate(densenet_bc_config(16), "efficient", image_size=32, sync_bn_world_size=8)
+    >>> synced.peak(64) > plain.peak(64), synced.gathers
+    (True, 15)
     """
+    world = check_sync_world(sync_bn_world_size)
     with _LOCK:
-        return _simulate(config, setting, image_size, dtype, amp, optimizer, channels_last, device, regime)
+        collectives = simulated_collectives(world) if world > 1 else contextlib.nullcontext()
+        with collectives as group:
+            sim = _simulate(
+                config, setting, image_size, dtype, amp, optimizer, channels_last, device, regime, world
+            )
+    return sim if group is None else replace(sim, gathers=group.gathers, all_reduces=group.all_reduces)
 
 
 def _simulate(
     config: ArchConfig, setting: MemoryPlan | str, image_size: int, dtype: str, amp: str | None,
-    optimizer: str, channels_last: bool, device: str, regime: int,
+    optimizer: str, channels_last: bool, device: str, regime: int, world: int,
 ) -> Simulation:  # fmt: skip
     tv = setting if isinstance(setting, str) else None
-    model = _fake_model(config, tv, dtype, channels_last)
+    model = _fake_model(config, tv, dtype, channels_last, world > 1)
     if tv is None:
         model.set_memory_efficient(setting)
-    batch = simulation_batch(config, image_size)
+    batch = simulation_batch(config, image_size, world)
     param_dtype = _DTYPES[dtype]
     scratch = functools.partial(cpu_scratch, batch=regime) if device == "cpu" else None
     live = LiveBytes(batch, CUDA_BLOCK if device == "cuda" else 1, scratch)
