@@ -19,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import densenet_efficient as de
 from densenet_efficient.models.engine import ops, sync
+from densenet_efficient.models.planner.verify import _sync_world_size
 
 from .test_engine import TINY, TINY_IMAGENET
 
@@ -100,6 +101,7 @@ def _worker(rank: int, world: int, sizes: list[int], folder: str, compiled: bool
                 dist.all_reduce(p.grad)
                 p.grad /= world
         results[name] = {"out": out, "state": _state(model), "calls": dict(calls)}
+        results[name]["planned_world"] = _sync_world_size(model)  # what fit_memory plans for
         with torch.no_grad():  # eval: the running statistics, no collective
             results[name]["eval"] = model.eval()(x[start : start + sizes[rank]])
         results[name]["eval_calls"] = (
@@ -148,6 +150,7 @@ def _check_world(ranks: list[dict], sizes: list[int], cases: list) -> None:
         with torch.no_grad():
             expected_eval = model.eval()(x)
         assert all(r[name]["eval_calls"] == 0 for r in ranks), name
+        assert all(r[name]["planned_world"] == len(sizes) for r in ranks), name
         torch.testing.assert_close(
             torch.cat([r[name]["eval"] for r in ranks]), expected_eval, rtol=1e-9, atol=1e-11, msg=name
         )

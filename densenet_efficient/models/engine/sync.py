@@ -76,11 +76,16 @@ def batch_stats(x: Tensor, group: Any) -> tuple[Tensor, Tensor, Tensor]:
     dtype = stat_dtype(x.dtype)
     c = x.shape[1]
     scratch = torch.zeros(2, c, dtype=dtype, device=x.device)  # float statistics of bf16/fp16 input
-    # a rank with an empty batch still takes part (the others wait for it), with weight 0; on fake
-    # or meta tensors (the ops' fake kernels, the planner's simulation) only shapes matter, and
-    # the statistics kernel has no meta implementation
-    measured = x.numel() and (torch.compiler.is_compiling() or not (is_fake(x) or x.is_meta))
-    mean, var = torch.batch_norm_update_stats(x, scratch[0], scratch[1], 0.0) if measured else scratch
+    if x.numel() == 0 or (not torch.compiler.is_compiling() and (is_fake(x) or x.is_meta)):
+        # A rank with an empty batch still takes part (the others wait for it), with weight 0. On
+        # fake or meta tensors (the ops' fake kernels, the planner's simulation) only shapes matter.
+        mean, var = scratch
+    elif torch.compiler.is_compiling():
+        # traced (a naive block's SyncBatchNorm2d): the statistics kernel has no meta implementation,
+        # so tracing would run it on real zeros; var_mean has one, and inductor fuses its upcast
+        var, mean = torch.var_mean(x.to(dtype), dim=(0, 2, 3), correction=0)
+    else:
+        mean, var = torch.batch_norm_update_stats(x, scratch[0], scratch[1], 0.0)
     count = torch.full((1,), x.numel() // c, dtype=dtype, device=x.device)
     local = torch.cat([mean, var, count])
     gathered = _all_gather(local, group).view(-1, 2 * c + 1)  # [ranks, mean | var | count]

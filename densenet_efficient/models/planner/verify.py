@@ -128,6 +128,15 @@ def measure_step(
 _DTYPES = {torch.float64: "fp64", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
+def _sync_world_size(model: nn.Module) -> int:
+    """The ranks ``model``'s batch norms synchronise over in training (1: plain batch norm)."""
+    from ..engine import sync
+
+    norms = [m for m in model.modules() if isinstance(m, (nn.BatchNorm2d, nn.SyncBatchNorm))]
+    group = sync.process_group(norms[:1]) if norms else None
+    return 1 if group is None else torch.distributed.get_world_size(group)
+
+
 def fit_model(
     model: nn.Module,
     budget: int | str,
@@ -141,11 +150,14 @@ def fit_model(
 ) -> MemoryPlan:
     """What :meth:`DenseNet.fit_memory` returns (it applies it): the plan :func:`fit_memory` picks
     for the model's architecture, its parameters' dtype and device (unless ``device`` is given),
-    stepped down on CUDA while its measured step exceeds the budget (``verify``)."""
+    stepped down on CUDA while its measured step exceeds the budget (``verify``). A model whose
+    batch norms synchronise over a process group (:func:`~densenet_efficient.convert_sync_batchnorm`)
+    is planned with that group's synchronised step."""
     param = next(model.parameters())
     kwargs = dict(
         batch_size=batch_size, image_size=image_size, amp=amp, optimizer=optimizer,
         device=device or param.device.type, dtype=_DTYPES.get(param.dtype, "fp32"),
+        sync_bn_world_size=_sync_world_size(model),
     )  # fmt: skip
     config = model.arch_config
     plan = fit_memory(config, budget, **kwargs)
