@@ -58,6 +58,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         type=int,
         help="also report the estimate at this batch size, and the dial setting fit_memory picks for it",
     )
+    parser.add_argument(
+        "--sync-bn",
+        dest="sync_bn",
+        type=int,
+        default=1,
+        metavar="PROCESSES",
+        help="plan synchronised batch norm over this many processes (train --sync-bn under torchrun)",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -70,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.sync_bn < 1:
+        raise UsageError(f"--sync-bn takes the number of processes, at least 1, found {args.sync_bn}")
     modes = tuple(dict.fromkeys(args.mode or ESTIMABLE))
     kwargs = dict(
         image_size=args.image_size,
@@ -77,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
         amp=args.amp,
         device=args.device,
         optimizer=args.optimizer,
+        sync_bn_world_size=args.sync_bn,
     )
     rows = plan(arch, budget, modes=modes, batch_size=args.batch_size, **kwargs)
     fitted = _fit(arch, budget, args.batch_size, kwargs) if args.batch_size else None
@@ -92,7 +103,9 @@ def run(args: argparse.Namespace) -> int:
         res = args.image_size or arch.default_resolution
         print(
             f"{name} at {res}x{res}, {args.amp or args.dtype} activations, optimizer {args.optimizer}, "
-            f"training on {args.device}: budget {format_bytes(budget)}"
+            f"training on {args.device}"
+            + (f", batch norm synchronised over {args.sync_bn} processes" if args.sync_bn > 1 else "")
+            + f": budget {format_bytes(budget)}"
         )
         header = ["mode", "per image", "max batch", "peak step", "total at max"]
         if args.batch_size:

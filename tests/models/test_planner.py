@@ -190,6 +190,7 @@ def test_estimate_rejects_bad_input(kwargs, message):
         (["--image-size", "-1", "--memory", "8GiB"], "image_size must be an integer >= 1, found -1"),
         (["--depth", "10", "--growth-rate", "0", "--memory", "8GiB"], "growth_rate must be >= 1, got 0"),
         (["--depth", "41", "--memory", "8GiB"], "6n\\+4"),
+        (["--memory", "8GiB", "--sync-bn", "0"], "--sync-bn takes the number of processes, at least 1, found 0"),
     ],
 )
 def test_plan_cli_errors_exit_2(argv, message, capsys):
@@ -206,6 +207,18 @@ def test_plan_cli_json_matches_api(capsys):
     assert rows[0]["max_batch_size"] == max_batch_size(
         "densenet_bc_40", "2GB", mode="efficient", device="cpu"
     )
+
+
+def test_plan_cli_plans_synchronised_batch_norm(capsys):
+    argv = ["plan", "--depth", "40", "--memory", "2GB", "--mode", "efficient", "--device", "cpu", "--json"]
+    assert main([*argv, "--sync-bn", "4"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert rows[0]["max_batch_size"] == max_batch_size(
+        "densenet_bc_40", "2GB", mode="efficient", device="cpu", sync_bn_world_size=4
+    )
+    assert main(argv) == 0
+    plain = json.loads(capsys.readouterr().out)["rows"]
+    assert rows[0]["per_image"] > plain[0]["per_image"]  # the synchronised backward's temporaries
 
 
 def test_bisection_finds_the_boundary_with_log_calls():
