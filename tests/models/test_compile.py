@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import densenet_efficient as de
-from densenet_efficient.models.engine import ops
+from densenet_efficient.models.engine import native, ops
 from densenet_efficient.models.memory_plan import MemoryPlan
 
 from .test_engine import TINY, TINY_IMAGENET, _assert_same_state, _randomise_bn, _rel
@@ -117,6 +117,7 @@ def test_inductor_fullgraph_training_step_equals_eager():
 
 
 def _block_args(keep, training=True):
+    native.ensure()  # the ops' kernels are registered when the engine is chosen
     model = de.DenseNet(**{**TINY_IMAGENET, "drop_rate": 0.2}).double().train(training)
     x = torch.randn(2, 8, 8, 8, dtype=torch.float64, requires_grad=True)
     return ops.block_op_args(list(model.features.denseblock1.values()), x, keep, training)
@@ -130,17 +131,23 @@ def test_block_op_passes_opcheck(keep, training):
     torch.library.opcheck(torch.ops.densenet_efficient.dense_block.default, _block_args(keep, training))
 
 
-@pytest.mark.parametrize(
-    "kind,mode", [("transition", "efficient"), ("stem", "efficient"), ("stem", "max_saving"), ("identity", "efficient")]
-)
-def test_tail_op_passes_opcheck(kind, mode):
-    f = de.DenseNet(**TINY_IMAGENET).double().features
+def tail_case(model: de.DenseNet, kind: str) -> tuple[torch.Tensor, torch.nn.Module, torch.nn.Module | None]:
+    """An input, the BN and what follows it for the tail op of ``kind`` in ``model``."""
+    native.ensure()  # the ops' kernels are registered when the engine is chosen
+    f = model.features
     norm, module = {
         "transition": (f.transition1.norm, f.transition1.conv),
         "stem": (f.norm0, f.pool0),
         "identity": (f.norm5, None),
     }[kind]
-    x = torch.randn(2, norm.num_features, 8, 8, dtype=torch.float64, requires_grad=True)
+    return torch.randn(2, norm.num_features, 8, 8, dtype=norm.weight.dtype, requires_grad=True), norm, module
+
+
+@pytest.mark.parametrize(
+    "kind,mode", [("transition", "efficient"), ("stem", "efficient"), ("stem", "max_saving"), ("identity", "efficient")]
+)
+def test_tail_op_passes_opcheck(kind, mode):
+    x, norm, module = tail_case(de.DenseNet(**TINY_IMAGENET).double(), kind)
     torch.library.opcheck(
         torch.ops.densenet_efficient.norm_relu_tail.default, ops.tail_op_args(x, norm, module, kind, mode)
     )

@@ -21,6 +21,7 @@ import densenet_efficient as de
 from densenet_efficient.models.engine import ops, sync
 from densenet_efficient.models.planner.verify import _sync_world_size
 
+from .test_compile import tail_case
 from .test_engine import TINY, TINY_IMAGENET
 
 #: (name, model kwargs, image size, memory setting): naive, both modes and a dial, CIFAR and
@@ -219,12 +220,6 @@ def test_synchronised_block_op_passes_opcheck(one_rank_group, keep):
 
 @pytest.mark.parametrize("kind,keep", [("transition", False), ("stem", True), ("identity", True)])
 def test_synchronised_tail_op_passes_opcheck(one_rank_group, kind, keep):
-    f = de.convert_sync_batchnorm(de.DenseNet(**TINY_IMAGENET).double()).features
-    norm, module = {
-        "transition": (f.transition1.norm, f.transition1.conv),
-        "stem": (f.norm0, f.pool0),
-        "identity": (f.norm5, None),
-    }[kind]
-    x = torch.randn(2, norm.num_features, 8, 8, dtype=torch.float64, requires_grad=True)
+    x, norm, module = tail_case(de.convert_sync_batchnorm(de.DenseNet(**TINY_IMAGENET).double()), kind)
     args = (*ops.tail_op_args(x, norm, module, kind, keep), sync.group_name(one_rank_group))
     torch.library.opcheck(torch.ops.densenet_efficient.sync_norm_relu_tail.default, args)
