@@ -48,6 +48,8 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
         if group is None or not self.affine or not self.track_running_stats:
             return super().forward(x)
         self._check_input_dim(x)
+        if torch.compiler.is_compiling():
+            sync.check_compiled_batch(x)
         with torch.no_grad():
             self.num_batches_tracked.add_(1)
         return _SyncBatchNorm.apply(x, self.weight, self.bias, self, group)

@@ -4,10 +4,13 @@ step's estimate, a budget, and ``train --sync-bn``'s planning."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 import torch.nn as nn
 
+import densenet_efficient as de
 import densenet_efficient.training.budget as budget
 import densenet_efficient.training.loop as loop
 from densenet_efficient.errors import UsageError
@@ -107,22 +110,30 @@ def test_a_synchronised_plan_fits_its_budget_by_the_simulation():
     assert estimate_memory(BC16, mode="max_saving", **{**kw, "batch_size": fitted}).total <= limit
 
 
-def test_the_engine_is_restored_after_a_simulation_that_raises(monkeypatch):
-    seams = {name: getattr(sync, name) for name in ("process_group", "_all_gather", "_all_reduce")}
+def test_the_stand_in_group_is_this_threads_only_and_gone_after_a_raise(monkeypatch):
+    """A training step in another thread (or after the simulation) synchronises over its real
+    process group, never the planner's stand-in, whose collectives return unread memory."""
+    bn = de.convert_sync_batchnorm(nn.BatchNorm2d(4)).train()
 
     def broken(*args, **kwargs):
         raise RuntimeError("statistics failed")
 
-    monkeypatch.setattr(sync, "batch_stats", broken)
-    with pytest.raises(RuntimeError, match="statistics failed"):
-        simulate(BC16, resolve_memory_plan("efficient", BC16), image_size=32, sync_bn_world_size=2)
-    assert {name: getattr(sync, name) for name in seams} == seams
+    with monkeypatch.context() as m:
+        m.setattr(sync, "batch_stats", broken)
+        with pytest.raises(RuntimeError, match="statistics failed"):
+            simulate(BC16, resolve_memory_plan("efficient", BC16), image_size=32, sync_bn_world_size=2)
+    assert sync.process_group([bn]) is None  # no process group in this process, no stand-in left
+    elsewhere = []
     with simulated_collectives(3) as group:
-        assert sync.process_group is not seams["process_group"]
+        assert sync.process_group([bn]) is group
+        thread = threading.Thread(target=lambda: elsewhere.append(sync.process_group([bn])))
+        thread.start()
+        thread.join()
         assert sync._all_gather(torch.zeros(5), group).shape == (15,)
         assert sync._all_reduce(torch.zeros(2, 5), group).shape == (2, 5)
+    assert elsewhere == [None]
     assert (group.gathers, group.all_reduces) == (1, 1)
-    assert sync._all_gather is seams["_all_gather"]
+    assert sync.process_group([bn]) is None
 
 
 @pytest.mark.parametrize("bad", [0, -2, 2.0, True, "4"])

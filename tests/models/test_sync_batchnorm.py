@@ -15,9 +15,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import is_fake
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import densenet_efficient as de
+from densenet_efficient.errors import UsageError
 from densenet_efficient.models.engine import ops, sync
 from densenet_efficient.models.planner.verify import _sync_world_size
 
@@ -77,8 +79,9 @@ def _worker(rank: int, world: int, sizes: list[int], folder: str, compiled: bool
 
     def counted(kind, fn):
         def run(t, group):
-            calls[kind] += 1
-            calls[kind + ("ed" if kind == "gather" else "d")] += t.numel()  # elements sent per rank
+            if not torch.compiler.is_compiling() and not is_fake(t):  # tracing's calls send nothing
+                calls[kind] += 1
+                calls[kind + ("ed" if kind == "gather" else "d")] += t.numel()  # elements sent per rank
             return fn(t, group)
 
         return run
@@ -91,8 +94,9 @@ def _worker(rank: int, world: int, sizes: list[int], folder: str, compiled: bool
         convert = nn.SyncBatchNorm.convert_sync_batchnorm if by_torch else de.convert_sync_batchnorm
         model = convert(_model(kwargs, setting))
         ddp = model if by_torch else DDP(model)  # on CPU DDP refuses torch's SyncBatchNorm, not ours
-        if compiled:  # as `train --compile` wraps it
-            ddp = torch.compile(ddp)
+        graph_ops: set[str] = set()
+        if compiled:  # as `train --compile` wraps it, recording what the graphs call
+            ddp = torch.compile(ddp, backend=_recording_inductor(graph_ops))
         x, y = _batch(size, total)
         calls.update(gather=0, reduce=0, gathered=0, reduced=0)
         # DDP averages gradients over ranks: scale each rank's sum so the average is the global mean's
@@ -101,8 +105,18 @@ def _worker(rank: int, world: int, sizes: list[int], folder: str, compiled: bool
             for p in model.parameters():
                 dist.all_reduce(p.grad)
                 p.grad /= world
-        results[name] = {"out": out, "state": _state(model), "calls": dict(calls)}
+        results[name] = {
+            "out": out,
+            "state": _state(model),
+            "calls": dict(calls),
+            "graph_ops": sorted(graph_ops),
+        }
         results[name]["planned_world"] = _sync_world_size(model)  # what fit_memory plans for
+        try:  # verifying would measure steps on one rank alone: refused before anything runs
+            model.fit_memory("1GiB", batch_size=2, verify=True)
+            results[name]["verify"] = "ran"
+        except UsageError as err:
+            results[name]["verify"] = str(err)
         with torch.no_grad():  # eval: the running statistics, no collective
             results[name]["eval"] = model.eval()(x[start : start + sizes[rank]])
         results[name]["eval_calls"] = (
@@ -110,6 +124,17 @@ def _worker(rank: int, world: int, sizes: list[int], folder: str, compiled: bool
         )
     torch.save(results, Path(folder) / f"rank{rank}.pt")
     dist.destroy_process_group()
+
+
+def _recording_inductor(seen: set[str]):
+    """Inductor, after noting every op the graphs dynamo hands it call."""
+    from torch._inductor.compile_fx import compile_fx
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        seen.update(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return compile_fx(gm, example_inputs)
+
+    return backend
 
 
 def _run_world(tmp_path: Path, sizes: list[int], compiled: bool = False) -> list[dict]:
@@ -129,6 +154,20 @@ def test_compiled_synchronised_batch_norm_equals_one_process_on_the_whole_batch(
     """torch.compile(DDP(model)) on 2 gloo ranks with uneven batches: the compiled step's collectives
     run inside the synchronised ops (and the traced naive SyncBatchNorm2d), exactly."""
     sizes = [3, 1]
+    ranks = _run_world(tmp_path, sizes, compiled=True)
+    _check_world(ranks, sizes, COMPILED_CASES)
+    for r in ranks:  # the engine's synchronised ops ran inside the compiled graphs
+        ops_called = r[COMPILED_CASES[0][0]]["graph_ops"]
+        assert {
+            "densenet_efficient.sync_dense_block.default",
+            "densenet_efficient.sync_norm_relu_tail.default",
+        } <= set(ops_called)
+
+
+def test_a_compiled_step_with_an_empty_rank(tmp_path):
+    """Compiled, a rank with an empty batch runs its step eagerly (torch's compiled
+    convolution backward fails on an empty batch) and still takes part with weight 0: exact."""
+    sizes = [3, 0]
     _check_world(_run_world(tmp_path, sizes, compiled=True), sizes, COMPILED_CASES)
 
 
@@ -152,6 +191,7 @@ def _check_world(ranks: list[dict], sizes: list[int], cases: list) -> None:
             expected_eval = model.eval()(x)
         assert all(r[name]["eval_calls"] == 0 for r in ranks), name
         assert all(r[name]["planned_world"] == len(sizes) for r in ranks), name
+        assert all("synchronise over a process group" in r[name]["verify"] for r in ranks), name
         torch.testing.assert_close(
             torch.cat([r[name]["eval"] for r in ranks]), expected_eval, rtol=1e-9, atol=1e-11, msg=name
         )

@@ -122,9 +122,9 @@ def dense_block(block: nn.Module, x: Tensor, keep: Keep) -> Tensor:
     modules = list(block.values())
     if len(keep) != len(modules):
         raise ValueError(f"expected {len(modules)} per-layer flags for this block, got {len(keep)}")
-    group = _sync_group(modules[0].norm1)
+    group = _sync_group([m for layer in modules for m in (layer.norm1, layer.norm2)])
     if group is not None and torch.compiler.is_compiling():
-        return ops.op_sync_block(modules, x, keep, group)
+        return ops.op_sync_block(modules, sync.check_compiled_batch(x), keep, group)
     if x.shape[0] == 0 and group is None:  # a synchronised rank takes part in the collectives
         check_norms([m for layer in modules for m in (layer.norm1, layer.norm2)])
         return empty_block(modules, x)
@@ -156,19 +156,20 @@ def _through_ops() -> bool:
     return torch.compiler.is_compiling() or native.eager_native()
 
 
-def _sync_group(norm: nn.Module) -> Any | None:
-    """The process group ``norm`` synchronises its training statistics over, or ``None``. Eagerly the
-    Python engine runs a synchronised call with the collectives (:mod:`.sync`); under the compiler,
-    the synchronised ops, whose kernels are that same Python engine (:func:`.ops.op_sync_block`)."""
-    if not norm.training:
+def _sync_group(norms: list[nn.Module]) -> Any | None:
+    """The process group ``norms`` (one call's) synchronise their training statistics over, or
+    ``None``. Eagerly the Python engine runs a synchronised call with the collectives (:mod:`.sync`);
+    under the compiler, the synchronised ops, whose kernels are that same Python engine
+    (:func:`.ops.op_sync_block`)."""
+    if not norms[0].training:
         return None
-    return sync.process_group([norm])
+    return sync.process_group(norms)
 
 
 def _tail(x: Tensor, norm: nn.BatchNorm2d, module: nn.Module | None, kind: str, keep: bool) -> Tensor:
-    group = _sync_group(norm)
+    group = _sync_group([norm])
     if group is not None and torch.compiler.is_compiling():
-        return ops.op_sync_tail(x, norm, module, kind, keep, group)
+        return ops.op_sync_tail(sync.check_compiled_batch(x), norm, module, kind, keep, group)
     if group is not None or x.shape[0] == 0 or not _through_ops():
         return eager_tail(x, [norm, module], TAILS[kind], norm.training, keep)
     return ops.op_tail(x, norm, module, kind, keep)

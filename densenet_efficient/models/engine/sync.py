@@ -21,6 +21,9 @@ synchronises each BN's reductions once. :mod:`...sync_batchnorm` holds the modul
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -34,22 +37,69 @@ from .context import stat_dtype
 
 def process_group(norms: list[Any]) -> Any | None:
     """The process group ``norms`` synchronise over, or ``None`` for plain batch norm: modules that
-    were not converted, or no process group of more than one rank (torch's SyncBatchNorm rule)."""
-    group = getattr(norms[0], "process_group", _PLAIN)
-    if group is _PLAIN or not _synchronising(norms[0]):
+    were not converted, or no process group of more than one rank (torch's SyncBatchNorm rule).
+    Inside :func:`stand_in`, the stand-in group instead of a real one (this thread only)."""
+    synchronising = [_synchronising(bn) for bn in norms]
+    if not any(synchronising):
         return None
-    if any(getattr(bn, "process_group", _PLAIN) is not group for bn in norms[1:]):
+    group = getattr(norms[0], "process_group", _PLAIN)
+    if not all(synchronising) or any(getattr(bn, "process_group", _PLAIN) is not group for bn in norms[1:]):
         raise NotImplementedError(
             "the memory-efficient engine synchronises a dense block's batch norms together: convert "
             "the whole model with one process group (densenet_efficient.convert_sync_batchnorm)"
         )
+    stand = _stand_in.get()
+    if stand is not None:
+        return stand
     if not (dist.is_available() and dist.is_initialized()):
         return None
     group = group if group is not None else dist.group.WORLD
     return group if dist.get_world_size(group) > 1 else None
 
 
+class StandInGroup:
+    """A process group that is not one: what the planner's simulation synchronises over
+    (:func:`stand_in`). Its collectives return fresh tensors of the real sizes, never read."""
+
+    def __init__(self, world: int) -> None:
+        self.world = world
+
+    def all_gather(self, t: Tensor) -> Tensor:
+        return t.new_empty(self.world * t.numel())
+
+    def all_reduce(self, t: Tensor) -> Tensor:
+        return torch.empty_like(t)
+
+
+#: This thread's stand-in group (a context variable: another thread, e.g. a training step running
+#: beside a simulation, still synchronises over its real process group).
+_stand_in: contextvars.ContextVar[StandInGroup | None] = contextvars.ContextVar("sync_stand_in", default=None)
+
+
+@contextlib.contextmanager
+def stand_in(group: StandInGroup) -> Iterator[StandInGroup]:
+    """Within, in this thread, converted batch norms in training synchronise over ``group``."""
+    token = _stand_in.set(group)
+    try:
+        yield group
+    finally:
+        _stand_in.reset(token)
+
+
 _PLAIN = object()
+
+
+def check_compiled_batch(x: Tensor) -> Tensor:
+    """``x``, when the compiler may trace a synchronised call on it: not an empty batch, which must
+    still take part in every collective with weight 0 and which torch's compiled convolution
+    backward cannot run (``DenseNet.forward`` runs an empty batch eagerly instead)."""
+    if x.shape[0] == 0:
+        raise NotImplementedError(
+            "a compiled step with synchronised batch norm cannot trace an empty batch: call the "
+            "DenseNet itself (its forward runs an empty batch eagerly), or drop the last uneven "
+            "batch (DistributedSampler(..., drop_last=True))"
+        )
+    return x
 
 
 def group_name(group: Any) -> str:
@@ -130,6 +180,8 @@ def bn_backward(
 
 
 def _all_gather(t: Tensor, group: Any) -> Tensor:
+    if isinstance(group, StandInGroup):
+        return group.all_gather(t)
     from torch.distributed import _functional_collectives as funcol
 
     gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor  # its newer name
@@ -137,6 +189,8 @@ def _all_gather(t: Tensor, group: Any) -> Tensor:
 
 
 def _all_reduce(t: Tensor, group: Any) -> Tensor:
+    if isinstance(group, StandInGroup):
+        return group.all_reduce(t)
     from torch.distributed import _functional_collectives as funcol
 
     return funcol.wait_tensor(funcol.all_reduce(t, "sum", group))

@@ -51,7 +51,7 @@ from ..config import ArchConfig
 from ..engine import reference_engine, sync
 from ..memory_plan import MemoryPlan
 from ..registry import model_class
-from ..sync_batchnorm import SyncBatchNorm2d, convert_sync_batchnorm
+from ..sync_batchnorm import convert_sync_batchnorm
 from .allocator import cpu_scratch
 
 __all__ = [
@@ -278,8 +278,7 @@ _AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 
 
-#: One simulation at a time: the fake-tensor mode and the cached fake models are shared, and
-#: :func:`simulated_collectives` patches a module of the engine.
+#: One simulation at a time: the fake-tensor mode and the cached fake models are shared.
 _LOCK = threading.Lock()
 
 
@@ -288,26 +287,30 @@ def check_sync_world(value: Any) -> int:
     return check_int(value, "sync_bn_world_size")
 
 
-@dataclass
-class SimulatedGroup:
+class SimulatedGroup(sync.StandInGroup):
     """The process group a simulated step's synchronised batch norms synchronise over: ``world``
     ranks, none of them real; counts the collectives the step issues through it."""
 
-    world: int
-    gathers: int = 0
-    all_reduces: int = 0
+    def __init__(self, world: int) -> None:
+        super().__init__(world)
+        self.gathers = self.all_reduces = 0
+
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        self.gathers += 1
+        return super().all_gather(t)
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        self.all_reduces += 1
+        return super().all_reduce(t)
 
 
 @contextlib.contextmanager
 def simulated_collectives(world: int) -> Iterator[SimulatedGroup]:
-    """Within: converted batch norms (:class:`~densenet_efficient.SyncBatchNorm2d`) in training
-    synchronise over a :class:`SimulatedGroup` of ``world`` ranks, whatever process group exists.
-
-    The engine's three seams (:mod:`..engine.sync`) are replaced: ``process_group`` returns the
-    stand-in group, ``_all_gather`` a fresh ``world``-times-larger tensor, ``_all_reduce`` a fresh
-    one of its input's shape, as the functional collectives do (their values are never read on
-    fake tensors). Everything is restored on leaving, also on an error. The engine module is
-    patched for every thread: callers hold the simulation's lock (:func:`simulate` does).
+    """Within, in this thread: converted batch norms (:class:`~densenet_efficient.SyncBatchNorm2d`)
+    in training synchronise over a :class:`SimulatedGroup` of ``world`` ranks, whatever process
+    group exists (:func:`..engine.sync.stand_in`). Its gather returns a fresh ``world``-times-larger
+    tensor and its all-reduce a fresh one of its input's shape, as the functional collectives do
+    (their values are never read on fake tensors). Other threads are not affected.
 
     >>> with simulated_collectives(4) as group:
     ...     sync._all_gather(torch.zeros(3), group).shape
@@ -315,29 +318,8 @@ def simulated_collectives(world: int) -> Iterator[SimulatedGroup]:
     >>> group.gathers
     1
     """
-    world = check_sync_world(world)
-    group = SimulatedGroup(world)
-
-    def process_group(norms: list[Any]) -> SimulatedGroup | None:
-        return group if isinstance(norms[0], SyncBatchNorm2d) else None
-
-    def all_gather(t: torch.Tensor, _group: Any) -> torch.Tensor:
-        group.gathers += 1
-        return t.new_empty(world * t.numel())
-
-    def all_reduce(t: torch.Tensor, _group: Any) -> torch.Tensor:
-        group.all_reduces += 1
-        return torch.empty_like(t)
-
-    stand_ins = {"process_group": process_group, "_all_gather": all_gather, "_all_reduce": all_reduce}
-    originals = {name: getattr(sync, name) for name in stand_ins}
-    try:
-        for name, value in stand_ins.items():
-            setattr(sync, name, value)
+    with sync.stand_in(SimulatedGroup(check_sync_world(world))) as group:
         yield group
-    finally:
-        for name, value in originals.items():
-            setattr(sync, name, value)
 
 
 def simulate(

@@ -132,9 +132,8 @@ def _sync_world_size(model: nn.Module) -> int:
     """The ranks ``model``'s batch norms synchronise over in training (1: plain batch norm)."""
     from ..engine import sync
 
-    norms = [m for m in model.modules() if isinstance(m, (nn.BatchNorm2d, nn.SyncBatchNorm))]
-    group = sync.process_group(norms[:1]) if norms else None
-    return 1 if group is None else torch.distributed.get_world_size(group)
+    groups = [sync.process_group([m]) for m in model.modules() if isinstance(m, (nn.BatchNorm2d, nn.SyncBatchNorm))]
+    return max((torch.distributed.get_world_size(g) for g in groups if g is not None), default=1)
 
 
 def fit_model(
@@ -153,11 +152,16 @@ def fit_model(
     stepped down on CUDA while its measured step exceeds the budget (``verify``). A model whose
     batch norms synchronise over a process group (:func:`~densenet_efficient.convert_sync_batchnorm`)
     is planned with that group's synchronised step."""
-    param = next(model.parameters())
+    param, world = next(model.parameters()), _sync_world_size(model)
+    if verify and world > 1:
+        raise UsageError(
+            "fit_memory(verify=True) measures training steps on this process alone, and this model's "
+            "batch norms synchronise over a process group (every rank would have to measure them "
+            "together): plan without verify, or verify the unconverted model"
+        )
     kwargs = dict(
         batch_size=batch_size, image_size=image_size, amp=amp, optimizer=optimizer,
-        device=device or param.device.type, dtype=_DTYPES.get(param.dtype, "fp32"),
-        sync_bn_world_size=_sync_world_size(model),
+        device=device or param.device.type, dtype=_DTYPES.get(param.dtype, "fp32"), sync_bn_world_size=world,
     )  # fmt: skip
     config = model.arch_config
     plan = fit_memory(config, budget, **kwargs)
