@@ -388,11 +388,11 @@ class DenseNet(nn.Module, DenseNetHubMixin):
     def forward(self, x: Tensor) -> Tensor:
         if not torch.jit.is_scripting():  # noqa: SIM102 (see _DenseBlock.forward)
             if torch.compiler.is_compiling() and x.shape[0] == 0:  # (an FX proxy has no shape to test)
-                return self._forward_eagerly(x)
+                # disabled here, not by a decorator: that would import torch._dynamo with the package
+                return torch.compiler.disable(self._forward_eagerly)(x)
         return self.forward_head(self.forward_features(x))
 
     @torch.jit.unused
-    @torch.compiler.disable
     def _forward_eagerly(self, x: Tensor) -> Tensor:
         """An empty batch under the compiler, eagerly (a graph break): torch's compiled convolution
         backward fails on an empty batch, and a rank with synchronised batch norm must still take
