@@ -19,6 +19,7 @@ from ..models.planner import (
     parse_memory,
     plan,
 )
+from ..models.planner.simulate import MAX_SYNC_WORLD
 from ._common import add_arch_arguments, arch_from_args, format_table
 
 __all__ = ["configure_parser", "run"]
@@ -78,8 +79,10 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.sync_bn < 1:
-        raise UsageError(f"--sync-bn takes the number of processes, at least 1, found {args.sync_bn}")
+    if not 1 <= args.sync_bn <= MAX_SYNC_WORLD:
+        raise UsageError(
+            f"--sync-bn takes the number of processes, 1 to {MAX_SYNC_WORLD}, found {args.sync_bn}"
+        )
     modes = tuple(dict.fromkeys(args.mode or ESTIMABLE))
     kwargs = dict(
         image_size=args.image_size,

@@ -190,7 +190,8 @@ def test_estimate_rejects_bad_input(kwargs, message):
         (["--image-size", "-1", "--memory", "8GiB"], "image_size must be an integer >= 1, found -1"),
         (["--depth", "10", "--growth-rate", "0", "--memory", "8GiB"], "growth_rate must be >= 1, got 0"),
         (["--depth", "41", "--memory", "8GiB"], "6n\\+4"),
-        (["--memory", "8GiB", "--sync-bn", "0"], "--sync-bn takes the number of processes, at least 1, found 0"),
+        (["--memory", "8GiB", "--sync-bn", "0"], "--sync-bn takes the number of processes, 1 to 1048576, found 0"),
+        (["--memory", "8GiB", "--sync-bn", "10" * 10], "--sync-bn takes the number of processes, 1 to 1048576, found"),
     ],
 )
 def test_plan_cli_errors_exit_2(argv, message, capsys):

@@ -282,9 +282,14 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
 _LOCK = threading.Lock()
 
 
+#: The most processes a synchronised simulation takes: beyond any process group that trains one
+#: model, and it keeps the simulation's prime (above the world size) quick to find.
+MAX_SYNC_WORLD = 1 << 20
+
+
 def check_sync_world(value: Any) -> int:
     """``sync_bn_world_size`` checked: the processes whose batch norms synchronise (1: plain)."""
-    return check_int(value, "sync_bn_world_size")
+    return check_int(value, "sync_bn_world_size", maximum=MAX_SYNC_WORLD)
 
 
 class SimulatedGroup(sync.StandInGroup):
