@@ -416,32 +416,35 @@ torch.library.register_fake(f"{_LIB}::norm_relu_tail_backward", _tail_backward_i
 
 
 def _tail_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
-    x, bn, conv_weight, kind, *pool, eps, training, keep, dtype = inputs
+    """Of ``norm_relu_tail`` and of ``sync_norm_relu_tail``, whose one more input is the group."""
+    x, bn, conv_weight, kind, *pool, eps, training, keep, dtype = inputs[:13]
+    group = inputs[13] if len(inputs) > 13 else None
     out, kept, stats = output
     ctx.mark_non_differentiable(*kept, *stats)
-    ctx.args = (kind, pool, eps, training, dtype, conv_weight is not None)
+    ctx.args = (kind, pool, eps, training, dtype, conv_weight is not None, group)
     if kind == "identity" and keep:
         kept = [out]
-    # training, when kept: the backward kernel's mean, invstd and reserve; eval: the running statistics
-    saved_stats = (stats[1:] if keep else []) if training else bn[2:]
-    ctx.counts = (len(kept), len(saved_stats))
+    # training, when kept: the backward kernel's mean, invstd and reserve (synchronised: always the
+    # group's mean, invstd and count); eval: the running statistics
+    saved_stats = (stats[1:] if keep or group is not None else []) if training else bn[2:]
+    ctx.n_kept = len(kept)
     weights = [conv_weight] if conv_weight is not None else []
     ctx.save_for_backward(x, bn[0], bn[1], *weights, *kept, *saved_stats)
 
 
 def _tail_grad(ctx: Any, grad: Tensor, *unused: Any) -> tuple:
-    kind, pool, eps, training, dtype, has_conv = ctx.args
+    kind, pool, eps, training, dtype, has_conv, group = ctx.args
     x, weight, bias, *rest = ctx.saved_tensors
     conv_weight = rest.pop(0) if has_conv else None
-    n_kept, _ = ctx.counts
-    kept, stats = rest[:n_kept], rest[n_kept:]
+    kept, stats = rest[: ctx.n_kept], rest[ctx.n_kept :]
     running = stats if not training else [weight, weight]  # stand-ins: training never reads them
-    dx, dg, dbeta, extra = _tail_backward_op(
+    op, synchronised = (_tail_backward_op, ()) if group is None else (_sync_tail_backward_op, (group,))
+    dx, dg, dbeta, extra = op(
         grad, x, [weight, bias, *running], conv_weight, list(kept), list(stats) if training else [],
-        kind, *pool, eps, training, dtype,
+        kind, *pool, eps, training, dtype, *synchronised,
     )  # fmt: skip
-    # one entry per input (x, bn, conv_weight, kind, 5 pool settings, eps, training, keep, dtype)
-    return dx, [dg, dbeta, None, None], extra[0] if has_conv else None, *[None] * 10
+    # one entry per input (x, bn, conv_weight, kind, 5 pool settings, eps, training, keep, dtype[, group])
+    return dx, [dg, dbeta, None, None], extra[0] if has_conv else None, *[None] * (10 + len(synchronised))
 
 
 _PYTHON_KERNELS = (
@@ -566,31 +569,6 @@ def _sync_block_grad(ctx: Any, grad: Tensor, *unused: Any) -> tuple:
     return gx, grads, [None] * (4 * len(drop)), *[None] * 7
 
 
-def _sync_tail_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
-    x, bn, conv_weight, kind, *pool, eps, training, keep, dtype, group = inputs
-    out, kept, stats = output
-    ctx.mark_non_differentiable(*kept, *stats)
-    ctx.args = (kind, pool, eps, dtype, group, conv_weight is not None)
-    if kind == "identity" and keep:
-        kept = [out]
-    ctx.n_kept = len(kept)
-    weights = [conv_weight] if conv_weight is not None else []
-    ctx.save_for_backward(x, bn[0], bn[1], *weights, *kept, *stats[1:])  # the group's mean, invstd, count
-
-
-def _sync_tail_grad(ctx: Any, grad: Tensor, *unused: Any) -> tuple:
-    kind, pool, eps, dtype, group, has_conv = ctx.args
-    x, weight, bias, *rest = ctx.saved_tensors
-    conv_weight = rest.pop(0) if has_conv else None
-    kept, stats = rest[: ctx.n_kept], rest[ctx.n_kept :]
-    dx, dg, dbeta, extra = _sync_tail_backward_op(
-        grad, x, [weight, bias, weight, weight], conv_weight, list(kept), list(stats), kind, *pool, eps, True,
-        dtype, group,
-    )  # fmt: skip
-    # one entry per input (x, bn, conv_weight, kind, 5 pool settings, eps, training, keep, dtype, group)
-    return dx, [dg, dbeta, None, None], extra[0] if has_conv else None, *[None] * 11
-
-
 for _name, _schema in _SYNC_SCHEMAS.items():
     _lib.define(_name + _schema)
 _SYNC_KERNELS = (
@@ -601,7 +579,7 @@ for _name, _impl in _SYNC_KERNELS:
     _lib.impl(_name, _impl, "CompositeExplicitAutograd")
     torch.library.register_fake(f"{_LIB}::{_name}", _impl)
 torch.library.register_autograd(f"{_LIB}::sync_dense_block", _sync_block_grad, setup_context=_sync_block_setup)
-torch.library.register_autograd(f"{_LIB}::sync_norm_relu_tail", _sync_tail_grad, setup_context=_sync_tail_setup)
+torch.library.register_autograd(f"{_LIB}::sync_norm_relu_tail", _tail_grad, setup_context=_tail_setup)
 _sync_block_op = torch.ops.densenet_efficient.sync_dense_block.default
 _sync_block_backward_op = torch.ops.densenet_efficient.sync_dense_block_backward.default
 _sync_tail_op = torch.ops.densenet_efficient.sync_norm_relu_tail.default
