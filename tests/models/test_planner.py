@@ -4,6 +4,7 @@ whole simulations, one fitted plan against a measured step, and the user-facing 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import warnings
@@ -24,11 +25,13 @@ from densenet_efficient.models.planner import (
     max_batch_size,
     parse_memory,
 )
+from densenet_efficient.models.planner import simulate as simulate_module
 from densenet_efficient.models.planner.allocator import cpu_scratch
 from densenet_efficient.models.planner.bisection import first_true, last_true, last_within
 from densenet_efficient.models.planner.compose import Composer
 from densenet_efficient.models.planner.estimate import simulation
-from densenet_efficient.models.planner.simulate import LiveBytes
+from densenet_efficient.models.planner.shortcut import SLOW, Shortcut
+from densenet_efficient.models.planner.simulate import LiveBytes, simulate
 from densenet_efficient.models.planner.verify import step_down
 from densenet_efficient.perf.measure import StepSpec, measure_series
 
@@ -91,6 +94,56 @@ def test_cpu_scratch_is_the_reorders_of_a_convolution():
     cl = (x.to(memory_format=torch.channels_last), *fwd[1:])
     assert cpu_scratch(conv, cl, batch=16, threads=1) == 0  # an NHWC input is read as it is
     assert cpu_scratch(torch.ops.aten.add.Tensor, (x, x), batch=16) == 0
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"amp": "bf16", "channels_last": True}, {"device": "cuda", "optimizer": "adam"}, {"sync_bn_world_size": 3}],
+    ids=["fp32", "bf16-nhwc", "cuda-adam", "sync"],
+)
+def test_the_shortcut_gives_the_simulation_of_every_op_run_itself(options, monkeypatch):
+    """The batch-norm ops' fast fake outputs (:mod:`.shortcut`) change no figure of a simulated step:
+    every mode and a dial, a CIFAR and an ImageNet stem, autocast, channels_last, CUDA rounding,
+    Adam and synchronised batch norm, against the same step with every op's own fake kernel."""
+    small_imagenet = dataclasses.replace(de.get_config("densenet121"), block_config=(2, 3, 2, 2))
+    for config, size in ((BC40, 32), (small_imagenet, 64)):
+        dial = [1, "max_saving", True, "naive"][: len(config.block_config)]
+        modes = ("efficient", "max_saving", "naive", dial) if not options else ("max_saving", dial)
+        for mode in modes:
+            plan = resolve_memory_plan(mode, config)
+            monkeypatch.setattr(simulate_module, "SHORTCUT", Shortcut())
+            fast = simulate(config, plan, image_size=size, **options)
+            monkeypatch.setattr(simulate_module, "SHORTCUT", None)
+            slow = simulate(config, plan, image_size=size, **options)
+            assert fast == slow, (config.name, mode, options)
+
+
+def test_the_shortcut_makes_what_the_op_makes_and_leaves_the_rest():
+    """Outputs shaped like the op's own (dtype, size, memory format, the out= tensors returned);
+    an op it does not know, or an argument it cannot describe, runs the op itself."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    shortcut, aten = Shortcut(), torch.ops.aten
+    with FakeTensorMode():
+        x = torch.empty(5, 6, 4, 3, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        w, rm, rv = torch.empty(6), torch.empty(6), torch.empty(6)
+        for func, args in (
+            (aten._batch_norm_with_update.default, (x, w, w, rm, rv, 0.1, 1e-5)),
+            (aten.native_batch_norm_backward.default, (x, x, w, None, None, rm, rv, True, 1e-5, [True, False, True])),
+        ):
+            fast, real = shortcut(func, args, {}), func(*args)
+            assert len(fast) == len(real)
+            for f, r in zip(fast, real, strict=True):
+                assert (f is None) == (r is None)
+                if r is not None:
+                    assert (f.shape, f.stride(), f.dtype) == (r.shape, r.stride(), r.dtype)
+                    assert f.untyped_storage()._cdata != x.untyped_storage()._cdata
+        g = torch.empty(5, 6, 4, 3)
+        assert shortcut(aten.threshold_backward.grad_input, (g, g, 0), {"grad_input": g}) is g
+        assert shortcut(aten.add.Tensor, (g, g), {}) is NotImplemented  # not one of SLOW
+        odd = torch.empty(6, 2)  # neither per channel nor empty
+        assert shortcut(aten.native_batch_norm.default, (g, odd, None, None, None, True, 0.1, 1e-5), {}) is NotImplemented
+    assert aten.add.Tensor not in SLOW
 
 
 @pytest.mark.parametrize("amp", [None, "bf16"])

@@ -7,6 +7,7 @@ One job per module, each importing only those before it:
 * :mod:`.options` - what the functions accept, checked once.
 * :mod:`.parameters` - parameter counts and channel widths from a config.
 * :mod:`.recompute` - the time side: recomputation a plan adds (:func:`extra_time`).
+* :mod:`.shortcut` - fast fake outputs for the ops whose fake kernels decompose in Python.
 * :mod:`.simulate` - the training step on fake tensors, live bytes counted per op.
 * :mod:`.allocator` - what a device holds beyond the tensors (CPU runtime, CUDA rounding, context).
 * :mod:`.estimate` - :class:`MemoryEstimate` and :func:`estimate_memory`.

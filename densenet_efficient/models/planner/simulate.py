@@ -53,6 +53,7 @@ from ..memory_plan import MemoryPlan
 from ..registry import model_class
 from ..sync_batchnorm import convert_sync_batchnorm
 from .allocator import cpu_scratch
+from .shortcut import Shortcut
 
 __all__ = [
     "Line",
@@ -115,12 +116,13 @@ class LiveBytes(TorchDispatchMode):
 
     ``batch``: the prime that marks a batch-sized storage (its bytes are a multiple of it).
     ``round_to``: allocation granularity (1 on CPU, :data:`CUDA_BLOCK` for the caching allocator).
+    ``shortcut``: makes the outputs of ops whose fake kernel is slow (:class:`.shortcut.Shortcut`).
     ``trace`` holds (fixed, per_image) after every op; :meth:`mark` names a moment of it.
     """
 
-    def __init__(self, batch: int, round_to: int = 1, scratch: Any = None) -> None:
+    def __init__(self, batch: int, round_to: int = 1, scratch: Any = None, shortcut: Any = None) -> None:
         super().__init__()
-        self.batch, self.round_to, self.scratch = batch, round_to, scratch
+        self.batch, self.round_to, self.scratch, self.shortcut = batch, round_to, scratch, shortcut
         # storage id -> its counted size; the weak reference's callback takes it off when it dies
         # (before the id can be reused: the callback runs as the storage is freed)
         self.sizes: dict[int, tuple[int, int]] = {}
@@ -161,7 +163,9 @@ class LiveBytes(TorchDispatchMode):
         return len(self.trace) - 1
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        out = func(*args, **(kwargs or {}))
+        out = NotImplemented if self.shortcut is None else self.shortcut(func, args, kwargs or {})
+        if out is NotImplemented:
+            out = func(*args, **(kwargs or {}))
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 self.track(t)
@@ -281,6 +285,10 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
 #: One simulation at a time: the fake-tensor mode and the cached fake models are shared.
 _LOCK = threading.Lock()
 
+#: The fast outputs of batch norm's ops, their patterns kept between simulations (None: every op
+#: runs its own fake kernel; tests compare the two).
+SHORTCUT: Shortcut | None = Shortcut()
+
 
 #: The most processes a synchronised simulation takes: beyond any process group that trains one
 #: model, and it keeps the simulation's prime (above the world size) quick to find.
@@ -380,7 +388,7 @@ def _simulate(
     batch = simulation_batch(config, image_size, world)
     param_dtype = _DTYPES[dtype]
     scratch = functools.partial(cpu_scratch, batch=regime) if device == "cpu" else None
-    live = LiveBytes(batch, CUDA_BLOCK if device == "cuda" else 1, scratch)
+    live = LiveBytes(batch, CUDA_BLOCK if device == "cuda" else 1, scratch, SHORTCUT)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     amp_dtype = _AMP.get(amp or "")
     stamps: dict[str, int] = {}

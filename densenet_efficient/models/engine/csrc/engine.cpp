@@ -72,10 +72,11 @@ struct Scratch {
     unused = at::empty({0}, like.options().dtype(stat_dtype(like.scalar_type())));
   }
 
+  // A dense (n, channels, h, w) tensor in the block's format at the start: one view op.
   Tensor view(int64_t channels) const {
-    Tensor data = flat.narrow(0, 0, n * channels * h * w);
-    if (fmt == at::MemoryFormat::ChannelsLast) return data.view({n, h, w, channels}).permute({0, 3, 1, 2});
-    return data.view({n, channels, h, w});
+    if (fmt == at::MemoryFormat::ChannelsLast)
+      return flat.as_strided({n, channels, h, w}, {h * w * channels, 1, w * channels, channels});
+    return flat.as_strided({n, channels, h, w}, {channels * h * w, h * w, w, 1});
   }
 };
 

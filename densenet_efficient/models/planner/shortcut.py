@@ -1,0 +1,143 @@
+"""Fake outputs for the few ops whose fake kernel is a Python decomposition costing milliseconds.
+
+On fake tensors, batch norm's forward and backward (and ``threshold_backward`` into a given
+tensor) run torch's Python decompositions: 1-8 ms a call against 0.1-0.3 ms for most ops, about
+half of a simulated step's time. The simulation (:class:`~.simulate.LiveBytes`) counts only the
+storages an op returns, and these ops return tensors shaped like their input, one value per
+channel, empty tensors or the ``out=`` tensors they were given. So :class:`Shortcut` calls the op
+itself once per pattern (the op, its arguments' dtypes, memory formats and settings) on small fake
+tensors, notes which of those each output is, and gives every later call of the pattern fresh
+fake tensors of the real sizes: the outputs torch's fake kernel would give, in a fraction of the
+time. Nothing about the ops is written here; an output of any other kind (an input returned, a
+resized ``out=``) makes the pattern fall back to the op itself. tests/models/test_planner.py holds
+whole simulations equal with and without it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch._prims_common import suggest_memory_format
+
+__all__ = ["Shortcut"]
+
+_aten = torch.ops.aten
+
+#: The ops taken through :class:`Shortcut`: those whose fake kernel decomposes in Python.
+SLOW = frozenset(
+    {
+        _aten.native_batch_norm.default,
+        _aten.native_batch_norm.out,
+        _aten.native_batch_norm_backward.default,
+        _aten._batch_norm_with_update.default,
+        _aten.batch_norm_backward.default,
+        _aten.threshold_backward.grad_input,
+    }
+)
+
+#: The small input the pattern is learnt on (distinct sizes: a stride tells its memory format).
+_PROXY = (2, 3, 5, 7)
+
+
+#: An argument the shortcut does not handle.
+_OTHER = object()
+
+
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage()._cdata
+
+
+class Shortcut:
+    """``shortcut(func, args, kwargs)``: the outputs of ``func``, or ``NotImplemented`` when it
+    must run itself. Call it inside the fake mode (its small calls make fake tensors)."""
+
+    def __init__(self) -> None:
+        self.patterns: dict[Any, Any] = {}
+
+    def __call__(self, func: Any, args: tuple, kwargs: dict) -> Any:
+        if func not in SLOW:
+            return NotImplemented
+        maps = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.dim() == 4]
+        if not maps or any(m.shape != maps[0].shape for m in maps):
+            return NotImplemented
+        shape = maps[0].shape
+        key = (func, *(self._describe(a, shape[1]) for a in args), *sorted(
+            (name, self._describe(a, shape[1])) for name, a in kwargs.items()
+        ))  # fmt: skip
+        if any(part is _OTHER for part in key):
+            return NotImplemented
+        if key not in self.patterns:
+            self.patterns[key] = self._learn(func, args, kwargs, shape[1])
+        pattern = self.patterns[key]
+        if pattern is None:
+            return NotImplemented
+        single, specs = pattern
+        outs = [self._make(spec, shape, kwargs) for spec in specs]
+        return outs[0] if single else tuple(outs)
+
+    @staticmethod
+    def _describe(a: Any, channels: int) -> Any:
+        """An argument as the pattern sees it (``_OTHER``: one this shortcut does not handle)."""
+        if not isinstance(a, torch.Tensor):
+            return tuple(a) if isinstance(a, list) else a
+        if a.dim() == 4:
+            return ("map", a.dtype, suggest_memory_format(a))
+        if a.dim() == 1 and a.numel() == channels:
+            return ("channel", a.dtype)
+        if a.numel() == 0:
+            return ("empty", a.dtype, tuple(a.shape))
+        return _OTHER
+
+    @staticmethod
+    def _proxy(a: Any, channels: int) -> Any:
+        if not isinstance(a, torch.Tensor):
+            return a
+        if a.dim() == 4:
+            return torch.empty(_PROXY, dtype=a.dtype).contiguous(memory_format=suggest_memory_format(a))
+        if a.dim() == 1 and a.numel() == channels:
+            return torch.empty(_PROXY[1], dtype=a.dtype)
+        return torch.empty(a.shape, dtype=a.dtype)
+
+    def _learn(self, func: Any, args: tuple, kwargs: dict, channels: int) -> Any:
+        """Run ``func`` on small tensors of the same kinds; note each output's kind (None: an
+        output this shortcut cannot make)."""
+        pargs = [self._proxy(a, channels) for a in args]
+        pkw = {name: self._proxy(a, channels) for name, a in kwargs.items()}
+        before = {name: tuple(t.shape) for name, t in pkw.items() if isinstance(t, torch.Tensor)}
+        out = func(*pargs, **pkw)
+        single = isinstance(out, torch.Tensor)
+        given = {_storage(t): name for name, t in pkw.items() if isinstance(t, torch.Tensor)}
+        inputs = {_storage(t) for t in pargs if isinstance(t, torch.Tensor)}
+        if any(tuple(pkw[name].shape) != shape for name, shape in before.items()):
+            return None  # an out= tensor resized: not the engine's calls
+        specs = []
+        for o in [out] if single else out:
+            if o is None:
+                specs.append(None)
+            elif _storage(o) in given:
+                specs.append(("out", given[_storage(o)]))
+            elif _storage(o) in inputs:
+                return None  # an input returned (aliased): the op must run itself
+            elif tuple(o.shape) == _PROXY:
+                specs.append(("map", o.dtype, suggest_memory_format(o)))
+            elif tuple(o.shape) == (_PROXY[1],):
+                specs.append(("channel", o.dtype))
+            elif o.numel() == 0:
+                specs.append(("empty", o.dtype, tuple(o.shape)))
+            else:
+                return None
+        return single, specs
+
+    @staticmethod
+    def _make(spec: Any, shape: torch.Size, kwargs: dict) -> Any:
+        if spec is None:
+            return None
+        kind = spec[0]
+        if kind == "out":
+            return kwargs[spec[1]]
+        if kind == "map":
+            return torch.empty(shape, dtype=spec[1], memory_format=spec[2])
+        if kind == "channel":
+            return torch.empty(shape[1], dtype=spec[1])
+        return torch.empty(spec[2], dtype=spec[1])
