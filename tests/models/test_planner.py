@@ -175,6 +175,26 @@ def test_max_batch_size_too_small_budget_names_minimum():
         max_batch_size("densenet_bc_40", "64MiB", device="cpu")
 
 
+def test_every_entry_point_refuses_a_model_too_deep_to_simulate_before_simulating(monkeypatch):
+    """A DenseNet-BC of 6003 dense layers: one sentence naming the limit, from each function,
+    without simulating (a simulation of it would run for minutes)."""
+    from densenet_efficient.models.planner import estimate as estimate_module
+
+    def no_simulation(*args, **kwargs):
+        raise AssertionError("simulated a model beyond the limit")
+
+    monkeypatch.setattr(estimate_module, "simulate", no_simulation)
+    deep = densenet_bc_config(6 * 2001 + 4)
+    calls = (
+        lambda: estimate_memory(deep, batch_size=1),
+        lambda: max_batch_size(deep, "80GiB"),
+        lambda: fit_memory(deep, "80GiB", batch_size=1),
+    )
+    for call in calls:
+        with pytest.raises(UsageError, match="6003 dense layers: the planner simulates the step op by op, at most 6000"):
+            call()
+
+
 def test_fit_memory_is_tight_and_refuses_only_below_max_saving():
     low, high = (
         estimate_memory("densenet_bc_40", batch_size=64, mode=m, device="cpu").total

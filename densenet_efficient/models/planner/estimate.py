@@ -12,9 +12,9 @@ import functools
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ...errors import check_int
+from ...errors import UsageError, check_int
 from ..config import ArchConfig, resolve_arch
-from ..engine import EFFICIENT
+from ..engine import EFFICIENT, MAX_SAVING
 from ..memory_plan import MemoryPlan, MemorySetting
 from .allocator import CUDA_CONTEXT, CUDA_WORKSPACE, device_overhead, regime
 from .options import (
@@ -26,11 +26,15 @@ from .options import (
 from .recompute import extra_time
 from .simulate import Simulation, check_sync_world, simulate
 
-__all__ = ["LOWEST_RATIO", "MemoryEstimate", "estimate_memory", "simulation"]
+__all__ = ["LOWEST_RATIO", "MAX_SIMULATED_LAYERS", "MemoryEstimate", "Step", "estimate_memory", "simulation"]
 
 #: The planner's promise, checked on a measured grid (docs/planner.md, scripts/planner_grid.py):
 #: a step fitted to a budget measures at most the budget and at least this share of it.
 LOWEST_RATIO = 0.92
+
+#: The most dense layers a model the planner simulates may have: the simulation runs every op of
+#: the step, so its time grows with the depth (about two seconds per hundred layers).
+MAX_SIMULATED_LAYERS = 6000
 
 
 @dataclass(frozen=True)
@@ -132,32 +136,12 @@ def estimate_memory(
     ...                 sync_bn_world_size=4).total > est.total
     True
     """
-    config = resolve_arch(arch)
-    name = arch if isinstance(arch, str) else config.name
-    setting = resolve_setting(mode, config)
-    batch_size = check_int(batch_size, "batch_size")
-    image_size = check_image_size(config, image_size, name)
-    amp = check_options(dtype, amp, optimizer, device)
-    world = check_sync_world(sync_bn_world_size)
-    label = setting if isinstance(setting, str) else (setting.mode or str(setting))
-    return estimate(
-        config,
-        name,
-        label,
-        setting,
-        batch_size,
-        image_size,
-        dtype,
-        amp,
-        device,
-        optimizer,
-        channels_last,
-        world,
-    )
-
-
-def _key(setting: MemoryPlan | str) -> Any:
-    return setting if isinstance(setting, str) else (setting.blocks, setting.stem)
+    options = {
+        "mode": mode, "dtype": dtype, "amp": amp, "device": device, "optimizer": optimizer,
+        "channels_last": channels_last, "sync_bn_world_size": sync_bn_world_size,
+    }  # fmt: skip
+    step = Step(arch, image_size, options, "estimate_memory")
+    return step.estimate(check_int(batch_size, "batch_size"))
 
 
 @functools.lru_cache(maxsize=256)
@@ -177,59 +161,80 @@ def simulation(config: ArchConfig, setting: MemoryPlan | str, image_size: int, d
     (:func:`~.allocator.regime`) reads the same one (per ``sync_bn_world_size``: the gathered
     statistics grow with the ranks)."""
     batches = regime(batch) if device == "cpu" else 16
+    key = setting if isinstance(setting, str) else (setting.blocks, setting.stem)
     return _simulation(
-        config, _key(setting), image_size, dtype, amp, optimizer, channels_last, device, batches,
-        sync_bn_world_size,
-    )  # fmt: skip
+        config, key, image_size, dtype, amp, optimizer, channels_last, device, batches, sync_bn_world_size
+    )
 
 
-def estimate(
-    config: ArchConfig,
-    name: str,
-    label: str,
-    setting: MemoryPlan | str,
-    batch_size: int,
-    image_size: int,
-    dtype: str,
-    amp: str | None,
-    device: str,
-    optimizer: str,
-    channels_last: bool = False,
-    sync_bn_world_size: int = 1,
-) -> MemoryEstimate:
-    """:func:`estimate_memory` on checked arguments."""
-    sim = simulation(
-        config,
-        setting,
-        image_size,
-        dtype,
-        amp,
-        optimizer,
-        channels_last,
-        device,
-        batch_size,
-        sync_bn_world_size,
-    )
-    b = batch_size
-    persistent, activations = sim.persistent.at(b), sim.activations.at(b)
-    inputs = sim.inputs.at(b)
-    return MemoryEstimate(
-        arch=name,
-        mode=label,
-        batch_size=b,
-        image_size=image_size,
-        device=device,
-        activation_dtype=amp or dtype,
-        activations=activations,
-        workspace=sim.peak(b) - persistent - activations,
-        overhead=device_overhead(config, device, amp, b) if device == "cpu" else 0,
-        parameters=persistent - sim.gradients - sim.optimizer_state - inputs,
-        gradients=sim.gradients,
-        optimizer_state=sim.optimizer_state,
-        inputs=inputs,
-        context=CUDA_CONTEXT + CUDA_WORKSPACE if device == "cuda" else 0,
-        breakdown={sg.name: sg.kept.at(b) for sg in sim.segments},
-        extra_time=0.0 if isinstance(setting, str) else extra_time(config, setting, image_size),
-        margin=0,
-        sync_bn_world_size=sync_bn_world_size,
-    )
+class Step:
+    """One training step's settings (:func:`estimate_memory`'s ``options``), checked once;
+    :meth:`estimate` is its estimate at a batch, in its own setting or another one.
+    ``where``: the public function a refusal names."""
+
+    OPTIONS = frozenset({"mode", "dtype", "amp", "device", "optimizer", "channels_last", "sync_bn_world_size"})
+
+    def __init__(self, arch: str | ArchConfig, image_size: int | None, options: dict[str, Any], where: str):
+        unknown = set(options) - self.OPTIONS
+        if unknown:
+            raise TypeError(f"{where}() got unexpected keyword arguments: {', '.join(sorted(unknown))}")
+        self.config = resolve_arch(arch)
+        self.name = arch if isinstance(arch, str) else self.config.name
+        layers = sum(self.config.block_config)
+        if layers > MAX_SIMULATED_LAYERS:
+            raise UsageError(
+                f"{self.name} has {layers} dense layers: the planner simulates the step op by op, "
+                f"at most {MAX_SIMULATED_LAYERS} layers"
+            )
+        self.image_size = check_image_size(self.config, image_size, self.name)
+        self.dtype = options.get("dtype", "fp32")
+        self.device = options.get("device", "cuda")
+        self.optimizer = options.get("optimizer", DEFAULT_OPTIMIZER)
+        self.amp = check_options(self.dtype, options.get("amp"), self.optimizer, self.device)
+        self.channels_last = bool(options.get("channels_last", False))
+        self.sync_world = check_sync_world(options.get("sync_bn_world_size", 1))
+        self.setting = resolve_setting(options.get("mode", EFFICIENT), self.config)
+        self.label = self.setting if isinstance(self.setting, str) else (self.setting.mode or str(self.setting))
+
+    def simulation(self, setting: MemoryPlan | str, batch: int) -> Simulation:
+        return simulation(
+            self.config, setting, self.image_size, self.dtype, self.amp, self.optimizer,
+            self.channels_last, self.device, batch, self.sync_world,
+        )  # fmt: skip
+
+    def estimate(self, batch: int, setting: MemoryPlan | str | None = None) -> MemoryEstimate:
+        """The step's estimate at ``batch`` images, in ``setting`` (default: the step's own)."""
+        setting = self.setting if setting is None else setting
+        sim, b = self.simulation(setting, batch), batch
+        persistent, activations, inputs = sim.persistent.at(b), sim.activations.at(b), sim.inputs.at(b)
+        cpu = self.device == "cpu"
+        return MemoryEstimate(
+            arch=self.name,
+            mode=self.label if setting is self.setting else "plan",
+            batch_size=b,
+            image_size=self.image_size,
+            device=self.device,
+            activation_dtype=self.amp or self.dtype,
+            activations=activations,
+            workspace=sim.peak(b) - persistent - activations,
+            overhead=device_overhead(self.config, self.device, self.amp, b) if cpu else 0,
+            parameters=persistent - sim.gradients - sim.optimizer_state - inputs,
+            gradients=sim.gradients,
+            optimizer_state=sim.optimizer_state,
+            inputs=inputs,
+            context=0 if cpu else CUDA_CONTEXT + CUDA_WORKSPACE,
+            breakdown={sg.name: sg.kept.at(b) for sg in sim.segments},
+            extra_time=0.0 if isinstance(setting, str) else extra_time(self.config, setting, self.image_size),
+            sync_bn_world_size=self.sync_world,
+        )
+
+    def total(self, batch: int, setting: MemoryPlan | str | None = None) -> int:
+        return self.estimate(batch, setting).total
+
+    def uniform(self, mode: str) -> MemoryPlan:
+        return MemoryPlan.uniform(mode, len(self.config.block_config))
+
+    def beyond_peak(self, batch: int) -> int:
+        """What ``total`` adds to a simulated peak (the device's overhead; the same for every plan)."""
+        plan = self.uniform(MAX_SAVING)
+        return self.estimate(batch, plan).total - self.simulation(plan, batch).peak(batch)

@@ -11,8 +11,9 @@ from typing import Any
 
 from ...errors import UsageError, check_int
 from ..config import ArchConfig
+from .estimate import Step
 from .options import ESTIMABLE
-from .search import Step, largest_batch
+from .search import largest_batch
 from .units import parse_memory
 
 __all__ = ["plan"]

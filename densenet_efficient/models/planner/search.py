@@ -13,36 +13,23 @@ from dataclasses import replace
 from typing import Any
 
 from ...errors import UsageError, check_int
-from ..config import ArchConfig, densenet_bc_config, resolve_arch
+from ..config import ArchConfig, densenet_bc_config
 from ..engine import EFFICIENT, MAX_SAVING
 from ..memory_plan import MemoryPlan, resolve_memory_plan
 from ..parameters import block_inputs
 from .bisection import first_true, last_true, last_within
 from .compose import Composer
-from .estimate import MemoryEstimate, estimate, simulation
-from .options import (
-    DEFAULT_OPTIMIZER,
-    check_image_size,
-    check_options,
-    resolve_setting,
-)
+from .estimate import MAX_SIMULATED_LAYERS, MemoryEstimate, Step
 from .recompute import extra_time
-from .simulate import check_sync_world
 from .units import format_bytes, parse_memory
 
 __all__ = [
-    "MAX_SIMULATED_LAYERS",
     "MemoryBudgetError",
-    "Step",
     "deepest_densenet_bc",
     "fit_memory",
     "largest_batch",
     "max_batch_size",
 ]
-
-#: The most dense layers a model the planner simulates may have: the simulation runs every op of
-#: the step, so its time grows with the depth (a few seconds per thousand layers).
-MAX_SIMULATED_LAYERS = 6000
 
 
 class MemoryBudgetError(UsageError):
@@ -53,66 +40,6 @@ class MemoryBudgetError(UsageError):
         super().__init__(message)
         self.floor = floor
         self.max_batch_size = max_batch_size
-
-
-class Step:
-    """One training step's settings, checked once; ``total(setting, batch)`` is its estimate."""
-
-    def __init__(self, arch: str | ArchConfig, image_size: int | None, kwargs: dict[str, Any], where: str):
-        unknown = set(kwargs) - {
-            "mode",
-            "dtype",
-            "amp",
-            "device",
-            "optimizer",
-            "channels_last",
-            "sync_bn_world_size",
-        }
-        if unknown:
-            raise TypeError(f"{where}() got unexpected keyword arguments: {', '.join(sorted(unknown))}")
-        self.config = resolve_arch(arch)
-        self.name = arch if isinstance(arch, str) else self.config.name
-        layers = sum(self.config.block_config)
-        if layers > MAX_SIMULATED_LAYERS:
-            raise UsageError(
-                f"{self.name} has {layers} dense layers: the planner simulates the step op by op, "
-                f"at most {MAX_SIMULATED_LAYERS} layers"
-            )
-        self.image_size = check_image_size(self.config, image_size, self.name)
-        self.dtype = kwargs.get("dtype", "fp32")
-        self.device = kwargs.get("device", "cuda")
-        self.optimizer = kwargs.get("optimizer", DEFAULT_OPTIMIZER)
-        self.amp = check_options(self.dtype, kwargs.get("amp"), self.optimizer, self.device)
-        self.channels_last = bool(kwargs.get("channels_last", False))
-        self.sync_world = check_sync_world(kwargs.get("sync_bn_world_size", 1))
-        setting = resolve_setting(kwargs.get("mode", EFFICIENT), self.config)
-        self.label = setting if isinstance(setting, str) else (setting.mode or str(setting))
-        self.setting = setting
-
-    def estimate(self, batch: int, setting: str | MemoryPlan | None = None) -> MemoryEstimate:
-        setting = self.setting if setting is None else setting
-        label = self.label if setting is self.setting else "plan"
-        return estimate(
-            self.config, self.name, label, setting, batch, self.image_size,
-            self.dtype, self.amp, self.device, self.optimizer, self.channels_last, self.sync_world,
-        )  # fmt: skip
-
-    def total(self, batch: int, setting: str | MemoryPlan | None = None) -> int:
-        return self.estimate(batch, setting).total
-
-    def beyond_peak(self, batch: int) -> int:
-        """What ``total`` adds to a simulated peak (the device's overhead; the same for every plan)."""
-        plan = self.uniform(MAX_SAVING)
-        return self.estimate(batch, plan).total - self.simulation(plan, batch).peak(batch)
-
-    def uniform(self, mode: str) -> MemoryPlan:
-        return MemoryPlan.uniform(mode, len(self.config.block_config))
-
-    def simulation(self, plan: MemoryPlan, batch: int):  # noqa: ANN201 (a Simulation)
-        return simulation(
-            self.config, plan, self.image_size, self.dtype, self.amp, self.optimizer,
-            self.channels_last, self.device, batch, self.sync_world,
-        )  # fmt: skip
 
 
 def max_batch_size(
