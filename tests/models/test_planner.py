@@ -175,6 +175,22 @@ def test_max_batch_size_too_small_budget_names_minimum():
         max_batch_size("densenet_bc_40", "64MiB", device="cpu")
 
 
+def test_the_optimizer_runs_as_torch_builds_it_on_the_device():
+    """On CUDA torch's optimizers default to ``foreach``: Adam's square roots are alive for every
+    parameter at once (at a small batch that is the step's peak); on CPU they loop over the
+    parameters, one temporary at a time. SGD with momentum updates in place on both."""
+    eff = resolve_memory_plan("efficient", BC40)
+
+    def above_persistent(optimizer, device):
+        sim = simulation(BC40, eff, 32, optimizer=optimizer, device=device)
+        return max(ln.at(1) for ln in sim.optimizer) - sim.persistent.at(1), sim.parameters
+
+    cuda, params = above_persistent("adam", "cuda")
+    cpu, _ = above_persistent("adam", "cpu")
+    assert cuda >= params > 4 * cpu
+    assert above_persistent("momentum", "cuda")[0] == above_persistent("momentum", "cpu")[0] == 0
+
+
 def test_every_entry_point_refuses_a_model_too_deep_to_simulate_before_simulating(monkeypatch):
     """A DenseNet-BC of 6003 dense layers: one sentence naming the limit, from each function,
     without simulating (a simulation of it would run for minutes)."""

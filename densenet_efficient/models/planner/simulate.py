@@ -400,7 +400,7 @@ def _simulate(
             memory_format=fmt
         )
         y = torch.zeros(batch, dtype=torch.long)
-        opt = _optimizer(optimizer, params)
+        opt = _optimizer(optimizer, params, foreach=device == "cuda")
         for t in (*params, *model.buffers(), *(p.grad for p in params), x, y):
             live.track(t)
         with live:
@@ -431,13 +431,17 @@ def _simulate(
     return sim
 
 
-def _optimizer(name: str, params: list[torch.Tensor]) -> torch.optim.Optimizer | None:
+def _optimizer(name: str, params: list[torch.Tensor], foreach: bool) -> torch.optim.Optimizer | None:
+    """The optimizer as torch builds it by default on the device simulated: ``foreach`` on CUDA
+    (a few kernels over every parameter, whose temporaries, such as Adam's square roots, are
+    alive for all parameters at once), a loop over the parameters on CPU. Fake tensors would
+    otherwise always take the loop."""
     if name in ("none", "sgd"):
-        return torch.optim.SGD(params, lr=1e-3) if name == "sgd" else None
+        return torch.optim.SGD(params, lr=1e-3, foreach=foreach) if name == "sgd" else None
     if name == "momentum":
-        return torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+        return torch.optim.SGD(params, lr=1e-3, momentum=0.9, foreach=foreach)
     cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
-    return cls(params, lr=1e-3)
+    return cls(params, lr=1e-3, foreach=foreach)
 
 
 def _segment_hooks(model: nn.Module, live: LiveBytes, stamps: dict[str, int]) -> list[Any]:
