@@ -175,6 +175,28 @@ def test_max_batch_size_too_small_budget_names_minimum():
         max_batch_size("densenet_bc_40", "64MiB", device="cpu")
 
 
+def test_fit_memory_answers_from_one_simulation_when_nothing_needs_recomputing(monkeypatch):
+    """A budget the efficient setting fits: that plan (no recomputation, which the search could
+    only find again), from its simulation alone; a budget it does not fit prices plans from the
+    max_saving simulation too."""
+    from densenet_efficient.models.planner import estimate as estimate_module
+
+    simulated = []
+
+    def recording(config, setting, **kwargs):
+        simulated.append(setting.blocks)
+        return simulate(config, setting, **kwargs)
+
+    monkeypatch.setattr(estimate_module, "simulate", recording)
+    config = densenet_bc_config(16, growth_rate=8)  # simulated by no other test: nothing cached
+    roomy = fit_memory(config, "4GiB", batch_size=8, device="cpu")
+    assert roomy.blocks == ("efficient",) * 3 and roomy.estimated_extra_time == 0.0
+    assert simulated == [("efficient",) * 3]
+    efficient = estimate_memory(config, batch_size=64, device="cpu").total
+    tight = fit_memory(config, int(efficient * 0.97), batch_size=64, device="cpu")
+    assert tight.estimated_extra_time > 0 and ("max_saving",) * 3 in simulated
+
+
 def test_the_optimizer_runs_as_torch_builds_it_on_the_device():
     """On CUDA torch's optimizers default to ``foreach``: Adam's square roots are alive for every
     parameter at once (at a small batch that is the step's peak); on CPU they loop over the

@@ -150,7 +150,8 @@ def fit_memory(
     ``optimizer``, default ``"momentum"``, ``channels_last``, ``sync_bn_world_size``: every batch
     norm synchronised over that many processes, each running ``batch_size`` images). The search runs over the width below which layers recompute their
     bottleneck, then gives blocks back what still fits, with the stem keeping or recomputing its
-    indices; plans are priced by composing the simulated ``"efficient"`` and ``"max_saving"``
+    indices (when the ``"efficient"`` setting, which recomputes nothing, fits, it is the answer, from
+    one simulation); plans are priced by composing the simulated ``"efficient"`` and ``"max_saving"``
     steps (:mod:`.compose`) and the one returned is simulated whole: its ``estimated_peak`` is
     that simulation's ``total``. Raises :class:`MemoryBudgetError` below the ``"max_saving"`` floor.
 
@@ -167,13 +168,19 @@ def fit_memory(
     batch_size = check_int(batch_size, "batch_size")
     step = Step(arch, image_size, kwargs, "fit_memory")
     config = step.config
+    target = int(budget * FIT_SHARE)
+    # Every block keeping every bottleneck recomputes nothing: when it fits, the search could
+    # only find it, and the max_saving step need not be simulated.
+    keep_all = _plan(config.block_config, config, EFFICIENT)
+    est = step.estimate(batch_size, keep_all)
+    if est.total <= target:
+        return _fitted(keep_all, est, budget)
     composer = Composer(
         step.simulation(step.uniform(EFFICIENT), batch_size),
         step.simulation(step.uniform(MAX_SAVING), batch_size),
         config.block_config,
     )
     overhead = step.beyond_peak(batch_size)
-    target = int(budget * FIT_SHARE)
     for _ in range(MAX_ROUNDS):
         found = _search(step, composer, target - overhead, batch_size)
         if found is None:
