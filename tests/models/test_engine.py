@@ -346,3 +346,23 @@ def test_engine_mode_names():
     for alias in ("max", "default", "fast"):  # one name per mode: "default" would not mean the default
         with pytest.raises(UsageError, match="memory_efficient must be"):
             engine.resolve_mode(alias)
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_scratch_views_are_dense_in_the_blocks_format_and_never_past_the_scratch(fmt):
+    """A scratch view is the dense (n, c, h, w) tensor of the block's format at the scratch's start;
+    one wider than the scratch raises, on fake tensors too (``as_strided`` checks no bounds there)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from densenet_efficient.models.engine.kernels import Scratch
+
+    for mode in (None, FakeTensorMode()):
+        with mode if mode is not None else torch.no_grad():
+            like = torch.empty(2, 5, 3, 4).contiguous(memory_format=fmt)
+            scratch = Scratch(like, 4, fmt)
+            view = scratch.view(3)
+            assert view.shape == (2, 3, 3, 4) and view.is_contiguous(memory_format=fmt)
+            assert view.untyped_storage()._cdata == scratch.flat.untyped_storage()._cdata
+            assert view.storage_offset() == 0
+            with pytest.raises(RuntimeError, match="scratch of 96 elements asked for 5 channels"):
+                scratch.view(5)

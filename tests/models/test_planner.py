@@ -143,6 +143,18 @@ def test_the_shortcut_makes_what_the_op_makes_and_leaves_the_rest():
         assert shortcut(aten.add.Tensor, (g, g), {}) is NotImplemented  # not one of SLOW
         odd = torch.empty(6, 2)  # neither per channel nor empty
         assert shortcut(aten.native_batch_norm.default, (g, odd, None, None, None, True, 0.1, 1e-5), {}) is NotImplemented
+        # an out= tensor the op would resize, positional or by name: the op runs itself
+        for size in (3, 5):
+            small = {"out": torch.empty_like(g), "save_mean": torch.empty(size), "save_invstd": torch.empty(size)}
+            call = (aten.native_batch_norm.out, (g, w, w, rm, rv, True, 0.1, 1e-5), small)
+            assert shortcut(*call) is NotImplemented
+        # a transposed input: its output keeps its stride order, which the small call cannot show
+        t = torch.empty(5, 6, 3, 4).transpose(2, 3)
+        assert shortcut(aten._batch_norm_with_update.default, (t, w, w, rm, rv, 0.1, 1e-5), {}) is NotImplemented
+        # a slice along the channels (what the engine passes) is taken
+        buf = torch.empty(5, 9, 4, 3)
+        fast = shortcut(aten._batch_norm_with_update.default, (buf[:, :6], w, w, rm, rv, 0.1, 1e-5), {})
+        assert fast is not NotImplemented and fast[0].shape == (5, 6, 4, 3) and fast[0].is_contiguous()
     assert aten.add.Tensor not in SLOW
 
 

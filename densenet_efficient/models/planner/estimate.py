@@ -127,7 +127,8 @@ def estimate_memory(
     gathered statistics and its backward's temporaries are counted, per process.
 
     The step runs on fake tensors (:func:`~.simulate.simulate`, cached per setting: one
-    simulation answers every batch size).
+    simulation answers every batch size); a model of more than :data:`MAX_SIMULATED_LAYERS` dense
+    layers is refused with a :class:`~densenet_efficient.errors.UsageError`.
 
     >>> est = estimate_memory("densenet_bc_100", batch_size=64, mode="naive", device="cpu")
     >>> est.total > est.peak > est.activations > 0

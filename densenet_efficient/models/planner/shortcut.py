@@ -15,6 +15,7 @@ whole simulations equal with and without it.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
@@ -44,6 +45,15 @@ _PROXY = (2, 3, 5, 7)
 _OTHER = object()
 
 
+def _in_order(t: torch.Tensor, fmt: torch.memory_format) -> bool:
+    """Whether ``t``'s strides fall in ``fmt``'s order (dense, or a slice of a dense tensor along
+    any dimension): what the engine passes. An expanded or transposed tensor is not: the op's
+    output would keep its own stride order, which the small call cannot show."""
+    order = (0, 2, 3, 1) if fmt == torch.channels_last else (0, 1, 2, 3)
+    strides = [t.stride(d) for d in order if t.shape[d] != 1]
+    return all(s > 0 for s in strides) and all(a >= b for a, b in itertools.pairwise(strides))
+
+
 def _storage(t: torch.Tensor) -> int:
     return t.untyped_storage()._cdata
 
@@ -62,11 +72,11 @@ class Shortcut:
         if not maps or any(m.shape != maps[0].shape for m in maps):
             return NotImplemented
         shape = maps[0].shape
-        key = (func, *(self._describe(a, shape[1]) for a in args), *sorted(
-            (name, self._describe(a, shape[1])) for name, a in kwargs.items()
-        ))  # fmt: skip
-        if any(part is _OTHER for part in key):
+        described = [self._describe(a, shape[1]) for a in args]
+        named = sorted((name, self._describe(a, shape[1])) for name, a in kwargs.items())
+        if any(d is _OTHER for d in described) or any(d is _OTHER for _, d in named):
             return NotImplemented
+        key = (func, *described, *named)
         if key not in self.patterns:
             self.patterns[key] = self._learn(func, args, kwargs, shape[1])
         pattern = self.patterns[key]
@@ -82,7 +92,8 @@ class Shortcut:
         if not isinstance(a, torch.Tensor):
             return tuple(a) if isinstance(a, list) else a
         if a.dim() == 4:
-            return ("map", a.dtype, suggest_memory_format(a))
+            fmt = suggest_memory_format(a)
+            return ("map", a.dtype, fmt) if _in_order(a, fmt) else _OTHER
         if a.dim() == 1 and a.numel() == channels:
             return ("channel", a.dtype)
         if a.numel() == 0:

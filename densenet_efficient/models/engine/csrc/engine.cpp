@@ -74,6 +74,8 @@ struct Scratch {
 
   // A dense (n, channels, h, w) tensor in the block's format at the start: one view op.
   Tensor view(int64_t channels) const {
+    TORCH_CHECK(n * channels * h * w <= flat.numel(), "scratch of ", flat.numel(), " elements asked for ", channels,
+                " channels");
     if (fmt == at::MemoryFormat::ChannelsLast)
       return flat.as_strided({n, channels, h, w}, {h * w * channels, 1, w * channels, channels});
     return flat.as_strided({n, channels, h, w}, {channels * h * w, h * w, w, 1});
