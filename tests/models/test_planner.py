@@ -140,7 +140,13 @@ def test_the_shortcut_makes_what_the_op_makes_and_leaves_the_rest():
                     assert f.untyped_storage()._cdata != x.untyped_storage()._cdata
         g = torch.empty(5, 6, 4, 3)
         assert shortcut(aten.threshold_backward.grad_input, (g, g, 0), {"grad_input": g}) is g
-        assert shortcut(aten.add.Tensor, (g, g), {}) is NotImplemented  # not one of SLOW
+        assert shortcut(aten.mul.Tensor, (g, g), {}) is NotImplemented  # not one of SLOW
+        # add: type promotion read off the op; a broadcast, or a probe the op refuses, runs the op
+        half = torch.empty(5, 6, 4, 3, dtype=torch.bfloat16)
+        summed = shortcut(aten.add.Tensor, (half, g), {})
+        assert (summed.shape, summed.dtype) == ((5, 6, 4, 3), torch.float32)
+        assert shortcut(aten.add.Tensor, (g, torch.empty(5, 6, 4, 1)), {}) is NotImplemented
+        assert shortcut(aten.add.Tensor, (g, torch.empty(6)), {}) is NotImplemented  # (6,) meets W=3
         odd = torch.empty(6, 2)  # neither per channel nor empty
         assert shortcut(aten.native_batch_norm.default, (g, odd, None, None, None, True, 0.1, 1e-5), {}) is NotImplemented
         # an out= tensor the op would resize, positional or by name: the op runs itself
@@ -155,7 +161,7 @@ def test_the_shortcut_makes_what_the_op_makes_and_leaves_the_rest():
         buf = torch.empty(5, 9, 4, 3)
         fast = shortcut(aten._batch_norm_with_update.default, (buf[:, :6], w, w, rm, rv, 0.1, 1e-5), {})
         assert fast is not NotImplemented and fast[0].shape == (5, 6, 4, 3) and fast[0].is_contiguous()
-    assert aten.add.Tensor not in SLOW
+    assert aten.mul.Tensor not in SLOW
 
 
 @pytest.mark.parametrize("amp", [None, "bf16"])

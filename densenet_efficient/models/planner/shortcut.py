@@ -1,8 +1,9 @@
 """Fake outputs for the few ops whose fake kernel is a Python decomposition costing milliseconds.
 
-On fake tensors, batch norm's forward and backward (and ``threshold_backward`` into a given
-tensor) run torch's Python decompositions: 1-8 ms a call against 0.1-0.3 ms for most ops, about
-half of a simulated step's time. The simulation (:class:`~.simulate.LiveBytes`) counts only the
+On fake tensors, batch norm's forward and backward and ReLU's backward run torch's Python
+decompositions, 1-10 ms a call against 0.1-0.3 ms for most ops: about half of a simulated step's
+time (and ``add``, which sums each feature map's gradient in a naive step's backward, takes
+0.5 ms). The simulation (:class:`~.simulate.LiveBytes`) counts only the
 storages an op returns, and these ops return tensors shaped like their input, one value per
 channel, empty tensors or the ``out=`` tensors they were given. So :class:`Shortcut` calls the op
 itself once per pattern (the op, its arguments' dtypes, memory formats and settings) on small fake
@@ -34,6 +35,8 @@ SLOW = frozenset(
         _aten._batch_norm_with_update.default,
         _aten.batch_norm_backward.default,
         _aten.threshold_backward.grad_input,
+        _aten.threshold_backward.default,
+        _aten.add.Tensor,  # naive backward: each feature map's gradient summed from later layers
     }
 )
 
@@ -116,7 +119,10 @@ class Shortcut:
         pargs = [self._proxy(a, channels) for a in args]
         pkw = {name: self._proxy(a, channels) for name, a in kwargs.items()}
         before = {name: tuple(t.shape) for name, t in pkw.items() if isinstance(t, torch.Tensor)}
-        out = func(*pargs, **pkw)
+        try:
+            out = func(*pargs, **pkw)
+        except Exception:  # noqa: BLE001 (the small call is only a probe: the op will say why itself)
+            return None
         single = isinstance(out, torch.Tensor)
         given = {_storage(t): name for name, t in pkw.items() if isinstance(t, torch.Tensor)}
         inputs = {_storage(t) for t in pargs if isinstance(t, torch.Tensor)}
