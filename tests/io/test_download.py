@@ -17,39 +17,29 @@ import torch
 from densenet_efficient.errors import UsageError
 from densenet_efficient.io import download as D
 
+from ..support.sockets import local_server
+
 
 @contextlib.contextmanager
 def _server(answer_from: int | None, body: bytes = b"") -> Iterator[tuple[str, list[socket.socket]]]:
     """A localhost server that accepts every connection and stays silent on all of them, or answers
     ``body`` from the ``answer_from``-th connection on (1-based). Yields (base URL, connections)."""
-    listener = socket.create_server(("127.0.0.1", 0))
     conns: list[socket.socket] = []
-    stop = threading.Event()
 
-    def serve() -> None:
-        listener.settimeout(0.05)
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except TimeoutError:
-                continue
-            conns.append(conn)
-            if answer_from is not None and len(conns) >= answer_from:
-                conn.recv(65536)
-                head = f"HTTP/1.0 200 OK\r\nContent-Length: {len(body)}\r\n\r\n".encode()
-                conn.sendall(head + body)
-                conn.close()
+    def accept(conn: socket.socket, base: str, stop: threading.Event) -> None:
+        conns.append(conn)
+        if answer_from is not None and len(conns) >= answer_from:
+            conn.recv(65536)
+            head = f"HTTP/1.0 200 OK\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            conn.sendall(head + body)
+            conn.close()
 
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
     try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}", conns
+        with local_server(accept) as base:
+            yield base, conns
     finally:
-        stop.set()
-        thread.join()
         for c in conns:
             c.close()
-        listener.close()
 
 
 @pytest.fixture
@@ -92,20 +82,14 @@ def test_one_timeout_is_retried(tmp_path, short_timeout):
 
 def test_short_body_without_a_hash_is_refused(tmp_path, monkeypatch):
     """No hash in the name: the Content-Length still catches a connection dropped mid-file."""
-    listener = socket.create_server(("127.0.0.1", 0))
 
-    def serve() -> None:
-        conn, _ = listener.accept()
-        conn.recv(65536)
-        conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10)
-        conn.close()
+    def short(conn: socket.socket, base: str, stop: threading.Event) -> None:
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10)
 
-    threading.Thread(target=serve, daemon=True).start()
-    try:
-        with pytest.raises(OSError, match="cannot download .*closed after 10 of 1000 bytes"):
-            D.download_file(f"http://127.0.0.1:{listener.getsockname()[1]}/w.pth", tmp_path / "w.pth", False)
-    finally:
-        listener.close()
+    with local_server(short) as base, pytest.raises(OSError, match="cannot download .*closed after 10 of 1000 bytes"):
+        D.download_file(f"{base}/w.pth", tmp_path / "w.pth", False)
     assert os.listdir(tmp_path) == []
 
 

@@ -30,36 +30,23 @@ from densenet_efficient.io.files import NotARegularFileError, require_regular_fi
 from densenet_efficient.io.json_file import read_json_object
 
 from ..support import REPO
+from ..support.sockets import local_server
 from ..support.timeouts import within
 
 # -- 8. downloads are bounded --------------------------------------------------------------------
 
 
 @contextlib.contextmanager
-def _server(answer: Callable[[socket.socket, str], None]) -> Iterator[str]:
-    """A localhost server calling ``answer(connection, base_url)`` for every connection."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    base = f"http://127.0.0.1:{listener.getsockname()[1]}"
-    stop = threading.Event()
+def _server(answer: Callable[[socket.socket, str, threading.Event], None]) -> Iterator[str]:
+    """A localhost server calling ``answer(connection, base_url, stop)`` for every connection, each
+    in its own thread once the request is read."""
 
-    def serve() -> None:
-        listener.settimeout(0.05)
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except TimeoutError:
-                continue
-            conn.recv(65536)
-            threading.Thread(target=_answer, args=(answer, conn, base, stop), daemon=True).start()
+    def accept(conn: socket.socket, base: str, stop: threading.Event) -> None:
+        conn.recv(65536)
+        threading.Thread(target=_answer, args=(answer, conn, base, stop), daemon=True).start()
 
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
+    with local_server(accept) as base:
         yield base
-    finally:
-        stop.set()
-        thread.join()
-        listener.close()
 
 
 def _answer(answer, conn, base, stop) -> None:
