@@ -17,20 +17,11 @@ from densenet_efficient.training.budget import accumulation_weights, suggest_acc
 from densenet_efficient.training.checkpoint import read_run_checkpoint
 from densenet_efficient.training.distributed import DistInfo
 
-from ..support.fakedata import point_cifar10_at, write_fake_cifar10
-
 #: The fake CIFAR-10 below: 100 training images, 20 held out -> 80 train at 32x32.
 TRAIN_IMAGES = 80
 #: A budget that fits a batch of a few dozen of the tiny model in max_saving but not 64.
 SMALL = "100MiB"
 PLANNER = {"image_size": 32, "device": "cpu", "optimizer": "momentum", "amp": None}
-
-
-@pytest.fixture
-def cifar(tmp_path, monkeypatch) -> Path:
-    root = tmp_path / "cifar"
-    point_cifar10_at(monkeypatch, write_fake_cifar10(root, per_batch=20, test_size=20))
-    return root
 
 
 def _argv(cifar: Path, save: Path, *extra: str) -> list[str]:

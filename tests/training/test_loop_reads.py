@@ -24,20 +24,12 @@ from densenet_efficient.training import NonFiniteLossError, TrainConfig, train
 from densenet_efficient.training.distributed import DistInfo
 
 from ..support import REPO as ROOT
-from ..support.fakedata import point_cifar10_at, write_fake_cifar10, write_image_folder
+from ..support.fakedata import write_image_folder
 
 #: 80 training images in micro-batches of 4: with reads as rare as the schedule allows, an epoch
 #: reads after micro-batches 1, 3, 7 and 15 (each interval at most doubles) and at its end.
 MICRO_BATCHES = 20
 READS = [1, 3, 7, 15, 20]
-
-
-@pytest.fixture
-def cifar(tmp_path, monkeypatch) -> Path:
-    """A tiny CIFAR-10: 100 train images (80 after the 20 held out for validation) + 20 test."""
-    root = tmp_path / "cifar"
-    point_cifar10_at(monkeypatch, write_fake_cifar10(root, per_batch=20, test_size=20))
-    return root
 
 
 def _config(cifar: Path, save: Path, **kw) -> TrainConfig:

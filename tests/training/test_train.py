@@ -30,14 +30,6 @@ from ..support.fakedata import point_cifar10_at, write_fake_cifar10, write_image
 from ..support.hub_server import randomize_, serve, sha256
 
 
-@pytest.fixture
-def cifar(tmp_path, monkeypatch) -> Path:
-    """A tiny CIFAR-10 (100 train + 20 test images) in the official on-disk format."""
-    root = tmp_path / "cifar"
-    point_cifar10_at(monkeypatch, write_fake_cifar10(root, per_batch=20, test_size=20))
-    return root
-
-
 def _tiny(cifar: Path, save: Path, **kw) -> TrainConfig:
     base = {
         "data": str(cifar),
