@@ -141,6 +141,7 @@ def test_the_shortcut_makes_what_the_op_makes_and_leaves_the_rest():
         g = torch.empty(5, 6, 4, 3)
         assert shortcut(aten.threshold_backward.grad_input, (g, g, 0), {"grad_input": g}) is g
         assert shortcut(aten.mul.Tensor, (g, g), {}) is NotImplemented  # not one of SLOW
+        assert shortcut(aten.threshold_backward.default, (g, [g], 0), {}) is NotImplemented  # tensors in a list
         # add: type promotion read off the op; a broadcast, or a probe the op refuses, runs the op
         half = torch.empty(5, 6, 4, 3, dtype=torch.bfloat16)
         summed = shortcut(aten.add.Tensor, (half, g), {})

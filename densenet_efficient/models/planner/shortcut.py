@@ -92,8 +92,10 @@ class Shortcut:
     @staticmethod
     def _describe(a: Any, channels: int) -> Any:
         """An argument as the pattern sees it (``_OTHER``: one this shortcut does not handle)."""
+        if isinstance(a, (list, tuple)):
+            return _OTHER if any(isinstance(x, torch.Tensor) for x in a) else tuple(a)
         if not isinstance(a, torch.Tensor):
-            return tuple(a) if isinstance(a, list) else a
+            return a
         if a.dim() == 4:
             fmt = suggest_memory_format(a)
             return ("map", a.dtype, fmt) if _in_order(a, fmt) else _OTHER
