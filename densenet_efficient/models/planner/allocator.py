@@ -10,10 +10,12 @@ glibc returning every block of 64 KiB or more; the pages of torch's libraries ar
 * :data:`CPU_RUNTIME`: the first optimizer made in a process imports torch's compiler stack
   (``torch.optim`` pulls in ``torch._dynamo``, about 890 modules) and the first step starts
   oneDNN. Read off the measured grid (fresh minus simulated: 79-84 MiB on the smallest models).
-* :data:`CPU_PER_LAYER`, :data:`CPU_PER_LAYER_3X3`: oneDNN's primitives for each dense layer's
-  own convolution shapes, made by the first step, per dense layer: both convolutions on oneDNN
-  (under autocast, or fp32 at a batch ATen hands its 1x1 convolutions to oneDNN, see
-  :func:`uses_onednn`: 0.33-0.36 MiB on the grid), or only the 3x3 one (0.15 MiB).
+* :data:`CPU_PER_LAYER`, :data:`CPU_PER_LAYER_3X3`: what the process holds per dense layer
+  beyond its tensors, read off the grid: with both convolutions on oneDNN (under autocast, or
+  fp32 at a batch ATen hands its 1x1 convolutions to oneDNN, see :func:`uses_onednn`) 0.33-0.36
+  MiB, the 1x1 convolutions' primitives made by the first step (each layer's reads another
+  width); with only the 3x3 one on oneDNN 0.15 MiB on the ImageNet models, which is not oneDNN
+  (turning it off does not lower it) and is less on deep DenseNet-BCs (docs/planner.md).
 * :func:`cpu_scratch`: oneDNN's convolutions reorder a plain (NCHW) input, and in backward the
   output's gradient too, into their blocked layout: copies the size of those tensors, made and
   freed inside the op, where no dispatch mode sees them. Read off the peak RSS of each op of a
