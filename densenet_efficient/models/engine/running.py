@@ -111,7 +111,6 @@ def count_batches(norms: list[nn.BatchNorm2d]) -> None:
         torch._foreach_add_(counters, 1)
 
 
-
 class RunningBatch:
     """Running-statistics updates queued by the engine's calls and applied together: one
     ``_foreach_add_`` for every ``num_batches_tracked`` and one ``_foreach_lerp_`` (nn.BatchNorm's
