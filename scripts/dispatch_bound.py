@@ -75,8 +75,8 @@ def _cpu_seconds(step) -> float:
 
 def run(
     arch: str, size: int, rounds: int, warmup: int, clock: str = "wall", impls: tuple = IMPLS, batch: int = 2
-) -> dict[str, tuple[float, float, float, float]]:
-    """``{impl: (median step seconds, ratio to torchvision, low, high)}``."""
+) -> dict[str, list[float]]:
+    """``{impl: its step seconds, one per round}``, the rounds interleaved."""
     torch.manual_seed(0)
     models = {impl: _model(arch, impl) for impl in impls}
     x = torch.randn(batch, 3, size, size)
@@ -101,10 +101,21 @@ def run(
     for _ in range(rounds):
         for impl in impls:
             times[impl].append(step(impl))
-    return {
-        impl: (statistics.median(times[impl]), *paired_ratio(times[impl], times["torchvision"]))
-        for impl in impls
-    }
+    return times
+
+
+def report(times: dict[str, list[float]], versus: tuple[str, ...]) -> list[str]:
+    """One line per implementation: its median step, then the median of its per-round (paired)
+    ratios to torchvision (with their range) and to each of ``versus``."""
+    lines = []
+    for impl, seconds in times.items():
+        ratio, low, high = paired_ratio(seconds, times["torchvision"])
+        others = "".join(f"  {paired_ratio(seconds, times[v])[0]:.3f}x {v}" for v in versus)
+        lines.append(
+            f"  {impl:26s} {statistics.median(seconds) * 1e3:8.2f} ms  {ratio:.3f}x torchvision "
+            f"({low:.2f}-{high:.2f}){others}"
+        )
+    return lines
 
 
 def main() -> None:
@@ -124,12 +135,9 @@ def main() -> None:
     )
     for arch, size in configs:
         print(f"\n{arch} {size}x{size}, {args.rounds} rounds")
-        results = run(arch, size, args.rounds, args.warmup, args.clock, impls, batch)
-        for impl, (median, ratio, low, high) in results.items():
-            print(
-                f"  {impl:26s} {median * 1e3:8.2f} ms  {ratio:.3f}x torchvision ({low:.2f}-{high:.2f})"
-                f"  {median / results[impls[1]][0]:.3f}x {impls[1]} (medians)"
-            )
+        times = run(arch, size, args.rounds, args.warmup, args.clock, impls, batch)
+        # compiled: each row against our eager step and the compiler's point as well
+        print("\n".join(report(times, (impls[1], impls[-1]) if args.compiled else (impls[1],))))
 
 
 if __name__ == "__main__":
