@@ -165,6 +165,93 @@ def test_the_shortcut_makes_what_the_op_makes_and_leaves_the_rest():
     assert aten.mul.Tensor not in SLOW
 
 
+def _outputs(out, inputs):
+    """Each output's shape, strides, dtype, device, storage bytes and which inputs it aliases."""
+    return [
+        None
+        if t is None
+        else (
+            t.shape, t.stride(), t.dtype, t.device, t.untyped_storage().nbytes(),
+            [i for i, a in enumerate(inputs) if a.untyped_storage()._cdata == t.untyped_storage()._cdata],
+        )
+        for t in (out if isinstance(out, tuple) else (out,))
+    ]  # fmt: skip
+
+
+def _fakeable(device):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    try:
+        with FakeTensorMode():
+            torch.empty(1, device=device)
+    except Exception:  # noqa: BLE001 (a build that cannot fake the device)
+        return False
+    return True
+
+
+@pytest.mark.parametrize("device", ["meta", "cuda"])
+def test_the_shortcut_makes_its_outputs_on_the_inputs_device(device):
+    """Fake tensors of another device than the CPU (a CUDA one fakes on a CPU-only machine): the
+    outputs are on that device, as the op's own are, and a pattern learnt on the CPU is not reused."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    if not _fakeable(device):
+        pytest.skip(f"this torch cannot fake {device} tensors")
+    shortcut, aten = Shortcut(), torch.ops.aten
+    with FakeTensorMode():
+        for dev in ("cpu", device):  # the CPU's pattern first: the other device must not take it
+            x = torch.empty(5, 6, 4, 3, device=dev)
+            w = torch.empty(6, device=dev)
+            for func, args in (
+                (aten.add.Tensor, (x, x)),
+                (aten.threshold_backward.default, (x, x, 0)),
+                (aten.native_batch_norm.default, (x, w, w, w.clone(), w.clone(), True, 0.1, 1e-5)),
+            ):
+                fast = shortcut(func, args, {})
+                assert fast is not NotImplemented
+                assert _outputs(fast, [x, w]) == _outputs(func(*args), [x, w]), (func, dev)
+                assert all(t.device == x.device for t in (fast if isinstance(fast, tuple) else (fast,)))
+
+
+def test_the_shortcut_tells_scalars_of_different_types_apart():
+    """``alpha=2`` and ``alpha=2.0`` are equal keys of a dict, but an integer add refuses the float
+    one: the shortcut must not answer it with the integer one's outputs."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    shortcut, add = Shortcut(), torch.ops.aten.add.Tensor
+    with FakeTensorMode():
+        i = torch.empty(5, 6, 4, 3, dtype=torch.int64)
+        assert shortcut(add, (i, i), {"alpha": 2}).dtype == torch.int64
+        with pytest.raises(Exception, match="alpha"):
+            add(i, i, alpha=2.0)
+        assert shortcut(add, (i, i), {"alpha": 2.0}) is NotImplemented
+
+
+def test_the_shortcut_gives_the_op_s_strides_on_maps_with_a_size_one_dimension():
+    """A dimension of size 1 leaves a map's memory format ambiguous and its stride free: the op keeps
+    a dense input's strides or orders its output by its inputs' strides, which the small call (no
+    such dimension) cannot show. The outputs match the op's, strides included, or the op runs."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    shortcut, aten = Shortcut(), torch.ops.aten
+    with FakeTensorMode():
+        w = torch.empty(6)
+        contiguous = torch.empty(5, 6, 1, 3)
+        nhwc = torch.empty(5, 6, 1, 3).contiguous(memory_format=torch.channels_last)
+        transposed = torch.empty(5, 6, 3, 1).transpose(2, 3)  # dense, its H stride 1
+        one_image = torch.empty(6, 1, 4, 3).transpose(0, 1)  # dense, its N stride 12
+        for func, args in (
+            (aten.add.Tensor, (nhwc, contiguous)),
+            (aten.add.Tensor, (contiguous, nhwc)),
+            (aten._batch_norm_with_update.default, (transposed, w, w, w.clone(), w.clone(), 0.1, 1e-5)),
+            (aten._batch_norm_with_update.default, (one_image, w, w, w.clone(), w.clone(), 0.1, 1e-5)),
+        ):
+            inputs = [a for a in args if isinstance(a, torch.Tensor)]
+            fast = shortcut(func, args, {})
+            if fast is not NotImplemented:
+                assert _outputs(fast, inputs) == _outputs(func(*args), inputs), (func, args[0].stride())
+
+
 @pytest.mark.parametrize("amp", [None, "bf16"])
 def test_composed_plans_match_their_whole_simulation(amp):
     """The search's composition: exact for the uniform modes, within 2% (and not below by more than

@@ -6,12 +6,15 @@ time (and ``add``, which sums each feature map's gradient in a naive step's back
 0.5 ms). The simulation (:class:`~.simulate.LiveBytes`) counts only the
 storages an op returns, and these ops return tensors shaped like their input, one value per
 channel, empty tensors or the ``out=`` tensors they were given. So :class:`Shortcut` calls the op
-itself once per pattern (the op, its arguments' dtypes, memory formats and settings) on small fake
-tensors, notes which of those each output is, and gives every later call of the pattern fresh
-fake tensors of the real sizes: the outputs torch's fake kernel would give, in a fraction of the
-time. Nothing about the ops is written here; an output of any other kind (an input returned, a
-resized ``out=``) makes the pattern fall back to the op itself. tests/models/test_planner.py holds
-whole simulations equal with and without it.
+itself once per pattern (the op, its arguments' dtypes, devices, memory formats and settings, each
+setting with its type) on small fake tensors, notes which of those each output is, and gives every
+later call of the pattern fresh fake tensors of the real sizes: the outputs torch's fake kernel
+would give, in a fraction of the time. Nothing about the ops is written here; an output of any
+other kind (an input returned, a resized ``out=``) makes the pattern fall back to the op itself,
+and so does a map with a dimension of size 1 (its memory format ambiguous and that dimension's
+stride free: the op keeps a dense input's strides or orders its output by its inputs', which the
+small call cannot show). tests/models/test_planner.py holds whole simulations equal with and
+without it.
 """
 
 from __future__ import annotations
@@ -72,7 +75,7 @@ class Shortcut:
         if func not in SLOW:
             return NotImplemented
         maps = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.dim() == 4]
-        if not maps or any(m.shape != maps[0].shape for m in maps):
+        if not maps or 1 in maps[0].shape or any(m.shape != maps[0].shape for m in maps):
             return NotImplemented
         shape = maps[0].shape
         described = [self._describe(a, shape[1]) for a in args]
@@ -93,16 +96,16 @@ class Shortcut:
     def _describe(a: Any, channels: int) -> Any:
         """An argument as the pattern sees it (``_OTHER``: one this shortcut does not handle)."""
         if isinstance(a, (list, tuple)):
-            return _OTHER if any(isinstance(x, torch.Tensor) for x in a) else tuple(a)
+            return _OTHER if any(isinstance(x, torch.Tensor) for x in a) else tuple((type(x), x) for x in a)
         if not isinstance(a, torch.Tensor):
-            return a
+            return type(a), a  # 2 and 2.0 are one key of a dict, but an integer add refuses alpha=2.0
         if a.dim() == 4:
             fmt = suggest_memory_format(a)
-            return ("map", a.dtype, fmt) if _in_order(a, fmt) else _OTHER
+            return ("map", a.dtype, fmt, a.device) if _in_order(a, fmt) else _OTHER
         if a.dim() == 1 and a.numel() == channels:
-            return ("channel", a.dtype)
+            return ("channel", a.dtype, a.device)
         if a.numel() == 0:
-            return ("empty", a.dtype, tuple(a.shape))
+            return ("empty", a.dtype, tuple(a.shape), a.device)
         return _OTHER
 
     @staticmethod
@@ -110,10 +113,11 @@ class Shortcut:
         if not isinstance(a, torch.Tensor):
             return a
         if a.dim() == 4:
-            return torch.empty(_PROXY, dtype=a.dtype).contiguous(memory_format=suggest_memory_format(a))
+            fmt = suggest_memory_format(a)
+            return torch.empty(_PROXY, dtype=a.dtype, device=a.device).contiguous(memory_format=fmt)
         if a.dim() == 1 and a.numel() == channels:
-            return torch.empty(_PROXY[1], dtype=a.dtype)
-        return torch.empty(a.shape, dtype=a.dtype)
+            return torch.empty(_PROXY[1], dtype=a.dtype, device=a.device)
+        return torch.empty(a.shape, dtype=a.dtype, device=a.device)
 
     def _learn(self, func: Any, args: tuple, kwargs: dict, channels: int) -> Any:
         """Run ``func`` on small tensors of the same kinds; note each output's kind (None: an
@@ -139,11 +143,11 @@ class Shortcut:
             elif _storage(o) in inputs:
                 return None  # an input returned (aliased): the op must run itself
             elif tuple(o.shape) == _PROXY:
-                specs.append(("map", o.dtype, suggest_memory_format(o)))
+                specs.append(("map", o.dtype, o.device, suggest_memory_format(o)))
             elif tuple(o.shape) == (_PROXY[1],):
-                specs.append(("channel", o.dtype))
+                specs.append(("channel", o.dtype, o.device))
             elif o.numel() == 0:
-                specs.append(("empty", o.dtype, tuple(o.shape)))
+                specs.append(("empty", o.dtype, o.device, tuple(o.shape)))
             else:
                 return None
         return single, specs
@@ -156,7 +160,7 @@ class Shortcut:
         if kind == "out":
             return kwargs[spec[1]]
         if kind == "map":
-            return torch.empty(shape, dtype=spec[1], memory_format=spec[2])
+            return torch.empty(shape, dtype=spec[1], device=spec[2], memory_format=spec[3])
         if kind == "channel":
-            return torch.empty(shape[1], dtype=spec[1])
-        return torch.empty(spec[2], dtype=spec[1])
+            return torch.empty(shape[1], dtype=spec[1], device=spec[2])
+        return torch.empty(spec[3], dtype=spec[1], device=spec[2])
