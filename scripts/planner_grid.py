@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """The planner against the measured whole training step, on a grid of configurations.
 
-Every point runs in its own fresh process (``StepSpec(kind="whole_step")``, docs/planner.md):
+Every point runs in its own fresh process (``StepSpec(kind="whole_step")``, docs/planner.md), on
+one thread unless it names more (and is planned with the same, since what ATen runs on oneDNN
+depends on it):
 ``MALLOC_MMAP_THRESHOLD_=65536``, baseline RSS before the model exists, then model, batch, zeroed
 gradients, the optimizer and two steps; the figure is the peak RSS over the baseline. A point is
 either a fixed setting (its ``estimate_memory(...).total`` must be within 5% of the measured step)
@@ -20,10 +22,13 @@ when a point is outside its bounds.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -60,11 +65,13 @@ class Point:
     channels_last: bool = False
     optimizer: str = "momentum"
     budget: str | None = None
+    threads: int = 1
 
     @property
     def label(self) -> str:
         what = f"fit {self.budget}" if self.budget else _setting_label(self.setting)
         extras = [self.amp or "fp32"] + ["NHWC"] * self.channels_last + ["adam"] * (self.optimizer == "adam")
+        extras += [f"{self.threads} threads"] * (self.threads != 1)
         return f"{self.arch} b{self.batch} {self.size}px {' '.join(extras)} {what}"
 
     def kwargs(self) -> dict[str, Any]:
@@ -104,6 +111,9 @@ GRID = (
     Point("densenet_bc_190", 8, 32, "max_saving"),
     Point("densenet_bc_250", 4, 32, "max_saving"),
     Point("densenet_bc_250", 2, 32, "max_saving"),
+    # the same two on torch's default two threads here, where oneDNN runs every convolution
+    Point("densenet_bc_250", 4, 32, "max_saving", threads=2),
+    Point("densenet_bc_250", 2, 32, "max_saving", threads=2),
     Point("densenet121", 8, 224, "naive"),
     Point("densenet121", 8, 224, "efficient"),
     Point("densenet121", 8, 224, "max_saving"),
@@ -126,11 +136,33 @@ GRID = (
     Point("densenet_bc_100", 64, 32, budget="600MiB"),
     Point("densenet_bc_100", 64, 32, optimizer=ADAM, budget="650MiB"),
     Point("densenet121", 4, 224, channels_last=CL, budget="285MiB"),
+    Point("densenet_bc_250", 4, 32, budget="230MiB", threads=2),
 )
+
+
+#: The planner reads this process's thread count (what ATen runs on oneDNN depends on it,
+#: models/planner/allocator.py): each point is planned with its own, one point at a time.
+_THREADS = threading.Lock()
+
+
+@contextlib.contextmanager
+def planning_threads(point: Point) -> Iterator[None]:
+    with _THREADS:
+        before = torch.get_num_threads()
+        torch.set_num_threads(point.threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
 
 
 def plan_for(point: Point) -> tuple[MemoryPlan | None, str]:
     """The plan a point runs (None: its budget was refused) and what the planner said."""
+    with planning_threads(point):
+        return _plan_for(point)
+
+
+def _plan_for(point: Point) -> tuple[MemoryPlan | None, str]:
     config = resolve_arch(point.arch)
     if point.budget is not None:
         try:
@@ -148,7 +180,7 @@ def measure_point(point: Point, plan: MemoryPlan) -> int:
     spec = StepSpec(
         "efficient", resolve_arch(point.arch), point.batch, point.size, kind="whole_step", amp=point.amp,
         memory_plan=plan.to_json(), channels_last=point.channels_last, optimizer=point.optimizer,
-        threads=1,
+        threads=point.threads,
     )  # fmt: skip
     return measure_series([spec])[0]["peak_bytes"]
 
@@ -165,9 +197,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reuse", help="take measurements of unchanged points from an earlier --json file")
     parser.add_argument("--measure-fixed", action="store_true", help="only measure the fixed settings")
     args = parser.parse_args(argv)
-    # the points are measured on one thread (StepSpec threads=1), and what ATen runs on oneDNN
-    # depends on the thread count (models/planner/allocator.py): plan for the same
-    torch.set_num_threads(1)
     points = [p for p in GRID if not args.only or args.only in p.label]
     if args.measure_fixed:
         points = [p for p in points if p.budget is None]
@@ -230,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             return ok and abs(got / est - 1) <= TOLERANCE
         got = measured(point, plan)
-        est = estimate_memory(resolve_arch(point.arch), mode=plan, **point.kwargs()).total
+        with planning_threads(point):
+            est = estimate_memory(resolve_arch(point.arch), mode=plan, **point.kwargs()).total
         ok = abs(got / est - 1) <= TOLERANCE
         print(
             f"| {point.label} | {plan} | {said} | {format_bytes(got)} | {got / est:.3f}{'' if ok else ' **out**'} | |",
