@@ -137,6 +137,8 @@ GRID = (
     Point("densenet_bc_100", 64, 32, optimizer=ADAM, budget="650MiB"),
     Point("densenet121", 4, 224, channels_last=CL, budget="285MiB"),
     Point("densenet_bc_250", 4, 32, budget="230MiB", threads=2),
+    Point("densenet121", 8, 224, budget="420MiB", threads=2),
+    Point("densenet169", 4, 224, budget="385MiB", threads=2),
 )
 
 
