@@ -252,6 +252,40 @@ def test_the_shortcut_gives_the_op_s_strides_on_maps_with_a_size_one_dimension()
                 assert _outputs(fast, inputs) == _outputs(func(*args), inputs), (func, args[0].stride())
 
 
+def test_the_shortcut_slices_as_the_op_slices_and_writes_in_place_without_running():
+    """``slice`` as one ``as_strided``: the same view (sizes, strides, offset, storage) for every
+    kind of bound ``at::slice`` clamps; the in-place ops return the tensor they write, unchanged,
+    and real tensors (no fake mode) are left to the ops."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    shortcut, aten = Shortcut(), torch.ops.aten
+    with FakeTensorMode():
+        x = torch.empty(5, 6, 4, 3)[:, 1:]  # a view already: its offset carries over
+        cl = torch.empty(5, 6, 4, 3).contiguous(memory_format=torch.channels_last)
+        for t in (x, cl):
+            for args in (
+                (1, 0, 2), (1, 2, None), (1, -3, -1), (1, None, 2**63 - 1), (1, 7, 9), (1, 3, 1),
+                (-1, 0, 3, 2), (0, -100, 100), (2, 1, 4, 3), (3, -2, None),
+            ):  # fmt: skip
+                fast, real = shortcut(aten.slice.Tensor, (t, *args), {}), aten.slice.Tensor(t, *args)
+                assert _outputs(fast, [t]) == _outputs(real, [t]), args
+                assert fast.storage_offset() == real.storage_offset(), args
+        for func, args in (
+            (aten.add_.Tensor, (x, x)),
+            (aten.mul_.Tensor, (cl, 2.0)),
+            (aten.relu_.default, (x,)),
+            (aten.copy_.default, (cl, x.contiguous(memory_format=torch.channels_last).to(torch.bfloat16))),
+            (aten.zero_.default, (x,)),
+        ):
+            assert shortcut(func, args, {}) is args[0], func
+        count = torch.tensor(0.0)  # the fake mode keeps its value (Adam's step count)
+        assert shortcut(aten.add_.Tensor, (count, 1), {}) is NotImplemented
+    real = torch.ones(3)
+    assert shortcut(aten.add_.Tensor, (real, real), {}) is NotImplemented
+    assert shortcut(aten.slice.Tensor, (real, 0, 1), {}) is NotImplemented
+    assert real.tolist() == [1.0, 1.0, 1.0]
+
+
 @pytest.mark.parametrize("amp", [None, "bf16"])
 def test_composed_plans_match_their_whole_simulation(amp):
     """The search's composition: exact for the uniform modes, within 2% (and not below by more than

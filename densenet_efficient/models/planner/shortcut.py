@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from torch._prims_common import suggest_memory_format
+from torch._subclasses.fake_tensor import FakeTensor
 
 __all__ = ["Shortcut"]
 
@@ -41,6 +42,13 @@ SLOW = frozenset(
         _aten.threshold_backward.default,
         _aten.add.Tensor,  # naive backward: each feature map's gradient summed from later layers
     }
+)
+
+#: In-place ops that change only the values of the tensor they write, never its size, strides or
+#: storage: on fake tensors, which hold no values, their output is their first argument as it is.
+#: (The gradient sums of a block's backward, the optimizer's updates, the engine's ReLUs and copies.)
+IN_PLACE = frozenset(
+    {_aten.add_.Tensor, _aten.mul_.Tensor, _aten.relu_.default, _aten.copy_.default, _aten.zero_.default}
 )
 
 #: The small input the pattern is learnt on (distinct sizes: a stride tells its memory format).
@@ -64,6 +72,31 @@ def _storage(t: torch.Tensor) -> int:
     return t.untyped_storage()._cdata
 
 
+def _fake(t: Any) -> bool:
+    """A fake tensor without a value: the fake mode keeps the values of small tensors made from
+    constants (an optimizer's step count, which Adam reads), and its ops must run to update them."""
+    return isinstance(t, FakeTensor) and t.constant is None
+
+
+def _slice(x: torch.Tensor, dim: int = 0, start: int | None = None, end: int | None = None, step: int = 1) -> Any:
+    """``x.slice(dim, start, end, step)`` as the view ATen makes (its bounds clamped as
+    ``at::slice`` clamps them), through one ``as_strided``: a fake ``slice`` takes a Python
+    decomposition and then that same ``as_strided``, about twice the time."""
+    if step <= 0:
+        return NotImplemented  # the op says why
+    dim = dim % x.dim()
+    size = x.shape[dim]
+    start = 0 if start is None else start + size if start < 0 else start
+    end = size if end is None else end + size if end < 0 else end
+    start = min(max(start, 0), size)
+    end = min(max(end, start), size)
+    sizes, strides = list(x.shape), list(x.stride())
+    sizes[dim] = (end - start + step - 1) // step
+    offset = x.storage_offset() + start * strides[dim]
+    strides[dim] *= step
+    return x.as_strided(sizes, strides, offset)
+
+
 class Shortcut:
     """``shortcut(func, args, kwargs)``: the outputs of ``func``, or ``NotImplemented`` when it
     must run itself. Call it inside the fake mode (its small calls make fake tensors)."""
@@ -72,6 +105,10 @@ class Shortcut:
         self.patterns: dict[Any, Any] = {}
 
     def __call__(self, func: Any, args: tuple, kwargs: dict) -> Any:
+        if func in IN_PLACE:
+            return args[0] if _fake(args[0]) else NotImplemented
+        if func is _aten.slice.Tensor:
+            return _slice(*args, **kwargs) if _fake(args[0]) else NotImplemented
         if func not in SLOW:
             return NotImplemented
         maps = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.dim() == 4]
