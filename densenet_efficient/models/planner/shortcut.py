@@ -13,8 +13,13 @@ would give, in a fraction of the time. Nothing about the ops is written here; an
 other kind (an input returned, a resized ``out=``) makes the pattern fall back to the op itself,
 and so does a map with a dimension of size 1 (its memory format ambiguous and that dimension's
 stride free: the op keeps a dense input's strides or orders its output by its inputs', which the
-small call cannot show). tests/models/test_planner.py holds whole simulations equal with and
-without it.
+small call cannot show).
+
+Two kinds need no probe: an in-place op that changes only values (:data:`IN_PLACE`) returns the
+tensor it writes, which a fake tensor's values-free metadata makes exact (unless the fake mode
+keeps that tensor's value, as it does for an optimizer's step count); and ``slice`` is the
+``as_strided`` view torch's own decomposition makes, without the decomposition.
+tests/models/test_planner.py holds whole simulations equal with and without the shortcut.
 """
 
 from __future__ import annotations
