@@ -286,6 +286,33 @@ def test_the_shortcut_slices_as_the_op_slices_and_writes_in_place_without_runnin
     assert real.tolist() == [1.0, 1.0, 1.0]
 
 
+def test_the_fake_model_is_built_without_initialising_its_parameters():
+    """Building the simulated model on the meta device runs none of torch.nn.init's ops (Python
+    decompositions on meta tensors), and makes every parameter and buffer all the same."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from densenet_efficient.models.registry import model_class
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with torch.device("meta"), Ops() as plain:
+        reference = model_class()(**BC40.to_kwargs())
+    with torch.device("meta"), simulate_module._Uninitialised(), Ops() as uninitialised:
+        built = model_class()(**BC40.to_kwargs())
+    assert {"normal_.default", "fill_.Scalar", "zero_.default"} & plain.names  # what init runs
+    assert not {name for name in uninitialised.names if name.endswith("_.default") or "fill_" in name}
+    assert [(n, t.shape, t.dtype) for n, t in built.state_dict().items()] == [
+        (n, t.shape, t.dtype) for n, t in reference.state_dict().items()
+    ]
+
+
 @pytest.mark.parametrize("amp", [None, "bf16"])
 def test_composed_plans_match_their_whole_simulation(amp):
     """The search's composition: exact for the uniform modes, within 2% (and not below by more than

@@ -43,6 +43,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -251,6 +252,24 @@ def _fake_mode() -> Any:
     return FakeTensorMode(allow_non_fake_inputs=True)
 
 
+#: What initialises parameters: torch.nn.init's functions and the in-place fills they end in.
+_INIT = frozenset(
+    [getattr(torch.nn.init, name) for name in dir(torch.nn.init) if name.endswith("_") and not name.startswith("_")]
+    + [torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.fill_, torch.Tensor.zero_]
+)
+
+
+class _Uninitialised(TorchFunctionMode):
+    """While a fake model is built on the meta device, initialising a parameter does nothing: meta
+    tensors have no values, and torch's init functions run Python decompositions on them (0.2 s
+    for densenet201)."""
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func in _INIT:
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **(kwargs or {}))
+
+
 @functools.lru_cache(maxsize=16)
 def _fake_model(
     config: ArchConfig, torchvision: str | None, dtype: str, channels_last: bool, synchronised: bool = False
@@ -259,7 +278,7 @@ def _fake_model(
     allocated or initialised for real), then converted; reused by every simulation of it.
     ``synchronised``: its batch norms converted as ``train --sync-bn`` converts them (a model of
     its own: the plain one stays plain)."""
-    with torch.device("meta"):
+    with torch.device("meta"), _Uninitialised():
         if torchvision is not None:
             from ..reference import torchvision_densenet  # imports torchvision: only when asked
 
