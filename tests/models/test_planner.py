@@ -286,6 +286,20 @@ def test_the_shortcut_slices_as_the_op_slices_and_writes_in_place_without_runnin
     assert real.tolist() == [1.0, 1.0, 1.0]
 
 
+def test_the_shortcut_leaves_a_slice_the_op_refuses_to_the_op():
+    """A dimension out of range (which ``dim % x.dim()`` would wrap into another dimension's
+    slice) and a 0-dim tensor (a modulo by zero) raise the op's own error, not a wrong view."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    shortcut, slice_ = Shortcut(), torch.ops.aten.slice.Tensor
+    with FakeTensorMode():
+        x, scalar = torch.empty(5, 6, 4, 3), torch.empty(())
+        for t, args in ((x, (4, 0, 2)), (x, (-5, 0, 2)), (scalar, (0, 0, 1))):
+            assert shortcut(slice_, (t, *args), {}) is NotImplemented, args
+            with pytest.raises((IndexError, RuntimeError), match="range|0-dim"):
+                slice_(t, *args)
+
+
 def test_the_fake_model_is_built_without_initialising_its_parameters():
     """Building the simulated model on the meta device runs none of torch.nn.init's ops (Python
     decompositions on meta tensors), and makes every parameter and buffer all the same."""

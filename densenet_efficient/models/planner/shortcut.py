@@ -87,8 +87,8 @@ def _slice(x: torch.Tensor, dim: int = 0, start: int | None = None, end: int | N
     """``x.slice(dim, start, end, step)`` as the view ATen makes (its bounds clamped as
     ``at::slice`` clamps them), through one ``as_strided``: a fake ``slice`` takes a Python
     decomposition and then that same ``as_strided``, about twice the time."""
-    if step <= 0:
-        return NotImplemented  # the op says why
+    if step <= 0 or not -x.dim() <= dim < x.dim():
+        return NotImplemented  # the op says why (a 0-dim tensor, a dimension out of range)
     dim = dim % x.dim()
     size = x.shape[dim]
     start = 0 if start is None else start + size if start < 0 else start
