@@ -17,7 +17,9 @@ small call cannot show).
 
 Two kinds need no probe: an in-place op that changes only values (:data:`IN_PLACE`) returns the
 tensor it writes, which a fake tensor's values-free metadata makes exact (unless the fake mode
-keeps that tensor's value, as it does for an optimizer's step count); and ``slice`` is the
+keeps that tensor's value, as it does for an optimizer's step count; the checks such an op makes
+of its arguments, broadcasting and casting, are skipped with it: the simulation runs the code the
+step runs for real, not a test of it); and ``slice`` is the
 ``as_strided`` view torch's own decomposition makes, without the decomposition.
 tests/models/test_planner.py holds whole simulations equal with and without the shortcut.
 """
