@@ -22,13 +22,11 @@ when a point is outside its bounds.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -147,34 +145,30 @@ GRID = (
 _THREADS = threading.Lock()
 
 
-@contextlib.contextmanager
-def planning_threads(point: Point) -> Iterator[None]:
+def plan_for(point: Point) -> tuple[MemoryPlan | None, str, int]:
+    """The plan a point runs (None: its budget was refused), what the planner said, and its
+    estimate in bytes (``fit_memory``'s ``estimated_peak`` for a budget; 0 when refused)."""
     with _THREADS:
         before = torch.get_num_threads()
         torch.set_num_threads(point.threads)
         try:
-            yield
+            return _plan_for(point)
         finally:
             torch.set_num_threads(before)
 
 
-def plan_for(point: Point) -> tuple[MemoryPlan | None, str]:
-    """The plan a point runs (None: its budget was refused) and what the planner said."""
-    with planning_threads(point):
-        return _plan_for(point)
-
-
-def _plan_for(point: Point) -> tuple[MemoryPlan | None, str]:
+def _plan_for(point: Point) -> tuple[MemoryPlan | None, str, int]:
     config = resolve_arch(point.arch)
     if point.budget is not None:
         try:
             plan = fit_memory(config, point.budget, **point.kwargs())
         except MemoryBudgetError as err:
-            return None, str(err)
-        return plan, format_bytes(plan.estimated_peak)
+            return None, str(err), 0
+        return plan, format_bytes(plan.estimated_peak), plan.estimated_peak or 0
     setting = point.setting if isinstance(point.setting, (str, MemoryPlan)) else list(point.setting)
     plan = resolve_memory_plan(setting, config)
-    return plan, format_bytes(estimate_memory(config, mode=plan, **point.kwargs()).total)
+    estimate = estimate_memory(config, mode=plan, **point.kwargs()).total
+    return plan, format_bytes(estimate), estimate
 
 
 def measure_point(point: Point, plan: MemoryPlan) -> int:
@@ -241,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
             return True
-        plan, said = plan_for(point)
+        plan, said, est = plan_for(point)
         if point.budget is not None:
             budget = parse_memory(point.budget)
             floor = measured(point, _floor_plan(point))
@@ -253,7 +247,6 @@ def main(argv: list[str] | None = None) -> int:
             got = measured(point, plan)
             ratio = got / budget
             ok = LOWEST_RATIO <= ratio <= 1.0
-            est = plan.estimated_peak or 0
             print(
                 f"| {point.label} | {plan} | {said} | {format_bytes(got)} | {got / est:.3f} "
                 f"| {ratio:.3f} of {point.budget}{'' if ok else ' **out**'} |",
@@ -261,8 +254,6 @@ def main(argv: list[str] | None = None) -> int:
             )
             return ok and abs(got / est - 1) <= TOLERANCE
         got = measured(point, plan)
-        with planning_threads(point):
-            est = estimate_memory(resolve_arch(point.arch), mode=plan, **point.kwargs()).total
         ok = abs(got / est - 1) <= TOLERANCE
         print(
             f"| {point.label} | {plan} | {said} | {format_bytes(got)} | {got / est:.3f}{'' if ok else ' **out**'} | |",

@@ -1,4 +1,4 @@
-"""Fake outputs for the few ops whose fake kernel is a Python decomposition costing milliseconds.
+"""Fake outputs for the ops whose fake kernel costs a simulation most: Python decompositions.
 
 On fake tensors, batch norm's forward and backward and ReLU's backward run torch's Python
 decompositions, 1-10 ms a call against 0.1-0.3 ms for most ops: about half of a simulated step's

@@ -304,8 +304,8 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
 #: One simulation at a time: the fake-tensor mode and the cached fake models are shared.
 _LOCK = threading.Lock()
 
-#: The fast outputs of batch norm's ops, their patterns kept between simulations (None: every op
-#: runs its own fake kernel; tests compare the two).
+#: Fast outputs for the ops whose fake kernels are slow (batch norm's, in-place ops, slices), their
+#: patterns kept between simulations (None: every op runs its own fake kernel; tests compare the two).
 SHORTCUT: Shortcut | None = Shortcut()
 
 
