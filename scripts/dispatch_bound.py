@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 import densenet_efficient as de
+from densenet_efficient.errors import UsageError, check_int
 from densenet_efficient.models.engine import native
 from densenet_efficient.models.reference import torchvision_densenet
 from densenet_efficient.perf.measure import paired_ratio, time_step
@@ -118,10 +119,22 @@ def report(times: dict[str, list[float]], versus: tuple[str, ...]) -> list[str]:
     return lines
 
 
+def _count(least: int):
+    """An argparse type: an integer of at least ``least`` (a ratio needs one round at least)."""
+
+    def parse(text: str) -> int:
+        try:
+            return check_int(int(text) if text.lstrip("-").isdigit() else text, "the value", least)
+        except UsageError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    return parse
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=40)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rounds", type=_count(1), default=40)
+    parser.add_argument("--warmup", type=_count(0), default=3)
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     parser.add_argument("--compiled", action="store_true", help="the compiled comparison (see above)")
     args = parser.parse_args()
