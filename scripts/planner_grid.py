@@ -3,11 +3,10 @@
 
 Every point runs in its own fresh process (``StepSpec(kind="whole_step")``, docs/planner.md), on
 one thread unless it names more (and is planned with the same, since what ATen runs on oneDNN
-depends on it):
-``MALLOC_MMAP_THRESHOLD_=65536``, baseline RSS before the model exists, then model, batch, zeroed
-gradients, the optimizer and two steps; the figure is the peak RSS over the baseline. A point is
-either a fixed setting (its ``estimate_memory(...).total`` must be within 5% of the measured step)
-or a budget: ``fit_memory`` picks the plan, which must then measure within [0.92, 1.00] of the
+depends on it): ``MALLOC_MMAP_THRESHOLD_=65536 MKL_DISABLE_FAST_MM=1``, baseline RSS before the
+model exists, then model, batch, zeroed gradients, the optimizer and two steps; the figure is
+the peak RSS over the baseline. A point is either a fixed setting (its
+``estimate_memory(...).total`` must be within 5% of the measured step) or a budget: ``fit_memory`` picks the plan, which must then measure within [0.92, 1.00] of the
 budget, and a budget at or above what the ``max_saving`` step measures must not be refused.
 
     python scripts/planner_grid.py                      # measure every point, print the table

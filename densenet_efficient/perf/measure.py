@@ -2,8 +2,8 @@
 
 Every figure comes from a fresh subprocess running one implementation (torchvision naive,
 torchvision ``memory_efficient=True`` or one of this package's modes). On CPU the process runs
-with ``MALLOC_MMAP_THRESHOLD_=65536`` so glibc returns every freed tensor to the OS and peak RSS
-tracks live tensors; the model, input, labels and zeroed ``.grad`` of every parameter exist
+with ``MALLOC_MMAP_THRESHOLD_=65536 MKL_DISABLE_FAST_MM=1`` (:data:`MEMORY_ENV`) so glibc and
+MKL return freed memory to the OS and peak RSS tracks live tensors; the model, input, labels and zeroed ``.grad`` of every parameter exist
 before the baseline peak is read, and the figure is the peak after one step (forward,
 cross-entropy, backward) minus that baseline. On CUDA it is ``max_memory_allocated`` over a step
 after a warm-up, with and without the memory allocated before the step.
@@ -42,6 +42,7 @@ from ..models.planner import TORCHVISION, TORCHVISION_EFFICIENT
 
 __all__ = [
     "IMPLEMENTATIONS",
+    "MEMORY_ENV",
     "TORCHVISION",
     "TORCHVISION_EFFICIENT",
     "StepSpec",
@@ -165,6 +166,18 @@ class StepSpec:
         return cls(config=ArchConfig.from_json(data.pop("config")), **data)
 
 
+#: The environment of a CPU memory figure (docs/measurement.md): no allocator keeps freed memory.
+#: glibc returns every block of 64 KiB or more to the OS, and MKL's fast memory manager, which
+#: otherwise keeps the buffers of its matrix products (ATen's 1x1 convolutions that do not run
+#: on oneDNN: 3-15 MiB for a DenseNet, depending on its shapes), frees them.
+MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MKL_DISABLE_FAST_MM": "1"}
+
+
+def _allocator_environment() -> dict[str, str | None]:
+    """The :data:`MEMORY_ENV` variables as the worker saw them (recorded with every figure)."""
+    return {name: os.environ.get(name) for name in MEMORY_ENV}
+
+
 def _amp_dtype(amp: str | None):
     import torch
 
@@ -185,6 +198,7 @@ def _run_spec(spec: StepSpec) -> dict[str, Any]:
         return {
             "spec": json.loads(spec.to_json()),
             "torch": torch.__version__,
+            "environment": _allocator_environment(),
             **_whole_step_memory(spec, device),
         }
     model = build_implementation(spec.impl, spec.config, spec.memory_plan).to(device).train()
@@ -206,7 +220,11 @@ def _run_spec(spec: StepSpec) -> dict[str, Any]:
             loss = F.cross_entropy(model(x), y)
         loss.backward()
 
-    result: dict[str, Any] = {"spec": json.loads(spec.to_json()), "torch": torch.__version__}
+    result: dict[str, Any] = {
+        "spec": json.loads(spec.to_json()),
+        "torch": torch.__version__,
+        "environment": _allocator_environment(),
+    }
     if spec.compile:
         t0 = time.perf_counter()
         _compile_step(step)
@@ -447,7 +465,7 @@ def _worker_main() -> None:
 def measure(spec: StepSpec, timeout: float | None = 1800) -> dict[str, Any]:
     """Run ``spec`` in a fresh Python process with the environment docs/measurement.md prescribes.
 
-    Memory runs get ``MALLOC_MMAP_THRESHOLD_=65536`` (peak RSS then tracks live tensors); speed
+    Memory runs get :data:`MEMORY_ENV` (peak RSS then tracks live tensors); speed
     runs keep the default allocator. Returns the worker's result dict: ``peak_bytes`` (memory)
     or ``seconds`` (median per step). Raises RuntimeError with the worker's stderr on failure;
     when a compiled spec's compiling step failed, the message is that one line
@@ -474,10 +492,9 @@ def measure_series(specs: list[StepSpec], timeout: float | None = 1800) -> list[
     first = specs[0]
     if any((s.kind, s.device, s.threads) != (first.kind, first.device, first.threads) for s in specs):
         raise UsageError("measure_series: every spec needs the same kind, device and threads")
-    env = dict(os.environ)
-    env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    env = {k: v for k, v in os.environ.items() if k not in MEMORY_ENV}
     if first.kind in ("memory", "whole_step") and first.device == "cpu":
-        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+        env.update(MEMORY_ENV)
     # The worker must import this very copy of the package, installed or not.
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])

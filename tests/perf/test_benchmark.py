@@ -22,7 +22,7 @@ from densenet_efficient.perf.benchmark import (
     sweep,
     to_markdown,
 )
-from densenet_efficient.perf.measure import StepSpec, measure
+from densenet_efficient.perf.measure import MEMORY_ENV, StepSpec, measure
 
 # A tiny CIFAR-style DenseNet: every row of the benchmark in a few seconds.
 TINY = ArchConfig(growth_rate=8, block_config=(2, 2), num_init_features=8, num_classes=10, small_inputs=True)
@@ -222,12 +222,18 @@ def test_compiled_peer_is_measured_warm(monkeypatch):
     two test workers, a pool of compile processes only adds their start-up.
     """
     monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "1")  # measure() passes the environment on
+    for name in MEMORY_ENV:
+        monkeypatch.setenv(name, "1")
     spec = StepSpec("torchvision", ONE_LAYER, 16, 32, compile=True, activation_budget=0.5, steps=1)
     mem = measure(spec)
     assert mem["peak_bytes"] > 0 and mem["compile_seconds"] > 0
     assert mem["spec"]["compile"] is True and mem["spec"]["activation_budget"] == 0.5
     fast = measure(dataclasses.replace(spec, kind="speed"))
     assert fast["seconds"] > 0 and len(fast["times"]) == 1
+    # the allocator settings of a memory figure (MEMORY_ENV) slow allocation: never in a timing,
+    # even when this process has them
+    assert mem["environment"] == MEMORY_ENV
+    assert fast["environment"] == dict.fromkeys(MEMORY_ENV)
 
 
 @pytest.mark.parametrize("budget", [0, 1.5, "x", -0.1, float("nan"), True, None])

@@ -5,22 +5,28 @@ really holds differs by what no tensor shows; these are its only measured or ana
 and tests/models/test_planner.py checks each against what it stands for.
 
 CPU (the whole-step protocol of docs/planner.md: the peak of a fresh process's anonymous memory,
-glibc returning every block of 64 KiB or more; the pages of torch's libraries are not counted):
+glibc returning every block of 64 KiB or more and MKL its matrix products' buffers; the pages of
+torch's libraries are not counted):
 
 * :data:`CPU_RUNTIME`: the first optimizer made in a process imports torch's compiler stack
   (``torch.optim`` pulls in ``torch._dynamo``, about 890 modules) and the first step starts
-  oneDNN. Read off the measured grid (fresh minus simulated: 79-84 MiB on the smallest models).
-* :data:`CPU_PER_LAYER`, :data:`CPU_PER_LAYER_3X3`: what the process holds per dense layer
-  beyond its tensors, read off the grid: with both convolutions on oneDNN (under autocast, or
-  fp32 at a batch ATen hands its 1x1 convolutions to oneDNN, see :func:`uses_onednn`) 0.33-0.36
-  MiB, the 1x1 convolutions' primitives made by the first step (each layer's reads another
-  width); with only the 3x3 one on oneDNN 0.15 MiB on the ImageNet models, which is not oneDNN
-  (turning it off does not lower it) and is less on deep DenseNet-BCs (docs/planner.md).
+  oneDNN.
+* :data:`CPU_PER_LAYER_3X3`: what the process holds per dense layer beyond its tensors when only
+  its 3x3 convolution runs on oneDNN (the layer's modules, its parameters' and optimizer
+  state's Python objects); :data:`CPU_PER_LAYER` when both do (under autocast, or fp32 at a
+  batch ATen hands its 1x1 convolutions to oneDNN, see :func:`uses_onednn`): the 1x1
+  convolutions' primitives too, made by the first step, one set per layer since each reads
+  another width.
+  The three are one least-squares fit of the grid's 31 fixed settings (measured minus simulated:
+  78-122 MiB; docs/planner.md), which they reproduce within 2.6 MiB.
 * :func:`cpu_scratch`: oneDNN's convolutions reorder a plain (NCHW) input, and in backward the
   output's gradient too, into their blocked layout: copies the size of those tensors, made and
   freed inside the op, where no dispatch mode sees them. Read off the peak RSS of each op of a
-  measured step (the gap between it and the tensors alive was those tensors' bytes in fp32, about
+  measured step (the gap between it and the tensors alive was those tensors' bytes in fp32).
 
+Not modelled: MKL's fast memory manager, which by default keeps the buffers of the matrix
+products that ATen's 1x1 convolutions run on when oneDNN does not (3-15 MiB for a DenseNet,
+depending on its widths and map sizes; ``MKL_DISABLE_FAST_MM=1`` turns it off, as the protocol does).
 
 CUDA (analytic, no device here):
 
@@ -55,9 +61,9 @@ __all__ = [
 
 _MIB = 1 << 20
 _KIB = 1 << 10
-CPU_RUNTIME = 77 * _MIB
-CPU_PER_LAYER = 368 * _KIB
-CPU_PER_LAYER_3X3 = 154 * _KIB
+CPU_RUNTIME = 77 * _MIB + 512 * _KIB
+CPU_PER_LAYER = 358 * _KIB
+CPU_PER_LAYER_3X3 = 70 * _KIB
 CUDA_CONTEXT = 512 * _MIB
 CUDA_WORKSPACE = 64 * _MIB
 
