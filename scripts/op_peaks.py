@@ -4,13 +4,13 @@ what the planner's allocator model says (:func:`~densenet_efficient.models.plann
 
 The simulation counts every tensor an op returns; what a backend allocates and frees inside an op
 (oneDNN's reorders, a kernel's workspace) no dispatch mode sees. This runs the step for real on one
-thread, with glibc returning every freed block of 64 KiB or more, and around every op resets the
-peak RSS and reads it back: the op's transient is its peak anonymous memory above the larger of
+thread, with glibc returning every freed block of 64 KiB or more and MKL its buffers (the memory
+protocol's ``MEMORY_ENV``), and around every op resets the peak RSS and reads it back: the op's transient is its peak anonymous memory above the larger of
 the memory before and after it. Linux only (``/proc/self/clear_refs``). The engine runs as its
 Python reference, so every op of the dense blocks is seen.
 
-    MALLOC_MMAP_THRESHOLD_=65536 python scripts/op_peaks.py --arch densenet121 --batch-size 8 --mode max_saving
-    MALLOC_MMAP_THRESHOLD_=65536 python scripts/op_peaks.py --arch densenet_bc_100 --image-size 32
+    MALLOC_MMAP_THRESHOLD_=65536 MKL_DISABLE_FAST_MM=1 python scripts/op_peaks.py --arch densenet121 --batch-size 8 --mode max_saving
+    MALLOC_MMAP_THRESHOLD_=65536 MKL_DISABLE_FAST_MM=1 python scripts/op_peaks.py --arch densenet_bc_100 --image-size 32
 
 Prints the step's peak and the op it is reached in, the ops whose transient most exceeds the
 model, and the ops around the peak.

@@ -7,13 +7,15 @@ import re
 import subprocess
 import sys
 
+from densenet_efficient.perf.measure import MEMORY_ENV
+
 from ..support import REPO
 
 
 def test_op_peaks_finds_the_convolution_backward_transient_the_model_accounts_for():
     """On DenseNet-BC-40 the step peaks inside a convolution's backward (oneDNN's reorders), and
     the model's figure for that op is within half a MiB of the transient measured."""
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, **MEMORY_ENV, "PYTHONPATH": str(REPO)}
     argv = ["--arch", "densenet_bc_40", "--batch-size", "4", "--image-size", "32", "--mode", "max_saving"]
     out = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "op_peaks.py"), *argv],
