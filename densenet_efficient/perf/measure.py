@@ -3,8 +3,8 @@
 Every figure comes from a fresh subprocess running one implementation (torchvision naive,
 torchvision ``memory_efficient=True`` or one of this package's modes). On CPU the process runs
 with ``MALLOC_MMAP_THRESHOLD_=65536 MKL_DISABLE_FAST_MM=1`` (:data:`MEMORY_ENV`) so glibc and
-MKL return freed memory to the OS and peak RSS tracks live tensors; the model, input, labels and zeroed ``.grad`` of every parameter exist
-before the baseline peak is read, and the figure is the peak after one step (forward,
+MKL return freed memory to the OS and peak RSS tracks live tensors; the model, input, labels and
+zeroed ``.grad`` of every parameter exist before the baseline peak is read, and the figure is the peak after one step (forward,
 cross-entropy, backward) minus that baseline. On CUDA it is ``max_memory_allocated`` over a step
 after a warm-up, with and without the memory allocated before the step.
 

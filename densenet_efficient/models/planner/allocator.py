@@ -12,8 +12,9 @@ torch's libraries are not counted):
   (``torch.optim`` pulls in ``torch._dynamo``, about 890 modules) and the first step starts
   oneDNN.
 * :data:`CPU_PER_LAYER_3X3`: what the process holds per dense layer beyond its tensors when only
-  its 3x3 convolution runs on oneDNN (the layer's modules, its parameters' and optimizer
-  state's Python objects); :data:`CPU_PER_LAYER` when both do (under autocast, or fp32 at a
+  its 3x3 convolution runs on oneDNN (a quarter of it is the layer's modules as Python objects:
+  18 KiB, measured on a built DenseNet-BC-250; the rest is not attributed); :data:`CPU_PER_LAYER`
+  when both do (under autocast, or fp32 at a
   batch ATen hands its 1x1 convolutions to oneDNN, see :func:`uses_onednn`): the 1x1
   convolutions' primitives too, made by the first step, one set per layer since each reads
   another width.
