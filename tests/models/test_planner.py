@@ -462,6 +462,17 @@ def test_parse_memory_rejects_nonsense(bad):
 
 
 @pytest.mark.parametrize(
+    ("bad", "shown"),
+    [(10**5000, "an integer of about 5001 digits"), ("9" * 5000 + "GiB", "'99999"), ("x" * 5000, "'xxxxx")],
+    ids=["huge-int", "huge-number", "long-text"],
+)
+def test_parse_memory_shows_a_huge_value_in_a_line(bad, shown):
+    with pytest.raises(ValueError, match="memory budget must") as err:
+        parse_memory(bad)
+    assert shown in str(err.value) and len(str(err.value)) < 200
+
+
+@pytest.mark.parametrize(
     ("kwargs", "message"),
     [
         ({"batch_size": 0}, "batch_size must be an integer >= 1, found 0"),

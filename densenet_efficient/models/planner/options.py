@@ -23,7 +23,6 @@ __all__ = [
     "TORCHVISION_EFFICIENT",
     "check_image_size",
     "check_options",
-    "dtype_bytes",
     "resolve_setting",
 ]
 
@@ -51,11 +50,6 @@ _AMP = {None: None, "none": None, "bf16": "bf16", "bfloat16": "bf16", "fp16": "f
 OPTIMIZER_STATES = {"none": 0, "sgd": 0, "momentum": 1, "adam": 2, "adamw": 2}
 #: The optimizer every planner entry point (and ``model.fit_memory``) assumes unless told.
 DEFAULT_OPTIMIZER = "momentum"
-
-
-def dtype_bytes(dtype: str) -> int:
-    """Bytes per element of a dtype name the planner accepts."""
-    return _DTYPE_BYTES[dtype]
 
 
 def check_image_size(

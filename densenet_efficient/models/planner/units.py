@@ -10,7 +10,7 @@ import numbers
 import re
 from decimal import Decimal
 
-from ...errors import UsageError
+from ...errors import UsageError, shown
 
 __all__ = ["MAX_BUDGET", "format_bytes", "parse_memory"]
 
@@ -47,7 +47,7 @@ def parse_memory(value: int | str) -> int:
     match = _SIZE.match(value if isinstance(value, str) else str(value))
     unit = match.group(2).lower() if match else None
     if unit not in _UNITS:
-        raise UsageError(f"memory budget must look like {_EXAMPLES}, got {_shown(value)}")
+        raise UsageError(f"memory budget must look like {_EXAMPLES}, got {shown(value)}")
     digits = match.group(1)
     if len(digits.partition(".")[0].lstrip("0")) > _MAX_DIGITS:  # before Decimal reads it all
         raise UsageError(_too_large(value))
@@ -56,22 +56,14 @@ def parse_memory(value: int | str) -> int:
 
 def _checked(size: int, value: int | str) -> int:
     if size <= 0:
-        raise UsageError(f"memory budget must be positive, got {_shown(value)}")
+        raise UsageError(f"memory budget must be positive, got {shown(value)}")
     if size > MAX_BUDGET:
         raise UsageError(_too_large(value))
     return size
 
 
 def _too_large(value: object) -> str:
-    return f"memory budget must be at most 16 EiB (2**64 bytes), got {_shown(value)}"
-
-
-def _shown(value: object, limit: int = 60) -> str:
-    """``value`` for an error message, cut short: a budget of 400 nines need not be echoed whole."""
-    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 200:
-        return f"an integer of {value.bit_length()} bits"  # str() of a 5000-digit int raises
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:24]}... ({len(text)} characters)"
+    return f"memory budget must be at most 16 EiB (2**64 bytes), got {shown(value)}"
 
 
 def format_bytes(n: float) -> str:
