@@ -12,10 +12,13 @@ import functools
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
+
 from ...errors import UsageError, check_int
 from ..config import ArchConfig, resolve_arch
 from ..engine import EFFICIENT, MAX_SAVING
 from ..memory_plan import MemoryPlan, MemorySetting
+from . import store
 from .allocator import CUDA_CONTEXT, CUDA_WORKSPACE, device_overhead, regime
 from .options import (
     DEFAULT_OPTIMIZER,
@@ -148,11 +151,20 @@ def estimate_memory(
 @functools.lru_cache(maxsize=256)
 def _simulation(config: ArchConfig, key: Any, image_size: int, dtype: str, amp: str | None,
                 optimizer: str, channels_last: bool, device: str, batches: int, world: int) -> Simulation:  # fmt: skip
+    name = store.store_key(
+        config.to_json(), key, image_size, dtype, amp, optimizer, channels_last, device, batches, world,
+        torch.get_num_threads() > 1,
+    )  # fmt: skip
+    stored = store.load(name)
+    if stored is not None:
+        return stored
     setting = key if isinstance(key, str) else MemoryPlan(*key)
-    return simulate(
+    sim = simulate(
         config, setting, image_size=image_size, dtype=dtype, amp=amp, optimizer=optimizer,
         channels_last=channels_last, device=device, regime=batches, sync_bn_world_size=world,
     )  # fmt: skip
+    store.save(name, sim)
+    return sim
 
 
 def simulation(config: ArchConfig, setting: MemoryPlan | str, image_size: int, dtype: str = "fp32",

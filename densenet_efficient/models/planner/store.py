@@ -1,0 +1,166 @@
+"""Simulated steps kept on disk, so that a later process answers without simulating again.
+
+A simulation (:mod:`.simulate`) is a function of the step's settings, the package's code and the
+installed torch (and torchvision, for its models). :func:`load` and :func:`save` keep its result as
+a small JSON file under ``$DENSENET_EFFICIENT_CACHE/planner`` (default
+``~/.cache/densenet_efficient/planner``; ``DENSENET_EFFICIENT_PLANNER_CACHE=<folder>`` moves it),
+named by a hash of all of these: a new version of
+either, or any edit of the package, is a new name, never a stale answer. A file that cannot be
+read back as a simulation (truncated, edited, another format) is ignored and simulated again;
+files are written whole (a temporary file renamed), so two processes never read a partial one.
+``DENSENET_EFFICIENT_PLANNER_CACHE=0`` turns it off. The planner's first answer in a process
+still simulates (and pays torch's first use of fake tensors); later processes read the file.
+
+>>> from densenet_efficient.models.planner.simulate import Line, Simulation
+>>> sim = Simulation(Line(10, 2), 4, 4, 0, Line(0, 1), Line(0, 7), (Line(12, 9),))
+>>> decode(json.loads(json.dumps(encode(sim)))) == sim
+True
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import importlib.metadata
+import json
+import os
+import threading
+import warnings
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..engine.native import CACHE_ENV
+from .simulate import Line, Segment, Simulation
+
+__all__ = ["ENV", "FORMAT", "decode", "encode", "load", "save", "store_key"]
+
+ENV = "DENSENET_EFFICIENT_PLANNER_CACHE"
+#: The files' layout: a new one is a new name for every file.
+FORMAT = 1
+_PACKAGE = Path(__file__).resolve().parents[2]
+
+
+def _root() -> Path | None:
+    """The folder of the stored simulations (``$DENSENET_EFFICIENT_PLANNER_CACHE`` when it names
+    one), or None when that is ``0``."""
+    value = os.environ.get(ENV, "").strip()
+    if value == "0":
+        return None
+    if value not in ("", "1"):
+        return Path(value)
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "densenet_efficient") / "planner"
+
+
+@functools.lru_cache(maxsize=1)
+def _code() -> str:
+    """A digest of what a simulation's result depends on besides its settings: every Python file of
+    the package (the model, the engine it runs, the planner), torch's and torchvision's versions."""
+    digest = hashlib.sha256()
+    for path in sorted(_PACKAGE.rglob("*.py")):
+        digest.update(str(path.relative_to(_PACKAGE)).encode() + b"\0" + path.read_bytes())
+    try:
+        torchvision = importlib.metadata.version("torchvision")
+    except importlib.metadata.PackageNotFoundError:
+        torchvision = None
+    digest.update(json.dumps([torch.__version__, torchvision]).encode())
+    return digest.hexdigest()
+
+
+def store_key(*settings: Any) -> str:
+    """The file name of a simulation of ``settings`` (JSON-able values) with this code and torch."""
+    text = json.dumps([FORMAT, _code(), *settings])
+    return hashlib.sha256(text.encode()).hexdigest()[:40]
+
+
+def _pair(line: Line) -> list[int]:
+    return [line.fixed, line.per_image]
+
+
+def _int(value: Any) -> int:
+    if type(value) is not int:
+        raise ValueError(f"not an integer: {value!r}")
+    return value
+
+
+def _line(value: Any) -> Line:
+    if not isinstance(value, list) or len(value) != 2:
+        raise ValueError(f"not a line: {value!r}")
+    return Line(_int(value[0]), _int(value[1]))
+
+
+def _list(value: Any) -> list:
+    if not isinstance(value, list):
+        raise ValueError(f"not a list: {value!r}")
+    return value
+
+
+def _segment(value: Any) -> Segment:
+    if len(_list(value)) != 4 or not isinstance(value[0], str):
+        raise ValueError(f"not a segment: {value!r}")
+    return Segment(value[0], _line(value[1]), tuple(map(_line, _list(value[2]))), tuple(map(_line, _list(value[3]))))
+
+
+#: Per annotation of a :class:`Simulation` field: how it is written, and read back (checked).
+_CODECS = {
+    "int": (int, _int),
+    "Line": (_pair, _line),
+    "tuple[Line, ...]": (lambda v: [_pair(x) for x in v], lambda v: tuple(map(_line, _list(v)))),
+    "tuple[Segment, ...]": (
+        lambda v: [[s.name, _pair(s.kept), [_pair(x) for x in s.forward], [_pair(x) for x in s.backward]] for s in v],
+        lambda v: tuple(map(_segment, _list(v))),
+    ),
+}
+
+
+def encode(sim: Simulation) -> dict[str, Any]:
+    """``sim`` as JSON-ready values (:func:`decode` inverts it)."""
+    return {f.name: _CODECS[f.type][0](getattr(sim, f.name)) for f in fields(Simulation)}
+
+
+def decode(data: Any) -> Simulation:
+    """The :class:`Simulation` :func:`encode` wrote; ValueError for anything else."""
+    if not isinstance(data, dict) or set(data) != {f.name for f in fields(Simulation)}:
+        raise ValueError("not a stored simulation")
+    return Simulation(**{f.name: _CODECS[f.type][1](data[f.name]) for f in fields(Simulation)})
+
+
+def load(key: str) -> Simulation | None:
+    """The stored simulation named ``key``, or None (none stored, turned off, or unreadable)."""
+    root = _root()
+    if root is None:
+        return None
+    try:
+        return decode(json.loads((root / f"{key}.json").read_text()))
+    except (OSError, ValueError):  # absent, unreadable or not a simulation: simulate again
+        return None
+
+
+_warned = False
+
+
+def save(key: str, sim: Simulation) -> None:
+    """Store ``sim`` as ``key`` (whole or not at all); a folder that cannot be written is said once
+    per process and otherwise ignored: the answer does not depend on it."""
+    global _warned
+    root = _root()
+    if root is None:
+        return
+    tmp = root / f".{key}.{os.getpid()}.{threading.get_ident()}.tmp"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(encode(sim)))
+        os.replace(tmp, root / f"{key}.json")
+    except OSError as err:
+        with contextlib.suppress(OSError):  # the folder may not even exist
+            tmp.unlink(missing_ok=True)
+        if not _warned:
+            _warned = True
+            warnings.warn(
+                f"densenet_efficient: the planner could not store its simulation in {root} ({err}); "
+                f"it simulates again in every process ({ENV}=0 turns storing off)",
+                stacklevel=3,
+            )

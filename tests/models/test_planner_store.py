@@ -1,0 +1,125 @@
+"""The planner's simulations stored on disk (models/planner/store.py): read back by later
+processes, never trusted when unreadable, never required."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+
+from densenet_efficient.models.config import densenet_bc_config
+from densenet_efficient.models.planner import estimate as estimate_module
+from densenet_efficient.models.planner import estimate_memory, store
+from densenet_efficient.models.planner.simulate import simulate
+
+from ..support import REPO
+
+
+@pytest.fixture
+def stored(tmp_path, monkeypatch):
+    """Storing on, in a fresh folder; this process's in-memory cache emptied before and after."""
+    monkeypatch.setenv(store.ENV, str(tmp_path / "planner"))
+    estimate_module._simulation.cache_clear()
+    yield tmp_path / "planner"
+    estimate_module._simulation.cache_clear()
+
+
+def _estimate(**kwargs):
+    return estimate_memory("densenet_bc_16", batch_size=8, device="cpu", **kwargs)
+
+
+def _no_simulating(*args, **kwargs):
+    raise AssertionError("simulated although a stored simulation was there")
+
+
+def test_a_stored_simulation_answers_without_simulating(stored, monkeypatch):
+    first = _estimate()
+    files = list(stored.glob("*.json"))
+    assert len(files) == 1 and not list(stored.glob(".*"))  # no temporary file left
+    estimate_module._simulation.cache_clear()  # as a new process would start
+    monkeypatch.setattr(estimate_module, "simulate", _no_simulating)
+    assert _estimate() == first
+    with pytest.raises(AssertionError, match="simulated although"):  # another setting is not stored
+        _estimate(mode="max_saving")
+
+
+def test_a_new_process_answers_from_the_store_without_torch_s_fake_tensors(stored):
+    """The point of storing: a later process needs no FakeTensorMode, whose first use imports
+    torch._dynamo (about a second)."""
+    code = (
+        "import sys; from densenet_efficient.models.planner import max_batch_size; "
+        "print(max_batch_size('densenet_bc_16', '1GiB', device='cpu'), 'torch._dynamo' in sys.modules)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+
+    def run() -> list[str]:
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        return out.stdout.split()
+
+    batch, dynamo = run()
+    assert dynamo == "True" and list(stored.glob("*.json"))  # the first process simulated and stored
+    assert run() == [batch, "False"]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",  # an empty file
+        '{"persistent": [1, 2]',  # cut short
+        "[]",  # JSON, not a simulation
+        "\xff\xfe",  # not text
+    ],
+)
+def test_an_unreadable_stored_simulation_is_simulated_again_and_replaced(stored, monkeypatch, text):
+    first = _estimate()
+    (path,) = stored.glob("*.json")
+    path.write_text(text, encoding="latin-1")
+    estimate_module._simulation.cache_clear()
+    assert _estimate() == first
+    assert store.decode(json.loads(path.read_text())) is not None  # written whole again
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("parameters", True), ("parameters", 1.5), ("persistent", [1]), ("trace", [[1, "2"]]), ("segments", [["x"]])],
+)
+def test_decode_refuses_what_is_not_a_simulation(field, value):
+    data = store.encode(simulate(densenet_bc_config(16), "efficient", image_size=32))
+    assert store.decode(json.loads(json.dumps(data))) == store.decode(data)
+    with pytest.raises(ValueError):
+        store.decode({**data, field: value})
+    with pytest.raises(ValueError):
+        store.decode({k: v for k, v in data.items() if k != field})
+
+
+def test_storing_can_be_turned_off(stored, monkeypatch):
+    monkeypatch.setenv(store.ENV, "0")
+    _estimate()
+    assert not stored.exists()
+
+
+def test_a_folder_that_cannot_be_written_is_said_once_and_changes_no_answer(stored, monkeypatch):
+    stored.parent.mkdir(parents=True, exist_ok=True)
+    stored.write_text("a file where the folder would be")
+    monkeypatch.setattr(store, "_warned", False)
+    with pytest.warns(UserWarning, match="could not store its simulation") as said:
+        first = _estimate()
+    assert len(said) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once per process
+        _estimate(mode="max_saving")
+    estimate_module._simulation.cache_clear()
+    monkeypatch.setenv(store.ENV, "0")
+    assert _estimate() == first
+    assert stored.read_text() == "a file where the folder would be"  # not ours: left as it was
+
+
+def test_the_name_changes_with_the_code_and_the_settings(monkeypatch):
+    name = store.store_key("densenet_bc_16", 32)
+    assert store.store_key("densenet_bc_16", 64) != name
+    monkeypatch.setattr(store, "_code", lambda: "another version of the package")
+    assert store.store_key("densenet_bc_16", 32) != name
