@@ -10,9 +10,6 @@ import torch
 # (a float64 densenet264 check: 0.5 s alone, 28 s beside another worker).
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 
-# Every test simulates what it asks the planner: none reads a simulation an earlier run (or the
-# user's own planner) stored on disk. tests/models/test_planner_store.py turns storing on in tmp dirs.
-os.environ["DENSENET_EFFICIENT_PLANNER_CACHE"] = "0"
 torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 
 

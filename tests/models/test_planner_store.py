@@ -123,3 +123,18 @@ def test_the_name_changes_with_the_code_and_the_settings(monkeypatch):
     assert store.store_key("densenet_bc_16", 64) != name
     monkeypatch.setattr(store, "_code", lambda: "another version of the package")
     assert store.store_key("densenet_bc_16", 32) != name
+
+
+def test_the_package_s_doctests_run_alone_do_not_use_the_user_s_store(tmp_path):
+    """``pytest densenet_efficient/...`` (the doctests alone, which simulate) loads no tests/conftest.py:
+    storing must be off there too, or the doctests read and write the user's ~/.cache."""
+    (tmp_path / "probe.py").write_text(
+        "import os\n\n\ndef pytest_collection_finish(session):\n"
+        f"    open({str(tmp_path / 'seen')!r}, 'w').write(os.environ.get({store.ENV!r}, 'unset'))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != store.ENV}
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), str(REPO)])
+    argv = ["-p", "probe", "-p", "no:cacheprovider", "-p", "no:randomly", "--co", "-q", "densenet_efficient/models/planner/store.py"]  # fmt: skip
+    run = subprocess.run([sys.executable, "-m", "pytest", *argv], cwd=REPO, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert (tmp_path / "seen").read_text() == "0"
