@@ -3,10 +3,12 @@ processes, never trusted when unreadable, never required."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import threading
 import warnings
 
 import pytest
@@ -14,7 +16,7 @@ import pytest
 from densenet_efficient.models.config import densenet_bc_config
 from densenet_efficient.models.planner import estimate as estimate_module
 from densenet_efficient.models.planner import estimate_memory, store
-from densenet_efficient.models.planner.simulate import simulate
+from densenet_efficient.models.planner.simulate import Line, Segment, Simulation, simulate
 
 from ..support import REPO
 
@@ -26,6 +28,10 @@ def stored(tmp_path, monkeypatch):
     estimate_module._simulation.cache_clear()
     yield tmp_path / "planner"
     estimate_module._simulation.cache_clear()
+
+
+#: A simulation to store without simulating.
+SIM = Simulation(Line(10, 2), 4, 4, 0, Line(0, 1), Line(0, 7), (Line(12, 9),), (Segment("denseblock1", Line(1, 1), (), ()),))
 
 
 def _estimate(**kwargs):
@@ -72,6 +78,7 @@ def test_a_new_process_answers_from_the_store_without_torch_s_fake_tensors(store
         '{"persistent": [1, 2]',  # cut short
         "[]",  # JSON, not a simulation
         "\xff\xfe",  # not text
+        "[" * 100_000,  # nested deeper than json's recursion limit (RecursionError, not ValueError)
     ],
 )
 def test_an_unreadable_stored_simulation_is_simulated_again_and_replaced(stored, monkeypatch, text):
@@ -138,3 +145,35 @@ def test_the_package_s_doctests_run_alone_do_not_use_the_user_s_store(tmp_path):
     run = subprocess.run([sys.executable, "-m", "pytest", *argv], cwd=REPO, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
     assert (tmp_path / "seen").read_text() == "0"
+
+
+def test_a_fifo_where_a_stored_simulation_would_be_is_not_waited_on(stored):
+    """Opening a named pipe for reading blocks until something writes to it: never, here."""
+    name = store.store_key("a setting")
+    stored.mkdir(parents=True)
+    path = stored / f"{name}.json"
+    os.mkfifo(path)
+    returned, fed = threading.Event(), []
+
+    def feed_if_hung() -> None:  # a hung load is fed EOF after 5 s, so the test fails instead of hanging
+        while not returned.wait(5):
+            fed.append(True)
+            with contextlib.suppress(OSError):  # no reader has it open (yet): try again
+                os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+
+    watchdog = threading.Thread(target=feed_if_hung)
+    watchdog.start()
+    try:
+        assert store.load(name) is None
+    finally:
+        returned.set()
+        watchdog.join()
+    assert not fed, "load waited on the pipe"
+
+
+def test_a_stored_file_larger_than_any_simulation_is_not_read(stored, monkeypatch):
+    name = store.store_key("a setting")
+    store.save(name, SIM)
+    assert store.load(name) == SIM
+    monkeypatch.setattr(store, "MAX_BYTES", len((stored / f"{name}.json").read_bytes()) - 1)
+    assert store.load(name) is None

@@ -25,6 +25,7 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import stat
 import threading
 import warnings
 from dataclasses import fields
@@ -128,14 +129,34 @@ def decode(data: Any) -> Simulation:
     return Simulation(**{f.name: _CODECS[f.type][1](data[f.name]) for f in fields(Simulation)})
 
 
+#: The largest file :func:`load` reads: far above any simulation's (a few KiB; densenet264's
+#: ``"max_saving"`` step: 5 KiB), far below what would strain memory.
+MAX_BYTES = 16 << 20
+
+
+def _read(path: Path) -> bytes:
+    """``path``'s bytes if it is a regular file of at most :data:`MAX_BYTES` (a named pipe, a
+    device or a link to one is refused, not waited on or read without end)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # opening a pipe does not wait
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_BYTES:
+            raise ValueError(f"{path} is not a stored simulation")
+        data = f.read(MAX_BYTES + 1)
+    if len(data) > MAX_BYTES:  # grew since fstat
+        raise ValueError(f"{path} is not a stored simulation")
+    return data
+
+
 def load(key: str) -> Simulation | None:
     """The stored simulation named ``key``, or None (none stored, turned off, or unreadable)."""
     root = _root()
     if root is None:
         return None
     try:
-        return decode(json.loads((root / f"{key}.json").read_text()))
-    except (OSError, ValueError):  # absent, unreadable or not a simulation: simulate again
+        return decode(json.loads(_read(root / f"{key}.json").decode()))
+    # absent, unreadable or not a simulation (nested too deep for json: RecursionError): simulate again
+    except (OSError, ValueError, RecursionError):
         return None
 
 
