@@ -177,3 +177,26 @@ def test_a_stored_file_larger_than_any_simulation_is_not_read(stored, monkeypatc
     assert store.load(name) == SIM
     monkeypatch.setattr(store, "MAX_BYTES", len((stored / f"{name}.json").read_bytes()) - 1)
     assert store.load(name) is None
+
+
+def test_save_writes_through_no_link_planted_at_a_temporary_s_name(stored, tmp_path):
+    """A temporary named after the process and thread can be guessed: a link planted there (in a
+    shared cache folder) would have the write land in the file it points to."""
+    name = store.store_key("a setting")
+    victim = tmp_path / "victim"
+    victim.write_text("not the planner's")
+    stored.mkdir(parents=True)
+    (stored / f".{name}.{os.getpid()}.{threading.get_ident()}.tmp").symlink_to(victim)
+    store.save(name, SIM)
+    assert victim.read_text() == "not the planner's"
+    assert store.load(name) == SIM
+
+
+def test_an_interrupted_save_leaves_no_temporary(stored, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        store.save(store.store_key("a setting"), SIM)
+    assert list(stored.iterdir()) == []

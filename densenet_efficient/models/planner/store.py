@@ -7,7 +7,8 @@ a small JSON file under ``$DENSENET_EFFICIENT_CACHE/planner`` (default
 named by a hash of all of these: a new version of
 either, or any edit of the package, is a new name, never a stale answer. A file that cannot be
 read back as a simulation (truncated, edited, another format) is ignored and simulated again;
-files are written whole (a temporary file renamed), so two processes never read a partial one.
+files are written whole (:func:`~densenet_efficient.io.atomic.atomic_write`: a temporary file of
+its own, renamed), so two processes never read a partial one.
 ``DENSENET_EFFICIENT_PLANNER_CACHE=0`` turns it off. The planner's first answer in a process
 still simulates (and pays torch's first use of fake tensors); later processes read the file.
 
@@ -19,14 +20,12 @@ True
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import importlib.metadata
 import json
 import os
 import stat
-import threading
 import warnings
 from dataclasses import fields
 from pathlib import Path
@@ -34,6 +33,7 @@ from typing import Any
 
 import torch
 
+from ...io.atomic import atomic_write
 from ..engine.native import CACHE_ENV
 from .simulate import Line, Segment, Simulation
 
@@ -170,14 +170,11 @@ def save(key: str, sim: Simulation) -> None:
     root = _root()
     if root is None:
         return
-    tmp = root / f".{key}.{os.getpid()}.{threading.get_ident()}.tmp"
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(encode(sim)))
-        os.replace(tmp, root / f"{key}.json")
+        # a temporary of its own (never a guessable name a link could be planted at), renamed
+        # whole, removed on any error; those a killed writer left are removed by the next one
+        atomic_write(root / f"{key}.json", json.dumps(encode(sim)).encode())
     except OSError as err:
-        with contextlib.suppress(OSError):  # the folder may not even exist
-            tmp.unlink(missing_ok=True)
         if not _warned:
             _warned = True
             warnings.warn(
