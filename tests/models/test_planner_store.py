@@ -92,8 +92,13 @@ def test_an_unreadable_stored_simulation_is_simulated_again_and_replaced(stored,
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("parameters", True), ("parameters", 1.5), ("persistent", [1]), ("trace", [[1, "2"]]), ("segments", [["x"]])],
-)
+    [
+        ("parameters", True), ("parameters", 1.5), ("persistent", [1]), ("trace", [[1, "2"]]), ("segments", [["x"]]),
+        # well-formed, but no simulation counts so: fewer than no bytes, or no moment at all
+        ("parameters", -1), ("optimizer_state", -8), ("gathers", -1), ("persistent", [-5, 0]),
+        ("inputs", [0, -1]), ("trace", []), ("trace", [[12, 9], [-1, 10]]),
+    ],
+)  # fmt: skip
 def test_decode_refuses_what_is_not_a_simulation(field, value):
     data = store.encode(simulate(densenet_bc_config(16), "efficient", image_size=32))
     assert store.decode(json.loads(json.dumps(data))) == store.decode(data)

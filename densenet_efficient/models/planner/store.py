@@ -6,7 +6,8 @@ a small JSON file under ``$DENSENET_EFFICIENT_CACHE/planner`` (default
 ``~/.cache/densenet_efficient/planner``; ``DENSENET_EFFICIENT_PLANNER_CACHE=<folder>`` moves it),
 named by a hash of all of these: a new version of
 either, or any edit of the package, is a new name, never a stale answer. A file that cannot be
-read back as a simulation (truncated, edited, another format) is ignored and simulated again;
+read back as a simulation (truncated, another format, negative bytes) is ignored and simulated again
+(an edit that keeps it well-formed is read as written: nothing in the file authenticates it);
 files are written whole (:func:`~densenet_efficient.io.atomic.atomic_write`: a temporary file of
 its own, renamed), so two processes never read a partial one.
 ``DENSENET_EFFICIENT_PLANNER_CACHE=0`` turns it off. The planner's first answer in a process
@@ -126,7 +127,14 @@ def decode(data: Any) -> Simulation:
     """The :class:`Simulation` :func:`encode` wrote; ValueError for anything else."""
     if not isinstance(data, dict) or set(data) != {f.name for f in fields(Simulation)}:
         raise ValueError("not a stored simulation")
-    return Simulation(**{f.name: _CODECS[f.type][1](data[f.name]) for f in fields(Simulation)})
+    sim = Simulation(**{f.name: _CODECS[f.type][1](data[f.name]) for f in fields(Simulation)})
+    # what every simulation holds (the rest are differences, of either sign): bytes and counts
+    # are never negative, and the step has at least one moment
+    counts = (sim.parameters, sim.gradients, sim.optimizer_state, sim.gathers, sim.all_reduces)
+    absolute = (sim.persistent, sim.inputs, *sim.trace)
+    if not sim.trace or min(counts) < 0 or any(ln.fixed < 0 or ln.per_image < 0 for ln in absolute):
+        raise ValueError("not a simulation: a negative count of bytes, or no trace")
+    return sim
 
 
 #: The largest file :func:`load` reads: far above any simulation's (a few KiB; densenet264's
