@@ -205,3 +205,45 @@ def test_an_interrupted_save_leaves_no_temporary(stored, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         store.save(store.store_key("a setting"), SIM)
     assert list(stored.iterdir()) == []
+
+
+@pytest.fixture
+def fresh_code():
+    """The code digest computed again from whatever a test patches, and again after it."""
+    store._code.cache_clear()
+    yield
+    store._code.cache_clear()
+
+
+def _package(root):
+    (root / "sub").mkdir(parents=True)
+    (root / "a.py").write_text("A = 1\n")
+    (root / "sub" / "__init__.py").write_text("")
+    return root
+
+
+def test_the_code_digest_reads_the_modules_only(tmp_path):
+    """An editor's lock file beside a module (Emacs: a dangling link ``.#a.py``) is no module: it
+    crashed every planner call of an editable install, storing off or not."""
+    clean = store._source(_package(tmp_path / "clean"))
+    edited = _package(tmp_path / "edited")
+    (edited / ".#a.py").symlink_to("user@host.4242:1700000000")
+    (edited / "sub" / ".#__init__.py").symlink_to("user@host.4242:1700000000")
+    assert store._source(edited) == clean
+    (edited / "b.py").symlink_to("gone.py")  # a module that cannot be read: named, not read
+    assert store._source(edited) not in (None, clean)
+    (edited / "b.py").unlink()
+    (edited / "a.py").write_text("A = 2\n")
+    assert store._source(edited) != clean
+
+
+def test_no_source_to_digest_turns_storing_off(stored, monkeypatch, fresh_code):
+    """A package run from a zip or a frozen app has no .py files: a digest of nothing would name
+    every version's simulations alike."""
+    assert store._source(stored.parent / "empty") is None
+    monkeypatch.setattr(store, "_PACKAGE", stored.parent / "empty")
+    assert store.store_key("a setting") is None
+    store.save(None, SIM)
+    assert store.load(None) is None and not stored.exists()
+    _estimate()
+    assert not stored.exists()

@@ -57,24 +57,47 @@ def _root() -> Path | None:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "densenet_efficient") / "planner"
 
 
+def _source(package: Path) -> str | None:
+    """A digest of ``package``'s modules: every ``.py`` file an import could load (its path's parts
+    are identifiers: an editor's lock file ``.#a.py`` is not one), by path and content, one that
+    cannot be read by path and error. None when none can be read (run from a zip or a frozen app:
+    nothing tells its versions apart)."""
+    digest, found = hashlib.sha256(), False
+    for path in sorted(package.rglob("*.py")):
+        name = path.relative_to(package).as_posix()
+        if not all(part.isidentifier() for part in name.removesuffix(".py").split("/")):
+            continue
+        try:
+            data = path.read_bytes()
+            found = True
+        except OSError as err:  # a dangling link, a folder, no permission: no import loads it either
+            data = f"unreadable: {err.errno}".encode()
+        digest.update(f"{name}\0{len(data)}\0".encode() + data)
+    return digest.hexdigest() if found else None
+
+
 @functools.lru_cache(maxsize=1)
-def _code() -> str:
-    """A digest of what a simulation's result depends on besides its settings: every Python file of
-    the package (the model, the engine it runs, the planner), torch's and torchvision's versions."""
-    digest = hashlib.sha256()
-    for path in sorted(_PACKAGE.rglob("*.py")):
-        digest.update(str(path.relative_to(_PACKAGE)).encode() + b"\0" + path.read_bytes())
+def _code() -> str | None:
+    """A digest of what a simulation's result depends on besides its settings: every module of
+    the package (the model, the engine it runs, the planner), torch's and torchvision's versions.
+    None when the package's source cannot be read (then nothing is stored)."""
+    source = _source(_PACKAGE)
+    if source is None:
+        return None
     try:
         torchvision = importlib.metadata.version("torchvision")
     except importlib.metadata.PackageNotFoundError:
         torchvision = None
-    digest.update(json.dumps([torch.__version__, torchvision]).encode())
-    return digest.hexdigest()
+    return hashlib.sha256(json.dumps([source, torch.__version__, torchvision]).encode()).hexdigest()
 
 
-def store_key(*settings: Any) -> str:
-    """The file name of a simulation of ``settings`` (JSON-able values) with this code and torch."""
-    text = json.dumps([FORMAT, _code(), *settings])
+def store_key(*settings: Any) -> str | None:
+    """The file name of a simulation of ``settings`` (JSON-able values) with this code and torch
+    (None when the code cannot be told apart from another version's: nothing is stored)."""
+    code = _code()
+    if code is None:
+        return None
+    text = json.dumps([FORMAT, code, *settings])
     return hashlib.sha256(text.encode()).hexdigest()[:40]
 
 
@@ -156,10 +179,10 @@ def _read(path: Path) -> bytes:
     return data
 
 
-def load(key: str) -> Simulation | None:
+def load(key: str | None) -> Simulation | None:
     """The stored simulation named ``key``, or None (none stored, turned off, or unreadable)."""
     root = _root()
-    if root is None:
+    if root is None or key is None:
         return None
     try:
         return decode(json.loads(_read(root / f"{key}.json").decode()))
@@ -171,12 +194,12 @@ def load(key: str) -> Simulation | None:
 _warned = False
 
 
-def save(key: str, sim: Simulation) -> None:
+def save(key: str | None, sim: Simulation) -> None:
     """Store ``sim`` as ``key`` (whole or not at all); a folder that cannot be written is said once
     per process and otherwise ignored: the answer does not depend on it."""
     global _warned
     root = _root()
-    if root is None:
+    if root is None or key is None:
         return
     try:
         # a temporary of its own (never a guessable name a link could be planted at), renamed
