@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -241,9 +242,35 @@ def test_no_source_to_digest_turns_storing_off(stored, monkeypatch, fresh_code):
     """A package run from a zip or a frozen app has no .py files: a digest of nothing would name
     every version's simulations alike."""
     assert store._source(stored.parent / "empty") is None
-    monkeypatch.setattr(store, "_PACKAGE", stored.parent / "empty")
+    monkeypatch.setattr(store, "_SOURCE", None)
     assert store.store_key("a setting") is None
     store.save(None, SIM)
     assert store.load(None) is None and not stored.exists()
     _estimate()
     assert not stored.exists()
+
+
+def test_a_process_names_its_simulations_by_the_code_it_imported(tmp_path, monkeypatch, fresh_code):
+    """A process (a notebook, a long job) whose package files are edited after it imported them
+    still runs the old code: its simulations must keep the old code's name, not take the new
+    code's, which every later process would then read."""
+    package = tmp_path / "densenet_efficient"
+    shutil.copytree(store._PACKAGE, package, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(store, "_SOURCE", store._source(package))
+    imported = store.store_key("a setting")  # the name a process that imported the copy gives
+    code = (
+        "import pathlib; from densenet_efficient.models.planner import store; "
+        "p = pathlib.Path(store.__file__).with_name('simulate.py'); p.write_text(p.read_text() + '# edited\\n'); "
+        "print(store.store_key('a setting'))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    run = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == [imported]
+
+
+def test_the_name_changes_with_python_s_version(monkeypatch, fresh_code):
+    name = store.store_key("densenet_bc_16", 32)
+    store._code.cache_clear()
+    monkeypatch.setattr(sys, "version_info", (3, 99, 0, "final", 0))
+    assert store.store_key("densenet_bc_16", 32) != name

@@ -1,15 +1,15 @@
 """Simulated steps kept on disk, so that a later process answers without simulating again.
 
-A simulation (:mod:`.simulate`) is a function of the step's settings, the package's code and the
-installed torch (and torchvision, for its models). :func:`load` and :func:`save` keep its result as
-a small JSON file under ``$DENSENET_EFFICIENT_CACHE/planner`` (default
-``~/.cache/densenet_efficient/planner``; ``DENSENET_EFFICIENT_PLANNER_CACHE=<folder>`` moves it),
-named by a hash of all of these: a new version of
-either, or any edit of the package, is a new name, never a stale answer. A file that cannot be
-read back as a simulation (truncated, another format, negative bytes) is ignored and simulated again
-(an edit that keeps it well-formed is read as written: nothing in the file authenticates it);
-files are written whole (:func:`~densenet_efficient.io.atomic.atomic_write`: a temporary file of
-its own, renamed), so two processes never read a partial one.
+A simulation (:mod:`.simulate`) is a function of the step's settings, the package's code (as
+imported), Python and the installed torch (and torchvision, for its models). :func:`load` and
+:func:`save` keep its result as a small JSON file under ``$DENSENET_EFFICIENT_CACHE/planner``
+(default ``~/.cache/densenet_efficient/planner``; ``DENSENET_EFFICIENT_PLANNER_CACHE=<folder>``
+moves it), named by a hash of all of these: a new version of any, or any edit of the package, is
+a new name, never a stale answer. A file that cannot be read back as a simulation (truncated,
+another format, negative bytes) is ignored and simulated again (an edit that keeps it well-formed
+is read as written: nothing in the file authenticates it); files are written whole
+(:func:`~densenet_efficient.io.atomic.atomic_write`: a temporary file of its own, renamed), so
+two processes never read a partial one.
 ``DENSENET_EFFICIENT_PLANNER_CACHE=0`` turns it off. The planner's first answer in a process
 still simulates (and pays torch's first use of fake tensors); later processes read the file.
 
@@ -27,6 +27,7 @@ import importlib.metadata
 import json
 import os
 import stat
+import sys
 import warnings
 from dataclasses import fields
 from pathlib import Path
@@ -76,19 +77,26 @@ def _source(package: Path) -> str | None:
     return digest.hexdigest() if found else None
 
 
+#: The package's modules as this process imported them (read when this module is, with the
+#: package: under a MB of .py files): a file edited later is not the code that runs here, so a
+#: digest read at the first simulation would file the old code's results under the new code's name.
+_SOURCE = _source(_PACKAGE)
+
+
 @functools.lru_cache(maxsize=1)
 def _code() -> str | None:
     """A digest of what a simulation's result depends on besides its settings: every module of
-    the package (the model, the engine it runs, the planner), torch's and torchvision's versions.
+    the package (the model, the engine it runs, the planner) as imported, torch's and
+    torchvision's versions and Python's (its freeing of objects is what the simulation counts).
     None when the package's source cannot be read (then nothing is stored)."""
-    source = _source(_PACKAGE)
-    if source is None:
+    if _SOURCE is None:
         return None
     try:
         torchvision = importlib.metadata.version("torchvision")
     except importlib.metadata.PackageNotFoundError:
         torchvision = None
-    return hashlib.sha256(json.dumps([source, torch.__version__, torchvision]).encode()).hexdigest()
+    python = [sys.implementation.name, *sys.version_info[:2], getattr(sys, "abiflags", "")]
+    return hashlib.sha256(json.dumps([_SOURCE, torch.__version__, torchvision, python]).encode()).hexdigest()
 
 
 def store_key(*settings: Any) -> str | None:
