@@ -274,3 +274,23 @@ def test_the_name_changes_with_python_s_version(monkeypatch, fresh_code):
     store._code.cache_clear()
     monkeypatch.setattr(sys, "version_info", (3, 99, 0, "final", 0))
     assert store.store_key("densenet_bc_16", 32) != name
+
+
+@pytest.mark.parametrize("value", ["false", "False", "off", "no", " 0 "])
+def test_storing_turned_off_in_words_writes_no_folder_named_so(tmp_path, monkeypatch, value):
+    """``=false`` was a folder named ``false`` in whatever folder the process ran in."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(store.ENV, value)
+    store.save(store.store_key("a setting"), SIM)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_folder_under_home_is_written_there(tmp_path, monkeypatch):
+    """``~`` is not expanded where no shell runs (a Dockerfile's ENV, a .env file, systemd)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv(store.ENV, "~/planner")
+    name = store.store_key("a setting")
+    store.save(name, SIM)
+    assert [p.name for p in tmp_path.iterdir()] == ["home"]
+    assert store.load(name) == SIM and (tmp_path / "home" / "planner" / f"{name}.json").is_file()

@@ -9,9 +9,9 @@ a new name, never a stale answer. A file that cannot be read back as a simulatio
 another format, negative bytes) is ignored and simulated again (an edit that keeps it well-formed
 is read as written: nothing in the file authenticates it); files are written whole
 (:func:`~densenet_efficient.io.atomic.atomic_write`: a temporary file of its own, renamed), so
-two processes never read a partial one.
-``DENSENET_EFFICIENT_PLANNER_CACHE=0`` turns it off. The planner's first answer in a process
-still simulates (and pays torch's first use of fake tensors); later processes read the file.
+two processes never read a partial one. ``DENSENET_EFFICIENT_PLANNER_CACHE=0`` (or ``false``,
+``off``, ``no``) turns it off. The planner's first answer in a process still simulates (and pays
+torch's first use of fake tensors); later processes read the file.
 
 >>> from densenet_efficient.models.planner.simulate import Line, Simulation
 >>> sim = Simulation(Line(10, 2), 4, 4, 0, Line(0, 1), Line(0, 7), (Line(12, 9),))
@@ -49,12 +49,13 @@ _PACKAGE = Path(__file__).resolve().parents[2]
 
 def _root() -> Path | None:
     """The folder of the stored simulations (``$DENSENET_EFFICIENT_PLANNER_CACHE`` when it names
-    one), or None when that is ``0``."""
+    one, ``~`` expanded), or None when that says off (``0``, ``false``, ``off``, ``no``: a word is
+    never taken for a folder of that name in whatever folder the process runs in)."""
     value = os.environ.get(ENV, "").strip()
-    if value == "0":
+    if value.lower() in ("0", "false", "off", "no"):
         return None
-    if value not in ("", "1"):
-        return Path(value)
+    if value.lower() not in ("", "1", "true", "on", "yes"):
+        return Path(value).expanduser()
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "densenet_efficient") / "planner"
 
 
