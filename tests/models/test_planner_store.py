@@ -79,7 +79,7 @@ def test_a_new_process_answers_from_the_store_without_torch_s_fake_tensors(store
         '{"persistent": [1, 2]',  # cut short
         "[]",  # JSON, not a simulation
         "\xff\xfe",  # not text
-        "[" * 100_000,  # nested deeper than json's recursion limit (RecursionError, not ValueError)
+        pytest.param("[" * 100_000, id="nested"),  # deeper than json's recursion limit: RecursionError
     ],
 )
 def test_an_unreadable_stored_simulation_is_simulated_again_and_replaced(stored, monkeypatch, text):
