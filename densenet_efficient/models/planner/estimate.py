@@ -12,8 +12,6 @@ import functools
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import torch
-
 from ...errors import UsageError, check_int
 from ..config import ArchConfig, resolve_arch
 from ..engine import EFFICIENT, MAX_SAVING
@@ -151,10 +149,10 @@ def estimate_memory(
 @functools.lru_cache(maxsize=256)
 def _simulation(config: ArchConfig, key: Any, image_size: int, dtype: str, amp: str | None,
                 optimizer: str, channels_last: bool, device: str, batches: int, world: int) -> Simulation:  # fmt: skip
+    # the arguments are the whole key: the thread count acts only through ``batches`` (allocator.regime)
     name = store.store_key(
-        config.to_json(), key, image_size, dtype, amp, optimizer, channels_last, device, batches, world,
-        torch.get_num_threads() > 1,
-    )  # fmt: skip
+        config.to_json(), key, image_size, dtype, amp, optimizer, channels_last, device, batches, world
+    )
     stored = store.load(name)
     if stored is not None:
         return stored

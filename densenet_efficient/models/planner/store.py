@@ -26,7 +26,6 @@ import hashlib
 import importlib.metadata
 import json
 import os
-import stat
 import sys
 import warnings
 from dataclasses import fields
@@ -36,7 +35,8 @@ from typing import Any
 import torch
 
 from ...io.atomic import atomic_write
-from ..engine.native import CACHE_ENV
+from ...io.files import require_regular_file
+from ..engine.native import cache_root
 from .simulate import Line, Segment, Simulation
 
 __all__ = ["ENV", "FORMAT", "decode", "encode", "load", "save", "store_key"]
@@ -56,7 +56,7 @@ def _root() -> Path | None:
         return None
     if value.lower() not in ("", "1", "true", "on", "yes"):
         return Path(value).expanduser()
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "densenet_efficient") / "planner"
+    return cache_root() / "planner"
 
 
 def _source(package: Path) -> str | None:
@@ -176,15 +176,12 @@ MAX_BYTES = 16 << 20
 
 def _read(path: Path) -> bytes:
     """``path``'s bytes if it is a regular file of at most :data:`MAX_BYTES` (a named pipe, a
-    device or a link to one is refused, not waited on or read without end)."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # opening a pipe does not wait
-    with os.fdopen(fd, "rb") as f:
-        info = os.fstat(f.fileno())
-        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_BYTES:
-            raise ValueError(f"{path} is not a stored simulation")
+    device or a link to one is refused by :func:`~densenet_efficient.io.files.require_regular_file`,
+    not waited on or read without end)."""
+    with open(require_regular_file(path, "stored simulation"), "rb") as f:
         data = f.read(MAX_BYTES + 1)
-    if len(data) > MAX_BYTES:  # grew since fstat
-        raise ValueError(f"{path} is not a stored simulation")
+    if len(data) > MAX_BYTES:
+        raise ValueError(f"{path} is larger than any stored simulation")
     return data
 
 
