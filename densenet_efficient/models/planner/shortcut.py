@@ -33,6 +33,8 @@ import torch
 from torch._prims_common import suggest_memory_format
 from torch._subclasses.fake_tensor import FakeTensor
 
+from .phantom import leaves, tree_map
+
 __all__ = ["Shortcut"]
 
 _aten = torch.ops.aten
@@ -47,6 +49,7 @@ SLOW = frozenset(
         _aten.batch_norm_backward.default,
         _aten.threshold_backward.grad_input,
         _aten.threshold_backward.default,
+        _aten.batch_norm_update_stats.default,  # no meta kernel at all
         _aten.add.Tensor,  # naive backward: each feature map's gradient summed from later layers
     }
 )
@@ -75,6 +78,10 @@ def _in_order(t: torch.Tensor, fmt: torch.memory_format) -> bool:
     return all(s > 0 for s in strides) and all(a >= b for a, b in itertools.pairwise(strides))
 
 
+def _dev(a: torch.Tensor) -> Any:
+    return "cpu" if a.is_meta else a.device
+
+
 def _storage(t: torch.Tensor) -> int:
     return t.untyped_storage()._cdata
 
@@ -82,7 +89,7 @@ def _storage(t: torch.Tensor) -> int:
 def _fake(t: Any) -> bool:
     """A fake tensor without a value: the fake mode keeps the values of small tensors made from
     constants (an optimizer's step count, which Adam reads), and its ops must run to update them."""
-    return isinstance(t, FakeTensor) and t.constant is None
+    return isinstance(t, FakeTensor) and t.constant is None or t.is_meta
 
 
 def _slice(x: torch.Tensor, dim: int = 0, start: int | None = None, end: int | None = None, step: int = 1) -> Any:
@@ -110,14 +117,19 @@ class Shortcut:
 
     def __init__(self) -> None:
         self.patterns: dict[Any, Any] = {}
+        self.small: dict[Any, Any] = {}
 
-    def __call__(self, func: Any, args: tuple, kwargs: dict) -> Any:
+    def __call__(self, func: Any, args: tuple, kwargs: dict, batch: int | None = None) -> Any:
         if func in IN_PLACE:
             return args[0] if _fake(args[0]) else NotImplemented
         if func is _aten.slice.Tensor:
             return _slice(*args, **kwargs) if _fake(args[0]) else NotImplemented
-        if func not in SLOW:
-            return NotImplemented
+        out = self._maps(func, args, kwargs) if func in SLOW else NotImplemented
+        if out is NotImplemented and batch is not None and _python_meta(func):
+            return self._small(func, args, kwargs, batch)
+        return out
+
+    def _maps(self, func: Any, args: tuple, kwargs: dict) -> Any:
         maps = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.dim() == 4]
         if not maps or 1 in maps[0].shape or any(m.shape != maps[0].shape for m in maps):
             return NotImplemented
@@ -133,8 +145,33 @@ class Shortcut:
         if pattern is None:
             return NotImplemented
         single, specs = pattern
-        outs = [self._make(spec, shape, kwargs) for spec in specs]
+        outs = [self._make(spec, shape, kwargs, maps[0].device) for spec in specs]
         return outs[0] if single else tuple(outs)
+
+    def _small(self, func: Any, args: tuple, kwargs: dict, batch: int) -> Any:
+        """The op's outputs, as the op makes them on small real tensors: every dimension that is
+        the batch (``batch``) replaced by a small stand-in (two, in turn), the rest as they are."""
+        key = _small_key(func, args, kwargs, batch)
+        if key not in self.small:
+            try:
+                self.small[key] = _learn_small(func, args, kwargs, batch)
+            except _Unfit:
+                self.small[key] = None
+        pattern = self.small[key]
+        if pattern is None:
+            return NotImplemented
+        template, specs = pattern
+        given = list(leaves((args, kwargs)))
+        outs = []
+        for spec in specs:
+            if spec[0] == "in":
+                outs.append(given[spec[1]])
+            elif spec[0] == "value":
+                outs.append(spec[1])
+            else:
+                shape = [batch if d < 0 else d for d in spec[1]]
+                outs.append(torch.empty_strided(shape, spec[2], dtype=spec[3], device=_META))
+        return tree_map(outs.__getitem__, template)
 
     @staticmethod
     def _describe(a: Any, channels: int) -> Any:
@@ -158,10 +195,10 @@ class Shortcut:
             return a
         if a.dim() == 4:
             fmt = suggest_memory_format(a)
-            return torch.empty(_PROXY, dtype=a.dtype, device=a.device).contiguous(memory_format=fmt)
+            return torch.empty(_PROXY, dtype=a.dtype, device=_dev(a)).contiguous(memory_format=fmt)
         if a.dim() == 1 and a.numel() == channels:
-            return torch.empty(_PROXY[1], dtype=a.dtype, device=a.device)
-        return torch.empty(a.shape, dtype=a.dtype, device=a.device)
+            return torch.empty(_PROXY[1], dtype=a.dtype, device=_dev(a))
+        return torch.empty(a.shape, dtype=a.dtype, device=_dev(a))
 
     def _learn(self, func: Any, args: tuple, kwargs: dict, channels: int) -> Any:
         """Run ``func`` on small tensors of the same kinds; note each output's kind (None: an
@@ -197,14 +234,108 @@ class Shortcut:
         return single, specs
 
     @staticmethod
-    def _make(spec: Any, shape: torch.Size, kwargs: dict) -> Any:
+    def _make(spec: Any, shape: torch.Size, kwargs: dict, device: Any) -> Any:
         if spec is None:
             return None
         kind = spec[0]
         if kind == "out":
             return kwargs[spec[1]]
         if kind == "map":
-            return torch.empty(shape, dtype=spec[1], device=spec[2], memory_format=spec[3])
+            return torch.empty(shape, dtype=spec[1], device=device, memory_format=spec[3])
         if kind == "channel":
-            return torch.empty(shape[1], dtype=spec[1], device=spec[2])
-        return torch.empty(spec[3], dtype=spec[1], device=spec[2])
+            return torch.empty(shape[1], dtype=spec[1], device=device)
+        return torch.empty(spec[3], dtype=spec[1], device=device)
+
+
+def _python_meta(func: Any) -> bool:
+    """Whether ``func``'s meta kernel is one of torch's Python ones (``torch._meta_registrations``:
+    decompositions through torch's reference ops, whose first call imports torch's compiler)."""
+    known = _PYTHON_META.get(func)
+    if known is None:
+        known = _PYTHON_META[func] = "_meta_registrations.py" in _meta_line(func)
+    return known
+
+
+def _meta_line(func: Any) -> str:
+    lines = torch._C._dispatch_dump(func.name()).splitlines()
+    return next((ln for ln in lines if ln.startswith("Meta:")), "")
+
+
+_PYTHON_META: dict[Any, bool] = {}
+#: Batch sizes the small calls stand in for the simulation's: two, so that a dimension that is
+#: the batch is told from one that only equals it.
+_STAND_INS = (2, 3)
+
+
+class _Unfit(Exception):
+    """A call :meth:`Shortcut._small` cannot stand in for: the op runs its own kernel."""
+
+
+def _small_key(func: Any, args: Any, kwargs: Any, batch: int) -> Any:
+    def desc(a: Any) -> Any:
+        if isinstance(a, torch.Tensor):
+            shape = tuple(-1 if d == batch else d for d in a.shape)
+            return ("t", shape, a.stride(), a.dtype)
+        return type(a), a
+
+    return func, tuple(desc(a) for a in leaves((args, kwargs)))
+
+
+_META = torch.device("meta")
+
+
+def _real(a: Any, batch: int, stand_in: int) -> Any:
+    """A CPU tensor like ``a`` (zeros if integer: indices must be valid) with ``stand_in`` for every batch-sized dimension (which
+    must be its outermost: its other strides then do not depend on the batch)."""
+    if not isinstance(a, torch.Tensor):
+        return a
+    sizes, strides = list(a.shape), list(a.stride())
+    for i, d in enumerate(sizes):
+        if d == batch:
+            inner = max((st * n for j, (st, n) in enumerate(zip(strides, sizes, strict=True)) if j != i and n > 1), default=0)
+            if strides[i] < inner:
+                raise _Unfit
+            sizes[i] = stand_in
+    t = torch.empty_strided(sizes, strides, dtype=a.dtype)
+    return t if t.is_floating_point() else t.zero_()
+
+
+def _learn_small(func: Any, args: tuple, kwargs: dict, batch: int) -> Any:
+    runs = []
+    for stand_in in _STAND_INS:
+        pargs, pkwargs = tree_map(lambda a, s=stand_in: _real(a, batch, s), (args, kwargs))
+        try:
+            out = func(*pargs, **pkwargs)
+        except Exception as err:  # noqa: BLE001 (the op on its own tensors will say why)
+            raise _Unfit from err
+        runs.append((list(leaves((pargs, pkwargs))), list(leaves(out)), out))
+    (real, first, out), (_, second, _) = runs
+    if len(first) != len(second):
+        raise _Unfit
+    counter = iter(range(len(first)))
+    template = tree_map(lambda _: next(counter), out)
+    specs: list[Any] = []
+    for a, b in zip(first, second, strict=True):
+        if not isinstance(a, torch.Tensor):
+            if a != b:
+                raise _Unfit
+            specs.append(("value", a))
+            continue
+        same = [i for i, r in enumerate(real) if r is a]
+        if same:
+            specs.append(("in", same[0]))
+            continue
+        if any(isinstance(r, torch.Tensor) and _storage(r) == _storage(a) for r in real):
+            raise _Unfit  # a view of an input
+        if a.stride() != b.stride() or a.dtype != b.dtype or a.dim() != b.dim():
+            raise _Unfit
+        shape = []
+        for d1, d2 in zip(a.shape, b.shape, strict=True):
+            if (d1, d2) == _STAND_INS:
+                shape.append(-1)
+            elif d1 == d2:
+                shape.append(d1)
+            else:
+                raise _Unfit
+        specs.append(("new", tuple(shape), a.stride(), a.dtype))
+    return template, specs

@@ -43,9 +43,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.optim.adam import adam
+from torch.optim.sgd import sgd
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from ...errors import check_int
 from ..config import ArchConfig
@@ -54,6 +55,7 @@ from ..memory_plan import MemoryPlan
 from ..registry import model_class
 from ..sync_batchnorm import convert_sync_batchnorm
 from .allocator import cpu_scratch
+from .phantom import Phantom, leaves, phantom, run
 from .shortcut import Shortcut
 
 __all__ = [
@@ -131,6 +133,12 @@ class LiveBytes(TorchDispatchMode):
         self.fixed = self.per = 0
         self.trace: list[tuple[int, int]] = []
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # torch wraps a mode's __torch_dispatch__ so that its compiler never traces it, which
+        # imports the compiler (a second) at the first op; nothing compiles a simulation
+        return False
+
     def _split(self, nbytes: int) -> tuple[int, int]:
         n = -(-nbytes // self.round_to) * self.round_to
         if nbytes and nbytes % self.batch == 0:
@@ -139,7 +147,7 @@ class LiveBytes(TorchDispatchMode):
 
     def track(self, t: torch.Tensor) -> None:
         """Count ``t``'s storage, once, until it dies (a resized one at its new size)."""
-        st = t.untyped_storage()
+        st = (t.elem if isinstance(t, Phantom) else t).untyped_storage()
         key, new = id(st), self._split(st.nbytes())
         old = self.sizes.get(key)
         if old == new:
@@ -164,13 +172,11 @@ class LiveBytes(TorchDispatchMode):
         return len(self.trace) - 1
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        out = NotImplemented if self.shortcut is None else self.shortcut(func, args, kwargs or {})
-        if out is NotImplemented:
-            out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
+        out = run(func, args, kwargs or {}, self._kernel)
+        for t in leaves(out):
             if isinstance(t, torch.Tensor):
                 self.track(t)
-        for t in tree_leaves(kwargs or {}):  # out= arguments may have been resized
+        for t in leaves(kwargs or {}):  # out= arguments may have been resized
             if isinstance(t, torch.Tensor):
                 self.track(t)
         hidden = self.scratch(func, args) if self.scratch is not None else 0
@@ -178,6 +184,9 @@ class LiveBytes(TorchDispatchMode):
             self.trace.append((self.fixed, self.per + -(-hidden // self.batch)))
         self.trace.append((self.fixed, self.per))
         return out
+
+    def _kernel(self, func: Any, args: tuple, kwargs: dict) -> Any:
+        return NotImplemented if self.shortcut is None else self.shortcut(func, args, kwargs, self.batch)
 
     def line(self, i: int) -> Line:
         return Line(*self.trace[i])
@@ -245,13 +254,6 @@ def simulation_batch(config: ArchConfig, image_size: int, sync_bn_world_size: in
     return n
 
 
-@functools.lru_cache(maxsize=1)
-def _fake_mode() -> Any:
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    return FakeTensorMode(allow_non_fake_inputs=True)
-
-
 #: What initialises parameters: torch.nn.init's functions and the in-place fills they end in.
 _INIT = frozenset(
     [getattr(torch.nn.init, name) for name in dir(torch.nn.init) if name.endswith("_") and not name.startswith("_")]
@@ -285,13 +287,13 @@ def _fake_model(
             model = torchvision_densenet(config, memory_efficient=torchvision == "torchvision_efficient")
         else:
             model = model_class()(**config.to_kwargs())
-    mode, cpu, param_dtype = _fake_mode(), torch.device("cpu"), _DTYPES[dtype]
+    param_dtype = _DTYPES[dtype]
 
     def fake(t: torch.Tensor) -> torch.Tensor:
         if t.is_floating_point() and t.dtype != param_dtype:
             t = t.to(param_dtype)
-        t = mode.fake_tensor_converter.from_meta_and_device(mode, t, cpu)
-        return t.contiguous(memory_format=torch.channels_last) if channels_last and t.dim() == 4 else t
+        t = t.contiguous(memory_format=torch.channels_last) if channels_last and t.dim() == 4 else t
+        return phantom(t)
 
     model = model._apply(fake)
     return convert_sync_batchnorm(model) if synchronised else model
@@ -411,14 +413,14 @@ def _simulate(
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     amp_dtype = _AMP.get(amp or "")
     stamps: dict[str, int] = {}
-    with _fake_mode():
+    if True:
         params = list(model.parameters())
         for p in params:
             p.grad = torch.zeros_like(p)
-        x = torch.empty(batch, config.in_chans, image_size, image_size, dtype=param_dtype).contiguous(
+        x = phantom(torch.empty(batch, config.in_chans, image_size, image_size, dtype=param_dtype, device="meta").contiguous(
             memory_format=fmt
-        )
-        y = torch.zeros(batch, dtype=torch.long)
+        ))
+        y = phantom(torch.zeros(batch, dtype=torch.long, device="meta"))
         opt = _optimizer(optimizer, params, foreach=device == "cuda")
         for t in (*params, *model.buffers(), *(p.grad for p in params), x, y):
             live.track(t)
@@ -450,17 +452,51 @@ def _simulate(
     return sim
 
 
-def _optimizer(name: str, params: list[torch.Tensor], foreach: bool) -> torch.optim.Optimizer | None:
-    """The optimizer as torch builds it by default on the device simulated: ``foreach`` on CUDA
-    (a few kernels over every parameter, whose temporaries, such as Adam's square roots, are
-    alive for all parameters at once), a loop over the parameters on CPU. Fake tensors would
-    otherwise always take the loop."""
-    if name in ("none", "sgd"):
-        return torch.optim.SGD(params, lr=1e-3, foreach=foreach) if name == "sgd" else None
-    if name == "momentum":
-        return torch.optim.SGD(params, lr=1e-3, momentum=0.9, foreach=foreach)
-    cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
-    return cls(params, lr=1e-3, foreach=foreach)
+class _Optimizer:
+    """The optimizer's step as torch's own ``SGD``/``Adam``/``AdamW`` run it: their functional form
+    (:func:`torch.optim.sgd.sgd`, :func:`torch.optim.adam.adam`), which their ``step`` calls, with
+    the state their first step makes (the classes themselves import torch's compiler stack when
+    made). ``foreach``: as torch defaults on CUDA (a few kernels over every parameter, whose
+    temporaries, such as Adam's square roots, are alive for all parameters at once); on CPU a loop
+    over the parameters (phantom tensors would otherwise always take the loop)."""
+
+    def __init__(self, name: str, params: list[torch.Tensor], foreach: bool) -> None:
+        self.name, self.params, self.foreach = name, params, foreach
+        self.state: list[list[Any]] = []
+
+    @torch.no_grad()
+    def step(self) -> None:
+        params, grads, n = self.params, [p.grad for p in self.params], len(self.params)
+        if self.name in ("sgd", "momentum"):
+            if not self.state:
+                self.state = [[None] * n]  # the momentum buffers, made by the first step
+            sgd(
+                params, grads, self.state[0], foreach=self.foreach, weight_decay=0.0,
+                momentum=0.9 if self.name == "momentum" else 0.0, lr=1e-3, dampening=0.0,
+                nesterov=False, maximize=False,
+            )  # fmt: skip
+            return
+        if not self.state:  # as Adam's first step makes them
+            self.state = [
+                [torch.tensor(0.0) for _ in params],
+                [torch.zeros_like(p, memory_format=torch.preserve_format) for p in params],
+                [torch.zeros_like(p, memory_format=torch.preserve_format) for p in params],
+            ]
+        steps, exp_avgs, exp_avg_sqs = self.state
+        adamw = self.name == "adamw"
+        adam(
+            params, grads, exp_avgs, exp_avg_sqs, [], steps, foreach=self.foreach,
+            decoupled_weight_decay=adamw, amsgrad=False, beta1=0.9, beta2=0.999, lr=1e-3,
+            weight_decay=1e-2 if adamw else 0.0, eps=1e-8, maximize=False,
+        )  # fmt: skip
+
+    def state_bytes(self) -> int:
+        """Bytes of the state tensors (not the step counts)."""
+        return sum(t.numel() * t.element_size() for ts in self.state for t in ts if t is not None and t.dim())
+
+
+def _optimizer(name: str, params: list[torch.Tensor], foreach: bool) -> _Optimizer | None:
+    return None if name == "none" else _Optimizer(name, params, foreach)
 
 
 def _segment_hooks(model: nn.Module, live: LiveBytes, stamps: dict[str, int]) -> list[Any]:
@@ -497,12 +533,7 @@ def _summarise(
     line, hull = live.line, live.hull
     params = list(model.parameters())
     n_param = sum(p.numel() * p.element_size() for p in params)
-    state = sum(
-        t.numel() * t.element_size()
-        for s in (opt.state.values() if opt is not None else ())
-        for t in s.values()
-        if isinstance(t, torch.Tensor) and t.dim() > 0
-    )
+    state = opt.state_bytes() if opt is not None else 0
     start = line(stamps["forward"])
     names = [k.removesuffix(".forward") for k in stamps if k.endswith(".forward")]
     segments = []

@@ -1,0 +1,175 @@
+"""Phantom tensors: tensors that say they are on a device (CPU) and hold no data.
+
+A :class:`Phantom` wraps a ``meta`` tensor: its shape, dtype, strides and a storage of the right
+size, no values. To the code that runs on it (the model, the engine, autocast, autograd, the
+optimizer) it is a tensor of its device; every op on it runs the op's meta kernel on the
+wrapped tensors (:func:`run`) and wraps what comes out, so the step's own ops make every tensor
+it would make, at no cost but the call. Torch's ``FakeTensorMode`` does the same with more
+generality (symbolic shapes, dynamic outputs, caching); it also imports torch's compiler stack
+when first made (about a second), which a planner answering in under one cannot pay.
+
+Ops on ordinary tensors alone run as they are (an optimizer's step count stays a real number);
+an ordinary tensor beside a phantom one is read as a meta tensor.
+
+>>> x = phantom(torch.empty(2, 3, device="meta"))
+>>> y = (x * 2).sum(0)
+>>> type(y).__name__, y.device.type, tuple(y.shape)
+('Phantom', 'cpu', (3,))
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+__all__ = ["Phantom", "leaves", "phantom", "run", "tree_map"]
+
+_META = torch.device("meta")
+
+
+class Phantom(torch.Tensor):
+    """A tensor on ``device`` that holds ``elem``, a meta tensor of the same shape and strides."""
+
+    elem: torch.Tensor
+    __slots__ = ("elem",)
+    # no Python-level (torch function) handling: every op reaches __torch_dispatch__ as ATen ops
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @staticmethod
+    def __new__(cls, elem: torch.Tensor, device: torch.device) -> Phantom:
+        r = torch.Tensor._make_wrapper_subclass(
+            cls, elem.size(), strides=elem.stride(), storage_offset=elem.storage_offset(),
+            dtype=elem.dtype, layout=elem.layout, device=device, requires_grad=elem.requires_grad,
+        )  # fmt: skip
+        r.elem = elem
+        return r
+
+    @classmethod
+    def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        return run(func, args, kwargs or {})
+
+    def __repr__(self) -> str:
+        return f"Phantom({tuple(self.shape)}, dtype={self.dtype}, device={self.device})"
+
+
+def phantom(t: torch.Tensor, device: torch.device | str = "cpu") -> Phantom:
+    """``t`` (a meta tensor) as a phantom one on ``device``."""
+    return Phantom(t, torch.device(device))
+
+
+def run(func: Any, args: tuple, kwargs: dict, kernel: Any = None) -> Any:
+    """``func(*args, **kwargs)`` with phantom tensors: the op on their meta tensors (through
+    ``kernel(func, args, kwargs)`` when given: NotImplemented there runs the op), its outputs
+    wrapped; an op's output that is one of its inputs (in-place, ``out=``) is that input."""
+    device: torch.device | None = None
+    inputs: dict[int, Phantom] = {}
+    real = False
+
+    def unwrap(t: Any) -> Any:
+        nonlocal device, real
+        if isinstance(t, Phantom):
+            device = t.device
+            inputs[id(t.elem)] = t
+            return t.elem
+        if isinstance(t, torch.Tensor):
+            real = True
+        return t
+
+    margs, mkwargs = tree_map(unwrap, args), tree_map(unwrap, kwargs)
+    if device is None:
+        if real or not _makes(func):  # ordinary tensors only, or none made: the op runs as it is
+            return func(*args, **kwargs)
+        # a factory: made on the meta device, said to be on the one asked for
+        device = torch.device(mkwargs.get("device") or "cpu")
+        mkwargs["device"] = _META
+    elif real or "device" in mkwargs:
+        if mkwargs.get("device") is not None:
+            device = torch.device(mkwargs["device"])
+            mkwargs["device"] = _META
+        margs, mkwargs = tree_map(_to_meta, margs), tree_map(_to_meta, mkwargs)
+    rule = _RULES.get(func)
+    out = NotImplemented if rule is None else rule(*args, **kwargs)
+    if out is NotImplemented and kernel is not None:
+        out = kernel(func, margs, mkwargs)
+    if out is NotImplemented:
+        out = func(*margs, **mkwargs)
+
+    def wrap(t: Any) -> Any:
+        if isinstance(t, torch.Tensor):
+            same = inputs.get(id(t))
+            return Phantom(t, device) if same is None else same
+        return t
+
+    return tree_map(wrap, out)
+
+
+def tree_map(fn: Any, x: Any) -> Any:
+    """``fn`` on every leaf of the tuples, lists and dicts an op's arguments and outputs are made
+    of (torch's ``pytree.tree_map`` handles any registered container, at several times the cost
+    per op: most of a simulation's time)."""
+    if type(x) in (tuple, list):
+        return type(x)(tree_map(fn, v) for v in x)
+    if type(x) is dict:
+        return {k: tree_map(fn, v) for k, v in x.items()}
+    return fn(x)
+
+
+def leaves(x: Any) -> Iterator[Any]:
+    """The leaves :func:`tree_map` visits, in its order."""
+    if type(x) in (tuple, list):
+        for v in x:
+            yield from leaves(v)
+    elif type(x) is dict:
+        for v in x.values():
+            yield from leaves(v)
+    else:
+        yield x
+
+
+@functools.cache
+def _makes(func: Any) -> bool:
+    """Whether ``func`` takes a device: a factory (``empty``, ``zeros``, ``scalar_tensor``)."""
+    return any(a.name == "device" for a in func._schema.arguments)
+
+
+def _to_meta(t: Any) -> Any:
+    return t.to(_META) if isinstance(t, torch.Tensor) and not t.is_meta else t
+
+
+def _conv_format(x: torch.Tensor, w: torch.Tensor, bias: Any, bias_sizes: Any, stride: Any, padding: Any,
+                 dilation: Any, transposed: bool, output_padding: Any, groups: int) -> torch.memory_format:
+    """The memory format ATen's convolution backend gives its outputs on the phantoms' device
+    (the meta kernel cannot tell: it has no device)."""
+    backend = torch._C._select_conv_backend(
+        x, w, bias=bias, stride=stride, padding=padding, dilation=dilation, transposed=transposed,
+        output_padding=output_padding, groups=groups, bias_sizes=bias_sizes,
+    )  # fmt: skip
+    return torch._C._conv_determine_backend_memory_format(x, w, backend)
+
+
+def _convolution(x, w, bias, stride, padding, dilation, transposed, output_padding, groups):  # noqa: ANN001, ANN202
+    if transposed or x.dim() != 4:
+        return NotImplemented
+    fmt = _conv_format(x, w, bias, None, stride, padding, dilation, transposed, output_padding, groups)
+    size = [x.shape[0], w.shape[0]]
+    for d in range(2):
+        size.append((x.shape[2 + d] + 2 * padding[d] - dilation[d] * (w.shape[2 + d] - 1) - 1) // stride[d] + 1)
+    return torch.empty(size, dtype=x.dtype, device=_META, memory_format=fmt)
+
+
+def _convolution_backward(g, x, w, bias_sizes, stride, padding, dilation, transposed, output_padding, groups, mask):  # noqa: ANN001, ANN202, E501
+    if transposed or x.dim() != 4:
+        return NotImplemented
+    fmt = _conv_format(x, w, None, bias_sizes, stride, padding, dilation, transposed, output_padding, groups)
+    return (
+        torch.empty(x.shape, dtype=g.dtype, device=_META, memory_format=fmt) if mask[0] else None,
+        torch.empty(w.shape, dtype=g.dtype, device=_META, memory_format=fmt) if mask[1] else None,
+        torch.empty(bias_sizes, dtype=g.dtype, device=_META) if mask[2] else None,
+    )
+
+
+_aten = torch.ops.aten
+_RULES = {_aten.convolution.default: _convolution, _aten.convolution_backward.default: _convolution_backward}
