@@ -11,6 +11,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import densenet_efficient as de
 from densenet_efficient.cli import main
@@ -30,9 +31,11 @@ from densenet_efficient.models.planner.allocator import cpu_scratch
 from densenet_efficient.models.planner.bisection import first_true, last_true, last_within
 from densenet_efficient.models.planner.compose import Composer
 from densenet_efficient.models.planner.estimate import simulation
+from densenet_efficient.models.planner.phantom import Phantom, leaves, phantom, tree_map
 from densenet_efficient.models.planner.shortcut import SLOW, Shortcut
-from densenet_efficient.models.planner.simulate import LiveBytes, simulate
+from densenet_efficient.models.planner.simulate import LiveBytes, run_step, simulate, simulation_batch
 from densenet_efficient.models.planner.verify import step_down
+from densenet_efficient.models.registry import model_class
 from densenet_efficient.perf.measure import MEMORY_ENV, StepSpec, measure_series
 
 from ..support.archs import ALL_ARCHS
@@ -96,211 +99,271 @@ def test_cpu_scratch_is_the_reorders_of_a_convolution():
     assert cpu_scratch(torch.ops.aten.add.Tensor, (x, x), batch=16) == 0
 
 
+class _Counted(LiveBytes):
+    """The tracker, noting every op it sees."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func)
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
 @pytest.mark.parametrize(
-    "options",
-    [{}, {"amp": "bf16", "channels_last": True}, {"device": "cuda", "optimizer": "adam"}, {"sync_bn_world_size": 3}],
-    ids=["fp32", "bf16-nhwc", "cuda-adam", "sync"],
+    ("depth", "mode", "options"),
+    [
+        (16, "efficient", {}),
+        (16, "naive", {"amp": "bf16"}),
+        (16, "max_saving", {"amp": "bf16", "channels_last": True, "optimizer": "adam"}),
+        (40, [1, "max_saving", True], {"optimizer": "adamw", "foreach": True}),
+        ("imagenet", [1, "max_saving", True, "naive"], {}),
+        ("imagenet", "max_saving", {"amp": "bf16", "channels_last": True}),
+    ],
+    ids=["efficient", "naive-bf16", "max_saving-bf16-nhwc-adam", "dial-adamw-foreach", "stem", "stem-bf16-nhwc"],
 )
-def test_the_shortcut_gives_the_simulation_of_every_op_run_itself(options, monkeypatch):
-    """The batch-norm ops' fast fake outputs (:mod:`.shortcut`) change no figure of a simulated step:
-    every mode and a dial, a CIFAR and an ImageNet stem, autocast, channels_last, CUDA rounding,
-    Adam and synchronised batch norm, against the same step with every op's own fake kernel."""
-    small_imagenet = dataclasses.replace(de.get_config("densenet121"), block_config=(2, 3, 2, 2))
-    for config, size in ((BC40, 32), (small_imagenet, 64)):
-        dial = [1, "max_saving", True, "naive"][: len(config.block_config)]
-        modes = ("efficient", "max_saving", "naive", dial) if not options else ("max_saving", dial)
-        for mode in modes:
-            plan = resolve_memory_plan(mode, config)
-            monkeypatch.setattr(simulate_module, "SHORTCUT", Shortcut())
-            fast = simulate(config, plan, image_size=size, **options)
-            monkeypatch.setattr(simulate_module, "SHORTCUT", None)
-            slow = simulate(config, plan, image_size=size, **options)
-            assert fast == slow, (config.name, mode, options)
+def test_the_simulation_is_the_real_step_op_by_op(depth, mode, options):
+    """The step on phantom tensors (meta kernels, the shortcut's outputs, the conv rules) against the
+    same step on real tensors, counted by the same tracker: the same ops in the same order, the same
+    peak, and after every op the same bytes alive but where autograd adds a gradient into ``.grad``
+    (below)."""
+    if depth == "imagenet":  # densenet121's stem, transitions and head with fewer layers
+        config, size = dataclasses.replace(de.get_config("densenet121"), block_config=(2, 3, 2, 2)), 64
+    else:
+        config, size = densenet_bc_config(depth), 32
+    plan, batch = resolve_memory_plan(mode, config), 3
+    options = dict(options)
+    foreach, amp, optimizer = options.pop("foreach", False), options.pop("amp", None), options.pop("optimizer", "momentum")
+    fmt = torch.channels_last if options.pop("channels_last", False) else torch.contiguous_format
+    prime = simulation_batch(config, size)
+
+    def step(model, x, y):
+        model.set_memory_efficient(plan)
+        live = _Counted(prime, shortcut=Shortcut())
+        run_step(model, x, y, live, amp, optimizer, foreach=foreach)
+        return [f + p * batch for f, p in live.trace], live.ops
+
+    real = step(
+        model_class()(**config.to_kwargs()).to(memory_format=fmt),
+        torch.randn(batch, 3, size, size).contiguous(memory_format=fmt),
+        torch.randint(0, config.num_classes, (batch,)),
+    )
+    simulated = step(
+        simulate_module._phantom_model(config, None, "fp32", fmt == torch.channels_last),
+        phantom(torch.empty(prime, 3, size, size, device="meta").contiguous(memory_format=fmt)),
+        phantom(torch.zeros(prime, dtype=torch.long, device="meta")),
+    )
+    assert simulated[1] == real[1]
+    assert max(simulated[0]) == max(real[0])
+    # on real tensors, autograd's accumulation into .grad hands the tracker a tensor whose storage
+    # it cannot tell from a new one (its data pointer reads 0): that op counts one gradient twice
+    largest = max(p.numel() * p.element_size() for p in model_class()(**config.to_kwargs()).parameters())
+    assert all(abs(s - r) <= largest for s, r in zip(simulated[0], real[0], strict=True))
 
 
-def test_the_shortcut_makes_what_the_op_makes_and_leaves_the_rest():
-    """Outputs shaped like the op's own (dtype, size, memory format, the out= tensors returned);
-    an op it does not know, or an argument it cannot describe, runs the op itself."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
+def _real(t):
+    """A CPU tensor of ``t``'s sizes, strides and dtype (zeros: indices must be valid)."""
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype).zero_() if isinstance(t, torch.Tensor) else t
 
-    shortcut, aten = Shortcut(), torch.ops.aten
-    with FakeTensorMode():
-        x = torch.empty(5, 6, 4, 3, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
-        w, rm, rv = torch.empty(6), torch.empty(6), torch.empty(6)
-        for func, args in (
-            (aten._batch_norm_with_update.default, (x, w, w, rm, rv, 0.1, 1e-5)),
-            (aten.native_batch_norm_backward.default, (x, x, w, None, None, rm, rv, True, 1e-5, [True, False, True])),
-        ):
-            fast, real = shortcut(func, args, {}), func(*args)
-            assert len(fast) == len(real)
-            for f, r in zip(fast, real, strict=True):
-                assert (f is None) == (r is None)
-                if r is not None:
-                    assert (f.shape, f.stride(), f.dtype) == (r.shape, r.stride(), r.dtype)
-                    assert f.untyped_storage()._cdata != x.untyped_storage()._cdata
-        g = torch.empty(5, 6, 4, 3)
-        assert shortcut(aten.threshold_backward.grad_input, (g, g, 0), {"grad_input": g}) is g
-        assert shortcut(aten.mul.Tensor, (g, g), {}) is NotImplemented  # not one of SLOW
-        assert shortcut(aten.threshold_backward.default, (g, [g], 0), {}) is NotImplemented  # tensors in a list
-        # add: type promotion read off the op; a broadcast, or a probe the op refuses, runs the op
-        half = torch.empty(5, 6, 4, 3, dtype=torch.bfloat16)
-        summed = shortcut(aten.add.Tensor, (half, g), {})
-        assert (summed.shape, summed.dtype) == ((5, 6, 4, 3), torch.float32)
-        assert shortcut(aten.add.Tensor, (g, torch.empty(5, 6, 4, 1)), {}) is NotImplemented
-        assert shortcut(aten.add.Tensor, (g, torch.empty(6)), {}) is NotImplemented  # (6,) meets W=3
-        odd = torch.empty(6, 2)  # neither per channel nor empty
-        assert shortcut(aten.native_batch_norm.default, (g, odd, None, None, None, True, 0.1, 1e-5), {}) is NotImplemented
-        # an out= tensor the op would resize, positional or by name: the op runs itself
-        for size in (3, 5):
-            small = {"out": torch.empty_like(g), "save_mean": torch.empty(size), "save_invstd": torch.empty(size)}
-            call = (aten.native_batch_norm.out, (g, w, w, rm, rv, True, 0.1, 1e-5), small)
-            assert shortcut(*call) is NotImplemented
-        # a transposed input: its output keeps its stride order, which the small call cannot show
-        t = torch.empty(5, 6, 3, 4).transpose(2, 3)
-        assert shortcut(aten._batch_norm_with_update.default, (t, w, w, rm, rv, 0.1, 1e-5), {}) is NotImplemented
-        # a slice along the channels (what the engine passes) is taken
-        buf = torch.empty(5, 9, 4, 3)
-        fast = shortcut(aten._batch_norm_with_update.default, (buf[:, :6], w, w, rm, rv, 0.1, 1e-5), {})
-        assert fast is not NotImplemented and fast[0].shape == (5, 6, 4, 3) and fast[0].is_contiguous()
-    assert aten.mul.Tensor not in SLOW
+
+def _meta(t):
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta") if isinstance(t, torch.Tensor) else t
 
 
 def _outputs(out, inputs):
-    """Each output's shape, strides, dtype, device, storage bytes and which inputs it aliases."""
+    """Each output's shape, strides, dtype, storage bytes and which inputs it aliases."""
     return [
         None
         if t is None
         else (
-            t.shape, t.stride(), t.dtype, t.device, t.untyped_storage().nbytes(),
+            t.shape, t.stride(), t.dtype, t.untyped_storage().nbytes(),
             [i for i, a in enumerate(inputs) if a.untyped_storage()._cdata == t.untyped_storage()._cdata],
         )
-        for t in (out if isinstance(out, tuple) else (out,))
+        for t in (out if isinstance(out, (tuple, list)) else (out,))
     ]  # fmt: skip
 
 
-def _fakeable(device):
-    from torch._subclasses.fake_tensor import FakeTensorMode
+def _same_as_real(shortcut, func, args, kwargs=None, batch=5):
+    """The shortcut's outputs on meta tensors against the op's own on real CPU tensors."""
+    kwargs = kwargs or {}
+    meta = shortcut(func, tree_map(_meta, args), tree_map(_meta, kwargs), batch)
+    assert meta is not NotImplemented, func
+    real_args, real_kwargs = tree_map(_real, args), tree_map(_real, kwargs)
+    inputs = [a for a in leaves((real_args, real_kwargs)) if isinstance(a, torch.Tensor)]
+    real = func(*real_args, **real_kwargs)
+    meta_inputs = [a for a in leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+    assert [o[:3] for o in _outputs(meta, meta_inputs) if o] == [o[:3] for o in _outputs(real, inputs) if o], func
+    return meta
 
-    try:
-        with FakeTensorMode():
-            torch.empty(1, device=device)
-    except Exception:  # noqa: BLE001 (a build that cannot fake the device)
-        return False
-    return True
 
-
-@pytest.mark.parametrize("device", ["meta", "cuda"])
-def test_the_shortcut_makes_its_outputs_on_the_inputs_device(device):
-    """Fake tensors of another device than the CPU (a CUDA one fakes on a CPU-only machine): the
-    outputs are on that device, as the op's own are, and a pattern learnt on the CPU is not reused."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    if not _fakeable(device):
-        pytest.skip(f"this torch cannot fake {device} tensors")
+def test_the_shortcut_makes_what_the_op_makes_and_leaves_the_rest():
+    """Batch norm's outputs shaped like the real kernel's (dtype, size, memory format, the out=
+    tensors returned: float32 statistics for a bf16 map, as the CPU kernel keeps them); an op it
+    does not know, or an argument it cannot describe, runs the op itself."""
     shortcut, aten = Shortcut(), torch.ops.aten
-    with FakeTensorMode():
-        for dev in ("cpu", device):  # the CPU's pattern first: the other device must not take it
-            x = torch.empty(5, 6, 4, 3, device=dev)
-            w = torch.empty(6, device=dev)
-            for func, args in (
-                (aten.add.Tensor, (x, x)),
-                (aten.threshold_backward.default, (x, x, 0)),
-                (aten.native_batch_norm.default, (x, w, w, w.clone(), w.clone(), True, 0.1, 1e-5)),
-            ):
-                fast = shortcut(func, args, {})
-                assert fast is not NotImplemented
-                assert _outputs(fast, [x, w]) == _outputs(func(*args), [x, w]), (func, dev)
-                assert all(t.device == x.device for t in (fast if isinstance(fast, tuple) else (fast,)))
+    x = torch.empty(5, 6, 4, 3, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    w, rm, rv = torch.empty(6), torch.empty(6), torch.empty(6)
+    for func, args in (
+        (aten._batch_norm_with_update.default, (x, w, w, rm, rv, 0.1, 1e-5)),
+        (aten.native_batch_norm_backward.default, (x, x, w, None, None, rm, rv, True, 1e-5, [True, False, True])),
+        (aten.batch_norm_update_stats.default, (x, rm, rv, 0.0)),  # no meta kernel at all
+    ):
+        _same_as_real(shortcut, func, args)
+    g = torch.empty(5, 6, 4, 3, device="meta")
+    assert shortcut(aten.threshold_backward.grad_input, (g, g, 0), {"grad_input": g}, 5) is g
+    assert shortcut(aten.view.default, (g, [5, 72]), {}, 5) is NotImplemented  # a native meta kernel: it runs
+    assert shortcut(aten.threshold_backward.default, (g, [g], 0), {}, 5) is NotImplemented  # refused: the op says why
+    # add: type promotion read off the op; a broadcast is probed on real tensors
+    half = torch.empty(5, 6, 4, 3, dtype=torch.bfloat16)
+    summed = _same_as_real(shortcut, aten.add.Tensor, (half, torch.empty(5, 6, 4, 3)))
+    assert summed.dtype == torch.float32
+    _same_as_real(shortcut, aten.add.Tensor, (torch.empty(5, 6, 4, 3), torch.empty(5, 6, 4, 1)))
+    # a transposed input: its output keeps its stride order, as the real op's does
+    t = torch.empty(5, 6, 3, 4).transpose(2, 3)
+    _same_as_real(shortcut, aten._batch_norm_with_update.default, (t, w, w, rm, rv, 0.1, 1e-5))
+    # a slice along the channels (what the engine passes)
+    buf = torch.empty(5, 9, 4, 3)
+    fast = _same_as_real(shortcut, aten._batch_norm_with_update.default, (buf[:, :6], w, w, rm, rv, 0.1, 1e-5))
+    assert fast[0].shape == (5, 6, 4, 3) and fast[0].is_contiguous()
+    assert aten.view.default not in SLOW
+
+
+def test_the_small_calls_find_the_batch_and_leave_views_to_the_op():
+    """Ops with Python meta kernels run on real tensors with the batch replaced: the loss, the
+    classifier, the pooled features, the statistics' ``stack`` into an ``out=`` slice; a dimension
+    that only equals the batch is kept; a view of an input runs the op itself."""
+    shortcut, aten = Shortcut(), torch.ops.aten
+    logits, target = torch.empty(7, 10), torch.zeros(7, dtype=torch.long)
+    out = _same_as_real(shortcut, aten.nll_loss_forward.default, (logits, target, None, 1, -100), batch=7)
+    assert out[0].shape == ()
+    _same_as_real(shortcut, aten._log_softmax.default, (logits, 1, False), batch=7)
+    _same_as_real(shortcut, aten.addmm.default, (torch.empty(10), torch.empty(7, 48), torch.empty(48, 10)), batch=7)
+    _same_as_real(shortcut, aten.mean.dim, (torch.empty(7, 48, 2, 2), [-1, -2], True), batch=7)
+    rows = torch.empty(2, 12)
+    stacked = _same_as_real(
+        shortcut, aten.stack.out, ([torch.empty(6), torch.empty(6)],), {"out": rows[:, 3:9]}, batch=7
+    )
+    assert stacked.shape == (2, 6)
+    # the batch of 7 beside a dimension of 7 that is not the batch
+    square = _same_as_real(shortcut, aten.mm.default, (torch.empty(7, 7), torch.empty(7, 3)), batch=11)
+    assert square.shape == (7, 3)
+    assert shortcut(aten.narrow.default, (torch.empty(7, 3, device="meta"), 0, 0, 2), {}, 7) is NotImplemented
 
 
 def test_the_shortcut_tells_scalars_of_different_types_apart():
     """``alpha=2`` and ``alpha=2.0`` are equal keys of a dict, but an integer add refuses the float
     one: the shortcut must not answer it with the integer one's outputs."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     shortcut, add = Shortcut(), torch.ops.aten.add.Tensor
-    with FakeTensorMode():
-        i = torch.empty(5, 6, 4, 3, dtype=torch.int64)
-        assert shortcut(add, (i, i), {"alpha": 2}).dtype == torch.int64
-        with pytest.raises(Exception, match="alpha"):
-            add(i, i, alpha=2.0)
-        assert shortcut(add, (i, i), {"alpha": 2.0}) is NotImplemented
+    i = torch.empty(5, 6, 4, 3, dtype=torch.int64, device="meta")
+    assert shortcut(add, (i, i), {"alpha": 2}, 7).dtype == torch.int64
+    with pytest.raises(Exception, match="alpha"):
+        add(torch.zeros(2, dtype=torch.int64), torch.zeros(2, dtype=torch.int64), alpha=2.0)
+    assert shortcut(add, (i, i), {"alpha": 2.0}, 7) is NotImplemented
 
 
 def test_the_shortcut_gives_the_op_s_strides_on_maps_with_a_size_one_dimension():
     """A dimension of size 1 leaves a map's memory format ambiguous and its stride free: the op keeps
     a dense input's strides or orders its output by its inputs' strides, which the small call (no
-    such dimension) cannot show. The outputs match the op's, strides included, or the op runs."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
+    such dimension) cannot show. The outputs match the real op's, strides included."""
     shortcut, aten = Shortcut(), torch.ops.aten
-    with FakeTensorMode():
-        w = torch.empty(6)
-        contiguous = torch.empty(5, 6, 1, 3)
-        nhwc = torch.empty(5, 6, 1, 3).contiguous(memory_format=torch.channels_last)
-        transposed = torch.empty(5, 6, 3, 1).transpose(2, 3)  # dense, its H stride 1
-        one_image = torch.empty(6, 1, 4, 3).transpose(0, 1)  # dense, its N stride 12
-        for func, args in (
-            (aten.add.Tensor, (nhwc, contiguous)),
-            (aten.add.Tensor, (contiguous, nhwc)),
-            (aten._batch_norm_with_update.default, (transposed, w, w, w.clone(), w.clone(), 0.1, 1e-5)),
-            (aten._batch_norm_with_update.default, (one_image, w, w, w.clone(), w.clone(), 0.1, 1e-5)),
-        ):
-            inputs = [a for a in args if isinstance(a, torch.Tensor)]
-            fast = shortcut(func, args, {})
-            if fast is not NotImplemented:
-                assert _outputs(fast, inputs) == _outputs(func(*args), inputs), (func, args[0].stride())
+    w = torch.empty(6)
+    contiguous = torch.empty(5, 6, 1, 3)
+    nhwc = torch.empty(5, 6, 1, 3).contiguous(memory_format=torch.channels_last)
+    transposed = torch.empty(5, 6, 3, 1).transpose(2, 3)  # dense, its H stride 1
+    one_image = torch.empty(6, 1, 4, 3).transpose(0, 1)  # dense, its N stride 12
+    for func, args in (
+        (aten.add.Tensor, (nhwc, contiguous)),
+        (aten.add.Tensor, (contiguous, nhwc)),
+        (aten._batch_norm_with_update.default, (transposed, w, w, w.clone(), w.clone(), 0.1, 1e-5)),
+        (aten._batch_norm_with_update.default, (one_image, w, w, w.clone(), w.clone(), 0.1, 1e-5)),
+    ):
+        meta = shortcut(func, tree_map(_meta, args), {}, 7)
+        if meta is not NotImplemented:
+            real = func(*tree_map(_real, args))
+            assert [o[:3] for o in _outputs(meta, [])] == [o[:3] for o in _outputs(real, [])], func
 
 
 def test_the_shortcut_slices_as_the_op_slices_and_writes_in_place_without_running():
     """``slice`` as one ``as_strided``: the same view (sizes, strides, offset, storage) for every
     kind of bound ``at::slice`` clamps; the in-place ops return the tensor they write, unchanged,
-    and real tensors (no fake mode) are left to the ops."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
+    and real tensors are left to the ops."""
     shortcut, aten = Shortcut(), torch.ops.aten
-    with FakeTensorMode():
-        x = torch.empty(5, 6, 4, 3)[:, 1:]  # a view already: its offset carries over
-        cl = torch.empty(5, 6, 4, 3).contiguous(memory_format=torch.channels_last)
-        for t in (x, cl):
-            for args in (
-                (1, 0, 2), (1, 2, None), (1, -3, -1), (1, None, 2**63 - 1), (1, 7, 9), (1, 3, 1),
-                (-1, 0, 3, 2), (0, -100, 100), (2, 1, 4, 3), (3, -2, None),
-            ):  # fmt: skip
-                fast, real = shortcut(aten.slice.Tensor, (t, *args), {}), aten.slice.Tensor(t, *args)
-                assert _outputs(fast, [t]) == _outputs(real, [t]), args
-                assert fast.storage_offset() == real.storage_offset(), args
-        for func, args in (
-            (aten.add_.Tensor, (x, x)),
-            (aten.mul_.Tensor, (cl, 2.0)),
-            (aten.relu_.default, (x,)),
-            (aten.copy_.default, (cl, x.contiguous(memory_format=torch.channels_last).to(torch.bfloat16))),
-            (aten.zero_.default, (x,)),
-        ):
-            assert shortcut(func, args, {}) is args[0], func
-        count = torch.tensor(0.0)  # the fake mode keeps its value (Adam's step count)
-        assert shortcut(aten.add_.Tensor, (count, 1), {}) is NotImplemented
+    x = torch.empty(5, 6, 4, 3, device="meta")[:, 1:]  # a view already: its offset carries over
+    cl = torch.empty(5, 6, 4, 3, device="meta").contiguous(memory_format=torch.channels_last)
+    for t in (x, cl):
+        for args in (
+            (1, 0, 2), (1, 2, None), (1, -3, -1), (1, None, 2**63 - 1), (1, 7, 9), (1, 3, 1),
+            (-1, 0, 3, 2), (0, -100, 100), (2, 1, 4, 3), (3, -2, None),
+        ):  # fmt: skip
+            fast, real = shortcut(aten.slice.Tensor, (t, *args), {}, 7), aten.slice.Tensor(t, *args)
+            assert _outputs(fast, [t]) == _outputs(real, [t]), args
+            assert fast.storage_offset() == real.storage_offset(), args
+    for func, args in (
+        (aten.add_.Tensor, (x, x)),
+        (aten.mul_.Tensor, (cl, 2.0)),
+        (aten.relu_.default, (x,)),
+        (aten.copy_.default, (cl, x.contiguous(memory_format=torch.channels_last).to(torch.bfloat16))),
+        (aten.zero_.default, (x,)),
+    ):
+        assert shortcut(func, args, {}, 7) is args[0], func
     real = torch.ones(3)
-    assert shortcut(aten.add_.Tensor, (real, real), {}) is NotImplemented
-    assert shortcut(aten.slice.Tensor, (real, 0, 1), {}) is NotImplemented
+    assert shortcut(aten.add_.Tensor, (real, real), {}, 7) is NotImplemented
+    assert shortcut(aten.slice.Tensor, (real, 0, 1), {}, 7) is NotImplemented
     assert real.tolist() == [1.0, 1.0, 1.0]
 
 
 def test_the_shortcut_leaves_a_slice_the_op_refuses_to_the_op():
     """A dimension out of range (which ``dim % x.dim()`` would wrap into another dimension's
     slice) and a 0-dim tensor (a modulo by zero) raise the op's own error, not a wrong view."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     shortcut, slice_ = Shortcut(), torch.ops.aten.slice.Tensor
-    with FakeTensorMode():
-        x, scalar = torch.empty(5, 6, 4, 3), torch.empty(())
-        for t, args in ((x, (4, 0, 2)), (x, (-5, 0, 2)), (scalar, (0, 0, 1))):
-            assert shortcut(slice_, (t, *args), {}) is NotImplemented, args
-            with pytest.raises((IndexError, RuntimeError), match="range|0-dim"):
-                slice_(t, *args)
+    x, scalar = torch.empty(5, 6, 4, 3, device="meta"), torch.empty((), device="meta")
+    for t, args in ((x, (4, 0, 2)), (x, (-5, 0, 2)), (scalar, (0, 0, 1))):
+        assert shortcut(slice_, (t, *args), {}, 7) is NotImplemented, args
+        with pytest.raises((IndexError, RuntimeError), match="range|0-dim"):
+            slice_(t, *args)
 
 
-def test_the_fake_model_is_built_without_initialising_its_parameters():
+@pytest.mark.parametrize(
+    ("shape", "weight", "stride", "padding", "fmt"),
+    [
+        ((2, 3, 33, 31), (64, 3, 7, 7), 2, 3, torch.contiguous_format),  # the ImageNet stem
+        ((2, 40, 9, 9), (48, 40, 1, 1), 1, 0, torch.channels_last),
+        ((2, 48, 9, 9), (12, 48, 3, 3), 1, 1, torch.contiguous_format),
+        ((2, 48, 9, 9), (12, 48, 3, 3), 1, 1, torch.channels_last),
+    ],
+)
+def test_phantom_convolutions_are_shaped_and_laid_out_as_the_real_ones(shape, weight, stride, padding, fmt):
+    """The conv rules (the meta kernel leaves every output contiguous): outputs and gradients of the
+    sizes, dtypes and memory formats of ATen's CPU convolution on the same tensors."""
+    x = torch.randn(shape).contiguous(memory_format=fmt)
+    w = torch.randn(weight).contiguous(memory_format=fmt).requires_grad_()
+    xp = phantom(_meta(x)).requires_grad_()
+    wp = phantom(_meta(w)).requires_grad_()
+    real = F.conv2d(x.requires_grad_(), w, stride=stride, padding=padding)
+    fake = F.conv2d(xp, wp, stride=stride, padding=padding)
+    assert (fake.shape, fake.stride(), fake.dtype) == (real.shape, real.stride(), real.dtype)
+    real.backward(torch.ones_like(real))
+    fake.backward(phantom(_meta(torch.ones_like(real))))
+    for r, f in ((x.grad, xp.grad), (w.grad, wp.grad)):
+        assert (f.shape, f.dtype, f.device) == (r.shape, r.dtype, r.device)
+
+
+def test_phantom_tensors_make_what_the_ops_make_and_real_ones_stay_real():
+    """Factories and ops on phantom tensors give phantom tensors on the same device; an in-place op
+    returns the tensor it was given; ops on ordinary tensors alone run for real."""
+    x = phantom(torch.empty(4, 3, device="meta"))
+    assert isinstance(x * 2, Phantom) and (x * 2).device.type == "cpu"
+    assert x.add_(1) is x and x.shape == (4, 3)
+    step = torch.tensor(0.0)
+    step += 1  # the optimizer's step count: real, read on the host
+    assert step.item() == 1.0
+    mixed = x + torch.tensor(2.0)
+    assert isinstance(mixed, Phantom) and mixed.shape == (4, 3)
+    assert repr(x) == "Phantom((4, 3), dtype=torch.float32, device=cpu)"
+
+
+def test_the_simulated_model_is_built_without_initialising_its_parameters():
     """Building the simulated model on the meta device runs none of torch.nn.init's ops (Python
     decompositions on meta tensors), and makes every parameter and buffer all the same."""
     from torch.utils._python_dispatch import TorchDispatchMode

@@ -1,4 +1,4 @@
-"""Training-step memory, read off the step itself simulated on fake tensors, and what follows from it.
+"""Training-step memory, read off the step itself simulated on phantom tensors, and what follows from it.
 
 One job per module, each importing only those before it:
 
@@ -7,8 +7,9 @@ One job per module, each importing only those before it:
 * :mod:`.options` - what the functions accept, checked once.
 * :mod:`.parameters` - parameter counts and channel widths from a config.
 * :mod:`.recompute` - the time side: recomputation a plan adds (:func:`extra_time`).
-* :mod:`.shortcut` - fast fake outputs for the ops whose fake kernels decompose in Python.
-* :mod:`.simulate` - the training step on fake tensors, live bytes counted per op.
+* :mod:`.phantom` - tensors that say they are on the CPU and hold a meta tensor: the ops' meta kernels.
+* :mod:`.shortcut` - outputs of the ops whose meta kernels are Python (or missing), from small real calls.
+* :mod:`.simulate` - the training step on phantom tensors, live bytes counted per op.
 * :mod:`.allocator` - what a device holds beyond the tensors (CPU runtime, CUDA rounding, context).
 * :mod:`.store` - simulations kept on disk, read back by later processes.
 * :mod:`.estimate` - :class:`MemoryEstimate` and :func:`estimate_memory`.

@@ -127,7 +127,7 @@ def estimate_memory(
     synchronised step runs the engine's synchronised path with simulated collectives: its
     gathered statistics and its backward's temporaries are counted, per process.
 
-    The step runs on fake tensors (:func:`~.simulate.simulate`, cached per setting: one
+    The step runs on phantom tensors (:func:`~.simulate.simulate`, cached per setting: one
     simulation answers every batch size); a model of more than :data:`MAX_SIMULATED_LAYERS` dense
     layers is refused with a :class:`~densenet_efficient.errors.UsageError`.
 

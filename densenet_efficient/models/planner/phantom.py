@@ -64,46 +64,56 @@ def run(func: Any, args: tuple, kwargs: dict, kernel: Any = None) -> Any:
     """``func(*args, **kwargs)`` with phantom tensors: the op on their meta tensors (through
     ``kernel(func, args, kwargs)`` when given: NotImplemented there runs the op), its outputs
     wrapped; an op's output that is one of its inputs (in-place, ``out=``) is that input."""
-    device: torch.device | None = None
-    inputs: dict[int, Phantom] = {}
-    real = False
-
-    def unwrap(t: Any) -> Any:
-        nonlocal device, real
-        if isinstance(t, Phantom):
-            device = t.device
-            inputs[id(t.elem)] = t
-            return t.elem
-        if isinstance(t, torch.Tensor):
-            real = True
-        return t
-
-    margs, mkwargs = tree_map(unwrap, args), tree_map(unwrap, kwargs)
-    if device is None:
+    found: list[Phantom] = []
+    real: list[torch.Tensor] = []
+    margs = tuple(_unwrap(a, found, real) for a in args)
+    mkwargs = {k: _unwrap(v, found, real) for k, v in kwargs.items()} if kwargs else {}
+    if not found:
         if real or not _makes(func):  # ordinary tensors only, or none made: the op runs as it is
             return func(*args, **kwargs)
         # a factory: made on the meta device, said to be on the one asked for
         device = torch.device(mkwargs.get("device") or "cpu")
         mkwargs["device"] = _META
-    elif real or "device" in mkwargs:
-        if mkwargs.get("device") is not None:
-            device = torch.device(mkwargs["device"])
-            mkwargs["device"] = _META
-        margs, mkwargs = tree_map(_to_meta, margs), tree_map(_to_meta, mkwargs)
+    else:
+        device = found[0].device
+        if real or "device" in mkwargs:
+            if mkwargs.get("device") is not None:
+                device = torch.device(mkwargs["device"])
+                mkwargs["device"] = _META
+            margs, mkwargs = tree_map(_to_meta, margs), tree_map(_to_meta, mkwargs)
     rule = _RULES.get(func)
     out = NotImplemented if rule is None else rule(*args, **kwargs)
     if out is NotImplemented and kernel is not None:
         out = kernel(func, margs, mkwargs)
     if out is NotImplemented:
         out = func(*margs, **mkwargs)
+    if isinstance(out, torch.Tensor):
+        return _wrap(out, found, device)
+    return tree_map(lambda t: _wrap(t, found, device) if isinstance(t, torch.Tensor) else t, out)
 
-    def wrap(t: Any) -> Any:
-        if isinstance(t, torch.Tensor):
-            same = inputs.get(id(t))
-            return Phantom(t, device) if same is None else same
-        return t
 
-    return tree_map(wrap, out)
+def _unwrap(t: Any, found: list[Phantom], real: list[torch.Tensor]) -> Any:
+    """``t`` with its phantom tensors' meta tensors in their place (noted in ``found``; ordinary
+    tensors in ``real``). A module function: a nested one calling itself would be a reference
+    cycle holding the op's tensors until the garbage collector runs, not until the op returns."""
+    kind = type(t)
+    if kind is Phantom:
+        found.append(t)
+        return t.elem
+    if kind is tuple or kind is list:
+        return kind(_unwrap(v, found, real) for v in t)
+    if isinstance(t, torch.Tensor):
+        real.append(t)
+    return t
+
+
+def _wrap(t: torch.Tensor, inputs: list[Phantom], device: torch.device) -> Phantom:
+    """``t`` as a phantom tensor: the input that holds it when the op returned one (in-place,
+    ``out=``), else a new one."""
+    for p in inputs:
+        if p.elem is t:
+            return p
+    return Phantom(t, device)
 
 
 def tree_map(fn: Any, x: Any) -> Any:
@@ -139,10 +149,11 @@ def _to_meta(t: Any) -> Any:
     return t.to(_META) if isinstance(t, torch.Tensor) and not t.is_meta else t
 
 
-def _conv_format(x: torch.Tensor, w: torch.Tensor, bias: Any, bias_sizes: Any, stride: Any, padding: Any,
-                 dilation: Any, transposed: bool, output_padding: Any, groups: int) -> torch.memory_format:
-    """The memory format ATen's convolution backend gives its outputs on the phantoms' device
-    (the meta kernel cannot tell: it has no device)."""
+def _conv_format(x: torch.Tensor, w: torch.Tensor, bias: Any, bias_sizes: Any, conv: tuple) -> torch.memory_format:
+    """The memory format ATen's convolution gives its outputs on the phantom tensors' device: the
+    backend it would pick for them, and that backend's format (the meta kernel, which has no
+    device, leaves every output contiguous; torch's fake tensors ask the same two functions)."""
+    stride, padding, dilation, transposed, output_padding, groups = conv
     backend = torch._C._select_conv_backend(
         x, w, bias=bias, stride=stride, padding=padding, dilation=dilation, transposed=transposed,
         output_padding=output_padding, groups=groups, bias_sizes=bias_sizes,
@@ -150,20 +161,26 @@ def _conv_format(x: torch.Tensor, w: torch.Tensor, bias: Any, bias_sizes: Any, s
     return torch._C._conv_determine_backend_memory_format(x, w, backend)
 
 
-def _convolution(x, w, bias, stride, padding, dilation, transposed, output_padding, groups):  # noqa: ANN001, ANN202
+def _convolution(x: torch.Tensor, w: torch.Tensor, bias: Any, *conv: Any) -> Any:
+    """``aten.convolution`` on phantom tensors: its output's size (``nn.Conv2d``'s formula) in the
+    backend's memory format. Transposed or non-2D convolutions take the meta kernel."""
+    stride, padding, dilation, transposed = conv[:4]
     if transposed or x.dim() != 4:
         return NotImplemented
-    fmt = _conv_format(x, w, bias, None, stride, padding, dilation, transposed, output_padding, groups)
     size = [x.shape[0], w.shape[0]]
     for d in range(2):
         size.append((x.shape[2 + d] + 2 * padding[d] - dilation[d] * (w.shape[2 + d] - 1) - 1) // stride[d] + 1)
+    fmt = _conv_format(x, w, bias, None, conv)
     return torch.empty(size, dtype=x.dtype, device=_META, memory_format=fmt)
 
 
-def _convolution_backward(g, x, w, bias_sizes, stride, padding, dilation, transposed, output_padding, groups, mask):  # noqa: ANN001, ANN202, E501
-    if transposed or x.dim() != 4:
+def _convolution_backward(g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias_sizes: Any, *rest: Any) -> Any:
+    """``aten.convolution_backward`` on phantom tensors: the gradients asked for (``rest[-1]``),
+    shaped like the input, the weight and the bias, the first two in the backend's format."""
+    *conv, mask = rest
+    if conv[3] or x.dim() != 4:
         return NotImplemented
-    fmt = _conv_format(x, w, None, bias_sizes, stride, padding, dilation, transposed, output_padding, groups)
+    fmt = _conv_format(x, w, None, bias_sizes, tuple(conv))
     return (
         torch.empty(x.shape, dtype=g.dtype, device=_META, memory_format=fmt) if mask[0] else None,
         torch.empty(w.shape, dtype=g.dtype, device=_META, memory_format=fmt) if mask[1] else None,
@@ -172,4 +189,6 @@ def _convolution_backward(g, x, w, bias_sizes, stride, padding, dilation, transp
 
 
 _aten = torch.ops.aten
+#: Ops whose meta kernel cannot give what they make on a device: made here, from the phantom
+#: tensors themselves.
 _RULES = {_aten.convolution.default: _convolution, _aten.convolution_backward.default: _convolution_backward}

@@ -1,27 +1,33 @@
-"""Fake outputs for the ops whose fake kernel costs a simulation most: Python decompositions.
+"""Outputs of ops on phantom tensors (:mod:`.phantom`) without torch's Python meta kernels.
 
-On fake tensors, batch norm's forward and backward and ReLU's backward run torch's Python
-decompositions, 1-10 ms a call against 0.1-0.3 ms for most ops: about half of a simulated step's
-time (and ``add``, which sums each feature map's gradient in a naive step's backward, takes
-0.5 ms). The simulation (:class:`~.simulate.LiveBytes`) counts only the
-storages an op returns, and these ops return tensors shaped like their input, one value per
-channel, empty tensors or the ``out=`` tensors they were given. So :class:`Shortcut` calls the op
-itself once per pattern (the op, its arguments' dtypes, devices, memory formats and settings, each
-setting with its type) on small fake tensors, notes which of those each output is, and gives every
-later call of the pattern fresh fake tensors of the real sizes: the outputs torch's fake kernel
-would give, in a fraction of the time. Nothing about the ops is written here; an output of any
-other kind (an input returned, a resized ``out=``) makes the pattern fall back to the op itself,
-and so does a map with a dimension of size 1 (its memory format ambiguous and that dimension's
-stride free: the op keeps a dense input's strides or orders its output by its inputs', which the
-small call cannot show).
+Many ops' meta kernels are Python decompositions: batch norm's forward and backward, ReLU's
+backward, the loss, the pooling layers, ``stack``, most elementwise ops. They cost 1-10 ms a call
+against 0.01-0.1 ms for ATen's own, and the first one imports torch's compiler stack (about a
+second); ``batch_norm_update_stats`` has none at all. The simulation (:class:`~.simulate.LiveBytes`)
+counts only the storages an op returns, so :class:`Shortcut` makes those outputs from the op's
+own kernel run on small real CPU tensors, once per pattern:
 
-Two kinds need no probe: an in-place op that changes only values (:data:`IN_PLACE`) returns the
-tensor it writes, which a fake tensor's values-free metadata makes exact (unless the fake mode
-keeps that tensor's value, as it does for an optimizer's step count; the checks such an op makes
-of its arguments, broadcasting and casting, are skipped with it: the simulation runs the code the
-step runs for real, not a test of it); and ``slice`` is the
-``as_strided`` view torch's own decomposition makes, without the decomposition.
-tests/models/test_planner.py holds whole simulations equal with and without the shortcut.
+* batch norm, ReLU's backward and ``add`` on maps (:data:`SLOW`) return tensors shaped like their
+  input map, one value per channel, empty tensors or the ``out=`` tensors they were given: the op
+  runs once per pattern (the op, its arguments' dtypes, memory formats and settings, each setting
+  with its type) on a small map, and every later call of the pattern gets fresh tensors of the real
+  sizes of the kinds it returned. An output of any other kind (an input returned, a resized
+  ``out=``) makes the pattern fall back, and so does a map with a dimension of size 1 (its memory
+  format ambiguous and that dimension's stride free: the op keeps a dense input's strides or
+  orders its output by its inputs', which the small call cannot show);
+* every other op with a Python meta kernel (or none) runs once per pattern (the op, its
+  arguments' shapes, strides and dtypes, every other argument with its type) on real tensors of
+  the same shapes with the batch replaced by 2 and then by 3: a dimension of its outputs that is 2
+  and then 3 is the batch, one that stays is not, and anything else (a view of an input, strides
+  that change with the batch) falls back to the op's own kernel;
+* an in-place op that changes only values (:data:`IN_PLACE`) returns the tensor it writes, which a
+  phantom tensor's value-free metadata makes exact (the checks such an op makes of its arguments,
+  broadcasting and casting, are skipped with it: the simulation runs the code the step runs for
+  real, not a test of it); and ``slice`` is the ``as_strided`` view torch's own decomposition
+  makes, without the decomposition.
+
+Nothing about the ops is written here. tests/models/test_planner.py holds a simulated step equal,
+op by op, to the same step on real tensors.
 """
 
 from __future__ import annotations
@@ -31,7 +37,6 @@ from typing import Any
 
 import torch
 from torch._prims_common import suggest_memory_format
-from torch._subclasses.fake_tensor import FakeTensor
 
 from .phantom import leaves, tree_map
 
@@ -39,7 +44,7 @@ __all__ = ["Shortcut"]
 
 _aten = torch.ops.aten
 
-#: The ops taken through :class:`Shortcut`: those whose fake kernel decomposes in Python.
+#: The ops on maps learnt from one small call: those whose meta kernel decomposes in Python.
 SLOW = frozenset(
     {
         _aten.native_batch_norm.default,
@@ -55,7 +60,7 @@ SLOW = frozenset(
 )
 
 #: In-place ops that change only the values of the tensor they write, never its size, strides or
-#: storage: on fake tensors, which hold no values, their output is their first argument as it is.
+#: storage: on meta tensors, which hold no values, their output is their first argument as it is.
 #: (The gradient sums of a block's backward, the optimizer's updates, the engine's ReLUs and copies.)
 IN_PLACE = frozenset(
     {_aten.add_.Tensor, _aten.mul_.Tensor, _aten.relu_.default, _aten.copy_.default, _aten.zero_.default}
@@ -86,15 +91,15 @@ def _storage(t: torch.Tensor) -> int:
     return t.untyped_storage()._cdata
 
 
-def _fake(t: Any) -> bool:
-    """A fake tensor without a value: the fake mode keeps the values of small tensors made from
-    constants (an optimizer's step count, which Adam reads), and its ops must run to update them."""
-    return isinstance(t, FakeTensor) and t.constant is None or t.is_meta
+def _valueless(t: Any) -> bool:
+    """A tensor without values (the meta tensor a phantom holds): an op that only writes values
+    into it changes nothing the simulation sees. Real tensors (an optimizer's step count) run."""
+    return isinstance(t, torch.Tensor) and t.is_meta
 
 
 def _slice(x: torch.Tensor, dim: int = 0, start: int | None = None, end: int | None = None, step: int = 1) -> Any:
     """``x.slice(dim, start, end, step)`` as the view ATen makes (its bounds clamped as
-    ``at::slice`` clamps them), through one ``as_strided``: a fake ``slice`` takes a Python
+    ``at::slice`` clamps them), through one ``as_strided``: a meta ``slice`` takes a Python
     decomposition and then that same ``as_strided``, about twice the time."""
     if step <= 0 or not -x.dim() <= dim < x.dim():
         return NotImplemented  # the op says why (a 0-dim tensor, a dimension out of range)
@@ -112,20 +117,20 @@ def _slice(x: torch.Tensor, dim: int = 0, start: int | None = None, end: int | N
 
 
 class Shortcut:
-    """``shortcut(func, args, kwargs)``: the outputs of ``func``, or ``NotImplemented`` when it
-    must run itself. Call it inside the fake mode (its small calls make fake tensors)."""
+    """``shortcut(func, args, kwargs, batch)``: the outputs of ``func`` on meta tensors whose
+    batch-sized dimensions are ``batch``, or ``NotImplemented`` when it must run itself."""
 
     def __init__(self) -> None:
         self.patterns: dict[Any, Any] = {}
         self.small: dict[Any, Any] = {}
 
-    def __call__(self, func: Any, args: tuple, kwargs: dict, batch: int | None = None) -> Any:
+    def __call__(self, func: Any, args: tuple, kwargs: dict, batch: int) -> Any:
         if func in IN_PLACE:
-            return args[0] if _fake(args[0]) else NotImplemented
+            return args[0] if _valueless(args[0]) else NotImplemented
         if func is _aten.slice.Tensor:
-            return _slice(*args, **kwargs) if _fake(args[0]) else NotImplemented
+            return _slice(*args, **kwargs) if _valueless(args[0]) else NotImplemented
         out = self._maps(func, args, kwargs) if func in SLOW else NotImplemented
-        if out is NotImplemented and batch is not None and _python_meta(func):
+        if out is NotImplemented and _meta_kernel(func) != "native":
             return self._small(func, args, kwargs, batch)
         return out
 
@@ -247,21 +252,24 @@ class Shortcut:
         return torch.empty(spec[3], dtype=spec[1], device=device)
 
 
-def _python_meta(func: Any) -> bool:
-    """Whether ``func``'s meta kernel is one of torch's Python ones (``torch._meta_registrations``:
-    decompositions through torch's reference ops, whose first call imports torch's compiler)."""
-    known = _PYTHON_META.get(func)
-    if known is None:
-        known = _PYTHON_META[func] = "_meta_registrations.py" in _meta_line(func)
-    return known
+def _meta_kernel(func: Any) -> str:
+    """``func``'s meta kernel: ``"python"`` (one of ``torch._meta_registrations``: decompositions
+    through torch's reference ops, whose first call imports torch's compiler), ``"none"`` or
+    ``"native"`` (ATen's, or a composite of other ops), as torch's dispatcher lists its kernels."""
+    kind = _META_KERNELS.get(func)
+    if kind is None:
+        lines = torch._C._dispatch_dump(func.name()).splitlines()
+        line = next((ln for ln in lines if ln.startswith("Meta:")), None)
+        if line is None:
+            composite = any(ln.startswith("CompositeExplicitAutograd") for ln in lines)
+            kind = "native" if composite else "none"
+        else:
+            kind = "python" if "_meta_registrations.py" in line else "native"
+        _META_KERNELS[func] = kind
+    return kind
 
 
-def _meta_line(func: Any) -> str:
-    lines = torch._C._dispatch_dump(func.name()).splitlines()
-    return next((ln for ln in lines if ln.startswith("Meta:")), "")
-
-
-_PYTHON_META: dict[Any, bool] = {}
+_META_KERNELS: dict[Any, str] = {}
 #: Batch sizes the small calls stand in for the simulation's: two, so that a dimension that is
 #: the batch is told from one that only equals it.
 _STAND_INS = (2, 3)

@@ -1,15 +1,16 @@
-"""The training step run on fake tensors, with the bytes alive after every op counted.
+"""The training step run on phantom tensors, with the bytes alive after every op counted.
 
 No formula of the engine lives here: the model is built on the meta device, its parameters and
-buffers become fake CPU tensors (:class:`torch._subclasses.FakeTensorMode`: shapes, dtypes and
-strides, no data), and the step that will really run (forward, cross-entropy, backward, the
+buffers become phantom CPU tensors (:mod:`.phantom`: shapes, dtypes, strides and storages of the
+right size, no data), and the step that will really run (forward, cross-entropy, backward, the
 optimizer's step with its state) runs on them under :class:`LiveBytes`, a dispatch mode that
 counts every storage an op creates and, through a weak reference, every one that dies, as
-``torch.distributed._tools.mem_tracker.MemTracker`` does. The engine runs as its Python reference
+``torch.distributed._tools.mem_tracker.MemTracker`` does (:func:`run_step`, which tests also run
+on real tensors and compare op by op). The engine runs as its Python reference
 (:func:`~densenet_efficient.models.engine.reference_engine`), whose allocations are those of the
 C++ loops line for line and, unlike the custom ops', all visible to a dispatch mode.
 
-Synchronised batch norm (``sync_bn_world_size > 1``): the fake model's batch norms are converted
+Synchronised batch norm (``sync_bn_world_size > 1``): the simulated model's batch norms are converted
 (:func:`~densenet_efficient.convert_sync_batchnorm`) and the engine's synchronised path runs as it
 will on every rank, its collectives simulated (:func:`simulated_collectives`): each returns a fresh
 tensor of the size the real one returns, so the gathered statistics, the reduced sums and the
@@ -119,7 +120,8 @@ class LiveBytes(TorchDispatchMode):
 
     ``batch``: the prime that marks a batch-sized storage (its bytes are a multiple of it).
     ``round_to``: allocation granularity (1 on CPU, :data:`CUDA_BLOCK` for the caching allocator).
-    ``shortcut``: makes the outputs of ops whose fake kernel is slow (:class:`.shortcut.Shortcut`).
+    ``shortcut``: makes the outputs of ops whose meta kernel is Python or missing
+    (:class:`.shortcut.Shortcut`).
     ``trace`` holds (fixed, per_image) after every op; :meth:`mark` names a moment of it.
     """
 
@@ -173,10 +175,10 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = run(func, args, kwargs or {}, self._kernel)
-        for t in leaves(out):
+        for t in (out,) if isinstance(out, torch.Tensor) else leaves(out):
             if isinstance(t, torch.Tensor):
                 self.track(t)
-        for t in leaves(kwargs or {}):  # out= arguments may have been resized
+        for t in leaves(kwargs) if kwargs else ():  # out= arguments may have been resized
             if isinstance(t, torch.Tensor):
                 self.track(t)
         hidden = self.scratch(func, args) if self.scratch is not None else 0
@@ -262,7 +264,7 @@ _INIT = frozenset(
 
 
 class _Uninitialised(TorchFunctionMode):
-    """While a fake model is built on the meta device, initialising a parameter does nothing: meta
+    """While the simulated model is built on the meta device, initialising a parameter does nothing: meta
     tensors have no values, and torch's init functions run Python decompositions on them (0.2 s
     for densenet201)."""
 
@@ -273,10 +275,10 @@ class _Uninitialised(TorchFunctionMode):
 
 
 @functools.lru_cache(maxsize=16)
-def _fake_model(
+def _phantom_model(
     config: ArchConfig, torchvision: str | None, dtype: str, channels_last: bool, synchronised: bool = False
 ) -> nn.Module:
-    """The model with fake CPU parameters and buffers: built on the meta device (nothing is
+    """The model with phantom CPU parameters and buffers: built on the meta device (nothing is
     allocated or initialised for real), then converted; reused by every simulation of it.
     ``synchronised``: its batch norms converted as ``train --sync-bn`` converts them (a model of
     its own: the plain one stays plain)."""
@@ -289,13 +291,13 @@ def _fake_model(
             model = model_class()(**config.to_kwargs())
     param_dtype = _DTYPES[dtype]
 
-    def fake(t: torch.Tensor) -> torch.Tensor:
+    def convert(t: torch.Tensor) -> torch.Tensor:
         if t.is_floating_point() and t.dtype != param_dtype:
             t = t.to(param_dtype)
         t = t.contiguous(memory_format=torch.channels_last) if channels_last and t.dim() == 4 else t
         return phantom(t)
 
-    model = model._apply(fake)
+    model = model._apply(convert)
     return convert_sync_batchnorm(model) if synchronised else model
 
 
@@ -303,12 +305,12 @@ _AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 
 
-#: One simulation at a time: the fake-tensor mode and the cached fake models are shared.
+#: One simulation at a time: the shortcut's patterns and the cached phantom models are shared.
 _LOCK = threading.Lock()
 
-#: Fast outputs for the ops whose fake kernels are slow (batch norm's, in-place ops, slices), their
-#: patterns kept between simulations (None: every op runs its own fake kernel; tests compare the two).
-SHORTCUT: Shortcut | None = Shortcut()
+#: Outputs for the ops whose meta kernels are Python or missing (:mod:`.shortcut`), their patterns
+#: kept between simulations.
+SHORTCUT = Shortcut()
 
 
 #: The most processes a synchronised simulation takes: beyond any process group that trains one
@@ -344,7 +346,7 @@ def simulated_collectives(world: int) -> Iterator[SimulatedGroup]:
     in training synchronise over a :class:`SimulatedGroup` of ``world`` ranks, whatever process
     group exists (:func:`..engine.sync.stand_in`). Its gather returns a fresh ``world``-times-larger
     tensor and its all-reduce a fresh one of its input's shape, as the functional collectives do
-    (their values are never read on fake tensors). Other threads are not affected.
+    (their values are never read on phantom tensors). Other threads are not affected.
 
     >>> with simulated_collectives(4) as group:
     ...     sync._all_gather(torch.zeros(3), group).shape
@@ -403,53 +405,63 @@ def _simulate(
     optimizer: str, channels_last: bool, device: str, regime: int, world: int,
 ) -> Simulation:  # fmt: skip
     tv = setting if isinstance(setting, str) else None
-    model = _fake_model(config, tv, dtype, channels_last, world > 1)
+    model = _phantom_model(config, tv, dtype, channels_last, world > 1)
     if tv is None:
         model.set_memory_efficient(setting)
     batch = simulation_batch(config, image_size, world)
-    param_dtype = _DTYPES[dtype]
-    scratch = functools.partial(cpu_scratch, batch=regime) if device == "cpu" else None
-    live = LiveBytes(batch, CUDA_BLOCK if device == "cuda" else 1, scratch, SHORTCUT)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
+    shape = (batch, config.in_chans, image_size, image_size)
+    x = phantom(torch.empty(shape, dtype=_DTYPES[dtype], device="meta").contiguous(memory_format=fmt))
+    y = phantom(torch.zeros(batch, dtype=torch.long, device="meta"))
+    live = LiveBytes(batch, CUDA_BLOCK if device == "cuda" else 1, None, SHORTCUT)
+    if device == "cpu":
+        live.scratch = functools.partial(cpu_scratch, batch=regime)
+    opt, stamps = run_step(model, x, y, live, amp, optimizer, foreach=device == "cuda", segments=tv is None)
+    inputs = Line(0, (x.numel() * x.element_size() + y.numel() * y.element_size()) // batch)
+    sim = _summarise(live, stamps, model, opt, inputs)
+    for p in model.parameters():
+        p.grad = None
+    return sim
+
+
+def run_step(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, live: LiveBytes, amp: str | None, optimizer: str,
+    foreach: bool = False, segments: bool = True,
+) -> tuple[Any, dict[str, int]]:  # fmt: skip
+    """The steady training step the simulation counts, on ``model``'s tensors (phantom ones, or
+    real ones: tests compare the two): the gradients made, one optimizer step for its state, then
+    forward, cross-entropy, backward and the optimizer's step, under ``live``. Returns the
+    optimizer and the stamps of its moments (``segments``: each block's and transition's too)."""
+    params = list(model.parameters())
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt = None if optimizer == "none" else _Optimizer(optimizer, params, foreach)
+    for t in (*params, *model.buffers(), *(p.grad for p in params), x, y):
+        live.track(t)
     amp_dtype = _AMP.get(amp or "")
     stamps: dict[str, int] = {}
-    if True:
-        params = list(model.parameters())
-        for p in params:
-            p.grad = torch.zeros_like(p)
-        x = phantom(torch.empty(batch, config.in_chans, image_size, image_size, dtype=param_dtype, device="meta").contiguous(
-            memory_format=fmt
-        ))
-        y = phantom(torch.zeros(batch, dtype=torch.long, device="meta"))
-        opt = _optimizer(optimizer, params, foreach=device == "cuda")
-        for t in (*params, *model.buffers(), *(p.grad for p in params), x, y):
-            live.track(t)
-        with live:
-            stamps["params"] = live.mark()
-            if opt is not None:  # the state the steady step runs with
-                opt.step()
-            stamps["state"] = live.mark()
-            hooks = _segment_hooks(model, live, stamps) if tv is None else []
-            with reference_engine(), torch.autocast("cpu", dtype=amp_dtype, enabled=amp_dtype is not None):
-                stamps["forward"] = live.mark()
-                logits = model(x)
-                stamps["head"] = stamps.get("head", stamps["forward"])
-                loss = F.cross_entropy(logits, y)
-            del logits
-            stamps["loss"] = live.mark()
-            loss.backward()
-            del loss
-            stamps["backward"] = live.mark()
-            if opt is not None:
-                opt.step()
-            stamps["end"] = live.mark()
-            for h in hooks:
-                h.remove()
-        inputs = Line(0, (x.numel() * x.element_size() + y.numel() * y.element_size()) // batch)
-        sim = _summarise(live, stamps, model, opt, inputs)
-        for p in params:
-            p.grad = None
-    return sim
+    with live:
+        stamps["params"] = live.mark()
+        if opt is not None:  # the state the steady step runs with
+            opt.step()
+        stamps["state"] = live.mark()
+        hooks = _segment_hooks(model, live, stamps) if segments else []
+        with reference_engine(), torch.autocast("cpu", dtype=amp_dtype, enabled=amp_dtype is not None):
+            stamps["forward"] = live.mark()
+            logits = model(x)
+            stamps["head"] = stamps.get("head", stamps["forward"])
+            loss = F.cross_entropy(logits, y)
+        del logits
+        stamps["loss"] = live.mark()
+        loss.backward()
+        del loss
+        stamps["backward"] = live.mark()
+        if opt is not None:
+            opt.step()
+        stamps["end"] = live.mark()
+        for h in hooks:
+            h.remove()
+    return opt, stamps
 
 
 class _Optimizer:
@@ -493,10 +505,6 @@ class _Optimizer:
     def state_bytes(self) -> int:
         """Bytes of the state tensors (not the step counts)."""
         return sum(t.numel() * t.element_size() for ts in self.state for t in ts if t is not None and t.dim())
-
-
-def _optimizer(name: str, params: list[torch.Tensor], foreach: bool) -> _Optimizer | None:
-    return None if name == "none" else _Optimizer(name, params, foreach)
 
 
 def _segment_hooks(model: nn.Module, live: LiveBytes, stamps: dict[str, int]) -> list[Any]:

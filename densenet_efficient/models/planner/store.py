@@ -11,7 +11,7 @@ is read as written: nothing in the file authenticates it); files are written who
 (:func:`~densenet_efficient.io.atomic.atomic_write`: a temporary file of its own, renamed), so
 two processes never read a partial one. ``DENSENET_EFFICIENT_PLANNER_CACHE=0`` (or ``false``,
 ``off``, ``no``) turns it off. The planner's first answer in a process still simulates (and pays
-torch's first use of fake tensors); later processes read the file.
+torch's first use of tensor subclasses); later processes read the file.
 
 >>> from densenet_efficient.models.planner.simulate import Line, Simulation
 >>> sim = Simulation(Line(10, 2), 4, 4, 0, Line(0, 1), Line(0, 7), (Line(12, 9),))
