@@ -54,6 +54,7 @@ def test_live_bytes_counts_what_the_step_really_allocates():
     live = LiveBytes(batch=7)
     with live:
         a = torch.empty(7, 4)  # 112 bytes, one slice per "image"
+        assert type(a) is torch.Tensor  # a real tensor: only a simulation's factories make phantom ones
         b = torch.empty(3)  # 12 bytes, fixed
         c = a[1:]  # a view: no new storage
         assert (live.fixed, live.per) == (12, 16)
@@ -105,10 +106,13 @@ class _Counted(LiveBytes):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.ops = []
+        self.made_phantoms = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops.append(func)
-        return super().__torch_dispatch__(func, types, args, kwargs)
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        self.made_phantoms += any(isinstance(t, Phantom) for t in leaves(out))
+        return out
 
 
 @pytest.mark.parametrize(
@@ -138,21 +142,24 @@ def test_the_simulation_is_the_real_step_op_by_op(depth, mode, options):
     fmt = torch.channels_last if options.pop("channels_last", False) else torch.contiguous_format
     prime = simulation_batch(config, size)
 
-    def step(model, x, y):
+    def step(model, x, y, phantoms):
         model.set_memory_efficient(plan)
-        live = _Counted(prime, shortcut=Shortcut())
+        live = _Counted(prime, shortcut=Shortcut(), phantom=phantoms)
         run_step(model, x, y, live, amp, optimizer, foreach=foreach)
-        return [f + p * batch for f, p in live.trace], live.ops
+        return [f + p * batch for f, p in live.trace], live.ops, live.made_phantoms
 
     real = step(
         model_class()(**config.to_kwargs()).to(memory_format=fmt),
         torch.randn(batch, 3, size, size).contiguous(memory_format=fmt),
         torch.randint(0, config.num_classes, (batch,)),
+        False,
     )
+    assert not real[2]  # the real step is real throughout: its factories (the engine's buffers) too
     simulated = step(
         simulate_module._phantom_model(config, None, "fp32", fmt == torch.channels_last),
         phantom(torch.empty(prime, 3, size, size, device="meta").contiguous(memory_format=fmt)),
         phantom(torch.zeros(prime, dtype=torch.long, device="meta")),
+        True,
     )
     assert simulated[1] == real[1]
     assert max(simulated[0]) == max(real[0])

@@ -60,16 +60,19 @@ def phantom(t: torch.Tensor, device: torch.device | str = "cpu") -> Phantom:
     return Phantom(t, torch.device(device))
 
 
-def run(func: Any, args: tuple, kwargs: dict, kernel: Any = None) -> Any:
+def run(func: Any, args: tuple, kwargs: dict, kernel: Any = None, factories: bool = True) -> Any:
     """``func(*args, **kwargs)`` with phantom tensors: the op on their meta tensors (through
     ``kernel(func, args, kwargs)`` when given: NotImplemented there runs the op), its outputs
-    wrapped; an op's output that is one of its inputs (in-place, ``out=``) is that input."""
+    wrapped; an op's output that is one of its inputs (in-place, ``out=``) is that input.
+    ``factories``: whether an op that makes a tensor from no tensor makes a phantom one (False:
+    a real one, as in a step on real tensors)."""
     found: list[Phantom] = []
     real: list[torch.Tensor] = []
     margs = tuple(_unwrap(a, found, real) for a in args)
     mkwargs = {k: _unwrap(v, found, real) for k, v in kwargs.items()} if kwargs else {}
     if not found:
-        if real or not _makes(func):  # ordinary tensors only, or none made: the op runs as it is
+        # ordinary tensors only, none made, or a factory of a real step: the op runs as it is
+        if real or not factories or not _makes(func):
             return func(*args, **kwargs)
         # a factory: made on the meta device, said to be on the one asked for
         device = torch.device(mkwargs.get("device") or "cpu")

@@ -122,12 +122,17 @@ class LiveBytes(TorchDispatchMode):
     ``round_to``: allocation granularity (1 on CPU, :data:`CUDA_BLOCK` for the caching allocator).
     ``shortcut``: makes the outputs of ops whose meta kernel is Python or missing
     (:class:`.shortcut.Shortcut`).
+    ``phantom``: whether a tensor made from none (``torch.empty(...)``) is a phantom one (the
+    simulated step) or a real one (a step on real tensors).
     ``trace`` holds (fixed, per_image) after every op; :meth:`mark` names a moment of it.
     """
 
-    def __init__(self, batch: int, round_to: int = 1, scratch: Any = None, shortcut: Any = None) -> None:
+    def __init__(
+        self, batch: int, round_to: int = 1, scratch: Any = None, shortcut: Any = None, phantom: bool = False
+    ) -> None:
         super().__init__()
         self.batch, self.round_to, self.scratch, self.shortcut = batch, round_to, scratch, shortcut
+        self.phantom = phantom
         # storage id -> its counted size; the weak reference's callback takes it off when it dies
         # (before the id can be reused: the callback runs as the storage is freed)
         self.sizes: dict[int, tuple[int, int]] = {}
@@ -174,7 +179,7 @@ class LiveBytes(TorchDispatchMode):
         return len(self.trace) - 1
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        out = run(func, args, kwargs or {}, self._kernel)
+        out = run(func, args, kwargs or {}, self._kernel, self.phantom)
         for t in (out,) if isinstance(out, torch.Tensor) else leaves(out):
             if isinstance(t, torch.Tensor):
                 self.track(t)
@@ -413,7 +418,7 @@ def _simulate(
     shape = (batch, config.in_chans, image_size, image_size)
     x = phantom(torch.empty(shape, dtype=_DTYPES[dtype], device="meta").contiguous(memory_format=fmt))
     y = phantom(torch.zeros(batch, dtype=torch.long, device="meta"))
-    live = LiveBytes(batch, CUDA_BLOCK if device == "cuda" else 1, None, SHORTCUT)
+    live = LiveBytes(batch, CUDA_BLOCK if device == "cuda" else 1, None, SHORTCUT, phantom=True)
     if device == "cpu":
         live.scratch = functools.partial(cpu_scratch, batch=regime)
     opt, stamps = run_step(model, x, y, live, amp, optimizer, foreach=device == "cuda", segments=tv is None)
