@@ -258,6 +258,33 @@ def test_the_small_calls_find_the_batch_and_leave_views_to_the_op():
     assert shortcut(aten.narrow.default, (torch.empty(7, 3, device="meta"), 0, 0, 2), {}, 7) is NotImplemented
 
 
+def test_the_small_calls_leave_ops_that_change_an_input_s_shape_to_the_op():
+    """An in-place op that changes its tensor's shape or strides (``unsqueeze_``, ``t_``) and an
+    ``out=`` tensor the op resizes return the input they were given, but not as it was: the
+    shortcut must not hand back the input unchanged (a wrong shape, and a resized ``out=``'s
+    storage counted at its old size)."""
+    shortcut, aten = Shortcut(), torch.ops.aten
+
+    def meta(*shape):
+        return torch.empty(*shape, device="meta")
+
+    for func, make in (
+        (aten.unsqueeze_.default, lambda: ((meta(7, 4), 0), {})),
+        (aten.t_.default, lambda: ((meta(7, 4),), {})),
+        (aten.transpose_.default, lambda: ((meta(7, 4, 3), 1, 2), {})),
+        (aten.cat.out, lambda: (([meta(7, 6), meta(7, 6)],), {"out": meta(0)})),
+        (aten.stack.out, lambda: (([meta(6), meta(6)],), {"out": meta(0)})),
+        (aten.sum.IntList_out, lambda: ((meta(7, 6), [1]), {"out": meta(0)})),
+    ):
+        args, kwargs = make()
+        out = shortcut(func, args, kwargs, 7)
+        expected = func(*make()[0], **make()[1])
+        if out is not NotImplemented:
+            assert (out.shape, out.stride(), out.untyped_storage().nbytes()) == (
+                expected.shape, expected.stride(), expected.untyped_storage().nbytes(),
+            ), func  # fmt: skip
+
+
 def test_the_shortcut_tells_scalars_of_different_types_apart():
     """``alpha=2`` and ``alpha=2.0`` are equal keys of a dict, but an integer add refuses the float
     one: the shortcut must not answer it with the integer one's outputs."""

@@ -18,8 +18,9 @@ own kernel run on small real CPU tensors, once per pattern:
 * every other op with a Python meta kernel (or none) runs once per pattern (the op, its
   arguments' shapes, strides and dtypes, every other argument with its type) on real tensors of
   the same shapes with the batch replaced by 2 and then by 3: a dimension of its outputs that is 2
-  and then 3 is the batch, one that stays is not, and anything else (a view of an input, strides
-  that change with the batch) falls back to the op's own kernel;
+  and then 3 is the batch, one that stays is not, and anything else (a view of an input, an input
+  reshaped or resized in place, strides that change with the batch) falls back to the op's own
+  kernel;
 * an in-place op that changes only values (:data:`IN_PLACE`) returns the tensor it writes, which a
   phantom tensor's value-free metadata makes exact (the checks such an op makes of its arguments,
   broadcasting and casting, are skipped with it: the simulation runs the code the step runs for
@@ -308,14 +309,24 @@ def _real(a: Any, batch: int, stand_in: int) -> Any:
     return t if t.is_floating_point() else t.zero_()
 
 
+def _layout(a: Any) -> Any:
+    """A tensor's sizes, strides, offset and storage size (what an op may change in place)."""
+    if not isinstance(a, torch.Tensor):
+        return None
+    return a.shape, a.stride(), a.storage_offset(), a.untyped_storage().nbytes()
+
+
 def _learn_small(func: Any, args: tuple, kwargs: dict, batch: int) -> Any:
     runs = []
     for stand_in in _STAND_INS:
         pargs, pkwargs = tree_map(lambda a, s=stand_in: _real(a, batch, s), (args, kwargs))
+        before = [_layout(a) for a in leaves((pargs, pkwargs))]
         try:
             out = func(*pargs, **pkwargs)
         except Exception as err:  # noqa: BLE001 (the op on its own tensors will say why)
             raise _Unfit from err
+        if [_layout(a) for a in leaves((pargs, pkwargs))] != before:
+            raise _Unfit  # an input reshaped or resized (unsqueeze_, a resized out=): the op does it
         runs.append((list(leaves((pargs, pkwargs))), list(leaves(out)), out))
     (real, first, out), (_, second, _) = runs
     if len(first) != len(second):
