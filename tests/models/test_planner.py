@@ -285,6 +285,38 @@ def test_the_small_calls_leave_ops_that_change_an_input_s_shape_to_the_op():
             ), func  # fmt: skip
 
 
+def test_the_small_calls_leave_ops_whose_outputs_depend_on_values_to_the_op():
+    """A phantom tensor has no values, and the small calls' inputs hold zeros or whatever memory
+    held: an op whose output's value or shape depends on its inputs' values (``item``, ``equal``,
+    ``nonzero``, a boolean mask, ``unique``, ``bincount``) must not be answered from them, but
+    refused as the meta kernel refuses it."""
+    shortcut, aten = Shortcut(), torch.ops.aten
+
+    def meta(*shape, dtype=torch.float32):
+        return torch.empty(*shape, dtype=dtype, device="meta")
+
+    long, mask = meta(7, 4, dtype=torch.long), meta(7, 4, dtype=torch.bool)
+    for func, args in (
+        (aten._local_scalar_dense.default, (meta((), dtype=torch.long),)),
+        (aten._local_scalar_dense.default, (meta(()),)),
+        (aten.equal.default, (meta(7, 4), meta(7, 4))),
+        (aten.nonzero.default, (long,)),
+        (aten.masked_select.default, (meta(7, 4), mask)),
+        (aten.index.Tensor, (meta(7, 4), [mask])),
+        (aten._unique2.default, (long,)),
+        (aten.bincount.default, (meta(7, dtype=torch.long),)),
+        (aten.repeat_interleave.Tensor, (meta(7, dtype=torch.long),)),
+    ):
+        assert shortcut(func, args, {}, 7) is NotImplemented, func
+    live = LiveBytes(7, shortcut=Shortcut(), phantom=True)
+    with live, pytest.raises((RuntimeError, NotImplementedError)):
+        phantom(meta((), dtype=torch.long)).item()
+    # an index by integers has a shape without values: it still runs (on the meta kernel)
+    with live:
+        picked = phantom(meta(7, 4))[phantom(meta(3, dtype=torch.long))]
+    assert picked.shape == (3, 4)
+
+
 def test_the_shortcut_tells_scalars_of_different_types_apart():
     """``alpha=2`` and ``alpha=2.0`` are equal keys of a dict, but an integer add refuses the float
     one: the shortcut must not answer it with the integer one's outputs."""

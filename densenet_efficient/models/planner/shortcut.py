@@ -19,8 +19,8 @@ own kernel run on small real CPU tensors, once per pattern:
   arguments' shapes, strides and dtypes, every other argument with its type) on real tensors of
   the same shapes with the batch replaced by 2 and then by 3: a dimension of its outputs that is 2
   and then 3 is the batch, one that stays is not, and anything else (a view of an input, an input
-  reshaped or resized in place, strides that change with the batch) falls back to the op's own
-  kernel;
+  reshaped or resized in place, strides that change with the batch, an op whose outputs depend on
+  its inputs' values) falls back to the op's own kernel;
 * an in-place op that changes only values (:data:`IN_PLACE`) returns the tensor it writes, which a
   phantom tensor's value-free metadata makes exact (the checks such an op makes of its arguments,
   broadcasting and casting, are skipped with it: the simulation runs the code the step runs for
@@ -316,7 +316,14 @@ def _layout(a: Any) -> Any:
     return a.shape, a.stride(), a.storage_offset(), a.untyped_storage().nbytes()
 
 
+#: Ops whose outputs' values or shapes depend on their inputs' values (``item``, ``nonzero``, a
+#: boolean index), as torch tags them: the small calls' zeros and garbage cannot stand for those.
+_VALUED = (torch.Tag.data_dependent_output, torch.Tag.dynamic_output_shape)
+
+
 def _learn_small(func: Any, args: tuple, kwargs: dict, batch: int) -> Any:
+    if any(tag in _VALUED for tag in func.tags):
+        raise _Unfit  # the meta kernel answers (or refuses, with no values to read)
     runs = []
     for stand_in in _STAND_INS:
         pargs, pkwargs = tree_map(lambda a, s=stand_in: _real(a, batch, s), (args, kwargs))
