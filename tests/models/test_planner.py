@@ -429,6 +429,23 @@ def test_phantom_tensors_make_what_the_ops_make_and_real_ones_stay_real():
     assert repr(x) == "Phantom((4, 3), dtype=torch.float32, device=cpu)"
 
 
+def test_an_op_that_writes_a_phantom_s_values_into_a_real_tensor_refuses():
+    """A real tensor cannot hold what a phantom one computes: an in-place op on it, or an ``out=``
+    it is, with a phantom argument says so, where it returned the real tensor unchanged (its
+    values not written, an ``out=`` not resized) and counted a copy of it as a new storage."""
+    x = phantom(torch.empty(4, 3, device="meta"))
+    real, out = torch.zeros(4, 3), torch.zeros(0)
+    with pytest.raises(RuntimeError, match="real tensor"):
+        real.add_(x)
+    with pytest.raises(RuntimeError, match="real tensor"):
+        torch.mul(x, 2, out=out)
+    assert out.shape == (0,) and real.tolist() == [[0.0] * 3] * 4
+    live = LiveBytes(7, shortcut=Shortcut(), phantom=True)
+    with live, pytest.raises(RuntimeError, match="real tensor"):
+        real.mul_(x)
+    assert isinstance(x.add_(real), Phantom)  # a real tensor read beside a phantom one
+
+
 def test_the_simulated_model_is_built_without_initialising_its_parameters():
     """Building the simulated model on the meta device runs none of torch.nn.init's ops (Python
     decompositions on meta tensors), and makes every parameter and buffer all the same."""

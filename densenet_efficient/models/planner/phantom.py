@@ -9,7 +9,8 @@ generality (symbolic shapes, dynamic outputs, caching); it also imports torch's 
 when first made (about a second), which a planner answering in under one cannot pay.
 
 Ops on ordinary tensors alone run as they are (an optimizer's step count stays a real number);
-an ordinary tensor beside a phantom one is read as a meta tensor.
+an ordinary tensor beside a phantom one is read as a meta tensor, and an op that would write
+into it (in-place, ``out=``) refuses: it cannot hold what phantom tensors compute.
 
 >>> x = phantom(torch.empty(2, 3, device="meta"))
 >>> y = (x * 2).sum(0)
@@ -79,6 +80,8 @@ def run(func: Any, args: tuple, kwargs: dict, kernel: Any = None, factories: boo
         mkwargs["device"] = _META
     else:
         device = found[0].device
+        if real and _writes(func, real, args, kwargs):
+            raise RuntimeError(f"{func}: writes what phantom tensors compute into a real tensor, which cannot hold it")
         if real or "device" in mkwargs:
             if mkwargs.get("device") is not None:
                 device = torch.device(mkwargs["device"])
@@ -146,6 +149,16 @@ def leaves(x: Any) -> Iterator[Any]:
 def _makes(func: Any) -> bool:
     """Whether ``func`` takes a device: a factory (``empty``, ``zeros``, ``scalar_tensor``)."""
     return any(a.name == "device" for a in func._schema.arguments)
+
+
+def _writes(func: Any, real: list[torch.Tensor], args: tuple, kwargs: dict) -> bool:
+    """Whether ``func`` writes into one of the ``real`` tensors among its arguments (in-place, ``out=``)."""
+    for i, a in enumerate(func._schema.arguments):
+        if a.alias_info is not None and a.alias_info.is_write:
+            value = kwargs.get(a.name) if a.kwarg_only or i >= len(args) else args[i]
+            if any(t is r for t in leaves(value) for r in real):
+                return True
+    return False
 
 
 def _to_meta(t: Any) -> Any:
