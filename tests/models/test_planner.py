@@ -317,6 +317,27 @@ def test_the_small_calls_leave_ops_whose_outputs_depend_on_values_to_the_op():
     assert picked.shape == (3, 4)
 
 
+def test_the_small_calls_tell_arguments_apart_by_name_and_place():
+    """Two calls whose arguments flatten to the same values are different calls when those values
+    sit in other arguments: ``right=True`` is not ``out_int32=True`` (an int64 output, not int32),
+    and a max pool's ``[3, 3], [2]`` (a 3x3 window, stride 2) is not ``[3], [3, 2]`` (stride 3
+    along the height). Each gets the op's own outputs."""
+    shortcut, aten = Shortcut(), torch.ops.aten
+
+    def meta(*shape):
+        return torch.empty(*shape, device="meta")
+
+    pool, search = aten.max_pool2d_with_indices.default, aten.searchsorted.Tensor
+    for func, args, kwargs in (
+        (search, (meta(7, 5), meta(7, 3)), {"out_int32": True}),
+        (search, (meta(7, 5), meta(7, 3)), {"right": True}),
+        (pool, (meta(7, 4, 12, 12), [3, 3], [2], [1], [1]), {}),
+        (pool, (meta(7, 4, 12, 12), [3], [3, 2], [1], [1]), {}),
+    ):
+        out, expected = shortcut(func, args, kwargs, 7), func(*args, **kwargs)
+        assert _outputs(out, []) == _outputs(expected, []), (func, args, kwargs)
+
+
 def test_the_shortcut_tells_scalars_of_different_types_apart():
     """``alpha=2`` and ``alpha=2.0`` are equal keys of a dict, but an integer add refuses the float
     one: the shortcut must not answer it with the integer one's outputs."""

@@ -281,13 +281,18 @@ class _Unfit(Exception):
 
 
 def _small_key(func: Any, args: Any, kwargs: Any, batch: int) -> Any:
+    """The call as its arguments describe it, each in its place (a list as a tuple of its items,
+    a keyword with its name: ``[3, 3], [2]`` is not ``[3], [3, 2]``, ``right=`` not ``out_int32=``)."""
+
     def desc(a: Any) -> Any:
         if isinstance(a, torch.Tensor):
             shape = tuple(-1 if d == batch else d for d in a.shape)
             return ("t", shape, a.stride(), a.dtype)
+        if type(a) in (tuple, list):
+            return ("list", tuple(desc(v) for v in a))
         return type(a), a
 
-    return func, tuple(desc(a) for a in leaves((args, kwargs)))
+    return func, desc(args), tuple((name, desc(v)) for name, v in kwargs.items())
 
 
 _META = torch.device("meta")
