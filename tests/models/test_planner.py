@@ -338,6 +338,20 @@ def test_the_small_calls_tell_arguments_apart_by_name_and_place():
         assert _outputs(out, []) == _outputs(expected, []), (func, args, kwargs)
 
 
+def test_the_small_calls_do_not_take_a_size_that_follows_the_batch_for_a_fixed_one():
+    """An op along the batch makes a dimension that follows it without being it: a real FFT's
+    ``batch // 2 + 1`` is 2 at a batch of both 2 and 3, which the small calls read as a fixed 2.
+    The outputs are the op's own at the simulation's batch."""
+    shortcut, aten = Shortcut(), torch.ops.aten
+    for func, args in (
+        (aten._fft_r2c.default, (torch.empty(31, 4, device="meta"), [0], 0, True)),
+        (aten.avg_pool1d.default, (torch.empty(1, 31, device="meta"), [2], [2])),
+    ):
+        out = shortcut(func, args, {}, 31)
+        if out is not NotImplemented:
+            assert _outputs(out, []) == _outputs(func(*args), []), func
+
+
 def test_the_shortcut_tells_scalars_of_different_types_apart():
     """``alpha=2`` and ``alpha=2.0`` are equal keys of a dict, but an integer add refuses the float
     one: the shortcut must not answer it with the integer one's outputs."""

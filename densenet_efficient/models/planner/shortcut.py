@@ -17,8 +17,8 @@ own kernel run on small real CPU tensors, once per pattern:
   orders its output by its inputs', which the small call cannot show);
 * every other op with a Python meta kernel (or none) runs once per pattern (the op, its
   arguments' shapes, strides and dtypes, every other argument with its type) on real tensors of
-  the same shapes with the batch replaced by 2 and then by 3: a dimension of its outputs that is 2
-  and then 3 is the batch, one that stays is not, and anything else (a view of an input, an input
+  the same shapes with the batch replaced by 2 and then by 7: a dimension of its outputs that is 2
+  and then 7 is the batch, one that stays is not, and anything else (a view of an input, an input
   reshaped or resized in place, strides that change with the batch, an op whose outputs depend on
   its inputs' values) falls back to the op's own kernel;
 * an in-place op that changes only values (:data:`IN_PLACE`) returns the tensor it writes, which a
@@ -156,7 +156,7 @@ class Shortcut:
 
     def _small(self, func: Any, args: tuple, kwargs: dict, batch: int) -> Any:
         """The op's outputs, as the op makes them on small real tensors: every dimension that is
-        the batch (``batch``) replaced by a small stand-in (two, in turn), the rest as they are."""
+        the batch (``batch``) replaced by a small stand-in (:data:`_STAND_INS`, in turn), the rest as they are."""
         key = _small_key(func, args, kwargs, batch)
         if key not in self.small:
             try:
@@ -272,8 +272,11 @@ def _meta_kernel(func: Any) -> str:
 
 _META_KERNELS: dict[Any, str] = {}
 #: Batch sizes the small calls stand in for the simulation's: two, so that a dimension that is
-#: the batch is told from one that only equals it.
-_STAND_INS = (2, 3)
+#: the batch is told from one that only equals it, and far apart, so that a size that follows the
+#: batch an op runs along (a real FFT's ``batch // 2 + 1``, a pool's windows) differs between
+#: them instead of reading as a fixed one (at 2 and 3, the FFT's is 2 at both, a 2-wide pool's 1);
+#: a size that steps every 6 or more images still can.
+_STAND_INS = (2, 7)
 
 
 class _Unfit(Exception):
