@@ -37,6 +37,7 @@ import itertools
 from typing import Any
 
 import torch
+from torch._decomp import meta_table
 from torch._prims_common import suggest_memory_format
 
 from .phantom import leaves, tree_map
@@ -131,7 +132,7 @@ class Shortcut:
         if func is _aten.slice.Tensor:
             return _slice(*args, **kwargs) if _valueless(args[0]) else NotImplemented
         out = self._maps(func, args, kwargs) if func in SLOW else NotImplemented
-        if out is NotImplemented and _meta_kernel(func) != "native":
+        if out is NotImplemented and _meta_kernel(func) != "runs":
             return self._small(func, args, kwargs, batch)
         return out
 
@@ -254,18 +255,21 @@ class Shortcut:
 
 
 def _meta_kernel(func: Any) -> str:
-    """``func``'s meta kernel: ``"python"`` (one of ``torch._meta_registrations``: decompositions
-    through torch's reference ops, whose first call imports torch's compiler), ``"none"`` or
-    ``"native"`` (ATen's, or a composite of other ops), as torch's dispatcher lists its kernels."""
+    """``func``'s meta kernel, as torch's dispatcher lists it: ``"reference"`` (a decomposition
+    through torch's Python reference ops: slow, and its first call imports torch's compiler),
+    ``"none"``, or ``"runs"`` (ATen's own, a composite of other ops, or one of torch's Python meta
+    functions, ``torch._decomp.meta_table``, which only compute the output's shape and layout)."""
     kind = _META_KERNELS.get(func)
     if kind is None:
         lines = torch._C._dispatch_dump(func.name()).splitlines()
         line = next((ln for ln in lines if ln.startswith("Meta:")), None)
         if line is None:
             composite = any(ln.startswith("CompositeExplicitAutograd") for ln in lines)
-            kind = "native" if composite else "none"
+            kind = "runs" if composite else "none"
+        elif "_meta_registrations.py" in line and func not in meta_table:
+            kind = "reference"
         else:
-            kind = "python" if "_meta_registrations.py" in line else "native"
+            kind = "runs"
         _META_KERNELS[func] = kind
     return kind
 
