@@ -252,9 +252,11 @@ def test_the_small_calls_find_the_batch_and_leave_views_to_the_op():
         shortcut, aten.stack.out, ([torch.empty(6), torch.empty(6)],), {"out": rows[:, 3:9]}, batch=7
     )
     assert stacked.shape == (2, 6)
-    # the batch of 7 beside a dimension of 7 that is not the batch
-    square = _same_as_real(shortcut, aten.mm.default, (torch.empty(7, 7), torch.empty(7, 3)), batch=11)
-    assert square.shape == (7, 3)
+    # a dimension of 7 (one of the stand-in batches) that is not the batch, beside the batch
+    wide = _same_as_real(shortcut, aten.addmm.default, (torch.empty(7), torch.empty(11, 5), torch.empty(5, 7)), batch=11)
+    assert wide.shape == (11, 7)
+    # an op whose meta function only computes shapes runs it
+    assert shortcut(aten.mm.default, (torch.empty(11, 5, device="meta"), torch.empty(5, 7, device="meta")), {}, 11) is NotImplemented
     assert shortcut(aten.narrow.default, (torch.empty(7, 3, device="meta"), 0, 0, 2), {}, 7) is NotImplemented
 
 
@@ -321,7 +323,8 @@ def test_the_small_calls_tell_arguments_apart_by_name_and_place():
     """Two calls whose arguments flatten to the same values are different calls when those values
     sit in other arguments: ``right=True`` is not ``out_int32=True`` (an int64 output, not int32),
     and a max pool's ``[3, 3], [2]`` (a 3x3 window, stride 2) is not ``[3], [3, 2]`` (stride 3
-    along the height). Each gets the op's own outputs."""
+    along the height). Each gets the op's own outputs (the small calls asked directly: the max
+    pool's meta function would otherwise run)."""
     shortcut, aten = Shortcut(), torch.ops.aten
 
     def meta(*shape):
@@ -334,7 +337,7 @@ def test_the_small_calls_tell_arguments_apart_by_name_and_place():
         (pool, (meta(7, 4, 12, 12), [3, 3], [2], [1], [1]), {}),
         (pool, (meta(7, 4, 12, 12), [3], [3, 2], [1], [1]), {}),
     ):
-        out, expected = shortcut(func, args, kwargs, 7), func(*args, **kwargs)
+        out, expected = shortcut._small(func, args, kwargs, 7), func(*args, **kwargs)
         assert _outputs(out, []) == _outputs(expected, []), (func, args, kwargs)
 
 
