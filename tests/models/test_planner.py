@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -38,6 +41,7 @@ from densenet_efficient.models.planner.verify import step_down
 from densenet_efficient.models.registry import model_class
 from densenet_efficient.perf.measure import MEMORY_ENV, StepSpec, measure_series
 
+from ..support import REPO
 from ..support.archs import ALL_ARCHS
 
 BC40 = densenet_bc_config(40)
@@ -451,6 +455,21 @@ def test_phantom_convolutions_are_shaped_and_laid_out_as_the_real_ones(shape, we
     fake.backward(phantom(_meta(torch.ones_like(real))))
     for r, f in ((x.grad, xp.grad), (w.grad, wp.grad)):
         assert (f.shape, f.dtype, f.device) == (r.shape, r.dtype, r.device)
+
+
+def test_a_simulation_does_not_import_torch_s_compiler():
+    """The point of phantom tensors over torch's fake ones: a fresh process answers without
+    importing ``torch._dynamo`` (about a second), which making a ``FakeTensorMode``, torch's
+    optimizer classes and its Python decompositions each do."""
+    code = (
+        "import sys; from densenet_efficient.models.planner import max_batch_size; "
+        "print(max_batch_size('densenet_bc_16', '1GiB', device='cpu', optimizer='adam', amp='bf16'), "
+        "'torch._dynamo' in sys.modules)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    batch, dynamo = out.stdout.split()
+    assert int(batch) > 1 and dynamo == "False"
 
 
 def test_phantom_tensors_make_what_the_ops_make_and_real_ones_stay_real():

@@ -11,7 +11,6 @@ One job per module, each importing only those before it:
 * :mod:`.shortcut` - outputs of the ops whose meta kernels are Python (or missing), from small real calls.
 * :mod:`.simulate` - the training step on phantom tensors, live bytes counted per op.
 * :mod:`.allocator` - what a device holds beyond the tensors (CPU runtime, CUDA rounding, context).
-* :mod:`.store` - simulations kept on disk, read back by later processes.
 * :mod:`.estimate` - :class:`MemoryEstimate` and :func:`estimate_memory`.
 * :mod:`.compose` - a plan priced from the segments of two simulated steps.
 * :mod:`.search` - :func:`max_batch_size`, :func:`fit_memory`, :func:`deepest_densenet_bc`.

@@ -16,7 +16,6 @@ from ...errors import UsageError, check_int
 from ..config import ArchConfig, resolve_arch
 from ..engine import EFFICIENT, MAX_SAVING
 from ..memory_plan import MemoryPlan, MemorySetting
-from . import store
 from .allocator import CUDA_CONTEXT, CUDA_WORKSPACE, device_overhead, regime
 from .options import (
     DEFAULT_OPTIMIZER,
@@ -150,19 +149,11 @@ def estimate_memory(
 def _simulation(config: ArchConfig, key: Any, image_size: int, dtype: str, amp: str | None,
                 optimizer: str, channels_last: bool, device: str, batches: int, world: int) -> Simulation:  # fmt: skip
     # the arguments are the whole key: the thread count acts only through ``batches`` (allocator.regime)
-    name = store.store_key(
-        config.to_json(), key, image_size, dtype, amp, optimizer, channels_last, device, batches, world
-    )
-    stored = store.load(name)
-    if stored is not None:
-        return stored
     setting = key if isinstance(key, str) else MemoryPlan(*key)
-    sim = simulate(
+    return simulate(
         config, setting, image_size=image_size, dtype=dtype, amp=amp, optimizer=optimizer,
         channels_last=channels_last, device=device, regime=batches, sync_bn_world_size=world,
     )  # fmt: skip
-    store.save(name, sim)
-    return sim
 
 
 def simulation(config: ArchConfig, setting: MemoryPlan | str, image_size: int, dtype: str = "fp32",
