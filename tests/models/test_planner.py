@@ -503,6 +503,27 @@ def test_an_op_that_writes_a_phantom_s_values_into_a_real_tensor_refuses():
     assert isinstance(x.add_(real), Phantom)  # a real tensor read beside a phantom one
 
 
+def test_a_simulation_that_raises_leaves_the_cached_model_as_it_was(monkeypatch):
+    """The simulated model is cached per process: a step that raises (here in the loss) leaves no
+    hook on its blocks and no gradient on its parameters, and the next simulation is whole."""
+    config = densenet_bc_config(16)
+    plan = resolve_memory_plan("efficient", config)
+    expected = simulate(config, plan, image_size=32)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the loss failed")
+
+    monkeypatch.setattr(simulate_module.F, "cross_entropy", broken)
+    with pytest.raises(RuntimeError, match="the loss failed"):
+        simulate(config, plan, image_size=32)
+    monkeypatch.undo()
+    model = simulate_module._phantom_model(config, None, "fp32", False, False)  # the one simulate used
+    assert all(p.grad is None for p in model.parameters())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    assert simulate(config, plan, image_size=32) == expected
+    assert simulate(config, "efficient", image_size=32) == expected  # a mode's name: the same setting
+
+
 def test_the_simulated_model_is_built_without_initialising_its_parameters():
     """Building the simulated model on the meta device runs none of torch.nn.init's ops (Python
     decompositions on meta tensors), and makes every parameter and buffer all the same."""

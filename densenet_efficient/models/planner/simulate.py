@@ -52,10 +52,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from ...errors import check_int
 from ..config import ArchConfig
 from ..engine import reference_engine, sync
-from ..memory_plan import MemoryPlan
+from ..memory_plan import MemoryPlan, resolve_memory_plan
 from ..registry import model_class
 from ..sync_batchnorm import convert_sync_batchnorm
 from .allocator import cpu_scratch
+from .options import TORCHVISION, TORCHVISION_EFFICIENT
 from .phantom import Phantom, leaves, phantom, run
 from .shortcut import Shortcut
 
@@ -376,8 +377,9 @@ def simulate(
     regime: int = 16,
     sync_bn_world_size: int = 1,
 ) -> Simulation:
-    """Simulate one steady training step of ``config`` run with ``setting`` (a :class:`MemoryPlan`,
-    or ``"torchvision"``/``"torchvision_efficient"`` for torchvision's own DenseNet).
+    """Simulate one steady training step of ``config`` run with ``setting`` (anything the model's
+    ``memory_efficient`` takes, or ``"torchvision"``/``"torchvision_efficient"`` for torchvision's
+    own DenseNet).
 
     The step is the whole-step protocol's second one: parameters with zeroed gradients and the
     optimizer's state already made (one optimizer step runs first), then forward, cross-entropy,
@@ -396,6 +398,8 @@ def simulate(
     (True, 15)
     """
     world = check_sync_world(sync_bn_world_size)
+    if not (isinstance(setting, str) and setting in (TORCHVISION, TORCHVISION_EFFICIENT)):
+        setting = resolve_memory_plan(setting, config)
     with _LOCK:
         collectives = simulated_collectives(world) if world > 1 else contextlib.nullcontext()
         with collectives as group:
@@ -421,12 +425,13 @@ def _simulate(
     live = LiveBytes(batch, CUDA_BLOCK if device == "cuda" else 1, None, SHORTCUT, phantom=True)
     if device == "cpu":
         live.scratch = functools.partial(cpu_scratch, batch=regime)
-    opt, stamps = run_step(model, x, y, live, amp, optimizer, foreach=device == "cuda", segments=tv is None)
-    inputs = Line(0, (x.numel() * x.element_size() + y.numel() * y.element_size()) // batch)
-    sim = _summarise(live, stamps, model, opt, inputs)
-    for p in model.parameters():
-        p.grad = None
-    return sim
+    try:
+        opt, stamps = run_step(model, x, y, live, amp, optimizer, foreach=device == "cuda", segments=tv is None)
+        inputs = Line(0, (x.numel() * x.element_size() + y.numel() * y.element_size()) // batch)
+        return _summarise(live, stamps, model, opt, inputs)
+    finally:  # the cached model goes back as it was, whatever the step raised
+        for p in model.parameters():
+            p.grad = None
 
 
 def run_step(
@@ -451,21 +456,23 @@ def run_step(
             opt.step()
         stamps["state"] = live.mark()
         hooks = _segment_hooks(model, live, stamps) if segments else []
-        with reference_engine(), torch.autocast("cpu", dtype=amp_dtype, enabled=amp_dtype is not None):
-            stamps["forward"] = live.mark()
-            logits = model(x)
-            stamps["head"] = stamps.get("head", stamps["forward"])
-            loss = F.cross_entropy(logits, y)
-        del logits
-        stamps["loss"] = live.mark()
-        loss.backward()
-        del loss
-        stamps["backward"] = live.mark()
-        if opt is not None:
-            opt.step()
-        stamps["end"] = live.mark()
-        for h in hooks:
-            h.remove()
+        try:
+            with reference_engine(), torch.autocast("cpu", dtype=amp_dtype, enabled=amp_dtype is not None):
+                stamps["forward"] = live.mark()
+                logits = model(x)
+                stamps["head"] = stamps.get("head", stamps["forward"])
+                loss = F.cross_entropy(logits, y)
+            del logits
+            stamps["loss"] = live.mark()
+            loss.backward()
+            del loss
+            stamps["backward"] = live.mark()
+            if opt is not None:
+                opt.step()
+            stamps["end"] = live.mark()
+        finally:  # a step that raised leaves no hook on the (cached) model
+            for h in hooks:
+                h.remove()
     return opt, stamps
 
 
