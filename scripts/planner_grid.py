@@ -204,6 +204,13 @@ def main(argv: list[str] | None = None) -> int:
     print("| config | plan | planner | measured | measured / planner | budget check |")
     print("|---|---|---|---|---|---|", flush=True)
     rows: list[dict[str, Any]] = []
+    printing = threading.Lock()
+
+    def row(line: str) -> None:
+        """One table row, whole: two jobs' rows never run into one line."""
+        with printing:
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
 
     def remember(key: str, measured: int) -> int:
         rows.append({"key": key, "measured": measured})
@@ -229,10 +236,7 @@ def main(argv: list[str] | None = None) -> int:
                 resolve_arch(point.arch),
             )
             got = measured(point, plan)
-            print(
-                f"| {point.label} | {plan} | - | {format_bytes(got)} | - | {time.perf_counter() - t0:.0f} s |",
-                flush=True,
-            )
+            row(f"| {point.label} | {plan} | - | {format_bytes(got)} | - | {time.perf_counter() - t0:.0f} s |")
             return True
         plan, said, est = plan_for(point)
         if point.budget is not None:
@@ -241,23 +245,19 @@ def main(argv: list[str] | None = None) -> int:
             if plan is None:  # refused: fine only when not even max_saving measured within it
                 ok = floor > budget
                 check = f"refused; max_saving measures {format_bytes(floor)}" + ("" if ok else " **out**")
-                print(f"| {point.label} | refused | {said[:60]} | - | - | {check} |", flush=True)
+                row(f"| {point.label} | refused | {said[:60]} | - | - | {check} |")
                 return ok
             got = measured(point, plan)
             ratio = got / budget
             ok = LOWEST_RATIO <= ratio <= 1.0
-            print(
+            row(
                 f"| {point.label} | {plan} | {said} | {format_bytes(got)} | {got / est:.3f} "
-                f"| {ratio:.3f} of {point.budget}{'' if ok else ' **out**'} |",
-                flush=True,
+                f"| {ratio:.3f} of {point.budget}{'' if ok else ' **out**'} |"
             )
             return ok and abs(got / est - 1) <= TOLERANCE
         got = measured(point, plan)
         ok = abs(got / est - 1) <= TOLERANCE
-        print(
-            f"| {point.label} | {plan} | {said} | {format_bytes(got)} | {got / est:.3f}{'' if ok else ' **out**'} | |",
-            flush=True,
-        )
+        row(f"| {point.label} | {plan} | {said} | {format_bytes(got)} | {got / est:.3f}{'' if ok else ' **out**'} | |")
         return ok
 
     with ThreadPoolExecutor(args.jobs) as pool:
