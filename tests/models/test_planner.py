@@ -524,6 +524,31 @@ def test_a_simulation_that_raises_leaves_the_cached_model_as_it_was(monkeypatch)
     assert simulate(config, "efficient", image_size=32) == expected  # a mode's name: the same setting
 
 
+def test_a_simulation_leaves_the_garbage_collector_as_it_found_it():
+    """The collector is off while a step is simulated (a collection there only scans torch's own
+    objects), and on or off afterwards as it was, also when the step raises."""
+    import gc
+
+    config = densenet_bc_config(16)
+    seen = []
+    original = simulate_module._simulate
+
+    def spying(*args, **kwargs):
+        seen.append(gc.isenabled())
+        return original(*args, **kwargs)
+
+    for enabled in (True, False):
+        (gc.enable if enabled else gc.disable)()
+        try:
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(simulate_module, "_simulate", spying)
+                simulate(config, "max_saving", image_size=32)
+            assert gc.isenabled() is enabled
+        finally:
+            gc.enable()
+    assert seen == [False, False]
+
+
 def test_the_simulated_model_is_built_without_initialising_its_parameters():
     """Building the simulated model on the meta device runs none of torch.nn.init's ops (Python
     decompositions on meta tensors), and makes every parameter and buffer all the same."""
