@@ -34,7 +34,7 @@ from densenet_efficient.models.planner.allocator import cpu_scratch
 from densenet_efficient.models.planner.bisection import first_true, last_true, last_within
 from densenet_efficient.models.planner.compose import Composer
 from densenet_efficient.models.planner.estimate import simulation
-from densenet_efficient.models.planner.phantom import Phantom, leaves, phantom, tree_map
+from densenet_efficient.models.planner.phantom import Phantom, leaves, phantom, run, tree_map
 from densenet_efficient.models.planner.shortcut import SLOW, Shortcut
 from densenet_efficient.models.planner.simulate import LiveBytes, run_step, simulate, simulation_batch
 from densenet_efficient.models.planner.verify import step_down
@@ -394,8 +394,8 @@ def test_the_shortcut_gives_the_op_s_strides_on_maps_with_a_size_one_dimension()
 
 def test_the_shortcut_slices_as_the_op_slices_and_writes_in_place_without_running():
     """``slice`` as one ``as_strided``: the same view (sizes, strides, offset, storage) for every
-    kind of bound ``at::slice`` clamps; the in-place ops return the tensor they write, unchanged,
-    and real tensors are left to the ops."""
+    kind of bound ``at::slice`` clamps; the in-place ops on phantom tensors return the tensor they
+    write, unchanged, without running (``phantom.run``), and real tensors are left to the ops."""
     shortcut, aten = Shortcut(), torch.ops.aten
     x = torch.empty(5, 6, 4, 3, device="meta")[:, 1:]  # a view already: its offset carries over
     cl = torch.empty(5, 6, 4, 3, device="meta").contiguous(memory_format=torch.channels_last)
@@ -407,18 +407,20 @@ def test_the_shortcut_slices_as_the_op_slices_and_writes_in_place_without_runnin
             fast, real = shortcut(aten.slice.Tensor, (t, *args), {}, 7), aten.slice.Tensor(t, *args)
             assert _outputs(fast, [t]) == _outputs(real, [t]), args
             assert fast.storage_offset() == real.storage_offset(), args
+    px, pcl = phantom(x), phantom(cl)
     for func, args in (
-        (aten.add_.Tensor, (x, x)),
-        (aten.mul_.Tensor, (cl, 2.0)),
-        (aten.relu_.default, (x,)),
-        (aten.copy_.default, (cl, x.contiguous(memory_format=torch.channels_last).to(torch.bfloat16))),
-        (aten.zero_.default, (x,)),
+        (aten.add_.Tensor, (px, px)),
+        (aten.mul_.Tensor, (pcl, 2.0)),
+        (aten.relu_.default, (px,)),
+        (aten.copy_.default, (pcl, phantom(x.contiguous(memory_format=torch.channels_last).to(torch.bfloat16)))),
+        (aten.zero_.default, (px,)),
+        (aten.copy_.default, (px, phantom(torch.empty(7, 9, device="meta")))),  # the meta kernel would refuse
     ):
-        assert shortcut(func, args, {}, 7) is args[0], func
+        assert run(func, args, {}) is args[0], func
     real = torch.ones(3)
-    assert shortcut(aten.add_.Tensor, (real, real), {}, 7) is NotImplemented
+    assert run(aten.add_.Tensor, (real, real), {}) is real and real.tolist() == [2.0, 2.0, 2.0]  # it runs
     assert shortcut(aten.slice.Tensor, (real, 0, 1), {}, 7) is NotImplemented
-    assert real.tolist() == [1.0, 1.0, 1.0]
+    assert real.tolist() == [2.0, 2.0, 2.0]
 
 
 def test_the_shortcut_leaves_a_slice_the_op_refuses_to_the_op():

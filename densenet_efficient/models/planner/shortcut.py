@@ -21,11 +21,8 @@ own kernel run on small real CPU tensors, once per pattern:
   and then 7 is the batch, one that stays is not, and anything else (a view of an input, an input
   reshaped or resized in place, strides that change with the batch, an op whose outputs depend on
   its inputs' values) falls back to the op's own kernel;
-* an in-place op that changes only values (:data:`IN_PLACE`) returns the tensor it writes, which a
-  phantom tensor's value-free metadata makes exact (the checks such an op makes of its arguments,
-  broadcasting and casting, are skipped with it: the simulation runs the code the step runs for
-  real, not a test of it); and ``slice`` is the ``as_strided`` view torch's own decomposition
-  makes, without the decomposition.
+* ``slice`` is the ``as_strided`` view torch's own decomposition makes, without the
+  decomposition. (In-place ops that change only values never get here: :data:`.phantom.IN_PLACE`.)
 
 Nothing about the ops is written here. tests/models/test_planner.py holds a simulated step equal,
 op by op, to the same step on real tensors.
@@ -40,7 +37,7 @@ import torch
 from torch._decomp import meta_table
 from torch._prims_common import suggest_memory_format
 
-from .phantom import leaves, tree_map
+from .phantom import _META, leaves, tree_map
 
 __all__ = ["Shortcut"]
 
@@ -59,13 +56,6 @@ SLOW = frozenset(
         _aten.batch_norm_update_stats.default,  # no meta kernel at all
         _aten.add.Tensor,  # naive backward: each feature map's gradient summed from later layers
     }
-)
-
-#: In-place ops that change only the values of the tensor they write, never its size, strides or
-#: storage: on meta tensors, which hold no values, their output is their first argument as it is.
-#: (The gradient sums of a block's backward, the optimizer's updates, the engine's ReLUs and copies.)
-IN_PLACE = frozenset(
-    {_aten.add_.Tensor, _aten.mul_.Tensor, _aten.relu_.default, _aten.copy_.default, _aten.zero_.default}
 )
 
 #: The small input the pattern is learnt on (distinct sizes: a stride tells its memory format).
@@ -127,8 +117,6 @@ class Shortcut:
         self.small: dict[Any, Any] = {}
 
     def __call__(self, func: Any, args: tuple, kwargs: dict, batch: int) -> Any:
-        if func in IN_PLACE:
-            return args[0] if _valueless(args[0]) else NotImplemented
         if func is _aten.slice.Tensor:
             return _slice(*args, **kwargs) if _valueless(args[0]) else NotImplemented
         out = self._maps(func, args, kwargs) if func in SLOW else NotImplemented
@@ -300,9 +288,6 @@ def _small_key(func: Any, args: Any, kwargs: Any, batch: int) -> Any:
         return type(a), a
 
     return func, desc(args), tuple((name, desc(v)) for name, v in kwargs.items())
-
-
-_META = torch.device("meta")
 
 
 def _real(a: Any, batch: int, stand_in: int) -> Any:

@@ -59,7 +59,7 @@ from ..sync_batchnorm import convert_sync_batchnorm
 from .allocator import cpu_scratch
 from .options import TORCHVISION, TORCHVISION_EFFICIENT
 from .phantom import Phantom, leaves, phantom, run
-from .shortcut import IN_PLACE, Shortcut
+from .shortcut import Shortcut
 
 __all__ = [
     "Line",
@@ -181,9 +181,6 @@ class LiveBytes(TorchDispatchMode):
         return len(self.trace) - 1
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        if func in IN_PLACE and type(args[0]) is Phantom:  # values only: the bytes stay as they are
-            self.trace.append((self.fixed, self.per))  # (4 ops in 10 of a step: the gradient sums,
-            return args[0]  # the optimizer's updates, ReLUs, copies)
         out = run(func, args, kwargs or {}, self._kernel, self.phantom)
         for t in (out,) if isinstance(out, torch.Tensor) else leaves(out):
             if isinstance(t, torch.Tensor):
