@@ -12,8 +12,14 @@ Ops on ordinary tensors alone run as they are (an optimizer's step count stays a
 an ordinary tensor beside a phantom one is read as a meta tensor, and an op that would write
 into it (in-place, ``out=``) refuses: it cannot hold what phantom tensors compute.
 
->>> x = phantom(torch.empty(2, 3, device="meta"))
->>> y = (x * 2).sum(0)
+Phantom tensors are worked on under a :class:`PhantomMode` (or a mode built on it): torch asks a
+tensor subclass that handles its own ops whether it is a distributed tensor first, which imports
+``torch.distributed.tensor`` (0.4 s, sympy most of it) at the first op of a process; under a
+dispatch mode the mode answers and that question is never asked.
+
+>>> with PhantomMode():
+...     x = phantom(torch.empty(2, 3, device="meta"))
+...     y = (x * 2).sum(0)
 >>> type(y).__name__, y.device.type, tuple(y.shape)
 ('Phantom', 'cpu', (3,))
 """
@@ -25,8 +31,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["IN_PLACE", "Phantom", "leaves", "phantom", "run", "tree_map"]
+__all__ = ["IN_PLACE", "Phantom", "PhantomMode", "leaves", "phantom", "run", "tree_map"]
 
 _META = torch.device("meta")
 _aten = torch.ops.aten
@@ -61,10 +68,28 @@ class Phantom(torch.Tensor):
 
     @classmethod
     def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        # outside a PhantomMode (see the module's docstring): correct, at the cost of that import
         return run(func, args, kwargs or {})
 
     def __repr__(self) -> str:
         return f"Phantom({tuple(self.shape)}, dtype={self.dtype}, device={self.device})"
+
+
+class PhantomMode(TorchDispatchMode):
+    """Within, every op runs through :func:`run` (``factories``: as there)."""
+
+    def __init__(self, factories: bool = True) -> None:
+        super().__init__()
+        self.factories = factories
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # torch wraps a mode's __torch_dispatch__ so that its compiler never traces it, which
+        # imports the compiler (a second) at the first op; nothing compiles phantom tensors
+        return False
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        return run(func, args, kwargs or {}, factories=self.factories)
 
 
 def phantom(t: torch.Tensor, device: torch.device | str = "cpu") -> Phantom:

@@ -48,7 +48,6 @@ import torch.nn.functional as F
 from torch.optim.adam import adam
 from torch.optim.sgd import sgd
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from ...errors import check_int
 from ..config import ArchConfig
@@ -58,7 +57,7 @@ from ..registry import model_class
 from ..sync_batchnorm import convert_sync_batchnorm
 from .allocator import cpu_scratch
 from .options import TORCHVISION, TORCHVISION_EFFICIENT
-from .phantom import Phantom, leaves, phantom, run
+from .phantom import Phantom, PhantomMode, leaves, phantom, run
 from .shortcut import Shortcut
 
 __all__ = [
@@ -117,7 +116,7 @@ def hull_max(lines: tuple[Line, ...], batch: int) -> int:
     return max(ln.at(batch) for ln in lines) if lines else 0
 
 
-class LiveBytes(TorchDispatchMode):
+class LiveBytes(PhantomMode):
     """Counts the bytes of every storage alive, as (fixed, per image), after each op.
 
     ``batch``: the prime that marks a batch-sized storage (its bytes are a multiple of it).
@@ -132,21 +131,14 @@ class LiveBytes(TorchDispatchMode):
     def __init__(
         self, batch: int, round_to: int = 1, scratch: Any = None, shortcut: Any = None, phantom: bool = False
     ) -> None:
-        super().__init__()
+        super().__init__(phantom)
         self.batch, self.round_to, self.scratch, self.shortcut = batch, round_to, scratch, shortcut
-        self.phantom = phantom
         # storage id -> its counted size; the weak reference's callback takes it off when it dies
         # (before the id can be reused: the callback runs as the storage is freed)
         self.sizes: dict[int, tuple[int, int]] = {}
         self.refs: dict[int, weakref.ref] = {}
         self.fixed = self.per = 0
         self.trace: list[tuple[int, int]] = []
-
-    @classmethod
-    def _should_skip_dynamo(cls) -> bool:
-        # torch wraps a mode's __torch_dispatch__ so that its compiler never traces it, which
-        # imports the compiler (a second) at the first op; nothing compiles a simulation
-        return False
 
     def _split(self, nbytes: int) -> tuple[int, int]:
         n = -(-nbytes // self.round_to) * self.round_to
@@ -181,7 +173,7 @@ class LiveBytes(TorchDispatchMode):
         return len(self.trace) - 1
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        out = run(func, args, kwargs or {}, self._kernel, self.phantom)
+        out = run(func, args, kwargs or {}, self._kernel, self.factories)
         for t in (out,) if isinstance(out, torch.Tensor) else leaves(out):
             if isinstance(t, torch.Tensor):
                 self.track(t)
@@ -304,8 +296,9 @@ def _phantom_model(
         t = t.contiguous(memory_format=torch.channels_last) if channels_last and t.dim() == 4 else t
         return phantom(t)
 
-    model = model._apply(convert)
-    return convert_sync_batchnorm(model) if synchronised else model
+    with PhantomMode():
+        model = model._apply(convert)
+        return convert_sync_batchnorm(model) if synchronised else model
 
 
 _AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -460,9 +453,10 @@ def run_step(
     forward, cross-entropy, backward and the optimizer's step, under ``live``. Returns the
     optimizer and the stamps of its moments (``segments``: each block's and transition's too)."""
     params = list(model.parameters())
-    for p in params:
-        p.grad = torch.zeros_like(p)
-    opt = None if optimizer == "none" else _Optimizer(optimizer, params, foreach)
+    with PhantomMode(live.factories):
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        opt = None if optimizer == "none" else _Optimizer(optimizer, params, foreach)
     for t in (*params, *model.buffers(), *(p.grad for p in params), x, y):
         live.track(t)
     amp_dtype = _AMP.get(amp or "")
