@@ -259,8 +259,12 @@ def test_the_small_calls_find_the_batch_and_leave_views_to_the_op():
     # a dimension of 7 (one of the stand-in batches) that is not the batch, beside the batch
     wide = _same_as_real(shortcut, aten.addmm.default, (torch.empty(7), torch.empty(11, 5), torch.empty(5, 7)), batch=11)
     assert wide.shape == (11, 7)
-    # an op whose meta function only computes shapes runs it
-    assert shortcut(aten.mm.default, (torch.empty(11, 5, device="meta"), torch.empty(5, 7, device="meta")), {}, 11) is NotImplemented
+    # one of torch's Python meta functions (pooling, mm) is read off the small calls too: it would
+    # import sympy on its first call; a foreach op's composite loops over Python meta kernels
+    _same_as_real(shortcut, aten.mm.default, (torch.empty(11, 5), torch.empty(5, 7)), batch=11)
+    _same_as_real(shortcut, aten.max_pool2d_with_indices.default, (torch.empty(7, 3, 9, 9), [3, 3], [2, 2], [1, 1]), batch=7)
+    sqrts = _same_as_real(shortcut, aten._foreach_sqrt.default, ([torch.empty(4, 3), torch.empty(5)],))
+    assert [tuple(t.shape) for t in sqrts] == [(4, 3), (5,)]
     assert shortcut(aten.narrow.default, (torch.empty(7, 3, device="meta"), 0, 0, 2), {}, 7) is NotImplemented
 
 
@@ -464,16 +468,19 @@ def test_a_simulation_does_not_import_torch_s_compiler():
     importing ``torch._dynamo`` (about a second), which making a ``FakeTensorMode``, torch's
     optimizer classes and its Python decompositions each do; nor ``torch.distributed.tensor``
     (0.4 s), which torch imports at the first op a tensor subclass handles itself (phantom
-    tensors are worked on under a dispatch mode)."""
+    tensors are worked on under a dispatch mode); nor sympy (0.2 s), which torch's Python meta
+    kernels import (their ops are read off small real calls). On the CPU and on CUDA (whose Adam
+    runs foreach ops), in mixed precision."""
     code = (
         "import sys; from densenet_efficient.models.planner import max_batch_size; "
         "print(max_batch_size('densenet_bc_16', '1GiB', device='cpu', optimizer='adam', amp='bf16'), "
-        "*('torch._dynamo' in sys.modules, 'torch.distributed.tensor' in sys.modules))"
+        "max_batch_size('densenet_bc_16', '1GiB', device='cuda', optimizer='adamw', amp='fp16', channels_last=True), "
+        "*(m in sys.modules for m in ('torch._dynamo', 'torch.distributed.tensor', 'sympy')))"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    batch, *imported = out.stdout.split()
-    assert int(batch) > 1 and imported == ["False", "False"]
+    cpu, cuda, *imported = out.stdout.split()
+    assert int(cpu) > 1 and int(cuda) > 1 and imported == ["False", "False", "False"]
 
 
 def test_phantom_tensors_make_what_the_ops_make_and_real_ones_stay_real():

@@ -33,20 +33,34 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["IN_PLACE", "Phantom", "PhantomMode", "leaves", "phantom", "run", "tree_map"]
+__all__ = ["Phantom", "PhantomMode", "leaves", "phantom", "run", "tree_map", "values_only"]
 
 _META = torch.device("meta")
 _aten = torch.ops.aten
 
-#: In-place ops that change only the values of the tensor they write, never its size, strides or
-#: storage: on a phantom tensor, which holds no values, such an op returns its first argument as
-#: it is, without running (4 ops in 10 of a training step: the gradient sums of a block's
-#: backward, the optimizer's updates, the engine's ReLUs and copies). The checks such an op makes
-#: of its arguments, broadcasting and casting, are skipped with it: the simulation runs the code
-#: the step runs for real, not a test of it.
-IN_PLACE = frozenset(
-    {_aten.add_.Tensor, _aten.mul_.Tensor, _aten.relu_.default, _aten.copy_.default, _aten.zero_.default}
-)
+@functools.cache
+def values_only(func: Any) -> bool:
+    """Whether ``func`` writes only the values of its first argument (``Tensor(a!) self``, or a
+    list of them), never its size, strides or storage (the ops that change those, ``resize_``,
+    ``set_``, ``unsqueeze_``, ``as_strided_``, torch tags ``inplace_view``), and no other argument.
+    On a phantom tensor, which holds no values, such an op returns its first argument as it is,
+    without running (4 ops in 10 of a training step: the gradient sums of a block's backward, the
+    optimizer's updates, the engine's ReLUs and copies). The checks such an op makes of its
+    arguments, broadcasting and casting, are skipped with it: the simulation runs the code the
+    step runs for real, not a test of it."""
+    schema = func._schema
+    written = [a for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+    if torch.Tag.inplace_view in func.tags or not written or written[0] is not schema.arguments[0]:
+        return False
+    returns = schema.returns
+    return len(written) == 1 and (not returns or (len(returns) == 1 and returns[0].alias_info is not None))
+
+
+def _phantoms(x: Any) -> bool:
+    """Whether ``x`` is a phantom tensor, or a list of them."""
+    if type(x) in (list, tuple):
+        return bool(x) and all(type(t) is Phantom for t in x)
+    return type(x) is Phantom
 
 
 class Phantom(torch.Tensor):
@@ -76,11 +90,11 @@ class Phantom(torch.Tensor):
 
 
 class PhantomMode(TorchDispatchMode):
-    """Within, every op runs through :func:`run` (``factories``: as there)."""
+    """Within, every op runs through :func:`run` (``kernel`` and ``factories``: as there)."""
 
-    def __init__(self, factories: bool = True) -> None:
+    def __init__(self, factories: bool = True, kernel: Any = None) -> None:
         super().__init__()
-        self.factories = factories
+        self.factories, self.kernel = factories, kernel
 
     @classmethod
     def _should_skip_dynamo(cls) -> bool:
@@ -89,7 +103,7 @@ class PhantomMode(TorchDispatchMode):
         return False
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        return run(func, args, kwargs or {}, factories=self.factories)
+        return run(func, args, kwargs or {}, self.kernel, self.factories)
 
 
 def phantom(t: torch.Tensor, device: torch.device | str = "cpu") -> Phantom:
@@ -103,8 +117,8 @@ def run(func: Any, args: tuple, kwargs: dict, kernel: Any = None, factories: boo
     wrapped; an op's output that is one of its inputs (in-place, ``out=``) is that input.
     ``factories``: whether an op that makes a tensor from no tensor makes a phantom one (False:
     a real one, as in a step on real tensors)."""
-    if func in IN_PLACE and type(args[0]) is Phantom:
-        return args[0]
+    if args and values_only(func) and _phantoms(args[0]):
+        return args[0] if func._schema.returns else None
     found: list[Phantom] = []
     real: list[torch.Tensor] = []
     margs = tuple(_unwrap(a, found, real) for a in args)

@@ -22,7 +22,7 @@ own kernel run on small real CPU tensors, once per pattern:
   reshaped or resized in place, strides that change with the batch, an op whose outputs depend on
   its inputs' values) falls back to the op's own kernel;
 * ``slice`` is the ``as_strided`` view torch's own decomposition makes, without the
-  decomposition. (In-place ops that change only values never get here: :data:`.phantom.IN_PLACE`.)
+  decomposition. (In-place ops that change only values never get here: :func:`.phantom.values_only`.)
 
 Nothing about the ops is written here. tests/models/test_planner.py holds a simulated step equal,
 op by op, to the same step on real tensors.
@@ -30,12 +30,11 @@ op by op, to the same step on real tensors.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from typing import Any
 
 import torch
-from torch._decomp import meta_table
-from torch._prims_common import suggest_memory_format
 
 from .phantom import _META, leaves, tree_map
 
@@ -64,6 +63,13 @@ _PROXY = (2, 3, 5, 7)
 
 #: An argument the shortcut does not handle.
 _OTHER = object()
+
+
+def _format(t: torch.Tensor) -> torch.memory_format:
+    """A map's memory format as its strides say it (channels innermost: ``channels_last``); its
+    whole stride order is checked by :func:`_in_order`. (torch's ``suggest_memory_format``
+    answers the same with symbolic sizes in mind, importing sympy on its first call: 0.2 s.)"""
+    return torch.channels_last if t.stride(1) < t.stride(3) else torch.contiguous_format
 
 
 def _in_order(t: torch.Tensor, fmt: torch.memory_format) -> bool:
@@ -120,7 +126,7 @@ class Shortcut:
         if func is _aten.slice.Tensor:
             return _slice(*args, **kwargs) if _valueless(args[0]) else NotImplemented
         out = self._maps(func, args, kwargs) if func in SLOW else NotImplemented
-        if out is NotImplemented and _meta_kernel(func) != "runs":
+        if out is NotImplemented and _python_meta(func):
             return self._small(func, args, kwargs, batch)
         return out
 
@@ -176,7 +182,7 @@ class Shortcut:
         if not isinstance(a, torch.Tensor):
             return type(a), a  # 2 and 2.0 are one key of a dict, but an integer add refuses alpha=2.0
         if a.dim() == 4:
-            fmt = suggest_memory_format(a)
+            fmt = _format(a)
             return ("map", a.dtype, fmt, a.device) if _in_order(a, fmt) else _OTHER
         if a.dim() == 1 and a.numel() == channels:
             return ("channel", a.dtype, a.device)
@@ -189,7 +195,7 @@ class Shortcut:
         if not isinstance(a, torch.Tensor):
             return a
         if a.dim() == 4:
-            fmt = suggest_memory_format(a)
+            fmt = _format(a)
             return torch.empty(_PROXY, dtype=a.dtype, device=_dev(a)).contiguous(memory_format=fmt)
         if a.dim() == 1 and a.numel() == channels:
             return torch.empty(_PROXY[1], dtype=a.dtype, device=_dev(a))
@@ -219,7 +225,7 @@ class Shortcut:
             elif _storage(o) in inputs:
                 return None  # an input returned (aliased): the op must run itself
             elif tuple(o.shape) == _PROXY:
-                specs.append(("map", o.dtype, o.device, suggest_memory_format(o)))
+                specs.append(("map", o.dtype, o.device, _format(o)))
             elif tuple(o.shape) == (_PROXY[1],):
                 specs.append(("channel", o.dtype, o.device))
             elif o.numel() == 0:
@@ -242,27 +248,21 @@ class Shortcut:
         return torch.empty(spec[3], dtype=spec[1], device=device)
 
 
-def _meta_kernel(func: Any) -> str:
-    """``func``'s meta kernel, as torch's dispatcher lists it: ``"reference"`` (a decomposition
-    through torch's Python reference ops: slow, and its first call imports torch's compiler),
-    ``"none"``, or ``"runs"`` (ATen's own, a composite of other ops, or one of torch's Python meta
-    functions, ``torch._decomp.meta_table``, which only compute the output's shape and layout)."""
-    kind = _META_KERNELS.get(func)
-    if kind is None:
-        lines = torch._C._dispatch_dump(func.name()).splitlines()
-        line = next((ln for ln in lines if ln.startswith("Meta:")), None)
-        if line is None:
-            composite = any(ln.startswith("CompositeExplicitAutograd") for ln in lines)
-            kind = "runs" if composite else "none"
-        elif "_meta_registrations.py" in line and func not in meta_table:
-            kind = "reference"
-        else:
-            kind = "runs"
-        _META_KERNELS[func] = kind
-    return kind
+@functools.cache
+def _python_meta(func: Any) -> bool:
+    """Whether ``func``'s meta kernel, as torch's dispatcher lists it, is Python (a decomposition
+    through torch's reference ops, or one of its meta functions: slow, and the first of them
+    imports sympy, 0.2 s, or torch's compiler, a second), missing, or a foreach op's composite (a
+    loop over the per-tensor op, whose meta kernel is Python); False for ATen's own or another
+    composite of other ops (C++ views and copies)."""
+    lines = torch._C._dispatch_dump(func.name()).splitlines()
+    line = next((ln for ln in lines if ln.startswith("Meta:")), None)
+    if line is None:
+        composite = any(ln.startswith("CompositeExplicitAutograd") for ln in lines)
+        return not composite or func.name().startswith("aten::_foreach_")
+    return "_meta_registrations.py" in line
 
 
-_META_KERNELS: dict[Any, str] = {}
 #: Batch sizes the small calls stand in for the simulation's: two, so that a dimension that is
 #: the batch is told from one that only equals it, and far apart, so that a size that follows the
 #: batch an op runs along (a real FFT's ``batch // 2 + 1``, a pool's windows) differs between

@@ -131,7 +131,7 @@ class LiveBytes(PhantomMode):
     def __init__(
         self, batch: int, round_to: int = 1, scratch: Any = None, shortcut: Any = None, phantom: bool = False
     ) -> None:
-        super().__init__(phantom)
+        super().__init__(phantom, self._shortcut)
         self.batch, self.round_to, self.scratch, self.shortcut = batch, round_to, scratch, shortcut
         # storage id -> its counted size; the weak reference's callback takes it off when it dies
         # (before the id can be reused: the callback runs as the storage is freed)
@@ -173,7 +173,7 @@ class LiveBytes(PhantomMode):
         return len(self.trace) - 1
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        out = run(func, args, kwargs or {}, self._kernel, self.factories)
+        out = run(func, args, kwargs or {}, self.kernel, self.factories)
         for t in (out,) if isinstance(out, torch.Tensor) else leaves(out):
             if isinstance(t, torch.Tensor):
                 self.track(t)
@@ -186,7 +186,7 @@ class LiveBytes(PhantomMode):
         self.trace.append((self.fixed, self.per))
         return out
 
-    def _kernel(self, func: Any, args: tuple, kwargs: dict) -> Any:
+    def _shortcut(self, func: Any, args: tuple, kwargs: dict) -> Any:
         return NotImplemented if self.shortcut is None else self.shortcut(func, args, kwargs, self.batch)
 
     def line(self, i: int) -> Line:
@@ -453,9 +453,9 @@ def run_step(
     forward, cross-entropy, backward and the optimizer's step, under ``live``. Returns the
     optimizer and the stamps of its moments (``segments``: each block's and transition's too)."""
     params = list(model.parameters())
-    with PhantomMode(live.factories):
+    with PhantomMode(live.factories, live.kernel):  # not counted: the state a step starts from
         for p in params:
-            p.grad = torch.zeros_like(p)
+            p.grad = _zeros_like(p)
         opt = None if optimizer == "none" else _Optimizer(optimizer, params, foreach)
     for t in (*params, *model.buffers(), *(p.grad for p in params), x, y):
         live.track(t)
@@ -487,6 +487,12 @@ def run_step(
     return opt, stamps
 
 
+def _zeros_like(p: torch.Tensor) -> torch.Tensor:
+    """``torch.zeros_like(p)`` for a dense ``p`` (a parameter: the same strides), through ATen's
+    own kernels (``zeros_like``'s meta kernel is Python: 0.2 s of imports on its first call)."""
+    return torch.empty_strided(p.shape, p.stride(), dtype=p.dtype, device=p.device).zero_()
+
+
 class _Optimizer:
     """The optimizer's step as torch's own ``SGD``/``Adam``/``AdamW`` run it: their functional form
     (:func:`torch.optim.sgd.sgd`, :func:`torch.optim.adam.adam`), which their ``step`` calls, with
@@ -514,8 +520,8 @@ class _Optimizer:
         if not self.state:  # as Adam's first step makes them
             self.state = [
                 [torch.tensor(0.0) for _ in params],
-                [torch.zeros_like(p, memory_format=torch.preserve_format) for p in params],
-                [torch.zeros_like(p, memory_format=torch.preserve_format) for p in params],
+                [_zeros_like(p) for p in params],
+                [_zeros_like(p) for p in params],
             ]
         steps, exp_avgs, exp_avg_sqs = self.state
         adamw = self.name == "adamw"
