@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["Phantom", "PhantomMode", "leaves", "phantom", "run", "tree_map", "values_only"]
+__all__ = ["Phantom", "PhantomMode", "first", "leaves", "only_values", "phantom", "run", "tree_map", "values_only"]
 
 _META = torch.device("meta")
 _aten = torch.ops.aten
@@ -56,11 +56,20 @@ def values_only(func: Any) -> bool:
     return len(written) == 1 and (not returns or (len(returns) == 1 and returns[0].alias_info is not None))
 
 
-def _phantoms(x: Any) -> bool:
-    """Whether ``x`` is a phantom tensor, or a list of them."""
+def only_values(func: Any, args: tuple) -> bool:
+    """Whether ``func(*args)`` writes only values into phantom tensors (:func:`values_only`, its
+    first argument phantom): it changes nothing, and returns :func:`first`."""
+    if not args or not values_only(func):
+        return False
+    x = args[0]
     if type(x) in (list, tuple):
         return bool(x) and all(type(t) is Phantom for t in x)
     return type(x) is Phantom
+
+
+def first(func: Any, args: tuple) -> Any:
+    """What an op that writes its first argument in place returns: that argument, or nothing."""
+    return args[0] if func._schema.returns else None
 
 
 class Phantom(torch.Tensor):
@@ -117,11 +126,11 @@ def run(func: Any, args: tuple, kwargs: dict, kernel: Any = None, factories: boo
     wrapped; an op's output that is one of its inputs (in-place, ``out=``) is that input.
     ``factories``: whether an op that makes a tensor from no tensor makes a phantom one (False:
     a real one, as in a step on real tensors)."""
-    if args and values_only(func) and _phantoms(args[0]):
-        return args[0] if func._schema.returns else None
+    if only_values(func, args):
+        return first(func, args)
     found: list[Phantom] = []
     real: list[torch.Tensor] = []
-    margs = tuple(_unwrap(a, found, real) for a in args)
+    margs = _unwrap(args, found, real)
     mkwargs = {k: _unwrap(v, found, real) for k, v in kwargs.items()} if kwargs else {}
     if not found:
         # ordinary tensors only, none made, or a factory of a real step: the op runs as it is
@@ -159,7 +168,17 @@ def _unwrap(t: Any, found: list[Phantom], real: list[torch.Tensor]) -> Any:
         found.append(t)
         return t.elem
     if kind is tuple or kind is list:
-        return kind(_unwrap(v, found, real) for v in t)
+        out = []
+        for v in t:  # a loop, not a generator: this runs for every argument of every op
+            k = type(v)
+            if k is Phantom:
+                found.append(v)
+                out.append(v.elem)
+            elif k is tuple or k is list or isinstance(v, torch.Tensor):
+                out.append(_unwrap(v, found, real))
+            else:
+                out.append(v)
+        return out if kind is list else tuple(out)
     if isinstance(t, torch.Tensor):
         real.append(t)
     return t

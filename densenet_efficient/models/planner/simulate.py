@@ -57,7 +57,7 @@ from ..registry import model_class
 from ..sync_batchnorm import convert_sync_batchnorm
 from .allocator import cpu_scratch
 from .options import TORCHVISION, TORCHVISION_EFFICIENT
-from .phantom import Phantom, PhantomMode, leaves, phantom, run
+from .phantom import Phantom, PhantomMode, first, leaves, only_values, phantom, run
 from .shortcut import Shortcut
 
 __all__ = [
@@ -173,6 +173,9 @@ class LiveBytes(PhantomMode):
         return len(self.trace) - 1
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if only_values(func, args):  # nothing to count: no storage changes
+            self.trace.append((self.fixed, self.per))
+            return first(func, args)
         out = run(func, args, kwargs or {}, self.kernel, self.factories)
         for t in (out,) if isinstance(out, torch.Tensor) else leaves(out):
             if isinstance(t, torch.Tensor):
