@@ -9,10 +9,13 @@ import argparse
 import json
 
 from ..errors import UsageError
+from ..models.engine import MODES
 from ..models.planner import (
     DEFAULT_OPTIMIZER,
     ESTIMABLE,
     OPTIMIZER_STATES,
+    TORCHVISION,
+    TORCHVISION_EFFICIENT,
     MemoryBudgetError,
     fit_memory,
     format_bytes,
@@ -40,7 +43,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--dtype", default="fp32", choices=("fp32", "bf16", "fp16", "fp64"), help="parameter dtype"
     )
     parser.add_argument(
-        "--mode", action="append", choices=ESTIMABLE, help="mode(s) to plan (default: all, torchvision too)"
+        "--mode", action="append", choices=ESTIMABLE, help=f"mode(s) to plan (default: {', '.join(MODES)})"
+    )
+    parser.add_argument(
+        "--torchvision",
+        action="store_true",
+        help="also plan torchvision's own DenseNet, plain and memory_efficient=True, for comparison "
+        "(imports torchvision and simulates two more steps: seconds, not one)",
     )
     parser.add_argument(
         "--device",
@@ -83,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(
             f"--sync-bn takes the number of processes, 1 to {MAX_SYNC_WORLD}, found {args.sync_bn}"
         )
-    modes = tuple(dict.fromkeys(args.mode or ESTIMABLE))
+    modes = (*(args.mode or MODES), *((TORCHVISION, TORCHVISION_EFFICIENT) if args.torchvision else ()))
+    modes = tuple(dict.fromkeys(modes))
     kwargs = dict(
         image_size=args.image_size,
         dtype=args.dtype,

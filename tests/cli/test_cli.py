@@ -29,7 +29,7 @@ FLAGS = {
     ]),
     "plan": ([], [
         "--amp", "--arch", "--batch-size", "--depth", "--device", "--dtype", "--growth-rate",
-        "--image-size", "--json", "--memory", "--mode", "--optimizer", "--sync-bn",
+        "--image-size", "--json", "--memory", "--mode", "--optimizer", "--sync-bn", "--torchvision",
     ]),
 }  # fmt: skip
 

@@ -775,6 +775,18 @@ def test_plan_cli_json_matches_api(capsys):
     )
 
 
+def test_plan_cli_plans_this_package_s_modes_and_torchvision_s_when_asked(capsys):
+    """The three modes by default; ``--torchvision`` adds torchvision's DenseNet, plain and
+    ``memory_efficient=True``, after the modes asked for (each once)."""
+    argv = ["plan", "--depth", "16", "--memory", "1GB", "--device", "cpu", "--json"]
+    assert main(argv) == 0
+    assert [r["mode"] for r in json.loads(capsys.readouterr().out)["rows"]] == ["naive", "efficient", "max_saving"]
+    assert main([*argv, "--mode", "efficient", "--mode", "efficient", "--torchvision"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [r["mode"] for r in rows] == ["efficient", "torchvision", "torchvision_efficient"]
+    assert rows[1]["per_image"] > rows[0]["per_image"]  # torchvision's naive DenseNet keeps more
+
+
 def test_plan_cli_plans_synchronised_batch_norm(capsys):
     argv = ["plan", "--depth", "40", "--memory", "2GB", "--mode", "efficient", "--device", "cpu", "--json"]
     assert main([*argv, "--sync-bn", "4"]) == 0

@@ -11,8 +11,8 @@ from typing import Any
 
 from ...errors import UsageError, check_int
 from ..config import ArchConfig
+from ..engine import MODES
 from .estimate import Step
-from .options import ESTIMABLE
 from .search import largest_batch
 from .units import parse_memory
 
@@ -23,13 +23,16 @@ def plan(
     arch: str | ArchConfig,
     memory: int | str,
     *,
-    modes: tuple[str, ...] = ESTIMABLE,
+    modes: tuple[str, ...] = MODES,
     batch_size: int | None = None,
     image_size: int | None = None,
     **kwargs: Any,
 ) -> list[dict[str, Any]]:
     """Per mode: the largest batch that fits ``memory``, the estimate there (and at ``batch_size``).
 
+    ``modes``: this package's three by default; ``"torchvision"`` and ``"torchvision_efficient"``
+    (:data:`~.options.ESTIMABLE` has all five) plan torchvision's own DenseNet for comparison,
+    which imports torchvision.
     ``kwargs`` are :func:`~.estimate.estimate_memory`'s besides ``mode``. Each row has ``mode``,
     ``per_image`` (bytes each image adds), ``max_batch_size`` (0 when none fits, with ``note`` and
     ``minimum``), ``at_max`` (the estimate there, as a dict) and ``at_batch`` when asked.
