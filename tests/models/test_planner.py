@@ -123,13 +123,13 @@ class _Counted(LiveBytes):
     ("depth", "mode", "options"),
     [
         (16, "efficient", {}),
-        (16, "naive", {"amp": "bf16"}),
+        (16, "naive", {"amp": "bf16", "channels_last": True}),
         (16, "max_saving", {"amp": "bf16", "channels_last": True, "optimizer": "adam"}),
         (40, [1, "max_saving", True], {"optimizer": "adamw", "foreach": True}),
         ("imagenet", [1, "max_saving", True, "naive"], {}),
         ("imagenet", "max_saving", {"amp": "bf16", "channels_last": True}),
     ],
-    ids=["efficient", "naive-bf16", "max_saving-bf16-nhwc-adam", "dial-adamw-foreach", "stem", "stem-bf16-nhwc"],
+    ids=["efficient", "naive-bf16-nhwc", "max_saving-bf16-nhwc-adam", "dial-adamw-foreach", "stem", "stem-bf16-nhwc"],
 )
 def test_the_simulation_is_the_real_step_op_by_op(depth, mode, options):
     """The step on phantom tensors (meta kernels, the shortcut's outputs, the conv rules) against the
@@ -266,6 +266,24 @@ def test_the_small_calls_find_the_batch_and_leave_views_to_the_op():
     sqrts = _same_as_real(shortcut, aten._foreach_sqrt.default, ([torch.empty(4, 3), torch.empty(5)],))
     assert [tuple(t.shape) for t in sqrts] == [(4, 3), (5,)]
     assert shortcut(aten.narrow.default, (torch.empty(7, 3, device="meta"), 0, 0, 2), {}, 7) is NotImplemented
+
+
+def test_the_naive_engine_s_concatenations_are_made_as_the_op_makes_them():
+    """``cat`` of maps along the channels, the format they share kept (NCHW, NHWC); mixed
+    formats, another dimension or maps with a dimension of 1 are read off small calls: every
+    answer is the real op's."""
+    shortcut, aten = Shortcut(), torch.ops.aten
+    last = torch.channels_last
+    for fmt in (torch.contiguous_format, last):
+        maps = [torch.empty(5, c, 4, 3).contiguous(memory_format=fmt) for c in (6, 2, 2)]
+        out = _same_as_real(shortcut, aten.cat.default, (maps, 1))
+        assert out.shape == (5, 10, 4, 3) and out.is_contiguous(memory_format=fmt)
+    assert not shortcut.small  # no small call was needed
+    mixed = [torch.empty(5, 6, 4, 3), torch.empty(5, 2, 4, 3).contiguous(memory_format=last)]
+    _same_as_real(shortcut, aten.cat.default, (mixed, 1))
+    _same_as_real(shortcut, aten.cat.default, ([torch.empty(5, 6, 4, 3), torch.empty(5, 6, 4, 3)], 2))
+    _same_as_real(shortcut, aten.cat.default, ([torch.empty(5, 6, 1, 1).contiguous(memory_format=last)] * 2, 1))
+    assert len(shortcut.small) == 3
 
 
 def test_the_small_calls_leave_ops_that_change_an_input_s_shape_to_the_op():

@@ -33,12 +33,29 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["Phantom", "PhantomMode", "first", "leaves", "only_values", "phantom", "run", "tree_map", "values_only"]
+__all__ = ["Phantom", "PhantomMode", "first", "leaves", "only_values", "per_op", "phantom", "run", "tree_map", "values_only"]
 
 _META = torch.device("meta")
 _aten = torch.ops.aten
 
-@functools.cache
+def per_op(fn: Any) -> Any:
+    """``functools.cache`` for a function of an op, keyed by the op's identity: an ``OpOverload``
+    hashes in Python, a call per lookup, and a simulation looks ops up several times per op (ops
+    live as long as the process: an identity is never reused)."""
+    memo: dict[int, Any] = {}
+
+    @functools.wraps(fn)
+    def cached(func: Any) -> Any:
+        try:
+            return memo[id(func)]
+        except KeyError:
+            memo[id(func)] = value = fn(func)
+            return value
+
+    return cached
+
+
+@per_op
 def values_only(func: Any) -> bool:
     """Whether ``func`` writes only the values of its first argument (``Tensor(a!) self``, or a
     list of them), never its size, strides or storage (the ops that change those, ``resize_``,
@@ -148,7 +165,7 @@ def run(func: Any, args: tuple, kwargs: dict, kernel: Any = None, factories: boo
                 device = torch.device(mkwargs["device"])
                 mkwargs["device"] = _META
             margs, mkwargs = tree_map(_to_meta, margs), tree_map(_to_meta, mkwargs)
-    rule = _RULES.get(func)
+    rule = _rule(func)
     out = NotImplemented if rule is None else rule(*args, **kwargs)
     if out is NotImplemented and kernel is not None:
         out = kernel(func, margs, mkwargs)
@@ -216,7 +233,7 @@ def leaves(x: Any) -> Iterator[Any]:
         yield x
 
 
-@functools.cache
+@per_op
 def _makes(func: Any) -> bool:
     """Whether ``func`` takes a device: a factory (``empty``, ``zeros``, ``scalar_tensor``)."""
     return any(a.name == "device" for a in func._schema.arguments)
@@ -278,3 +295,8 @@ def _convolution_backward(g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bia
 #: Ops whose meta kernel cannot give what they make on a device: made here, from the phantom
 #: tensors themselves.
 _RULES = {_aten.convolution.default: _convolution, _aten.convolution_backward.default: _convolution_backward}
+
+
+@per_op
+def _rule(func: Any) -> Any:
+    return _RULES.get(func)

@@ -57,7 +57,7 @@ from ..registry import model_class
 from ..sync_batchnorm import convert_sync_batchnorm
 from .allocator import cpu_scratch
 from .options import TORCHVISION, TORCHVISION_EFFICIENT
-from .phantom import Phantom, PhantomMode, first, leaves, only_values, phantom, run
+from .phantom import Phantom, PhantomMode, first, leaves, only_values, per_op, phantom, run
 from .shortcut import Shortcut
 
 __all__ = [
@@ -177,6 +177,9 @@ class LiveBytes(PhantomMode):
             self.trace.append((self.fixed, self.per))
             return first(func, args)
         out = run(func, args, kwargs or {}, self.kernel, self.factories)
+        if type(out) is Phantom and _view(func):  # shares its input's storage, counted when made
+            self.trace.append((self.fixed, self.per))
+            return out
         for t in (out,) if isinstance(out, torch.Tensor) else leaves(out):
             if isinstance(t, torch.Tensor):
                 self.track(t)
@@ -199,6 +202,16 @@ class LiveBytes(PhantomMode):
         """The upper hull of the trace over ``[start, stop]``, less ``base``."""
         pts = {self.trace[i] for i in range(start, stop + 1)}
         return upper_hull([Line(f, p) - base for f, p in pts])
+
+
+@per_op
+def _view(func: Any) -> bool:
+    """Whether ``func`` is a view (``slice``, ``as_strided``, ``detach``...): its outputs alias an
+    input (``Tensor(a)``) and it writes nothing."""
+    schema = func._schema
+    if any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments):
+        return False
+    return bool(schema.returns) and all(r.alias_info is not None for r in schema.returns)
 
 
 @dataclass(frozen=True)
