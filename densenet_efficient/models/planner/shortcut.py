@@ -30,7 +30,6 @@ op by op, to the same step on real tensors.
 
 from __future__ import annotations
 
-import itertools
 from typing import Any
 
 import torch
@@ -65,19 +64,21 @@ _OTHER = object()
 
 
 def _format(t: torch.Tensor) -> torch.memory_format:
-    """A map's memory format as its strides say it (channels innermost: ``channels_last``); its
-    whole stride order is checked by :func:`_in_order`. (torch's ``suggest_memory_format``
-    answers the same with symbolic sizes in mind, importing sympy on its first call: 0.2 s.)"""
+    """A map's memory format as its strides say it (channels innermost: ``channels_last``). (torch's
+    ``suggest_memory_format`` answers the same with symbolic sizes in mind, importing sympy on its
+    first call: 0.2 s.)"""
     return torch.channels_last if t.stride(1) < t.stride(3) else torch.contiguous_format
 
 
-def _in_order(t: torch.Tensor, fmt: torch.memory_format) -> bool:
-    """Whether ``t``'s strides fall in ``fmt``'s order (dense, or a slice of a dense tensor along
-    any dimension): what the engine passes. An expanded or transposed tensor is not: the op's
-    output would keep its own stride order, which the small call cannot show."""
-    order = (0, 2, 3, 1) if fmt == torch.channels_last else (0, 1, 2, 3)
-    strides = [t.stride(d) for d in order if t.shape[d] != 1]
-    return all(s > 0 for s in strides) and all(a >= b for a, b in itertools.pairwise(strides))
+def _map_format(t: torch.Tensor) -> torch.memory_format | None:
+    """The memory format of a map with no dimension of 1 whose strides fall in that format's order
+    (dense, or a slice of a dense map along any dimension: what the engine passes); None for any
+    other (expanded, transposed: the op's output would keep its own stride order, which the small
+    call cannot show)."""
+    n, c, h, w = t.stride()
+    if c < w:
+        return torch.channels_last if n >= h >= w >= c > 0 else None
+    return torch.contiguous_format if n >= c >= h >= w > 0 else None
 
 
 def _dev(a: torch.Tensor) -> Any:
@@ -209,9 +210,9 @@ class Shortcut:
             return _OTHER if any(isinstance(x, torch.Tensor) for x in a) else tuple((type(x), x) for x in a)
         if not isinstance(a, torch.Tensor):
             return type(a), a  # 2 and 2.0 are one key of a dict, but an integer add refuses alpha=2.0
-        if a.dim() == 4:
-            fmt = _format(a)
-            return ("map", a.dtype, fmt, a.device) if _in_order(a, fmt) else _OTHER
+        if a.dim() == 4:  # one of the maps, none with a dimension of 1 (see _maps)
+            fmt = _map_format(a)
+            return _OTHER if fmt is None else ("map", a.dtype, fmt, a.device)
         if a.dim() == 1 and a.numel() == channels:
             return ("channel", a.dtype, a.device)
         if a.numel() == 0:
