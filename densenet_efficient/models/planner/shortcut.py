@@ -1,9 +1,11 @@
 """Outputs of ops on phantom tensors (:mod:`.phantom`) without torch's Python meta kernels.
 
 Many ops' meta kernels are Python decompositions: batch norm's forward and backward, ReLU's
-backward, the loss, the pooling layers, ``stack``, most elementwise ops. They cost 1-10 ms a call
-against 0.01-0.1 ms for ATen's own, and the first one imports torch's compiler stack (about a
-second); ``batch_norm_update_stats`` has none at all. The simulation (:class:`~.simulate.LiveBytes`)
+backward, the loss, ``stack``, ``cat``, most elementwise ops. They cost 1-10 ms a call against
+0.01-0.1 ms for ATen's own, and the first one imports torch's compiler stack (about a second).
+Others are torch's Python meta functions (the pooling layers, ``mm``), whose first call imports
+sympy (0.2 s); ``batch_norm_update_stats`` has none at all, and a foreach op's composite loops over
+Python ones. The simulation (:class:`~.simulate.LiveBytes`)
 counts only the storages an op returns, so :class:`Shortcut` makes those outputs from the op's
 own kernel run on small real CPU tensors, once per pattern:
 
@@ -22,10 +24,12 @@ own kernel run on small real CPU tensors, once per pattern:
   reshaped or resized in place, strides that change with the batch, an op whose outputs depend on
   its inputs' values) falls back to the op's own kernel;
 * ``slice`` is the ``as_strided`` view torch's own decomposition makes, without the
-  decomposition. (In-place ops that change only values never get here: :func:`.phantom.values_only`.)
+  decomposition, and ``cat`` of maps along their channels (the naive engine's, a pattern per
+  layer) the map of their shared format that ATen's ``cat`` makes. (In-place ops that change only
+  values never get here: :func:`.phantom.values_only`.)
 
-Nothing about the ops is written here. tests/models/test_planner.py holds a simulated step equal,
-op by op, to the same step on real tensors.
+Besides those two, nothing about the ops is written here. tests/models/test_planner.py holds a
+simulated step equal, op by op, to the same step on real tensors.
 """
 
 from __future__ import annotations
