@@ -34,7 +34,7 @@ from densenet_efficient.models.planner.allocator import cpu_scratch
 from densenet_efficient.models.planner.bisection import first_true, last_true, last_within
 from densenet_efficient.models.planner.compose import Composer
 from densenet_efficient.models.planner.estimate import simulation
-from densenet_efficient.models.planner.phantom import Phantom, leaves, phantom, run, tree_map
+from densenet_efficient.models.planner.phantom import Phantom, leaves, phantom, run, tree_map, values_only
 from densenet_efficient.models.planner.shortcut import SLOW, Shortcut
 from densenet_efficient.models.planner.simulate import LiveBytes, run_step, simulate, simulation_batch
 from densenet_efficient.models.planner.verify import step_down
@@ -513,6 +513,19 @@ def test_phantom_tensors_make_what_the_ops_make_and_real_ones_stay_real():
     mixed = x + torch.tensor(2.0)
     assert isinstance(mixed, Phantom) and mixed.shape == (4, 3)
     assert repr(x) == "Phantom((4, 3), dtype=torch.float32, device=cpu)"
+
+
+def test_an_op_is_told_from_an_earlier_op_that_was_freed():
+    """What is known of an op (:func:`.phantom.per_op`) is looked up by its identity: an op of a
+    library that is gone (``torch.library`` scoped libraries, a test's custom ops) is freed, and a
+    new op may then take its identity; it must not be answered as the old one (an in-place op's
+    answer for an op that makes a new tensor: its input returned, nothing made)."""
+    answers = []
+    for i in range(60):
+        with torch.library._scoped_library("densenet_efficient_test_per_op", "FRAGMENT") as lib:
+            lib.define(f"op{i}(Tensor(a!) self) -> Tensor(a!)" if i % 2 else f"op{i}(Tensor self) -> Tensor")
+            answers.append(values_only(getattr(torch.ops.densenet_efficient_test_per_op, f"op{i}").default))
+    assert answers == [bool(i % 2) for i in range(60)]
 
 
 def test_an_op_that_writes_a_phantom_s_values_into_a_real_tensor_refuses():
