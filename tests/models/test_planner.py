@@ -381,6 +381,18 @@ def test_the_small_calls_do_not_take_a_size_that_follows_the_batch_for_a_fixed_o
             assert _outputs(out, []) == _outputs(func(*args), []), func
 
 
+def test_the_small_calls_do_not_take_a_size_clamped_by_another_dimension_for_the_batch():
+    """A matrix's singular values number ``min(rows, columns)``: with the batch as its rows, that is
+    2 and then 7 at the small calls (both below its 16 columns), which read as the batch, but 16 at
+    the simulation's batch. The outputs are the op's own at the simulation's batch."""
+    shortcut, svd = Shortcut(), torch.ops.aten._linalg_svd.default
+    rows = torch.empty(31, 16)
+    kwargs = {"full_matrices": False, "compute_uv": False}  # torch.linalg.svdvals, matrix_rank, cond
+    out = shortcut(svd, (_meta(rows),), kwargs, 31)
+    if out is not NotImplemented:
+        assert [o[:3] for o in _outputs(out, [])] == [o[:3] for o in _outputs(svd(_real(rows), **kwargs), [])]
+
+
 def test_the_shortcut_tells_scalars_of_different_types_apart():
     """``alpha=2`` and ``alpha=2.0`` are equal keys of a dict, but an integer add refuses the float
     one: the shortcut must not answer it with the integer one's outputs."""
