@@ -286,6 +286,19 @@ def test_the_naive_engine_s_concatenations_are_made_as_the_op_makes_them():
     assert len(shortcut.small) == 3
 
 
+def test_the_concatenations_of_empty_maps_are_laid_out_as_the_op_lays_them_out():
+    """A map with no images or no rows has every memory format at once: ATen's ``cat`` makes its
+    output contiguous whatever the strides its inputs were given, which the shared format of the
+    inputs does not tell."""
+    shortcut, cat = Shortcut(), torch.ops.aten.cat.default
+    for shape in ((0, 2, 4, 3), (5, 2, 0, 3)):
+        maps = [torch.empty(shape).contiguous(memory_format=torch.channels_last)] * 2
+        out = shortcut(cat, (tree_map(_meta, maps), 1), {}, 5)
+        if out is NotImplemented:  # the op's own meta kernel runs
+            out = cat(tree_map(_meta, maps), 1)
+        assert [o[:3] for o in _outputs(out, [])] == [o[:3] for o in _outputs(cat(maps, 1), [])], shape
+
+
 def test_the_small_calls_leave_ops_that_change_an_input_s_shape_to_the_op():
     """An in-place op that changes its tensor's shape or strides (``unsqueeze_``, ``t_``) and an
     ``out=`` tensor the op resizes return the input they were given, but not as it was: the

@@ -118,8 +118,8 @@ def _cat(tensors: list, dim: int = 0) -> Any:
     """``torch.cat(tensors, 1)`` of maps that differ only in their channels, each dense in one
     memory format (the naive engine's concatenated features): a map of that format with the
     channels summed, as ATen's ``cat`` makes it (its output takes the format its inputs share).
-    Anything else (another dimension, mixed formats or dtypes, a size of 1 that leaves a format
-    ambiguous) returns NotImplemented: the op is read off small calls. One call per layer of a
+    Anything else (another dimension, mixed formats or dtypes, a size of 1 or 0 that leaves a
+    format ambiguous: ATen makes an empty one contiguous) returns NotImplemented: the op is read off small calls. One call per layer of a
     naive step, each with its own channel counts: small calls would cost densenet201 a quarter of
     a second of real concatenations."""
     if dim not in (1, -3) or not tensors or tensors[0].dim() != 4:
@@ -128,7 +128,7 @@ def _cat(tensors: list, dim: int = 0) -> Any:
     fmt = _format(head)
     n, _, h, w = head.shape
     for t in tensors:
-        if t.dim() != 4 or t.dtype != head.dtype or 1 in t.shape or (t.shape[0], *t.shape[2:]) != (n, h, w):
+        if t.dim() != 4 or t.dtype != head.dtype or min(t.shape) < 2 or (t.shape[0], *t.shape[2:]) != (n, h, w):
             return NotImplemented
         if not t.is_contiguous(memory_format=fmt):
             return NotImplemented
