@@ -439,6 +439,23 @@ def test_the_shortcut_gives_the_op_s_strides_on_maps_with_a_size_one_dimension()
             assert [o[:3] for o in _outputs(meta, [])] == [o[:3] for o in _outputs(real, [])], func
 
 
+def test_the_shortcut_gives_the_op_s_strides_on_nhwc_maps_sliced_with_a_step():
+    """Every other channel or column of an NHWC map: its strides in that format's order, but its
+    channels (columns) no longer packed inside one column (row). Batch norm's CPU kernel makes its
+    output in the format torch suggests for its input, contiguous for these, not the NHWC the
+    stride order (and a dense small call) would give."""
+    shortcut, aten = Shortcut(), torch.ops.aten
+    nhwc = torch.empty(5, 5, 4, 8).contiguous(memory_format=torch.channels_last)
+    w = torch.empty(3)
+    for x in (nhwc[:, ::2, :, :3], nhwc[:, :3, :, ::3]):  # channels 0, 2, 4 of 5; columns 0, 3, 6 of 8
+        args = (x, w, w, w.clone(), w.clone(), 0.1, 1e-5)
+        func = aten._batch_norm_with_update.default
+        meta = shortcut(func, tree_map(_meta, args), {}, 7)
+        if meta is not NotImplemented:
+            real = func(*tree_map(_real, args))
+            assert [o[:3] for o in _outputs(meta, [])] == [o[:3] for o in _outputs(real, [])], x.stride()
+
+
 def test_the_shortcut_slices_as_the_op_slices_and_writes_in_place_without_running():
     """``slice`` as one ``as_strided``: the same view (sizes, strides, offset, storage) for every
     kind of bound ``at::slice`` clamps; the in-place ops on phantom tensors return the tensor they

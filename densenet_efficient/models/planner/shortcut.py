@@ -74,10 +74,15 @@ def _map_format(t: torch.Tensor) -> torch.memory_format | None:
     """The memory format of a map with no dimension of 1 whose strides fall in that format's order
     (dense, or a slice of a dense map along any dimension: what the engine passes); None for any
     other (expanded, transposed: the op's output would keep its own stride order, which the small
-    call cannot show)."""
+    call cannot show). Channels last also needs each stride to span the dimensions inside it (as
+    torch's ``suggest_memory_format`` reads it): every other channel of 5, or column of 8, leaves
+    them interleaved, and ops that make their output in the suggested format (batch norm) make
+    it contiguous."""
     n, c, h, w = t.stride()
     if c < w:
-        return torch.channels_last if n >= h >= w >= c > 0 else None
+        _, channels, rows, columns = t.shape
+        fits = n >= h * rows and h >= w * columns and w >= c * channels
+        return torch.channels_last if fits and c > 0 else None
     return torch.contiguous_format if n >= c >= h >= w > 0 else None
 
 
