@@ -34,7 +34,7 @@ from densenet_efficient.models.planner.allocator import cpu_scratch
 from densenet_efficient.models.planner.bisection import first_true, last_true, last_within
 from densenet_efficient.models.planner.compose import Composer
 from densenet_efficient.models.planner.estimate import simulation
-from densenet_efficient.models.planner.phantom import Phantom, leaves, phantom, run, tree_map
+from densenet_efficient.models.planner.phantom import Phantom, leaves, phantom, run, tree_map, values_only
 from densenet_efficient.models.planner.shortcut import SLOW, Shortcut
 from densenet_efficient.models.planner.simulate import LiveBytes, run_step, simulate, simulation_batch
 from densenet_efficient.models.planner.verify import step_down
@@ -286,6 +286,19 @@ def test_the_naive_engine_s_concatenations_are_made_as_the_op_makes_them():
     assert len(shortcut.small) == 3
 
 
+def test_the_concatenations_of_empty_maps_are_laid_out_as_the_op_lays_them_out():
+    """A map with no images or no rows has every memory format at once: ATen's ``cat`` makes its
+    output contiguous whatever the strides its inputs were given, which the shared format of the
+    inputs does not tell."""
+    shortcut, cat = Shortcut(), torch.ops.aten.cat.default
+    for shape in ((0, 2, 4, 3), (5, 2, 0, 3)):
+        maps = [torch.empty(shape).contiguous(memory_format=torch.channels_last)] * 2
+        out = shortcut(cat, (tree_map(_meta, maps), 1), {}, 5)
+        if out is NotImplemented:  # the op's own meta kernel runs
+            out = cat(tree_map(_meta, maps), 1)
+        assert [o[:3] for o in _outputs(out, [])] == [o[:3] for o in _outputs(cat(maps, 1), [])], shape
+
+
 def test_the_small_calls_leave_ops_that_change_an_input_s_shape_to_the_op():
     """An in-place op that changes its tensor's shape or strides (``unsqueeze_``, ``t_``) and an
     ``out=`` tensor the op resizes return the input they were given, but not as it was: the
@@ -381,6 +394,18 @@ def test_the_small_calls_do_not_take_a_size_that_follows_the_batch_for_a_fixed_o
             assert _outputs(out, []) == _outputs(func(*args), []), func
 
 
+def test_the_small_calls_do_not_take_a_size_clamped_by_another_dimension_for_the_batch():
+    """A matrix's singular values number ``min(rows, columns)``: with the batch as its rows, that is
+    2 and then 7 at the small calls (both below its 16 columns), which read as the batch, but 16 at
+    the simulation's batch. The outputs are the op's own at the simulation's batch."""
+    shortcut, svd = Shortcut(), torch.ops.aten._linalg_svd.default
+    rows = torch.empty(31, 16)
+    kwargs = {"full_matrices": False, "compute_uv": False}  # torch.linalg.svdvals, matrix_rank, cond
+    out = shortcut(svd, (_meta(rows),), kwargs, 31)
+    if out is not NotImplemented:
+        assert [o[:3] for o in _outputs(out, [])] == [o[:3] for o in _outputs(svd(_real(rows), **kwargs), [])]
+
+
 def test_the_shortcut_tells_scalars_of_different_types_apart():
     """``alpha=2`` and ``alpha=2.0`` are equal keys of a dict, but an integer add refuses the float
     one: the shortcut must not answer it with the integer one's outputs."""
@@ -412,6 +437,23 @@ def test_the_shortcut_gives_the_op_s_strides_on_maps_with_a_size_one_dimension()
         if meta is not NotImplemented:
             real = func(*tree_map(_real, args))
             assert [o[:3] for o in _outputs(meta, [])] == [o[:3] for o in _outputs(real, [])], func
+
+
+def test_the_shortcut_gives_the_op_s_strides_on_nhwc_maps_sliced_with_a_step():
+    """Every other channel or column of an NHWC map: its strides in that format's order, but its
+    channels (columns) no longer packed inside one column (row). Batch norm's CPU kernel makes its
+    output in the format torch suggests for its input, contiguous for these, not the NHWC the
+    stride order (and a dense small call) would give."""
+    shortcut, aten = Shortcut(), torch.ops.aten
+    nhwc = torch.empty(5, 5, 4, 8).contiguous(memory_format=torch.channels_last)
+    w = torch.empty(3)
+    for x in (nhwc[:, ::2, :, :3], nhwc[:, :3, :, ::3]):  # channels 0, 2, 4 of 5; columns 0, 3, 6 of 8
+        args = (x, w, w, w.clone(), w.clone(), 0.1, 1e-5)
+        func = aten._batch_norm_with_update.default
+        meta = shortcut(func, tree_map(_meta, args), {}, 7)
+        if meta is not NotImplemented:
+            real = func(*tree_map(_real, args))
+            assert [o[:3] for o in _outputs(meta, [])] == [o[:3] for o in _outputs(real, [])], x.stride()
 
 
 def test_the_shortcut_slices_as_the_op_slices_and_writes_in_place_without_running():
@@ -513,6 +555,19 @@ def test_phantom_tensors_make_what_the_ops_make_and_real_ones_stay_real():
     mixed = x + torch.tensor(2.0)
     assert isinstance(mixed, Phantom) and mixed.shape == (4, 3)
     assert repr(x) == "Phantom((4, 3), dtype=torch.float32, device=cpu)"
+
+
+def test_an_op_is_told_from_an_earlier_op_that_was_freed():
+    """What is known of an op (:func:`.phantom.per_op`) is looked up by its identity: an op of a
+    library that is gone (``torch.library`` scoped libraries, a test's custom ops) is freed, and a
+    new op may then take its identity; it must not be answered as the old one (an in-place op's
+    answer for an op that makes a new tensor: its input returned, nothing made)."""
+    answers = []
+    for i in range(60):
+        with torch.library._scoped_library("densenet_efficient_test_per_op", "FRAGMENT") as lib:
+            lib.define(f"op{i}(Tensor(a!) self) -> Tensor(a!)" if i % 2 else f"op{i}(Tensor self) -> Tensor")
+            answers.append(values_only(getattr(torch.ops.densenet_efficient_test_per_op, f"op{i}").default))
+    assert answers == [bool(i % 2) for i in range(60)]
 
 
 def test_an_op_that_writes_a_phantom_s_values_into_a_real_tensor_refuses():

@@ -40,9 +40,11 @@ _aten = torch.ops.aten
 
 def per_op(fn: Any) -> Any:
     """``functools.cache`` for a function of an op, keyed by the op's identity: an ``OpOverload``
-    hashes in Python, a call per lookup, and a simulation looks ops up several times per op (ops
-    live as long as the process: an identity is never reused)."""
+    hashes in Python, a call per lookup, and a simulation looks ops up several times per op. The
+    ops looked up are kept alive (``seen``): an op of a library that is gone (a scoped
+    ``torch.library``) would otherwise be freed and its identity taken by another op."""
     memo: dict[int, Any] = {}
+    seen: list[Any] = []
 
     @functools.wraps(fn)
     def cached(func: Any) -> Any:
@@ -50,6 +52,7 @@ def per_op(fn: Any) -> Any:
             return memo[id(func)]
         except KeyError:
             memo[id(func)] = value = fn(func)
+            seen.append(func)
             return value
 
     return cached

@@ -78,10 +78,15 @@ def _map_format(t: torch.Tensor) -> torch.memory_format | None:
     """The memory format of a map with no dimension of 1 whose strides fall in that format's order
     (dense, or a slice of a dense map along any dimension: what the engine passes); None for any
     other (expanded, transposed: the op's output would keep its own stride order, which the small
-    call cannot show)."""
+    call cannot show). Channels last also needs each stride to span the dimensions inside it (as
+    torch's ``suggest_memory_format`` reads it): every other channel of 5, or column of 8, leaves
+    them interleaved, and ops that make their output in the suggested format (batch norm) make
+    it contiguous."""
     n, c, h, w = t.stride()
     if c < w:
-        return torch.channels_last if n >= h >= w >= c > 0 else None
+        _, channels, rows, columns = t.shape
+        fits = n >= h * rows and h >= w * columns and w >= c * channels
+        return torch.channels_last if fits and c > 0 else None
     return torch.contiguous_format if n >= c >= h >= w > 0 else None
 
 
@@ -122,8 +127,8 @@ def _cat(tensors: list, dim: int = 0) -> Any:
     """``torch.cat(tensors, 1)`` of maps that differ only in their channels, each dense in one
     memory format (the naive engine's concatenated features): a map of that format with the
     channels summed, as ATen's ``cat`` makes it (its output takes the format its inputs share).
-    Anything else (another dimension, mixed formats or dtypes, a size of 1 that leaves a format
-    ambiguous) returns NotImplemented: the op is read off small calls. One call per layer of a
+    Anything else (another dimension, mixed formats or dtypes, a size of 1 or 0 that leaves a
+    format ambiguous: ATen makes an empty one contiguous) returns NotImplemented: the op is read off small calls. One call per layer of a
     naive step, each with its own channel counts: small calls would cost densenet201 a quarter of
     a second of real concatenations."""
     if dim not in (1, -3) or not tensors or tensors[0].dim() != 4:
@@ -132,7 +137,7 @@ def _cat(tensors: list, dim: int = 0) -> Any:
     fmt = _format(head)
     n, _, h, w = head.shape
     for t in tensors:
-        if t.dim() != 4 or t.dtype != head.dtype or 1 in t.shape or (t.shape[0], *t.shape[2:]) != (n, h, w):
+        if t.dim() != 4 or t.dtype != head.dtype or min(t.shape) < 2 or (t.shape[0], *t.shape[2:]) != (n, h, w):
             return NotImplemented
         if not t.is_contiguous(memory_format=fmt):
             return NotImplemented
@@ -291,6 +296,10 @@ def _route(func: Any) -> str | None:
         return "cat"
     if func in SLOW:
         return "maps"
+    if "linalg" in func.name():
+        # a factorisation's sizes are min(rows, columns) of a matrix: with the batch as its rows,
+        # 2 and then 7 at the small calls (below the columns), which read as the batch
+        return None
     return "small" if _python_meta(func) else None
 
 
