@@ -34,7 +34,14 @@ from densenet_efficient.models.planner.allocator import cpu_scratch
 from densenet_efficient.models.planner.bisection import first_true, last_true, last_within
 from densenet_efficient.models.planner.compose import Composer
 from densenet_efficient.models.planner.estimate import simulation
-from densenet_efficient.models.planner.phantom import Phantom, leaves, phantom, run, tree_map, values_only
+from densenet_efficient.models.planner.phantom import (
+    Phantom,
+    leaves,
+    phantom,
+    run,
+    tree_map,
+    values_only,
+)
 from densenet_efficient.models.planner.shortcut import SLOW, Shortcut
 from densenet_efficient.models.planner.simulate import LiveBytes, run_step, simulate, simulation_batch
 from densenet_efficient.models.planner.verify import step_down
@@ -568,6 +575,17 @@ def test_an_op_is_told_from_an_earlier_op_that_was_freed():
             lib.define(f"op{i}(Tensor(a!) self) -> Tensor(a!)" if i % 2 else f"op{i}(Tensor self) -> Tensor")
             answers.append(values_only(getattr(torch.ops.densenet_efficient_test_per_op, f"op{i}").default))
     assert answers == [bool(i % 2) for i in range(60)]
+
+
+def test_in_place_ops_that_change_a_tensor_s_size_or_storage_are_not_read_as_writing_values():
+    """An in-place op that only writes values returns its phantom tensor without running; those
+    that resize or re-point it (tagged ``inplace_view`` or not), or write elsewhere, are not read so."""
+    aten = torch.ops.aten
+    for op in (aten.add_.Tensor, aten.copy_.default, aten.lerp_.Scalar, aten._foreach_add_.List, aten.zero_.default):
+        assert values_only(op), op
+    for op in (aten.resize_.default, aten.set_.source_Tensor, aten.unsqueeze_.default, aten.as_strided_.default,
+               aten._resize_output_.default, aten.shallow_copy_data_.default, aten.add.out, aten.add.Tensor):
+        assert not values_only(op), op
 
 
 def test_an_op_that_writes_a_phantom_s_values_into_a_real_tensor_refuses():

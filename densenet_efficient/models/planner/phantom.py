@@ -58,6 +58,11 @@ def per_op(fn: Any) -> Any:
     return cached
 
 
+#: The two in-place ops among ATen's 200-odd of this form that change a tensor's size or storage
+#: but are not tagged ``inplace_view`` (listed from every ATen op in torch 2.14).
+_UNTAGGED_RESIZES = frozenset({"aten::_resize_output_", "aten::shallow_copy_data_"})
+
+
 @per_op
 def values_only(func: Any) -> bool:
     """Whether ``func`` writes only the values of its first argument (``Tensor(a!) self``, or a
@@ -70,7 +75,9 @@ def values_only(func: Any) -> bool:
     step runs for real, not a test of it."""
     schema = func._schema
     written = [a for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
-    if torch.Tag.inplace_view in func.tags or not written or written[0] is not schema.arguments[0]:
+    if torch.Tag.inplace_view in func.tags or func.name() in _UNTAGGED_RESIZES:
+        return False
+    if not written or written[0] is not schema.arguments[0]:
         return False
     returns = schema.returns
     return len(written) == 1 and (not returns or (len(returns) == 1 and returns[0].alias_info is not None))
