@@ -182,8 +182,19 @@ def run(func: Any, args: tuple, kwargs: dict, kernel: Any = None, factories: boo
     if out is NotImplemented:
         out = func(*margs, **mkwargs)
     if isinstance(out, torch.Tensor):
-        return _wrap(out, found, device)
-    return tree_map(lambda t: _wrap(t, found, device) if isinstance(t, torch.Tensor) else t, out)
+        for p in found:
+            if p.elem is out:  # in place, or out=: the input that holds it
+                return p
+        return Phantom(out, device)
+    held = {id(p.elem): p for p in found}  # a foreach op's outputs: as many as its inputs
+
+    def wrap(t: Any) -> Any:
+        if not isinstance(t, torch.Tensor):
+            return t
+        p = held.get(id(t))
+        return Phantom(t, device) if p is None else p
+
+    return tree_map(wrap, out)
 
 
 def _unwrap(t: Any, found: list[Phantom], real: list[torch.Tensor]) -> Any:
@@ -209,15 +220,6 @@ def _unwrap(t: Any, found: list[Phantom], real: list[torch.Tensor]) -> Any:
     if isinstance(t, torch.Tensor):
         real.append(t)
     return t
-
-
-def _wrap(t: torch.Tensor, inputs: list[Phantom], device: torch.device) -> Phantom:
-    """``t`` as a phantom tensor: the input that holds it when the op returned one (in-place,
-    ``out=``), else a new one."""
-    for p in inputs:
-        if p.elem is t:
-            return p
-    return Phantom(t, device)
 
 
 def tree_map(fn: Any, x: Any) -> Any:

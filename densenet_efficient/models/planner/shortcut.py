@@ -376,7 +376,10 @@ def _learn_small(func: Any, args: tuple, kwargs: dict, batch: int) -> Any:
     if any(tag in _VALUED for tag in func.tags):
         raise _Unfit  # the meta kernel answers (or refuses, with no values to read)
     runs = []
-    for stand_in in _STAND_INS:
+    batched = any(isinstance(a, torch.Tensor) and batch in a.shape for a in leaves((args, kwargs)))
+    # without a batch-sized argument both calls would be the same call (an optimizer's foreach op
+    # on every parameter: a call costs the model's size): one is made
+    for stand_in in _STAND_INS if batched else _STAND_INS[:1]:
         pargs, pkwargs = tree_map(lambda a, s=stand_in: _real(a, batch, s), (args, kwargs))
         before = [_layout(a) for a in leaves((pargs, pkwargs))]
         try:
@@ -386,23 +389,24 @@ def _learn_small(func: Any, args: tuple, kwargs: dict, batch: int) -> Any:
         if [_layout(a) for a in leaves((pargs, pkwargs))] != before:
             raise _Unfit  # an input reshaped or resized (unsqueeze_, a resized out=): the op does it
         runs.append((list(leaves((pargs, pkwargs))), list(leaves(out)), out))
-    (real, first, out), (_, second, _) = runs
+    (real, first, out), (_, second, _) = runs if batched else runs * 2
     if len(first) != len(second):
         raise _Unfit
     counter = iter(range(len(first)))
     template = tree_map(lambda _: next(counter), out)
     specs: list[Any] = []
+    given = {id(r): i for i, r in reversed(list(enumerate(real)))}  # an input's first place
+    storages = {_storage(r) for r in real if isinstance(r, torch.Tensor)}
     for a, b in zip(first, second, strict=True):
         if not isinstance(a, torch.Tensor):
             if a != b:
                 raise _Unfit
             specs.append(("value", a))
             continue
-        same = [i for i, r in enumerate(real) if r is a]
-        if same:
-            specs.append(("in", same[0]))
+        if id(a) in given:
+            specs.append(("in", given[id(a)]))
             continue
-        if any(isinstance(r, torch.Tensor) and _storage(r) == _storage(a) for r in real):
+        if _storage(a) in storages:
             raise _Unfit  # a view of an input
         if a.stride() != b.stride() or a.dtype != b.dtype or a.dim() != b.dim():
             raise _Unfit
