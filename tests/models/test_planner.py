@@ -272,6 +272,9 @@ def test_the_small_calls_find_the_batch_and_leave_views_to_the_op():
     _same_as_real(shortcut, aten.max_pool2d_with_indices.default, (torch.empty(7, 3, 9, 9), [3, 3], [2, 2], [1, 1]), batch=7)
     sqrts = _same_as_real(shortcut, aten._foreach_sqrt.default, ([torch.empty(4, 3), torch.empty(5)],))
     assert [tuple(t.shape) for t in sqrts] == [(4, 3), (5,)]
+    # no argument the batch's size (parameters): one call answers
+    sqrts = _same_as_real(shortcut, aten._foreach_sqrt.default, ([torch.empty(4, 3), torch.empty(6)],), batch=11)
+    assert [tuple(t.shape) for t in sqrts] == [(4, 3), (6,)]
     assert shortcut(aten.narrow.default, (torch.empty(7, 3, device="meta"), 0, 0, 2), {}, 7) is NotImplemented
 
 
