@@ -68,14 +68,9 @@ def _setting() -> str:
     raise UsageError(f"{ENV} must be 0 (Python engine), 1 (native, or fail) or auto, found {value!r}")
 
 
-def cache_root() -> Path:
-    """The package's cache folder: ``$DENSENET_EFFICIENT_CACHE``, else ``~/.cache/densenet_efficient``."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "densenet_efficient")
-
-
 def build_dir() -> Path:
     """Where this torch version's build of this source lives (a new source or torch: a new folder)."""
-    root = cache_root()
+    root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "densenet_efficient")
     digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
     torch_tag = torch.__version__.replace("+", "_")
     return root / "native" / f"torch{torch_tag}-py{sys.version_info[0]}{sys.version_info[1]}-{digest}"

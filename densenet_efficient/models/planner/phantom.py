@@ -38,6 +38,7 @@ __all__ = ["Phantom", "PhantomMode", "first", "leaves", "only_values", "per_op",
 _META = torch.device("meta")
 _aten = torch.ops.aten
 
+
 def per_op(fn: Any) -> Any:
     """``functools.cache`` for a function of an op, keyed by the op's identity: an ``OpOverload``
     hashes in Python, a call per lookup, and a simulation looks ops up several times per op. The

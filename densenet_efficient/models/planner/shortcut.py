@@ -67,16 +67,11 @@ _PROXY = (2, 3, 5, 7)
 _OTHER = object()
 
 
-def _format(t: torch.Tensor) -> torch.memory_format:
-    """A map's memory format as its strides say it (channels innermost: ``channels_last``). (torch's
-    ``suggest_memory_format`` answers the same with symbolic sizes in mind, importing sympy on its
-    first call: 0.2 s.)"""
-    return torch.channels_last if t.stride(1) < t.stride(3) else torch.contiguous_format
-
-
 def _map_format(t: torch.Tensor) -> torch.memory_format | None:
     """The memory format of a map with no dimension of 1 whose strides fall in that format's order
-    (dense, or a slice of a dense map along any dimension: what the engine passes); None for any
+    (dense, or a slice of a dense map along any dimension: what the engine passes), read from its
+    strides (torch's ``suggest_memory_format`` reads them with symbolic sizes in mind, importing
+    sympy on its first call: 0.2 s); None for any
     other (expanded, transposed: the op's output would keep its own stride order, which the small
     call cannot show). Channels last also needs each stride to span the dimensions inside it (as
     torch's ``suggest_memory_format`` reads it): every other channel of 5, or column of 8, leaves
@@ -134,13 +129,13 @@ def _cat(tensors: list, dim: int = 0) -> Any:
     if dim not in (1, -3) or not tensors or tensors[0].dim() != 4:
         return NotImplemented
     head = tensors[0]
-    fmt = _format(head)
     n, _, h, w = head.shape
     for t in tensors:
         if t.dim() != 4 or t.dtype != head.dtype or min(t.shape) < 2 or (t.shape[0], *t.shape[2:]) != (n, h, w):
             return NotImplemented
-        if not t.is_contiguous(memory_format=fmt):
-            return NotImplemented
+    fmt = _map_format(head)
+    if fmt is None or not all(t.is_contiguous(memory_format=fmt) for t in tensors):
+        return NotImplemented
     channels = sum(t.shape[1] for t in tensors)
     return torch.empty((n, channels, h, w), dtype=head.dtype, device=_META, memory_format=fmt)
 
@@ -164,9 +159,7 @@ class Shortcut:
             if out is not NotImplemented:
                 return out
         out = self._maps(func, args, kwargs) if route == "maps" else NotImplemented
-        if out is NotImplemented and route != "slice":
-            return self._small(func, args, kwargs, batch)
-        return out
+        return self._small(func, args, kwargs, batch) if out is NotImplemented else out
 
     def _maps(self, func: Any, args: tuple, kwargs: dict) -> Any:
         maps = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.dim() == 4]
@@ -232,8 +225,8 @@ class Shortcut:
     def _proxy(a: Any, channels: int) -> Any:
         if not isinstance(a, torch.Tensor):
             return a
-        if a.dim() == 4:
-            fmt = _format(a)
+        if a.dim() == 4:  # a map _describe read (its format is one)
+            fmt = _map_format(a)
             return torch.empty(_PROXY, dtype=a.dtype, device=_dev(a)).contiguous(memory_format=fmt)
         if a.dim() == 1 and a.numel() == channels:
             return torch.empty(_PROXY[1], dtype=a.dtype, device=_dev(a))
@@ -263,7 +256,10 @@ class Shortcut:
             elif _storage(o) in inputs:
                 return None  # an input returned (aliased): the op must run itself
             elif tuple(o.shape) == _PROXY:
-                specs.append(("map", o.dtype, o.device, _format(o)))
+                fmt = _map_format(o)
+                if fmt is None:
+                    return None  # laid out in no format the pattern can make again
+                specs.append(("map", o.dtype, o.device, fmt))
             elif tuple(o.shape) == (_PROXY[1],):
                 specs.append(("channel", o.dtype, o.device))
             elif o.numel() == 0:

@@ -448,9 +448,8 @@ def _simulate(
     shape = (batch, config.in_chans, image_size, image_size)
     x = phantom(torch.empty(shape, dtype=_DTYPES[dtype], device="meta").contiguous(memory_format=fmt))
     y = phantom(torch.zeros(batch, dtype=torch.long, device="meta"))
-    live = LiveBytes(batch, CUDA_BLOCK if device == "cuda" else 1, None, SHORTCUT, phantom=True)
-    if device == "cpu":
-        live.scratch = functools.partial(cpu_scratch, batch=regime)
+    scratch = functools.partial(cpu_scratch, batch=regime) if device == "cpu" else None
+    live = LiveBytes(batch, CUDA_BLOCK if device == "cuda" else 1, scratch, SHORTCUT, phantom=True)
     try:
         opt, stamps = run_step(model, x, y, live, amp, optimizer, foreach=device == "cuda", segments=tv is None)
         inputs = Line(0, (x.numel() * x.element_size() + y.numel() * y.element_size()) // batch)
