@@ -167,6 +167,34 @@ def test_nothing_refers_outside_the_repository():
             assert (path.parent / target).resolve().is_relative_to(repo), f"{path} links outside: {target}"
 
 
+def _cells(row: str) -> int:
+    """The cells of a Markdown table row: ``|`` inside a code span or escaped (``\\|``) is text."""
+    count, code, i = 0, False, 0
+    while i < len(row):
+        if row.startswith("\\|", i):
+            i += 2
+            continue
+        code ^= row[i] == "`"
+        count += row[i] == "|" and not code
+        i += 1
+    return count - 1
+
+
+def test_markdown_tables_are_whole():
+    """Every row of every table in the Markdown the repository ships has its header's cells: two
+    rows pasted into one line (a table's row gone from the rendered page) fail here."""
+    repo = ROOT.parent
+    for path in [*repo.glob("*.md"), *(repo / "docs").glob("*.md"), *(repo / "weights").glob("*.md")]:
+        header = None
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.startswith("|"):
+                header = None
+            elif header is None:
+                header = _cells(line)
+            else:
+                assert _cells(line) == header, f"{path.name}:{n} has {_cells(line)} cells, its table {header}"
+
+
 if __name__ == "__main__":  # print the package-level graph
     edges = defaultdict(set)
     for a, targets in _graph().items():

@@ -26,6 +26,7 @@ from densenet_efficient.models.planner import (
     count_parameters,
     estimate_memory,
     fit_memory,
+    format_bytes,
     max_batch_size,
     parse_memory,
 )
@@ -800,6 +801,18 @@ def test_a_fitted_plan_measures_within_its_budget():
     measured = result["peak_bytes"]
     assert 0.9 * budget <= measured <= budget, (plan, measured / budget)
 
+
+def test_the_grid_table_shows_the_saved_measurements():
+    """docs/planner.md's grid: every row's measured step is the one docs/planner_grid.json keeps
+    for its setting and plan (what ``scripts/planner_grid.py --reuse`` reads), all 42 of them."""
+    saved = {r["key"]: r["measured"] for r in json.loads((REPO / "docs" / "planner_grid.json").read_text())["rows"]}
+    text = (REPO / "docs" / "planner.md").read_text(encoding="utf-8").partition("## The measured grid")[2]
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| densenet")]
+    assert len(rows) == 42
+    for label, plan, _, measured, *_ in rows:
+        key = f"{label.removeprefix('| ')} | {plan}"
+        assert key in saved, key
+        assert measured == format_bytes(saved[key]), key
 
 @pytest.mark.parametrize(
     ("text", "expected"),
