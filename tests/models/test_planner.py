@@ -894,6 +894,15 @@ def test_plan_cli_plans_this_package_s_modes_and_torchvision_s_when_asked(capsys
     assert rows[1]["per_image"] > rows[0]["per_image"]  # torchvision's naive DenseNet keeps more
 
 
+def test_plan_cli_says_why_fit_memory_fails_at_a_batch_over_the_budget(capsys):
+    """``--batch-size`` beyond what even max_saving fits: the table is printed and the fit line says
+    why (it once raised KeyError: 'summary', the default of ``dict.get`` being evaluated first)."""
+    argv = ["plan", "--depth", "40", "--memory", "1GiB", "--mode", "efficient", "--device", "cpu"]
+    assert main([*argv, "--batch-size", "5000"]) == 0
+    out = capsys.readouterr().out
+    assert "fit_memory at batch 5000: 1 GiB is below what densenet_bc_40 needs for a batch of 5000" in out
+
+
 def test_plan_cli_plans_synchronised_batch_norm(capsys):
     argv = ["plan", "--depth", "40", "--memory", "2GB", "--mode", "efficient", "--device", "cpu", "--json"]
     assert main([*argv, "--sync-bn", "4"]) == 0
