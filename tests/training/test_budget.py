@@ -133,6 +133,21 @@ def test_memory_applies_the_fitted_plan_to_the_model(cifar, tmp_path, capsys):
     assert "mode=plan (--memory)" in out and f"plan: {result.model.memory_plan};" in out
 
 
+def test_memory_plans_the_channels_last_step_the_run_trains(monkeypatch):
+    """``train --channels-last --memory``: the planner prices the step in channels_last (it holds
+    less on CPU than the contiguous one, so planning the contiguous step recomputed more than the
+    budget asks)."""
+    from densenet_efficient.models.planner import estimate_memory
+    from densenet_efficient.training.data import DataBundle
+
+    data = DataBundle("fake", list(range(80)), None, None, [str(i) for i in range(10)], 32, True)
+    c = TrainConfig(depth=10, growth_rate=6, channels_last=True, memory="200MiB", batch_size=8, device="cpu")
+    _, choice = loop._choose_budget(c, data, DistInfo(rank=0, world_size=1), torch.device("cpu"), None)
+    step = {**PLANNER, "mode": choice.plan}
+    assert choice.plan.estimated_peak == estimate_memory(_tiny_arch(), batch_size=8, channels_last=True, **step).total
+    assert choice.plan.estimated_peak != estimate_memory(_tiny_arch(), batch_size=8, **step).total
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
