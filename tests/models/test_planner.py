@@ -854,6 +854,18 @@ def test_estimate_rejects_bad_input(kwargs, message):
         estimate_memory("densenet121", **kwargs)
 
 
+@pytest.mark.parametrize("bad", ["no", "False", 1, 0, None, []])
+def test_channels_last_is_true_or_false(bad):
+    """``channels_last="no"`` was read as True (``bool("no")``) and priced silently."""
+    for call in (
+        lambda: estimate_memory("densenet_bc_40", batch_size=2, channels_last=bad),
+        lambda: max_batch_size("densenet_bc_40", "1GiB", channels_last=bad),
+        lambda: fit_memory("densenet_bc_40", "1GiB", batch_size=2, channels_last=bad),
+    ):
+        with pytest.raises(UsageError, match=r"^channels_last must be True or False, found"):
+            call()
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
