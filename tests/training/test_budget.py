@@ -208,3 +208,17 @@ def test_resume_keeps_the_resolved_batch_and_plan_and_refuses_other_accumulation
     assert b["memory_plan"] == a["memory_plan"]
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
+
+
+def test_resume_takes_the_run_s_budget_however_it_is_spelled(cifar, tmp_path, capsys):
+    """``--memory 100MiB`` on a run trained with ``--memory 104857600`` is the same budget: it
+    continues the run (it was refused as a setting that "would change its numbers"); another
+    budget is still refused."""
+    save = tmp_path / "run"
+    budget = ("--batch-size", "8", "--n-epochs", "2")
+    assert cli.main(_argv(cifar, save, "--memory", "104857600", *budget, "--stop-after", "1")) == 0
+    capsys.readouterr()
+    assert cli.main(_argv(cifar, save, "--resume", "--memory", "200MiB", *budget)) == 2
+    assert "--memory 200MiB (the run has 104857600) would change its numbers" in capsys.readouterr().err
+    assert cli.main(_argv(cifar, save, "--resume", "--memory", SMALL, *budget)) == 0
+    assert read_run_checkpoint(save / "checkpoint.pt")["epoch"] == 2
