@@ -854,6 +854,12 @@ def test_estimate_rejects_bad_input(kwargs, message):
         estimate_memory("densenet121", **kwargs)
 
 
+def test_plan_modes_is_a_sequence_of_modes_not_one_string():
+    """``modes="naive"`` was iterated letter by letter: "memory_efficient must be ..., got 'n'"."""
+    with pytest.raises(UsageError, match=r"^modes must be a tuple of modes, e.g. \('naive',\), found 'naive'$"):
+        de.models.planner.plan("densenet_bc_40", "1GiB", modes="naive", device="cpu")
+
+
 @pytest.mark.parametrize("bad", ["no", "False", 1, 0, None, []])
 def test_channels_last_is_true_or_false(bad):
     """``channels_last="no"`` was read as True (``bool("no")``) and priced silently."""
