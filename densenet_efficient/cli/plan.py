@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
             table.append(cells)
         print(format_table(header, table))
         if fitted is not None:
-            print(f"fit_memory at batch {args.batch_size}: " + fitted.get("error", fitted["summary"]))
+            print(f"fit_memory at batch {args.batch_size}: " + (fitted.get("error") or fitted["summary"]))
     return 0
 
 

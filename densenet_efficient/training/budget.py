@@ -148,17 +148,20 @@ def choose_budget(
     device: torch.device,
     info: DistInfo,
     sync_bn: bool = False,
+    channels_last: bool = False,
 ) -> BudgetChoice:
     """The batch (``batch_size``, or with ``"auto"`` the largest that fits, at most the images each
     process trains on) and the plan with the least recompute that fits the budget.
 
     ``sync_bn``: the batch norms synchronise over the job's processes (``--sync-bn``; plain batch
     norm in a single process): the planner then simulates the synchronised step, which holds more.
+    ``channels_last``: model and batches in ``torch.channels_last`` (``--channels-last``), the
+    layout the planner then simulates.
 
     Raises :class:`UsageError` when the batch does not fit even in ``max_saving`` mode, suggesting
     a smaller batch with gradient accumulation that keeps the effective batch."""
     budget, source = _budget(memory, device, info)
-    kwargs = {"amp": amp, "device": device.type, "optimizer": optimizer}
+    kwargs = {"amp": amp, "device": device.type, "optimizer": optimizer, "channels_last": channels_last}
     if sync_bn and info.enabled:  # the loop converts the model's batch norms only then
         kwargs["sync_bn_world_size"] = info.world_size
     # the planner names a named architecture with another class count by all its fields

@@ -157,6 +157,8 @@ def _same_setting(name: str, asked: Any, stored: Any, stored_config: TrainConfig
         return True
     if name == "batch_size" and asked == "auto":
         return True  # the run's batch was resolved once (from auto or not) and stays
+    if name == "memory" and isinstance(asked, str) and isinstance(stored, str) and "auto" not in (asked, stored):
+        return parse_memory(asked) == parse_memory(stored)  # one budget: "100MiB", "104857600"
     if name == "data" and asked is not None and stored is not None:
         return Path(asked).expanduser().resolve() == Path(stored).expanduser().resolve()
     if name == "dataset" and stored == "auto" and stored_config.data is not None:

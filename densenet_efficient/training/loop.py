@@ -349,6 +349,7 @@ def _choose_budget(
             device=device,
             info=info,
             sync_bn=c.sync_bn,
+            channels_last=c.channels_last,
         )
     return dataclasses.replace(c, batch_size=choice.batch_size, memory=c.memory or "auto"), choice
 

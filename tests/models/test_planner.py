@@ -854,6 +854,24 @@ def test_estimate_rejects_bad_input(kwargs, message):
         estimate_memory("densenet121", **kwargs)
 
 
+def test_plan_modes_is_a_sequence_of_modes_not_one_string():
+    """``modes="naive"`` was iterated letter by letter: "memory_efficient must be ..., got 'n'"."""
+    with pytest.raises(UsageError, match=r"^modes must be a tuple of modes, e.g. \('naive',\), found 'naive'$"):
+        de.models.planner.plan("densenet_bc_40", "1GiB", modes="naive", device="cpu")
+
+
+@pytest.mark.parametrize("bad", ["no", "False", 1, 0, None, []])
+def test_channels_last_is_true_or_false(bad):
+    """``channels_last="no"`` was read as True (``bool("no")``) and priced silently."""
+    for call in (
+        lambda: estimate_memory("densenet_bc_40", batch_size=2, channels_last=bad),
+        lambda: max_batch_size("densenet_bc_40", "1GiB", channels_last=bad),
+        lambda: fit_memory("densenet_bc_40", "1GiB", batch_size=2, channels_last=bad),
+    ):
+        with pytest.raises(UsageError, match=r"^channels_last must be True or False, found"):
+            call()
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -892,6 +910,15 @@ def test_plan_cli_plans_this_package_s_modes_and_torchvision_s_when_asked(capsys
     rows = json.loads(capsys.readouterr().out)["rows"]
     assert [r["mode"] for r in rows] == ["efficient", "torchvision", "torchvision_efficient"]
     assert rows[1]["per_image"] > rows[0]["per_image"]  # torchvision's naive DenseNet keeps more
+
+
+def test_plan_cli_says_why_fit_memory_fails_at_a_batch_over_the_budget(capsys):
+    """``--batch-size`` beyond what even max_saving fits: the table is printed and the fit line says
+    why (it once raised KeyError: 'summary', the default of ``dict.get`` being evaluated first)."""
+    argv = ["plan", "--depth", "40", "--memory", "1GiB", "--mode", "efficient", "--device", "cpu"]
+    assert main([*argv, "--batch-size", "5000"]) == 0
+    out = capsys.readouterr().out
+    assert "fit_memory at batch 5000: 1 GiB is below what densenet_bc_40 needs for a batch of 5000" in out
 
 
 def test_plan_cli_plans_synchronised_batch_norm(capsys):

@@ -133,6 +133,21 @@ def test_memory_applies_the_fitted_plan_to_the_model(cifar, tmp_path, capsys):
     assert "mode=plan (--memory)" in out and f"plan: {result.model.memory_plan};" in out
 
 
+def test_memory_plans_the_channels_last_step_the_run_trains(monkeypatch):
+    """``train --channels-last --memory``: the planner prices the step in channels_last (it holds
+    less on CPU than the contiguous one, so planning the contiguous step recomputed more than the
+    budget asks)."""
+    from densenet_efficient.models.planner import estimate_memory
+    from densenet_efficient.training.data import DataBundle
+
+    data = DataBundle("fake", list(range(80)), None, None, [str(i) for i in range(10)], 32, True)
+    c = TrainConfig(depth=10, growth_rate=6, channels_last=True, memory="200MiB", batch_size=8, device="cpu")
+    _, choice = loop._choose_budget(c, data, DistInfo(rank=0, world_size=1), torch.device("cpu"), None)
+    step = {**PLANNER, "mode": choice.plan}
+    assert choice.plan.estimated_peak == estimate_memory(_tiny_arch(), batch_size=8, channels_last=True, **step).total
+    assert choice.plan.estimated_peak != estimate_memory(_tiny_arch(), batch_size=8, **step).total
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -193,3 +208,17 @@ def test_resume_keeps_the_resolved_batch_and_plan_and_refuses_other_accumulation
     assert b["memory_plan"] == a["memory_plan"]
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
+
+
+def test_resume_takes_the_run_s_budget_however_it_is_spelled(cifar, tmp_path, capsys):
+    """``--memory 100MiB`` on a run trained with ``--memory 104857600`` is the same budget: it
+    continues the run (it was refused as a setting that "would change its numbers"); another
+    budget is still refused."""
+    save = tmp_path / "run"
+    budget = ("--batch-size", "8", "--n-epochs", "2")
+    assert cli.main(_argv(cifar, save, "--memory", "104857600", *budget, "--stop-after", "1")) == 0
+    capsys.readouterr()
+    assert cli.main(_argv(cifar, save, "--resume", "--memory", "200MiB", *budget)) == 2
+    assert "--memory 200MiB (the run has 104857600) would change its numbers" in capsys.readouterr().err
+    assert cli.main(_argv(cifar, save, "--resume", "--memory", SMALL, *budget)) == 0
+    assert read_run_checkpoint(save / "checkpoint.pt")["epoch"] == 2

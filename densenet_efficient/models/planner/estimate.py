@@ -12,7 +12,7 @@ import functools
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ...errors import UsageError, check_int
+from ...errors import UsageError, check_int, shown
 from ..config import ArchConfig, resolve_arch
 from ..engine import EFFICIENT, MAX_SAVING
 from ..memory_plan import MemoryPlan, MemorySetting
@@ -193,7 +193,9 @@ class Step:
         self.device = options.get("device", "cuda")
         self.optimizer = options.get("optimizer", DEFAULT_OPTIMIZER)
         self.amp = check_options(self.dtype, options.get("amp"), self.optimizer, self.device)
-        self.channels_last = bool(options.get("channels_last", False))
+        self.channels_last = options.get("channels_last", False)
+        if not isinstance(self.channels_last, bool):
+            raise UsageError(f"channels_last must be True or False, found {shown(self.channels_last)}")
         self.sync_world = check_sync_world(options.get("sync_bn_world_size", 1))
         self.setting = resolve_setting(options.get("mode", EFFICIENT), self.config)
         self.label = self.setting if isinstance(self.setting, str) else (self.setting.mode or str(self.setting))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ...errors import UsageError, check_int
+from ...errors import UsageError, check_int, shown
 from ..config import ArchConfig
 from ..engine import MODES
 from .estimate import Step
@@ -38,6 +38,8 @@ def plan(
     ``minimum``), ``at_max`` (the estimate there, as a dict) and ``at_batch`` when asked.
     """
     budget = parse_memory(memory)
+    if isinstance(modes, str):  # iterated, it would be planned letter by letter
+        raise UsageError(f"modes must be a tuple of modes, e.g. ({modes!r},), found {shown(modes)}")
     if batch_size is not None:
         batch_size = check_int(batch_size, "batch_size")
     rows = []
