@@ -205,14 +205,28 @@ class ArchConfig:
         """The input size the architecture was designed for: 32 (CIFAR stem) or 224 (ImageNet)."""
         return 32 if self.small_inputs else 224
 
+    def stem_size(self, size: int) -> int:
+        """Spatial size of the stem's convolution output for an input of ``size`` pixels."""
+        return size if self.small_inputs else (size + 2 * 3 - 7) // 2 + 1  # conv0 7x7/2 (CIFAR: 3x3/1)
+
+    def block_sizes(self, size: int) -> list[int]:
+        """Spatial size entering each dense block for an input of ``size`` pixels.
+
+        >>> get_config("densenet121").block_sizes(224)
+        [56, 28, 14, 7]
+        """
+        size = self.stem_size(size)
+        if not self.small_inputs:
+            size = (size + 2 * 1 - 3) // 2 + 1  # pool0 3x3/2
+        sizes = []
+        for _ in self.block_config:
+            sizes.append(size)
+            size //= 2  # transition avg-pool 2x2/2
+        return sizes
+
     def last_block_size(self, size: int) -> int:
         """Spatial size entering the last dense block for an input of ``size`` pixels."""
-        if not self.small_inputs:
-            size = (size + 2 * 3 - 7) // 2 + 1  # conv0 7x7/2
-            size = (size + 2 * 1 - 3) // 2 + 1  # pool0 3x3/2
-        for _ in range(len(self.block_config) - 1):
-            size //= 2  # transition avg-pool 2x2/2
-        return size
+        return self.block_sizes(size)[-1]
 
     def min_input_size(self) -> int:
         """The smallest height/width the architecture accepts (29 for the ImageNet models).

@@ -14,7 +14,7 @@ import torch
 from ..errors import UsageError
 from .config import ArchConfig
 
-__all__ = ["block_inputs", "check_model_size", "count_parameters", "device_memory", "width_sum"]
+__all__ = ["block_inputs", "check_model_size", "count_parameters", "device_memory", "largest_map", "width_sum"]
 
 
 def count_parameters(config: ArchConfig) -> int:
@@ -45,6 +45,22 @@ def block_inputs(config: ArchConfig) -> list[int]:
         out.append(c)
         c = (c + layers * config.growth_rate) // 2
     return out
+
+
+def largest_map(config: ArchConfig, size: int) -> int:
+    """Values per image of the largest map a training step of ``config`` makes at ``size`` pixels:
+    its input, the stem's output, a block's widest concatenation or a bottleneck (or the logits).
+
+    >>> from densenet_efficient.models.config import get_config
+    >>> largest_map(get_config("densenet121"), 224) == 64 * 112 * 112
+    True
+    """
+    stem = config.stem_size(size)
+    largest = max(config.in_chans * size * size, config.num_init_features * stem * stem, config.num_classes)
+    bottleneck = config.bn_size * config.growth_rate
+    for c, layers, s in zip(block_inputs(config), config.block_config, config.block_sizes(size), strict=True):
+        largest = max(largest, max(c + layers * config.growth_rate, bottleneck) * s * s)
+    return largest
 
 
 def width_sum(c: int, k: int, first: int, count: int) -> int:

@@ -30,6 +30,7 @@ from densenet_efficient.models.planner import (
     max_batch_size,
     parse_memory,
 )
+from densenet_efficient.models.planner import shortcut as shortcut_module
 from densenet_efficient.models.planner import simulate as simulate_module
 from densenet_efficient.models.planner.allocator import cpu_scratch
 from densenet_efficient.models.planner.bisection import first_true, last_true, last_within
@@ -403,6 +404,34 @@ def test_the_small_calls_do_not_take_a_size_that_follows_the_batch_for_a_fixed_o
         out = shortcut(func, args, {}, 31)
         if out is not NotImplemented:
             assert _outputs(out, []) == _outputs(func(*args), []), func
+
+
+def test_a_small_call_too_large_for_memory_is_left_to_the_op(monkeypatch):
+    """A small call holds the op's real sizes but the batch: maps of a huge image or width would
+    need terabytes (a 100000 px densenet121 asked for 1.28 TB and raised). Beyond
+    ``SMALL_CALL_BYTES`` the op's meta kernel answers, allocating nothing, and what it answers is
+    what the small calls answer."""
+    aten = torch.ops.aten
+    pool = aten.avg_pool2d.default
+    huge = torch.empty(11, 10**6, 1000, 1000, device="meta")  # 7 images of it: 28 TB
+    assert Shortcut()(pool, (huge, [2, 2], [2, 2]), {}, 11) is NotImplemented
+    x = torch.empty(11, 6, 8, 8, device="meta").contiguous(memory_format=torch.channels_last)
+    small = Shortcut()(pool, (x, [2, 2], [2, 2]), {}, 11)
+    monkeypatch.setattr(shortcut_module, "SMALL_CALL_BYTES", 0)
+    assert Shortcut()(pool, (x, [2, 2], [2, 2]), {}, 11) is NotImplemented
+    meta = pool(x, [2, 2], [2, 2])
+    assert (small.shape, small.stride(), small.dtype) == (meta.shape, meta.stride(), meta.dtype)
+
+
+def test_a_model_too_large_to_simulate_is_refused_in_one_sentence():
+    """Sizes whose simulated tensors would overflow torch's 64-bit storage sizes are refused before
+    anything is made; one that only needs the meta kernels (no small call fits memory) is planned."""
+    with pytest.raises(UsageError, match=r"densenet121 at 1000000x1000000 is too large to plan: .* image_size"):
+        estimate_memory("densenet121", batch_size=1, image_size=10**6, device="cpu")
+    with pytest.raises(UsageError, match="too large to plan"):
+        max_batch_size(densenet_bc_config(40, 10**9), "8GiB")
+    huge = estimate_memory("densenet121", batch_size=1, image_size=100_000, mode="efficient", device="cpu")
+    assert huge.total > 2**40  # terabytes: planned, not allocated
 
 
 def test_the_small_calls_do_not_take_a_size_clamped_by_another_dimension_for_the_batch():

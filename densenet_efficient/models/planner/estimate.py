@@ -16,6 +16,7 @@ from ...errors import UsageError, check_int, shown
 from ..config import ArchConfig, resolve_arch
 from ..engine import EFFICIENT, MAX_SAVING
 from ..memory_plan import MemoryPlan, MemorySetting
+from ..parameters import count_parameters, largest_map
 from .allocator import CUDA_CONTEXT, CUDA_WORKSPACE, device_overhead, regime
 from .options import (
     DEFAULT_OPTIMIZER,
@@ -24,7 +25,8 @@ from .options import (
     resolve_setting,
 )
 from .recompute import extra_time
-from .simulate import Simulation, check_sync_world, simulate
+from .simulate import Simulation, check_sync_world, simulate, simulation_batch
+from .units import format_bytes
 
 __all__ = ["LOWEST_RATIO", "MAX_SIMULATED_LAYERS", "MemoryEstimate", "Step", "estimate_memory", "simulation"]
 
@@ -35,6 +37,11 @@ LOWEST_RATIO = 0.92
 #: The most dense layers a model the planner simulates may have: the simulation runs every op of
 #: the step, so its time grows with the depth (about two seconds per hundred layers).
 MAX_SIMULATED_LAYERS = 6000
+
+#: The most bytes one tensor of a simulated step may span: torch sizes a storage in 64-bit
+#: integers, and the simulation's batch (a prime above every width, :func:`.simulate.simulation_batch`)
+#: multiplies every map.
+MAX_SIMULATED_TENSOR = 1 << 62
 
 
 @dataclass(frozen=True)
@@ -197,8 +204,22 @@ class Step:
         if not isinstance(self.channels_last, bool):
             raise UsageError(f"channels_last must be True or False, found {shown(self.channels_last)}")
         self.sync_world = check_sync_world(options.get("sync_bn_world_size", 1))
+        self._check_size()
         self.setting = resolve_setting(options.get("mode", EFFICIENT), self.config)
         self.label = self.setting if isinstance(self.setting, str) else (self.setting.mode or str(self.setting))
+
+    def _check_size(self) -> None:
+        """Refuse a model whose tensors the simulation cannot make, said before it tries: its
+        largest map at the simulation's batch, or all its parameters, beyond 64-bit sizes (8 bytes
+        an element: a bound for every dtype)."""
+        per_image = largest_map(self.config, self.image_size) * 8
+        batch = simulation_batch(self.config, self.image_size, self.sync_world)
+        if per_image * batch > MAX_SIMULATED_TENSOR or count_parameters(self.config) * 8 > MAX_SIMULATED_TENSOR:
+            raise UsageError(
+                f"{self.name} at {self.image_size}x{self.image_size} is too large to plan: its largest map "
+                f"holds up to {format_bytes(per_image)} per image, and the simulation holds at most "
+                f"{format_bytes(MAX_SIMULATED_TENSOR // batch)}; give a smaller image_size or growth rate"
+            )
 
     def simulation(self, setting: MemoryPlan | str, batch: int) -> Simulation:
         return simulation(

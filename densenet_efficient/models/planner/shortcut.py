@@ -340,19 +340,38 @@ def _small_key(func: Any, args: Any, kwargs: Any, batch: int) -> Any:
     return func, desc(args), tuple((name, desc(v)) for name, v in kwargs.items())
 
 
-def _real(a: Any, batch: int, stand_in: int) -> Any:
-    """A CPU tensor of zeros like ``a`` with ``stand_in`` for every batch-sized dimension (which
-    must be its outermost: its other strides then do not depend on the batch)."""
-    if not isinstance(a, torch.Tensor):
-        return a
-    sizes, strides = list(a.shape), list(a.stride())
+#: The most bytes the real tensors of one small call may hold: a call that would need more (maps of
+#: a huge image or width) is left to the op's own meta kernel, which allocates nothing. The largest
+#: small calls of torchvision's DenseNets at 224 px hold about 110 MiB (densenet161's foreach Adam
+#: ``_foreach_sqrt``; max-pooling's backward 97 MiB): images up to about 700 px keep the shortcut.
+SMALL_CALL_BYTES = 1 << 30
+
+
+def _stand_in(a: torch.Tensor, batch: int, stand_in: int) -> list[int]:
+    """``a``'s sizes with ``stand_in`` for every batch-sized dimension (which must be its outermost:
+    its other strides then do not depend on the batch)."""
+    sizes, strides = list(a.shape), a.stride()
     for i, d in enumerate(sizes):
         if d == batch:
             inner = max((st * n for j, (st, n) in enumerate(zip(strides, sizes, strict=True)) if j != i and n > 1), default=0)
             if strides[i] < inner:
                 raise _Unfit
             sizes[i] = stand_in
-    t = torch.empty_strided(sizes, strides, dtype=a.dtype)
+    return sizes
+
+
+def _extent(sizes: list[int], strides: tuple[int, ...], itemsize: int) -> int:
+    """Bytes of the storage a tensor of these sizes and strides spans."""
+    if 0 in sizes:
+        return 0
+    return (1 + sum((n - 1) * st for n, st in zip(sizes, strides, strict=True))) * itemsize
+
+
+def _real(a: Any, batch: int, stand_in: int) -> Any:
+    """A CPU tensor of zeros like ``a`` with ``stand_in`` for every batch-sized dimension."""
+    if not isinstance(a, torch.Tensor):
+        return a
+    t = torch.empty_strided(_stand_in(a, batch, stand_in), a.stride(), dtype=a.dtype)
     return t.zero_()  # zeros: valid indices, and no garbage denormals (a garbage mm runs 8x slower)
 
 
@@ -372,7 +391,12 @@ def _learn_small(func: Any, args: tuple, kwargs: dict, batch: int) -> Any:
     if any(tag in _VALUED for tag in func.tags):
         raise _Unfit  # the meta kernel answers (or refuses, with no values to read)
     runs = []
-    batched = any(isinstance(a, torch.Tensor) and batch in a.shape for a in leaves((args, kwargs)))
+    tensors = [a for a in leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+    batched = any(batch in a.shape for a in tensors)
+    largest = _STAND_INS[-1] if batched else _STAND_INS[0]
+    need = sum(_extent(_stand_in(a, batch, largest), a.stride(), a.element_size()) for a in tensors)
+    if need > SMALL_CALL_BYTES:
+        raise _Unfit  # the meta kernel answers, allocating nothing
     # without a batch-sized argument both calls would be the same call (an optimizer's foreach op
     # on every parameter: a call costs the model's size): one is made
     for stand_in in _STAND_INS if batched else _STAND_INS[:1]:
