@@ -869,6 +869,16 @@ def test_parse_memory_shows_a_huge_value_in_a_line(bad, shown):
 
 
 @pytest.mark.parametrize(
+    ("n", "text"),
+    [(2**64, "16 EiB"), (7.45 * 2**40, "7.45 TiB"), (3 * 2**50, "3 PiB"), (1023 * 2**30, "1023 GiB"),
+     (float("nan"), "nan B"), (float("inf"), "inf B")],
+)  # fmt: skip
+def test_format_bytes_says_any_size_in_one_short_figure(n, text):
+    """A terabyte estimate reads as TiB, not thousands of GiB; a non-number is said, not raised."""
+    assert format_bytes(n) == text
+
+
+@pytest.mark.parametrize(
     ("kwargs", "message"),
     [
         ({"batch_size": 0}, "batch_size must be an integer >= 1, found 0"),

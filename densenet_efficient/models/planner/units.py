@@ -66,13 +66,19 @@ def _too_large(value: object) -> str:
     return f"memory budget must be at most 16 EiB (2**64 bytes), got {shown(value)}"
 
 
-def format_bytes(n: float) -> str:
-    """``1536 MiB`` -> ``"1.5 GiB"``: binary units, 3 significant figures (no exponent).
+#: Binary units, largest first: 16 EiB (:data:`MAX_BUDGET`) is the most a budget may be.
+_BINARY = (("EiB", 1 << 60), ("PiB", 1 << 50), ("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10))
 
-    >>> format_bytes(1.5 * 2**30), format_bytes(1020 * 2**20), format_bytes(512)
-    ('1.5 GiB', '1020 MiB', '512 B')
+
+def format_bytes(n: float) -> str:
+    """``1536 MiB`` -> ``"1.5 GiB"``: binary units up to EiB, 3 significant figures (no exponent).
+
+    >>> format_bytes(1.5 * 2**30), format_bytes(1020 * 2**20), format_bytes(512), format_bytes(2**64)
+    ('1.5 GiB', '1020 MiB', '512 B', '16 EiB')
     """
-    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+    if n != n or n in (float("inf"), float("-inf")):
+        return f"{n} B"  # not a size: said as it is
+    for unit, scale in _BINARY:
         if abs(n) >= scale:
             if abs(n) >= 1 << 1000:  # an estimate at an absurd depth: beyond float, no decimals
                 return f"{int(n) // scale} {unit}"
