@@ -1047,6 +1047,22 @@ def test_one_optimizer_default_everywhere():
 # -- verify=True -------------------------------------------------------------------------------------
 
 
+def test_a_channels_last_model_is_planned_channels_last():
+    """``model.fit_memory`` plans the step in the model's layout, as it does in its dtype: a model
+    converted to channels_last gets the channels_last step's plan (on CPU it holds less)."""
+    model = de.densenet_bc(40)
+    low, high = (
+        estimate_memory(BC40, batch_size=64, mode=m, device="cpu", channels_last=True).total
+        for m in ("max_saving", "efficient")
+    )
+    budget = (low + high) // 2
+    wanted = fit_memory(BC40, budget, batch_size=64, device="cpu", channels_last=True)
+    assert wanted != fit_memory(BC40, budget, batch_size=64, device="cpu")  # the layouts differ here
+    assert model.fit_memory(budget, batch_size=64, device="cpu") != wanted  # NCHW: the contiguous plan
+    model = model.to(memory_format=torch.channels_last)
+    assert model.fit_memory(budget, batch_size=64, device="cpu") == wanted
+
+
 def test_verify_is_cuda_only_and_says_so():
     model = de.densenet_bc(40)
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -100,7 +100,9 @@ def measure_step(
         for p in model.parameters():
             p.grad = None
         opt = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9) if states else None
-        x = torch.randn(batch_size, 3, image_size, image_size, device=device)
+        x = torch.randn(batch_size, model.arch_config.in_chans, image_size, image_size, device=device)
+        if _channels_last(model):  # the batch in the layout the model was converted to
+            x = x.contiguous(memory_format=torch.channels_last)
         y = torch.randint(0, model.num_classes, (batch_size,), device=device)
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
@@ -136,6 +138,13 @@ def _sync_world_size(model: nn.Module) -> int:
     return max((torch.distributed.get_world_size(g) for g in groups if g is not None), default=1)
 
 
+def _channels_last(model: nn.Module) -> bool:
+    """Whether ``model`` was converted to ``torch.channels_last`` (its convolutions' weights wider
+    than 1x1 laid out so: a 1x1 weight reads as both formats)."""
+    wide = [p for p in model.parameters() if p.dim() == 4 and p.shape[-2:] != (1, 1)]
+    return bool(wide) and all(p.is_contiguous(memory_format=torch.channels_last) for p in wide)
+
+
 def fit_model(
     model: nn.Module,
     budget: int | str,
@@ -148,7 +157,8 @@ def fit_model(
     verify: bool,
 ) -> MemoryPlan:
     """What :meth:`DenseNet.fit_memory` returns (it applies it): the plan :func:`fit_memory` picks
-    for the model's architecture, its parameters' dtype and device (unless ``device`` is given),
+    for the model's architecture, its parameters' dtype, layout (``channels_last`` when the model was
+    converted to it) and device (unless ``device`` is given),
     stepped down on CUDA while its measured step exceeds the budget (``verify``). A model whose
     batch norms synchronise over a process group (:func:`~densenet_efficient.convert_sync_batchnorm`)
     is planned with that group's synchronised step."""
@@ -162,6 +172,7 @@ def fit_model(
     kwargs = dict(
         batch_size=batch_size, image_size=image_size, amp=amp, optimizer=optimizer,
         device=device or param.device.type, dtype=_DTYPES.get(param.dtype, "fp32"), sync_bn_world_size=world,
+        channels_last=_channels_last(model),
     )  # fmt: skip
     config = model.arch_config
     plan = fit_memory(config, budget, **kwargs)
