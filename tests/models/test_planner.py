@@ -868,6 +868,16 @@ def test_parse_memory_shows_a_huge_value_in_a_line(bad, shown):
     assert shown in str(err.value) and len(str(err.value)) < 200
 
 
+def test_parse_memory_reads_a_float_as_its_exact_bytes():
+    """A float budget is its value, whatever Python prints for it (``1e16`` was refused as
+    '1e+16'), a fraction of a byte dropped as a string's is; NaN and infinity are no size."""
+    assert parse_memory(1e16) == 10**16 and parse_memory(8e9) == 8 * 10**9
+    assert parse_memory(1.5) == parse_memory("1.5") == 1
+    for bad in (float("nan"), float("inf"), 0.5, True):
+        with pytest.raises(UsageError, match="memory budget must"):
+            parse_memory(bad)
+
+
 @pytest.mark.parametrize(
     ("n", "text"),
     [(2**64, "16 EiB"), (7.45 * 2**40, "7.45 TiB"), (3 * 2**50, "3 PiB"), (1023 * 2**30, "1023 GiB"),

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 import re
 from decimal import Decimal
@@ -33,17 +34,26 @@ _MAX_DIGITS = 21
 _EXAMPLES = "8GiB, 12GB, 512MiB or a number of bytes"
 
 
-def parse_memory(value: int | str) -> int:
-    """Bytes from ``"8GiB"``, ``"12GB"`` (SI), ``"8G"`` (binary, as PyTorch and Docker read it) or an int.
+def parse_memory(value: int | float | str) -> int:
+    """Bytes from ``"8GiB"``, ``"12GB"`` (SI), ``"8G"`` (binary, as PyTorch and Docker read it) or a
+    number of bytes (``8e9`` too).
 
-    The number is read exactly (no float rounding: ``"0.1GB"`` is 100000000 bytes). A budget that
-    is not positive, or above :data:`MAX_BUDGET` (16 EiB), is a :class:`UsageError`.
+    The number is read exactly (no float rounding: ``"0.1GB"`` is 100000000 bytes), a fraction of
+    a byte dropped. A budget that is not positive, or above :data:`MAX_BUDGET` (16 EiB), is a
+    :class:`UsageError`.
 
-    >>> parse_memory("8GiB"), parse_memory("12GB"), parse_memory("512M")
-    (8589934592, 12000000000, 536870912)
+    >>> parse_memory("8GiB"), parse_memory("12GB"), parse_memory("512M"), parse_memory(1e16)
+    (8589934592, 12000000000, 536870912, 10000000000000000)
     """
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+    if isinstance(value, bool):
+        raise UsageError(f"memory budget must look like {_EXAMPLES}, got {shown(value)}")
+    if isinstance(value, numbers.Integral):
         return _checked(int(value), int(value))
+    if isinstance(value, numbers.Real):  # a float: its exact value (str(1e16) would be '1e+16')
+        value = float(value)
+        if not math.isfinite(value):
+            raise UsageError(f"memory budget must look like {_EXAMPLES}, got {shown(value)}")
+        return _checked(int(Decimal(value)), value)
     match = _SIZE.match(value if isinstance(value, str) else str(value))
     unit = match.group(2).lower() if match else None
     if unit not in _UNITS:
@@ -54,7 +64,7 @@ def parse_memory(value: int | str) -> int:
     return _checked(int(Decimal(digits) * _UNITS[unit]), value)
 
 
-def _checked(size: int, value: int | str) -> int:
+def _checked(size: int, value: int | float | str) -> int:
     if size <= 0:
         raise UsageError(f"memory budget must be positive, got {shown(value)}")
     if size > MAX_BUDGET:
