@@ -65,6 +65,11 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
         ({"stop_after": -1}, "--stop-after .* found -1"),
         ({"batch_size": 0}, "--batch-size must be an integer >= 1, found 0"),
         ({"batch_size": "all"}, "--batch-size .* found 'all'"),
+        # beyond sys.maxsize: was a ValueError traceback from the DataLoader's islice mid-epoch
+        (
+            {"batch_size": 2**63},
+            r"--batch-size must be at most 9223372036854775807, found 9223372036854775808",
+        ),
         ({"growth_rate": 0}, "--growth-rate .* found 0"),
         ({"depth": 10.0}, "--depth must be an integer >= 10, found 10.0"),
         ({"image_size": 0}, r"--image-size must be an integer in 1..8192, found 0"),
@@ -221,6 +226,9 @@ def _edit(ckpt: dict, what: str) -> str:
     if what == "plan_bad_block":
         ckpt["memory_plan"] = {**plan_fields, "blocks": ["efficient", {"keep": 1}, 3]}
         return r"its memory_plan: blocks\[1\] must be a mode, a layer count or a list of booleans"
+    if what == "batch_size_huge":  # was: ValueError from the DataLoader's islice, mid-epoch
+        config["batch_size"] = 10**19
+        return "its setting batch_size must be at most 9223372036854775807, found 10000000000000000000"
     if what == "batch_size_auto":  # was: ValueError from int() deep in the budget code
         config["batch_size"] = "auto"
         return "its config's batch_size is 'auto', expected the batch size the run trained with"
@@ -251,7 +259,8 @@ def _edit(ckpt: dict, what: str) -> str:
 
 EDITS = [
     "lr_string", "seed_huge", "workers_negative", "depth_float", "n_epochs_inf", "growth_huge",
-    "plan_unknown_key", "plan_string_number", "plan_bad_block", "batch_size_auto", "history_extra_column",
+    "plan_unknown_key", "plan_string_number", "plan_bad_block", "batch_size_auto", "batch_size_huge",
+    "history_extra_column",
     "history_string", "best_epoch", "weight_not_tensor", "optimizer_lr_string", "optimizer_buffer_shape",
 ]  # fmt: skip
 
