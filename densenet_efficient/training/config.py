@@ -326,7 +326,10 @@ def _memory(value: Any, label: str) -> Any:
         return value
     if not isinstance(value, str):
         raise UsageError(f"{label} must be a size such as 4GiB, or auto, found {shown(value)}")
-    parse_memory(value)  # a malformed budget is refused before any data is read
+    try:  # a malformed budget is refused before any data is read, naming where it came from
+        parse_memory(value)
+    except UsageError as err:
+        raise UsageError(f"{label} must be a size such as 4GiB, or auto, found {shown(value)} ({err})") from None
     return value
 
 

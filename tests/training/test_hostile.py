@@ -229,6 +229,12 @@ def _edit(ckpt: dict, what: str) -> str:
     if what == "batch_size_huge":  # was: ValueError from the DataLoader's islice, mid-epoch
         config["batch_size"] = 10**19
         return "its setting batch_size must be at most 9223372036854775807, found 10000000000000000000"
+    if what == "memory_negative":  # was: "memory budget must look like ..." naming neither file nor field
+        config["memory"] = "-1GiB"
+        return r"its setting memory must be a size such as 4GiB, or auto, found '-1GiB' \(memory budget must"
+    if what == "memory_too_large":
+        config["memory"] = "17EiB"
+        return "its setting memory must be a size such as 4GiB, or auto, found '17EiB' .*at most 16 EiB"
     if what == "batch_size_auto":  # was: ValueError from int() deep in the budget code
         config["batch_size"] = "auto"
         return "its config's batch_size is 'auto', expected the batch size the run trained with"
@@ -260,7 +266,7 @@ def _edit(ckpt: dict, what: str) -> str:
 EDITS = [
     "lr_string", "seed_huge", "workers_negative", "depth_float", "n_epochs_inf", "growth_huge",
     "plan_unknown_key", "plan_string_number", "plan_bad_block", "batch_size_auto", "batch_size_huge",
-    "history_extra_column",
+    "memory_negative", "memory_too_large", "history_extra_column",
     "history_string", "best_epoch", "weight_not_tensor", "optimizer_lr_string", "optimizer_buffer_shape",
 ]  # fmt: skip
 
