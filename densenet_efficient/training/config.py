@@ -195,6 +195,9 @@ def resume_config(
                 f"LR schedule recomputed for {value} epochs (x0.1 after epochs "
                 f"{', '.join(map(str, lr_milestones(value)))})"
             )
+        elif name == "mode" and stored.memory is not None:
+            # the run's --memory chose its plan; its stored mode is the unused default, not what it runs
+            refused.append(f"--mode {value} (the run's plan comes from --memory {stored.memory})")
         elif not _same_setting(name, value, kept, stored):
             refused.append(f"--{name.replace('_', '-')} {value} (the run has {kept})")
     if refused:
