@@ -235,6 +235,13 @@ def _edit(ckpt: dict, what: str) -> str:
     if what == "memory_too_large":
         config["memory"] = "17EiB"
         return "its setting memory must be a size such as 4GiB, or auto, found '17EiB' .*at most 16 EiB"
+    if what == "plan_without_memory":  # was: the plan silently dropped, the run went on in its mode
+        ckpt["memory_plan"] = {**plan_fields, "blocks": ["max_saving"] * 3, "budget": 2**27, "batch_size": 16}
+        return "it has a memory_plan but its setting memory is None"
+    if what == "plan_other_batch":  # was: batch 10**6 trained (and printed) with a plan fitted to 16
+        config["memory"], config["batch_size"] = "128MiB", 10**6
+        ckpt["memory_plan"] = {**plan_fields, "budget": 2**27, "batch_size": 16}
+        return "its memory_plan was fitted to a batch of 16, but its setting batch_size is 1000000"
     if what == "batch_size_auto":  # was: ValueError from int() deep in the budget code
         config["batch_size"] = "auto"
         return "its config's batch_size is 'auto', expected the batch size the run trained with"
@@ -266,7 +273,7 @@ def _edit(ckpt: dict, what: str) -> str:
 EDITS = [
     "lr_string", "seed_huge", "workers_negative", "depth_float", "n_epochs_inf", "growth_huge",
     "plan_unknown_key", "plan_string_number", "plan_bad_block", "batch_size_auto", "batch_size_huge",
-    "memory_negative", "memory_too_large", "history_extra_column",
+    "memory_negative", "memory_too_large", "plan_without_memory", "plan_other_batch", "history_extra_column",
     "history_string", "best_epoch", "weight_not_tensor", "optimizer_lr_string", "optimizer_buffer_shape",
 ]  # fmt: skip
 
