@@ -146,7 +146,20 @@ def read_run_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> d
     # value, before any of it builds a model or allocates anything (the file may have been edited).
     check_settings(ckpt["config"], lambda name: f"checkpoint {path}: its setting {name}")
     if ckpt.get("memory_plan") is not None:
-        MemoryPlan.from_json(ckpt["memory_plan"], f"checkpoint {path}: its memory_plan")
+        plan = MemoryPlan.from_json(ckpt["memory_plan"], f"checkpoint {path}: its memory_plan")
+        # a run stores a plan only when its --memory chose one, fitted to the batch it stores: a
+        # resumed run trains that batch in that plan (loop._choose_budget), so they must agree
+        config = ckpt["config"]
+        if config.get("memory") is None:
+            raise UsageError(
+                f"checkpoint {path} cannot be resumed: it has a memory_plan but its setting memory is "
+                "None (a run stores a plan only when --memory chose it)"
+            )
+        if plan.batch_size is not None and plan.batch_size != config.get("batch_size"):
+            raise UsageError(
+                f"checkpoint {path} cannot be resumed: its memory_plan was fitted to a batch of "
+                f"{plan.batch_size}, but its setting batch_size is {shown(config.get('batch_size'))}"
+            )
     return ckpt
 
 

@@ -195,6 +195,9 @@ def resume_config(
                 f"LR schedule recomputed for {value} epochs (x0.1 after epochs "
                 f"{', '.join(map(str, lr_milestones(value)))})"
             )
+        elif name == "mode" and stored.memory is not None:
+            # the run's --memory chose its plan; its stored mode is the unused default, not what it runs
+            refused.append(f"--mode {value} (the run's plan comes from --memory {stored.memory})")
         elif not _same_setting(name, value, kept, stored):
             refused.append(f"--{name.replace('_', '-')} {value} (the run has {kept})")
     if refused:
@@ -232,6 +235,10 @@ def describe_default(name: str) -> str:
 #: The largest --workers (each is a process) and --image-size (a 3 x 8192 x 8192 float image is 800 MB).
 MAX_WORKERS, MAX_IMAGE_SIZE = 256, 8192
 _MAX_SEED = 2**63 - 1  # torch seeds are 64-bit; the sampler adds the epoch to the seed
+#: The largest batch: the DataLoader's batch sampler slices its indices with ``itertools.islice``,
+#: which refuses a stop beyond ``sys.maxsize`` (a ValueError traceback in the first epoch). A batch
+#: above the training set is the whole set; this only bounds the number.
+_MAX_BATCH = 2**63 - 1
 
 
 def _flag(value: Any, label: str) -> Any:
@@ -288,6 +295,18 @@ def _integer(minimum: int, maximum: int | None = None, *, optional: bool = False
     return check
 
 
+def _at_most(maximum: int, check: Callable[[Any, str], Any]) -> Callable[[Any, str], Any]:
+    """``check``, then refuse an integer above ``maximum``."""
+
+    def checked(value: Any, label: str) -> Any:
+        check(value, label)
+        if isinstance(value, int) and value > maximum:
+            raise UsageError(f"{label} must be at most {maximum}, found {shown(value)}")
+        return value
+
+    return checked
+
+
 def _choice(options: tuple[Any, ...]):
     def check(value: Any, label: str) -> Any:
         if not any(value is o or (isinstance(value, str) and value == o) for o in options):
@@ -310,7 +329,10 @@ def _memory(value: Any, label: str) -> Any:
         return value
     if not isinstance(value, str):
         raise UsageError(f"{label} must be a size such as 4GiB, or auto, found {shown(value)}")
-    parse_memory(value)  # a malformed budget is refused before any data is read
+    try:  # a malformed budget is refused before any data is read, naming where it came from
+        parse_memory(value)
+    except UsageError as err:
+        raise UsageError(f"{label} must be a size such as 4GiB, or auto, found {shown(value)} ({err})") from None
     return value
 
 
@@ -340,7 +362,7 @@ _CHECKS: dict[str, Callable[[Any, str], Any]] = {
     "pretrained": _flag,
     "freeze_features": _flag,
     "n_epochs": _integer(1, optional=True),
-    "batch_size": _integer(1, also=("auto",)),
+    "batch_size": _at_most(_MAX_BATCH, _integer(1, also=("auto",))),
     "accum_steps": _integer(1),
     "lr": _float32(lambda v, label: v if v is None else _number(0, above=True)(v, label)),
     "momentum": _number(0, 1),

@@ -222,3 +222,21 @@ def test_resume_takes_the_run_s_budget_however_it_is_spelled(cifar, tmp_path, ca
     assert "--memory 200MiB (the run has 104857600) would change its numbers" in capsys.readouterr().err
     assert cli.main(_argv(cifar, save, "--resume", "--memory", SMALL, *budget)) == 0
     assert read_run_checkpoint(save / "checkpoint.pt")["epoch"] == 2
+
+
+def test_resume_of_a_budget_run_refuses_mode_as_a_fresh_run_does(cifar, tmp_path, capsys):
+    """``--mode`` on ``--resume`` of a run whose plan ``--memory`` chose: refused in one line, as
+    ``--memory`` with ``--mode`` is on a fresh run. ``--mode efficient`` was accepted silently (the
+    run's unused default mode) while the run went on in its stored plan, and ``--mode naive`` was
+    refused saying the run "has efficient"."""
+    save = tmp_path / "run"
+    budget = ("--memory", SMALL, "--batch-size", "auto", "--n-epochs", "2")
+    assert cli.main(_argv(cifar, save, *budget, "--stop-after", "1")) == 0
+    capsys.readouterr()
+    before = (save / "checkpoint.pt").read_bytes()
+    for mode in ("efficient", "naive", "max_saving"):
+        assert cli.main(_argv(cifar, save, "--resume", "--mode", mode, "--n-epochs", "2")) == 2, mode
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "Traceback" not in err
+        assert f"--mode {mode} (the run's plan comes from --memory {SMALL})" in err, err
+    assert (save / "checkpoint.pt").read_bytes() == before

@@ -65,6 +65,11 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
         ({"stop_after": -1}, "--stop-after .* found -1"),
         ({"batch_size": 0}, "--batch-size must be an integer >= 1, found 0"),
         ({"batch_size": "all"}, "--batch-size .* found 'all'"),
+        # beyond sys.maxsize: was a ValueError traceback from the DataLoader's islice mid-epoch
+        (
+            {"batch_size": 2**63},
+            r"--batch-size must be at most 9223372036854775807, found 9223372036854775808",
+        ),
         ({"growth_rate": 0}, "--growth-rate .* found 0"),
         ({"depth": 10.0}, "--depth must be an integer >= 10, found 10.0"),
         ({"image_size": 0}, r"--image-size must be an integer in 1..8192, found 0"),
@@ -221,6 +226,22 @@ def _edit(ckpt: dict, what: str) -> str:
     if what == "plan_bad_block":
         ckpt["memory_plan"] = {**plan_fields, "blocks": ["efficient", {"keep": 1}, 3]}
         return r"its memory_plan: blocks\[1\] must be a mode, a layer count or a list of booleans"
+    if what == "batch_size_huge":  # was: ValueError from the DataLoader's islice, mid-epoch
+        config["batch_size"] = 10**19
+        return "its setting batch_size must be at most 9223372036854775807, found 10000000000000000000"
+    if what == "memory_negative":  # was: "memory budget must look like ..." naming neither file nor field
+        config["memory"] = "-1GiB"
+        return r"its setting memory must be a size such as 4GiB, or auto, found '-1GiB' \(memory budget must"
+    if what == "memory_too_large":
+        config["memory"] = "17EiB"
+        return "its setting memory must be a size such as 4GiB, or auto, found '17EiB' .*at most 16 EiB"
+    if what == "plan_without_memory":  # was: the plan silently dropped, the run went on in its mode
+        ckpt["memory_plan"] = {**plan_fields, "blocks": ["max_saving"] * 3, "budget": 2**27, "batch_size": 16}
+        return "it has a memory_plan but its setting memory is None"
+    if what == "plan_other_batch":  # was: batch 10**6 trained (and printed) with a plan fitted to 16
+        config["memory"], config["batch_size"] = "128MiB", 10**6
+        ckpt["memory_plan"] = {**plan_fields, "budget": 2**27, "batch_size": 16}
+        return "its memory_plan was fitted to a batch of 16, but its setting batch_size is 1000000"
     if what == "batch_size_auto":  # was: ValueError from int() deep in the budget code
         config["batch_size"] = "auto"
         return "its config's batch_size is 'auto', expected the batch size the run trained with"
@@ -251,7 +272,8 @@ def _edit(ckpt: dict, what: str) -> str:
 
 EDITS = [
     "lr_string", "seed_huge", "workers_negative", "depth_float", "n_epochs_inf", "growth_huge",
-    "plan_unknown_key", "plan_string_number", "plan_bad_block", "batch_size_auto", "history_extra_column",
+    "plan_unknown_key", "plan_string_number", "plan_bad_block", "batch_size_auto", "batch_size_huge",
+    "memory_negative", "memory_too_large", "plan_without_memory", "plan_other_batch", "history_extra_column",
     "history_string", "best_epoch", "weight_not_tensor", "optimizer_lr_string", "optimizer_buffer_shape",
 ]  # fmt: skip
 
