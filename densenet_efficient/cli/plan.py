@@ -76,6 +76,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         metavar="PROCESSES",
         help="plan synchronised batch norm over this many processes (train --sync-bn under torchrun)",
     )
+    parser.add_argument(
+        "--channels-last", dest="channels_last", action="store_true", help="model and batches in channels_last"
+    )
+    parser.add_argument(
+        "--drop-rate", dest="drop_rate", type=float, default=0.0, help="dropout after each dense layer (default 0)"
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -101,6 +107,8 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         optimizer=args.optimizer,
         sync_bn_world_size=args.sync_bn,
+        channels_last=args.channels_last,
+        drop_rate=args.drop_rate,
     )
     rows = plan(arch, budget, modes=modes, batch_size=args.batch_size, **kwargs)
     fitted = _fit(arch, budget, args.batch_size, kwargs) if args.batch_size else None
@@ -117,6 +125,8 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"{name} at {res}x{res}, {args.amp or args.dtype} activations, optimizer {args.optimizer}, "
             f"training on {args.device}"
+            + (", channels_last" if args.channels_last else "")
+            + (f", dropout {args.drop_rate:g}" if args.drop_rate else "")
             + (f", batch norm synchronised over {args.sync_bn} processes" if args.sync_bn > 1 else "")
             + f": budget {format_bytes(budget)}"
         )

@@ -24,7 +24,9 @@ from .config import ArchConfig
 __all__ = ["torchvision_densenet"]
 
 
-def torchvision_densenet(config: ArchConfig, memory_efficient: bool = False) -> torchvision.models.DenseNet:
+def torchvision_densenet(
+    config: ArchConfig, memory_efficient: bool = False, drop_rate: float = 0.0
+) -> torchvision.models.DenseNet:
     """torchvision's ``DenseNet`` for ``config`` (CIFAR configs get the 3x3 stride-1 stem)."""
     if config.in_chans != 3:
         raise UsageError(f"torchvision's DenseNet takes 3 input channels, the config has {config.in_chans}")
@@ -35,6 +37,7 @@ def torchvision_densenet(config: ArchConfig, memory_efficient: bool = False) -> 
         bn_size=config.bn_size,
         num_classes=config.num_classes,
         memory_efficient=memory_efficient,
+        drop_rate=drop_rate,
     )
     if config.small_inputs:
         rest = [

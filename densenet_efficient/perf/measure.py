@@ -64,19 +64,19 @@ IMPLEMENTATIONS = (TORCHVISION, TORCHVISION_EFFICIENT, *MODES)
 
 
 def build_implementation(
-    impl: str, config: ArchConfig, memory_plan: dict[str, Any] | None = None
+    impl: str, config: ArchConfig, memory_plan: dict[str, Any] | None = None, drop_rate: float = 0.0
 ) -> nn.Module:
     """The model that ``impl`` names, freshly initialised from ``config`` (ours with ``memory_plan``,
-    a :meth:`MemoryPlan.to_json` dict, when given)."""
+    a :meth:`MemoryPlan.to_json` dict, when given), with dropout ``drop_rate`` after each layer."""
     if impl in (TORCHVISION, TORCHVISION_EFFICIENT):
         from ..models.reference import torchvision_densenet  # imports torchvision: only when asked
 
-        return torchvision_densenet(config, memory_efficient=impl == TORCHVISION_EFFICIENT)
+        return torchvision_densenet(config, memory_efficient=impl == TORCHVISION_EFFICIENT, drop_rate=drop_rate)
     if impl in MODES:
         from ..models.densenet import DenseNet
 
         setting = MemoryPlan.from_json(memory_plan) if memory_plan is not None else impl
-        return DenseNet(**config.to_kwargs(), memory_efficient=setting)
+        return DenseNet(**config.to_kwargs(), memory_efficient=setting, drop_rate=drop_rate)
     raise UsageError(f"unknown implementation {impl!r}; expected one of {', '.join(IMPLEMENTATIONS)}")
 
 
@@ -146,6 +146,8 @@ class StepSpec:
     #: whole steps: the optimizer whose state the step holds ("momentum": SGD with momentum 0.9,
     #: "sgd", "adam", "adamw")
     optimizer: str = "momentum"
+    #: dropout after each dense layer (its masks are kept for backward)
+    drop_rate: float = 0.0
 
     def __post_init__(self) -> None:
         if self.activation_budget is not None:
@@ -201,7 +203,7 @@ def _run_spec(spec: StepSpec) -> dict[str, Any]:
             "environment": _allocator_environment(),
             **_whole_step_memory(spec, device),
         }
-    model = build_implementation(spec.impl, spec.config, spec.memory_plan).to(device).train()
+    model = build_implementation(spec.impl, spec.config, spec.memory_plan, spec.drop_rate).to(device).train()
     fmt = torch.channels_last if spec.channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
     if spec.compile:
@@ -258,7 +260,9 @@ def _whole_step_memory(spec: StepSpec, device: Any) -> dict[str, Any]:
         reset_peak_rss()
         base = anonymous_rss_bytes()
     fmt = torch.channels_last if spec.channels_last else torch.contiguous_format
-    model = build_implementation(spec.impl, spec.config, spec.memory_plan).to(device, memory_format=fmt)
+    model = build_implementation(spec.impl, spec.config, spec.memory_plan, spec.drop_rate).to(
+        device, memory_format=fmt
+    )
     model.train()
     x = torch.randn(spec.batch_size, 3, spec.image_size, spec.image_size, device=device)
     x = x.contiguous(memory_format=fmt)

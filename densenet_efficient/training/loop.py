@@ -350,6 +350,7 @@ def _choose_budget(
             info=info,
             sync_bn=c.sync_bn,
             channels_last=c.channels_last,
+            drop_rate=c.drop_rate,
         )
     return dataclasses.replace(c, batch_size=choice.batch_size, memory=c.memory or "auto"), choice
 

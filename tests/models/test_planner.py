@@ -137,8 +137,10 @@ class _Counted(LiveBytes):
         (40, [1, "max_saving", True], {"optimizer": "adamw", "foreach": True}),
         ("imagenet", [1, "max_saving", True, "naive"], {}),
         ("imagenet", "max_saving", {"amp": "bf16", "channels_last": True}),
+        (16, [True, "max_saving", "naive"], {"drop_rate": 0.2}),
     ],
-    ids=["efficient", "naive-bf16-nhwc", "max_saving-bf16-nhwc-adam", "dial-adamw-foreach", "stem", "stem-bf16-nhwc"],
+    ids=["efficient", "naive-bf16-nhwc", "max_saving-bf16-nhwc-adam", "dial-adamw-foreach", "stem", "stem-bf16-nhwc",
+         "dropout"],  # fmt: skip
 )
 def test_the_simulation_is_the_real_step_op_by_op(depth, mode, options):
     """The step on phantom tensors (meta kernels, the shortcut's outputs, the conv rules) against the
@@ -153,6 +155,7 @@ def test_the_simulation_is_the_real_step_op_by_op(depth, mode, options):
     options = dict(options)
     foreach, amp, optimizer = options.pop("foreach", False), options.pop("amp", None), options.pop("optimizer", "momentum")
     fmt = torch.channels_last if options.pop("channels_last", False) else torch.contiguous_format
+    drop_rate = options.pop("drop_rate", 0.0)
     prime = simulation_batch(config, size)
 
     def step(model, x, y, phantoms):
@@ -162,14 +165,14 @@ def test_the_simulation_is_the_real_step_op_by_op(depth, mode, options):
         return [f + p * batch for f, p in live.trace], live.ops, live.made_phantoms
 
     real = step(
-        model_class()(**config.to_kwargs()).to(memory_format=fmt),
+        model_class()(**config.to_kwargs(), drop_rate=drop_rate).to(memory_format=fmt),
         torch.randn(batch, 3, size, size).contiguous(memory_format=fmt),
         torch.randint(0, config.num_classes, (batch,)),
         False,
     )
     assert not real[2]  # the real step is real throughout: its factories (the engine's buffers) too
     simulated = step(
-        simulate_module._phantom_model(config, None, "fp32", fmt == torch.channels_last),
+        simulate_module._phantom_model(config, None, "fp32", fmt == torch.channels_last, False, drop_rate),
         phantom(torch.empty(prime, 3, size, size, device="meta").contiguous(memory_format=fmt)),
         phantom(torch.zeros(prime, dtype=torch.long, device="meta")),
         True,
@@ -836,7 +839,8 @@ def test_the_grid_table_shows_the_saved_measurements():
     for its setting and plan (what ``scripts/planner_grid.py --reuse`` reads), all 42 of them."""
     saved = {r["key"]: r["measured"] for r in json.loads((REPO / "docs" / "planner_grid.json").read_text())["rows"]}
     text = (REPO / "docs" / "planner.md").read_text(encoding="utf-8").partition("## The measured grid")[2]
-    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| densenet")]
+    table = text[text.index("\n|") + 1 :].partition("\n\n")[0]  # the section's first table
+    rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| densenet")]
     assert len(rows) == 42
     for label, plan, _, measured, *_ in rows:
         key = f"{label.removeprefix('| ')} | {plan}"
@@ -947,6 +951,12 @@ def test_plan_cli_json_matches_api(capsys):
     assert rows[0]["max_batch_size"] == max_batch_size(
         "densenet_bc_40", "2GB", mode="efficient", device="cpu"
     )
+    # the step's layout and dropout, as train --channels-last --drop-rate runs it
+    assert main([*argv, "--channels-last", "--drop-rate", "0.2", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    options = {"mode": "efficient", "device": "cpu", "channels_last": True, "drop_rate": 0.2}
+    assert rows[0]["max_batch_size"] == max_batch_size("densenet_bc_40", "2GB", **options)
+    assert rows[0]["max_batch_size"] != max_batch_size("densenet_bc_40", "2GB", mode="efficient", device="cpu")
 
 
 def test_plan_cli_plans_this_package_s_modes_and_torchvision_s_when_asked(capsys):
@@ -1071,6 +1081,23 @@ def test_a_channels_last_model_is_planned_channels_last():
     assert model.fit_memory(budget, batch_size=64, device="cpu") != wanted  # NCHW: the contiguous plan
     model = model.to(memory_format=torch.channels_last)
     assert model.fit_memory(budget, batch_size=64, device="cpu") == wanted
+
+
+def test_dropout_is_planned_with_its_masks():
+    """``drop_rate`` (the model's dropout after each dense layer) is simulated: the step keeps a
+    mask per layer, in every mode and in torchvision's DenseNet; ``model.fit_memory`` plans the
+    model's own rate, as it does its dtype."""
+    for mode in ("naive", "efficient", "max_saving", "torchvision_efficient"):
+        plain, dropped = (
+            estimate_memory(BC40, batch_size=64, mode=mode, device="cpu", drop_rate=p) for p in (0.0, 0.2)
+        )
+        assert dropped.total > plain.total, mode
+    model = de.densenet_bc(40, drop_rate=0.2)
+    low = estimate_memory(BC40, batch_size=64, mode="max_saving", device="cpu", drop_rate=0.2).total
+    wanted = fit_memory(BC40, low + (2 << 20), batch_size=64, device="cpu", drop_rate=0.2)
+    assert model.fit_memory(low + (2 << 20), batch_size=64, device="cpu") == wanted
+    with pytest.raises(UsageError, match=r"drop_rate must be a number in \[0, 1\), found 1.5"):
+        estimate_memory(BC40, batch_size=64, drop_rate=1.5)
 
 
 def test_verify_is_cuda_only_and_says_so():

@@ -148,6 +148,20 @@ def test_memory_plans_the_channels_last_step_the_run_trains(monkeypatch):
     assert choice.plan.estimated_peak != estimate_memory(_tiny_arch(), batch_size=8, **step).total
 
 
+
+def test_memory_plans_the_dropout_the_run_trains_with():
+    """``train --drop-rate 0.2 --memory``: the step keeps a dropout mask per layer, which the
+    planner prices (it was planned without dropout, below what the run holds)."""
+    from densenet_efficient.models.planner import estimate_memory
+    from densenet_efficient.training.data import DataBundle
+
+    data = DataBundle("fake", list(range(80)), None, None, [str(i) for i in range(10)], 32, True)
+    c = TrainConfig(depth=10, growth_rate=6, drop_rate=0.2, memory="200MiB", batch_size=8, device="cpu")
+    _, choice = loop._choose_budget(c, data, DistInfo(rank=0, world_size=1), torch.device("cpu"), None)
+    step = {**PLANNER, "mode": choice.plan}
+    assert choice.plan.estimated_peak == estimate_memory(_tiny_arch(), batch_size=8, drop_rate=0.2, **step).total
+    assert choice.plan.estimated_peak > estimate_memory(_tiny_arch(), batch_size=8, **step).total
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

@@ -12,7 +12,7 @@ import functools
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ...errors import UsageError, check_int, shown
+from ...errors import UsageError, check_fraction, check_int, shown
 from ..config import ArchConfig, resolve_arch
 from ..engine import EFFICIENT, MAX_SAVING
 from ..memory_plan import MemoryPlan, MemorySetting
@@ -110,6 +110,7 @@ def estimate_memory(
     optimizer: str = DEFAULT_OPTIMIZER,
     channels_last: bool = False,
     sync_bn_world_size: int = 1,
+    drop_rate: float = 0.0,
 ) -> MemoryEstimate:
     """Peak memory of one training step (forward, loss, backward, the optimizer's step), simulated.
 
@@ -132,6 +133,8 @@ def estimate_memory(
     (``convert_sync_batchnorm``, ``train --sync-bn``); 1 (the default) is plain batch norm. The
     synchronised step runs the engine's synchronised path with simulated collectives: its
     gathered statistics and its backward's temporaries are counted, per process.
+    ``drop_rate``: the model's dropout after each dense layer (``DenseNet(drop_rate=...)``): the
+    step keeps a mask per layer for backward.
 
     The step runs on phantom tensors (:func:`~.simulate.simulate`, cached per setting: one
     simulation answers every batch size); a model of more than :data:`MAX_SIMULATED_LAYERS` dense
@@ -146,7 +149,7 @@ def estimate_memory(
     """
     options = {
         "mode": mode, "dtype": dtype, "amp": amp, "device": device, "optimizer": optimizer,
-        "channels_last": channels_last, "sync_bn_world_size": sync_bn_world_size,
+        "channels_last": channels_last, "sync_bn_world_size": sync_bn_world_size, "drop_rate": drop_rate,
     }  # fmt: skip
     step = Step(arch, image_size, options, "estimate_memory")
     return step.estimate(check_int(batch_size, "batch_size"))
@@ -154,26 +157,30 @@ def estimate_memory(
 
 @functools.lru_cache(maxsize=256)
 def _simulation(config: ArchConfig, key: Any, image_size: int, dtype: str, amp: str | None,
-                optimizer: str, channels_last: bool, device: str, batches: int, world: int) -> Simulation:  # fmt: skip
+                optimizer: str, channels_last: bool, device: str, batches: int, world: int,
+                drop_rate: float) -> Simulation:  # fmt: skip
     # the arguments are the whole key: the thread count acts only through ``batches`` (allocator.regime)
     setting = key if isinstance(key, str) else MemoryPlan(*key)
     return simulate(
         config, setting, image_size=image_size, dtype=dtype, amp=amp, optimizer=optimizer,
         channels_last=channels_last, device=device, regime=batches, sync_bn_world_size=world,
+        drop_rate=drop_rate,
     )  # fmt: skip
 
 
 def simulation(config: ArchConfig, setting: MemoryPlan | str, image_size: int, dtype: str = "fp32",
                amp: str | None = None, optimizer: str = DEFAULT_OPTIMIZER, channels_last: bool = False,
-               device: str = "cpu", batch: int = 16, sync_bn_world_size: int = 1) -> Simulation:  # fmt: skip
+               device: str = "cpu", batch: int = 16, sync_bn_world_size: int = 1,
+               drop_rate: float = 0.0) -> Simulation:  # fmt: skip
     """The simulated step of a setting, cached per process: every batch size ATen runs alike
     (:func:`~.allocator.regime`) reads the same one (per ``sync_bn_world_size``: the gathered
     statistics grow with the ranks)."""
     batches = regime(batch) if device == "cpu" else 16
     key = setting if isinstance(setting, str) else (setting.blocks, setting.stem)
     return _simulation(
-        config, key, image_size, dtype, amp, optimizer, channels_last, device, batches, sync_bn_world_size
-    )
+        config, key, image_size, dtype, amp, optimizer, channels_last, device, batches, sync_bn_world_size,
+        drop_rate,
+    )  # fmt: skip
 
 
 class Step:
@@ -181,7 +188,9 @@ class Step:
     :meth:`estimate` is its estimate at a batch, in its own setting or another one.
     ``where``: the public function a refusal names."""
 
-    OPTIONS = frozenset({"mode", "dtype", "amp", "device", "optimizer", "channels_last", "sync_bn_world_size"})
+    OPTIONS = frozenset(
+        {"mode", "dtype", "amp", "device", "optimizer", "channels_last", "sync_bn_world_size", "drop_rate"}
+    )
 
     def __init__(self, arch: str | ArchConfig, image_size: int | None, options: dict[str, Any], where: str):
         unknown = set(options) - self.OPTIONS
@@ -204,6 +213,7 @@ class Step:
         if not isinstance(self.channels_last, bool):
             raise UsageError(f"channels_last must be True or False, found {shown(self.channels_last)}")
         self.sync_world = check_sync_world(options.get("sync_bn_world_size", 1))
+        self.drop_rate = check_fraction(options.get("drop_rate", 0.0), "drop_rate")
         self._check_size()
         self.setting = resolve_setting(options.get("mode", EFFICIENT), self.config)
         self.label = self.setting if isinstance(self.setting, str) else (self.setting.mode or str(self.setting))
@@ -224,7 +234,7 @@ class Step:
     def simulation(self, setting: MemoryPlan | str, batch: int) -> Simulation:
         return simulation(
             self.config, setting, self.image_size, self.dtype, self.amp, self.optimizer,
-            self.channels_last, self.device, batch, self.sync_world,
+            self.channels_last, self.device, batch, self.sync_world, self.drop_rate,
         )  # fmt: skip
 
     def estimate(self, batch: int, setting: MemoryPlan | str | None = None) -> MemoryEstimate:

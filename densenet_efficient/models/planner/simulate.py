@@ -291,19 +291,22 @@ class _Uninitialised(TorchFunctionMode):
 
 @functools.lru_cache(maxsize=16)
 def _phantom_model(
-    config: ArchConfig, torchvision: str | None, dtype: str, channels_last: bool, synchronised: bool = False
-) -> nn.Module:
+    config: ArchConfig, torchvision: str | None, dtype: str, channels_last: bool, synchronised: bool = False,
+    drop_rate: float = 0.0,
+) -> nn.Module:  # fmt: skip
     """The model with phantom CPU parameters and buffers: built on the meta device (nothing is
     allocated or initialised for real), then converted; reused by every simulation of it.
     ``synchronised``: its batch norms converted as ``train --sync-bn`` converts them (a model of
-    its own: the plain one stays plain)."""
+    its own: the plain one stays plain). ``drop_rate``: dropout after each dense layer (its masks
+    are kept for backward)."""
     with torch.device("meta"), _Uninitialised():
         if torchvision is not None:
             from ..reference import torchvision_densenet  # imports torchvision: only when asked
 
-            model = torchvision_densenet(config, memory_efficient=torchvision == "torchvision_efficient")
+            efficient = torchvision == "torchvision_efficient"
+            model = torchvision_densenet(config, memory_efficient=efficient, drop_rate=drop_rate)
         else:
-            model = model_class()(**config.to_kwargs())
+            model = model_class()(**config.to_kwargs(), drop_rate=drop_rate)
     param_dtype = _DTYPES[dtype]
 
     def convert(t: torch.Tensor) -> torch.Tensor:
@@ -402,6 +405,7 @@ def simulate(
     device: str = "cpu",
     regime: int = 16,
     sync_bn_world_size: int = 1,
+    drop_rate: float = 0.0,
 ) -> Simulation:
     """Simulate one steady training step of ``config`` run with ``setting`` (anything the model's
     ``memory_efficient`` takes, or ``"torchvision"``/``"torchvision_efficient"`` for torchvision's
@@ -415,7 +419,8 @@ def simulate(
     oneDNN for a convolution: 1, below 16 or not; see :func:`.allocator.regime`).
     ``sync_bn_world_size``: above 1, every batch norm synchronised over that many processes, as
     ``train --sync-bn`` runs under torchrun (:func:`simulated_collectives`); ``gathers`` and
-    ``all_reduces`` of the result count the collectives.
+    ``all_reduces`` of the result count the collectives. ``drop_rate``: the model's dropout
+    after each dense layer (``DenseNet(drop_rate=...)``, ``train --drop-rate``).
 
     >>> from densenet_efficient.models.config import densenet_bc_config
     >>> plain = simulate(densenet_bc_config(16), "efficient", image_size=32)
@@ -430,17 +435,18 @@ def simulate(
         collectives = simulated_collectives(world) if world > 1 else contextlib.nullcontext()
         with collectives as group:
             sim = _simulate(
-                config, setting, image_size, dtype, amp, optimizer, channels_last, device, regime, world
-            )
+                config, setting, image_size, dtype, amp, optimizer, channels_last, device, regime, world,
+                drop_rate,
+            )  # fmt: skip
     return sim if group is None else replace(sim, gathers=group.gathers, all_reduces=group.all_reduces)
 
 
 def _simulate(
     config: ArchConfig, setting: MemoryPlan | str, image_size: int, dtype: str, amp: str | None,
-    optimizer: str, channels_last: bool, device: str, regime: int, world: int,
+    optimizer: str, channels_last: bool, device: str, regime: int, world: int, drop_rate: float,
 ) -> Simulation:  # fmt: skip
     tv = setting if isinstance(setting, str) else None
-    model = _phantom_model(config, tv, dtype, channels_last, world > 1)
+    model = _phantom_model(config, tv, dtype, channels_last, world > 1, drop_rate)
     if tv is None:
         model.set_memory_efficient(setting)
     batch = simulation_batch(config, image_size, world)

@@ -158,7 +158,7 @@ def fit_model(
 ) -> MemoryPlan:
     """What :meth:`DenseNet.fit_memory` returns (it applies it): the plan :func:`fit_memory` picks
     for the model's architecture, its parameters' dtype, layout (``channels_last`` when the model was
-    converted to it) and device (unless ``device`` is given),
+    converted to it), dropout and device (unless ``device`` is given),
     stepped down on CUDA while its measured step exceeds the budget (``verify``). A model whose
     batch norms synchronise over a process group (:func:`~densenet_efficient.convert_sync_batchnorm`)
     is planned with that group's synchronised step."""
@@ -172,7 +172,7 @@ def fit_model(
     kwargs = dict(
         batch_size=batch_size, image_size=image_size, amp=amp, optimizer=optimizer,
         device=device or param.device.type, dtype=_DTYPES.get(param.dtype, "fp32"), sync_bn_world_size=world,
-        channels_last=_channels_last(model),
+        channels_last=_channels_last(model), drop_rate=getattr(model, "drop_rate", 0.0),
     )  # fmt: skip
     config = model.arch_config
     plan = fit_memory(config, budget, **kwargs)
