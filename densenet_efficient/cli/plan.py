@@ -82,6 +82,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--drop-rate", dest="drop_rate", type=float, default=0.0, help="dropout after each dense layer (default 0)"
     )
+    parser.add_argument(
+        "--freeze-features",
+        dest="freeze_features",
+        action="store_true",
+        help="only the classifier trains (train --freeze-features): backward stops there",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -109,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
         sync_bn_world_size=args.sync_bn,
         channels_last=args.channels_last,
         drop_rate=args.drop_rate,
+        freeze_features=args.freeze_features,
     )
     rows = plan(arch, budget, modes=modes, batch_size=args.batch_size, **kwargs)
     fitted = _fit(arch, budget, args.batch_size, kwargs) if args.batch_size else None
@@ -127,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
             f"training on {args.device}"
             + (", channels_last" if args.channels_last else "")
             + (f", dropout {args.drop_rate:g}" if args.drop_rate else "")
+            + (", features frozen" if args.freeze_features else "")
             + (f", batch norm synchronised over {args.sync_bn} processes" if args.sync_bn > 1 else "")
             + f": budget {format_bytes(budget)}"
         )

@@ -148,6 +148,9 @@ class StepSpec:
     optimizer: str = "momentum"
     #: dropout after each dense layer (its masks are kept for backward)
     drop_rate: float = 0.0
+    #: whole steps: only the classifier trains, as ``train --freeze-features`` runs it (the
+    #: features take no gradient and their batch norms run in eval mode)
+    freeze_features: bool = False
 
     def __post_init__(self) -> None:
         if self.activation_budget is not None:
@@ -264,12 +267,15 @@ def _whole_step_memory(spec: StepSpec, device: Any) -> dict[str, Any]:
         device, memory_format=fmt
     )
     model.train()
+    if spec.freeze_features:
+        model.features.requires_grad_(False).eval()
     x = torch.randn(spec.batch_size, 3, spec.image_size, spec.image_size, device=device)
     x = x.contiguous(memory_format=fmt)
     y = torch.randint(0, spec.config.num_classes, (spec.batch_size,), device=device)
-    for p in model.parameters():
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
         p.grad = torch.zeros_like(p)
-    optimizer = _whole_step_optimizer(spec.optimizer, list(model.parameters()))
+    optimizer = _whole_step_optimizer(spec.optimizer, params)
     amp_dtype = _amp_dtype(spec.amp)
     for _ in range(2):
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):

@@ -150,6 +150,7 @@ def choose_budget(
     sync_bn: bool = False,
     channels_last: bool = False,
     drop_rate: float = 0.0,
+    freeze_features: bool = False,
 ) -> BudgetChoice:
     """The batch (``batch_size``, or with ``"auto"`` the largest that fits, at most the images each
     process trains on) and the plan with the least recompute that fits the budget.
@@ -158,14 +159,14 @@ def choose_budget(
     norm in a single process): the planner then simulates the synchronised step, which holds more.
     ``channels_last``: model and batches in ``torch.channels_last`` (``--channels-last``), the
     layout the planner then simulates. ``drop_rate``: the model's dropout (``--drop-rate``), whose
-    masks the step keeps.
+    masks the step keeps. ``freeze_features``: only the classifier trains (``--freeze-features``).
 
     Raises :class:`UsageError` when the batch does not fit even in ``max_saving`` mode, suggesting
     a smaller batch with gradient accumulation that keeps the effective batch."""
     budget, source = _budget(memory, device, info)
     kwargs = {
         "amp": amp, "device": device.type, "optimizer": optimizer, "channels_last": channels_last,
-        "drop_rate": drop_rate,
+        "drop_rate": drop_rate, "freeze_features": freeze_features,
     }  # fmt: skip
     if sync_bn and info.enabled:  # the loop converts the model's batch norms only then
         kwargs["sync_bn_world_size"] = info.world_size

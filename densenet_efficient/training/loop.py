@@ -351,6 +351,7 @@ def _choose_budget(
             sync_bn=c.sync_bn,
             channels_last=c.channels_last,
             drop_rate=c.drop_rate,
+            freeze_features=c.freeze_features,
         )
     return dataclasses.replace(c, batch_size=choice.batch_size, memory=c.memory or "auto"), choice
 

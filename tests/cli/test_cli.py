@@ -28,8 +28,9 @@ FLAGS = {
         "--out", "--quiet", "--rounds", "--steps", "--sweep", "--values",
     ]),
     "plan": ([], [
-        "--amp", "--arch", "--batch-size", "--depth", "--device", "--dtype", "--growth-rate",
-        "--image-size", "--json", "--memory", "--mode", "--optimizer", "--sync-bn", "--torchvision",
+        "--amp", "--arch", "--batch-size", "--channels-last", "--depth", "--device", "--drop-rate", "--dtype",
+        "--freeze-features", "--growth-rate", "--image-size", "--json", "--memory", "--mode", "--optimizer",
+        "--sync-bn", "--torchvision",
     ]),
 }  # fmt: skip
 

@@ -162,6 +162,20 @@ def test_memory_plans_the_dropout_the_run_trains_with():
     assert choice.plan.estimated_peak == estimate_memory(_tiny_arch(), batch_size=8, drop_rate=0.2, **step).total
     assert choice.plan.estimated_peak > estimate_memory(_tiny_arch(), batch_size=8, **step).total
 
+
+def test_memory_plans_the_frozen_features_the_run_trains_with():
+    """``train --freeze-features --memory``: only the classifier trains, which the planner prices
+    (it planned the whole network's backward: several times what the run holds)."""
+    from densenet_efficient.models.planner import estimate_memory
+    from densenet_efficient.training.data import DataBundle
+
+    data = DataBundle("fake", list(range(80)), None, None, [str(i) for i in range(10)], 32, True)
+    c = TrainConfig(depth=10, growth_rate=6, freeze_features=True, memory="200MiB", batch_size=8, device="cpu")
+    _, choice = loop._choose_budget(c, data, DistInfo(rank=0, world_size=1), torch.device("cpu"), None)
+    step = {**PLANNER, "mode": choice.plan}
+    frozen = estimate_memory(_tiny_arch(), batch_size=8, freeze_features=True, **step).total
+    assert choice.plan.estimated_peak == frozen < estimate_memory(_tiny_arch(), batch_size=8, **step).total
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

@@ -167,14 +167,15 @@ def make_call(
     whether a backward will follow (else nothing is kept)."""
     dtype = compute_dtype(x)
     device = x.device.type
+    graph = needs_graph([x, *params])
     return Call(
         modules,
         training,
         dtype,
         memory_format(x),
         (device, autocast_on(device)),
-        needs_graph([x, *params]),
-        keep,
+        graph,
+        tuple(k and graph for k in keep),  # no backward follows: nothing to keep (as the native op folds it)
         copies_for_dense_kernel(x.device),
         group if training else None,
     )

@@ -111,6 +111,7 @@ def estimate_memory(
     channels_last: bool = False,
     sync_bn_world_size: int = 1,
     drop_rate: float = 0.0,
+    freeze_features: bool = False,
 ) -> MemoryEstimate:
     """Peak memory of one training step (forward, loss, backward, the optimizer's step), simulated.
 
@@ -134,7 +135,9 @@ def estimate_memory(
     synchronised step runs the engine's synchronised path with simulated collectives: its
     gathered statistics and its backward's temporaries are counted, per process.
     ``drop_rate``: the model's dropout after each dense layer (``DenseNet(drop_rate=...)``): the
-    step keeps a mask per layer for backward.
+    step keeps a mask per layer for backward. ``freeze_features``: only the classifier trains, as
+    ``train --freeze-features`` runs it (the features take no gradient and keep their batch
+    statistics, so backward stops at the classifier and the memory setting changes little).
 
     The step runs on phantom tensors (:func:`~.simulate.simulate`, cached per setting: one
     simulation answers every batch size); a model of more than :data:`MAX_SIMULATED_LAYERS` dense
@@ -150,6 +153,7 @@ def estimate_memory(
     options = {
         "mode": mode, "dtype": dtype, "amp": amp, "device": device, "optimizer": optimizer,
         "channels_last": channels_last, "sync_bn_world_size": sync_bn_world_size, "drop_rate": drop_rate,
+        "freeze_features": freeze_features,
     }  # fmt: skip
     step = Step(arch, image_size, options, "estimate_memory")
     return step.estimate(check_int(batch_size, "batch_size"))
@@ -158,20 +162,20 @@ def estimate_memory(
 @functools.lru_cache(maxsize=256)
 def _simulation(config: ArchConfig, key: Any, image_size: int, dtype: str, amp: str | None,
                 optimizer: str, channels_last: bool, device: str, batches: int, world: int,
-                drop_rate: float) -> Simulation:  # fmt: skip
+                drop_rate: float, frozen: bool) -> Simulation:  # fmt: skip
     # the arguments are the whole key: the thread count acts only through ``batches`` (allocator.regime)
     setting = key if isinstance(key, str) else MemoryPlan(*key)
     return simulate(
         config, setting, image_size=image_size, dtype=dtype, amp=amp, optimizer=optimizer,
         channels_last=channels_last, device=device, regime=batches, sync_bn_world_size=world,
-        drop_rate=drop_rate,
+        drop_rate=drop_rate, freeze_features=frozen,
     )  # fmt: skip
 
 
 def simulation(config: ArchConfig, setting: MemoryPlan | str, image_size: int, dtype: str = "fp32",
                amp: str | None = None, optimizer: str = DEFAULT_OPTIMIZER, channels_last: bool = False,
                device: str = "cpu", batch: int = 16, sync_bn_world_size: int = 1,
-               drop_rate: float = 0.0) -> Simulation:  # fmt: skip
+               drop_rate: float = 0.0, freeze_features: bool = False) -> Simulation:  # fmt: skip
     """The simulated step of a setting, cached per process: every batch size ATen runs alike
     (:func:`~.allocator.regime`) reads the same one (per ``sync_bn_world_size``: the gathered
     statistics grow with the ranks)."""
@@ -179,7 +183,7 @@ def simulation(config: ArchConfig, setting: MemoryPlan | str, image_size: int, d
     key = setting if isinstance(setting, str) else (setting.blocks, setting.stem)
     return _simulation(
         config, key, image_size, dtype, amp, optimizer, channels_last, device, batches, sync_bn_world_size,
-        drop_rate,
+        drop_rate, freeze_features,
     )  # fmt: skip
 
 
@@ -189,7 +193,8 @@ class Step:
     ``where``: the public function a refusal names."""
 
     OPTIONS = frozenset(
-        {"mode", "dtype", "amp", "device", "optimizer", "channels_last", "sync_bn_world_size", "drop_rate"}
+        {"mode", "dtype", "amp", "device", "optimizer", "channels_last", "sync_bn_world_size", "drop_rate",
+         "freeze_features"}
     )
 
     def __init__(self, arch: str | ArchConfig, image_size: int | None, options: dict[str, Any], where: str):
@@ -209,9 +214,10 @@ class Step:
         self.device = options.get("device", "cuda")
         self.optimizer = options.get("optimizer", DEFAULT_OPTIMIZER)
         self.amp = check_options(self.dtype, options.get("amp"), self.optimizer, self.device)
-        self.channels_last = options.get("channels_last", False)
-        if not isinstance(self.channels_last, bool):
-            raise UsageError(f"channels_last must be True or False, found {shown(self.channels_last)}")
+        self.channels_last, self.frozen = options.get("channels_last", False), options.get("freeze_features", False)
+        for name, flag in (("channels_last", self.channels_last), ("freeze_features", self.frozen)):
+            if not isinstance(flag, bool):
+                raise UsageError(f"{name} must be True or False, found {shown(flag)}")
         self.sync_world = check_sync_world(options.get("sync_bn_world_size", 1))
         self.drop_rate = check_fraction(options.get("drop_rate", 0.0), "drop_rate")
         self._check_size()
@@ -234,7 +240,7 @@ class Step:
     def simulation(self, setting: MemoryPlan | str, batch: int) -> Simulation:
         return simulation(
             self.config, setting, self.image_size, self.dtype, self.amp, self.optimizer,
-            self.channels_last, self.device, batch, self.sync_world, self.drop_rate,
+            self.channels_last, self.device, batch, self.sync_world, self.drop_rate, self.frozen,
         )  # fmt: skip
 
     def estimate(self, batch: int, setting: MemoryPlan | str | None = None) -> MemoryEstimate:

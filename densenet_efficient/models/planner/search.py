@@ -176,13 +176,17 @@ def fit_memory(
     est = step.estimate(batch_size, keep_all)
     if est.total <= target:
         return _fitted(keep_all, est, budget)
-    composer = Composer(
-        step.simulation(step.uniform(EFFICIENT), batch_size),
-        step.simulation(step.uniform(MAX_SAVING), batch_size),
-        config.block_config,
-    )
-    overhead = step.beyond_peak(batch_size)
-    for _ in range(MAX_ROUNDS):
+    # Frozen features keep nothing for backward, so no plan between "efficient" and "max_saving"
+    # saves what backward keeps (and their simulations have no segments to compose): the floor below.
+    rounds = 0 if step.frozen else MAX_ROUNDS
+    if rounds:
+        composer = Composer(
+            step.simulation(step.uniform(EFFICIENT), batch_size),
+            step.simulation(step.uniform(MAX_SAVING), batch_size),
+            config.block_config,
+        )
+        overhead = step.beyond_peak(batch_size)
+    for _ in range(rounds):
         found = _search(step, composer, target - overhead, batch_size)
         if found is None:
             break

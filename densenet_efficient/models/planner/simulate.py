@@ -406,6 +406,7 @@ def simulate(
     regime: int = 16,
     sync_bn_world_size: int = 1,
     drop_rate: float = 0.0,
+    freeze_features: bool = False,
 ) -> Simulation:
     """Simulate one steady training step of ``config`` run with ``setting`` (anything the model's
     ``memory_efficient`` takes, or ``"torchvision"``/``"torchvision_efficient"`` for torchvision's
@@ -421,6 +422,8 @@ def simulate(
     ``train --sync-bn`` runs under torchrun (:func:`simulated_collectives`); ``gathers`` and
     ``all_reduces`` of the result count the collectives. ``drop_rate``: the model's dropout
     after each dense layer (``DenseNet(drop_rate=...)``, ``train --drop-rate``).
+    ``freeze_features``: only the classifier trains (``train --freeze-features``: the features take
+    no gradient and keep their batch statistics); the result has no segments.
 
     >>> from densenet_efficient.models.config import densenet_bc_config
     >>> plain = simulate(densenet_bc_config(16), "efficient", image_size=32)
@@ -436,7 +439,7 @@ def simulate(
         with collectives as group:
             sim = _simulate(
                 config, setting, image_size, dtype, amp, optimizer, channels_last, device, regime, world,
-                drop_rate,
+                drop_rate, freeze_features,
             )  # fmt: skip
     return sim if group is None else replace(sim, gathers=group.gathers, all_reduces=group.all_reduces)
 
@@ -444,6 +447,7 @@ def simulate(
 def _simulate(
     config: ArchConfig, setting: MemoryPlan | str, image_size: int, dtype: str, amp: str | None,
     optimizer: str, channels_last: bool, device: str, regime: int, world: int, drop_rate: float,
+    frozen: bool,
 ) -> Simulation:  # fmt: skip
     tv = setting if isinstance(setting, str) else None
     model = _phantom_model(config, tv, dtype, channels_last, world > 1, drop_rate)
@@ -457,7 +461,10 @@ def _simulate(
     scratch = functools.partial(cpu_scratch, batch=regime) if device == "cpu" else None
     live = LiveBytes(batch, CUDA_BLOCK if device == "cuda" else 1, scratch, SHORTCUT, phantom=True)
     try:
-        opt, stamps = run_step(model, x, y, live, amp, optimizer, foreach=device == "cuda", segments=tv is None)
+        opt, stamps = run_step(
+            model, x, y, live, amp, optimizer, foreach=device == "cuda", segments=tv is None and not frozen,
+            frozen=frozen,
+        )  # fmt: skip
         inputs = Line(0, (x.numel() * x.element_size() + y.numel() * y.element_size()) // batch)
         return _summarise(live, stamps, model, opt, inputs)
     finally:  # the cached model goes back as it was, whatever the step raised
@@ -467,18 +474,33 @@ def _simulate(
 
 def run_step(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, live: LiveBytes, amp: str | None, optimizer: str,
-    foreach: bool = False, segments: bool = True,
+    foreach: bool = False, segments: bool = True, frozen: bool = False,
 ) -> tuple[Any, dict[str, int]]:  # fmt: skip
     """The steady training step the simulation counts, on ``model``'s tensors (phantom ones, or
     real ones: tests compare the two): the gradients made, one optimizer step for its state, then
     forward, cross-entropy, backward and the optimizer's step, under ``live``. Returns the
-    optimizer and the stamps of its moments (``segments``: each block's and transition's too)."""
-    params = list(model.parameters())
+    optimizer and the stamps of its moments (``segments``: each block's and transition's too).
+    ``frozen``: the features frozen as ``train --freeze-features`` freezes them (no gradient, batch
+    norms in eval mode: backward stops at the classifier), for the step only."""
+    if frozen:
+        model.features.requires_grad_(False).eval()
+    try:
+        return _run_step(model, x, y, live, amp, optimizer, foreach, segments)
+    finally:
+        if frozen:
+            model.features.requires_grad_(True).train()
+
+
+def _run_step(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, live: LiveBytes, amp: str | None, optimizer: str,
+    foreach: bool, segments: bool,
+) -> tuple[Any, dict[str, int]]:  # fmt: skip
+    params = [p for p in model.parameters() if p.requires_grad]
     with PhantomMode(live.factories, live.kernel):  # not counted: the state a step starts from
         for p in params:
             p.grad = _zeros_like(p)
         opt = None if optimizer == "none" else _Optimizer(optimizer, params, foreach)
-    for t in (*params, *model.buffers(), *(p.grad for p in params), x, y):
+    for t in (*model.parameters(), *model.buffers(), *(p.grad for p in params), x, y):
         live.track(t)
     amp_dtype = _AMP.get(amp or "")
     stamps: dict[str, int] = {}
@@ -591,6 +613,7 @@ def _summarise(
     line, hull = live.line, live.hull
     params = list(model.parameters())
     n_param = sum(p.numel() * p.element_size() for p in params)
+    n_grad = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
     state = opt.state_bytes() if opt is not None else 0
     start = line(stamps["forward"])
     names = [k.removesuffix(".forward") for k in stamps if k.endswith(".forward")]
@@ -620,7 +643,7 @@ def _summarise(
     return Simulation(
         persistent=start,
         parameters=n_param,
-        gradients=n_param,
+        gradients=n_grad,
         optimizer_state=state,
         inputs=inputs,
         activations=line(stamps["loss"]) - start,

@@ -145,6 +145,14 @@ def _channels_last(model: nn.Module) -> bool:
     return bool(wide) and all(p.is_contiguous(memory_format=torch.channels_last) for p in wide)
 
 
+def _frozen(model: nn.Module) -> bool:
+    """Whether ``model``'s features are frozen as ``train --freeze-features`` freezes them (none of
+    their parameters takes a gradient) while something else (the classifier) still trains."""
+    features = list(model.features.parameters())
+    trained = [p for p in model.parameters() if p.requires_grad]
+    return bool(features) and bool(trained) and not any(p.requires_grad for p in features)
+
+
 def fit_model(
     model: nn.Module,
     budget: int | str,
@@ -158,7 +166,8 @@ def fit_model(
 ) -> MemoryPlan:
     """What :meth:`DenseNet.fit_memory` returns (it applies it): the plan :func:`fit_memory` picks
     for the model's architecture, its parameters' dtype, layout (``channels_last`` when the model was
-    converted to it), dropout and device (unless ``device`` is given),
+    converted to it), dropout, frozen features (when none of them takes a gradient) and device
+    (unless ``device`` is given),
     stepped down on CUDA while its measured step exceeds the budget (``verify``). A model whose
     batch norms synchronise over a process group (:func:`~densenet_efficient.convert_sync_batchnorm`)
     is planned with that group's synchronised step."""
@@ -173,6 +182,7 @@ def fit_model(
         batch_size=batch_size, image_size=image_size, amp=amp, optimizer=optimizer,
         device=device or param.device.type, dtype=_DTYPES.get(param.dtype, "fp32"), sync_bn_world_size=world,
         channels_last=_channels_last(model), drop_rate=getattr(model, "drop_rate", 0.0),
+        freeze_features=_frozen(model),
     )  # fmt: skip
     config = model.arch_config
     plan = fit_memory(config, budget, **kwargs)
