@@ -160,6 +160,7 @@ def block_forward(x: Tensor, call: Call, updates: RunningUpdates | None) -> tupl
             stats.measure(y, c)
         bottlenecks.append(bottleneck if call.keep[i] else None)
         masks.append(mask)
+        del bottleneck, y, mask  # as the C++ loop's: not alive into the next layer's convolutions
     if call.training:
         # every norm1 normalised a prefix of the block's statistics: one Bessel correction for all
         updates.add_shared([layer.norm1 for layer in layers], stats.rows[0], stats.rows[1] * updates.bessel)
