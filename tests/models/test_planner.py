@@ -427,6 +427,21 @@ def test_a_small_call_too_large_for_memory_is_left_to_the_op(monkeypatch):
     assert (small.shape, small.stride(), small.dtype) == (meta.shape, meta.stride(), meta.dtype)
 
 
+def test_a_small_call_counts_a_broadcast_input_at_the_size_its_output_takes(monkeypatch):
+    """A mean's backward divides its gradient expanded over the map: a storage of one value per
+    channel whose output is the whole map. Counted by its storage, the small call ran under the
+    cap and made the map for real (DenseNet-BC-40 with growth rate 100000: 3.1 GiB held; at
+    937874, which the size check accepts, the process was killed for memory)."""
+    div = torch.ops.aten.div.Scalar
+    grad = torch.empty(11, 6, 1, 1, device="meta").expand(11, 6, 8, 8)
+    made = 7 * 6 * 8 * 8 * 4  # the map at the larger stand-in, as the division makes it
+    monkeypatch.setattr(shortcut_module, "SMALL_CALL_BYTES", made - 1)
+    assert Shortcut()(div, (grad, 64), {}, 11) is NotImplemented
+    monkeypatch.setattr(shortcut_module, "SMALL_CALL_BYTES", made)
+    out, meta = Shortcut()(div, (grad, 64), {}, 11), div(grad, 64)
+    assert (out.shape, out.stride(), out.dtype) == (meta.shape, meta.stride(), meta.dtype)
+
+
 def test_a_model_too_large_to_simulate_is_refused_in_one_sentence():
     """Sizes whose simulated tensors would overflow torch's 64-bit storage sizes are refused before
     anything is made; one that only needs the meta kernels (no small call fits memory) is planned."""
