@@ -1147,6 +1147,17 @@ def test_frozen_features_are_planned_as_only_the_classifier_trains():
         estimate_memory(BC40, batch_size=64, freeze_features="yes")
 
 
+def test_frozen_features_recompute_nothing():
+    """Recomputation happens in backward, and with the features frozen no backward runs through
+    them: every setting's step is the same one, with no extra time (``max_saving`` was priced at
+    +11.5%, in ``estimate_memory``, ``plan`` and the plan ``fit_memory`` returns)."""
+    options = {"batch_size": 64, "device": "cpu", "freeze_features": True}
+    for mode in ("naive", "efficient", "max_saving"):
+        assert estimate_memory(BC40, mode=mode, **options).extra_time == 0.0, mode
+    plan = fit_memory(BC40, estimate_memory(BC40, mode="max_saving", **options).total, **options)
+    assert plan.estimated_extra_time == 0.0
+
+
 def test_verify_is_cuda_only_and_says_so():
     model = de.densenet_bc(40)
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -58,7 +58,7 @@ class MemoryEstimate:
     workspace: what must fit the device. ``breakdown``: what each dense block and transition adds
     to the bytes alive by the end of its forward.
     ``extra_time``: recomputation beyond the ``"efficient"`` mode's, as a fraction of the step
-    (:func:`~.recompute.extra_time`). ``image_size``: the input's height and width.
+    (:func:`~.recompute.extra_time`; 0 with frozen features). ``image_size``: the input's height and width.
     ``sync_bn_world_size``: the processes the batch norms synchronise over (1: plain batch norm).
     """
 
@@ -249,6 +249,8 @@ class Step:
         sim, b = self.simulation(setting, batch), batch
         persistent, activations, inputs = sim.persistent.at(b), sim.activations.at(b), sim.inputs.at(b)
         cpu = self.device == "cpu"
+        # torchvision's modes; frozen features: no backward runs through them, nothing is recomputed
+        static = isinstance(setting, str) or self.frozen
         return MemoryEstimate(
             arch=self.name,
             mode=self.label if setting is self.setting else "plan",
@@ -265,7 +267,7 @@ class Step:
             inputs=inputs,
             context=0 if cpu else CUDA_CONTEXT + CUDA_WORKSPACE,
             breakdown={sg.name: sg.kept.at(b) for sg in sim.segments},
-            extra_time=0.0 if isinstance(setting, str) else extra_time(self.config, setting, self.image_size),
+            extra_time=0.0 if static else extra_time(self.config, setting, self.image_size),
             sync_bn_world_size=self.sync_world,
         )
 
