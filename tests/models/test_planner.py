@@ -1156,6 +1156,9 @@ def test_frozen_features_recompute_nothing():
         assert estimate_memory(BC40, mode=mode, **options).extra_time == 0.0, mode
     plan = fit_memory(BC40, estimate_memory(BC40, mode="max_saving", **options).total, **options)
     assert plan.estimated_extra_time == 0.0
+    # the same step in every setting: a budget it fits only without FIT_SHARE's margin keeps the
+    # plan a larger budget gets ("efficient"), not "max_saving"
+    assert (plan.blocks, plan.stem) == (fit_memory(BC40, "1GiB", **options).blocks, "efficient")
 
 
 def test_verify_is_cuda_only_and_says_so():
