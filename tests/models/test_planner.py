@@ -442,6 +442,22 @@ def test_a_small_call_counts_a_broadcast_input_at_the_size_its_output_takes(monk
     assert (out.shape, out.stride(), out.dtype) == (meta.shape, meta.stride(), meta.dtype)
 
 
+@pytest.mark.parametrize(("growth_rate", "image_size"), [(10**18, None), (12, 10**18)])
+def test_a_model_far_too_large_is_refused_without_searching_its_prime(monkeypatch, growth_rate, image_size):
+    """The simulation's batch is a prime above four times every width and the image size, found by
+    trial division up to its square root: for a growth rate or an image size of 10**18 that search
+    ran for hours (``plan --growth-rate 1000000000000000000`` hung) before the size check refused
+    the model. The batch's floor already refuses it."""
+    import densenet_efficient.models.planner.estimate as estimate_module
+
+    def search(*args):
+        raise AssertionError("the simulation's prime was searched for")
+
+    monkeypatch.setattr(estimate_module, "simulation_batch", search)
+    with pytest.raises(UsageError, match="too large to plan"):
+        estimate_memory(densenet_bc_config(40, growth_rate), batch_size=1, image_size=image_size, device="cpu")
+
+
 def test_a_model_too_large_to_simulate_is_refused_in_one_sentence():
     """Sizes whose simulated tensors would overflow torch's 64-bit storage sizes are refused before
     anything is made; one that only needs the meta kernels (no small call fits memory) is planned."""

@@ -25,7 +25,7 @@ from .options import (
     resolve_setting,
 )
 from .recompute import extra_time
-from .simulate import Simulation, check_sync_world, simulate, simulation_batch
+from .simulate import Simulation, check_sync_world, simulate, simulation_batch, simulation_batch_floor
 from .units import format_bytes
 
 __all__ = ["LOWEST_RATIO", "MAX_SIMULATED_LAYERS", "MemoryEstimate", "Step", "estimate_memory", "simulation"]
@@ -229,8 +229,13 @@ class Step:
         largest map at the simulation's batch, or all its parameters, beyond 64-bit sizes (8 bytes
         an element: a bound for every dtype)."""
         per_image = largest_map(self.config, self.image_size) * 8
-        batch = simulation_batch(self.config, self.image_size, self.sync_world)
-        if per_image * batch > MAX_SIMULATED_TENSOR or count_parameters(self.config) * 8 > MAX_SIMULATED_TENSOR:
+        # the batch's floor first: a model far too large is refused without searching for its prime
+        batch = simulation_batch_floor(self.config, self.image_size, self.sync_world)
+        too_large = per_image * batch > MAX_SIMULATED_TENSOR or count_parameters(self.config) * 8 > MAX_SIMULATED_TENSOR
+        if not too_large:
+            batch = simulation_batch(self.config, self.image_size, self.sync_world)
+            too_large = per_image * batch > MAX_SIMULATED_TENSOR
+        if too_large:
             raise UsageError(
                 f"{self.name} at {self.image_size}x{self.image_size} is too large to plan: its largest map "
                 f"holds up to {format_bytes(per_image)} per image, and the simulation holds at most "
