@@ -427,6 +427,37 @@ def test_a_small_call_too_large_for_memory_is_left_to_the_op(monkeypatch):
     assert (small.shape, small.stride(), small.dtype) == (meta.shape, meta.stride(), meta.dtype)
 
 
+def test_a_small_call_counts_a_broadcast_input_at_the_size_its_output_takes(monkeypatch):
+    """A mean's backward divides its gradient expanded over the map: a storage of one value per
+    channel whose output is the whole map. Counted by its storage, the small call ran under the
+    cap and made the map for real (DenseNet-BC-40 with growth rate 100000: 3.1 GiB held; at
+    937874, which the size check accepts, the process was killed for memory)."""
+    div = torch.ops.aten.div.Scalar
+    grad = torch.empty(11, 6, 1, 1, device="meta").expand(11, 6, 8, 8)
+    made = 7 * 6 * 8 * 8 * 4  # the map at the larger stand-in, as the division makes it
+    monkeypatch.setattr(shortcut_module, "SMALL_CALL_BYTES", made - 1)
+    assert Shortcut()(div, (grad, 64), {}, 11) is NotImplemented
+    monkeypatch.setattr(shortcut_module, "SMALL_CALL_BYTES", made)
+    out, meta = Shortcut()(div, (grad, 64), {}, 11), div(grad, 64)
+    assert (out.shape, out.stride(), out.dtype) == (meta.shape, meta.stride(), meta.dtype)
+
+
+@pytest.mark.parametrize(("growth_rate", "image_size"), [(10**18, None), (12, 10**18)])
+def test_a_model_far_too_large_is_refused_without_searching_its_prime(monkeypatch, growth_rate, image_size):
+    """The simulation's batch is a prime above four times every width and the image size, found by
+    trial division up to its square root: for a growth rate or an image size of 10**18 that search
+    ran for hours (``plan --growth-rate 1000000000000000000`` hung) before the size check refused
+    the model. The batch's floor already refuses it."""
+    import densenet_efficient.models.planner.estimate as estimate_module
+
+    def search(*args):
+        raise AssertionError("the simulation's prime was searched for")
+
+    monkeypatch.setattr(estimate_module, "simulation_batch", search)
+    with pytest.raises(UsageError, match="too large to plan"):
+        estimate_memory(densenet_bc_config(40, growth_rate), batch_size=1, image_size=image_size, device="cpu")
+
+
 def test_a_model_too_large_to_simulate_is_refused_in_one_sentence():
     """Sizes whose simulated tensors would overflow torch's 64-bit storage sizes are refused before
     anything is made; one that only needs the meta kernels (no small call fits memory) is planned."""
@@ -1130,6 +1161,20 @@ def test_frozen_features_are_planned_as_only_the_classifier_trains():
     assert model.fit_memory("1GiB", batch_size=64, device="cpu") == fit_memory(BC40, "1GiB", **options)
     with pytest.raises(UsageError, match="freeze_features must be True or False, found 'yes'"):
         estimate_memory(BC40, batch_size=64, freeze_features="yes")
+
+
+def test_frozen_features_recompute_nothing():
+    """Recomputation happens in backward, and with the features frozen no backward runs through
+    them: every setting's step is the same one, with no extra time (``max_saving`` was priced at
+    +11.5%, in ``estimate_memory``, ``plan`` and the plan ``fit_memory`` returns)."""
+    options = {"batch_size": 64, "device": "cpu", "freeze_features": True}
+    for mode in ("naive", "efficient", "max_saving"):
+        assert estimate_memory(BC40, mode=mode, **options).extra_time == 0.0, mode
+    plan = fit_memory(BC40, estimate_memory(BC40, mode="max_saving", **options).total, **options)
+    assert plan.estimated_extra_time == 0.0
+    # the same step in every setting: a budget it fits only without FIT_SHARE's margin keeps the
+    # plan a larger budget gets ("efficient"), not "max_saving"
+    assert (plan.blocks, plan.stem) == (fit_memory(BC40, "1GiB", **options).blocks, "efficient")
 
 
 def test_verify_is_cuda_only_and_says_so():

@@ -25,7 +25,7 @@ from .options import (
     resolve_setting,
 )
 from .recompute import extra_time
-from .simulate import Simulation, check_sync_world, simulate, simulation_batch
+from .simulate import Simulation, check_sync_world, simulate, simulation_batch, simulation_batch_floor
 from .units import format_bytes
 
 __all__ = ["LOWEST_RATIO", "MAX_SIMULATED_LAYERS", "MemoryEstimate", "Step", "estimate_memory", "simulation"]
@@ -58,7 +58,7 @@ class MemoryEstimate:
     workspace: what must fit the device. ``breakdown``: what each dense block and transition adds
     to the bytes alive by the end of its forward.
     ``extra_time``: recomputation beyond the ``"efficient"`` mode's, as a fraction of the step
-    (:func:`~.recompute.extra_time`). ``image_size``: the input's height and width.
+    (:func:`~.recompute.extra_time`; 0 with frozen features). ``image_size``: the input's height and width.
     ``sync_bn_world_size``: the processes the batch norms synchronise over (1: plain batch norm).
     """
 
@@ -229,8 +229,13 @@ class Step:
         largest map at the simulation's batch, or all its parameters, beyond 64-bit sizes (8 bytes
         an element: a bound for every dtype)."""
         per_image = largest_map(self.config, self.image_size) * 8
-        batch = simulation_batch(self.config, self.image_size, self.sync_world)
-        if per_image * batch > MAX_SIMULATED_TENSOR or count_parameters(self.config) * 8 > MAX_SIMULATED_TENSOR:
+        # the batch's floor first: a model far too large is refused without searching for its prime
+        batch = simulation_batch_floor(self.config, self.image_size, self.sync_world)
+        too_large = per_image * batch > MAX_SIMULATED_TENSOR or count_parameters(self.config) * 8 > MAX_SIMULATED_TENSOR
+        if not too_large:
+            batch = simulation_batch(self.config, self.image_size, self.sync_world)
+            too_large = per_image * batch > MAX_SIMULATED_TENSOR
+        if too_large:
             raise UsageError(
                 f"{self.name} at {self.image_size}x{self.image_size} is too large to plan: its largest map "
                 f"holds up to {format_bytes(per_image)} per image, and the simulation holds at most "
@@ -249,6 +254,8 @@ class Step:
         sim, b = self.simulation(setting, batch), batch
         persistent, activations, inputs = sim.persistent.at(b), sim.activations.at(b), sim.inputs.at(b)
         cpu = self.device == "cpu"
+        # torchvision's modes; frozen features: no backward runs through them, nothing is recomputed
+        static = isinstance(setting, str) or self.frozen
         return MemoryEstimate(
             arch=self.name,
             mode=self.label if setting is self.setting else "plan",
@@ -265,7 +272,7 @@ class Step:
             inputs=inputs,
             context=0 if cpu else CUDA_CONTEXT + CUDA_WORKSPACE,
             breakdown={sg.name: sg.kept.at(b) for sg in sim.segments},
-            extra_time=0.0 if isinstance(setting, str) else extra_time(self.config, setting, self.image_size),
+            extra_time=0.0 if static else extra_time(self.config, setting, self.image_size),
             sync_bn_world_size=self.sync_world,
         )
 

@@ -174,7 +174,8 @@ def fit_memory(
     # only find it, and the max_saving step need not be simulated.
     keep_all = _plan(config.block_config, config, EFFICIENT)
     est = step.estimate(batch_size, keep_all)
-    if est.total <= target:
+    if est.total <= target or (step.frozen and est.total <= budget):
+        # frozen features: every setting makes the same step, "efficient" is the floor too
         return _fitted(keep_all, est, budget)
     # Frozen features keep nothing for backward, so no plan between "efficient" and "max_saving"
     # saves what backward keeps (and their simulations have no segments to compose): the floor below.

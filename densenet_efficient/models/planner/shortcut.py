@@ -34,6 +34,7 @@ simulated step equal, op by op, to the same step on real tensors.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -361,10 +362,12 @@ def _stand_in(a: torch.Tensor, batch: int, stand_in: int) -> list[int]:
 
 
 def _extent(sizes: list[int], strides: tuple[int, ...], itemsize: int) -> int:
-    """Bytes of the storage a tensor of these sizes and strides spans."""
+    """Bytes a tensor of these sizes and strides holds: the storage it spans, or its elements
+    when there are more of them (a broadcast input, whose output an op makes at its full size)."""
     if 0 in sizes:
         return 0
-    return (1 + sum((n - 1) * st for n, st in zip(sizes, strides, strict=True))) * itemsize
+    spanned = 1 + sum((n - 1) * st for n, st in zip(sizes, strides, strict=True))
+    return max(spanned, math.prod(sizes)) * itemsize
 
 
 def _real(a: Any, batch: int, stand_in: int) -> Any:

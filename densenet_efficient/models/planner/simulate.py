@@ -260,15 +260,20 @@ class Simulation:
 def simulation_batch(config: ArchConfig, image_size: int, sync_bn_world_size: int = 1) -> int:
     """A prime above every channel count, the class count, the input size and the ranks a batch
     norm gathers from: a storage's size is a multiple of it exactly when it holds one slice per image."""
+    n = simulation_batch_floor(config, image_size, sync_bn_world_size) | 1
+    while any(n % d == 0 for d in range(3, int(n**0.5) + 1, 2)):
+        n += 2
+    return n
+
+
+def simulation_batch_floor(config: ArchConfig, image_size: int, sync_bn_world_size: int = 1) -> int:
+    """What :func:`simulation_batch` is at least, without searching for its prime (trial division
+    up to its square root: hours for a width or an image size of 10**18)."""
     widest = config.num_init_features + sum(config.block_config) * config.growth_rate
     bound = max(
         widest, config.bn_size * config.growth_rate, config.num_classes, image_size, sync_bn_world_size, 3
     )
-    bound *= 4
-    n = bound | 1
-    while any(n % d == 0 for d in range(3, int(n**0.5) + 1, 2)):
-        n += 2
-    return n
+    return bound * 4
 
 
 #: What initialises parameters: torch.nn.init's functions and the in-place fills they end in.
