@@ -284,9 +284,10 @@ class DenseNet(nn.Module, DenseNetHubMixin):
         ``budget`` is bytes or a string (``"450MB"``, ``"8GiB"``) for everything a training step
         holds: parameters, gradients, ``optimizer`` state (``"momentum"``, the default: SGD with
         momentum; ``"sgd"``: plain SGD; ``"adam"``), the input batch, activations and workspace
-        (and the CUDA context on a GPU). The step is planned in the parameters' dtype and layout (a
-        model converted to ``torch.channels_last`` trains channels_last batches); ``device``
-        defaults to where the parameters are. Returns
+        (and the CUDA context on a GPU). The step is planned as this model trains: its parameters'
+        dtype and layout (a model converted to ``torch.channels_last`` trains channels_last
+        batches), its ``drop_rate``, and frozen features when none of them takes a gradient (only
+        the classifier trains); ``device`` defaults to where the parameters are. Returns
         the applied :class:`MemoryPlan` with its estimated peak and extra time; a budget below the
         ``"max_saving"`` floor raises a
         :class:`~densenet_efficient.models.planner.MemoryBudgetError` naming the smallest budget

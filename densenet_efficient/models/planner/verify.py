@@ -80,7 +80,8 @@ def measure_step(
     """Bytes the device holds during two training steps of ``model`` run with ``plan`` (CUDA only).
 
     The model's state is left as it was: parameters and buffers are copied to the host first and
-    restored, gradients put back, the plan it had set again.
+    restored, gradients put back, the plan it had set and every module's train/eval mode again. A
+    model whose features are frozen runs them in eval mode, as ``train --freeze-features`` does.
     """
     device = next(model.parameters()).device
     if device.type != "cuda":
@@ -91,12 +92,15 @@ def measure_step(
         )
     saved = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     grads = [p.grad for p in model.parameters()]
-    was_training, old_plan = model.training, model.memory_plan
+    modes, old_plan = [(m, m.training) for m in model.modules()], model.memory_plan
+    frozen = _frozen(model)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp or "")
     states = OPTIMIZER_STATES[optimizer]
     opt = None
     try:
         model.set_memory_efficient(plan).train()
+        if frozen:  # as train --freeze-features runs them: batch norms with their running statistics
+            model.features.eval()
         for p in model.parameters():
             p.grad = None
         opt = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9) if states else None
@@ -115,14 +119,17 @@ def measure_step(
                 opt.step()
         torch.cuda.synchronize(device)
         # Adam keeps two buffers where the SGD used here keeps one: count the second one too
-        extra = sum(p.numel() * p.element_size() for p in model.parameters()) * max(states - 1, 0)
+        trained = [p for p in model.parameters() if p.requires_grad]
+        extra = sum(p.numel() * p.element_size() for p in trained) * max(states - 1, 0)
         real = torch.cuda.max_memory_reserved(device) + extra + CUDA_CONTEXT
     finally:
         del opt
         model.load_state_dict(saved)
         for p, g in zip(model.parameters(), grads, strict=True):
             p.grad = g
-        model.set_memory_efficient(old_plan).train(was_training)
+        model.set_memory_efficient(old_plan)
+        for m, training in modes:  # each module's mode as it was (frozen features stay in eval)
+            m.training = training
         torch.cuda.empty_cache()
     return real
 
