@@ -8,9 +8,9 @@ import itertools
 from ..config import ArchConfig
 from ..engine import MAX_SAVING, NAIVE
 from ..memory_plan import BlockSetting, MemoryPlan
-from ..parameters import width_sum
+from ..parameters import block_inputs, width_sum
 
-__all__ = ["ELEMENTWISE_MACS", "conv_out", "extra_time", "runs"]
+__all__ = ["ELEMENTWISE_MACS", "extra_time", "runs"]
 
 #: Cost of one elementwise pass over one element, in multiply-adds: what recomputing BN/ReLU/pooling
 #: costs next to convolutions (about 40 on a 2-core CPU and on an H100 alike, within 2x).
@@ -31,32 +31,23 @@ def extra_time(config: ArchConfig, plan: MemoryPlan, image_size: int) -> float:
     >>> round(extra_time(cfg, MemoryPlan.uniform("max_saving", 4), 224), 3)
     0.166
     """
-    k, bn, c = config.growth_rate, config.bn_size * config.growth_rate, config.num_init_features
-    h = w = image_size
-    if config.small_inputs:
-        forward, extra = config.in_chans * c * 9 * h * w, 0
-    else:
-        h, w = conv_out(h, 7, 2, 3), conv_out(w, 7, 2, 3)
-        forward = config.in_chans * c * 49 * h * w
-        extra = 4 * ELEMENTWISE_MACS * c * h * w if plan.stem == MAX_SAVING else 0
-        h, w = conv_out(h, 3, 2, 1), conv_out(w, 3, 2, 1)
-    for b, layers in enumerate(config.block_config):
-        s = h * w
+    k, bn, c0 = config.growth_rate, config.bn_size * config.growth_rate, config.num_init_features
+    stem = config.stem_size(image_size)  # conv0's output (the CIFAR stem's 3x3 keeps the size)
+    forward = config.in_chans * c0 * (9 if config.small_inputs else 49) * stem * stem
+    max_saving_stem = not config.small_inputs and plan.stem == MAX_SAVING
+    extra = 4 * ELEMENTWISE_MACS * c0 * stem * stem if max_saving_stem else 0
+    sizes = config.block_sizes(image_size)
+    for b, (layers, c, h) in enumerate(zip(config.block_config, block_inputs(config), sizes, strict=True)):
+        s = h * h
         forward += (width_sum(c, k, 0, layers) * bn + layers * 9 * bn * k) * s
         setting, first = plan.blocks[b], 0
         for kept, count in runs(setting, layers) if setting != NAIVE else []:
             extra += 0 if kept else width_sum(c, k, first, count) * bn * s
             first += count
-        c += layers * k
-        if b < len(config.block_config) - 1:  # the engine's transition pools before its 1x1 conv
-            forward += c * (c // 2) * (h // 2) * (w // 2)
-            c, h, w = c // 2, h // 2, w // 2
+        if b + 1 < len(sizes):  # the engine's transition pools before its 1x1 conv
+            end = c + layers * k
+            forward += end * (end // 2) * sizes[b + 1] ** 2
     return extra / (3 * forward)
-
-
-def conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
-    """Output height (or width) of a convolution or pooling layer."""
-    return (size + 2 * padding - kernel) // stride + 1
 
 
 def runs(setting: BlockSetting, layers: int) -> list[tuple[bool, int]]:
